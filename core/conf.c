@@ -1,0 +1,436 @@
+/*
+ * conf.c - chat.conf: an INI file read with inih, checked strictly.
+ *
+ * Sections [server], [plugins], [mysql], [redis] have a fixed set of keys;
+ * an unknown key, a bad number or an unknown section is an error reported as
+ * "file:line: reason" (inih returns the first failing line).  [plugin.NAME]
+ * sections are free-form: their keys belong to the plugin, which reads them
+ * through the host table.  The result is an immutable struct conf; a reload
+ * builds a new one and swaps it, so a bad file changes nothing.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <ini.h>
+
+#include "core.h"
+
+struct parse_ctx {
+    struct conf *c;
+    int line;          /* current line (counted by us) */
+    char err[512];     /* first error, without the "file:line: " prefix */
+    int err_line;
+    int seen_mysql, seen_redis;
+};
+
+static int set_err(struct parse_ctx *p, const char *fmt, const char *a,
+                   const char *b)
+{
+    if (!p->err[0])
+        snprintf(p->err, sizeof p->err, fmt, a, b);
+    return 0; /* inih: this line is an error */
+}
+
+static int parse_int(const char *v, long long lo, long long hi, long long *out)
+{
+    char *end;
+    long long x;
+    errno = 0;
+    x = strtoll(v, &end, 10);
+    if (errno || end == v || *end || x < lo || x > hi)
+        return -1;
+    *out = x;
+    return 0;
+}
+
+static int replace_str(char **dst, const char *v)
+{
+    char *d = mem_strdup(v);
+    if (!d)
+        return -1;
+    mem_free(*dst);
+    *dst = d;
+    return 0;
+}
+
+/* Absolute path for v, relative to the config file's folder. */
+static char *abs_path(const struct conf *c, const char *v)
+{
+    size_t n;
+    char *out;
+    if (v[0] == '/' || !v[0])
+        return mem_strdup(v);
+    n = strlen(c->dir) + strlen(v) + 2;
+    out = mem_malloc(n);
+    if (out)
+        snprintf(out, n, "%s/%s", c->dir, v);
+    return out;
+}
+
+static int parse_list(struct conf *c, const char *v)
+{
+    char *copy = mem_strdup(v), *tok, *save = NULL;
+    if (!copy)
+        return -1;
+    for (size_t i = 0; i < c->nplugins; i++)
+        mem_free(c->plugins[i]);
+    c->nplugins = 0;
+    for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save)) {
+        char **np = mem_realloc(c->plugins, (c->nplugins + 1) * sizeof *np);
+        if (!np)
+            goto fail;
+        c->plugins = np;
+        if (!(c->plugins[c->nplugins] = mem_strdup(tok)))
+            goto fail;
+        c->nplugins++;
+    }
+    mem_free(copy);
+    return 0;
+fail:
+    mem_free(copy);
+    return -1;
+}
+
+#define INT_KEY(k, lo, hi, field)                                        \
+    if (strcmp(name, k) == 0) {                                          \
+        long long x_;                                                    \
+        if (parse_int(value, lo, hi, &x_))                               \
+            return set_err(p, "%s: not an integer in range (%s)", name,  \
+                           #lo ".." #hi);                                \
+        field = x_;                                                      \
+        return 1;                                                        \
+    }
+#define STR_KEY(k, field)                                                \
+    if (strcmp(name, k) == 0)                                            \
+        return replace_str(&(field), value) ? set_err(p, "%s%s", "out of memory", "") : 1;
+
+static int on_server(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    if (strcmp(name, "listen") == 0) {
+        char *h = NULL;
+        int port;
+        if (conf_parse_hostport(value, &h, &port))
+            return set_err(p, "listen: expected HOST:PORT, got \"%s\"%s", value, "");
+        mem_free(c->listen_host);
+        c->listen_host = h;
+        c->listen_port = port;
+        return 1;
+    }
+    if (strcmp(name, "log_level") == 0) {
+        int l = log_parse_level(value);
+        if (l < 0)
+            return set_err(p, "log_level: \"%s\" is not error, warn, info or debug%s", value, "");
+        c->log_level = l;
+        return 1;
+    }
+    INT_KEY("max_connections", 1, 10000000, c->max_connections)
+    INT_KEY("max_frame", 64, 16777216, c->max_frame)
+    INT_KEY("idle_timeout", 0, 86400 * 365, c->idle_timeout_s)
+    INT_KEY("max_output", 1024, 1073741824, c->max_output)
+    INT_KEY("login_part_timeout_ms", 1, 600000, c->login_part_timeout_ms)
+    INT_KEY("threadpool", 1, 1024, c->threadpool_size)
+    INT_KEY("workers", 1, 256, c->workers)
+    STR_KEY("node_id", c->node_id)
+    return set_err(p, "unknown key \"%s\" in [server]%s", name, "");
+}
+
+static int on_plugins(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    if (strcmp(name, "dir") == 0) {
+        char *d = abs_path(c, value);
+        if (!d)
+            return set_err(p, "%s%s", "out of memory", "");
+        mem_free(c->plugin_dir);
+        c->plugin_dir = d;
+        return 1;
+    }
+    if (strcmp(name, "enabled") == 0) {
+        c->plugins_line = p->line;
+        if (parse_list(c, value))
+            return set_err(p, "%s%s", "out of memory", "");
+        for (size_t i = 0; i < c->nplugins; i++) {
+            const char *n = c->plugins[i];
+            if (strspn(n, "abcdefghijklmnopqrstuvwxyz0123456789_-") != strlen(n))
+                return set_err(p, "enabled: bad plugin name \"%s\"%s", n, "");
+            for (size_t j = 0; j < i; j++)
+                if (strcmp(c->plugins[j], n) == 0)
+                    return set_err(p, "enabled: \"%s\" listed twice%s", n, "");
+        }
+        return 1;
+    }
+    return set_err(p, "unknown key \"%s\" in [plugins]%s", name, "");
+}
+
+static int on_mysql(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    STR_KEY("host", c->my_host)
+    STR_KEY("user", c->my_user)
+    STR_KEY("password", c->my_password)
+    STR_KEY("database", c->my_database)
+    INT_KEY("port", 1, 65535, c->my_port)
+    INT_KEY("pool_size", 1, 256, c->my_pool_size)
+    INT_KEY("queue_max", 1, 10000000, c->my_queue_max)
+    INT_KEY("connect_timeout", 1, 3600, c->my_connect_timeout_s)
+    if (strcmp(name, "socket") == 0 || strcmp(name, "migrations") == 0) {
+        char *d = value[0] ? abs_path(c, value) : mem_strdup("");
+        if (!d)
+            return set_err(p, "%s%s", "out of memory", "");
+        char **f = name[0] == 's' ? &c->my_socket : &c->sql_dir;
+        mem_free(*f);
+        *f = d;
+        return 1;
+    }
+    return set_err(p, "unknown key \"%s\" in [mysql]%s", name, "");
+}
+
+static int on_redis(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    STR_KEY("host", c->rd_host)
+    INT_KEY("port", 1, 65535, c->rd_port)
+    INT_KEY("heartbeat_ttl", 1, 3600, c->rd_heartbeat_ttl_s)
+    return set_err(p, "unknown key \"%s\" in [redis]%s", name, "");
+}
+
+static struct conf_section *get_section(struct conf *c, const char *name)
+{
+    struct conf_section *s;
+    for (size_t i = 0; i < c->nsections; i++)
+        if (strcmp(c->sections[i].name, name) == 0)
+            return &c->sections[i];
+    s = mem_realloc(c->sections, (c->nsections + 1) * sizeof *s);
+    if (!s)
+        return NULL;
+    c->sections = s;
+    s = &c->sections[c->nsections];
+    memset(s, 0, sizeof *s);
+    if (!(s->name = mem_strdup(name)))
+        return NULL;
+    c->nsections++;
+    return s;
+}
+
+static int on_plugin_section(struct parse_ctx *p, const char *plugin,
+                             const char *name, const char *value)
+{
+    struct conf_section *s = get_section(p->c, plugin);
+    struct conf_kv *kv;
+    if (!s)
+        return set_err(p, "%s%s", "out of memory", "");
+    if (!name) /* section header only */
+        return 1;
+    kv = mem_realloc(s->kv, (s->nkv + 1) * sizeof *kv);
+    if (!kv)
+        return set_err(p, "%s%s", "out of memory", "");
+    s->kv = kv;
+    kv = &s->kv[s->nkv];
+    kv->key = mem_strdup(name);
+    kv->val = mem_strdup(value);
+    kv->line = p->line;
+    if (!kv->key || !kv->val) {
+        mem_free(kv->key);
+        mem_free(kv->val);
+        return set_err(p, "%s%s", "out of memory", "");
+    }
+    s->nkv++;
+    return 1;
+}
+
+/* inih handler.  inih (as Debian builds it) does not pass the line number,
+ * so on_line() counts lines through a reader callback. */
+static int on_entry(void *user, const char *section, const char *name,
+                    const char *value)
+{
+    struct parse_ctx *p = user;
+    int ok;
+    if (strcmp(section, "server") == 0)
+        ok = name ? on_server(p, name, value) : 1;
+    else if (strcmp(section, "plugins") == 0)
+        ok = name ? on_plugins(p, name, value) : 1;
+    else if (strcmp(section, "mysql") == 0) {
+        p->seen_mysql = 1;
+        ok = name ? on_mysql(p, name, value) : 1;
+    } else if (strcmp(section, "redis") == 0) {
+        p->seen_redis = 1;
+        ok = name ? on_redis(p, name, value) : 1;
+    } else if (strncmp(section, "plugin.", 7) == 0 && section[7])
+        ok = on_plugin_section(p, section + 7, name, value);
+    else
+        ok = set_err(p, "unknown section [%s]%s", section, "");
+    if (!ok && !p->err_line)
+        p->err_line = p->line;
+    return ok;
+}
+
+struct line_reader {
+    FILE *f;
+    struct parse_ctx *p;
+};
+
+static char *read_line(char *buf, int size, void *stream)
+{
+    struct line_reader *r = stream;
+    char *s = fgets(buf, size, r->f);
+    if (s)
+        r->p->line++;
+    return s;
+}
+
+static void set_defaults(struct conf *c)
+{
+    c->listen_port = 6000;
+    c->log_level = CHAT_LOG_INFO;
+    c->max_connections = 19500;
+    c->max_frame = 65536;
+    c->idle_timeout_s = 600;
+    c->max_output = 4u << 20;
+    c->login_part_timeout_ms = 2000;
+    c->threadpool_size = 4;
+    c->workers = 1;
+    c->my_port = 3306;
+    c->my_pool_size = 4;
+    c->my_queue_max = 10000;
+    c->my_connect_timeout_s = 2;
+    c->rd_port = 6379;
+    c->rd_heartbeat_ttl_s = 10;
+}
+
+static int fill_missing(struct conf *c)
+{
+    char **strs[] = {&c->listen_host, &c->node_id, &c->my_host, &c->my_user,
+                     &c->my_password, &c->my_database, &c->my_socket, &c->rd_host};
+    const char *defs[] = {"127.0.0.1", "", "127.0.0.1", "chat", "", "chat", "",
+                          "127.0.0.1"};
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+        if (!*strs[i] && !(*strs[i] = mem_strdup(defs[i])))
+            return -1;
+    if (!c->plugin_dir && !(c->plugin_dir = abs_path(c, "plugins")))
+        return -1;
+    if (!c->sql_dir && !(c->sql_dir = abs_path(c, "../sql")))
+        return -1;
+    return 0;
+}
+
+struct conf *conf_load(const char *path, char *err, size_t errlen)
+{
+    struct parse_ctx p;
+    struct line_reader r;
+    struct conf *c;
+    const char *slash;
+    int rc;
+
+    memset(&p, 0, sizeof p);
+    c = mem_calloc(1, sizeof *c);
+    if (!c) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        return NULL;
+    }
+    p.c = c;
+    set_defaults(c);
+    c->path = mem_strdup(path);
+    slash = strrchr(path, '/');
+    c->dir = slash ? mem_strndup(path, (size_t)(slash - path ? slash - path : 1))
+                   : mem_strdup(".");
+    if (!c->path || !c->dir)
+        goto nomem;
+    r.f = fopen(path, "r");
+    r.p = &p;
+    if (!r.f) {
+        snprintf(err, errlen, "%s:0: cannot open: %s", path, strerror(errno));
+        goto fail;
+    }
+    rc = ini_parse_stream(read_line, &r, on_entry, &p);
+    fclose(r.f);
+    if (rc != 0 || p.err[0]) {
+        int line = p.err_line ? p.err_line : rc;
+        snprintf(err, errlen, "%s:%d: %s", path, line,
+                 p.err[0] ? p.err : "syntax error");
+        goto fail;
+    }
+    c->have_mysql = p.seen_mysql;
+    c->have_redis = p.seen_redis;
+    if (fill_missing(c))
+        goto nomem;
+    return c;
+nomem:
+    snprintf(err, errlen, "%s: out of memory", path);
+fail:
+    conf_free(c);
+    return NULL;
+}
+
+void conf_free(struct conf *c)
+{
+    if (!c)
+        return;
+    char *strs[] = {c->path, c->dir, c->listen_host, c->node_id, c->plugin_dir,
+                    c->my_host, c->my_user, c->my_password, c->my_database,
+                    c->my_socket, c->sql_dir, c->rd_host};
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+        mem_free(strs[i]);
+    for (size_t i = 0; i < c->nplugins; i++)
+        mem_free(c->plugins[i]);
+    mem_free(c->plugins);
+    for (size_t i = 0; i < c->nsections; i++) {
+        for (size_t j = 0; j < c->sections[i].nkv; j++) {
+            mem_free(c->sections[i].kv[j].key);
+            mem_free(c->sections[i].kv[j].val);
+        }
+        mem_free(c->sections[i].kv);
+        mem_free(c->sections[i].name);
+    }
+    mem_free(c->sections);
+    mem_free(c);
+}
+
+const struct conf_section *conf_section(const struct conf *c, const char *plugin)
+{
+    for (size_t i = 0; i < c->nsections; i++)
+        if (strcmp(c->sections[i].name, plugin) == 0)
+            return &c->sections[i];
+    return NULL;
+}
+
+const char *conf_section_get(const struct conf_section *sec, const char *key)
+{
+    if (!sec)
+        return NULL;
+    /* the last assignment wins, as in the other sections */
+    for (size_t i = sec->nkv; i-- > 0;)
+        if (strcmp(sec->kv[i].key, key) == 0)
+            return sec->kv[i].val;
+    return NULL;
+}
+
+int conf_parse_hostport(const char *s, char **host, int *port)
+{
+    const char *colon, *h = s;
+    size_t hl;
+    long long pn;
+
+    if (s[0] == '[') {
+        const char *rb = strchr(s, ']');
+        if (!rb || rb[1] != ':')
+            return CHAT_ERR_INVAL;
+        h = s + 1;
+        hl = (size_t)(rb - h);
+        colon = rb + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (!colon)
+            return CHAT_ERR_INVAL;
+        hl = (size_t)(colon - s);
+    }
+    if (hl == 0 || parse_int(colon + 1, 1, 65535, &pn))
+        return CHAT_ERR_INVAL;
+    if (!(*host = mem_strndup(h, hl)))
+        return CHAT_ERR_NOMEM;
+    *port = (int)pn;
+    return CHAT_OK;
+}

@@ -1,0 +1,342 @@
+/*
+ * core.h - declarations shared between the core's subsystems.  Never
+ * installed; plugins see only include/chat/plugin.h.
+ *
+ * Subsystems and their prefixes:
+ *   mem_   alloc.c     the one allocator (chat_host malloc/free), cJSON hooks
+ *   log_   log.c       stderr logging with time and level
+ *   conf_  conf.c      chat.conf parsing and validation (inih)
+ *   map_   map.c       int64 -> pointer hash map
+ *   frame_ frame.c     splitting a byte stream into JSON objects
+ *   json_  jsonstr.c   JSON string literals with their length (NUL-safe)
+ *   net_   net.c       listener, sessions, buffered output, limits
+ *   disp_  dispatch.c  frame -> cJSON -> msgid handler; protocol errors
+ *   plug_  plugin.c    loading, versions, instances, reference counts, reload
+ *   host_  host.c      the struct chat_host table handed to plugins
+ *   ack_   loginack.c  login acknowledgements assembled from plugin parts
+ *   db_    db.c        MySQL pool on worker threads
+ *   bus_   bus.c       Redis bus: node channel, presence, routing
+ */
+#ifndef CHAT_CORE_H
+#define CHAT_CORE_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <uv.h>
+
+#include "chat/plugin.h"
+
+#define CHATD_VERSION "0.1.0"
+
+#define container_of(ptr, type, member) \
+    ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* ---- alloc.c ---------------------------------------------------------- */
+/* Allocation failure policy: mem_malloc and friends return NULL and callers
+ * handle it where it can be handled (a request fails with CHAT_ERR_NOMEM);
+ * libuv/cJSON/hiredis, routed through the same functions, do the same. */
+void *mem_malloc(size_t n);
+void *mem_calloc(size_t n, size_t sz);
+void *mem_realloc(void *p, size_t n);
+void mem_free(void *p);
+char *mem_strdup(const char *s);
+char *mem_strndup(const char *s, size_t n);
+void mem_init(void); /* routes cJSON and libuv through mem_*; call first */
+
+/* ---- log.c ------------------------------------------------------------ */
+extern int log_level;
+void log_write(int level, const char *who, const char *fmt, ...)
+    CHAT_PRINTF(3, 4);
+void log_vwrite(int level, const char *who, const char *fmt, va_list ap);
+int log_parse_level(const char *s); /* -1 if unknown */
+#define LOG(lvl, ...)                                  \
+    do {                                               \
+        if ((int)(lvl) <= log_level)                   \
+            log_write((lvl), "core", __VA_ARGS__);     \
+    } while (0)
+#define LOGE(...) LOG(CHAT_LOG_ERROR, __VA_ARGS__)
+#define LOGW(...) LOG(CHAT_LOG_WARN, __VA_ARGS__)
+#define LOGI(...) LOG(CHAT_LOG_INFO, __VA_ARGS__)
+#define LOGD(...) LOG(CHAT_LOG_DEBUG, __VA_ARGS__)
+
+/* ---- map.c ------------------------------------------------------------ */
+struct map_slot;
+struct map {
+    struct map_slot *slots;
+    size_t cap;  /* power of two, or 0 */
+    size_t len;
+};
+void map_init(struct map *m);
+void map_free(struct map *m); /* frees the table, not the values */
+void *map_get(const struct map *m, int64_t key);
+int map_put(struct map *m, int64_t key, void *val); /* replaces; CHAT_ERR_NOMEM */
+void *map_del(struct map *m, int64_t key);          /* returns old value */
+/* Iterate: for (size_t it = 0; map_next(m, &it, &k, &v);) */
+int map_next(const struct map *m, size_t *it, int64_t *key, void **val);
+
+/* ---- conf.c ----------------------------------------------------------- */
+struct conf_kv {
+    char *key;
+    char *val;
+    int line;
+};
+struct conf_section {
+    char *name;   /* plugin name for [plugin.NAME] */
+    struct conf_kv *kv;
+    size_t nkv;
+};
+struct conf {
+    char *path;            /* the file read */
+    char *dir;             /* its directory, for relative paths */
+    /* [server] */
+    char *listen_host;
+    int listen_port;
+    int log_level;
+    int max_connections;
+    size_t max_frame;
+    int idle_timeout_s;    /* 0: none */
+    size_t max_output;     /* bytes of unsent output per session */
+    int login_part_timeout_ms;
+    int threadpool_size;
+    int workers;           /* processes sharing the port (SO_REUSEPORT) */
+    char *node_id;         /* "" -> generated */
+    /* [plugins] */
+    char *plugin_dir;      /* absolute */
+    char **plugins;        /* enabled, in order */
+    size_t nplugins;
+    int plugins_line;      /* line of "enabled", for error messages */
+    /* [mysql]; have_mysql 0 when the section is absent */
+    int have_mysql;
+    char *my_host, *my_user, *my_password, *my_database, *my_socket;
+    int my_port, my_pool_size, my_queue_max, my_connect_timeout_s;
+    char *sql_dir;         /* migrations, absolute */
+    /* [redis]; have_redis 0 when absent (single-node bus) */
+    int have_redis;
+    char *rd_host;
+    int rd_port;
+    int rd_heartbeat_ttl_s;
+    /* [plugin.NAME] sections */
+    struct conf_section *sections;
+    size_t nsections;
+};
+/* Parse and validate. On error returns NULL and writes "file:line: reason"
+ * into err. The result is freed with conf_free. */
+struct conf *conf_load(const char *path, char *err, size_t errlen);
+void conf_free(struct conf *c);
+const struct conf_section *conf_section(const struct conf *c, const char *plugin);
+const char *conf_section_get(const struct conf_section *sec, const char *key);
+/* Parse "host:port"; 0 or CHAT_ERR_INVAL. *host is mem_strdup'd. */
+int conf_parse_hostport(const char *s, char **host, int *port);
+
+/* ---- frame.c ---------------------------------------------------------- */
+/* Incremental splitter for a stream of JSON objects separated by optional
+ * NUL, '\n', '\r', ' ', '\t'.  The state survives between reads. */
+struct frame_scanner {
+    size_t max;        /* maximum frame size in bytes */
+    size_t len;        /* bytes of the current frame seen so far (0: between) */
+    int depth;         /* {} / [] nesting depth */
+    unsigned char in_str, esc;
+};
+enum frame_status {
+    FRAME_NEED_MORE = 0, /* consumed everything; no complete frame */
+    FRAME_COMPLETE = 1,  /* a frame ends at *used (exclusive) */
+    FRAME_TOO_LARGE = -1,/* the current frame exceeds max */
+    FRAME_GARBAGE = -2   /* a byte that cannot start a frame (not '{') */
+};
+void frame_init(struct frame_scanner *fs, size_t max);
+/* Scan buf[0..len).  Sets *used to the bytes consumed and, for
+ * FRAME_COMPLETE, *start to the offset where the frame began in buf (or -1
+ * when it began in an earlier buffer).  Separators before a frame are
+ * skipped.  For FRAME_GARBAGE, *used includes the offending byte, which is
+ * skipped (the seed ignores garbage; the caller decides what to tell). */
+int frame_scan(struct frame_scanner *fs, const char *buf, size_t len,
+               size_t *used, long *start);
+
+/* ---- jsonstr.c -------------------------------------------------------- */
+/* cJSON's strings stop at the first NUL; these work on the raw frame text.
+ * json_member_raw: in the JSON object text obj[0..len) (already validated by
+ * cJSON), find the top-level member named key and return a pointer to its raw
+ * value text (borrowed from obj), with *vlen set; NULL if absent.
+ * json_unescape: decode the JSON string literal lit[0..len) (with quotes) into
+ * bytes; returns a mem_malloc'd NUL-terminated buffer (caller frees with
+ * mem_free) and *outlen, or NULL if lit is not a valid string literal.
+ * json_quote: the JSON string literal (with quotes) for bytes s[0..len);
+ * control characters and NUL escaped, UTF-8 passed through; mem_malloc'd. */
+const char *json_member_raw(const char *obj, size_t len, const char *key,
+                            size_t *vlen);
+char *json_unescape(const char *lit, size_t len, size_t *outlen);
+char *json_quote(const char *s, size_t len, size_t *outlen);
+
+/* ---- net.c ------------------------------------------------------------ */
+struct net_session;                 /* == struct chat_session */
+int net_start(uv_loop_t *loop, const struct conf *c);
+void net_apply_conf(const struct conf *c); /* limits on reload */
+void net_stop_accepting(void);
+/* Close every session gracefully (flush, notice for protocol 2); calls
+ * done when all are closed. */
+void net_shutdown(void (*done)(void));
+struct chat_session *net_session_get(uint64_t id);
+struct chat_session *net_session_by_user(int64_t uid);
+uint64_t net_session_id(const struct chat_session *s);
+int net_session_proto(const struct chat_session *s);
+void net_session_set_proto(struct chat_session *s, int proto);
+int64_t net_session_user(const struct chat_session *s);
+const char *net_session_name(const struct chat_session *s);
+const char *net_session_peer(const struct chat_session *s);
+/* Bind/unbind the user (local map only; presence is the bus's). */
+int net_session_bind(struct chat_session *s, int64_t uid, const char *name);
+void net_session_unbind(struct chat_session *s);
+int net_session_closing(const struct chat_session *s);
+/* Queue json + '\n'.  CHAT_ERR_CLOSED on a closing session.  Enforces
+ * max_output (closes the session, returns CHAT_ERR_BUSY). */
+int net_send(struct chat_session *s, const char *json, size_t len);
+/* Same, but for messages delivered from other users: held while the
+ * session's login ack is pending. */
+int net_deliver(struct chat_session *s, const char *json, size_t len);
+void net_hold(struct chat_session *s, int on); /* login ack pending */
+/* Called when everything queued before it was written (or the session
+ * closed: ok=0).  One-shot. */
+int net_on_flushed(struct chat_session *s, void (*cb)(int ok, void *ud), void *ud);
+void net_close(struct chat_session *s, int errno_, const char *why);
+size_t net_session_count(void);
+
+/* ---- dispatch.c ------------------------------------------------------- */
+/* Handle one complete frame of session s. */
+void disp_frame(struct chat_session *s, const char *buf, size_t len);
+/* Protocol-level error for s (protocol 2 gets a reply, legacy a log line). */
+void disp_error(struct chat_session *s, const struct chat_ack *ack, int errno_,
+                const char *errmsg);
+/* Build and send a protocol-2 reply (see chat_host.reply). */
+int disp_reply(struct chat_session *s, const struct chat_ack *ack, int errno_,
+               const char *errmsg, const cJSON *body);
+/* The protocol-2 reply object (caller deletes it). */
+cJSON *disp_reply_object(const struct chat_ack *ack, int errno_, const char *errmsg,
+                         const cJSON *body);
+/* Serialise obj and queue it (deliver: held while a login ack is pending). */
+int disp_send_json(struct chat_session *s, const cJSON *obj, int deliver);
+/* host->req_field_raw / req_field_str. */
+const char *disp_field_raw(const struct chat_request *req, const char *key, size_t *len);
+const char *disp_field_str(const struct chat_request *req, const char *key, size_t *len);
+
+/* ---- plugin.c --------------------------------------------------------- */
+struct plug_inst;                   /* == struct chat_plugin */
+struct plug_handler {
+    struct chat_plugin *inst;
+    chat_handler_fn fn;
+    void *ud;
+};
+struct plug_hook {
+    struct chat_plugin *inst;
+    chat_hook_fn fn;
+    void *ud;
+};
+int plug_start(uv_loop_t *loop, const struct conf *c); /* load all; -1 on error */
+/* Check a config and its plugins without running them (chatd -t). */
+int plug_check(const struct conf *c, char *err, size_t errlen);
+void plug_reload(void);              /* SIGHUP: asynchronous */
+void plug_stop(void);                /* fini + unload everything (shutdown) */
+const struct plug_handler *plug_handler(int msgid);
+/* Fire an event to every hook, in load order; returns how many ran. */
+int plug_fire(int event, const void *arg);
+/* The config in force (owned by plugin.c once plug_start took it). */
+const struct conf *plug_current_conf(void);
+void plug_free_conf(void);
+void plug_ref(struct chat_plugin *p);
+void plug_unref(struct chat_plugin *p);
+const char *plug_name(const struct chat_plugin *p);
+int plug_in_init(const struct chat_plugin *p);
+/* Registration (called from the host table during init). */
+int plug_register_handler(struct chat_plugin *p, int msgid, chat_handler_fn fn, void *ud);
+int plug_register_hook(struct chat_plugin *p, int event, chat_hook_fn fn, void *ud);
+int plug_register_login_part(struct chat_plugin *p, const char *key,
+                             chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,
+                             void *ud);
+const struct conf_section *plug_conf(const struct chat_plugin *p);
+/* Timers owned by an instance. */
+struct chat_timer *plug_timer_start(struct chat_plugin *p, uint64_t timeout_ms,
+                                    uint64_t repeat_ms, chat_timer_fn fn, void *ud);
+void plug_timer_stop(struct chat_timer *t);
+/* Login parts of the active instances, in load order. */
+struct plug_login_part {
+    struct chat_plugin *inst;
+    char *key;
+    chat_login_part_fn part_fn;
+    chat_login_sent_fn sent_fn;
+    void *ud;
+};
+size_t plug_login_parts(const struct plug_login_part **parts);
+
+/* ---- host.c ----------------------------------------------------------- */
+extern const struct chat_host host_table;
+/* Fire CHAT_EV_UNDELIVERABLE for uid. */
+void host_undeliverable(int64_t uid, const char *json, size_t len);
+void host_init(uv_loop_t *loop);
+/* Run fn(arg) on a later loop iteration (never inside the caller). */
+int host_defer(void (*fn)(void *arg), void *arg);
+
+/* ---- loginack.c ------------------------------------------------------- */
+int ack_begin(struct chat_plugin *self, struct chat_session *s,
+              const struct chat_ack *ack, const cJSON *base,
+              chat_login_done_fn done_fn, void *ud);
+void ack_part_set(struct chat_login *l, cJSON *value, void *state);
+int ack_proto(const struct chat_login *l);
+void ack_configure(int part_timeout_ms);
+
+/* ---- db.c ------------------------------------------------------------- */
+struct db_stats {
+    uint64_t queued;      /* jobs waiting now */
+    uint64_t in_flight;   /* jobs on a connection now */
+    uint64_t done;        /* completed */
+    uint64_t errors;      /* completed with an error */
+    uint64_t latency_us_total; /* sum of queue+run time of completed jobs */
+    uint64_t latency_us_max;
+};
+/* Start the pool (no-op returning 0 when !c->have_mysql: every query then
+ * fails with CHAT_ERR_UNAVAILABLE). */
+int db_start(uv_loop_t *loop, const struct conf *c);
+/* Shutdown, on the loop thread: refuse new calls, fail what is queued with
+ * CHAT_ERR_CLOSED, let running jobs finish, join the threads, then run every
+ * outstanding callback before returning (so none is lost). */
+void db_stop(void);
+int db_query(struct chat_plugin *self, const char *sql,
+             const struct chat_db_param *params, size_t nparams, chat_db_cb cb,
+             void *ud);
+int db_txn(struct chat_plugin *self, const struct chat_db_stmt *stmts,
+           size_t nstmts, chat_db_cb cb, void *ud);
+int db_error(const struct chat_db_result *r);
+int db_errno(const struct chat_db_result *r);
+const char *db_errmsg(const struct chat_db_result *r);
+size_t db_nrows(const struct chat_db_result *r);
+size_t db_ncols(const struct chat_db_result *r);
+int db_is_null(const struct chat_db_result *r, size_t row, size_t col);
+int64_t db_int(const struct chat_db_result *r, size_t row, size_t col);
+const char *db_str(const struct chat_db_result *r, size_t row, size_t col, size_t *len);
+uint64_t db_affected(const struct chat_db_result *r);
+uint64_t db_insert_id(const struct chat_db_result *r);
+const struct chat_db_result *db_sub(const struct chat_db_result *r, size_t i);
+void db_get_stats(struct db_stats *st);
+/* chatd --migrate: blocking; applies sql/NNN_*.sql not yet in
+ * schema_version.  Returns 0 or -1 (logged). Never called on the loop. */
+int db_migrate(const struct conf *c);
+
+/* ---- bus.c ------------------------------------------------------------ */
+/* Connect to Redis (or run single-node when !c->have_redis). */
+int bus_start(uv_loop_t *loop, const struct conf *c);
+void bus_stop(void);  /* release this node's presence, disconnect */
+const char *bus_node_id(void);
+int bus_connected(void);
+int bus_deliver(int64_t uid, const char *json, size_t len);
+int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
+                       chat_presence_cb cb, void *ud);
+/* Claim uid for this node.  cb(status): CHAT_OK claimed; CHAT_ERR_EXISTS held
+ * by a live node (and !(flags & CHAT_LOGIN_REPLACE)).  With REPLACE the old
+ * holder is told to close its session.  Redis down: CHAT_OK (local only; the
+ * claim is re-announced on reconnect). */
+int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud);
+/* Drop uid's presence if this node holds it. */
+void bus_release(int64_t uid);
+/* Publish to every node's CHAT_EV_BROADCAST hooks (plug_fire) for plugin
+ * name, this node included (asynchronously: never inside this call). */
+int bus_broadcast(const char *plugin, const char *data, size_t len);
+
+#endif /* CHAT_CORE_H */

@@ -1,0 +1,216 @@
+/*
+ * dispatch.c - from a complete frame to a plugin's msgid handler.
+ *
+ * The frame is parsed in place by cJSON (per-call end pointer, never the
+ * global error pointer).  "proto":2 on any request switches the session to
+ * protocol 2 for good, before the handler runs, so the reply to that very
+ * request is already in the new shape.  Problems the core can name by
+ * itself (not JSON, not an object, no integer msgid, no handler) follow the
+ * seed for legacy sessions: a log line and nothing else, the connection
+ * stays.  Protocol-2 sessions get one error reply each (msgid 11).
+ *
+ * Replies are serialised into a loop-wide buffer with
+ * cJSON_PrintPreallocated(), falling back to an allocation only for big
+ * messages, so the common reply costs no malloc beyond cJSON's nodes.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core.h"
+
+#define PRINT_BUF 16384
+
+static char print_buf[PRINT_BUF];
+
+/* Decoded string fields handed out by host->req_field_str during the
+ * current handler call; freed when it returns. */
+struct field_copy {
+    struct field_copy *next;
+    char *data; /* from json_unescape */
+};
+static struct field_copy *field_copies;
+
+int disp_send_json(struct chat_session *s, const cJSON *obj, int deliver)
+{
+    int r;
+    if (cJSON_PrintPreallocated((cJSON *)obj, print_buf, PRINT_BUF, 0)) {
+        size_t n = strlen(print_buf);
+        return deliver ? net_deliver(s, print_buf, n) : net_send(s, print_buf, n);
+    }
+    char *txt = cJSON_PrintUnformatted(obj);
+    if (!txt)
+        return CHAT_ERR_NOMEM;
+    r = deliver ? net_deliver(s, txt, strlen(txt)) : net_send(s, txt, strlen(txt));
+    mem_free(txt);
+    return r;
+}
+
+static int ack_msgid(int req_msgid)
+{
+    if (req_msgid == CHAT_MSG_LOGIN)
+        return CHAT_MSG_LOGIN_ACK;
+    if (req_msgid == CHAT_MSG_REG)
+        return CHAT_MSG_REG_ACK;
+    return CHAT_MSG_ACK;
+}
+
+cJSON *disp_reply_object(const struct chat_ack *ack, int errno_, const char *errmsg,
+                         const cJSON *body)
+{
+    cJSON *o = cJSON_CreateObject();
+    const cJSON *it;
+    if (!o)
+        return NULL;
+    cJSON_AddNumberToObject(o, "msgid", ack_msgid(ack->msgid));
+    if (ack_msgid(ack->msgid) == CHAT_MSG_ACK) {
+        if (ack->msgid)
+            cJSON_AddNumberToObject(o, "req", ack->msgid);
+        else
+            cJSON_AddNullToObject(o, "req");
+    }
+    if (ack->has_seq)
+        cJSON_AddNumberToObject(o, "seq", (double)ack->seq);
+    cJSON_AddNumberToObject(o, "errno", errno_);
+    cJSON_AddStringToObject(o, "errmsg", errmsg ? errmsg : errno_ ? "error" : "ok");
+    if (body) {
+        cJSON_ArrayForEach(it, body) {
+            if (!it->string || cJSON_GetObjectItemCaseSensitive(o, it->string))
+                continue;
+            cJSON_AddItemToObject(o, it->string, cJSON_Duplicate(it, 1));
+        }
+    }
+    return o;
+}
+
+int disp_reply(struct chat_session *s, const struct chat_ack *ack, int errno_,
+               const char *errmsg, const cJSON *body)
+{
+    cJSON *o;
+    int r;
+    if (net_session_proto(s) != CHAT_PROTO_2)
+        return CHAT_OK;
+    if (!(o = disp_reply_object(ack, errno_, errmsg, body)))
+        return CHAT_ERR_NOMEM;
+    r = disp_send_json(s, o, 0);
+    cJSON_Delete(o);
+    return r;
+}
+
+void disp_error(struct chat_session *s, const struct chat_ack *ack, int errno_,
+                const char *errmsg)
+{
+    if (net_session_proto(s) == CHAT_PROTO_2) {
+        disp_reply(s, ack, errno_, errmsg, NULL);
+        return;
+    }
+    LOGI("session %llu (%s): %s (msgid %d); ignored as the seed does",
+         (unsigned long long)net_session_id(s), net_session_peer(s), errmsg,
+         ack->msgid);
+}
+
+/* An integer-valued JSON number that fits the target range. */
+static int get_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
+                   int64_t *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!v)
+        return 0;
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) ||
+        v->valuedouble < (double)lo || v->valuedouble > (double)hi)
+        return -1;
+    *out = (int64_t)v->valuedouble;
+    return 1;
+}
+
+void disp_frame(struct chat_session *s, const char *buf, size_t len)
+{
+    const char *end = NULL;
+    struct chat_ack ack = {0, 0, 0};
+    struct chat_request req;
+    const struct plug_handler *h;
+    cJSON *root;
+    int64_t v;
+    int r;
+
+    root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+    if (!root) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "malformed JSON near byte %ld",
+                 end ? (long)(end - buf) : 0L);
+        disp_error(s, &ack, CHAT_E_BAD_JSON, msg);
+        return;
+    }
+    if (!cJSON_IsObject(root)) {
+        disp_error(s, &ack, CHAT_E_NOT_OBJECT, "request is not a JSON object");
+        goto out;
+    }
+    if (get_int(root, "proto", 2, 2, &v) == 1)
+        net_session_set_proto(s, CHAT_PROTO_2);
+    if (get_int(root, "seq", INT64_MIN / 2, INT64_MAX / 2, &v) == 1) {
+        ack.has_seq = 1;
+        ack.seq = v;
+    }
+    r = get_int(root, "msgid", INT32_MIN, INT32_MAX, &v);
+    if (r != 1) {
+        disp_error(s, &ack, CHAT_E_BAD_MSGID,
+                   r ? "msgid is not an integer" : "msgid is missing");
+        goto out;
+    }
+    ack.msgid = (int)v;
+    if (!(h = plug_handler(ack.msgid))) {
+        disp_error(s, &ack, CHAT_E_UNKNOWN_MSGID, "unknown msgid");
+        goto out;
+    }
+    req.size = sizeof req;
+    req.msgid = ack.msgid;
+    req.json = root;
+    req.raw = buf;
+    req.raw_len = len;
+    req.ack = ack;
+    plug_ref(h->inst);
+    h->fn(s, &req, h->ud);
+    plug_unref(h->inst);
+out:
+    while (field_copies) {
+        struct field_copy *f = field_copies;
+        field_copies = f->next;
+        mem_free(f->data);
+        mem_free(f);
+    }
+    cJSON_Delete(root);
+}
+
+const char *disp_field_raw(const struct chat_request *req, const char *key,
+                           size_t *len)
+{
+    size_t n = 0;
+    const char *p = json_member_raw(req->raw, req->raw_len, key, &n);
+    if (len)
+        *len = p ? n : 0;
+    return p;
+}
+
+const char *disp_field_str(const struct chat_request *req, const char *key,
+                           size_t *len)
+{
+    size_t n, outlen;
+    const char *raw = json_member_raw(req->raw, req->raw_len, key, &n);
+    struct field_copy *f;
+    char *dec;
+
+    if (!raw || n < 2 || raw[0] != '"')
+        return NULL;
+    if (!(dec = json_unescape(raw, n, &outlen)))
+        return NULL;
+    if (!(f = mem_malloc(sizeof *f))) {
+        mem_free(dec);
+        return NULL;
+    }
+    f->data = dec;
+    f->next = field_copies;
+    field_copies = f;
+    if (len)
+        *len = outlen;
+    return f->data;
+}

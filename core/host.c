@@ -1,0 +1,399 @@
+/*
+ * host.c - the function table handed to plugins (struct chat_host).
+ *
+ * Most entries point straight at a subsystem; the few that combine several
+ * (session_login, session_logout, req_auth, work) live here.  Everything
+ * asynchronous that runs plugin code takes a reference on the calling
+ * instance first and drops it after the callback, so a reload can never
+ * unload code that a pending callback will still run.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+static uv_loop_t *host_loop;
+
+/* ---- deferral --------------------------------------------------------- */
+
+struct deferred {
+    uv_timer_t t;
+    void (*fn)(void *arg);
+    void *arg;
+};
+
+static void deferred_closed(uv_handle_t *h) { mem_free(h); }
+
+static void deferred_fire(uv_timer_t *t)
+{
+    struct deferred *d = (struct deferred *)t;
+    d->fn(d->arg);
+    uv_close((uv_handle_t *)&d->t, deferred_closed);
+}
+
+int host_defer(void (*fn)(void *arg), void *arg)
+{
+    struct deferred *d = mem_malloc(sizeof *d);
+    if (!d)
+        return CHAT_ERR_NOMEM;
+    d->fn = fn;
+    d->arg = arg;
+    uv_timer_init(host_loop, &d->t);
+    uv_timer_start(&d->t, deferred_fire, 0, 0);
+    return CHAT_OK;
+}
+
+void host_init(uv_loop_t *loop) { host_loop = loop; }
+
+/* ---- small wrappers --------------------------------------------------- */
+
+static void h_log(struct chat_plugin *self, int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_vwrite(level, plug_name(self), fmt, ap);
+    va_end(ap);
+}
+
+static const char *h_strerror(int err)
+{
+    switch (err) {
+    case CHAT_OK: return "ok";
+    case CHAT_ERR_NOMEM: return "out of memory";
+    case CHAT_ERR_INVAL: return "invalid argument";
+    case CHAT_ERR_EXISTS: return "already exists";
+    case CHAT_ERR_NOTFOUND: return "not found";
+    case CHAT_ERR_STATE: return "not allowed in this state";
+    case CHAT_ERR_BUSY: return "queue full";
+    case CHAT_ERR_DB: return "database error";
+    case CHAT_ERR_UNAVAILABLE: return "service unavailable";
+    case CHAT_ERR_CLOSED: return "closed";
+    case CHAT_ERR_TIMEOUT: return "timed out";
+    case CHAT_ERR_ABI: return "ABI mismatch";
+    case CHAT_ERR_IO: return "I/O error";
+    default: return "unknown error";
+    }
+}
+
+static const char *h_conf_get(struct chat_plugin *self, const char *key, const char *def)
+{
+    const char *v = self ? conf_section_get(plug_conf(self), key) : NULL;
+    return v ? v : def;
+}
+
+static int64_t h_conf_int(struct chat_plugin *self, const char *key, int64_t def)
+{
+    const char *v = h_conf_get(self, key, NULL);
+    char *end;
+    long long x;
+    if (!v || !*v)
+        return def;
+    x = strtoll(v, &end, 10);
+    if (*end) {
+        log_write(CHAT_LOG_WARN, plug_name(self),
+                  "setting %s = \"%s\" is not an integer; using %lld", key, v,
+                  (long long)def);
+        return def;
+    }
+    return x;
+}
+
+static uint64_t h_session_id(const struct chat_session *s) { return net_session_id(s); }
+static struct chat_session *h_session_get(uint64_t id) { return net_session_get(id); }
+static int h_session_proto(const struct chat_session *s) { return net_session_proto(s); }
+static int64_t h_session_user(const struct chat_session *s) { return net_session_user(s); }
+static const char *h_session_name(const struct chat_session *s) { return net_session_name(s); }
+static const char *h_session_peer(const struct chat_session *s) { return net_session_peer(s); }
+
+static struct chat_session *h_session_by_user(int64_t uid)
+{
+    struct chat_session *s = net_session_by_user(uid);
+    return s && !net_session_closing(s) ? s : NULL;
+}
+
+static int h_session_logout(struct chat_session *s)
+{
+    struct chat_ev_session ev;
+    int64_t uid = net_session_user(s);
+    if (!uid)
+        return CHAT_ERR_STATE;
+    ev.size = sizeof ev;
+    ev.session = s;
+    ev.user_id = uid;
+    plug_fire(CHAT_EV_LOGOUT, &ev);
+    bus_release(uid);
+    net_session_unbind(s);
+    return CHAT_OK;
+}
+
+static void h_session_close(struct chat_session *s, int errno_, const char *why)
+{
+    net_close(s, errno_, why);
+}
+
+static int h_send_json(struct chat_session *s, const cJSON *obj)
+{
+    return obj ? disp_send_json(s, obj, 0) : CHAT_ERR_INVAL;
+}
+
+static int h_send_raw(struct chat_session *s, const char *json, size_t len)
+{
+    return json && len ? net_send(s, json, len) : CHAT_ERR_INVAL;
+}
+
+static int h_deliver(struct chat_plugin *self, int64_t uid, const char *json, size_t len)
+{
+    (void)self;
+    if (uid <= 0 || !json || !len)
+        return CHAT_ERR_INVAL;
+    return bus_deliver(uid, json, len);
+}
+
+static char *h_json_quote(const char *s, size_t len, size_t *outlen)
+{
+    return json_quote(s, len, outlen);
+}
+
+static int64_t h_req_auth(struct chat_session *s, const struct chat_request *req)
+{
+    int64_t uid = net_session_user(s);
+    const cJSON *id;
+    if (!uid) {
+        disp_error(s, &req->ack, CHAT_E_NOT_LOGGED_IN, "not logged in");
+        return 0;
+    }
+    id = cJSON_GetObjectItemCaseSensitive(req->json, "id");
+    if (!id)
+        return uid;
+    if (!cJSON_IsNumber(id) || id->valuedouble != floor(id->valuedouble)) {
+        disp_error(s, &req->ack, CHAT_E_BAD_FIELD, "id must be an integer");
+        return 0;
+    }
+    if ((int64_t)id->valuedouble != uid) {
+        LOGW("session %llu (%s): user %lld sent a request as user %.0f; refused",
+             (unsigned long long)net_session_id(s), net_session_peer(s),
+             (long long)uid, id->valuedouble);
+        disp_error(s, &req->ack, CHAT_E_ID_MISMATCH, "id is not the logged-in user");
+        return 0;
+    }
+    return uid;
+}
+
+void host_undeliverable(int64_t uid, const char *json, size_t len)
+{
+    struct chat_ev_undeliverable ev = {sizeof ev, uid, json, len};
+    if (plug_fire(CHAT_EV_UNDELIVERABLE, &ev) == 0)
+        LOGW("message for user %lld is undeliverable and no plugin stores such "
+             "messages (enable the offline plugin); dropped: %.*s",
+             (long long)uid, (int)(len > 200 ? 200 : len), json);
+}
+
+/* ---- worker jobs ------------------------------------------------------ */
+
+struct work_job {
+    uv_work_t req;
+    struct chat_plugin *inst;
+    chat_work_fn fn;
+    chat_done_fn done;
+    void *ud;
+};
+
+static void work_run(uv_work_t *req)
+{
+    struct work_job *j = container_of(req, struct work_job, req);
+    j->fn(j->ud);
+}
+
+static void work_after(uv_work_t *req, int status)
+{
+    struct work_job *j = container_of(req, struct work_job, req);
+    j->done(status == UV_ECANCELED ? CHAT_ERR_CLOSED : CHAT_OK, j->ud);
+    plug_unref(j->inst);
+    mem_free(j);
+}
+
+static int h_work(struct chat_plugin *self, chat_work_fn fn, chat_done_fn done, void *ud)
+{
+    struct work_job *j;
+    if (!fn || !done)
+        return CHAT_ERR_INVAL;
+    if (!(j = mem_malloc(sizeof *j)))
+        return CHAT_ERR_NOMEM;
+    j->inst = self;
+    j->fn = fn;
+    j->done = done;
+    j->ud = ud;
+    if (uv_queue_work(host_loop, &j->req, work_run, work_after) != 0) {
+        mem_free(j);
+        return CHAT_ERR_BUSY;
+    }
+    plug_ref(self);
+    return CHAT_OK;
+}
+
+/* ---- login ------------------------------------------------------------ */
+
+struct login_ctx {
+    struct chat_plugin *inst;
+    uint64_t sid;
+    int64_t uid;
+    int status;    /* for the local refusal path */
+    char *name;
+    chat_login_cb cb;
+    void *ud;
+};
+
+static void login_finish(struct login_ctx *c, int status)
+{
+    c->cb(status, c->sid, c->ud);
+    plug_unref(c->inst);
+    mem_free(c->name);
+    mem_free(c);
+}
+
+static void login_deferred(void *arg)
+{
+    struct login_ctx *c = arg;
+    login_finish(c, c->status);
+}
+
+static void login_claimed(int status, void *ud)
+{
+    struct login_ctx *c = ud;
+    struct chat_session *s = net_session_get(c->sid);
+    struct chat_ev_session ev;
+    int r;
+
+    if (status != CHAT_OK) {
+        login_finish(c, status);
+        return;
+    }
+    if (!s) {
+        /* the client left while we claimed: give the claim back, unless a
+         * local session of the same user holds it legitimately */
+        if (!net_session_by_user(c->uid))
+            bus_release(c->uid);
+        login_finish(c, CHAT_ERR_CLOSED);
+        return;
+    }
+    if ((r = net_session_bind(s, c->uid, c->name)) != CHAT_OK) {
+        login_finish(c, r);
+        return;
+    }
+    ev.size = sizeof ev;
+    ev.session = s;
+    ev.user_id = c->uid;
+    plug_fire(CHAT_EV_LOGIN, &ev);
+    login_finish(c, CHAT_OK);
+}
+
+static int h_session_login(struct chat_plugin *self, struct chat_session *s,
+                           int64_t uid, const char *name, int flags,
+                           chat_login_cb cb, void *ud)
+{
+    struct login_ctx *c;
+    struct chat_session *other;
+
+    if (!s || uid <= 0 || !cb)
+        return CHAT_ERR_INVAL;
+    if (net_session_closing(s))
+        return CHAT_ERR_CLOSED;
+    if (net_session_user(s))
+        return CHAT_ERR_STATE;
+    if (!(c = mem_calloc(1, sizeof *c)) || !(c->name = mem_strdup(name ? name : ""))) {
+        mem_free(c);
+        return CHAT_ERR_NOMEM;
+    }
+    c->inst = self;
+    c->sid = net_session_id(s);
+    c->uid = uid;
+    c->cb = cb;
+    c->ud = ud;
+    plug_ref(self);
+    other = net_session_by_user(uid);
+    if (other && other != s && !net_session_closing(other)) {
+        if (!(flags & CHAT_LOGIN_REPLACE)) {
+            c->status = CHAT_ERR_EXISTS;
+            if (host_defer(login_deferred, c) != CHAT_OK)
+                goto fail;
+            return CHAT_OK;
+        }
+        LOGI("user %lld: new login from %s replaces session %llu", (long long)uid,
+             net_session_peer(s), (unsigned long long)net_session_id(other));
+        net_close(other, CHAT_E_REPLACED, "logged in elsewhere");
+    }
+    if (bus_claim(uid, flags, login_claimed, c) != CHAT_OK)
+        goto fail;
+    return CHAT_OK;
+fail:
+    plug_unref(self);
+    mem_free(c->name);
+    mem_free(c);
+    return CHAT_ERR_NOMEM;
+}
+
+static int h_broadcast(struct chat_plugin *self, const char *data, size_t len)
+{
+    if (!self || !data)
+        return CHAT_ERR_INVAL;
+    return bus_broadcast(plug_name(self), data, len);
+}
+
+const struct chat_host host_table = {
+    .size = sizeof(struct chat_host),
+    .abi_major = CHAT_ABI_MAJOR,
+    .abi_minor = CHAT_ABI_MINOR,
+    .log_level = &log_level,
+    .malloc = mem_malloc,
+    .realloc = mem_realloc,
+    .free = mem_free,
+    .strdup = mem_strdup,
+    .log = h_log,
+    .strerror = h_strerror,
+    .register_handler = plug_register_handler,
+    .register_hook = plug_register_hook,
+    .conf_get = h_conf_get,
+    .conf_int = h_conf_int,
+    .session_id = h_session_id,
+    .session_get = h_session_get,
+    .session_proto = h_session_proto,
+    .session_user = h_session_user,
+    .session_name = h_session_name,
+    .session_by_user = h_session_by_user,
+    .session_peer = h_session_peer,
+    .session_logout = h_session_logout,
+    .session_close = h_session_close,
+    .send_json = h_send_json,
+    .send_raw = h_send_raw,
+    .reply = disp_reply,
+    .deliver = h_deliver,
+    .timer_start = plug_timer_start,
+    .timer_stop = plug_timer_stop,
+    .req_field_raw = disp_field_raw,
+    .req_field_str = disp_field_str,
+    .json_quote = h_json_quote,
+    .req_auth = h_req_auth,
+    .db_query = db_query,
+    .db_txn = db_txn,
+    .db_error = db_error,
+    .db_errno = db_errno,
+    .db_errmsg = db_errmsg,
+    .db_nrows = db_nrows,
+    .db_ncols = db_ncols,
+    .db_is_null = db_is_null,
+    .db_int = db_int,
+    .db_str = db_str,
+    .db_affected = db_affected,
+    .db_insert_id = db_insert_id,
+    .db_sub = db_sub,
+    .work = h_work,
+    .presence_query = bus_presence_query,
+    .session_login = h_session_login,
+    .broadcast = h_broadcast,
+    .register_login_part = plug_register_login_part,
+    .login_ack_begin = ack_begin,
+    .login_part_set = ack_part_set,
+    .login_proto = ack_proto,
+};

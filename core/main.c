@@ -1,0 +1,263 @@
+/*
+ * main.c - command line, start-up order, signals and graceful shutdown.
+ *
+ * Start-up: config, then the database pool and the bus (plugins may use
+ * them from init), then the plugins, and only then the listener, so no
+ * client is accepted before every handler is in place.  Shutdown runs the
+ * other way round: stop accepting, flush and close every session, run the
+ * outstanding database callbacks, leave the bus, finalise the plugins, and
+ * let the loop end when the last handle has closed.
+ *
+ * With workers = K (or -w K) the process forks K workers that share the
+ * listen port through SO_REUSEPORT; each worker is a full node on the bus
+ * (node id suffixed with its number).  The parent only supervises: it
+ * forwards SIGHUP/SIGTERM/SIGINT and restarts a worker that died.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core.h"
+
+static uv_signal_t sig_hup, sig_int, sig_term;
+static int stopping;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: chatd [-c FILE] [-l HOST:PORT] [-w WORKERS] [-t] [--migrate] [-V]\n"
+            "  -c FILE      configuration (default %s)\n"
+            "  -l HOST:PORT listen here instead of [server] listen\n"
+            "  -w N         run N worker processes sharing the port\n"
+            "  -t           check the configuration and its plugins, then exit\n"
+            "  --migrate    apply the missing sql/ migrations, then exit\n"
+            "  -V           print the version and exit\n",
+            CHAT_DEFAULT_CONF);
+}
+
+static void after_sessions(void)
+{
+    LOGI("all sessions closed; stopping the database pool, bus and plugins");
+    db_stop();
+    bus_stop();
+    plug_stop();
+    uv_close((uv_handle_t *)&sig_hup, NULL);
+    uv_close((uv_handle_t *)&sig_int, NULL);
+    uv_close((uv_handle_t *)&sig_term, NULL);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    (void)h;
+    if (signum == SIGHUP) {
+        if (!stopping)
+            plug_reload();
+        return;
+    }
+    if (stopping) {
+        LOGW("second %s: exiting at once", signum == SIGINT ? "SIGINT" : "SIGTERM");
+        exit(1);
+    }
+    stopping = 1;
+    LOGI("%s: stopping gracefully (%zu sessions)",
+         signum == SIGINT ? "SIGINT" : "SIGTERM", net_session_count());
+    net_shutdown(after_sessions);
+}
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static int run_node(struct conf *c)
+{
+    uv_loop_t *loop = uv_default_loop();
+    char n[16];
+
+    snprintf(n, sizeof n, "%d", c->threadpool_size);
+    setenv("UV_THREADPOOL_SIZE", n, 1);
+    signal(SIGPIPE, SIG_IGN);
+    raise_nofile();
+    log_level = c->log_level;
+    host_init(loop);
+    ack_configure(c->login_part_timeout_ms);
+    LOGI("chatd %s starting (ABI %d.%d, config %s)", CHATD_VERSION, CHAT_ABI_MAJOR,
+         CHAT_ABI_MINOR, c->path);
+    if (db_start(loop, c) != 0 || bus_start(loop, c) != 0)
+        return 1;
+    if (plug_start(loop, c) != 0) /* takes c */
+        return 1;
+    uv_signal_init(loop, &sig_hup);
+    uv_signal_init(loop, &sig_int);
+    uv_signal_init(loop, &sig_term);
+    uv_signal_start(&sig_hup, on_signal, SIGHUP);
+    uv_signal_start(&sig_int, on_signal, SIGINT);
+    uv_signal_start(&sig_term, on_signal, SIGTERM);
+    if (net_start(loop, c) != 0)
+        return 1;
+    uv_run(loop, UV_RUN_DEFAULT);
+    plug_free_conf();
+    uv_loop_close(loop);
+    LOGI("stopped");
+    return 0;
+}
+
+/* ---- worker processes -------------------------------------------------- */
+
+static pid_t spawn_worker(struct conf *c, int i, const char *base_id)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        sigset_t none;
+        char id[256];
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        snprintf(id, sizeof id, "%s-w%d", base_id, i);
+        mem_free(c->node_id);
+        c->node_id = mem_strdup(id);
+        c->workers = 1;
+        exit(run_node(c));
+    }
+    return pid;
+}
+
+static int supervise(struct conf *c)
+{
+    int k = c->workers, alive = 0, rc = 0;
+    pid_t *pids = mem_calloc((size_t)k, sizeof *pids);
+    char base[128];
+    sigset_t set;
+
+    if (!pids)
+        return 1;
+    if (c->node_id[0])
+        snprintf(base, sizeof base, "%s", c->node_id);
+    else {
+        char host[64] = "node";
+        gethostname(host, sizeof host - 1);
+        snprintf(base, sizeof base, "%s-%ld", host, (long)getpid());
+    }
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    for (int i = 0; i < k; i++)
+        if ((pids[i] = spawn_worker(c, i, base)) > 0)
+            alive++;
+    LOGI("supervisor %ld: %d workers on %s:%d", (long)getpid(), alive,
+         c->listen_host, c->listen_port);
+    while (alive > 0) {
+        int sig = sigwaitinfo(&set, NULL), st;
+        pid_t pid;
+        if (sig == SIGHUP || sig == SIGINT || sig == SIGTERM) {
+            if (sig != SIGHUP)
+                stopping = 1;
+            for (int i = 0; i < k; i++)
+                if (pids[i] > 0)
+                    kill(pids[i], sig);
+            continue;
+        }
+        while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+            for (int i = 0; i < k; i++) {
+                if (pids[i] != pid)
+                    continue;
+                pids[i] = 0;
+                alive--;
+                if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+                    rc = 1;
+                if (!stopping) {
+                    LOGW("worker %d (pid %ld) died (status %d); restarting", i,
+                         (long)pid, st);
+                    sleep(1);
+                    if ((pids[i] = spawn_worker(c, i, base)) > 0)
+                        alive++;
+                }
+            }
+        }
+    }
+    mem_free(pids);
+    return stopping ? 0 : rc;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {{"migrate", no_argument, NULL, 'M'},
+                                             {"help", no_argument, NULL, 'h'},
+                                             {NULL, 0, NULL, 0}};
+    const char *path = CHAT_DEFAULT_CONF, *listen = NULL;
+    int check = 0, migrate = 0, workers = 0, opt, rc;
+    char err[1024];
+    struct conf *c;
+
+    mem_init();
+    while ((opt = getopt_long(argc, argv, "c:l:w:tVh", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 'c': path = optarg; break;
+        case 'l': listen = optarg; break;
+        case 'w': workers = atoi(optarg); break;
+        case 't': check = 1; break;
+        case 'M': migrate = 1; break;
+        case 'V': printf("chatd %s (plugin ABI %d.%d)\n", CHATD_VERSION,
+                         CHAT_ABI_MAJOR, CHAT_ABI_MINOR);
+            return 0;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    if (!(c = conf_load(path, err, sizeof err))) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    if (listen) {
+        char *h = NULL;
+        int port;
+        if (conf_parse_hostport(listen, &h, &port)) {
+            fprintf(stderr, "-l %s: expected HOST:PORT\n", listen);
+            conf_free(c);
+            return 2;
+        }
+        mem_free(c->listen_host);
+        c->listen_host = h;
+        c->listen_port = port;
+    }
+    if (workers > 0)
+        c->workers = workers;
+    if (check) {
+        rc = plug_check(c, err, sizeof err);
+        if (rc)
+            fprintf(stderr, "%s\n", err);
+        else
+            printf("%s: ok (%zu plugins)\n", c->path, c->nplugins);
+        conf_free(c);
+        return rc ? 1 : 0;
+    }
+    log_level = c->log_level;
+    if (migrate) {
+        rc = db_migrate(c);
+        conf_free(c);
+        return rc ? 1 : 0;
+    }
+    if (c->workers > 1) {
+        rc = supervise(c);
+        conf_free(c);
+        return rc;
+    }
+    return run_node(c);
+}

@@ -1,0 +1,876 @@
+/*
+ * net.c - the listener, client sessions and their buffered output.
+ *
+ * Input: every read lands in one loop-wide buffer; the frame scanner finds
+ * complete JSON objects and they are dispatched in place, so the common case
+ * (whole requests in one read) copies nothing and allocates nothing per
+ * byte.  Only a frame that straddles two reads is copied into the session's
+ * partial buffer, which is released again once it is no longer needed.
+ *
+ * Output: net_send() appends to the session's output buffer and puts the
+ * session on a flush list; a uv_check handle flushes every listed session
+ * once per loop iteration, so all replies produced while handling one read
+ * go out in one write.  The flush first tries uv_try_write(); only what the
+ * kernel did not take becomes an asynchronous uv_write.  Output buffers come
+ * from a small free list and go back there when a session has nothing
+ * pending, so an idle connection holds no buffer at all.  The bytes queued
+ * but not yet written are bounded by max_output: a client that stops reading
+ * is logged and disconnected instead of growing memory.
+ *
+ * Sessions are freed only in their uv_close callback.  Closing first
+ * unregisters the session (session_get() stops finding it), fires
+ * CHAT_EV_SESSION_CLOSE with the user still bound, then drops the user's
+ * binding and presence, flushes what is queued and shuts the socket down.
+ * Idle sessions are found by one timer walking a list kept in order of last
+ * activity (moving a session to the tail is O(1)), not one timer each.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core.h"
+
+#define OBUF_SMALL 4096      /* capacity of a pooled buffer */
+#define OBUF_POOL_MAX 1024   /* pooled buffers kept */
+#define READ_BUF_SIZE 65536
+#define PART_KEEP 4096       /* partial buffer kept between frames */
+
+struct obuf {
+    size_t len;  /* bytes in data */
+    size_t off;  /* bytes already written */
+    size_t cap;
+    char data[];
+};
+
+struct flush_wait {
+    struct flush_wait *next;
+    uint64_t mark; /* done when written_total >= mark */
+    void (*cb)(int ok, void *ud);
+    void *ud;
+};
+
+struct chat_session {
+    uv_tcp_t tcp;
+    uint64_t id;
+    int64_t uid;
+    char *name;
+    int proto;
+    unsigned closing : 1, hold : 1, in_flush : 1, writing : 1, graceful : 1,
+        garbage : 1, registered : 1;
+    struct frame_scanner fs;
+    char *part;              /* bytes of a frame that straddles reads */
+    size_t part_len, part_cap;
+    struct obuf *out;        /* queued, not yet handed to the kernel */
+    struct obuf *inflight;   /* owned by the pending uv_write */
+    struct obuf *held;       /* deliveries held while a login ack is pending */
+    uint64_t queued_total, written_total;
+    struct flush_wait *waits;
+    struct chat_session *flush_next;
+    struct chat_session *idle_prev, *idle_next;
+    struct chat_session *all_prev, *all_next; /* every session, for shutdown */
+    uint64_t last_active;    /* uv_now() of the last request */
+    uv_write_t wreq;
+    uv_shutdown_t sreq;
+};
+
+static struct {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    int listening;
+    uv_check_t flusher;
+    uv_timer_t idle_timer;
+    struct map by_id, by_user;
+    uint64_t next_id;
+    size_t count;
+    struct chat_session *flush_head;
+    struct chat_session *idle_head, *idle_tail;
+    struct chat_session *all_head;
+    struct obuf *pool[OBUF_POOL_MAX];
+    size_t npool;
+    char rbuf[READ_BUF_SIZE];
+    int rbuf_busy;
+    /* limits (reloadable) */
+    size_t max_frame, max_output;
+    int max_connections, idle_timeout_s;
+    uint64_t refused;        /* connections over max_connections */
+    uint64_t refused_logged_at;
+    void (*shutdown_done)(void);
+    uv_timer_t shutdown_timer;
+} net;
+
+/* ---- output buffers --------------------------------------------------- */
+
+static struct obuf *obuf_get(size_t need)
+{
+    struct obuf *b;
+    if (need <= OBUF_SMALL && net.npool)
+        b = net.pool[--net.npool];
+    else {
+        size_t cap = OBUF_SMALL;
+        while (cap < need)
+            cap *= 2;
+        if (!(b = mem_malloc(sizeof *b + cap)))
+            return NULL;
+        b->cap = cap;
+    }
+    b->len = b->off = 0;
+    return b;
+}
+
+static void obuf_put(struct obuf *b)
+{
+    if (!b)
+        return;
+    if (b->cap == OBUF_SMALL && net.npool < OBUF_POOL_MAX)
+        net.pool[net.npool++] = b;
+    else
+        mem_free(b);
+}
+
+/* Append to *bp (allocating or growing it); 0 or CHAT_ERR_NOMEM. */
+static int obuf_append(struct obuf **bp, const char *p, size_t n, int nl)
+{
+    struct obuf *b = *bp;
+    size_t need = n + (nl ? 1 : 0);
+    if (!b) {
+        if (!(b = obuf_get(need)))
+            return CHAT_ERR_NOMEM;
+        *bp = b;
+    }
+    if (b->len + need > b->cap) {
+        size_t cap = b->cap * 2;
+        struct obuf *nb;
+        while (cap < b->len + need)
+            cap *= 2;
+        if (!(nb = mem_malloc(sizeof *nb + cap)))
+            return CHAT_ERR_NOMEM;
+        memcpy(nb, b, sizeof *b + b->len);
+        nb->cap = cap;
+        obuf_put(b);
+        *bp = b = nb;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    if (nl)
+        b->data[b->len++] = '\n';
+    return CHAT_OK;
+}
+
+static size_t pending_bytes(const struct chat_session *s)
+{
+    size_t n = 0;
+    if (s->out)
+        n += s->out->len - s->out->off;
+    if (s->inflight)
+        n += s->inflight->len - s->inflight->off;
+    if (s->held)
+        n += s->held->len;
+    return n;
+}
+
+/* ---- idle list -------------------------------------------------------- */
+
+static void idle_unlink(struct chat_session *s)
+{
+    if (s->idle_prev)
+        s->idle_prev->idle_next = s->idle_next;
+    else if (net.idle_head == s)
+        net.idle_head = s->idle_next;
+    if (s->idle_next)
+        s->idle_next->idle_prev = s->idle_prev;
+    else if (net.idle_tail == s)
+        net.idle_tail = s->idle_prev;
+    s->idle_prev = s->idle_next = NULL;
+}
+
+static void idle_touch(struct chat_session *s)
+{
+    s->last_active = uv_now(net.loop);
+    if (net.idle_tail == s)
+        return;
+    idle_unlink(s);
+    s->idle_prev = net.idle_tail;
+    if (net.idle_tail)
+        net.idle_tail->idle_next = s;
+    else
+        net.idle_head = s;
+    net.idle_tail = s;
+}
+
+static void on_idle_timer(uv_timer_t *t)
+{
+    uint64_t now = uv_now(net.loop), limit;
+    (void)t;
+    if (net.idle_timeout_s <= 0)
+        return;
+    limit = (uint64_t)net.idle_timeout_s * 1000;
+    while (net.idle_head && net.idle_head->last_active + limit <= now) {
+        struct chat_session *s = net.idle_head;
+        idle_unlink(s);
+        LOGI("session %llu (%s): idle for %d s, closing",
+             (unsigned long long)s->id, net_session_peer(s), net.idle_timeout_s);
+        net_close(s, CHAT_E_IDLE, "idle timeout");
+    }
+}
+
+/* ---- closing ---------------------------------------------------------- */
+
+static void run_waits(struct chat_session *s, int closing)
+{
+    struct flush_wait **pp = &s->waits;
+    while (*pp) {
+        struct flush_wait *w = *pp;
+        if (closing || s->written_total >= w->mark) {
+            *pp = w->next;
+            w->cb(!closing, w->ud);
+            mem_free(w);
+        } else
+            pp = &w->next;
+    }
+}
+
+static void on_closed(uv_handle_t *h)
+{
+    struct chat_session *s = container_of((uv_tcp_t *)h, struct chat_session, tcp);
+    if (s->all_prev)
+        s->all_prev->all_next = s->all_next;
+    else if (net.all_head == s)
+        net.all_head = s->all_next;
+    if (s->all_next)
+        s->all_next->all_prev = s->all_prev;
+    run_waits(s, 1);
+    obuf_put(s->out);
+    obuf_put(s->inflight);
+    obuf_put(s->held);
+    mem_free(s->part);
+    mem_free(s->name);
+    mem_free(s);
+    net.count--;
+    if (net.shutdown_done && net.count == 0) {
+        void (*done)(void) = net.shutdown_done;
+        net.shutdown_done = NULL;
+        uv_timer_stop(&net.shutdown_timer);
+        done();
+    }
+}
+
+static void close_now(struct chat_session *s)
+{
+    if (!uv_is_closing((uv_handle_t *)&s->tcp))
+        uv_close((uv_handle_t *)&s->tcp, on_closed);
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+    struct chat_session *s = container_of(req, struct chat_session, sreq);
+    (void)status;
+    close_now(s);
+}
+
+/* Called when a closing session has nothing left to write. */
+static void finish_close(struct chat_session *s)
+{
+    if (uv_is_closing((uv_handle_t *)&s->tcp))
+        return;
+    if (s->graceful && uv_shutdown(&s->sreq, (uv_stream_t *)&s->tcp, on_shutdown) == 0)
+        return;
+    close_now(s);
+}
+
+static void flush_session(struct chat_session *s);
+
+static void begin_close(struct chat_session *s, int errno_, const char *why,
+                        int graceful)
+{
+    struct chat_ev_session ev;
+    if (s->closing)
+        return;
+    s->closing = 1;
+    s->graceful = graceful ? 1 : 0;
+    uv_read_stop((uv_stream_t *)&s->tcp);
+    idle_unlink(s);
+    if (s->registered) {
+        map_del(&net.by_id, (int64_t)s->id);
+        s->registered = 0;
+    }
+    if (graceful && errno_ && s->proto == CHAT_PROTO_2) {
+        cJSON *n = cJSON_CreateObject();
+        char *txt;
+        cJSON_AddNumberToObject(n, "msgid", CHAT_MSG_NOTICE);
+        cJSON_AddNumberToObject(n, "errno", errno_);
+        cJSON_AddStringToObject(n, "errmsg", why ? why : "closing");
+        txt = cJSON_PrintUnformatted(n);
+        cJSON_Delete(n);
+        if (txt) {
+            /* the held deliveries go first, then the notice */
+            if (s->held) {
+                obuf_append(&s->out, s->held->data, s->held->len, 0);
+                obuf_put(s->held);
+                s->held = NULL;
+            }
+            obuf_append(&s->out, txt, strlen(txt), 1);
+            s->queued_total += strlen(txt) + 1;
+            mem_free(txt);
+        }
+    }
+    ev.size = sizeof ev;
+    ev.session = s;
+    ev.user_id = s->uid;
+    plug_fire(CHAT_EV_SESSION_CLOSE, &ev);
+    if (s->uid) {
+        bus_release(s->uid);
+        net_session_unbind(s);
+    }
+    if (!graceful) {
+        close_now(s);
+        return;
+    }
+    if (s->out && s->out->len > s->out->off)
+        flush_session(s);
+    if (!s->inflight && !(s->out && s->out->len > s->out->off))
+        finish_close(s);
+}
+
+void net_close(struct chat_session *s, int errno_, const char *why)
+{
+    begin_close(s, errno_, why, 1);
+}
+
+/* ---- writing ---------------------------------------------------------- */
+
+static void on_written(uv_write_t *req, int status)
+{
+    struct chat_session *s = container_of(req, struct chat_session, wreq);
+    struct obuf *b = s->inflight;
+    s->writing = 0;
+    s->inflight = NULL;
+    if (status < 0) {
+        obuf_put(b);
+        if (!s->closing)
+            LOGD("session %llu: write failed: %s", (unsigned long long)s->id,
+                 uv_strerror(status));
+        begin_close(s, 0, NULL, 0);
+        return;
+    }
+    s->written_total += b->len - b->off;
+    obuf_put(b);
+    run_waits(s, 0);
+    if (s->out && s->out->len > s->out->off)
+        flush_session(s);
+    else if (s->closing)
+        finish_close(s);
+}
+
+static void flush_session(struct chat_session *s)
+{
+    struct obuf *b = s->out;
+    uv_buf_t ub;
+    int n;
+
+    if (s->writing || !b || b->len == b->off || uv_is_closing((uv_handle_t *)&s->tcp))
+        return;
+    ub = uv_buf_init(b->data + b->off, (unsigned)(b->len - b->off));
+    n = uv_try_write((uv_stream_t *)&s->tcp, &ub, 1);
+    if (n > 0) {
+        b->off += (size_t)n;
+        s->written_total += (uint64_t)n;
+    } else if (n < 0 && n != UV_EAGAIN) {
+        LOGD("session %llu: write failed: %s", (unsigned long long)s->id, uv_strerror(n));
+        begin_close(s, 0, NULL, 0);
+        return;
+    }
+    if (b->off == b->len) {
+        s->out = NULL;
+        obuf_put(b);
+        if (s->waits)
+            run_waits(s, 0);
+        if (s->closing)
+            finish_close(s);
+        return;
+    }
+    /* the kernel is full: hand the rest to an asynchronous write */
+    s->inflight = b;
+    s->out = NULL;
+    s->writing = 1;
+    ub = uv_buf_init(b->data + b->off, (unsigned)(b->len - b->off));
+    n = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &ub, 1, on_written);
+    if (n < 0) {
+        s->writing = 0;
+        begin_close(s, 0, NULL, 0);
+    }
+}
+
+static void on_check(uv_check_t *h)
+{
+    (void)h;
+    while (net.flush_head) {
+        struct chat_session *s = net.flush_head;
+        net.flush_head = s->flush_next;
+        s->flush_next = NULL;
+        s->in_flush = 0;
+        flush_session(s);
+    }
+}
+
+static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
+                     size_t len)
+{
+    if (s->closing)
+        return CHAT_ERR_CLOSED;
+    if (pending_bytes(s) + len + 1 > net.max_output) {
+        LOGW("session %llu (%s): %zu bytes unsent, over max_output; "
+             "disconnecting a client that does not read",
+             (unsigned long long)s->id, net_session_peer(s), pending_bytes(s));
+        begin_close(s, 0, NULL, 0);
+        return CHAT_ERR_BUSY;
+    }
+    if (obuf_append(bp, json, len, 1))
+        return CHAT_ERR_NOMEM;
+    if (bp == &s->out) {
+        s->queued_total += len + 1;
+        if (!s->in_flush) {
+            s->in_flush = 1;
+            s->flush_next = net.flush_head;
+            net.flush_head = s;
+        }
+    }
+    return CHAT_OK;
+}
+
+int net_send(struct chat_session *s, const char *json, size_t len)
+{
+    return queue_out(s, &s->out, json, len);
+}
+
+int net_deliver(struct chat_session *s, const char *json, size_t len)
+{
+    return queue_out(s, s->hold ? &s->held : &s->out, json, len);
+}
+
+void net_hold(struct chat_session *s, int on)
+{
+    if (on) {
+        s->hold = 1;
+        return;
+    }
+    s->hold = 0;
+    if (s->held && !s->closing) {
+        struct obuf *h = s->held;
+        s->held = NULL;
+        /* already counted against max_output; cannot fail on size */
+        if (obuf_append(&s->out, h->data, h->len, 0) == CHAT_OK) {
+            s->queued_total += h->len;
+            if (!s->in_flush) {
+                s->in_flush = 1;
+                s->flush_next = net.flush_head;
+                net.flush_head = s;
+            }
+        }
+        obuf_put(h);
+    }
+}
+
+int net_on_flushed(struct chat_session *s, void (*cb)(int ok, void *ud), void *ud)
+{
+    struct flush_wait *w, **pp;
+    if (s->closing)
+        return CHAT_ERR_CLOSED;
+    if (!(w = mem_malloc(sizeof *w)))
+        return CHAT_ERR_NOMEM;
+    w->next = NULL;
+    w->mark = s->queued_total;
+    w->cb = cb;
+    w->ud = ud;
+    for (pp = &s->waits; *pp; pp = &(*pp)->next)
+        ;
+    *pp = w;
+    return CHAT_OK;
+}
+
+/* ---- reading ---------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+{
+    (void)h;
+    (void)hint;
+    if (net.rbuf_busy) { /* cannot happen with one loop; be safe */
+        *buf = uv_buf_init(NULL, 0);
+        return;
+    }
+    net.rbuf_busy = 1;
+    *buf = uv_buf_init(net.rbuf, sizeof net.rbuf);
+}
+
+static int part_append(struct chat_session *s, const char *p, size_t n)
+{
+    if (s->part_len + n > s->part_cap) {
+        size_t cap = s->part_cap ? s->part_cap : 1024;
+        char *np;
+        while (cap < s->part_len + n)
+            cap *= 2;
+        if (!(np = mem_realloc(s->part, cap)))
+            return CHAT_ERR_NOMEM;
+        s->part = np;
+        s->part_cap = cap;
+    }
+    memcpy(s->part + s->part_len, p, n);
+    s->part_len += n;
+    return CHAT_OK;
+}
+
+static void frame_too_large(struct chat_session *s)
+{
+    LOGW("session %llu (%s): frame over max_frame (%zu bytes), closing",
+         (unsigned long long)s->id, net_session_peer(s), net.max_frame);
+    if (s->proto == CHAT_PROTO_2) {
+        struct chat_ack ack = {0, 0, 0};
+        disp_error(s, &ack, CHAT_E_FRAME_TOO_LARGE, "frame too large");
+    }
+    net_close(s, 0, NULL);
+}
+
+/* Split buf into frames and dispatch them. */
+static void process(struct chat_session *s, const char *buf, size_t n)
+{
+    size_t pos = 0;
+    while (pos < n && !s->closing) {
+        size_t used = 0;
+        long start = -1;
+        int r = frame_scan(&s->fs, buf + pos, n - pos, &used, &start);
+        if (r == FRAME_COMPLETE) {
+            s->garbage = 0;
+            if (s->part_len == 0 && start >= 0) {
+                disp_frame(s, buf + pos + start, used - (size_t)start);
+            } else {
+                size_t from = start >= 0 ? (size_t)start : 0;
+                if (part_append(s, buf + pos + from, used - from)) {
+                    begin_close(s, 0, NULL, 0);
+                    return;
+                }
+                disp_frame(s, s->part, s->part_len);
+                s->part_len = 0;
+                if (s->part_cap > PART_KEEP) {
+                    mem_free(s->part);
+                    s->part = NULL;
+                    s->part_cap = 0;
+                }
+            }
+        } else if (r == FRAME_NEED_MORE) {
+            /* the last fs.len bytes seen belong to an unfinished frame */
+            size_t mine = s->fs.len - s->part_len;
+            if (mine > used)
+                mine = used;
+            if (mine && part_append(s, buf + pos + used - mine, mine)) {
+                begin_close(s, 0, NULL, 0);
+                return;
+            }
+        } else if (r == FRAME_TOO_LARGE) {
+            frame_too_large(s);
+            return;
+        } else { /* FRAME_GARBAGE: a byte outside any object */
+            if (!s->garbage) {
+                struct chat_ack ack = {0, 0, 0};
+                s->garbage = 1;
+                disp_error(s, &ack, CHAT_E_BAD_JSON, "bytes outside a JSON object");
+            }
+        }
+        pos += used;
+    }
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+    struct chat_session *s = container_of((uv_tcp_t *)st, struct chat_session, tcp);
+    if (buf->base == net.rbuf)
+        net.rbuf_busy = 0;
+    if (nread > 0) {
+        idle_touch(s);
+        process(s, buf->base, (size_t)nread);
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (nread != UV_EOF)
+        LOGD("session %llu: read: %s", (unsigned long long)s->id, uv_strerror((int)nread));
+    /* the client is gone (or half-closed): flush what we have and close */
+    begin_close(s, 0, NULL, nread == UV_EOF);
+}
+
+/* ---- accepting -------------------------------------------------------- */
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    struct chat_session *s;
+    struct chat_ev_session ev;
+
+    if (status < 0) {
+        LOGW("accept: %s", uv_strerror(status));
+        return;
+    }
+    if (!(s = mem_calloc(1, sizeof *s))) {
+        LOGE("accept: out of memory");
+        return;
+    }
+    if (uv_tcp_init(net.loop, &s->tcp) || uv_accept(server, (uv_stream_t *)&s->tcp)) {
+        mem_free(s);
+        return;
+    }
+    net.count++;
+    s->all_next = net.all_head;
+    if (net.all_head)
+        net.all_head->all_prev = s;
+    net.all_head = s;
+    s->id = ++net.next_id;
+    s->proto = CHAT_PROTO_LEGACY;
+    frame_init(&s->fs, net.max_frame);
+    if (net.count > (size_t)net.max_connections || net.shutdown_done) {
+        uint64_t now = uv_now(net.loop);
+        net.refused++;
+        if (now - net.refused_logged_at >= 1000 || net.refused == 1) {
+            LOGW("max_connections (%d) reached: refused %s (%llu refused so far)",
+                 net.max_connections, net_session_peer(s),
+                 (unsigned long long)net.refused);
+            net.refused_logged_at = now;
+        }
+        s->closing = 1;
+        close_now(s);
+        return;
+    }
+    uv_tcp_nodelay(&s->tcp, 1);
+    uv_tcp_keepalive(&s->tcp, 1, 60);
+    if (map_put(&net.by_id, (int64_t)s->id, s)) {
+        s->closing = 1;
+        close_now(s);
+        return;
+    }
+    s->registered = 1;
+    idle_touch(s);
+    if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
+        begin_close(s, 0, NULL, 0);
+        return;
+    }
+    LOGD("session %llu: connected from %s", (unsigned long long)s->id,
+         net_session_peer(s));
+    ev.size = sizeof ev;
+    ev.session = s;
+    ev.user_id = 0;
+    plug_fire(CHAT_EV_SESSION_OPEN, &ev);
+}
+
+/* A listening socket with SO_REUSEPORT, so that several worker processes
+ * can share the port (libuv 1.44 has no flag for it). */
+static int open_listener(const char *host, int port)
+{
+    struct sockaddr_storage ss;
+    int fd, one = 1, r;
+
+    memset(&ss, 0, sizeof ss);
+    if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
+        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
+        LOGE("listen: bad address %s:%d", host, port);
+        return -1;
+    }
+    fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        LOGE("socket: %s", strerror(errno));
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    r = bind(fd, (struct sockaddr *)&ss,
+             ss.ss_family == AF_INET ? sizeof(struct sockaddr_in)
+                                     : sizeof(struct sockaddr_in6));
+    if (r < 0) {
+        LOGE("bind %s:%d: %s", host, port, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (uv_tcp_init(net.loop, &net.listener) || uv_tcp_open(&net.listener, fd)) {
+        close(fd);
+        return -1;
+    }
+    if ((r = uv_listen((uv_stream_t *)&net.listener, 4096, on_connection)) < 0) {
+        LOGE("listen %s:%d: %s", host, port, uv_strerror(r));
+        uv_close((uv_handle_t *)&net.listener, NULL);
+        return -1;
+    }
+    net.listening = 1;
+    return 0;
+}
+
+void net_apply_conf(const struct conf *c)
+{
+    net.max_frame = c->max_frame;
+    net.max_output = c->max_output;
+    net.max_connections = c->max_connections;
+    net.idle_timeout_s = c->idle_timeout_s;
+    if (net.loop && uv_is_active((uv_handle_t *)&net.idle_timer))
+        uv_timer_stop(&net.idle_timer);
+    if (net.loop && net.idle_timeout_s > 0) {
+        uint64_t every = (uint64_t)net.idle_timeout_s * 250;
+        if (every < 100)
+            every = 100;
+        if (every > 1000)
+            every = 1000;
+        uv_timer_start(&net.idle_timer, on_idle_timer, every, every);
+    }
+}
+
+int net_start(uv_loop_t *loop, const struct conf *c)
+{
+    net.loop = loop;
+    map_init(&net.by_id);
+    map_init(&net.by_user);
+    uv_check_init(loop, &net.flusher);
+    uv_check_start(&net.flusher, on_check);
+    uv_timer_init(loop, &net.idle_timer);
+    uv_timer_init(loop, &net.shutdown_timer);
+    net_apply_conf(c);
+    if (open_listener(c->listen_host, c->listen_port))
+        return -1;
+    LOGI("listening on %s:%d", c->listen_host, c->listen_port);
+    return 0;
+}
+
+void net_stop_accepting(void)
+{
+    if (net.listening) {
+        uv_close((uv_handle_t *)&net.listener, NULL);
+        net.listening = 0;
+    }
+}
+
+static void on_shutdown_timeout(uv_timer_t *t)
+{
+    (void)t;
+    LOGW("shutdown: %zu sessions still flushing after 5 s; closing them",
+         net.count);
+    for (struct chat_session *s = net.all_head; s; s = s->all_next) {
+        if (!s->closing) /* not expected: every session got net_close */
+            begin_close(s, 0, NULL, 0);
+        else
+            close_now(s); /* stuck flushing to a client that does not read */
+    }
+}
+
+static void close_handles(void)
+{
+    uv_check_stop(&net.flusher);
+    uv_close((uv_handle_t *)&net.flusher, NULL);
+    uv_close((uv_handle_t *)&net.idle_timer, NULL);
+    uv_close((uv_handle_t *)&net.shutdown_timer, NULL);
+    for (size_t i = 0; i < net.npool; i++)
+        mem_free(net.pool[i]);
+    net.npool = 0;
+    map_free(&net.by_id);
+    map_free(&net.by_user);
+}
+
+static void (*net_final_done)(void);
+
+static void on_all_closed(void)
+{
+    close_handles();
+    if (net_final_done)
+        net_final_done();
+}
+
+void net_shutdown(void (*done)(void))
+{
+    struct chat_session **all;
+    size_t n = 0;
+
+    net_stop_accepting();
+    net_final_done = done;
+    if (net.count == 0) {
+        on_all_closed();
+        return;
+    }
+    net.shutdown_done = on_all_closed;
+    uv_timer_start(&net.shutdown_timer, on_shutdown_timeout, 5000, 0);
+    /* closing mutates by_id: collect first */
+    all = mem_malloc((net.by_id.len + 1) * sizeof *all);
+    if (all) {
+        int64_t k;
+        void *v;
+        for (size_t it = 0; map_next(&net.by_id, &it, &k, &v);)
+            all[n++] = v;
+        for (size_t i = 0; i < n; i++)
+            net_close(all[i], CHAT_E_SHUTDOWN, "server is stopping");
+        mem_free(all);
+    }
+}
+
+/* ---- session accessors ------------------------------------------------ */
+
+struct chat_session *net_session_get(uint64_t id) { return map_get(&net.by_id, (int64_t)id); }
+
+struct chat_session *net_session_by_user(int64_t uid)
+{
+    return uid ? map_get(&net.by_user, uid) : NULL;
+}
+
+uint64_t net_session_id(const struct chat_session *s) { return s->id; }
+int net_session_proto(const struct chat_session *s) { return s->proto; }
+void net_session_set_proto(struct chat_session *s, int proto) { s->proto = proto; }
+int64_t net_session_user(const struct chat_session *s) { return s->uid; }
+const char *net_session_name(const struct chat_session *s) { return s->name ? s->name : ""; }
+int net_session_closing(const struct chat_session *s) { return s->closing; }
+size_t net_session_count(void) { return net.count; }
+
+const char *net_session_peer(const struct chat_session *s)
+{
+    static char buf[64];
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    char ip[48];
+
+    if (uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len) != 0)
+        return "?";
+    if (ss.ss_family == AF_INET6) {
+        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+        snprintf(buf, sizeof buf, "[%s]:%d", ip,
+                 ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+    } else {
+        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+        snprintf(buf, sizeof buf, "%s:%d", ip,
+                 ntohs(((struct sockaddr_in *)&ss)->sin_port));
+    }
+    return buf;
+}
+
+int net_session_bind(struct chat_session *s, int64_t uid, const char *name)
+{
+    char *n;
+    if (s->closing)
+        return CHAT_ERR_CLOSED;
+    if (uid <= 0)
+        return CHAT_ERR_INVAL;
+    if (map_get(&net.by_user, uid))
+        return CHAT_ERR_EXISTS;
+    if (!(n = mem_strdup(name ? name : "")))
+        return CHAT_ERR_NOMEM;
+    if (map_put(&net.by_user, uid, s)) {
+        mem_free(n);
+        return CHAT_ERR_NOMEM;
+    }
+    mem_free(s->name);
+    s->name = n;
+    s->uid = uid;
+    return CHAT_OK;
+}
+
+void net_session_unbind(struct chat_session *s)
+{
+    if (!s->uid)
+        return;
+    if (map_get(&net.by_user, s->uid) == s)
+        map_del(&net.by_user, s->uid);
+    s->uid = 0;
+    mem_free(s->name);
+    s->name = NULL;
+}

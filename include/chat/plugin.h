@@ -1,0 +1,508 @@
+/*
+ * chat/plugin.h - the one header a chatd plugin includes.
+ *
+ * A plugin is a shared object exporting exactly one symbol, chat_plugin_entry(),
+ * which returns a pointer to a const struct chat_plugin_desc.  The core checks
+ * the descriptor (magic, ABI major, ABI minor, struct size), then calls init()
+ * with a const table of host functions (struct chat_host).  Everything the plugin
+ * does afterwards goes through that table: registering msgid handlers and event
+ * hooks, answering sessions, delivering messages, the MySQL pool, timers, config
+ * and logging.  Core objects (sessions, timers, results) are opaque.
+ *
+ * Versioning.  CHAT_ABI_MAJOR changes only when something is removed or changes
+ * meaning; the host refuses a plugin with another major.  CHAT_ABI_MINOR grows
+ * when functions are appended to struct chat_host (the table only ever grows at
+ * the end); the host refuses a plugin built against a newer minor than it has.
+ * A plugin that wants to run on older hosts of the same major may check
+ * host->size before calling a function appended later (CHAT_HOST_HAS()).
+ *
+ *   1.0  core: handlers, events, sessions, deliver (local), timers, config, log
+ *   1.1  MySQL pool (db_*), worker threads (work), Redis bus (presence_query,
+ *        session_login with cluster-wide presence), undeliverable event
+ *   1.2  login acknowledgement assembled from parts (login_part_*)
+ *
+ * Threads.  Every function in the table must be called on the loop thread,
+ * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
+ * Every callback the host makes runs on the loop thread, except the work_fn
+ * given to chat_host.work(), which runs on a worker thread.
+ *
+ * Ownership.  Each function says who frees what.  In short: what the host
+ * passes to a callback is borrowed for the duration of the call; what the
+ * plugin passes to the host is copied unless the function says it "takes" it;
+ * the plugin never frees memory the host allocated except where a function says
+ * "free with host->free".
+ *
+ * Callbacks never run synchronously inside the call that registers them, and a
+ * call that returns an error never runs its callback.
+ *
+ * Lifetime and reload.  Each loaded copy of a plugin is an instance (struct
+ * chat_plugin, passed to init as `self`).  On a hot reload the new instance is
+ * initialised beside the old one; only if that succeeds are the handlers swapped.
+ * The old instance then drains: its one-shot timers, database queries and
+ * worker jobs still run their callbacks (its code stays mapped), its repeating
+ * timers are stopped, and it is finalised (fini) and unloaded when nothing refers
+ * to it any more.  A plugin therefore never needs to cancel work in fini.
+ */
+#ifndef CHAT_PLUGIN_H
+#define CHAT_PLUGIN_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
+#define CHAT_ABI_MAJOR 1
+#define CHAT_ABI_MINOR 2
+
+#if defined(__GNUC__)
+#define CHAT_EXPORT __attribute__((visibility("default")))
+#define CHAT_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#define CHAT_EXPORT
+#define CHAT_PRINTF(f, a)
+#endif
+
+/* The name of the one symbol a plugin exports. */
+#define CHAT_PLUGIN_ENTRY "chat_plugin_entry"
+
+/* Opaque core objects. */
+struct chat_plugin;   /* a loaded plugin instance */
+struct chat_session;  /* one client connection */
+struct chat_timer;    /* a timer owned by a plugin instance */
+struct chat_db_result;/* the outcome of a query or transaction */
+struct chat_login;    /* a login acknowledgement being assembled */
+
+/* ------------------------------------------------------------------------ */
+/* Errors returned by host functions. 0 is success. host->strerror() names them. */
+enum chat_err {
+    CHAT_OK = 0,
+    CHAT_ERR_NOMEM = -1,       /* allocation failed */
+    CHAT_ERR_INVAL = -2,       /* bad argument */
+    CHAT_ERR_EXISTS = -3,      /* already registered / already logged in */
+    CHAT_ERR_NOTFOUND = -4,    /* no such session, user or key */
+    CHAT_ERR_STATE = -5,       /* not allowed now (e.g. register after init) */
+    CHAT_ERR_BUSY = -6,        /* a bounded queue is full; try later */
+    CHAT_ERR_DB = -7,          /* the database reported an error */
+    CHAT_ERR_UNAVAILABLE = -8, /* database or bus unreachable */
+    CHAT_ERR_CLOSED = -9,      /* the session is closed or closing */
+    CHAT_ERR_TIMEOUT = -10,    /* gave up waiting */
+    CHAT_ERR_ABI = -11,        /* plugin/host version mismatch */
+    CHAT_ERR_IO = -12          /* an operating system call failed */
+};
+
+/* Log levels, most severe first. */
+enum chat_log_level {
+    CHAT_LOG_ERROR = 0,
+    CHAT_LOG_WARN = 1,
+    CHAT_LOG_INFO = 2,
+    CHAT_LOG_DEBUG = 3
+};
+
+/* ------------------------------------------------------------------------ */
+/* Wire protocol constants shared by the core and the business plugins.
+ * docs/protocol.md is the full description. */
+enum chat_msgid {
+    CHAT_MSG_LOGIN = 1,
+    CHAT_MSG_LOGIN_ACK = 2,
+    CHAT_MSG_LOGOUT = 3,
+    CHAT_MSG_REG = 4,
+    CHAT_MSG_REG_ACK = 5,
+    CHAT_MSG_ONE_CHAT = 6,
+    CHAT_MSG_ADD_FRIEND = 7,
+    CHAT_MSG_CREATE_GROUP = 8,
+    CHAT_MSG_ADD_GROUP = 9,
+    CHAT_MSG_GROUP_CHAT = 10,
+    /* protocol 2 only */
+    CHAT_MSG_ACK = 11,         /* the reply to any request without its own ack id */
+    CHAT_MSG_NOTICE = 12,      /* server notice, e.g. why the session is closed */
+    CHAT_MSG_FRIEND_LIST = 13, /* request the friend list */
+    CHAT_MSG_GROUP_LIST = 14   /* request the group list */
+};
+
+/* Protocol-2 errno values that the core itself uses; plugins may use them and
+ * define more from 200 up.  The seed's own values (1 and 2 for login, 1 for
+ * register) keep their meaning on those messages. */
+enum chat_proto_errno {
+    CHAT_E_OK = 0,
+    CHAT_E_BAD_JSON = 100,     /* the frame is not valid JSON */
+    CHAT_E_NOT_OBJECT = 101,   /* the frame is not a JSON object */
+    CHAT_E_BAD_MSGID = 102,    /* msgid missing or not an integer */
+    CHAT_E_UNKNOWN_MSGID = 103,/* no handler for this msgid */
+    CHAT_E_BAD_FIELD = 104,    /* a field is missing or of the wrong type */
+    CHAT_E_TOO_LONG = 105,     /* a field is over its configured limit */
+    CHAT_E_NOT_LOGGED_IN = 106,/* the request needs a logged-in session */
+    CHAT_E_ID_MISMATCH = 107,  /* "id" is not the session's user */
+    CHAT_E_NOT_FOUND = 108,    /* unknown user or group */
+    CHAT_E_NOT_MEMBER = 109,   /* not a member of the group */
+    CHAT_E_ALREADY = 110,      /* already a friend / member / logged in */
+    CHAT_E_LIMIT = 111,        /* a configured limit is reached */
+    CHAT_E_INTERNAL = 112,     /* server-side failure (database, ...) */
+    CHAT_E_UNAVAILABLE = 113,  /* a back end is down; try again */
+    CHAT_E_FRAME_TOO_LARGE = 114,
+    CHAT_E_SLOW_READER = 115,  /* (notice) output queue overflowed */
+    CHAT_E_REPLACED = 116,     /* (notice) logged in elsewhere */
+    CHAT_E_IDLE = 117,         /* (notice) idle timeout */
+    CHAT_E_SHUTDOWN = 118      /* (notice) server is stopping */
+};
+
+/* Protocol version of a session. A session starts as LEGACY and switches to 2
+ * for good when a request carries "proto":2 (see docs/protocol.md). */
+enum chat_proto { CHAT_PROTO_LEGACY = 1, CHAT_PROTO_2 = 2 };
+
+/* ------------------------------------------------------------------------ */
+/* A request as a handler sees it.  Borrowed: valid only during the handler
+ * call.  To answer later, copy `ack` (a small value type) and the session id. */
+struct chat_ack {
+    int msgid;       /* the request's msgid */
+    int has_seq;     /* 1 if the request carried an integer "seq" */
+    int64_t seq;     /* the client's "seq", echoed in protocol-2 replies */
+};
+
+struct chat_request {
+    uint32_t size;        /* sizeof(struct chat_request) as the host built it */
+    int msgid;
+    const cJSON *json;    /* the parsed object; borrowed */
+    const char *raw;      /* the frame's bytes, not NUL-terminated; borrowed */
+    size_t raw_len;
+    struct chat_ack ack;  /* what a reply needs */
+};
+
+typedef void (*chat_handler_fn)(struct chat_session *s,
+                                const struct chat_request *req, void *ud);
+
+/* ------------------------------------------------------------------------ */
+/* Events.  A hook gets the event id and an event-specific argument struct
+ * (borrowed for the call).  Hooks run in load order of the plugins. */
+enum chat_event {
+    CHAT_EV_SESSION_OPEN = 1,  /* arg: struct chat_ev_session */
+    CHAT_EV_SESSION_CLOSE = 2, /* arg: struct chat_ev_session; user still bound */
+    CHAT_EV_LOGIN = 3,         /* arg: struct chat_ev_session (user bound) */
+    CHAT_EV_LOGOUT = 4,        /* arg: struct chat_ev_session; before unbinding */
+    CHAT_EV_UNDELIVERABLE = 5, /* arg: struct chat_ev_undeliverable */
+    CHAT_EV_BROADCAST = 6,     /* arg: struct chat_ev_broadcast (ABI 1.1) */
+    CHAT_EV_MAX /* one past the last event */
+};
+
+struct chat_ev_session {
+    uint32_t size;
+    struct chat_session *session;
+    int64_t user_id; /* 0 when no user is bound */
+};
+
+/* A message that deliver() could not hand to any session of its user: the user
+ * is offline, the node holding it is gone, or the bus is down.  A plugin that
+ * stores offline messages keeps `json` (copy it; it is borrowed). */
+struct chat_ev_undeliverable {
+    uint32_t size;
+    int64_t user_id;
+    const char *json; /* the message text as it would have been sent */
+    size_t len;
+};
+
+/* A cluster-wide notice sent with chat_host.broadcast() by a plugin of the
+ * same name on any node (this one included), e.g. to drop a cache entry. */
+struct chat_ev_broadcast {
+    uint32_t size;
+    const char *plugin; /* name of the sending plugin */
+    const char *data;   /* borrowed */
+    size_t len;
+};
+
+typedef void (*chat_hook_fn)(int event, const void *arg, void *ud);
+
+/* ------------------------------------------------------------------------ */
+/* Database.  Parameters are bound to '?' placeholders of a prepared statement;
+ * the host copies them, so they may live on the caller's stack. */
+enum chat_db_type { CHAT_DB_NULL = 0, CHAT_DB_INT = 1, CHAT_DB_STR = 2 };
+
+struct chat_db_param {
+    int type;           /* enum chat_db_type */
+    int64_t i;          /* CHAT_DB_INT */
+    const char *s;      /* CHAT_DB_STR: bytes, may hold NUL */
+    size_t len;         /* CHAT_DB_STR: length of s */
+};
+
+#define CHAT_DB_P_INT(v) ((struct chat_db_param){CHAT_DB_INT, (int64_t)(v), NULL, 0})
+#define CHAT_DB_P_STR(p, n) ((struct chat_db_param){CHAT_DB_STR, 0, (p), (n)})
+#define CHAT_DB_P_NULL ((struct chat_db_param){CHAT_DB_NULL, 0, NULL, 0})
+
+/* One statement of a transaction. */
+struct chat_db_stmt {
+    const char *sql;
+    const struct chat_db_param *params;
+    size_t nparams;
+};
+
+/* Query completion. `r` is borrowed for the call.  Always called exactly once
+ * for a query the host accepted, with an error when the database is down. */
+typedef void (*chat_db_cb)(const struct chat_db_result *r, void *ud);
+
+/* Worker-thread job (see chat_host.work). work_fn runs on a worker thread and
+ * must not call the host table except malloc/free/log; done_fn runs on the loop. */
+typedef void (*chat_work_fn)(void *ud);
+typedef void (*chat_done_fn)(int status, void *ud);
+
+typedef void (*chat_timer_fn)(struct chat_timer *t, void *ud);
+
+/* presence_query completion: online[i] is 1 when uids[i] is online anywhere. */
+typedef void (*chat_presence_cb)(int status, const int64_t *uids,
+                                 const unsigned char *online, size_t n, void *ud);
+
+/* session_login completion.  status CHAT_OK: the session is bound to the user
+ * (CHAT_EV_LOGIN has run).  CHAT_ERR_EXISTS: the user is online elsewhere and
+ * the policy is to refuse.  CHAT_ERR_CLOSED: the session went away meanwhile. */
+typedef void (*chat_login_cb)(int status, uint64_t session_id, void *ud);
+
+/* Login acknowledgement parts (ABI 1.2).  When a login succeeds, the login
+ * plugin starts an ack with login_ack_begin(); the host calls every registered
+ * part function, each of which answers, now or later, with login_part_set()
+ * (a NULL value adds nothing).  When every part has answered, or the configured
+ * part timeout has passed, the host adds the parts to the ack body and sends
+ * it, and then calls each part's sent function with ok=1 once the ack has been
+ * written to the client's socket (ok=0 if the session closed first).  Messages
+ * delivered to the session while its ack is pending are held and sent after
+ * the ack. */
+typedef void (*chat_login_part_fn)(struct chat_login *l, int64_t user_id,
+                                   int proto, void *ud);
+typedef void (*chat_login_sent_fn)(int ok, int64_t user_id, void *state, void *ud);
+typedef void (*chat_login_done_fn)(int status, uint64_t session_id, void *ud);
+
+/* ------------------------------------------------------------------------ */
+/* The host table.  Append-only: new functions go at the end and bump
+ * CHAT_ABI_MINOR.  `size` is sizeof(struct chat_host) as the host built it. */
+struct chat_host {
+    uint32_t size;
+    uint16_t abi_major;
+    uint16_t abi_minor;
+    const int *log_level; /* current level; read by chat_log() */
+
+    /* --- memory (thread-safe).  All memory that crosses the boundary comes
+     * from these; cJSON uses them too. */
+    void *(*malloc)(size_t n);
+    void *(*realloc)(void *p, size_t n);
+    void (*free)(void *p);
+    char *(*strdup)(const char *s);
+
+    /* --- logging (thread-safe).  Prefer the chat_log() macro. */
+    void (*log)(struct chat_plugin *self, int level, const char *fmt, ...)
+        CHAT_PRINTF(3, 4);
+    const char *(*strerror)(int err); /* static string */
+
+    /* --- registration: only inside init(); after that CHAT_ERR_STATE.
+     * A msgid already claimed by another plugin fails with CHAT_ERR_EXISTS and
+     * the plugin should return that error from init (the load is refused). */
+    int (*register_handler)(struct chat_plugin *self, int msgid,
+                            chat_handler_fn fn, void *ud);
+    int (*register_hook)(struct chat_plugin *self, int event, chat_hook_fn fn,
+                         void *ud);
+
+    /* --- config: the plugin's own section [plugin.NAME] of chat.conf.
+     * Returned strings are borrowed until the next reconfigure() or unload. */
+    const char *(*conf_get)(struct chat_plugin *self, const char *key,
+                            const char *def);
+    int64_t (*conf_int)(struct chat_plugin *self, const char *key, int64_t def);
+
+    /* --- sessions */
+    uint64_t (*session_id)(const struct chat_session *s); /* never 0, never reused */
+    struct chat_session *(*session_get)(uint64_t id);    /* NULL if gone */
+    int (*session_proto)(const struct chat_session *s);  /* enum chat_proto */
+    int64_t (*session_user)(const struct chat_session *s); /* 0: not logged in */
+    const char *(*session_name)(const struct chat_session *s); /* "" if none; borrowed */
+    struct chat_session *(*session_by_user)(int64_t user_id); /* local only */
+    const char *(*session_peer)(const struct chat_session *s); /* "ip:port" */
+    /* Unbind the user (CHAT_EV_LOGOUT runs first) and drop its presence. */
+    int (*session_logout)(struct chat_session *s);
+    /* Close after flushing what is queued. For a protocol-2 session a notice
+     * {msgid:12, errno, errmsg} is sent first when errno_ != 0. */
+    void (*session_close)(struct chat_session *s, int errno_, const char *why);
+
+    /* --- output.  Every message is written as compact JSON plus '\n'.
+     * send_json: the host serialises obj; the caller keeps ownership of obj.
+     * send_raw: the host copies len bytes (a complete JSON text, no '\n'). */
+    int (*send_json)(struct chat_session *s, const cJSON *obj);
+    int (*send_raw)(struct chat_session *s, const char *json, size_t len);
+    /* Answer a request.  Protocol 2: sends body's fields plus "msgid" (2 for
+     * login, 5 for register, else 11), "req" (the request msgid, for 11),
+     * "seq" when the request had one, "errno" and "errmsg" ("ok" if NULL and
+     * errno_ is 0).  Legacy sessions: sends nothing (legacy replies are built
+     * by the plugin with send_json, because their shapes differ per message).
+     * body may be NULL; the caller keeps ownership. */
+    int (*reply)(struct chat_session *s, const struct chat_ack *ack, int errno_,
+                 const char *errmsg, const cJSON *body);
+
+    /* --- delivery.  Routes json (len bytes, no '\n') to the user's session:
+     * locally, via the bus to the node holding the user, or, when no session
+     * can take it, to CHAT_EV_UNDELIVERABLE.  Asynchronous; never fails
+     * silently.  The host copies json. */
+    int (*deliver)(struct chat_plugin *self, int64_t user_id, const char *json,
+                   size_t len);
+
+    /* --- timers, owned by the instance.  Returns NULL on failure.  A one-shot
+     * timer (repeat_ms 0) frees itself after its callback; a repeating one lives
+     * until timer_stop() or until its instance is retired.  timer_stop() on a
+     * timer whose one-shot callback has run is a bug; inside the callback it is
+     * allowed. */
+    struct chat_timer *(*timer_start)(struct chat_plugin *self, uint64_t timeout_ms,
+                                      uint64_t repeat_ms, chat_timer_fn fn, void *ud);
+    void (*timer_stop)(struct chat_timer *t);
+
+    /* --- JSON strings with their length.  cJSON's valuestring stops at the
+     * first NUL, so a string holding "\u0000" is read with these instead.
+     * req_field_raw: the raw JSON text of top-level member key of the request
+     * (e.g. "\"hi\\u0000\"" or "42"), borrowed from the frame; NULL if
+     * absent.  req_field_str: the decoded bytes of a string member (may hold
+     * NUL; NUL-terminated), borrowed until the handler returns; NULL if absent
+     * or not a string.  json_quote: s[0..len) as a JSON string literal with
+     * quotes; free with host->free. */
+    const char *(*req_field_raw)(const struct chat_request *req, const char *key,
+                                 size_t *len);
+    const char *(*req_field_str)(const struct chat_request *req, const char *key,
+                                 size_t *len);
+    char *(*json_quote)(const char *s, size_t len, size_t *outlen);
+
+    /* The identity check every business request needs: returns the user id
+     * of s when s is logged in and the request's "id" (if present) is that
+     * user.  Otherwise it answers the request itself (protocol 2: errno
+     * CHAT_E_NOT_LOGGED_IN, CHAT_E_ID_MISMATCH or CHAT_E_BAD_FIELD; legacy: a
+     * log line, nothing sent, as the seed sends nothing) and returns 0. */
+    int64_t (*req_auth)(struct chat_session *s, const struct chat_request *req);
+
+    /* ===== ABI 1.1 ===== */
+
+    /* --- database pool.  The host copies sql and params.  Returns CHAT_OK and
+     * later calls cb exactly once, or returns an error (CHAT_ERR_BUSY when the
+     * queue is full) and never calls cb. */
+    int (*db_query)(struct chat_plugin *self, const char *sql,
+                    const struct chat_db_param *params, size_t nparams,
+                    chat_db_cb cb, void *ud);
+    /* All statements on one connection in one transaction: committed if every
+     * one succeeds, else rolled back.  db_sub() reaches each statement's result. */
+    int (*db_txn)(struct chat_plugin *self, const struct chat_db_stmt *stmts,
+                  size_t nstmts, chat_db_cb cb, void *ud);
+    int (*db_error)(const struct chat_db_result *r);   /* CHAT_OK or an error */
+    int (*db_errno)(const struct chat_db_result *r);   /* server code, e.g. 1062 */
+    const char *(*db_errmsg)(const struct chat_db_result *r); /* borrowed */
+    size_t (*db_nrows)(const struct chat_db_result *r);
+    size_t (*db_ncols)(const struct chat_db_result *r);
+    int (*db_is_null)(const struct chat_db_result *r, size_t row, size_t col);
+    int64_t (*db_int)(const struct chat_db_result *r, size_t row, size_t col);
+    /* Column bytes (NUL-terminated for convenience, may contain NUL); borrowed. */
+    const char *(*db_str)(const struct chat_db_result *r, size_t row, size_t col,
+                          size_t *len);
+    uint64_t (*db_affected)(const struct chat_db_result *r);
+    uint64_t (*db_insert_id)(const struct chat_db_result *r);
+    /* Result of statement i of a transaction (NULL if it did not run). */
+    const struct chat_db_result *(*db_sub)(const struct chat_db_result *r, size_t i);
+
+    /* --- worker threads for CPU-heavy work (password hashing).  Holds a
+     * reference on the instance until done_fn has run.  status is CHAT_OK, or
+     * CHAT_ERR_CLOSED when the server is stopping. */
+    int (*work)(struct chat_plugin *self, chat_work_fn work_fn,
+                chat_done_fn done_fn, void *ud);
+
+    /* --- presence, cluster-wide through the bus (local only without one).
+     * The host copies uids. */
+    int (*presence_query)(struct chat_plugin *self, const int64_t *uids, size_t n,
+                          chat_presence_cb cb, void *ud);
+    /* Bind session s to user_id (with display name) after the plugin has
+     * authenticated it, claiming the user's presence across the cluster.
+     * flags: CHAT_LOGIN_REPLACE to take over an existing login (the older
+     * session is told and closed) instead of failing with CHAT_ERR_EXISTS. */
+    int (*session_login)(struct chat_plugin *self, struct chat_session *s,
+                         int64_t user_id, const char *name, int flags,
+                         chat_login_cb cb, void *ud);
+
+    /* Send data (copied) to CHAT_EV_BROADCAST hooks of the plugin with this
+     * plugin's name on every node, this one included (asynchronously).  Best
+     * effort: with Redis down only this node gets it. */
+    int (*broadcast)(struct chat_plugin *self, const char *data, size_t len);
+
+    /* ===== ABI 1.2 ===== */
+
+    /* Register a part of the login ack named key (e.g. "friends").  Only in
+     * init().  part_fn is called for every successful login; sent_fn (may be
+     * NULL) after the ack went out. */
+    int (*register_login_part)(struct chat_plugin *self, const char *key,
+                               chat_login_part_fn part_fn,
+                               chat_login_sent_fn sent_fn, void *ud);
+    /* Start assembling the ack for a session that session_login() bound.
+     * base is the body so far (copied), e.g. {"msgid":2,"errno":0,"id":..,
+     * "name":..}.  Each part's value is added under its key, except that for
+     * a legacy session a NULL value or an empty array is left out (the seed
+     * sends a list only when it is non-empty); a protocol-2 session gets every
+     * key (NULL becomes []) plus "seq" (when the request had one) and
+     * "errmsg":"ok" when base has none.  done_fn (may be NULL) runs after the
+     * ack is queued for writing, with CHAT_OK or CHAT_ERR_CLOSED. */
+    int (*login_ack_begin)(struct chat_plugin *self, struct chat_session *s,
+                           const struct chat_ack *ack, const cJSON *base,
+                           chat_login_done_fn done_fn, void *ud);
+    /* Answer a part: value is TAKEN (the host frees it; NULL means "nothing to
+     * add").  state is handed back to sent_fn.  Exactly one call per part
+     * call; a late answer after the timeout is freed and ignored. */
+    void (*login_part_set)(struct chat_login *l, cJSON *value, void *state);
+    int (*login_proto)(const struct chat_login *l);
+};
+
+#define CHAT_LOGIN_REPLACE 0x1
+
+/* True when the host table has member m (it may be an older host). */
+#define CHAT_HOST_HAS(h, m) \
+    ((h)->size >= offsetof(struct chat_host, m) + sizeof((h)->m))
+
+/* Log through the host, formatting only when the level is enabled. */
+#define chat_log(h, self, lvl, ...)                        \
+    do {                                                   \
+        if ((int)(lvl) <= *(h)->log_level)                 \
+            (h)->log((self), (lvl), __VA_ARGS__);          \
+    } while (0)
+
+/* ------------------------------------------------------------------------ */
+/* The plugin descriptor. */
+struct chat_plugin_desc {
+    uint32_t magic;      /* CHAT_PLUGIN_MAGIC */
+    uint16_t abi_major;  /* CHAT_ABI_MAJOR the plugin was built with */
+    uint16_t abi_minor;  /* CHAT_ABI_MINOR the plugin was built with */
+    uint32_t size;       /* sizeof(struct chat_plugin_desc) */
+    const char *name;    /* must match the name it is enabled under */
+    const char *version; /* free text, e.g. "1.0.0" */
+
+    /* Called once.  Register handlers and hooks here.  *state is the plugin's
+     * own pointer, handed back to fini/save/restore/reconfigure.  Return
+     * CHAT_OK, or an error to refuse the load (fini is then not called, and
+     * everything registered is dropped). */
+    int (*init)(const struct chat_host *host, struct chat_plugin *self,
+                void **state);
+    /* Called once when the instance is unloaded, after it has drained. */
+    void (*fini)(void *state);
+
+    /* Optional (NULL): hand state to the next instance on reload.  save()
+     * returns a buffer from host->malloc (the host takes it) and its length;
+     * restore() borrows it. */
+    int (*save)(void *state, void **blob, size_t *len);
+    int (*restore)(void *state, const void *blob, size_t len);
+    /* Optional: the plugin's config section changed (no reload). */
+    int (*reconfigure)(void *state);
+
+    void *reserved[4]; /* NULL; room to grow without changing size rules */
+};
+
+/* Declare the entry point: CHAT_PLUGIN_DECLARE(my_desc); */
+#define CHAT_PLUGIN_DECLARE(desc)                                        \
+    CHAT_EXPORT const struct chat_plugin_desc *chat_plugin_entry(void); \
+    const struct chat_plugin_desc *chat_plugin_entry(void) { return &(desc); }
+
+#define CHAT_PLUGIN_DESC_INIT(nm, ver)                                   \
+    .magic = CHAT_PLUGIN_MAGIC, .abi_major = CHAT_ABI_MAJOR,             \
+    .abi_minor = CHAT_ABI_MINOR, .size = sizeof(struct chat_plugin_desc), \
+    .name = (nm), .version = (ver)
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CHAT_PLUGIN_H */
