@@ -173,11 +173,11 @@ static void inst_free(struct chat_plugin *p)
 
 static void inst_unload(struct chat_plugin *p)
 {
-    LOGI("plugin %s (load %u): finalised and unloaded", p->name, p->gen);
     if (p->initialised && p->desc->fini)
         p->desc->fini(p->state);
     if (p->dl)
         dlclose(p->dl);
+    LOGI("plugin %s (load %u): finalised and unloaded", p->name, p->gen);
     inst_free(p);
 }
 
