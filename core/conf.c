@@ -273,12 +273,43 @@ struct line_reader {
     struct parse_ctx *p;
 };
 
+/* A section header is checked here, because inih reports a section only
+ * through its keys: an empty unknown section would pass unseen. */
+static void check_header(struct parse_ctx *p, const char *s)
+{
+    const char *end;
+    char name[128];
+    size_t n;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (*s != '[' || !(end = strchr(s, ']')))
+        return;
+    n = (size_t)(end - s - 1);
+    if (n >= sizeof name)
+        n = sizeof name - 1;
+    memcpy(name, s + 1, n);
+    name[n] = '\0';
+    if (strcmp(name, "mysql") == 0)
+        p->seen_mysql = 1;
+    else if (strcmp(name, "redis") == 0)
+        p->seen_redis = 1;
+    else if (strncmp(name, "plugin.", 7) == 0 && name[7])
+        get_section(p->c, name + 7);
+    else if (strcmp(name, "server") && strcmp(name, "plugins")) {
+        set_err(p, "unknown section [%s]%s", name, "");
+        if (!p->err_line)
+            p->err_line = p->line;
+    }
+}
+
 static char *read_line(char *buf, int size, void *stream)
 {
     struct line_reader *r = stream;
     char *s = fgets(buf, size, r->f);
-    if (s)
+    if (s) {
         r->p->line++;
+        check_header(r->p, s);
+    }
     return s;
 }
 

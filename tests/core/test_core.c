@@ -1,0 +1,186 @@
+/*
+ * test_core.c - unit tests of the config parser and the plugin registry.
+ *
+ * No servers: the registry tests load the fixture plugins built under
+ * tests/plugins into a loop that never listens.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <CUnit/Basic.h>
+
+#include "core.h"
+
+static char dir[256];
+
+static const char *write_conf(const char *name, const char *text)
+{
+    static char path[512];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+/* Load text; expect failure at line with reason containing why. */
+static void expect_error(const char *text, int line, const char *why)
+{
+    char err[1024], want[600];
+    const char *path = write_conf("bad.conf", text);
+    struct conf *c = conf_load(path, err, sizeof err);
+    CU_ASSERT_PTR_NULL(c);
+    conf_free(c);
+    snprintf(want, sizeof want, "%s:%d: ", path, line);
+    if (strncmp(err, want, strlen(want)) != 0 || !strstr(err, why)) {
+        fprintf(stderr, "\n  got \"%s\"\n  want \"%s...%s\"\n", err, want, why);
+        CU_FAIL("error message");
+    }
+}
+
+static void test_conf_good(void)
+{
+    char err[1024];
+    const char *path = write_conf("good.conf",
+        "; comment\n[server]\nlisten = [::1]:7000\nlog_level = debug\n"
+        "max_frame = 1024 ; inline\n[plugins]\ndir = plug\nenabled = a, b,c\n"
+        "[plugin.a]\nk = v\nk = w\n[mysql]\nport = 3307\nsocket = my.sock\n");
+    struct conf *c = conf_load(path, err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_STRING_EQUAL(c->listen_host, "::1");
+    CU_ASSERT_EQUAL(c->listen_port, 7000);
+    CU_ASSERT_EQUAL(c->log_level, CHAT_LOG_DEBUG);
+    CU_ASSERT_EQUAL(c->max_frame, 1024);
+    CU_ASSERT_EQUAL(c->nplugins, 3);
+    CU_ASSERT_STRING_EQUAL(c->plugins[2], "c");
+    CU_ASSERT_EQUAL(c->plugins_line, 8);
+    CU_ASSERT(c->have_mysql && !c->have_redis);
+    CU_ASSERT_EQUAL(c->my_port, 3307);
+    /* relative paths are relative to the config's folder */
+    CU_ASSERT(strncmp(c->plugin_dir, dir, strlen(dir)) == 0);
+    CU_ASSERT(strstr(c->my_socket, "/my.sock") != NULL);
+    CU_ASSERT_STRING_EQUAL(conf_section_get(conf_section(c, "a"), "k"), "w");
+    CU_ASSERT_PTR_NULL(conf_section(c, "b"));
+    conf_free(c);
+}
+
+static void test_conf_defaults(void)
+{
+    char err[1024];
+    struct conf *c = conf_load(write_conf("empty.conf", ""), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_EQUAL(c->max_frame, 65536);
+    CU_ASSERT_EQUAL(c->listen_port, 6000);
+    CU_ASSERT_EQUAL(c->nplugins, 0);
+    CU_ASSERT(!c->have_mysql && !c->have_redis);
+    conf_free(c);
+}
+
+static void test_conf_errors(void)
+{
+    char err[1024];
+    expect_error("[server]\nlisten = 1.2.3.4:1\nbogus = 1\n", 3, "unknown key \"bogus\"");
+    expect_error("[server]\n\nmax_frame = lots\n", 3, "max_frame: not an integer");
+    expect_error("[server]\nmax_frame = 1\n", 2, "max_frame");
+    expect_error("[sever]\n", 1, "unknown section [sever]");
+    expect_error("[server]\nlisten = nohost\n", 2, "listen: expected HOST:PORT");
+    expect_error("[server]\nlisten = h:70000\n", 2, "listen");
+    expect_error("[server]\nlog_level = loud\n", 2, "log_level");
+    expect_error("[plugins]\nenabled = a, a\n", 2, "listed twice");
+    expect_error("[plugins]\nenabled = ../evil\n", 2, "bad plugin name");
+    expect_error("[redis]\nport = 0\n", 2, "port");
+    expect_error("[mysql]\nuser = a\nflavour = b\n", 3, "unknown key \"flavour\" in [mysql]");
+    expect_error("[server]\nthis is not ini\n", 2, "");
+    CU_ASSERT_PTR_NULL(conf_load("/nonexistent/chat.conf", err, sizeof err));
+    CU_ASSERT(strstr(err, "/nonexistent/chat.conf:0: cannot open") != NULL);
+}
+
+static void test_hostport(void)
+{
+    char *h = NULL;
+    int port = 0;
+    CU_ASSERT_EQUAL(conf_parse_hostport("127.0.0.1:6000", &h, &port), CHAT_OK);
+    CU_ASSERT_STRING_EQUAL(h, "127.0.0.1");
+    CU_ASSERT_EQUAL(port, 6000);
+    mem_free(h);
+    CU_ASSERT_EQUAL(conf_parse_hostport("[::1]:1", &h, &port), CHAT_OK);
+    CU_ASSERT_STRING_EQUAL(h, "::1");
+    mem_free(h);
+    CU_ASSERT_NOT_EQUAL(conf_parse_hostport(":80", &h, &port), CHAT_OK);
+    CU_ASSERT_NOT_EQUAL(conf_parse_hostport("a:", &h, &port), CHAT_OK);
+    CU_ASSERT_NOT_EQUAL(conf_parse_hostport("[::1]80", &h, &port), CHAT_OK);
+}
+
+/* Registry: load echo (msgids 1000..1008) then "dup" which claims 1000. */
+static void test_registry(void)
+{
+    char err[1024], text[1024];
+    struct conf *c;
+    const struct plug_handler *h;
+
+    snprintf(text, sizeof text,
+             "[plugins]\ndir = %s/v1\nenabled = echo\n", FIXTURES);
+    c = conf_load(write_conf("reg.conf", text), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    host_init(uv_default_loop());
+    CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
+    h = plug_handler(1000);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(h);
+    CU_ASSERT_STRING_EQUAL(plug_name(h->inst), "echo");
+    CU_ASSERT_PTR_NULL(plug_handler(1001));
+    /* registration is only allowed inside init */
+    CU_ASSERT_EQUAL(plug_register_handler(h->inst, 3000, (chat_handler_fn)abort, NULL),
+                    CHAT_ERR_STATE);
+    CU_ASSERT_PTR_NULL(plug_handler(3000));
+    plug_stop();
+    uv_run(uv_default_loop(), UV_RUN_DEFAULT);
+    CU_ASSERT_PTR_NULL(plug_handler(1000));
+    plug_free_conf();
+
+    /* a clash at start-up fails the start */
+    snprintf(text, sizeof text, "[plugins]\ndir = %s\nenabled = echo, dup\n", dir);
+    {
+        char cmd[1024];
+        snprintf(cmd, sizeof cmd, "cp %s/v1/echo.so %s/dup/dup.so %s/", FIXTURES,
+                 FIXTURES, dir);
+        CU_ASSERT_EQUAL_FATAL(system(cmd), 0);
+    }
+    c = conf_load(write_conf("clash.conf", text), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_NOT_EQUAL(plug_start(uv_default_loop(), c), 0);
+    plug_stop();
+    uv_run(uv_default_loop(), UV_RUN_DEFAULT);
+    plug_free_conf();
+}
+
+int main(void)
+{
+    CU_pSuite s;
+    unsigned failed;
+    char cmd[300];
+
+    mem_init();
+    log_level = CHAT_LOG_ERROR;
+    snprintf(dir, sizeof dir, "/tmp/chatd-unit-XXXXXX");
+    if (!mkdtemp(dir))
+        return 1;
+    if (CU_initialize_registry() != CUE_SUCCESS)
+        return 1;
+    s = CU_add_suite("core", NULL, NULL);
+    CU_add_test(s, "conf: a good file", test_conf_good);
+    CU_add_test(s, "conf: defaults", test_conf_defaults);
+    CU_add_test(s, "conf: errors name file:line", test_conf_errors);
+    CU_add_test(s, "conf: host:port", test_hostport);
+    CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    failed = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        failed++;
+    return failed ? 1 : 0;
+}
