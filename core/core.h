@@ -199,6 +199,10 @@ void net_hold(struct chat_session *s, int on); /* login ack pending */
 int net_on_flushed(struct chat_session *s, void (*cb)(int ok, void *ud), void *ud);
 void net_close(struct chat_session *s, int errno_, const char *why);
 size_t net_session_count(void);
+/* Test seam (fuzzer, unit tests): a session without a socket whose output
+ * is dropped; net_test_feed() runs bytes through framing and dispatch. */
+struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame);
+void net_test_feed(struct chat_session *s, const char *buf, size_t n);
 
 /* ---- dispatch.c ------------------------------------------------------- */
 /* Handle one complete frame of session s. */

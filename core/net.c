@@ -60,7 +60,7 @@ struct chat_session {
     char *name;
     int proto;
     unsigned closing : 1, hold : 1, in_flush : 1, writing : 1, graceful : 1,
-        garbage : 1, registered : 1;
+        garbage : 1, registered : 1, sink : 1;
     struct frame_scanner fs;
     char *part;              /* bytes of a frame that straddles reads */
     size_t part_len, part_cap;
@@ -373,6 +373,15 @@ static void flush_session(struct chat_session *s)
 
     if (s->writing || !b || b->len == b->off || uv_is_closing((uv_handle_t *)&s->tcp))
         return;
+    if (s->sink) { /* test session without a socket: output is dropped */
+        s->written_total += b->len - b->off;
+        s->out = NULL;
+        obuf_put(b);
+        run_waits(s, 0);
+        if (s->closing)
+            finish_close(s);
+        return;
+    }
     ub = uv_buf_init(b->data + b->off, (unsigned)(b->len - b->off));
     n = uv_try_write((uv_stream_t *)&s->tcp, &ub, 1);
     if (n > 0) {
@@ -803,6 +812,43 @@ void net_shutdown(void (*done)(void))
             net_close(all[i], CHAT_E_SHUTDOWN, "server is stopping");
         mem_free(all);
     }
+}
+
+/* ---- test seam -------------------------------------------------------- */
+
+struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame)
+{
+    struct chat_session *s = mem_calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    if (!net.loop) {
+        net.loop = loop;
+        map_init(&net.by_id);
+        map_init(&net.by_user);
+        net.max_frame = max_frame;
+        net.max_output = 1u << 20;
+        net.max_connections = 1 << 20;
+    }
+    uv_tcp_init(loop, &s->tcp);
+    s->sink = 1;
+    s->graceful = 0;
+    s->id = ++net.next_id;
+    s->proto = CHAT_PROTO_LEGACY;
+    frame_init(&s->fs, max_frame);
+    net.count++;
+    s->all_next = net.all_head;
+    if (net.all_head)
+        net.all_head->all_prev = s;
+    net.all_head = s;
+    map_put(&net.by_id, (int64_t)s->id, s);
+    s->registered = 1;
+    return s;
+}
+
+void net_test_feed(struct chat_session *s, const char *buf, size_t n)
+{
+    process(s, buf, n);
+    on_check(NULL);
 }
 
 /* ---- session accessors ------------------------------------------------ */
