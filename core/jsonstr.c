@@ -1,0 +1,352 @@
+/*
+ * jsonstr.c - JSON string literals handled with their length (NUL-safe).
+ *
+ * cJSON hands out strings as NUL-terminated C strings, so a chat message
+ * containing "\u0000" is silently cut short.  The core therefore reads the
+ * string fields it forwards or stores (msg, name, ...) from the raw frame:
+ * json_member_raw finds a member's value text, json_unescape decodes a string
+ * literal into bytes with an explicit length, and json_quote writes bytes
+ * back as a literal.
+ *
+ * Design: these functions follow cJSON's own reading of the text exactly, so
+ * that a frame cJSON accepted means the same thing here: whitespace is any
+ * byte <= 0x20 (cJSON's rule), raw bytes inside strings (control characters
+ * and invalid UTF-8 included) are taken as they are, the escapes are those
+ * cJSON knows, and a lone or reversed UTF-16 surrogate is an error.  One
+ * deliberate difference: "\u" followed by non-hex digits is an error here,
+ * where cJSON 1.7.15 quietly reads it as "\u0000".
+ * json_member_raw returns the FIRST member with the key, as
+ * cJSON_GetObjectItemCaseSensitive does, and compares keys after decoding
+ * their escapes ("m\u0073g" is "msg") on all their bytes ("msg\u0000x" is
+ * not "msg", which cJSON, cutting at the NUL, would match).  It expects
+ * text cJSON validated but never reads outside obj[0..len) whatever the text
+ * is: on malformed input it returns NULL or some value-sized slice of it.
+ * Results of json_unescape and json_quote are mem_malloc'd, NUL-terminated
+ * (the length is what counts), NULL on allocation failure; outlen may be
+ * NULL.
+ */
+#include <string.h>
+
+#include "core.h"
+
+#define JSON_WS(c) ((unsigned char)(c) <= 0x20)
+
+static int hexval(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* The 4 hex digits at p (end bounds the input); -1 if not hex or cut. */
+static long hex4(const unsigned char *p, const unsigned char *end)
+{
+    long v = 0;
+
+    if (end - p < 4)
+        return -1;
+    for (int i = 0; i < 4; i++) {
+        int h = hexval(p[i]);
+        if (h < 0)
+            return -1;
+        v = (v << 4) | h;
+    }
+    return v;
+}
+
+static size_t utf8_put(unsigned long cp, unsigned char *out)
+{
+    if (cp < 0x80) {
+        out[0] = (unsigned char)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        out[0] = (unsigned char)(0xC0 | (cp >> 6));
+        out[1] = (unsigned char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        out[0] = (unsigned char)(0xE0 | (cp >> 12));
+        out[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (unsigned char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (unsigned char)(0xF0 | (cp >> 18));
+    out[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (unsigned char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* Decode the escape sequence at p ('\\') that must end before end.  Writes
+ * 1-4 bytes to out and *outn; returns the input bytes used, 0 if invalid. */
+static size_t unescape_one(const unsigned char *p, const unsigned char *end,
+                           unsigned char out[4], size_t *outn)
+{
+    long hi, lo;
+
+    if (end - p < 2)
+        return 0;
+    *outn = 1;
+    switch (p[1]) {
+    case '"': case '\\': case '/': out[0] = p[1]; return 2;
+    case 'b': out[0] = '\b'; return 2;
+    case 'f': out[0] = '\f'; return 2;
+    case 'n': out[0] = '\n'; return 2;
+    case 'r': out[0] = '\r'; return 2;
+    case 't': out[0] = '\t'; return 2;
+    case 'u': break;
+    default: return 0;
+    }
+    hi = hex4(p + 2, end);
+    if (hi < 0 || (hi >= 0xDC00 && hi <= 0xDFFF))
+        return 0;
+    if (hi < 0xD800 || hi > 0xDBFF) {
+        *outn = utf8_put((unsigned long)hi, out);
+        return 6;
+    }
+    if (end - p < 12 || p[6] != '\\' || p[7] != 'u')
+        return 0;
+    lo = hex4(p + 8, end);
+    if (lo < 0xDC00 || lo > 0xDFFF)
+        return 0;
+    *outn = utf8_put(0x10000 + ((((unsigned long)hi & 0x3FF) << 10) |
+                                ((unsigned long)lo & 0x3FF)), out);
+    return 12;
+}
+
+/* p is at an opening quote: return the byte after the closing quote, or
+ * NULL if the literal does not end before end. */
+static const unsigned char *skip_string(const unsigned char *p,
+                                        const unsigned char *end)
+{
+    for (p++; p < end; p++) {
+        if (*p == '"')
+            return p + 1;
+        if (*p == '\\')
+            p++;
+    }
+    return NULL;
+}
+
+/* p is at '{' or '[': return the byte after the matching close, or NULL. */
+static const unsigned char *skip_nested(const unsigned char *p,
+                                        const unsigned char *end)
+{
+    size_t depth = 0;
+
+    while (p < end) {
+        switch (*p) {
+        case '"':
+            p = skip_string(p, end);
+            if (p == NULL)
+                return NULL;
+            continue;
+        case '{': case '[':
+            depth++;
+            break;
+        case '}': case ']':
+            if (--depth == 0)
+                return p + 1;
+            break;
+        default:
+            break;
+        }
+        p++;
+    }
+    return NULL;
+}
+
+/* Skip one value at p (no leading whitespace); NULL if there is none. */
+static const unsigned char *skip_value(const unsigned char *p,
+                                       const unsigned char *end)
+{
+    const unsigned char *q = p;
+
+    if (p >= end)
+        return NULL;
+    if (*p == '"')
+        return skip_string(p, end);
+    if (*p == '{' || *p == '[')
+        return skip_nested(p, end);
+    while (q < end && !JSON_WS(*q) && *q != ',' && *q != '}' && *q != ']')
+        q++;
+    return q > p ? q : NULL;
+}
+
+static const unsigned char *skip_ws(const unsigned char *p,
+                                    const unsigned char *end)
+{
+    while (p < end && JSON_WS(*p))
+        p++;
+    return p;
+}
+
+/* Does the literal body s[0..e) (between the quotes) decode to key[0..klen)? */
+static int key_equal(const unsigned char *s, const unsigned char *e,
+                     const char *key, size_t klen)
+{
+    const unsigned char *k = (const unsigned char *)key;
+    size_t i = 0;
+
+    while (s < e) {
+        unsigned char buf[4];
+        size_t n, used;
+
+        if (*s != '\\') {
+            if (i == klen || k[i] != *s)
+                return 0;
+            i++;
+            s++;
+            continue;
+        }
+        used = unescape_one(s, e, buf, &n);
+        if (used == 0 || klen - i < n || memcmp(k + i, buf, n) != 0)
+            return 0;
+        i += n;
+        s += used;
+    }
+    return i == klen;
+}
+
+const char *json_member_raw(const char *obj, size_t len, const char *key,
+                            size_t *vlen)
+{
+    const unsigned char *p = (const unsigned char *)obj, *end = p + len;
+    size_t klen = strlen(key);
+
+    p = skip_ws(p, end);
+    if (p == end || *p != '{')
+        return NULL;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}')
+        return NULL;
+    while (p < end && *p == '"') {
+        const unsigned char *ks = p, *ke, *v, *ve;
+
+        ke = skip_string(p, end);
+        if (ke == NULL)
+            return NULL;
+        p = skip_ws(ke, end);
+        if (p == end || *p != ':')
+            return NULL;
+        v = skip_ws(p + 1, end);
+        ve = skip_value(v, end);
+        if (ve == NULL)
+            return NULL;
+        if (key_equal(ks + 1, ke - 1, key, klen)) {
+            *vlen = (size_t)(ve - v);
+            return (const char *)v;
+        }
+        p = skip_ws(ve, end);
+        if (p == end || *p != ',')
+            return NULL;
+        p = skip_ws(p + 1, end);
+    }
+    return NULL;
+}
+
+char *json_unescape(const char *lit, size_t len, size_t *outlen)
+{
+    const unsigned char *p = (const unsigned char *)lit, *end;
+    unsigned char *out, *o;
+
+    if (len < 2 || p[0] != '"' || p[len - 1] != '"')
+        return NULL;
+    end = p + len - 1;  /* the closing quote */
+    out = mem_malloc(len - 1);  /* decoding never makes text longer */
+    if (out == NULL)
+        return NULL;
+    o = out;
+    for (p++; p < end;) {
+        const unsigned char *q = p;
+        size_t n, used;
+
+        while (q < end && *q != '\\' && *q != '"')
+            q++;
+        memcpy(o, p, (size_t)(q - p));
+        o += q - p;
+        p = q;
+        if (p == end)
+            break;
+        if (*p == '"')
+            goto bad;
+        used = unescape_one(p, end, o, &n);
+        if (used == 0)
+            goto bad;
+        o += n;
+        p += used;
+    }
+    *o = '\0';
+    if (outlen != NULL)
+        *outlen = (size_t)(o - out);
+    return (char *)out;
+
+bad:
+    mem_free(out);
+    return NULL;
+}
+
+/* Escaped length of one byte (the short forms, \u00XX, or itself). */
+static size_t quote_len(unsigned char c)
+{
+    switch (c) {
+    case '"': case '\\': case '\n': case '\r': case '\t': case '\b': case '\f':
+        return 2;
+    default:
+        return (c < 0x20 || c == 0x7F) ? 6 : 1;
+    }
+}
+
+char *json_quote(const char *s, size_t len, size_t *outlen)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = (const unsigned char *)s;
+    size_t n = 3; /* quotes and the terminating NUL */
+    char *out, *o;
+
+    if (len > (SIZE_MAX - 3) / 6)
+        return NULL;
+    for (size_t i = 0; i < len; i++)
+        n += quote_len(p[i]);
+    out = mem_malloc(n);
+    if (out == NULL)
+        return NULL;
+    o = out;
+    *o++ = '"';
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = p[i];
+        char sh = 0;
+
+        switch (c) {
+        case '"': sh = '"'; break;
+        case '\\': sh = '\\'; break;
+        case '\n': sh = 'n'; break;
+        case '\r': sh = 'r'; break;
+        case '\t': sh = 't'; break;
+        case '\b': sh = 'b'; break;
+        case '\f': sh = 'f'; break;
+        default: break;
+        }
+        if (sh != 0) {
+            *o++ = '\\';
+            *o++ = sh;
+        } else if (c < 0x20 || c == 0x7F) {
+            memcpy(o, "\\u00", 4);
+            o[4] = hex[c >> 4];
+            o[5] = hex[c & 15];
+            o += 6;
+        } else {
+            *o++ = (char)c;
+        }
+    }
+    *o++ = '"';
+    *o = '\0';
+    if (outlen != NULL)
+        *outlen = (size_t)(o - out);
+    return out;
+}
