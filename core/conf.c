@@ -366,8 +366,10 @@ struct conf *conf_load(const char *path, char *err, size_t errlen)
     set_defaults(c);
     c->path = mem_strdup(path);
     slash = strrchr(path, '/');
-    c->dir = slash ? mem_strndup(path, (size_t)(slash - path ? slash - path : 1))
-                   : mem_strdup(".");
+    if (!slash)
+        c->dir = mem_strdup(".");
+    else /* "/chat.conf" lives in "/" */
+        c->dir = mem_strndup(path, slash == path ? 1 : (size_t)(slash - path));
     if (!c->path || !c->dir)
         goto nomem;
     r.f = fopen(path, "r");

@@ -270,15 +270,15 @@ static void login_claimed(int status, void *ud)
         login_finish(c, status);
         return;
     }
+    /* every granted claim is paired with exactly one bus_release (the bus
+     * counts claims per user), so a claim that ends up unused is given back */
     if (!s) {
-        /* the client left while we claimed: give the claim back, unless a
-         * local session of the same user holds it legitimately */
-        if (!net_session_by_user(c->uid))
-            bus_release(c->uid);
+        bus_release(c->uid);
         login_finish(c, CHAT_ERR_CLOSED);
         return;
     }
     if ((r = net_session_bind(s, c->uid, c->name)) != CHAT_OK) {
+        bus_release(c->uid);
         login_finish(c, r);
         return;
     }

@@ -1,0 +1,1165 @@
+/*
+ * bus.c - the Redis bus: cross-node delivery, cluster-wide presence and
+ * plugin broadcasts, on hiredis 0.14's async API driven by the libuv loop.
+ *
+ * Link.  Each node has an id (conf node_id, or "host-pid-random") and two
+ * connections to Redis: `cmd` for commands and `sub`, subscribed to the
+ * node's own channel "chatd:node:<id>" and to the shared "chatd:all" (a
+ * subscribed connection can send nothing else).  They form one link: when
+ * either fails both are dropped and reconnected, backing off from 100 ms
+ * doubling to 5 s.  A command left unanswered for max(ttl/2, 2 s), seen on
+ * two heartbeat ticks in a row, means a stalled server and drops the link
+ * too.
+ *
+ * Keys.  Presence lives in Redis, not MySQL:
+ *   chatd:user:<uid>   the id of the node holding the user
+ *   chatd:hb:<node>    the node's heartbeat: SET EX ttl, refreshed every ttl/3
+ *   chatd:held:<node>  the set of uids the node announced
+ * A user is online only while its key names a node whose heartbeat exists,
+ * so the users of a crashed node go offline within the TTL with no cleanup.
+ *
+ * Scripts.  Each operation is one Lua script (SCRIPT LOAD on every connect,
+ * then EVALSHA): atomic, one round trip.  claim: when the key names another
+ * live node, refuse (CHAT_ERR_EXISTS) or, with replace, PUBLISH "K <uid>"
+ * to that node (it closes its session as replaced) and take over; SET the
+ * key, SADD the set.  release: DEL the key only if it still names this node;
+ * SREM.  route: PUBLISH "D <uid> <json>" to the holder's channel and return
+ * the subscribers reached, -1 when no live node holds the user.  presence:
+ * 1/0 per uid.  sync, on every (re)connect: drop the keys this node's set
+ * still names (left by a previous incarnation with the same id, or released
+ * while Redis was down), refresh the heartbeat, re-announce every user
+ * claimed here; users another live node took meanwhile are closed here.
+ *
+ * Delivery.  A live local session gets the message at once; otherwise route
+ * publishes it and the node holding the user hands it to its session.
+ * Nothing is dropped silently: no live holder, a PUBLISH that reached
+ * nobody, an error, Redis down, the link dropping with the command in
+ * flight (hiredis runs each pending callback with a NULL reply), or a
+ * receiving node without the session - each ends in host_undeliverable().
+ * Pub/sub is at most once: a node dying after PUBLISH counted it loses what
+ * it had received.  Broadcasts ("B <node>\n<plugin>\n<data>" on chatd:all)
+ * fire on this node from a local queue and are skipped when they come back.
+ *
+ * Without Redis (down, or no [redis] section: single node) local delivery
+ * works, remote delivery is undeliverable, claims succeed locally (and the
+ * next sync announces them), presence answers from local sessions and
+ * broadcasts stay local.  Callbacks and events that do not come from a
+ * reply run from a queue on the next loop turn (uv_idle), never inside the
+ * call.  Claims are counted per uid: every claim not refused must be
+ * matched by one bus_release, so a same-node re-login survives the release
+ * of the older session.  bus_claim arbitrates between nodes only; a local
+ * session of the same user is the caller's to check.
+ *
+ * Key names are built inside the scripts, so this needs one Redis (not
+ * Redis Cluster).  hiredis 0.14 has no allocator hooks (hiredisSetAllocators
+ * came in 1.0): its contexts, buffers, replies and the adapter's poll
+ * handles come from libc malloc, and it aborts on OOM.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <hiredis/adapters/libuv.h>
+
+#include "core.h"
+
+#define K_USER "chatd:user:"
+#define K_HB "chatd:hb:"
+#define K_HELD "chatd:held:"
+#define K_CHAN "chatd:node:"
+#define K_ALL "chatd:all"
+
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 5000
+#define STOP_TIMEOUT_MS 2000
+#define SYNC_CHUNK 1000
+#define NODE_ID_MAX 64
+
+enum { SC_CLAIM, SC_RELEASE, SC_ROUTE, SC_PRESENCE, SC_SYNC, SC_N };
+
+/* ARGV: uid, node, replace.  Returns 1 (claimed) or the live holder's id. */
+static const char script_claim[] =
+    "local uk = '" K_USER "' .. ARGV[1]\n"
+    "local cur = redis.call('GET', uk)\n"
+    "if cur and cur ~= ARGV[2] then\n"
+    "  if redis.call('EXISTS', '" K_HB "' .. cur) == 1 then\n"
+    "    if ARGV[3] ~= '1' then return cur end\n"
+    "    redis.call('PUBLISH', '" K_CHAN "' .. cur, 'K ' .. ARGV[1])\n"
+    "  end\n"
+    "  redis.call('SREM', '" K_HELD "' .. cur, ARGV[1])\n"
+    "end\n"
+    "redis.call('SET', uk, ARGV[2])\n"
+    "redis.call('SADD', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
+    "return 1\n";
+
+/* ARGV: uid, node. */
+static const char script_release[] =
+    "local uk = '" K_USER "' .. ARGV[1]\n"
+    "if redis.call('GET', uk) == ARGV[2] then redis.call('DEL', uk) end\n"
+    "redis.call('SREM', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
+    "return 1\n";
+
+/* ARGV: uid, json.  Returns the number of subscribers reached, or -1. */
+static const char script_route[] =
+    "local cur = redis.call('GET', '" K_USER "' .. ARGV[1])\n"
+    "if not cur or redis.call('EXISTS', '" K_HB "' .. cur) == 0 then\n"
+    "  return -1\n"
+    "end\n"
+    "return redis.call('PUBLISH', '" K_CHAN "' .. cur,\n"
+    "                  'D ' .. ARGV[1] .. ' ' .. ARGV[2])\n";
+
+/* ARGV: uids.  Returns 1/0 per uid. */
+static const char script_presence[] =
+    "local live, r = {}, {}\n"
+    "for i = 1, #ARGV do\n"
+    "  local cur = redis.call('GET', '" K_USER "' .. ARGV[i])\n"
+    "  local on = 0\n"
+    "  if cur then\n"
+    "    if live[cur] == nil then\n"
+    "      live[cur] = redis.call('EXISTS', '" K_HB "' .. cur)\n"
+    "    end\n"
+    "    on = live[cur]\n"
+    "  end\n"
+    "  r[i] = on\n"
+    "end\n"
+    "return r\n";
+
+/* ARGV: node, mode (start|more|stop), ttl, uids...  start/stop first drop
+ * what the node's set still names; stop also drops the heartbeat.  Returns
+ * the uids held by another live node (not announced). */
+static const char script_sync[] =
+    "local node, mode = ARGV[1], ARGV[2]\n"
+    "local set = '" K_HELD "' .. node\n"
+    "if mode ~= 'more' then\n"
+    "  for _, u in ipairs(redis.call('SMEMBERS', set)) do\n"
+    "    local uk = '" K_USER "' .. u\n"
+    "    if redis.call('GET', uk) == node then redis.call('DEL', uk) end\n"
+    "  end\n"
+    "  redis.call('DEL', set)\n"
+    "end\n"
+    "if mode == 'stop' then\n"
+    "  redis.call('DEL', '" K_HB "' .. node)\n"
+    "  return {}\n"
+    "end\n"
+    "redis.call('SET', '" K_HB "' .. node, '1', 'EX', ARGV[3])\n"
+    "local lost = {}\n"
+    "for i = 4, #ARGV do\n"
+    "  local uk = '" K_USER "' .. ARGV[i]\n"
+    "  local cur = redis.call('GET', uk)\n"
+    "  if cur and cur ~= node and\n"
+    "     redis.call('EXISTS', '" K_HB "' .. cur) == 1 then\n"
+    "    lost[#lost + 1] = ARGV[i]\n"
+    "  else\n"
+    "    redis.call('SET', uk, node)\n"
+    "    redis.call('SADD', set, ARGV[i])\n"
+    "  end\n"
+    "end\n"
+    "return lost\n";
+
+static const char *const scripts[SC_N] = {script_claim, script_release,
+                                          script_route, script_presence,
+                                          script_sync};
+
+enum req_kind {
+    REQ_SCRIPT,     /* SCRIPT LOAD of scripts[idx] */
+    REQ_HEARTBEAT,
+    REQ_SYNC,
+    REQ_DELIVER,    /* data: json; NULL reply -> undeliverable */
+    REQ_CLAIM,      /* NULL reply -> CHAT_OK (local only) */
+    REQ_RELEASE,
+    REQ_PRESENCE,   /* NULL reply -> answer from local sessions */
+    REQ_PUBLISH,    /* broadcast to the other nodes */
+    REQ_LOCAL_BCAST /* data: plugin NUL data; fire here */
+};
+
+/* One command in flight on the cmd connection (doubly linked, oldest
+ * first), or one completion queued for the next loop turn (next only).
+ * Owned by the bus; freed by req_done. */
+struct bus_req {
+    struct bus_req *prev, *next;
+    uint64_t id;            /* in flight: a sequence number */
+    uint64_t sent_ms;
+    int kind;
+    int idx;
+    int64_t uid;
+    void (*claim_cb)(int status, void *ud);
+    void *ud;
+    struct chat_plugin *plug;
+    chat_presence_cb pres_cb;
+    int64_t *uids;          /* REQ_PRESENCE: n uids, then n online bytes */
+    size_t n;
+    size_t plen;            /* REQ_LOCAL_BCAST: length of the plugin name */
+    size_t len;             /* bytes in data (NUL-terminated beyond) */
+    char data[];
+};
+
+enum link_state { LINK_DOWN, LINK_CONNECTING, LINK_UP };
+
+static struct {
+    int started, stopping, in_stop, finished;
+    int have_redis;
+    uv_loop_t *loop;
+    char node[NODE_ID_MAX + 1];
+    char chan[sizeof(K_CHAN) + NODE_ID_MAX];
+    char hbkey[sizeof(K_HB) + NODE_ID_MAX];
+    char *host;             /* as configured */
+    int numeric;            /* host is an IP address: no resolving */
+    int port;
+    int ttl_s;
+    uint64_t stall_ms;      /* oldest unanswered command older: link dead */
+    uint64_t seq;           /* ids of requests in flight */
+    uint64_t suspect;       /* id of the request seen stalled at the last tick */
+    int connect_suspect;    /* the connect was seen stalled at the last tick */
+    /* the link */
+    int link;
+    redisAsyncContext *cmd, *sub;
+    int scripts_ok, subs_ok;
+    uint64_t connect_ms;
+    uint64_t backoff_ms;
+    int down_logged, ever_up;
+    int resolving;
+    uv_getaddrinfo_t gai;
+    char sha[SC_N][41];
+    /* handles */
+    uv_timer_t tick, retry, stop_timer;
+    uv_idle_t idle;
+    int open_handles;
+    /* requests */
+    struct bus_req *fly_head, *fly_tail;
+    struct bus_req *dq_head, *dq_tail;
+    /* uid -> (void *)(uintptr_t) number of claims not yet released */
+    struct map claims;
+} bus;
+
+static void link_down(const char *why);
+static void link_connect(void);
+static void maybe_finish(void);
+
+/* ---- requests ----------------------------------------------------------- */
+
+static struct bus_req *req_new(int kind, size_t datalen)
+{
+    struct bus_req *r = mem_calloc(1, sizeof(*r) + datalen + 1);
+
+    if (r != NULL)
+        r->kind = kind;
+    return r;
+}
+
+static void req_free(struct bus_req *r)
+{
+    mem_free(r->uids);
+    mem_free(r);
+}
+
+static void fly_add(struct bus_req *r)
+{
+    r->id = ++bus.seq;
+    r->sent_ms = uv_now(bus.loop);
+    r->next = NULL;
+    r->prev = bus.fly_tail;
+    if (bus.fly_tail != NULL)
+        bus.fly_tail->next = r;
+    else
+        bus.fly_head = r;
+    bus.fly_tail = r;
+}
+
+static void fly_del(struct bus_req *r)
+{
+    if (r->prev != NULL)
+        r->prev->next = r->next;
+    else
+        bus.fly_head = r->next;
+    if (r->next != NULL)
+        r->next->prev = r->prev;
+    else
+        bus.fly_tail = r->prev;
+    r->prev = r->next = NULL;
+}
+
+static void on_idle(uv_idle_t *h);
+
+/* Queue r to complete (as with a NULL reply) on the next loop turn. */
+static void defer(struct bus_req *r)
+{
+    r->next = NULL;
+    if (bus.dq_tail != NULL)
+        bus.dq_tail->next = r;
+    else
+        bus.dq_head = r;
+    bus.dq_tail = r;
+    if (!uv_is_active((uv_handle_t *)&bus.idle))
+        uv_idle_start(&bus.idle, on_idle);
+}
+
+/* ---- claims ------------------------------------------------------------- */
+
+static uintptr_t claims_get(int64_t uid)
+{
+    return (uintptr_t)map_get(&bus.claims, uid);
+}
+
+static int claims_inc(int64_t uid)
+{
+    return map_put(&bus.claims, uid, (void *)(claims_get(uid) + 1));
+}
+
+/* Returns the count left. */
+static uintptr_t claims_dec(int64_t uid)
+{
+    uintptr_t n = claims_get(uid);
+
+    if (n <= 1) {
+        map_del(&bus.claims, uid);
+        return 0;
+    }
+    map_put(&bus.claims, uid, (void *)(n - 1)); /* existing key: no alloc */
+    return n - 1;
+}
+
+/* ---- completion --------------------------------------------------------- */
+
+static struct chat_session *live_session(int64_t uid)
+{
+    struct chat_session *s = net_session_by_user(uid);
+
+    return s != NULL && !net_session_closing(s) ? s : NULL;
+}
+
+static void deliver_local_or_undeliverable(int64_t uid, const char *json,
+                                           size_t len)
+{
+    struct chat_session *s = live_session(uid);
+
+    if (s != NULL && net_deliver(s, json, len) == CHAT_OK)
+        return;
+    host_undeliverable(uid, json, len);
+}
+
+static int is_error(const redisReply *rp)
+{
+    return rp != NULL && rp->type == REDIS_REPLY_ERROR;
+}
+
+static void done_presence(struct bus_req *r, const redisReply *rp)
+{
+    unsigned char *online = (unsigned char *)(r->uids + r->n);
+
+    for (size_t i = 0; i < r->n; i++) {
+        online[i] = live_session(r->uids[i]) != NULL;
+        if (rp != NULL && rp->type == REDIS_REPLY_ARRAY && rp->elements == r->n
+            && rp->element[i]->type == REDIS_REPLY_INTEGER
+            && rp->element[i]->integer == 1)
+            online[i] = 1;
+    }
+    r->pres_cb(CHAT_OK, r->uids, online, r->n, r->ud);
+    plug_unref(r->plug);
+}
+
+static void done_sync(const redisReply *rp)
+{
+    if (rp == NULL || rp->type != REDIS_REPLY_ARRAY)
+        return;
+    for (size_t i = 0; i < rp->elements; i++) {
+        const redisReply *e = rp->element[i];
+        struct chat_session *s;
+        int64_t uid;
+
+        if (e->type != REDIS_REPLY_STRING)
+            continue;
+        uid = strtoll(e->str, NULL, 10);
+        LOGW("bus: user %" PRId64 " was taken by another node while the "
+             "link was down; closing it here", uid);
+        s = live_session(uid);
+        if (s != NULL)
+            net_close(s, CHAT_E_REPLACED, "logged in elsewhere");
+    }
+}
+
+/* Returns why the link must go, or NULL. */
+static const char *done_script(struct bus_req *r, const redisReply *rp)
+{
+    if (rp == NULL)
+        return NULL;
+    if (rp->type != REDIS_REPLY_STRING || rp->len != 40)
+        return "SCRIPT LOAD failed";
+    memcpy(bus.sha[r->idx], rp->str, 40);
+    bus.sha[r->idx][40] = '\0';
+    bus.scripts_ok++;
+    return NULL;
+}
+
+static void maybe_up(void);
+
+/* Finish r with the reply rp (NULL: failed, or never sent); frees r. */
+static void req_done(struct bus_req *r, const redisReply *rp)
+{
+    const char *down = NULL;
+    int kind = r->kind;
+
+    if (is_error(rp)) {
+        LOGW("bus: redis error: %s", rp->str);
+        /* without its scripts, or with presence not announced, the link is
+         * useless: reconnecting reloads them and syncs */
+        if (strncmp(rp->str, "NOSCRIPT", 8) == 0 || r->kind == REQ_SYNC
+            || r->kind == REQ_CLAIM)
+            down = "script failed";
+    }
+    switch (r->kind) {
+    case REQ_SCRIPT:
+        down = done_script(r, rp);
+        break;
+    case REQ_SYNC:
+        done_sync(rp);
+        break;
+    case REQ_DELIVER:
+        if (rp == NULL || rp->type != REDIS_REPLY_INTEGER || rp->integer < 1)
+            host_undeliverable(r->uid, r->data, r->len);
+        break;
+    case REQ_CLAIM:
+        if (rp != NULL && rp->type == REDIS_REPLY_STRING) {
+            claims_dec(r->uid);
+            r->claim_cb(CHAT_ERR_EXISTS, r->ud);
+        } else {
+            /* claimed, or local only (announced by the next sync) */
+            r->claim_cb(CHAT_OK, r->ud);
+        }
+        break;
+    case REQ_PRESENCE:
+        done_presence(r, rp);
+        break;
+    case REQ_LOCAL_BCAST: {
+        struct chat_ev_broadcast ev = {sizeof(ev), r->data,
+                                       r->data + r->plen + 1,
+                                       r->len - r->plen - 1};
+        plug_fire(CHAT_EV_BROADCAST, &ev);
+        break;
+    }
+    default: /* heartbeat, release, publish: nothing waits for them */
+        break;
+    }
+    req_free(r);
+    if (down != NULL)
+        link_down(down);
+    else if (kind == REQ_SCRIPT)
+        maybe_up();
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct bus_req *r = privdata;
+
+    (void)ac;
+    fly_del(r);
+    req_done(r, reply);
+}
+
+static void defer_run(void)
+{
+    struct bus_req *r = bus.dq_head, *next;
+
+    bus.dq_head = bus.dq_tail = NULL;
+    for (; r != NULL; r = next) {
+        next = r->next;
+        req_done(r, NULL);
+    }
+}
+
+static void on_idle(uv_idle_t *h)
+{
+    uv_idle_stop(h);
+    defer_run(); /* what these queue runs on the next turn */
+}
+
+/* ---- sending ------------------------------------------------------------ */
+
+/* Queue a command on cmd with r as its completion.  0, or -1 (r untouched:
+ * the callback will not run). */
+static int send_cmd(struct bus_req *r, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+
+    if (bus.cmd == NULL)
+        return -1;
+    va_start(ap, fmt);
+    rc = redisvAsyncCommand(bus.cmd, on_reply, r, fmt, ap);
+    va_end(ap);
+    if (rc != REDIS_OK)
+        return -1;
+    fly_add(r);
+    return 0;
+}
+
+/* EVALSHA scripts[sc] with fixed string args and then uids as args. */
+static int send_eval(struct bus_req *r, int sc, const char *const *fixed,
+                     size_t nfixed, const int64_t *uids, size_t n)
+{
+    size_t argc = 3 + nfixed + n;
+    const char **argv = NULL;
+    size_t *lens = NULL;
+    char *digits = NULL;
+    int rc = -1;
+
+    if (bus.cmd == NULL || argc > INT32_MAX)
+        return -1;
+    argv = mem_malloc(argc * sizeof(*argv));
+    lens = mem_malloc(argc * sizeof(*lens));
+    digits = mem_malloc(n * 21 + 1);
+    if (argv == NULL || lens == NULL || digits == NULL)
+        goto out;
+    argv[0] = "EVALSHA";
+    argv[1] = bus.sha[sc];
+    argv[2] = "0";
+    for (size_t i = 0; i < nfixed; i++)
+        argv[3 + i] = fixed[i];
+    for (size_t i = 0; i < n; i++) {
+        char *d = digits + i * 21;
+        snprintf(d, 21, "%" PRId64, uids[i]);
+        argv[3 + nfixed + i] = d;
+    }
+    for (size_t i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    if (redisAsyncCommandArgv(bus.cmd, on_reply, r, (int)argc, argv, lens)
+        != REDIS_OK)
+        goto out;
+    fly_add(r);
+    rc = 0;
+out:
+    mem_free(argv);
+    mem_free(lens);
+    mem_free(digits);
+    return rc;
+}
+
+/* Sync: mode "start" (with the first chunk of bound users) or "stop". */
+static int send_sync(const char *mode)
+{
+    char ttl[16];
+    const char *fixed[3] = {bus.node, mode, ttl};
+    int64_t *uids = NULL;
+    size_t n = 0, it = 0, off = 0;
+    int64_t uid;
+    int rc = -1;
+
+    snprintf(ttl, sizeof(ttl), "%d", bus.ttl_s);
+    if (strcmp(mode, "stop") != 0 && bus.claims.len > 0) {
+        uids = mem_malloc(bus.claims.len * sizeof(*uids));
+        if (uids == NULL)
+            return -1;
+        while (map_next(&bus.claims, &it, &uid, NULL))
+            uids[n++] = uid;
+    }
+    do {
+        size_t chunk = n - off < SYNC_CHUNK ? n - off : SYNC_CHUNK;
+        struct bus_req *r = req_new(REQ_SYNC, 0);
+
+        if (r == NULL || send_eval(r, SC_SYNC, fixed, 3, uids ? uids + off : NULL, chunk)) {
+            mem_free(r);
+            goto out;
+        }
+        fixed[1] = "more";
+        off += chunk;
+    } while (off < n);
+    rc = 0;
+out:
+    mem_free(uids);
+    return rc;
+}
+
+/* ---- the link ----------------------------------------------------------- */
+
+static void maybe_up(void)
+{
+    if (bus.link != LINK_CONNECTING || bus.scripts_ok < SC_N || bus.subs_ok < 2)
+        return;
+    bus.link = LINK_UP;
+    bus.backoff_ms = BACKOFF_MIN_MS;
+    if (send_sync("start") != 0) {
+        link_down("cannot queue the sync");
+        return;
+    }
+    if (!bus.ever_up || bus.down_logged)
+        LOGI("bus: redis %s:%d %s, node %s", bus.host, bus.port,
+             bus.ever_up ? "reconnected" : "connected", bus.node);
+    bus.ever_up = 1;
+    bus.down_logged = 0;
+}
+
+static void handle_message(const char *p, size_t len)
+{
+    const char *end = p + len, *sp;
+    int64_t uid;
+
+    if (len < 3 || p[1] != ' ')
+        goto bad;
+    if (p[0] == 'B') {
+        const char *nl1 = memchr(p + 2, '\n', len - 2), *nl2;
+        struct chat_ev_broadcast ev = {sizeof(ev), NULL, NULL, 0};
+        char *plugin;
+
+        nl2 = nl1 ? memchr(nl1 + 1, '\n', (size_t)(end - nl1 - 1)) : NULL;
+        if (nl2 == NULL)
+            goto bad;
+        if ((size_t)(nl1 - p - 2) == strlen(bus.node)
+            && memcmp(p + 2, bus.node, (size_t)(nl1 - p - 2)) == 0)
+            return; /* our own: fired locally already */
+        plugin = mem_strndup(nl1 + 1, (size_t)(nl2 - nl1 - 1));
+        if (plugin == NULL) {
+            LOGE("bus: out of memory: broadcast dropped");
+            return;
+        }
+        ev.plugin = plugin;
+        ev.data = nl2 + 1;
+        ev.len = (size_t)(end - nl2 - 1);
+        plug_fire(CHAT_EV_BROADCAST, &ev);
+        mem_free(plugin);
+        return;
+    }
+    uid = strtoll(p + 2, NULL, 10);
+    if (p[0] == 'K') {
+        struct chat_session *s = live_session(uid);
+        if (s != NULL)
+            net_close(s, CHAT_E_REPLACED, "logged in elsewhere");
+        return;
+    }
+    if (p[0] == 'D' && (sp = memchr(p + 2, ' ', len - 2)) != NULL) {
+        deliver_local_or_undeliverable(uid, sp + 1, (size_t)(end - sp - 1));
+        return;
+    }
+bad:
+    LOGW("bus: malformed bus message ignored (%zu bytes)", len);
+}
+
+static void on_sub(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    const redisReply *rp = reply, *kind;
+
+    (void)privdata;
+    if (rp == NULL)
+        return; /* the connection is going away */
+    if (rp->type != REDIS_REPLY_ARRAY || rp->elements < 3) {
+        if (ac == bus.sub)
+            link_down(is_error(rp) ? rp->str : "SUBSCRIBE: unexpected reply");
+        return;
+    }
+    kind = rp->element[0];
+    if (kind->type != REDIS_REPLY_STRING)
+        return;
+    if (strcmp(kind->str, "message") == 0
+        && rp->element[2]->type == REDIS_REPLY_STRING) {
+        handle_message(rp->element[2]->str, rp->element[2]->len);
+    } else if (strcmp(kind->str, "subscribe") == 0 && ac == bus.sub) {
+        bus.subs_ok++;
+        maybe_up();
+    }
+}
+
+/* Forget ac (hiredis is freeing it); 1 if it was ours. */
+static int forget_ctx(const redisAsyncContext *ac)
+{
+    if (ac == bus.cmd) {
+        bus.cmd = NULL;
+        return 1;
+    }
+    if (ac == bus.sub) {
+        bus.sub = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    char why[128];
+
+    if (status == REDIS_OK)
+        return;
+    snprintf(why, sizeof(why), "%s", ac->errstr ? ac->errstr : "connect failed");
+    if (forget_ctx(ac))
+        link_down(why);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    char why[128];
+
+    snprintf(why, sizeof(why), "%s",
+             status == REDIS_OK ? "connection closed"
+             : ac->errstr       ? ac->errstr
+                                : "connection lost");
+    if (forget_ctx(ac) && !bus.stopping)
+        link_down(why);
+    else
+        maybe_finish();
+}
+
+static redisAsyncContext *ctx_open(const char *ip, char *why, size_t whylen)
+{
+    redisAsyncContext *ac = redisAsyncConnect(ip, bus.port);
+
+    if (ac == NULL) {
+        snprintf(why, whylen, "out of memory");
+        return NULL;
+    }
+    if (ac->err) {
+        snprintf(why, whylen, "%s", ac->errstr);
+        redisAsyncFree(ac);
+        return NULL;
+    }
+    if (redisLibuvAttach(ac, bus.loop) != REDIS_OK) {
+        /* the adapter sets its hooks before failing; its cleanup would
+         * dereference the missing event data */
+        memset(&ac->ev, 0, sizeof(ac->ev));
+        snprintf(why, whylen, "cannot attach to the loop");
+        redisAsyncFree(ac);
+        return NULL;
+    }
+    redisEnableKeepAlive(&ac->c);
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    return ac;
+}
+
+static void link_open(const char *ip)
+{
+    char why[128] = "";
+
+    bus.cmd = ctx_open(ip, why, sizeof(why));
+    if (bus.cmd != NULL)
+        bus.sub = ctx_open(ip, why, sizeof(why));
+    if (bus.sub == NULL) {
+        link_down(why);
+        return;
+    }
+    /* Queued now, written once connected; SCRIPT LOAD comes first on cmd,
+     * so every later EVALSHA on this connection finds its script. */
+    for (int i = 0; i < SC_N; i++) {
+        struct bus_req *r = req_new(REQ_SCRIPT, 0);
+        if (r == NULL || send_cmd(r, "SCRIPT LOAD %s", scripts[i]) != 0) {
+            mem_free(r);
+            link_down("cannot queue SCRIPT LOAD");
+            return;
+        }
+        r->idx = i;
+    }
+    if (redisAsyncCommand(bus.sub, on_sub, NULL, "SUBSCRIBE %s %s", bus.chan,
+                          K_ALL) != REDIS_OK)
+        link_down("cannot queue SUBSCRIBE");
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    char ip[64] = "";
+
+    (void)req;
+    bus.resolving = 0;
+    if (status == 0 && res != NULL) {
+        if (res->ai_family == AF_INET6)
+            uv_ip6_name((const struct sockaddr_in6 *)res->ai_addr, ip, sizeof(ip));
+        else
+            uv_ip4_name((const struct sockaddr_in *)res->ai_addr, ip, sizeof(ip));
+    }
+    uv_freeaddrinfo(res);
+    if (bus.stopping) {
+        bus.link = LINK_DOWN;
+        maybe_finish();
+    } else if (status != 0 || ip[0] == '\0') {
+        link_down(status ? uv_strerror(status) : "no address");
+    } else {
+        link_open(ip);
+    }
+}
+
+static void link_connect(void)
+{
+    struct addrinfo hints;
+
+    bus.link = LINK_CONNECTING;
+    bus.scripts_ok = bus.subs_ok = 0;
+    bus.connect_suspect = 0;
+    bus.connect_ms = uv_now(bus.loop);
+    if (bus.numeric) {
+        link_open(bus.host);
+        return;
+    }
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (uv_getaddrinfo(bus.loop, &bus.gai, on_resolved, bus.host, NULL,
+                       &hints) != 0) {
+        link_down("cannot resolve");
+        return;
+    }
+    bus.resolving = 1;
+}
+
+static void on_retry(uv_timer_t *t)
+{
+    (void)t;
+    if (!bus.stopping && bus.link == LINK_DOWN)
+        link_connect();
+}
+
+/* Drop both connections (every pending callback runs with a NULL reply)
+ * and, unless stopping, try again after the backoff. */
+static void link_down(const char *why)
+{
+    redisAsyncContext *c = bus.cmd, *s = bus.sub;
+    int was_up = bus.link == LINK_UP;
+
+    bus.cmd = bus.sub = NULL;
+    if (!bus.resolving)
+        bus.link = LINK_DOWN;
+    if (c != NULL)
+        redisAsyncFree(c);
+    if (s != NULL)
+        redisAsyncFree(s);
+    if (bus.stopping) {
+        maybe_finish();
+        return;
+    }
+    if (bus.resolving)
+        return;
+    if (was_up || !bus.down_logged) {
+        LOGW("bus: redis %s:%d %s (%s); retrying", bus.host, bus.port,
+             was_up ? "lost" : "unreachable", why);
+        bus.down_logged = 1;
+    } else {
+        LOGD("bus: redis still unreachable (%s)", why);
+    }
+    uv_timer_start(&bus.retry, on_retry, bus.backoff_ms, 0);
+    bus.backoff_ms = bus.backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS
+                                                         : bus.backoff_ms * 2;
+}
+
+/* Every ttl/3: detect a stalled server, refresh the heartbeat.  A stall
+ * counts only when seen on two ticks in a row, so that replies which are
+ * merely unread because the loop itself was blocked get one poll phase to
+ * arrive first. */
+static void on_tick(uv_timer_t *t)
+{
+    uint64_t now = uv_now(t->loop);
+    struct bus_req *r = bus.fly_head;
+    int cmd_stalled = r != NULL && now - r->sent_ms > bus.stall_ms;
+    int conn_stalled = bus.link == LINK_CONNECTING && !bus.resolving
+                       && now - bus.connect_ms > bus.stall_ms;
+
+    if ((cmd_stalled && r->id == bus.suspect)
+        || (conn_stalled && bus.connect_suspect)) {
+        bus.suspect = 0;
+        link_down("no reply from the server");
+        return;
+    }
+    bus.suspect = cmd_stalled ? r->id : 0;
+    bus.connect_suspect = conn_stalled;
+    if (bus.link != LINK_UP || (r = req_new(REQ_HEARTBEAT, 0)) == NULL)
+        return;
+    if (send_cmd(r, "SET %s 1 EX %d", bus.hbkey, bus.ttl_s) != 0)
+        req_free(r);
+}
+
+/* ---- start and stop ----------------------------------------------------- */
+
+static int node_char_ok(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z')
+           || (ch >= '0' && ch <= '9') || ch == '-' || ch == '_' || ch == '.'
+           || ch == ':';
+}
+
+static int make_node_id(const char *conf_id)
+{
+    char host[40] = "";
+    uint32_t rnd = 0;
+
+    if (conf_id != NULL && conf_id[0] != '\0') {
+        size_t n = strlen(conf_id);
+        if (n > NODE_ID_MAX)
+            return -1;
+        for (size_t i = 0; i < n; i++)
+            if (!node_char_ok(conf_id[i]))
+                return -1;
+        memcpy(bus.node, conf_id, n + 1);
+        return 0;
+    }
+    if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0')
+        snprintf(host, sizeof(host), "node");
+    for (char *p = host; *p; p++)
+        if (!node_char_ok(*p))
+            *p = '_';
+    if (getrandom(&rnd, sizeof(rnd), GRND_NONBLOCK) != sizeof(rnd))
+        rnd = (uint32_t)uv_hrtime() ^ (uint32_t)getpid();
+    snprintf(bus.node, sizeof(bus.node), "%s-%ld-%08" PRIx32, host,
+             (long)getpid(), rnd);
+    return 0;
+}
+
+int bus_start(uv_loop_t *loop, const struct conf *c)
+{
+    unsigned char addr[16];
+    uint64_t tick_ms;
+
+    if (bus.started)
+        return CHAT_ERR_STATE;
+    memset(&bus, 0, sizeof(bus));
+    bus.loop = loop;
+    if (make_node_id(c->node_id) != 0) {
+        LOGE("bus: node_id must be 1-%d characters of [A-Za-z0-9._:-]",
+             NODE_ID_MAX);
+        return CHAT_ERR_INVAL;
+    }
+    map_init(&bus.claims);
+    if (c->have_redis) {
+        bus.host = mem_strdup(c->rd_host ? c->rd_host : "127.0.0.1");
+        if (bus.host == NULL)
+            return CHAT_ERR_NOMEM;
+    }
+    uv_idle_init(loop, &bus.idle);
+    bus.open_handles = 1;
+    bus.started = 1;
+    if (!c->have_redis) {
+        LOGI("bus: no [redis]: single node %s", bus.node);
+        return CHAT_OK;
+    }
+    bus.have_redis = 1;
+    bus.port = c->rd_port;
+    bus.ttl_s = c->rd_heartbeat_ttl_s > 0 ? c->rd_heartbeat_ttl_s : 10;
+    bus.stall_ms = (uint64_t)bus.ttl_s * 500 > 2000 ? (uint64_t)bus.ttl_s * 500
+                                                    : 2000;
+    bus.backoff_ms = BACKOFF_MIN_MS;
+    bus.numeric = inet_pton(AF_INET, bus.host, addr) == 1
+                  || inet_pton(AF_INET6, bus.host, addr) == 1;
+    snprintf(bus.chan, sizeof(bus.chan), K_CHAN "%s", bus.node);
+    snprintf(bus.hbkey, sizeof(bus.hbkey), K_HB "%s", bus.node);
+    uv_timer_init(loop, &bus.tick);
+    uv_timer_init(loop, &bus.retry);
+    uv_timer_init(loop, &bus.stop_timer);
+    bus.open_handles += 3;
+    tick_ms = (uint64_t)bus.ttl_s * 1000 / 3;
+    uv_timer_start(&bus.tick, on_tick, tick_ms, tick_ms);
+    LOGI("bus: node %s, redis %s:%d, heartbeat ttl %d s", bus.node, bus.host,
+         bus.port, bus.ttl_s);
+    link_connect();
+    return CHAT_OK;
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    (void)h;
+    if (--bus.open_handles == 0)
+        bus.started = 0; /* bus_start may run again */
+}
+
+/* Once stopping and nothing is left in flight: close the handles. */
+static void maybe_finish(void)
+{
+    if (!bus.stopping || bus.in_stop || bus.finished || bus.cmd != NULL
+        || bus.sub != NULL || bus.resolving)
+        return;
+    bus.finished = 1;
+    while (bus.dq_head != NULL)
+        defer_run();
+    map_free(&bus.claims);
+    mem_free(bus.host);
+    bus.host = NULL;
+    uv_close((uv_handle_t *)&bus.idle, on_handle_closed);
+    if (bus.have_redis) {
+        uv_close((uv_handle_t *)&bus.tick, on_handle_closed);
+        uv_close((uv_handle_t *)&bus.retry, on_handle_closed);
+        uv_close((uv_handle_t *)&bus.stop_timer, on_handle_closed);
+    }
+}
+
+static void on_stop_timeout(uv_timer_t *t)
+{
+    (void)t;
+    LOGW("bus: redis did not answer the shutdown in time");
+    link_down("shutdown timeout");
+}
+
+void bus_stop(void)
+{
+    if (!bus.started || bus.stopping)
+        return;
+    bus.stopping = bus.in_stop = 1;
+    /* what is queued completes now; new calls are refused from here on */
+    while (bus.dq_head != NULL)
+        defer_run();
+    if (bus.have_redis) {
+        uv_timer_stop(&bus.tick);
+        uv_timer_stop(&bus.retry);
+        if (bus.resolving)
+            uv_cancel((uv_req_t *)&bus.gai);
+        if (bus.link == LINK_UP) {
+            struct bus_req *r = req_new(REQ_SYNC, 0);
+            const char *fixed[3] = {bus.node, "stop", "0"};
+            if (r != NULL && send_eval(r, SC_SYNC, fixed, 3, NULL, 0) != 0)
+                req_free(r);
+            uv_timer_start(&bus.stop_timer, on_stop_timeout, STOP_TIMEOUT_MS, 0);
+            /* each closes once its replies are in (the sub one at once) */
+            redisAsyncDisconnect(bus.cmd);
+            if (bus.sub != NULL)
+                redisAsyncDisconnect(bus.sub);
+        } else {
+            link_down("stopping");
+        }
+    }
+    bus.in_stop = 0;
+    maybe_finish();
+}
+
+/* ---- the API ------------------------------------------------------------ */
+
+const char *bus_node_id(void) { return bus.node; }
+
+int bus_connected(void) { return bus.started && bus.link == LINK_UP; }
+
+static int bus_open(void) { return bus.started && !bus.stopping; }
+
+int bus_deliver(int64_t uid, const char *json, size_t len)
+{
+    struct chat_session *s;
+    struct bus_req *r;
+    char uidbuf[24];
+
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (json == NULL && len > 0)
+        return CHAT_ERR_INVAL;
+    s = live_session(uid);
+    if (s != NULL && net_deliver(s, json, len) == CHAT_OK)
+        return CHAT_OK;
+    r = req_new(REQ_DELIVER, len);
+    if (r == NULL)
+        return CHAT_ERR_NOMEM;
+    r->uid = uid;
+    r->len = len;
+    if (len > 0)
+        memcpy(r->data, json, len);
+    snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
+    if (s != NULL || bus.link != LINK_UP
+        || send_cmd(r, "EVALSHA %s 0 %s %b", bus.sha[SC_ROUTE], uidbuf,
+                    r->data, len) != 0)
+        defer(r); /* undeliverable, on the next loop turn */
+    return CHAT_OK;
+}
+
+int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
+                       chat_presence_cb cb, void *ud)
+{
+    struct bus_req *r;
+
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (cb == NULL || (uids == NULL && n > 0) || n > INT32_MAX / 2)
+        return CHAT_ERR_INVAL;
+    r = req_new(REQ_PRESENCE, 0);
+    if (r == NULL)
+        return CHAT_ERR_NOMEM;
+    r->uids = mem_malloc(n * (sizeof(int64_t) + 1) + 1);
+    if (r->uids == NULL) {
+        req_free(r);
+        return CHAT_ERR_NOMEM;
+    }
+    if (n > 0)
+        memcpy(r->uids, uids, n * sizeof(int64_t));
+    r->n = n;
+    r->plug = self;
+    r->pres_cb = cb;
+    r->ud = ud;
+    plug_ref(self);
+    if (n == 0 || bus.link != LINK_UP
+        || send_eval(r, SC_PRESENCE, NULL, 0, uids, n) != 0)
+        defer(r); /* local sessions only */
+    return CHAT_OK;
+}
+
+int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud)
+{
+    struct bus_req *r;
+    char uidbuf[24];
+
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (cb == NULL)
+        return CHAT_ERR_INVAL;
+    r = req_new(REQ_CLAIM, 0);
+    if (r == NULL)
+        return CHAT_ERR_NOMEM;
+    if (claims_inc(uid) != CHAT_OK) {
+        req_free(r);
+        return CHAT_ERR_NOMEM;
+    }
+    r->uid = uid;
+    r->claim_cb = cb;
+    r->ud = ud;
+    snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
+    if (bus.link != LINK_UP
+        || send_cmd(r, "EVALSHA %s 0 %s %s %s", bus.sha[SC_CLAIM], uidbuf,
+                    bus.node, (flags & CHAT_LOGIN_REPLACE) ? "1" : "0") != 0)
+        defer(r); /* CHAT_OK, local only; announced by the next sync */
+    return CHAT_OK;
+}
+
+void bus_release(int64_t uid)
+{
+    struct bus_req *r;
+    char uidbuf[24];
+
+    if (!bus.started || claims_get(uid) == 0 || claims_dec(uid) > 0)
+        return;
+    /* Down: the next sync drops the key (it is in our set). */
+    if (bus.stopping || bus.link != LINK_UP
+        || (r = req_new(REQ_RELEASE, 0)) == NULL)
+        return;
+    snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
+    if (send_cmd(r, "EVALSHA %s 0 %s %s", bus.sha[SC_RELEASE], uidbuf,
+                 bus.node) != 0)
+        req_free(r);
+}
+
+int bus_broadcast(const char *plugin, const char *data, size_t len)
+{
+    size_t plen, nlen = strlen(bus.node);
+    struct bus_req *r, *pub = NULL;
+
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (plugin == NULL || (data == NULL && len > 0) || strchr(plugin, '\n'))
+        return CHAT_ERR_INVAL;
+    plen = strlen(plugin);
+    r = req_new(REQ_LOCAL_BCAST, plen + 1 + len);
+    if (r == NULL)
+        return CHAT_ERR_NOMEM;
+    memcpy(r->data, plugin, plen + 1);
+    if (len > 0)
+        memcpy(r->data + plen + 1, data, len);
+    r->plen = plen;
+    r->len = plen + 1 + len;
+    if (bus.link == LINK_UP) {
+        /* "B <node>\n<plugin>\n<data>"; receivers skip their own */
+        pub = req_new(REQ_PUBLISH, 2 + nlen + 1 + plen + 1 + len);
+        if (pub == NULL) {
+            req_free(r);
+            return CHAT_ERR_NOMEM;
+        }
+        pub->len = (size_t)sprintf(pub->data, "B %s\n%s\n", bus.node, plugin);
+        if (len > 0)
+            memcpy(pub->data + pub->len, data, len);
+        pub->len += len;
+        if (send_cmd(pub, "PUBLISH %s %b", K_ALL, pub->data, pub->len) != 0)
+            req_free(pub); /* best effort: this node still gets it */
+    }
+    defer(r);
+    return CHAT_OK;
+}
