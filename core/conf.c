@@ -94,6 +94,13 @@ fail:
     return -1;
 }
 
+int conf_ip_ok(const char *host)
+{
+    struct sockaddr_in a4;
+    struct sockaddr_in6 a6;
+    return host && (uv_ip4_addr(host, 0, &a4) == 0 || uv_ip6_addr(host, 0, &a6) == 0);
+}
+
 #define INT_KEY(k, lo, hi, field)                                        \
     if (strcmp(name, k) == 0) {                                          \
         long long x_;                                                    \
@@ -113,8 +120,11 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
     if (strcmp(name, "listen") == 0) {
         char *h = NULL;
         int port;
-        if (conf_parse_hostport(value, &h, &port))
-            return set_err(p, "listen: expected HOST:PORT, got \"%s\"%s", value, "");
+        if (conf_parse_hostport(value, &h, &port) || !conf_ip_ok(h)) {
+            mem_free(h);
+            return set_err(p, "listen: expected IP:PORT (a numeric IPv4 or "
+                           "[IPv6] address), got \"%s\"%s", value, "");
+        }
         mem_free(c->listen_host);
         c->listen_host = h;
         c->listen_port = port;

@@ -127,6 +127,8 @@ const struct conf_section *conf_section(const struct conf *c, const char *plugin
 const char *conf_section_get(const struct conf_section *sec, const char *key);
 /* Parse "host:port"; 0 or CHAT_ERR_INVAL. *host is mem_strdup'd. */
 int conf_parse_hostport(const char *s, char **host, int *port);
+/* A numeric IPv4 or IPv6 address (listen addresses are never resolved). */
+int conf_ip_ok(const char *host);
 
 /* ---- frame.c ---------------------------------------------------------- */
 /* Incremental splitter for a stream of JSON objects separated by optional

@@ -228,8 +228,9 @@ int main(int argc, char **argv)
     if (listen) {
         char *h = NULL;
         int port;
-        if (conf_parse_hostport(listen, &h, &port)) {
-            fprintf(stderr, "-l %s: expected HOST:PORT\n", listen);
+        if (conf_parse_hostport(listen, &h, &port) || !conf_ip_ok(h)) {
+            mem_free(h);
+            fprintf(stderr, "-l %s: expected IP:PORT\n", listen);
             conf_free(c);
             return 2;
         }

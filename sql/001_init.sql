@@ -3,7 +3,7 @@
 -- collation folding, no PAD SPACE surprises), so what a client sends is what
 -- comes back.  The connection character set is utf8mb4 throughout.
 
-CREATE TABLE users (
+CREATE TABLE IF NOT EXISTS users (
   id         BIGINT       NOT NULL AUTO_INCREMENT,
   name       VARBINARY(255) NOT NULL,
   pwhash     VARCHAR(255) CHARACTER SET ascii NOT NULL, -- yescrypt, "$y$..."
@@ -13,7 +13,7 @@ CREATE TABLE users (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- user_id added friend_id; the friend list of a user is the rows with its id.
-CREATE TABLE friends (
+CREATE TABLE IF NOT EXISTS friends (
   user_id    BIGINT NOT NULL,
   friend_id  BIGINT NOT NULL,
   created_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
@@ -23,7 +23,7 @@ CREATE TABLE friends (
   CONSTRAINT fk_friends_friend FOREIGN KEY (friend_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
-CREATE TABLE chat_groups (
+CREATE TABLE IF NOT EXISTS chat_groups (
   id          BIGINT NOT NULL AUTO_INCREMENT,
   name        VARBINARY(255)  NOT NULL,
   description VARBINARY(1024) NOT NULL DEFAULT '',
@@ -34,7 +34,7 @@ CREATE TABLE chat_groups (
   CONSTRAINT fk_groups_creator FOREIGN KEY (created_by) REFERENCES users (id) ON DELETE SET NULL
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
-CREATE TABLE group_members (
+CREATE TABLE IF NOT EXISTS group_members (
   group_id  BIGINT NOT NULL,
   user_id   BIGINT NOT NULL,
   role      ENUM('creator','normal') NOT NULL DEFAULT 'normal',
@@ -47,7 +47,7 @@ CREATE TABLE group_members (
 
 -- Messages that could not be delivered, as the JSON text that would have been
 -- sent.  BLOB: kept byte for byte.  Read back by (user_id, id): oldest first.
-CREATE TABLE offline_messages (
+CREATE TABLE IF NOT EXISTS offline_messages (
   id         BIGINT NOT NULL AUTO_INCREMENT,
   user_id    BIGINT NOT NULL,
   message    MEDIUMBLOB NOT NULL,
@@ -59,7 +59,7 @@ CREATE TABLE offline_messages (
 
 -- Resume tokens: only SHA-256 of the token is stored (computed by the
 -- server with SHA2()), so a leaked table does not log anybody in.
-CREATE TABLE resume_tokens (
+CREATE TABLE IF NOT EXISTS resume_tokens (
   token_hash BINARY(32) NOT NULL,
   user_id    BIGINT     NOT NULL,
   expires_at DATETIME   NOT NULL,

@@ -86,7 +86,7 @@ static void test_conf_errors(void)
     expect_error("[server]\n\nmax_frame = lots\n", 3, "max_frame: not an integer");
     expect_error("[server]\nmax_frame = 1\n", 2, "max_frame");
     expect_error("[sever]\n", 1, "unknown section [sever]");
-    expect_error("[server]\nlisten = nohost\n", 2, "listen: expected HOST:PORT");
+    expect_error("[server]\nlisten = nohost\n", 2, "listen: expected IP:PORT");
     expect_error("[server]\nlisten = h:70000\n", 2, "listen");
     expect_error("[server]\nlog_level = loud\n", 2, "log_level");
     expect_error("[plugins]\nenabled = a, a\n", 2, "listed twice");
