@@ -184,9 +184,11 @@ int net_session_proto(const struct chat_session *s);
 void net_session_set_proto(struct chat_session *s, int proto);
 int64_t net_session_user(const struct chat_session *s);
 const char *net_session_name(const struct chat_session *s);
+const char *net_session_name_len(const struct chat_session *s, size_t *len);
 const char *net_session_peer(const struct chat_session *s);
 /* Bind/unbind the user (local map only; presence is the bus's). */
-int net_session_bind(struct chat_session *s, int64_t uid, const char *name);
+int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
+                     size_t name_len);
 void net_session_unbind(struct chat_session *s);
 int net_session_closing(const struct chat_session *s);
 /* Queue json + '\n'.  CHAT_ERR_CLOSED on a closing session.  Enforces
@@ -223,6 +225,13 @@ int disp_send_json(struct chat_session *s, const cJSON *obj, int deliver);
 /* host->req_field_raw / req_field_str. */
 const char *disp_field_raw(const struct chat_request *req, const char *key, size_t *len);
 const char *disp_field_str(const struct chat_request *req, const char *key, size_t *len);
+/* Member key of object o as an integer in [lo, hi]: 1 and *out, 0 when
+ * absent, -1 when not an integral number in range. */
+int disp_json_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
+                  int64_t *out);
+/* host->req_forward. */
+const char *disp_forward(struct chat_session *s, const struct chat_request *req,
+                         size_t *len);
 
 /* ---- plugin.c --------------------------------------------------------- */
 struct plug_inst;                   /* == struct chat_plugin */

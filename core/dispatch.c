@@ -109,17 +109,21 @@ void disp_error(struct chat_session *s, const struct chat_ack *ack, int errno_,
          ack->msgid);
 }
 
-/* An integer-valued JSON number that fits the target range. */
-static int get_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
-                   int64_t *out)
+int disp_json_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
+                  int64_t *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    double d;
     if (!v)
         return 0;
-    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) ||
-        v->valuedouble < (double)lo || v->valuedouble > (double)hi)
+    if (!cJSON_IsNumber(v))
         return -1;
-    *out = (int64_t)v->valuedouble;
+    d = v->valuedouble;
+    /* 2^63 is the first double past INT64_MAX: never convert it */
+    if (d != floor(d) || d < -9223372036854775808.0 || d >= 9223372036854775808.0 ||
+        (int64_t)d < lo || (int64_t)d > hi)
+        return -1;
+    *out = (int64_t)d;
     return 1;
 }
 
@@ -145,13 +149,13 @@ void disp_frame(struct chat_session *s, const char *buf, size_t len)
         disp_error(s, &ack, CHAT_E_NOT_OBJECT, "request is not a JSON object");
         goto out;
     }
-    if (get_int(root, "proto", 2, 2, &v) == 1)
+    if (disp_json_int(root, "proto", 2, 2, &v) == 1)
         net_session_set_proto(s, CHAT_PROTO_2);
-    if (get_int(root, "seq", INT64_MIN / 2, INT64_MAX / 2, &v) == 1) {
+    if (disp_json_int(root, "seq", INT64_MIN / 2, INT64_MAX / 2, &v) == 1) {
         ack.has_seq = 1;
         ack.seq = v;
     }
-    r = get_int(root, "msgid", INT32_MIN, INT32_MAX, &v);
+    r = disp_json_int(root, "msgid", INT32_MIN, INT32_MAX, &v);
     if (r != 1) {
         disp_error(s, &ack, CHAT_E_BAD_MSGID,
                    r ? "msgid is not an integer" : "msgid is missing");
@@ -179,6 +183,139 @@ out:
         mem_free(f);
     }
     cJSON_Delete(root);
+}
+
+/* ---- forwarding ------------------------------------------------------- */
+
+struct fwd_buf {
+    char *p;
+    size_t len, cap;
+    int err;
+};
+
+static void fb_add(struct fwd_buf *b, const char *p, size_t n)
+{
+    if (b->err)
+        return;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        char *np;
+        while (cap < b->len + n)
+            cap *= 2;
+        if (!(np = mem_realloc(b->p, cap))) {
+            b->err = 1;
+            return;
+        }
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+}
+
+static void fb_str(struct fwd_buf *b, const char *s) { fb_add(b, s, strlen(s)); }
+
+static void fb_quoted(struct fwd_buf *b, const char *s, size_t n)
+{
+    size_t ql;
+    char *q = json_quote(s, n, &ql);
+    if (!q) {
+        b->err = 1;
+        return;
+    }
+    fb_add(b, q, ql);
+    mem_free(q);
+}
+
+static int is_sep(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || !c; }
+
+/* Can the frame go out as it is?  Sender fields are the session's, each
+ * member appears once (a receiver that keeps the last duplicate must see
+ * what was checked), and nothing of the sender's connection is in it. */
+static int frame_is_forwardable(const struct chat_request *req, int64_t uid,
+                                const char *name, size_t name_len)
+{
+    const cJSON *c, *d;
+    const char *raw;
+    char num[24];
+    size_t len;
+    int n;
+
+    for (c = req->json->child; c; c = c->next) {
+        if (!c->string || !strcmp(c->string, "seq") || !strcmp(c->string, "proto"))
+            return 0;
+        for (d = c->next; d; d = d->next)
+            if (d->string && !strcmp(d->string, c->string))
+                return 0;
+    }
+    n = snprintf(num, sizeof num, "%lld", (long long)uid);
+    raw = json_member_raw(req->raw, req->raw_len, "id", &len);
+    if (!raw || len != (size_t)n || memcmp(raw, num, len))
+        return 0;
+    raw = json_member_raw(req->raw, req->raw_len, "name", &len);
+    if (!raw || len < 2 || raw[0] != '"')
+        return 0;
+    if (!memchr(raw, '\\', len))
+        return len - 2 == name_len && !memcmp(raw + 1, name, name_len);
+    raw = disp_field_str(req, "name", &len);
+    return raw && len == name_len && !memcmp(raw, name, name_len);
+}
+
+const char *disp_forward(struct chat_session *s, const struct chat_request *req,
+                         size_t *len)
+{
+    int64_t uid = net_session_user(s);
+    size_t name_len, n;
+    const char *name = net_session_name_len(s, &name_len), *raw;
+    struct fwd_buf b = {NULL, 0, 0, 0};
+    struct field_copy *f;
+    const cJSON *c, *d;
+    char num[48];
+
+    if (!uid)
+        return NULL;
+    if (frame_is_forwardable(req, uid, name, name_len)) {
+        raw = req->raw;
+        n = req->raw_len;
+        while (n && is_sep(*raw))
+            raw++, n--;
+        while (n && is_sep(raw[n - 1]))
+            n--;
+        *len = n;
+        return raw;
+    }
+    snprintf(num, sizeof num, "{\"msgid\":%d,\"id\":%lld,\"name\":", req->msgid,
+             (long long)uid);
+    fb_str(&b, num);
+    fb_quoted(&b, name, name_len);
+    for (c = req->json->child; c; c = c->next) {
+        const char *k = c->string;
+        if (!k || !strcmp(k, "msgid") || !strcmp(k, "id") || !strcmp(k, "name") ||
+            !strcmp(k, "seq") || !strcmp(k, "proto"))
+            continue;
+        for (d = req->json->child; d != c; d = d->next)
+            if (d->string && !strcmp(d->string, k))
+                break;
+        if (d != c)
+            continue; /* a duplicate: the first one was copied */
+        if (!(raw = json_member_raw(req->raw, req->raw_len, k, &n)))
+            continue; /* a key json_member_raw reads differently (\u0000) */
+        fb_add(&b, ",", 1);
+        fb_quoted(&b, k, strlen(k));
+        fb_add(&b, ":", 1);
+        fb_add(&b, raw, n);
+    }
+    fb_add(&b, "}", 1);
+    fb_add(&b, "", 1); /* NUL, not counted */
+    if (b.err || !(f = mem_malloc(sizeof *f))) {
+        mem_free(b.p);
+        return NULL;
+    }
+    f->data = b.p;
+    f->next = field_copies;
+    field_copies = f;
+    *len = b.len - 1;
+    return b.p;
 }
 
 const char *disp_field_raw(const struct chat_request *req, const char *key,

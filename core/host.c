@@ -156,25 +156,26 @@ static char *h_json_quote(const char *s, size_t len, size_t *outlen)
     return json_quote(s, len, outlen);
 }
 
+static int h_req_int(const struct chat_request *req, const char *key, int64_t *out);
+
 static int64_t h_req_auth(struct chat_session *s, const struct chat_request *req)
 {
-    int64_t uid = net_session_user(s);
-    const cJSON *id;
+    int64_t uid = net_session_user(s), id = 0;
+    int r;
     if (!uid) {
         disp_error(s, &req->ack, CHAT_E_NOT_LOGGED_IN, "not logged in");
         return 0;
     }
-    id = cJSON_GetObjectItemCaseSensitive(req->json, "id");
-    if (!id)
+    if ((r = h_req_int(req, "id", &id)) == 0)
         return uid;
-    if (!cJSON_IsNumber(id) || id->valuedouble != floor(id->valuedouble)) {
+    if (r < 0) {
         disp_error(s, &req->ack, CHAT_E_BAD_FIELD, "id must be an integer");
         return 0;
     }
-    if ((int64_t)id->valuedouble != uid) {
-        LOGW("session %llu (%s): user %lld sent a request as user %.0f; refused",
+    if (id != uid) {
+        LOGW("session %llu (%s): user %lld sent a request as user %lld; refused",
              (unsigned long long)net_session_id(s), net_session_peer(s),
-             (long long)uid, id->valuedouble);
+             (long long)uid, (long long)id);
         disp_error(s, &req->ack, CHAT_E_ID_MISMATCH, "id is not the logged-in user");
         return 0;
     }
@@ -241,6 +242,7 @@ struct login_ctx {
     int64_t uid;
     int status;    /* for the local refusal path */
     char *name;
+    size_t name_len;
     chat_login_cb cb;
     void *ud;
 };
@@ -277,7 +279,7 @@ static void login_claimed(int status, void *ud)
         login_finish(c, CHAT_ERR_CLOSED);
         return;
     }
-    if ((r = net_session_bind(s, c->uid, c->name)) != CHAT_OK) {
+    if ((r = net_session_bind(s, c->uid, c->name, c->name_len)) != CHAT_OK) {
         bus_release(c->uid);
         login_finish(c, r);
         return;
@@ -289,9 +291,9 @@ static void login_claimed(int status, void *ud)
     login_finish(c, CHAT_OK);
 }
 
-static int h_session_login(struct chat_plugin *self, struct chat_session *s,
-                           int64_t uid, const char *name, int flags,
-                           chat_login_cb cb, void *ud)
+static int h_session_login_len(struct chat_plugin *self, struct chat_session *s,
+                               int64_t uid, const char *name, size_t name_len,
+                               int flags, chat_login_cb cb, void *ud)
 {
     struct login_ctx *c;
     struct chat_session *other;
@@ -302,10 +304,14 @@ static int h_session_login(struct chat_plugin *self, struct chat_session *s,
         return CHAT_ERR_CLOSED;
     if (net_session_user(s))
         return CHAT_ERR_STATE;
-    if (!(c = mem_calloc(1, sizeof *c)) || !(c->name = mem_strdup(name ? name : ""))) {
+    if (!name)
+        name_len = 0;
+    if (!(c = mem_calloc(1, sizeof *c)) ||
+        !(c->name = mem_strndup(name ? name : "", name_len))) {
         mem_free(c);
         return CHAT_ERR_NOMEM;
     }
+    c->name_len = name_len;
     c->inst = self;
     c->sid = net_session_id(s);
     c->uid = uid;
@@ -334,11 +340,56 @@ fail:
     return CHAT_ERR_NOMEM;
 }
 
+static int h_session_login(struct chat_plugin *self, struct chat_session *s,
+                           int64_t uid, const char *name, int flags,
+                           chat_login_cb cb, void *ud)
+{
+    return h_session_login_len(self, s, uid, name, name ? strlen(name) : 0, flags,
+                               cb, ud);
+}
+
 static int h_broadcast(struct chat_plugin *self, const char *data, size_t len)
 {
     if (!self || !data)
         return CHAT_ERR_INVAL;
     return bus_broadcast(plug_name(self), data, len);
+}
+
+/* ---- maps and integers for plugins ------------------------------------ */
+
+struct chat_map {
+    struct map m;
+};
+
+static struct chat_map *h_map_new(void)
+{
+    struct chat_map *m = mem_malloc(sizeof *m);
+    if (m)
+        map_init(&m->m);
+    return m;
+}
+
+static void h_map_free(struct chat_map *m)
+{
+    if (m) {
+        map_free(&m->m);
+        mem_free(m);
+    }
+}
+
+static void *h_map_get(const struct chat_map *m, int64_t k) { return map_get(&m->m, k); }
+static int h_map_put(struct chat_map *m, int64_t k, void *v) { return map_put(&m->m, k, v); }
+static void *h_map_del(struct chat_map *m, int64_t k) { return map_del(&m->m, k); }
+static size_t h_map_len(const struct chat_map *m) { return m->m.len; }
+
+static int h_map_next(const struct chat_map *m, size_t *it, int64_t *k, void **v)
+{
+    return map_next(&m->m, it, k, v);
+}
+
+static int h_req_int(const struct chat_request *req, const char *key, int64_t *out)
+{
+    return disp_json_int(req->json, key, INT64_MIN, INT64_MAX, out);
 }
 
 const struct chat_host host_table = {
@@ -396,4 +447,15 @@ const struct chat_host host_table = {
     .login_ack_begin = ack_begin,
     .login_part_set = ack_part_set,
     .login_proto = ack_proto,
+    .session_name_len = net_session_name_len,
+    .session_login_len = h_session_login_len,
+    .req_forward = disp_forward,
+    .req_int = h_req_int,
+    .map_new = h_map_new,
+    .map_free = h_map_free,
+    .map_get = h_map_get,
+    .map_put = h_map_put,
+    .map_del = h_map_del,
+    .map_len = h_map_len,
+    .map_next = h_map_next,
 };

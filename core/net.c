@@ -57,7 +57,8 @@ struct chat_session {
     uv_tcp_t tcp;
     uint64_t id;
     int64_t uid;
-    char *name;
+    char *name;              /* NUL-terminated copy; may hold NUL itself */
+    size_t name_len;
     int proto;
     unsigned closing : 1, hold : 1, in_flush : 1, writing : 1, graceful : 1,
         garbage : 1, registered : 1, sink : 1;
@@ -865,6 +866,13 @@ int net_session_proto(const struct chat_session *s) { return s->proto; }
 void net_session_set_proto(struct chat_session *s, int proto) { s->proto = proto; }
 int64_t net_session_user(const struct chat_session *s) { return s->uid; }
 const char *net_session_name(const struct chat_session *s) { return s->name ? s->name : ""; }
+
+const char *net_session_name_len(const struct chat_session *s, size_t *len)
+{
+    if (len)
+        *len = s->name ? s->name_len : 0;
+    return s->name ? s->name : "";
+}
 int net_session_closing(const struct chat_session *s) { return s->closing; }
 size_t net_session_count(void) { return net.count; }
 
@@ -889,7 +897,8 @@ const char *net_session_peer(const struct chat_session *s)
     return buf;
 }
 
-int net_session_bind(struct chat_session *s, int64_t uid, const char *name)
+int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
+                     size_t name_len)
 {
     char *n;
     if (s->closing)
@@ -898,7 +907,7 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name)
         return CHAT_ERR_INVAL;
     if (map_get(&net.by_user, uid))
         return CHAT_ERR_EXISTS;
-    if (!(n = mem_strdup(name ? name : "")))
+    if (!(n = mem_strndup(name ? name : "", name ? name_len : 0)))
         return CHAT_ERR_NOMEM;
     if (map_put(&net.by_user, uid, s)) {
         mem_free(n);
@@ -906,6 +915,7 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name)
     }
     mem_free(s->name);
     s->name = n;
+    s->name_len = name ? name_len : 0;
     s->uid = uid;
     return CHAT_OK;
 }
@@ -919,4 +929,5 @@ void net_session_unbind(struct chat_session *s)
     s->uid = 0;
     mem_free(s->name);
     s->name = NULL;
+    s->name_len = 0;
 }

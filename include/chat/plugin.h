@@ -20,6 +20,9 @@
  *   1.1  MySQL pool (db_*), worker threads (work), Redis bus (presence_query,
  *        session_login with cluster-wide presence), undeliverable event
  *   1.2  login acknowledgement assembled from parts (login_part_*)
+ *   1.3  NUL-safe user names (session_name_len, session_login_len),
+ *        req_forward (a request as forwarded, sender fields the session's),
+ *        req_int, and an int64-keyed hash map (map_*)
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -58,7 +61,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 2
+#define CHAT_ABI_MINOR 3
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -77,6 +80,7 @@ struct chat_session;  /* one client connection */
 struct chat_timer;    /* a timer owned by a plugin instance */
 struct chat_db_result;/* the outcome of a query or transaction */
 struct chat_login;    /* a login acknowledgement being assembled */
+struct chat_map;      /* an int64 -> pointer hash map (ABI 1.3) */
 
 /* ------------------------------------------------------------------------ */
 /* Errors returned by host functions. 0 is success. host->strerror() names them. */
@@ -447,6 +451,44 @@ struct chat_host {
      * call; a late answer after the timeout is freed and ignored. */
     void (*login_part_set)(struct chat_login *l, cJSON *value, void *state);
     int (*login_proto)(const struct chat_login *l);
+
+    /* ===== ABI 1.3 ===== */
+
+    /* The session's user name and its length in bytes (a name may hold NUL,
+     * which session_name() cannot show); borrowed like session_name(). */
+    const char *(*session_name_len)(const struct chat_session *s, size_t *len);
+    /* session_login() with a name of name_len bytes (may hold NUL). */
+    int (*session_login_len)(struct chat_plugin *self, struct chat_session *s,
+                             int64_t user_id, const char *name, size_t name_len,
+                             int flags, chat_login_cb cb, void *ud);
+    /* The request as it is forwarded to other users: the frame itself
+     * (surrounding separators trimmed) when its "id" and "name" are the
+     * session's user and name, no member appears twice and it carries no
+     * "seq" or "proto" (those belong to the sender's connection); otherwise
+     * a rebuilt object: "msgid", then "id" and "name" from the session, then
+     * every other member's raw text in order (first occurrence).  Borrowed
+     * until the handler returns; NULL if the session is not logged in or
+     * memory ran out. */
+    const char *(*req_forward)(struct chat_session *s,
+                               const struct chat_request *req, size_t *len);
+    /* Top-level member key of the request as an integer: 1 and *out set
+     * when it is an integral JSON number in int64 range, 0 when absent, -1
+     * when it is something else. */
+    int (*req_int)(const struct chat_request *req, const char *key, int64_t *out);
+
+    /* int64 -> pointer hash map (the one the core uses for sessions and
+     * msgids).  map_new returns NULL when out of memory; free with map_free
+     * (the values are the caller's).  map_put replaces; a NULL value is
+     * CHAT_ERR_INVAL.  map_del returns the old value or NULL.  Iterate with
+     * for (size_t it = 0; host->map_next(m, &it, &k, &v);) — deleting
+     * entries already returned is allowed during the loop, inserting is not. */
+    struct chat_map *(*map_new)(void);
+    void (*map_free)(struct chat_map *m);
+    void *(*map_get)(const struct chat_map *m, int64_t key);
+    int (*map_put)(struct chat_map *m, int64_t key, void *val);
+    void *(*map_del)(struct chat_map *m, int64_t key);
+    size_t (*map_len)(const struct chat_map *m);
+    int (*map_next)(const struct chat_map *m, size_t *it, int64_t *key, void **val);
 };
 
 #define CHAT_LOGIN_REPLACE 0x1
