@@ -1,0 +1,543 @@
+/*
+ * group_chat.c - GROUP_CHAT_MSG (10) and the member cache behind it.
+ *
+ * A group message goes to every member but the sender through
+ * host->deliver(): online members get it wherever they are, offline ones
+ * through CHAT_EV_UNDELIVERABLE (the offline plugin stores a copy each).
+ *
+ * The hot path does no database access and, when the frame already carries
+ * the session's own id and name (the seed client's case), no allocation:
+ * the frame text is handed to deliver() as is, once per member.  The member
+ * ids of a group come from a cache (group id -> sorted member ids):
+ *   - loaded with one SELECT on first use; messages arriving meanwhile queue
+ *     behind that one load (concurrent loads coalesce, order is kept);
+ *   - dropped when a membership changes on any node (host->broadcast, see
+ *     grp_membership_changed); an invalidation that arrives during a load
+ *     makes the load run again, so the queued messages see the change;
+ *   - reloaded after cache_ttl seconds as a safety net for a lost broadcast,
+ *     and swept by a timer when unused.
+ * A sender that is not a member gets 109, an unknown group 108 (protocol 2;
+ * legacy: a log line, as the seed answers nothing).  A frame with a spoofed,
+ * missing or duplicated sender field, or with the protocol-2 "seq"/"proto"
+ * of the sender's connection, is rebuilt (in a stack buffer) with the
+ * session's id and name and every other member's raw text.  On a hot reload
+ * the fresh entries are handed to the new instance (save/restore).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "group.h"
+
+struct gmsg {
+    struct gmsg *next;
+    uint64_t sid;       /* the sender's session */
+    int64_t from;       /* the sender's user id */
+    struct chat_ack ack;
+    size_t len;
+    char json[];
+};
+
+struct gent {
+    int64_t gid;
+    int64_t *members;   /* sorted */
+    size_t n;
+    uint64_t loaded_ms; /* when members were read; 0: never */
+    int loading;        /* a SELECT is in flight */
+    int stale;          /* invalidated while loading: load again */
+    struct gmsg *head, **tail; /* waiting for the load */
+};
+
+static struct grp_map cache; /* group id -> struct gent * */
+static struct chat_timer *sweeper;
+
+/* ------------------------------------------------------------------------ */
+/* Building the forwarded message. */
+
+/* The members the forwarded message is built from, then the request's own
+ * metadata ("seq", "proto": per connection, never forwarded). */
+static const char *const own_keys[] = {"msgid", "id", "name", "groupid", "msg",
+                                       "time", "seq", "proto"};
+#define OWN_KEYS (sizeof(own_keys) / sizeof(own_keys[0]))
+
+static int own_key(const char *k)
+{
+    size_t i;
+
+    for (i = 0; i < OWN_KEYS; i++)
+        if (!strcmp(k, own_keys[i]))
+            return (int)i;
+    return -1;
+}
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\0';
+}
+
+/* 1 when the frame can go out as is: each of our members once, "id" and
+ * "name" the session's (raw text, or the decoded name when escaped), and no
+ * "seq"/"proto". */
+static int sender_is_session(const struct chat_request *req, int64_t uid,
+                             const char *sname)
+{
+    const cJSON *c;
+    unsigned seen = 0;
+    const char *raw, *dec;
+    char num[24];
+    size_t len, slen;
+    int n, k;
+
+    for (c = req->json->child; c; c = c->next) {
+        if (!c->string || (k = own_key(c->string)) < 0)
+            continue;
+        if (seen & (1u << k))
+            return 0;
+        seen |= 1u << k;
+    }
+    if ((seen & 0xC6u) != 6u) /* "id" and "name"; no "seq", no "proto" */
+        return 0;
+    raw = grp.host->req_field_raw(req, "id", &len);
+    n = snprintf(num, sizeof(num), "%lld", (long long)uid);
+    if (!raw || len != (size_t)n || memcmp(raw, num, len))
+        return 0;
+    raw = grp.host->req_field_raw(req, "name", &len);
+    slen = strlen(sname);
+    if (!raw || len < 2 || raw[0] != '"')
+        return 0;
+    if (!memchr(raw, '\\', len))
+        return len - 2 == slen && !memcmp(raw + 1, sname, slen);
+    dec = grp.host->req_field_str(req, "name", &len);
+    return dec && len == slen && !memcmp(dec, sname, slen);
+}
+
+static void add_other_members(struct grp_sb *b, const struct chat_request *req)
+{
+    const cJSON *c, *d;
+
+    for (c = req->json->child; c; c = c->next) {
+        const char *raw;
+        size_t len;
+
+        if (!c->string || own_key(c->string) >= 0)
+            continue;
+        for (d = req->json->child; d != c; d = d->next)
+            if (d->string && !strcmp(d->string, c->string))
+                break;
+        if (d != c)
+            continue; /* a duplicate: the first one was copied */
+        grp_sb_add(b, ",", 1);
+        grp_sb_quoted(b, c->string, strlen(c->string));
+        grp_sb_add(b, ":", 1);
+        if ((raw = grp.host->req_field_raw(req, c->string, &len)) != NULL) {
+            grp_sb_add(b, raw, len);
+        } else { /* not found by name (cannot happen with a valid frame) */
+            char *p = cJSON_PrintUnformatted(c);
+
+            if (!p) {
+                b->err = 1;
+                return;
+            }
+            grp_sb_str(b, p);
+            cJSON_free(p);
+        }
+    }
+}
+
+/* The message rebuilt into b with the session's sender fields:
+ * {"msgid":10,"id":..,"name":..,"groupid":..,"msg":..,"time":..,<others>}. */
+static void rebuild(struct grp_sb *b, const struct chat_request *req, int64_t uid,
+                    const char *sname, int64_t gid)
+{
+    const char *raw;
+    size_t len;
+
+    grp_sb_str(b, "{\"msgid\":10,\"id\":");
+    grp_sb_int(b, uid);
+    grp_sb_str(b, ",\"name\":");
+    grp_sb_quoted(b, sname, strlen(sname));
+    grp_sb_str(b, ",\"groupid\":");
+    grp_sb_int(b, gid);
+    raw = grp.host->req_field_raw(req, "msg", &len);
+    grp_sb_str(b, ",\"msg\":");
+    grp_sb_add(b, raw, len);
+    if ((raw = grp.host->req_field_raw(req, "time", &len)) != NULL) {
+        grp_sb_str(b, ",\"time\":");
+        grp_sb_add(b, raw, len);
+    }
+    add_other_members(b, req);
+    grp_sb_add(b, "}", 1);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sending with a loaded entry. */
+
+static int is_member(const struct gent *e, int64_t uid)
+{
+    size_t lo = 0, hi = e->n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if (e->members[mid] == uid)
+            return 1;
+        if (e->members[mid] < uid)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
+/* Hand json to every member but the sender.  Returns a protocol errno. */
+static int send_to_members(const struct gent *e, int64_t from, const char *json,
+                           size_t len, const char **why)
+{
+    size_t i;
+    int rc, failed = 0;
+
+    if (!is_member(e, from)) {
+        *why = "not a member of the group";
+        return CHAT_E_NOT_MEMBER;
+    }
+    for (i = 0; i < e->n; i++) {
+        if (e->members[i] == from)
+            continue;
+        if ((rc = grp.host->deliver(grp.self, e->members[i], json, len)) != CHAT_OK) {
+            chat_log(grp.host, grp.self, CHAT_LOG_WARN,
+                     "group %lld: delivery to %lld failed: %s", (long long)e->gid,
+                     (long long)e->members[i], grp.host->strerror(rc));
+            failed = 1;
+        }
+    }
+    if (failed) {
+        *why = "delivery failed for some members";
+        return CHAT_E_INTERNAL;
+    }
+    return 0;
+}
+
+static int fresh(const struct gent *e)
+{
+    return !e->loading && e->loaded_ms &&
+           grp_now_ms() - e->loaded_ms < grp.cache_ttl_ms;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Loading. */
+
+static void entry_free(struct gent *e)
+{
+    grp.host->free(e->members);
+    grp.host->free(e);
+}
+
+/* Answer (and free) every queued message: sent with e's members when err is
+ * 0, else refused with err. */
+static void flush_queue(struct gent *e, int err, const char *why)
+{
+    struct gmsg *m, *next;
+
+    m = e->head;
+    e->head = NULL;
+    e->tail = &e->head;
+    for (; m; m = next) {
+        struct chat_session *s = grp.host->session_get(m->sid);
+        const char *w = why;
+        int me = err ? err : send_to_members(e, m->from, m->json, m->len, &w);
+
+        next = m->next;
+        if (s)
+            grp_answer(s, &m->ack, m->from, me, w, NULL);
+        else if (me)
+            chat_log(grp.host, grp.self, CHAT_LOG_INFO,
+                     "user %lld: group message to %lld dropped: %s",
+                     (long long)m->from, (long long)e->gid, w);
+        grp.host->free(m);
+    }
+}
+
+static void load_done(const struct chat_db_result *r, void *ud);
+
+static int load_start(struct gent *e)
+{
+    static const char sql[] =
+        "SELECT m.user_id FROM chat_groups g "
+        "LEFT JOIN group_members m ON m.group_id = g.id "
+        "WHERE g.id = ? ORDER BY m.user_id";
+    struct chat_db_param p = CHAT_DB_P_INT(e->gid);
+    int rc = grp.host->db_query(grp.self, sql, &p, 1, load_done, e);
+
+    e->loading = rc == CHAT_OK;
+    e->stale = 0;
+    return rc;
+}
+
+/* Give up on e: answer its queue with err and forget it. */
+static void load_fail(struct gent *e, int err, const char *why)
+{
+    e->loading = 0;
+    grp_map_del(&cache, e->gid);
+    flush_queue(e, err, why);
+    entry_free(e);
+}
+
+static void load_done(const struct chat_db_result *r, void *ud)
+{
+    struct gent *e = ud;
+    size_t i, n, k = 0;
+    int64_t *ids = NULL;
+    const char *why;
+    int rc;
+
+    if (e->stale) { /* membership changed while reading: read again */
+        if ((rc = load_start(e)) != CHAT_OK)
+            load_fail(e, grp_db_proto_errno(rc, &why), why);
+        return;
+    }
+    if ((rc = grp.host->db_error(r)) != CHAT_OK) {
+        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "group %lld: members: %s",
+                 (long long)e->gid, grp.host->db_errmsg(r));
+        rc = grp_db_proto_errno(rc, &why);
+        load_fail(e, rc, why);
+        return;
+    }
+    if ((n = grp.host->db_nrows(r)) == 0) {
+        load_fail(e, CHAT_E_NOT_FOUND, "unknown group");
+        return;
+    }
+    if (!(ids = grp.host->malloc(n * sizeof(*ids)))) {
+        load_fail(e, CHAT_E_INTERNAL, "out of memory");
+        return;
+    }
+    for (i = 0; i < n; i++) /* sorted by the query; NULL: no member */
+        if (!grp.host->db_is_null(r, i, 0))
+            ids[k++] = grp.host->db_int(r, i, 0);
+    grp.host->free(e->members);
+    e->members = ids;
+    e->n = k;
+    e->loaded_ms = grp_now_ms();
+    e->loading = 0;
+    flush_queue(e, 0, NULL);
+}
+
+/* Queue a copy of json behind the (started if needed) load of gid. */
+static int enqueue(struct chat_session *s, const struct chat_request *req,
+                   int64_t from, int64_t gid, const char *json, size_t len,
+                   const char **why)
+{
+    struct gent *e = grp_map_get(&cache, gid);
+    struct gmsg *m;
+    int rc;
+
+    *why = "out of memory";
+    if (!e) {
+        if (!(e = grp.host->malloc(sizeof(*e))))
+            return CHAT_E_INTERNAL;
+        memset(e, 0, sizeof(*e));
+        e->gid = gid;
+        e->tail = &e->head;
+        if (grp_map_put(&cache, gid, e) != CHAT_OK) {
+            grp.host->free(e);
+            return CHAT_E_INTERNAL;
+        }
+    }
+    if (!e->loading && (rc = load_start(e)) != CHAT_OK) {
+        if (!e->head) {
+            grp_map_del(&cache, gid);
+            entry_free(e);
+        }
+        return grp_db_proto_errno(rc, why);
+    }
+    if (!(m = grp.host->malloc(sizeof(*m) + len)))
+        return CHAT_E_INTERNAL; /* the load runs anyway and fills the cache */
+    m->next = NULL;
+    m->sid = grp.host->session_id(s);
+    m->from = from;
+    m->ack = req->ack;
+    m->len = len;
+    memcpy(m->json, json, len);
+    *e->tail = m;
+    e->tail = &m->next;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+
+void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *ud)
+{
+    const char *raw, *sname, *out, *why = NULL;
+    char stack[2048];
+    struct grp_sb b;
+    size_t len, outlen;
+    int64_t uid, gid;
+    struct gent *e;
+    int err;
+
+    (void)ud;
+    if (!(uid = grp.host->req_auth(s, req)))
+        return;
+    if (!grp_get_id(req->json, "groupid", &gid)) {
+        grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "groupid must be a group id", NULL);
+        return;
+    }
+    raw = grp.host->req_field_raw(req, "msg", &len);
+    if (!raw || len < 2 || raw[0] != '"') {
+        grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "msg must be a string", NULL);
+        return;
+    }
+    /* A literal is never shorter than its decoded text: decode only when
+     * the literal is over the limit. */
+    if (len - 2 > grp.msg_max &&
+        (!grp.host->req_field_str(req, "msg", &len) || len > grp.msg_max)) {
+        grp_answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "msg is too long", NULL);
+        return;
+    }
+    sname = grp.host->session_name(s);
+    grp_sb_init(&b, stack, sizeof(stack));
+    if (sender_is_session(req, uid, sname)) {
+        out = req->raw;
+        outlen = req->raw_len;
+        while (outlen && is_space(*out))
+            out++, outlen--;
+        while (outlen && is_space(out[outlen - 1]))
+            outlen--;
+    } else {
+        rebuild(&b, req, uid, sname, gid);
+        if (b.err) {
+            grp_sb_release(&b);
+            grp_answer(s, &req->ack, uid, CHAT_E_INTERNAL, "out of memory", NULL);
+            return;
+        }
+        out = b.p;
+        outlen = b.len;
+    }
+    e = grp_map_get(&cache, gid);
+    if (e && fresh(e)) {
+        err = send_to_members(e, uid, out, outlen, &why);
+        grp_answer(s, &req->ack, uid, err, why, NULL);
+    } else if ((err = enqueue(s, req, uid, gid, out, outlen, &why)) != 0) {
+        grp_answer(s, &req->ack, uid, err, why, NULL);
+    } /* else answered when the load completes */
+    grp_sb_release(&b);
+}
+
+/* ------------------------------------------------------------------------ */
+
+void grp_cache_invalidate(int64_t gid)
+{
+    struct gent *e = grp_map_get(&cache, gid);
+
+    if (!e)
+        return;
+    if (e->loading) {
+        e->stale = 1;
+        return;
+    }
+    grp_map_del(&cache, gid);
+    entry_free(e);
+}
+
+/* Drop entries past their TTL that nobody waits for. */
+static void sweep(struct chat_timer *t, void *ud)
+{
+    uint64_t now = grp_now_ms();
+    size_t i = 0;
+
+    (void)t;
+    (void)ud;
+    while (i < cache.cap) {
+        struct gent *e = cache.keys[i] ? cache.vals[i] : NULL;
+
+        if (e && !e->loading && now - e->loaded_ms >= grp.cache_ttl_ms) {
+            /* deletion shifts a later entry into slot i: look at i again */
+            grp_map_del(&cache, e->gid);
+            entry_free(e);
+            continue;
+        }
+        i++;
+    }
+}
+
+/* Blob: per fresh entry int64 gid, int64 loaded_ms, int64 n, n member ids. */
+int grp_cache_save(void **blob, size_t *len)
+{
+    size_t i, n = 0, k = 0;
+    int64_t *out;
+
+    for (i = 0; i < cache.cap; i++) {
+        const struct gent *e = cache.keys[i] ? cache.vals[i] : NULL;
+
+        if (e && fresh(e))
+            n += 3 + e->n;
+    }
+    if (!(out = grp.host->malloc((n ? n : 1) * sizeof(*out))))
+        return CHAT_ERR_NOMEM;
+    for (i = 0; i < cache.cap; i++) {
+        const struct gent *e = cache.keys[i] ? cache.vals[i] : NULL;
+
+        if (!e || !fresh(e))
+            continue;
+        out[k++] = e->gid;
+        out[k++] = (int64_t)e->loaded_ms;
+        out[k++] = (int64_t)e->n;
+        memcpy(out + k, e->members, e->n * sizeof(*out));
+        k += e->n;
+    }
+    *blob = out;
+    *len = k * sizeof(*out);
+    return CHAT_OK;
+}
+
+int grp_cache_restore(const void *blob, size_t len)
+{
+    const unsigned char *p = blob;
+    size_t total = len / sizeof(int64_t), i = 0, groups = 0;
+    int64_t hdr[3];
+
+    while (i + 3 <= total) {
+        struct gent *e;
+
+        memcpy(hdr, p + i * sizeof(int64_t), sizeof(hdr));
+        i += 3;
+        if (hdr[0] <= 0 || hdr[2] < 0 || (size_t)hdr[2] > total - i)
+            return CHAT_ERR_INVAL;
+        if (!(e = grp.host->malloc(sizeof(*e))))
+            return CHAT_ERR_NOMEM;
+        memset(e, 0, sizeof(*e));
+        e->gid = hdr[0];
+        e->loaded_ms = (uint64_t)hdr[1];
+        e->n = (size_t)hdr[2];
+        e->tail = &e->head;
+        e->members = grp.host->malloc((e->n ? e->n : 1) * sizeof(int64_t));
+        if (!e->members || grp_map_put(&cache, e->gid, e) != CHAT_OK) {
+            entry_free(e);
+            return CHAT_ERR_NOMEM;
+        }
+        memcpy(e->members, p + i * sizeof(int64_t), e->n * sizeof(int64_t));
+        i += e->n;
+        groups++;
+    }
+    chat_log(grp.host, grp.self, CHAT_LOG_INFO, "restored the members of %zu groups",
+             groups);
+    return CHAT_OK;
+}
+
+int grp_cache_start(void)
+{
+    uint64_t period = grp.cache_ttl_ms < 1000 ? 1000 : grp.cache_ttl_ms;
+
+    sweeper = grp.host->timer_start(grp.self, period, period, sweep, NULL);
+    return sweeper ? CHAT_OK : CHAT_ERR_NOMEM;
+}
+
+void grp_cache_fini(void)
+{
+    size_t i;
+
+    /* The instance has drained: no load is in flight, no queue is left. */
+    for (i = 0; i < cache.cap; i++)
+        if (cache.keys[i])
+            entry_free(cache.vals[i]);
+    grp_map_free(&cache);
+    sweeper = NULL; /* a repeating timer is stopped with its instance */
+}

@@ -1,0 +1,409 @@
+"""CREATE_GROUP_MSG (8), ADD_GROUP_MSG (9), GROUP_CHAT_MSG (10), GROUP_LIST
+(14) and the "groups" part of the login ack, against the real chatd,
+MariaDB and Redis: both protocols, every error and limit, offline copies,
+the member cache, live presence and byte-exact names and messages."""
+import json
+import unittest
+
+from harness import Stack, wait_for
+from test_one2one import SPECIAL_TEXTS, TIME, ChatCase, is_msg, loads_maybe, recv_raw_line
+
+COMPACT = (",", ":")
+
+
+class GroupCase(ChatCase):
+    """Helpers for group tests."""
+
+    def create(self, u, name=None, desc="a group"):
+        """Create a group as u; its id (protocol 2 from the ack, legacy from
+        the database once the silent request is done)."""
+        name = name if name is not None else self.uname("g")
+        req = {"msgid": 8, "id": u.id, "groupname": name, "groupdesc": desc}
+        if u.proto == 2:
+            r = self.expect_ack(u, req)
+            self.assertIsInstance(r.get("groupid"), int, r)
+            return r["groupid"]
+        u.c.send(req)
+        return int(wait_for(lambda: self.gid_of(name), 10, what="group %r" % name))
+
+    def gid_of(self, name):
+        rows = self.stack.sql(self.node.db, "SELECT id FROM chat_groups WHERE name = 0x%s"
+                              % name.encode().hex())
+        return rows[0][0] if rows else None
+
+    def is_member(self, gid, uid):
+        return self.stack.sql(self.node.db, "SELECT COUNT(*) FROM group_members WHERE "
+                              "group_id = %d AND user_id = %d" % (gid, uid))[0][0] == "1"
+
+    def join(self, u, gid):
+        req = {"msgid": 9, "id": u.id, "groupid": gid}
+        if u.proto == 2:
+            r = self.expect_ack(u, req)
+            self.assertEqual(r.get("groupid"), gid, r)
+            return
+        u.c.send(req)
+        wait_for(lambda: self.is_member(gid, u.id), 10, what="membership")
+
+    def group(self, n, protos=None):
+        """A group of n users (the first is the creator)."""
+        protos = protos or [2] * n
+        users = [self.user(proto=p) for p in protos]
+        gid = self.create(users[0])
+        for u in users[1:]:
+            self.join(u, gid)
+        return gid, users
+
+    def listed(self, u):
+        r = u.c.request({"msgid": 14, "id": u.id})
+        self.assertEqual((r["msgid"], r["req"], r["errno"]), (11, 14, 0), r)
+        return r["groups"]
+
+    def recv_group(self, u, timeout=5):
+        return u.c.recv_until(is_msg(10), timeout)
+
+    def relogin(self, u, proto=None):
+        self.drop(u)
+        return self.login(u.id, u.name, proto or u.proto)
+
+    def concurrent_joins(self, gid, users):
+        """Send every join before reading any answer; the errnos."""
+        for u in users:
+            u.c.send({"msgid": 9, "id": u.id, "groupid": gid, "seq": 9000 + u.id})
+        out = []
+        for u in users:
+            r = u.c.recv_until(lambda m: m.get("seq") == 9000 + u.id, 10)
+            self.assertEqual((r["msgid"], r["req"]), (11, 9), r)
+            out.append(r["errno"])
+        return out
+
+
+class Groups(GroupCase):
+    CONF = {"plugin.group": {"msg_max": 64, "cache_ttl": 300}}
+
+    # --- create / join ----------------------------------------------------
+    def test_create_proto2_returns_id_creator_listed(self):
+        a = self.user(proto=2)
+        name = self.uname("grp")
+        gid = self.create(a, name, "desc")
+        self.assertEqual(str(gid), self.gid_of(name))
+        self.assertEqual(self.listed(a), [{
+            "id": gid, "groupname": name, "groupdesc": "desc",
+            "users": [{"id": a.id, "name": a.name, "role": "creator", "state": "online"}]}])
+
+    def test_legacy_create_join_silent_listed_in_seed_shape(self):
+        a, b = self.user(), self.user()
+        name = self.uname("legacy")
+        gid = self.create(a, name, "the desc")
+        a.c.expect_nothing(0.2)
+        self.join(b, gid)
+        b.c.expect_nothing(0.2)
+        self.drop(b)
+        a = self.relogin(a)
+        groups = a.ack["groups"]
+        self.assertEqual(len(groups), 1)
+        self.assertIsInstance(groups[0], str)
+        g = json.loads(groups[0])
+        self.assertEqual(list(g), ["groupdesc", "groupname", "id", "users"], "seed key order")
+        self.assertEqual((g["id"], g["groupname"], g["groupdesc"]), (gid, name, "the desc"))
+        self.assertTrue(all(isinstance(s, str) for s in g["users"]))
+        want = [{"id": a.id, "name": a.name, "role": "creator", "state": "online"},
+                {"id": b.id, "name": b.name, "role": "normal", "state": "offline"}]
+        self.assertEqual(g["users"], [json.dumps(w, separators=COMPACT) for w in want])
+
+    def test_create_errors(self):
+        a = self.user(proto=2)
+        taken = self.uname("taken")
+        self.create(a, taken)
+        self.create(a, taken.upper())  # names are bytes: another name
+        cases = [
+            ({"groupname": taken, "groupdesc": "x"}, 110),
+            ({"groupdesc": "x"}, 104),
+            ({"groupname": "", "groupdesc": "x"}, 104),
+            ({"groupname": 12, "groupdesc": "x"}, 104),
+            ({"groupname": None, "groupdesc": "x"}, 104),
+            ({"groupname": self.uname("d"), "groupdesc": 5}, 104),
+            ({"groupname": "n" * 65, "groupdesc": "x"}, 105),
+            ({"groupname": self.uname("long"), "groupdesc": "d" * 513}, 105),
+        ]
+        for fields, errno_ in cases:
+            with self.subTest(fields=fields):
+                r = self.expect_ack(a, dict({"msgid": 8, "id": a.id}, **fields), errno_)
+                self.assertNotIn("groupid", r)
+        r = self.expect_ack(a, {"msgid": 8, "id": a.id, "groupname": self.uname("nd")})
+        self.assertIsInstance(r["groupid"], int, "groupdesc is optional")
+        other = self.user(proto=2)
+        self.expect_ack(other, {"msgid": 8, "id": a.id, "groupname": "x"}, 107)
+        c = self.client(proto=2)
+        self.assertEqual(c.request({"msgid": 8, "groupname": "y"})["errno"], 106)
+
+    def test_join_errors(self):
+        a, b = self.user(proto=2), self.user(proto=2)
+        gid = self.create(a)
+        self.join(b, gid)
+        cases = [({"groupid": gid}, 110),            # already a member
+                 ({"groupid": 99999999}, 108),
+                 ({"groupid": str(gid)}, 104),
+                 ({"groupid": gid + 0.5}, 104),
+                 ({}, 104)]
+        for fields, errno_ in cases:
+            with self.subTest(fields=fields):
+                self.expect_ack(b, dict({"msgid": 9, "id": b.id}, **fields), errno_)
+        self.expect_ack(a, {"msgid": 9, "id": a.id, "groupid": gid}, 110)  # the creator
+        self.expect_ack(a, {"msgid": 9, "id": b.id, "groupid": gid}, 107)
+        c = self.client(proto=2)
+        self.assertEqual(c.request({"msgid": 9, "groupid": gid})["errno"], 106)
+
+    def test_legacy_errors_are_silent(self):
+        a, b = self.user(), self.user()
+        taken = self.uname("t")
+        gid = self.create(a, taken)
+        before = self.stack.sql(self.node.db, "SELECT COUNT(*) FROM group_members")
+        for req in ({"msgid": 8, "id": a.id, "groupname": taken},
+                    {"msgid": 8, "id": a.id, "groupname": ""},
+                    {"msgid": 9, "id": a.id, "groupid": gid},
+                    {"msgid": 9, "id": b.id, "groupid": 99999999},
+                    {"msgid": 9, "id": a.id, "groupid": "x"},
+                    {"msgid": 10, "id": b.id, "groupid": gid, "msg": "not a member"},
+                    {"msgid": 10, "id": b.id, "groupid": 99999999, "msg": "no group"},
+                    {"msgid": 10, "id": a.id, "groupid": gid},
+                    {"msgid": 14, "id": a.id}):
+            (b if req["id"] == b.id else a).c.send(req)
+        a.c.expect_nothing(0.5)
+        b.c.expect_nothing(0.1)
+        self.assertFalse(a.c.eof or b.c.eof)
+        self.assertEqual(self.stack.sql(self.node.db, "SELECT COUNT(*) FROM group_members"),
+                         before)
+
+    def test_concurrent_joins_all_succeed(self):
+        a = self.user(proto=2)
+        gid = self.create(a)
+        users = [self.user(proto=2) for _ in range(8)]
+        self.assertEqual(self.concurrent_joins(gid, users), [0] * 8)
+        self.assertEqual(len(self.listed(a)[0]["users"]), 9)
+
+    # --- chat ---------------------------------------------------------------
+    def test_chat_reaches_every_member_but_the_sender(self):
+        gid, (a, b, c) = self.group(3, protos=[2, 1, 2])
+        self.expect_ack(a, a.group_msg(gid, "hello all"))
+        want = {"msgid": 10, "id": a.id, "name": a.name, "groupid": gid,
+                "msg": "hello all", "time": TIME}
+        self.assertEqual(self.recv_group(b), want)
+        self.assertEqual(self.recv_group(c), want)
+        a.c.expect_nothing(0.3)
+        sent = b.group_msg(gid, "legacy here")
+        b.c.send(sent)
+        self.assertEqual(recv_raw_line(a.c), json.dumps(sent, separators=COMPACT).encode(),
+                         "a seed frame is forwarded as is")
+        self.assertEqual(self.recv_group(c)["msg"], "legacy here")
+        b.c.expect_nothing(0.3)
+
+    def test_chat_errors(self):
+        gid, (a, b) = self.group(2)
+        outsider = self.user(proto=2)
+        base = a.group_msg(gid, "x")
+        no_msg = dict(base)
+        del no_msg["msg"]
+        no_gid = dict(base)
+        del no_gid["groupid"]
+        for req, errno_ in [(dict(base, groupid=99999999), 108),
+                            (no_gid, 104), (dict(base, groupid=str(gid)), 104),
+                            (dict(base, groupid=1.5), 104),
+                            (no_msg, 104), (dict(base, msg=7), 104),
+                            (dict(base, msg="m" * 65), 105),
+                            (dict(base, id=b.id), 107)]:
+            with self.subTest(req=req):
+                self.expect_ack(a, req, errno_)
+        self.expect_ack(outsider, outsider.group_msg(gid, "let me in"), 109)
+        self.expect_ack(a, a.group_msg(gid, "m" * 64))
+        self.assertEqual(self.recv_group(b)["msg"], "m" * 64)
+        b.c.expect_nothing(0.3)
+        c = self.client(proto=2)
+        self.assertEqual(c.request({"msgid": 10, "groupid": gid, "msg": "x"})["errno"], 106)
+
+    def test_spoofed_sender_replaced(self):
+        gid, (a, b) = self.group(2, protos=[1, 1])
+        a.c.send(a.group_msg(gid, "spoof", name="mallory"))
+        got = self.recv_group(b)
+        self.assertEqual((got["id"], got["name"], got["msg"]), (a.id, a.name, "spoof"))
+        a.c.send({"msgid": 10, "groupid": gid, "msg": "no sender fields"})
+        got = self.recv_group(b)
+        self.assertEqual((got["id"], got["name"]), (a.id, a.name))
+        frame = ('{"msgid":10,"id":%d,"name":%s,"groupid":%d,"msg":"dup","time":"%s",'
+                 '"name":"mallory"}' % (a.id, json.dumps(a.name), gid, TIME))
+        a.c.send_raw(frame.encode() + b"\0")
+        line = recv_raw_line(b.c)
+        self.assertEqual(line.count(b'"name"'), 1, line)
+        self.assertEqual(json.loads(line)["name"], a.name)
+
+    def test_offline_members_get_copies_sender_none(self):
+        gid, (a, b, c) = self.group(3, protos=[2, 2, 2])
+        self.drop(b)
+        self.drop(c)
+        texts = ["one", "two", "three"]
+        for t in texts:
+            self.expect_ack(a, a.group_msg(gid, t))
+        for u in (b, c):
+            u2 = self.login(u.id, u.name)
+            got = [loads_maybe(s) for s in u2.ack.get("offlinemsg", [])]
+            self.assertEqual([m["msg"] for m in got], texts)
+            for m in got:
+                self.assertEqual((m["msgid"], m["groupid"], m["id"], m["name"]),
+                                 (10, gid, a.id, a.name))
+        a = self.relogin(a)
+        self.assertFalse(a.ack.get("offlinemsg"), "the sender gets no copy of her own")
+
+    def test_new_member_gets_the_next_message(self):
+        gid, (a, b) = self.group(2)
+        self.expect_ack(a, a.group_msg(gid, "before"))  # the cache is warm now
+        self.assertEqual(self.recv_group(b)["msg"], "before")
+        c = self.user(proto=2)
+        self.expect_ack(c, c.group_msg(gid, "not yet"), 109)
+        self.join(c, gid)
+        self.expect_ack(a, a.group_msg(gid, "after"))
+        self.assertEqual(self.recv_group(c)["msg"], "after")
+        self.expect_ack(c, c.group_msg(gid, "I am in"))
+        self.assertEqual(self.recv_group(a)["msg"], "I am in")
+
+    def test_order_kept_while_members_load(self):
+        gid, (a, b) = self.group(2, protos=[1, 1])
+        for n in range(200):
+            a.c.send(a.group_msg(gid, "n%d" % n))
+        self.assertEqual([self.recv_group(b)["msg"] for _ in range(200)],
+                         ["n%d" % n for n in range(200)])
+
+    # --- lists ----------------------------------------------------------------
+    def test_lists_follow_presence(self):
+        gid, (a, b, c) = self.group(3, protos=[2, 1, 1])
+        gid2 = self.create(b)
+
+        def states():
+            return {g["id"]: {u["id"]: (u["state"], u["role"]) for u in g["users"]}
+                    for g in self.listed(a)}
+        self.assertEqual(states(), {gid: {a.id: ("online", "creator"),
+                                          b.id: ("online", "normal"),
+                                          c.id: ("online", "normal")}})
+        self.join(a, gid2)
+        self.drop(b)
+        wait_for(lambda: states() == {
+            gid: {a.id: ("online", "creator"), b.id: ("offline", "normal"),
+                  c.id: ("online", "normal")},
+            gid2: {b.id: ("offline", "creator"), a.id: ("online", "normal")}}, 5)
+        self.assertEqual([g["id"] for g in self.listed(a)], [gid, gid2], "in join order")
+        b = self.login(b.id, b.name)
+        wait_for(lambda: states()[gid2][b.id] == ("online", "creator"), 5)
+        a = self.relogin(a)  # protocol 2 login ack: objects
+        self.assertEqual([g["id"] for g in a.ack["groups"]], [gid, gid2])
+        self.assertEqual(a.ack["groups"][0]["users"][1],
+                         {"id": b.id, "name": b.name, "role": "normal", "state": "online"})
+        legacy = self.relogin(c, 1)
+        g = [json.loads(s) for s in legacy.ack["groups"]]
+        self.assertEqual([x["id"] for x in g], [gid])
+        self.assertEqual([json.loads(u)["state"] for u in g[0]["users"]],
+                         ["online", "online", "online"])
+
+    # --- bytes ----------------------------------------------------------------
+    def test_special_bytes_round_trip(self):
+        a = self.user(proto=2)
+        member_name = self.uname("m\u0000'\"\U0001F600")
+        mid, _ = self.register(member_name)
+        made = []
+        for i, text in enumerate(SPECIAL_TEXTS):
+            name = ("%d " % i) + text[:50]
+            desc = text * 3
+            gid = self.create(a, name, desc)
+            made.append((gid, name, desc))
+        m = self.login(mid, member_name, proto=1)
+        for gid, _, _ in made:
+            self.join(m, gid)
+        listed = self.listed(a)
+        self.assertEqual([(g["id"], g["groupname"], g["groupdesc"]) for g in listed], made)
+        self.assertEqual(listed[0]["users"][1]["name"], member_name)
+        gid = made[0][0]
+        for text in SPECIAL_TEXTS:
+            self.expect_ack(a, a.group_msg(gid, text))
+            got = self.recv_group(m)
+            self.assertEqual((got["msg"], got["name"]), (text, a.name))
+        m = self.relogin(m)
+        g = [json.loads(s) for s in m.ack["groups"]]
+        self.assertEqual([(x["id"], x["groupname"], x["groupdesc"]) for x in g], made)
+        self.assertEqual(json.loads(g[0]["users"][1])["name"], member_name)
+
+
+class GroupLimits(GroupCase):
+    CONF = {"plugin.group": {"name_max": 8, "desc_max": 10, "group_size_max": 3,
+                             "groups_per_user_max": 2}}
+
+    def test_name_and_desc_limits_in_bytes(self):
+        a = self.user(proto=2)
+        self.create(a, "abcdefgh", "0123456789")
+        self.create(a, "\u00e9" * 4, "")
+        for fields, errno_ in [({"groupname": "abcdefghi"}, 105),
+                               ({"groupname": "\u00e9" * 5}, 105),
+                               ({"groupname": "ok", "groupdesc": "01234567890"}, 105)]:
+            with self.subTest(fields=fields):
+                r = self.expect_ack(a, dict({"msgid": 8, "id": a.id}, **fields), errno_)
+                self.assertIn("too long", r["errmsg"])
+
+    def test_groups_per_user(self):
+        a, b = self.user(proto=2), self.user(proto=2)
+        g1, g2 = self.create(a, self.uname("p")), self.create(a, self.uname("p"))
+        r = self.expect_ack(a, {"msgid": 8, "id": a.id, "groupname": self.uname("p")}, 111)
+        self.assertIn("too many groups", r["errmsg"])
+        g3, g4 = self.create(b, self.uname("q")), self.create(b, self.uname("q"))
+        r = self.expect_ack(b, {"msgid": 9, "id": b.id, "groupid": g1}, 111)
+        self.assertIn("too many groups", r["errmsg"])
+        self.expect_ack(a, {"msgid": 9, "id": a.id, "groupid": g3}, 111)
+        for g in (g1, g2, g3, g4):
+            self.assertEqual(len(self.listed(a if g in (g1, g2) else b)), 2)
+
+    def test_group_full(self):
+        gid, users = self.group(3)
+        d = self.user(proto=2)
+        r = self.expect_ack(d, {"msgid": 9, "id": d.id, "groupid": gid}, 111)
+        self.assertIn("full", r["errmsg"])
+        # already a member wins over full
+        self.expect_ack(users[1], {"msgid": 9, "id": users[1].id, "groupid": gid}, 110)
+
+    def test_concurrent_joins_respect_the_size(self):
+        a = self.user(proto=2)
+        gid = self.create(a, self.uname("c"))
+        errnos = self.concurrent_joins(gid, [self.user(proto=2) for _ in range(5)])
+        self.assertEqual(sorted(errnos), [0, 0, 111, 111, 111])
+        self.assertEqual(len(self.listed(a)[0]["users"]), 3)
+
+    def test_legacy_limits_are_silent(self):
+        a = self.user()
+        self.create(a, "l1")
+        self.create(a, "l2")
+        a.c.send({"msgid": 8, "id": a.id, "groupname": "l3"})
+        a.c.send({"msgid": 8, "id": a.id, "groupname": "toolongname"})
+        a.c.expect_nothing(0.5)
+        self.assertIsNone(self.gid_of("l3"))
+        self.assertIsNone(self.gid_of("toolongname"))
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+class GroupDisabled(GroupCase):
+    """Without the group plugin its msgids and its login part are gone, and
+    nothing else breaks."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.class_nodes = []
+        cls.node = cls.start_node(plugins=("login", "friend", "one2one", "offline"))
+
+    def test_msgids_and_part_gone_rest_works(self):
+        a, b = self.user(proto=2), self.user()
+        self.assertNotIn("groups", a.ack)
+        self.assertEqual(a.ack.get("friends"), [])
+        for msgid in (8, 9, 10, 14):
+            r = a.c.request({"msgid": msgid, "id": a.id, "groupid": 1, "groupname": "x",
+                             "msg": "x"})
+            self.assertEqual((r["msgid"], r["req"], r["errno"]), (11, msgid, 103), r)
+        self.expect_ack(a, {"msgid": 7, "id": a.id, "friendid": b.id})
+        self.expect_ack(a, a.one(b.id, "still here"))
+        self.assertEqual(b.c.recv_until(is_msg(6))["msg"], "still here")
