@@ -27,22 +27,6 @@ static struct chat_plugin *self;
 
 /* ------------------------------------------------------------------------ */
 
-/* *out = the positive integer in member key; 0 if absent, not a number, not
- * integral or out of the range where a double holds integers exactly. */
-static int get_id(const cJSON *obj, const char *key, int64_t *out)
-{
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, key);
-    double d;
-
-    if (!cJSON_IsNumber(it))
-        return 0;
-    d = it->valuedouble;
-    if (!(d >= 1.0 && d <= 9007199254740991.0) || d != (double)(int64_t)d)
-        return 0;
-    *out = (int64_t)d;
-    return 1;
-}
-
 /* Protocol 2: the reply; legacy: a log line for a failure (the seed never
  * answers these requests). */
 static void answer(struct chat_session *s, const struct chat_ack *ack, int64_t uid,
@@ -134,7 +118,7 @@ static void on_add_friend(struct chat_session *s, const struct chat_request *req
     (void)ud;
     if (!(uid = host->req_auth(s, req)))
         return;
-    if (!get_id(req->json, "friendid", &fid)) {
+    if (host->req_int(req, "friendid", &fid) != 1 || fid <= 0) {
         answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "friendid must be a user id", NULL);
         return;
     }
@@ -358,8 +342,12 @@ static int friend_init(const struct chat_host *h, struct chat_plugin *p, void **
     host = h;
     self = p;
     *state = NULL;
-    if (h->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(h, login_proto))
+    if (h->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(h, map_next)) {
+        chat_log(h, p, CHAT_LOG_ERROR, "needs host ABI %d.3 or later, the host has "
+                 "%u.%u: not loaded", CHAT_ABI_MAJOR, (unsigned)h->abi_major,
+                 (unsigned)h->abi_minor);
         return CHAT_ERR_ABI;
+    }
     if ((rc = h->register_handler(p, CHAT_MSG_ADD_FRIEND, on_add_friend, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_FRIEND_LIST, on_friend_list, NULL)) ||
         (rc = h->register_login_part(p, "friends", friends_part, NULL, NULL)))

@@ -25,20 +25,6 @@ struct grp_globals grp;
 /* ------------------------------------------------------------------------ */
 /* Helpers shared by the plugin's files. */
 
-int grp_get_id(const cJSON *obj, const char *key, int64_t *out)
-{
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, key);
-    double d;
-
-    if (!cJSON_IsNumber(it))
-        return 0;
-    d = it->valuedouble;
-    if (!(d >= 1.0 && d <= 9007199254740991.0) || d != (double)(int64_t)d)
-        return 0;
-    *out = (int64_t)d;
-    return 1;
-}
-
 void grp_answer(struct chat_session *s, const struct chat_ack *ack, int64_t uid,
                 int err, const char *why, const cJSON *body)
 {
@@ -69,22 +55,11 @@ uint64_t grp_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-void grp_sb_init(struct grp_sb *b, char *stack, size_t cap)
-{
-    b->p = stack;
-    b->len = 0;
-    b->cap = cap;
-    b->err = 0;
-    b->heap = 0;
-}
-
 void grp_sb_release(struct grp_sb *b)
 {
-    if (b->heap)
-        grp.host->free(b->p);
+    grp.host->free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
-    b->heap = 0;
 }
 
 void grp_sb_add(struct grp_sb *b, const char *s, size_t n)
@@ -97,16 +72,12 @@ void grp_sb_add(struct grp_sb *b, const char *s, size_t n)
 
         while (ncap < b->len + n + 1)
             ncap *= 2;
-        np = b->heap ? grp.host->realloc(b->p, ncap) : grp.host->malloc(ncap);
-        if (!np) {
+        if (!(np = grp.host->realloc(b->p, ncap))) {
             b->err = 1;
             return;
         }
-        if (!b->heap && b->len)
-            memcpy(np, b->p, b->len);
         b->p = np;
         b->cap = ncap;
-        b->heap = 1;
     }
     memcpy(b->p + b->len, s, n);
     b->len += n;
@@ -124,130 +95,6 @@ void grp_sb_int(struct grp_sb *b, int64_t v)
     int n = snprintf(num, sizeof(num), "%lld", (long long)v);
 
     grp_sb_add(b, num, (size_t)n);
-}
-
-void grp_sb_quoted(struct grp_sb *b, const char *s, size_t n)
-{
-    size_t i, qlen;
-    char *q;
-
-    for (i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-
-        if (c < 0x20 || c == '"' || c == '\\')
-            break;
-    }
-    if (i == n) {
-        grp_sb_add(b, "\"", 1);
-        grp_sb_add(b, s, n);
-        grp_sb_add(b, "\"", 1);
-        return;
-    }
-    if (!(q = grp.host->json_quote(s, n, &qlen))) {
-        b->err = 1;
-        return;
-    }
-    grp_sb_add(b, q, qlen);
-    grp.host->free(q);
-}
-
-/* ---- int64 -> pointer map: linear probing, backward-shift deletion ---- */
-
-static size_t map_hash(int64_t k, size_t mask)
-{
-    uint64_t h = (uint64_t)k * 0x9E3779B97F4A7C15ull;
-
-    return (size_t)(h ^ (h >> 29)) & mask;
-}
-
-void *grp_map_get(const struct grp_map *m, int64_t k)
-{
-    size_t mask, i;
-
-    if (!m->cap)
-        return NULL;
-    mask = m->cap - 1;
-    for (i = map_hash(k, mask); m->keys[i]; i = (i + 1) & mask)
-        if (m->keys[i] == k)
-            return m->vals[i];
-    return NULL;
-}
-
-static int map_grow(struct grp_map *m)
-{
-    size_t ncap = m->cap ? m->cap * 2 : 64, i, j, mask = ncap - 1;
-    int64_t *nk = grp.host->malloc(ncap * sizeof(*nk));
-    void **nv = grp.host->malloc(ncap * sizeof(*nv));
-
-    if (!nk || !nv) {
-        grp.host->free(nk);
-        grp.host->free(nv);
-        return CHAT_ERR_NOMEM;
-    }
-    memset(nk, 0, ncap * sizeof(*nk));
-    for (i = 0; i < m->cap; i++) {
-        if (!m->keys[i])
-            continue;
-        for (j = map_hash(m->keys[i], mask); nk[j]; j = (j + 1) & mask)
-            ;
-        nk[j] = m->keys[i];
-        nv[j] = m->vals[i];
-    }
-    grp.host->free(m->keys);
-    grp.host->free(m->vals);
-    m->keys = nk;
-    m->vals = nv;
-    m->cap = ncap;
-    return CHAT_OK;
-}
-
-int grp_map_put(struct grp_map *m, int64_t k, void *val)
-{
-    size_t mask, i;
-
-    if ((m->len + 1) * 2 > m->cap && map_grow(m) != CHAT_OK)
-        return CHAT_ERR_NOMEM;
-    mask = m->cap - 1;
-    for (i = map_hash(k, mask); m->keys[i]; i = (i + 1) & mask)
-        if (m->keys[i] == k) {
-            m->vals[i] = val;
-            return CHAT_OK;
-        }
-    m->keys[i] = k;
-    m->vals[i] = val;
-    m->len++;
-    return CHAT_OK;
-}
-
-void grp_map_del(struct grp_map *m, int64_t k)
-{
-    size_t mask, i, j, h;
-
-    if (!m->cap)
-        return;
-    mask = m->cap - 1;
-    for (i = map_hash(k, mask); m->keys[i] != k; i = (i + 1) & mask)
-        if (!m->keys[i])
-            return;
-    for (j = (i + 1) & mask; m->keys[j]; j = (j + 1) & mask) {
-        h = map_hash(m->keys[j], mask);
-        /* entry j stays when its home slot lies cyclically in (i, j] */
-        if (i <= j ? (i < h && h <= j) : (i < h || h <= j))
-            continue;
-        m->keys[i] = m->keys[j];
-        m->vals[i] = m->vals[j];
-        i = j;
-    }
-    m->keys[i] = 0;
-    m->vals[i] = NULL;
-    m->len--;
-}
-
-void grp_map_free(struct grp_map *m)
-{
-    grp.host->free(m->keys);
-    grp.host->free(m->vals);
-    memset(m, 0, sizeof(*m));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -316,8 +163,12 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
     grp.host = h;
     grp.self = p;
     *state = NULL;
-    if (h->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(h, login_proto))
+    if (h->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(h, map_next)) {
+        chat_log(h, p, CHAT_LOG_ERROR, "needs host ABI %d.3 or later, the host has "
+                 "%u.%u: not loaded", CHAT_ABI_MAJOR, (unsigned)h->abi_major,
+                 (unsigned)h->abi_minor);
         return CHAT_ERR_ABI;
+    }
     read_conf();
     if ((rc = h->register_handler(p, CHAT_MSG_CREATE_GROUP, grp_on_create, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_ADD_GROUP, grp_on_join, NULL)) ||

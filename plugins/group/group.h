@@ -29,9 +29,6 @@ struct grp_globals {
 extern struct grp_globals grp;
 
 /* ---- group.c: helpers --------------------------------------------------- */
-/* *out = the positive integer in member key of obj; 0 when absent, not a
- * number or not an integer. */
-int grp_get_id(const cJSON *obj, const char *key, int64_t *out);
 /* Protocol 2: the reply (body borrowed, may be NULL); legacy: a log line
  * for a failure (the seed never answers group requests). */
 void grp_answer(struct chat_session *s, const struct chat_ack *ack, int64_t uid,
@@ -40,34 +37,18 @@ void grp_answer(struct chat_session *s, const struct chat_ack *ack, int64_t uid,
 int grp_db_proto_errno(int err, const char **why);
 uint64_t grp_now_ms(void);
 
-/* A growing NUL-terminated string.  It starts in a caller's buffer
- * (grp_sb_init; or all zero: starts empty on the heap) and moves to the heap
- * when that is too small; release with grp_sb_release.  On allocation
- * failure err is set and appends stop. */
+/* A growing NUL-terminated string on the heap, for the lists: starts all
+ * zero (empty), released with grp_sb_release.  On allocation failure err is
+ * set and appends stop. */
 struct grp_sb {
     char *p;
     size_t len, cap;
-    int err, heap;
+    int err;
 };
-void grp_sb_init(struct grp_sb *b, char *stack, size_t cap);
 void grp_sb_release(struct grp_sb *b);
 void grp_sb_add(struct grp_sb *b, const char *s, size_t n);
 void grp_sb_str(struct grp_sb *b, const char *s);
 void grp_sb_int(struct grp_sb *b, int64_t v);
-/* s[0..n) as a JSON string literal; no allocation when nothing needs an
- * escape, else through host->json_quote. */
-void grp_sb_quoted(struct grp_sb *b, const char *s, size_t n);
-
-/* int64 -> pointer map (open addressing); key 0 is reserved. */
-struct grp_map {
-    int64_t *keys;
-    void **vals;
-    size_t cap, len;
-};
-void *grp_map_get(const struct grp_map *m, int64_t k);
-int grp_map_put(struct grp_map *m, int64_t k, void *val); /* CHAT_ERR_NOMEM */
-void grp_map_del(struct grp_map *m, int64_t k);
-void grp_map_free(struct grp_map *m); /* the table, not the values */
 
 /* ---- group_admin.c ----------------------------------------------------- */
 void grp_on_create(struct chat_session *s, const struct chat_request *req, void *ud);
@@ -79,7 +60,7 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
 void grp_cache_invalidate(int64_t gid);
 /* Membership of gid changed here: invalidate it on every node. */
 void grp_membership_changed(int64_t gid);
-int grp_cache_start(void);  /* the sweep timer */
+int grp_cache_start(void);  /* the cache and its sweep timer */
 void grp_cache_fini(void);
 /* Reload: the fresh entries as a blob (host->malloc) / back into the cache. */
 int grp_cache_save(void **blob, size_t *len);

@@ -344,7 +344,7 @@ void grp_on_join(struct chat_session *s, const struct chat_request *req, void *u
     (void)ud;
     if (!(uid = grp.host->req_auth(s, req)))
         return;
-    if (!grp_get_id(req->json, "groupid", &gid)) {
+    if (grp.host->req_int(req, "groupid", &gid) != 1 || gid <= 0) {
         grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "groupid must be a group id", NULL);
         return;
     }

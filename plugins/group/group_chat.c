@@ -7,8 +7,9 @@
  *
  * The hot path does no database access and, when the frame already carries
  * the session's own id and name (the seed client's case), no allocation:
- * the frame text is handed to deliver() as is, once per member.  The member
- * ids of a group come from a cache (group id -> sorted member ids):
+ * host->req_forward() hands back the frame text as is, and it goes to
+ * deliver() once per member.  The member ids of a group come from a cache
+ * (group id -> sorted member ids, a host->map_*):
  *   - loaded with one SELECT on first use; messages arriving meanwhile queue
  *     behind that one load (concurrent loads coalesce, order is kept);
  *   - dropped when a membership changes on any node (host->broadcast, see
@@ -19,11 +20,10 @@
  * A sender that is not a member gets 109, an unknown group 108 (protocol 2;
  * legacy: a log line, as the seed answers nothing).  A frame with a spoofed,
  * missing or duplicated sender field, or with the protocol-2 "seq"/"proto"
- * of the sender's connection, is rebuilt (in a stack buffer) with the
- * session's id and name and every other member's raw text.  On a hot reload
- * the fresh entries are handed to the new instance (save/restore).
+ * of the sender's connection, is rebuilt by req_forward() with the session's
+ * id and name and every other member's raw text.  On a hot reload the fresh
+ * entries are handed to the new instance (save/restore).
  */
-#include <stdio.h>
 #include <string.h>
 
 #include "group.h"
@@ -47,126 +47,8 @@ struct gent {
     struct gmsg *head, **tail; /* waiting for the load */
 };
 
-static struct grp_map cache; /* group id -> struct gent * */
+static struct chat_map *cache; /* group id -> struct gent * */
 static struct chat_timer *sweeper;
-
-/* ------------------------------------------------------------------------ */
-/* Building the forwarded message. */
-
-/* The members the forwarded message is built from, then the request's own
- * metadata ("seq", "proto": per connection, never forwarded). */
-static const char *const own_keys[] = {"msgid", "id", "name", "groupid", "msg",
-                                       "time", "seq", "proto"};
-#define OWN_KEYS (sizeof(own_keys) / sizeof(own_keys[0]))
-
-static int own_key(const char *k)
-{
-    size_t i;
-
-    for (i = 0; i < OWN_KEYS; i++)
-        if (!strcmp(k, own_keys[i]))
-            return (int)i;
-    return -1;
-}
-
-static int is_space(char c)
-{
-    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\0';
-}
-
-/* 1 when the frame can go out as is: each of our members once, "id" and
- * "name" the session's (raw text, or the decoded name when escaped), and no
- * "seq"/"proto". */
-static int sender_is_session(const struct chat_request *req, int64_t uid,
-                             const char *sname)
-{
-    const cJSON *c;
-    unsigned seen = 0;
-    const char *raw, *dec;
-    char num[24];
-    size_t len, slen;
-    int n, k;
-
-    for (c = req->json->child; c; c = c->next) {
-        if (!c->string || (k = own_key(c->string)) < 0)
-            continue;
-        if (seen & (1u << k))
-            return 0;
-        seen |= 1u << k;
-    }
-    if ((seen & 0xC6u) != 6u) /* "id" and "name"; no "seq", no "proto" */
-        return 0;
-    raw = grp.host->req_field_raw(req, "id", &len);
-    n = snprintf(num, sizeof(num), "%lld", (long long)uid);
-    if (!raw || len != (size_t)n || memcmp(raw, num, len))
-        return 0;
-    raw = grp.host->req_field_raw(req, "name", &len);
-    slen = strlen(sname);
-    if (!raw || len < 2 || raw[0] != '"')
-        return 0;
-    if (!memchr(raw, '\\', len))
-        return len - 2 == slen && !memcmp(raw + 1, sname, slen);
-    dec = grp.host->req_field_str(req, "name", &len);
-    return dec && len == slen && !memcmp(dec, sname, slen);
-}
-
-static void add_other_members(struct grp_sb *b, const struct chat_request *req)
-{
-    const cJSON *c, *d;
-
-    for (c = req->json->child; c; c = c->next) {
-        const char *raw;
-        size_t len;
-
-        if (!c->string || own_key(c->string) >= 0)
-            continue;
-        for (d = req->json->child; d != c; d = d->next)
-            if (d->string && !strcmp(d->string, c->string))
-                break;
-        if (d != c)
-            continue; /* a duplicate: the first one was copied */
-        grp_sb_add(b, ",", 1);
-        grp_sb_quoted(b, c->string, strlen(c->string));
-        grp_sb_add(b, ":", 1);
-        if ((raw = grp.host->req_field_raw(req, c->string, &len)) != NULL) {
-            grp_sb_add(b, raw, len);
-        } else { /* not found by name (cannot happen with a valid frame) */
-            char *p = cJSON_PrintUnformatted(c);
-
-            if (!p) {
-                b->err = 1;
-                return;
-            }
-            grp_sb_str(b, p);
-            cJSON_free(p);
-        }
-    }
-}
-
-/* The message rebuilt into b with the session's sender fields:
- * {"msgid":10,"id":..,"name":..,"groupid":..,"msg":..,"time":..,<others>}. */
-static void rebuild(struct grp_sb *b, const struct chat_request *req, int64_t uid,
-                    const char *sname, int64_t gid)
-{
-    const char *raw;
-    size_t len;
-
-    grp_sb_str(b, "{\"msgid\":10,\"id\":");
-    grp_sb_int(b, uid);
-    grp_sb_str(b, ",\"name\":");
-    grp_sb_quoted(b, sname, strlen(sname));
-    grp_sb_str(b, ",\"groupid\":");
-    grp_sb_int(b, gid);
-    raw = grp.host->req_field_raw(req, "msg", &len);
-    grp_sb_str(b, ",\"msg\":");
-    grp_sb_add(b, raw, len);
-    if ((raw = grp.host->req_field_raw(req, "time", &len)) != NULL) {
-        grp_sb_str(b, ",\"time\":");
-        grp_sb_add(b, raw, len);
-    }
-    add_other_members(b, req);
-    grp_sb_add(b, "}", 1);
-}
 
 /* ------------------------------------------------------------------------ */
 /* Sending with a loaded entry. */
@@ -276,7 +158,7 @@ static int load_start(struct gent *e)
 static void load_fail(struct gent *e, int err, const char *why)
 {
     e->loading = 0;
-    grp_map_del(&cache, e->gid);
+    grp.host->map_del(cache, e->gid);
     flush_queue(e, err, why);
     entry_free(e);
 }
@@ -325,7 +207,7 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
                    int64_t from, int64_t gid, const char *json, size_t len,
                    const char **why)
 {
-    struct gent *e = grp_map_get(&cache, gid);
+    struct gent *e = grp.host->map_get(cache, gid);
     struct gmsg *m;
     int rc;
 
@@ -336,14 +218,14 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
         memset(e, 0, sizeof(*e));
         e->gid = gid;
         e->tail = &e->head;
-        if (grp_map_put(&cache, gid, e) != CHAT_OK) {
+        if (grp.host->map_put(cache, gid, e) != CHAT_OK) {
             grp.host->free(e);
             return CHAT_E_INTERNAL;
         }
     }
     if (!e->loading && (rc = load_start(e)) != CHAT_OK) {
         if (!e->head) {
-            grp_map_del(&cache, gid);
+            grp.host->map_del(cache, gid);
             entry_free(e);
         }
         return grp_db_proto_errno(rc, why);
@@ -365,9 +247,7 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
 
 void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *ud)
 {
-    const char *raw, *sname, *out, *why = NULL;
-    char stack[2048];
-    struct grp_sb b;
+    const char *raw, *out, *why = NULL;
     size_t len, outlen;
     int64_t uid, gid;
     struct gent *e;
@@ -376,7 +256,7 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
     (void)ud;
     if (!(uid = grp.host->req_auth(s, req)))
         return;
-    if (!grp_get_id(req->json, "groupid", &gid)) {
+    if (grp.host->req_int(req, "groupid", &gid) != 1 || gid <= 0) {
         grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "groupid must be a group id", NULL);
         return;
     }
@@ -392,40 +272,24 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
         grp_answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "msg is too long", NULL);
         return;
     }
-    sname = grp.host->session_name(s);
-    grp_sb_init(&b, stack, sizeof(stack));
-    if (sender_is_session(req, uid, sname)) {
-        out = req->raw;
-        outlen = req->raw_len;
-        while (outlen && is_space(*out))
-            out++, outlen--;
-        while (outlen && is_space(out[outlen - 1]))
-            outlen--;
-    } else {
-        rebuild(&b, req, uid, sname, gid);
-        if (b.err) {
-            grp_sb_release(&b);
-            grp_answer(s, &req->ack, uid, CHAT_E_INTERNAL, "out of memory", NULL);
-            return;
-        }
-        out = b.p;
-        outlen = b.len;
+    if (!(out = grp.host->req_forward(s, req, &outlen))) {
+        grp_answer(s, &req->ack, uid, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
     }
-    e = grp_map_get(&cache, gid);
+    e = grp.host->map_get(cache, gid);
     if (e && fresh(e)) {
         err = send_to_members(e, uid, out, outlen, &why);
         grp_answer(s, &req->ack, uid, err, why, NULL);
     } else if ((err = enqueue(s, req, uid, gid, out, outlen, &why)) != 0) {
         grp_answer(s, &req->ack, uid, err, why, NULL);
     } /* else answered when the load completes */
-    grp_sb_release(&b);
 }
 
 /* ------------------------------------------------------------------------ */
 
 void grp_cache_invalidate(int64_t gid)
 {
-    struct gent *e = grp_map_get(&cache, gid);
+    struct gent *e = grp.host->map_get(cache, gid);
 
     if (!e)
         return;
@@ -433,7 +297,7 @@ void grp_cache_invalidate(int64_t gid)
         e->stale = 1;
         return;
     }
-    grp_map_del(&cache, gid);
+    grp.host->map_del(cache, gid);
     entry_free(e);
 }
 
@@ -441,41 +305,41 @@ void grp_cache_invalidate(int64_t gid)
 static void sweep(struct chat_timer *t, void *ud)
 {
     uint64_t now = grp_now_ms();
-    size_t i = 0;
+    size_t it;
+    int64_t gid;
+    void *v;
 
     (void)t;
     (void)ud;
-    while (i < cache.cap) {
-        struct gent *e = cache.keys[i] ? cache.vals[i] : NULL;
+    for (it = 0; grp.host->map_next(cache, &it, &gid, &v);) {
+        struct gent *e = v;
 
-        if (e && !e->loading && now - e->loaded_ms >= grp.cache_ttl_ms) {
-            /* deletion shifts a later entry into slot i: look at i again */
-            grp_map_del(&cache, e->gid);
+        if (!e->loading && now - e->loaded_ms >= grp.cache_ttl_ms) {
+            grp.host->map_del(cache, gid); /* the entry just returned: allowed */
             entry_free(e);
-            continue;
         }
-        i++;
     }
 }
 
 /* Blob: per fresh entry int64 gid, int64 loaded_ms, int64 n, n member ids. */
 int grp_cache_save(void **blob, size_t *len)
 {
-    size_t i, n = 0, k = 0;
-    int64_t *out;
+    size_t it, n = 0, k = 0;
+    int64_t *out, gid;
+    void *v;
 
-    for (i = 0; i < cache.cap; i++) {
-        const struct gent *e = cache.keys[i] ? cache.vals[i] : NULL;
+    for (it = 0; grp.host->map_next(cache, &it, &gid, &v);) {
+        const struct gent *e = v;
 
-        if (e && fresh(e))
+        if (fresh(e))
             n += 3 + e->n;
     }
     if (!(out = grp.host->malloc((n ? n : 1) * sizeof(*out))))
         return CHAT_ERR_NOMEM;
-    for (i = 0; i < cache.cap; i++) {
-        const struct gent *e = cache.keys[i] ? cache.vals[i] : NULL;
+    for (it = 0; grp.host->map_next(cache, &it, &gid, &v);) {
+        const struct gent *e = v;
 
-        if (!e || !fresh(e))
+        if (!fresh(e))
             continue;
         out[k++] = e->gid;
         out[k++] = (int64_t)e->loaded_ms;
@@ -509,7 +373,7 @@ int grp_cache_restore(const void *blob, size_t len)
         e->n = (size_t)hdr[2];
         e->tail = &e->head;
         e->members = grp.host->malloc((e->n ? e->n : 1) * sizeof(int64_t));
-        if (!e->members || grp_map_put(&cache, e->gid, e) != CHAT_OK) {
+        if (!e->members || grp.host->map_put(cache, e->gid, e) != CHAT_OK) {
             entry_free(e);
             return CHAT_ERR_NOMEM;
         }
@@ -526,18 +390,26 @@ int grp_cache_start(void)
 {
     uint64_t period = grp.cache_ttl_ms < 1000 ? 1000 : grp.cache_ttl_ms;
 
-    sweeper = grp.host->timer_start(grp.self, period, period, sweep, NULL);
-    return sweeper ? CHAT_OK : CHAT_ERR_NOMEM;
+    if (!(cache = grp.host->map_new()))
+        return CHAT_ERR_NOMEM;
+    if (!(sweeper = grp.host->timer_start(grp.self, period, period, sweep, NULL))) {
+        grp.host->map_free(cache);
+        cache = NULL;
+        return CHAT_ERR_NOMEM;
+    }
+    return CHAT_OK;
 }
 
 void grp_cache_fini(void)
 {
-    size_t i;
+    size_t it;
+    int64_t gid;
+    void *v;
 
     /* The instance has drained: no load is in flight, no queue is left. */
-    for (i = 0; i < cache.cap; i++)
-        if (cache.keys[i])
-            entry_free(cache.vals[i]);
-    grp_map_free(&cache);
+    for (it = 0; grp.host->map_next(cache, &it, &gid, &v);)
+        entry_free(v);
+    grp.host->map_free(cache);
+    cache = NULL;
     sweeper = NULL; /* a repeating timer is stopped with its instance */
 }
