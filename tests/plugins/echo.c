@@ -12,6 +12,8 @@
  *   1004 {"count","size"} -> count x {"msgid":1005,"i":i,"pad":"..."}
  *   1006 {}               -> protocol-2 reply {"ver":V} through host->reply
  *   1008 {}               -> {"msgid":1009,"greeting":[plugin.echo] greeting}
+ *   1010 {"n","sleep"}    -> a database query (SELECT n after SLEEP(sleep));
+ *                            its callback answers {"msgid":1011,"ver":V,"n":n}
  * "count" survives a reload through save()/restore().
  */
 #include <stdio.h>
@@ -113,6 +115,42 @@ static void on_flood(struct chat_session *s, const struct chat_request *req, voi
     host->free(buf);
 }
 
+static void on_db_done(const struct chat_db_result *r, void *ud)
+{
+    struct pending *p = ud;
+    struct chat_session *s = host->session_get(p->sid);
+    if (s) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "msgid", 1011);
+        cJSON_AddNumberToObject(o, "ver", ECHO_VER);
+        cJSON_AddNumberToObject(o, "n", host->db_error(r) ? -1 : (double)host->db_int(r, 0, 0));
+        send_obj(s, o);
+    }
+    host->free(p);
+}
+
+static void on_db(struct chat_session *s, const struct chat_request *req, void *ud)
+{
+    struct pending *p = host->malloc(sizeof *p);
+    struct chat_db_param params[2];
+    (void)ud;
+    if (!p)
+        return;
+    p->sid = host->session_id(s);
+    p->n = num(req, "n");
+    params[0] = CHAT_DB_P_INT(p->n);
+    params[1] = CHAT_DB_P_INT(num(req, "sleep") * 1000); /* milliseconds */
+    if (host->db_query(me, "SELECT ? + 0 * SLEEP(? / 1000)", params, 2, on_db_done,
+                       p) != CHAT_OK) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "msgid", 1011);
+        cJSON_AddNumberToObject(o, "ver", ECHO_VER);
+        cJSON_AddNumberToObject(o, "n", -2);
+        send_obj(s, o);
+        host->free(p);
+    }
+}
+
 static void on_v2(struct chat_session *s, const struct chat_request *req, void *ud)
 {
     cJSON *o = cJSON_CreateObject();
@@ -155,10 +193,11 @@ static int init(const struct chat_host *h, struct chat_plugin *self, void **stat
     if ((rc = h->register_handler(self, 1002, on_later, NULL)) ||
         (rc = h->register_handler(self, 1004, on_flood, NULL)) ||
         (rc = h->register_handler(self, 1006, on_v2, NULL)) ||
-        (rc = h->register_handler(self, 1008, on_greeting, NULL)))
+        (rc = h->register_handler(self, 1008, on_greeting, NULL)) ||
+        (rc = h->register_handler(self, 1010, on_db, NULL)))
         return rc;
 #else
-    (void)on_later, (void)on_flood, (void)on_v2, (void)on_greeting;
+    (void)on_later, (void)on_flood, (void)on_v2, (void)on_greeting, (void)on_db;
 #endif
     chat_log(h, self, CHAT_LOG_INFO, "echo version %d ready", ECHO_VER);
     return CHAT_OK;
