@@ -1,0 +1,515 @@
+/*
+ * auth.c - LOGIN_MSG: authenticate, bind the session, send the login ack.
+ *
+ * A password login is: SELECT the user -> verify the password on a worker
+ * thread -> (protocol 2) store a new resume token -> session_login() ->
+ * login_ack_begin().  A token login (protocol 2, "token" instead of
+ * "password") is one SELECT that checks token, user and expiry together,
+ * then the same binding; it never hashes, which is what makes a mass
+ * reconnect after a node failure cheap.
+ *
+ * An unknown id costs the same hash as a wrong password (against a
+ * stand-in hash) and gets the same reply, so neither the reply nor its
+ * timing says whether an id exists.  Only the SHA-256 of a token is stored,
+ * computed by MariaDB (UNHEX(SHA2(?,256))); token expiry is kept in UTC.
+ *
+ * One login at a time per connection: jobs in flight are kept in a small
+ * hash set by session id, so a second LOGIN on the same connection while
+ * the first is still hashing is refused instead of binding twice.
+ */
+#include <crypt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "login.h"
+
+#define MSG_BUSY "server busy, try again later"
+#define MSG_INTERNAL "internal error, try again"
+#define MSG_TOKEN_INVALID "id or token is invalid!"
+
+struct auth_job {
+    struct auth_job *next;   /* chain of the pending set */
+    uint64_t sid;
+    struct chat_ack ack;
+    int64_t uid;
+    int by_token;
+    int unknown;             /* no such user: verifying against the stand-in */
+    char *password;          /* NUL-terminated; wiped and freed once hashed */
+    size_t password_len;
+    char *name;              /* from users.name; may hold NUL */
+    size_t name_len;
+    char token[LOGIN_TOKEN_HEX + 1]; /* "" when the ack carries none */
+    int64_t token_expires;   /* unix seconds */
+    int token_new;           /* created by this login: revoke if it fails */
+};
+
+#define PEND_BUCKETS 1024
+static struct auth_job *pend[PEND_BUCKETS];
+static char dummy_hash[CRYPT_GENSALT_OUTPUT_SIZE];
+
+int login_auth_init(void)
+{
+    int rc = login_pw_dummy(dummy_hash, sizeof(dummy_hash));
+
+    if (rc != CHAT_OK)
+        chat_log(login_host, login_self, CHAT_LOG_ERROR,
+                 "crypt_gensalt(\"$y$\") failed: is yescrypt supported?");
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The pending set and the job's end */
+
+static struct auth_job **pend_slot(uint64_t sid)
+{
+    return &pend[sid % PEND_BUCKETS];
+}
+
+static struct auth_job *pend_find(uint64_t sid)
+{
+    struct auth_job *j;
+
+    for (j = *pend_slot(sid); j; j = j->next)
+        if (j->sid == sid)
+            return j;
+    return NULL;
+}
+
+static void pend_remove(struct auth_job *j)
+{
+    struct auth_job **pp;
+
+    for (pp = pend_slot(j->sid); *pp; pp = &(*pp)->next)
+        if (*pp == j) {
+            *pp = j->next;
+            return;
+        }
+}
+
+static void wipe_password(struct auth_job *j)
+{
+    if (j->password) {
+        explicit_bzero(j->password, j->password_len);
+        login_host->free(j->password);
+        j->password = NULL;
+    }
+}
+
+/* The end of every login attempt.  revoke: the new token never reached the
+ * client, delete it. */
+static void job_end(struct auth_job *j, int revoke)
+{
+    if (revoke && j->token_new)
+        login_token_revoke(j->token);
+    pend_remove(j);
+    wipe_password(j);
+    login_host->free(j->name);
+    explicit_bzero(j->token, sizeof(j->token));
+    login_host->free(j);
+}
+
+static void job_fail(struct chat_session *s, struct auth_job *j, int p2_errno,
+                     const char *errmsg, int legacy_errno, const char *legacy_msg)
+{
+    if (s)
+        login_fail(s, &j->ack, p2_errno, errmsg, legacy_errno, legacy_msg);
+    job_end(j, 1);
+}
+
+/* Failure of a step that could not start (rc from the host). */
+static void job_fail_rc(struct chat_session *s, struct auth_job *j, int rc)
+{
+    if (rc == CHAT_ERR_BUSY || rc == CHAT_ERR_UNAVAILABLE)
+        job_fail(s, j, CHAT_E_UNAVAILABLE, MSG_BUSY, 1, MSG_BUSY);
+    else
+        job_fail(s, j, CHAT_E_INTERNAL, MSG_INTERNAL, 1, MSG_INTERNAL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The last steps: bind the session, send the ack */
+
+static cJSON *ack_base(const struct auth_job *j)
+{
+    cJSON *o = cJSON_CreateObject();
+    char num[24];
+    char *q = NULL;
+    size_t qlen;
+
+    if (!o)
+        return NULL;
+    snprintf(num, sizeof(num), "%" PRId64, j->uid);
+    if (!cJSON_AddNumberToObject(o, "msgid", CHAT_MSG_LOGIN_ACK) ||
+        !cJSON_AddNumberToObject(o, "errno", 0) ||
+        !cJSON_AddRawToObject(o, "id", num) ||
+        !(q = login_host->json_quote(j->name, j->name_len, &qlen)) ||
+        !cJSON_AddRawToObject(o, "name", q))
+        goto fail;
+    if (j->token[0]) {
+        snprintf(num, sizeof(num), "%" PRId64, j->token_expires);
+        if (!cJSON_AddStringToObject(o, "token", j->token) ||
+            !cJSON_AddRawToObject(o, "token_expires", num))
+            goto fail;
+    }
+    login_host->free(q);
+    return o;
+fail:
+    login_host->free(q);
+    cJSON_Delete(o);
+    return NULL;
+}
+
+static void bound(int status, uint64_t sid, void *ud)
+{
+    struct auth_job *j = ud;
+    struct chat_session *s = login_host->session_get(sid);
+    cJSON *base;
+    int rc;
+
+    if (status == CHAT_ERR_EXISTS) {
+        chat_log(login_host, login_self, CHAT_LOG_INFO,
+                 "login of user %" PRId64 " refused: online elsewhere", j->uid);
+        job_fail(s, j, 2, LOGIN_ERRMSG_IN_USE, 2, LOGIN_ERRMSG_IN_USE);
+        return;
+    }
+    if (status != CHAT_OK || !s) {
+        if (status != CHAT_ERR_CLOSED && s)
+            chat_log(login_host, login_self, CHAT_LOG_ERROR, "session_login(%" PRId64
+                     "): %s", j->uid, login_host->strerror(status));
+        job_fail_rc(s, j, status);
+        return;
+    }
+    base = ack_base(j);
+    rc = base ? login_host->login_ack_begin(login_self, s, &j->ack, base, NULL, NULL)
+              : CHAT_ERR_NOMEM;
+    cJSON_Delete(base);
+    if (rc != CHAT_OK) {
+        chat_log(login_host, login_self, CHAT_LOG_ERROR,
+                 "login ack for user %" PRId64 ": %s", j->uid, login_host->strerror(rc));
+        login_host->session_logout(s);
+        job_fail_rc(s, j, rc);
+        return;
+    }
+    chat_log(login_host, login_self, CHAT_LOG_INFO,
+             "user %" PRId64 " logged in from %s (%s)", j->uid,
+             login_host->session_peer(s), j->by_token ? "token" : "password");
+    job_end(j, 0);
+}
+
+static void bind_session(struct chat_session *s, struct auth_job *j)
+{
+    int flags = login_cfg.replace ? CHAT_LOGIN_REPLACE : 0;
+    int rc;
+
+    if (login_host->session_user(s) != 0) {
+        job_fail(s, j, CHAT_E_ALREADY, "already logged in", 2, LOGIN_ERRMSG_IN_USE);
+        return;
+    }
+    /* ABI 1.3 keeps a name holding NUL whole; older hosts cut it there. */
+    if (CHAT_HOST_HAS(login_host, session_login_len))
+        rc = login_host->session_login_len(login_self, s, j->uid, j->name, j->name_len,
+                                           flags, bound, j);
+    else
+        rc = login_host->session_login(login_self, s, j->uid, j->name, flags, bound, j);
+    if (rc != CHAT_OK)
+        job_fail_rc(s, j, rc);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Password logins */
+
+static void token_stored(const struct chat_db_result *r, void *ud)
+{
+    struct auth_job *j = ud;
+    struct chat_session *s = login_host->session_get(j->sid);
+
+    if (login_host->db_error(r) == CHAT_OK) {
+        j->token_new = 1;
+    } else {
+        /* The login stands; the client just gets no token this time. */
+        chat_log(login_host, login_self, CHAT_LOG_WARN,
+                 "storing a resume token for user %" PRId64 " failed: %s",
+                 j->uid, login_host->db_errmsg(r));
+        j->token[0] = '\0';
+    }
+    if (!s) {
+        job_end(j, 1);
+        return;
+    }
+    bind_session(s, j);
+}
+
+/* Create a token, store its hash; then bind.  Without a token (tokens off,
+ * randomness or database unavailable) the login goes on without one. */
+static void token_create(struct chat_session *s, struct auth_job *j)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char rnd[LOGIN_TOKEN_HEX / 2];
+    struct chat_db_param p[3];
+    size_t i;
+    int rc;
+
+    if (login_cfg.resume_ttl <= 0 ||
+        getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
+        bind_session(s, j);
+        return;
+    }
+    for (i = 0; i < sizeof(rnd); i++) {
+        j->token[2 * i] = hex[rnd[i] >> 4];
+        j->token[2 * i + 1] = hex[rnd[i] & 15];
+    }
+    j->token[LOGIN_TOKEN_HEX] = '\0';
+    explicit_bzero(rnd, sizeof(rnd));
+    j->token_expires = (int64_t)time(NULL) + login_cfg.resume_ttl;
+    p[0] = CHAT_DB_P_STR(j->token, LOGIN_TOKEN_HEX);
+    p[1] = CHAT_DB_P_INT(j->uid);
+    p[2] = CHAT_DB_P_INT(j->token_expires);
+    rc = login_host->db_query(login_self,
+        "INSERT INTO resume_tokens (token_hash, user_id, expires_at) VALUES "
+        "(UNHEX(SHA2(?, 256)), ?, DATE_ADD('1970-01-01', INTERVAL ? SECOND))",
+        p, 3, token_stored, j);
+    if (rc != CHAT_OK) {
+        j->token[0] = '\0';
+        bind_session(s, j);
+    }
+}
+
+static void verified(int status, int match, const char *hash, void *ud)
+{
+    struct auth_job *j = ud;
+    struct chat_session *s = login_host->session_get(j->sid);
+
+    (void)hash;
+    if (!s) {
+        job_end(j, 1);
+        return;
+    }
+    if (status != CHAT_OK) {
+        job_fail_rc(s, j, status == CHAT_ERR_CLOSED ? CHAT_ERR_UNAVAILABLE : status);
+        return;
+    }
+    if (!match || j->unknown) {
+        chat_log(login_host, login_self, CHAT_LOG_INFO,
+                 "login of user %" PRId64 " from %s: wrong id or password",
+                 j->uid, login_host->session_peer(s));
+        job_fail(s, j, 1, LOGIN_ERRMSG_INVALID, 1, LOGIN_ERRMSG_INVALID);
+        return;
+    }
+    if (login_is_p2(s))
+        token_create(s, j);
+    else
+        bind_session(s, j);
+}
+
+static void user_loaded(const struct chat_db_result *r, void *ud)
+{
+    struct auth_job *j = ud;
+    struct chat_session *s = login_host->session_get(j->sid);
+    const char *stored = dummy_hash, *name;
+    size_t len;
+    int rc;
+
+    if (!s) {
+        job_end(j, 0);
+        return;
+    }
+    if (login_host->db_error(r) != CHAT_OK) {
+        chat_log(login_host, login_self, CHAT_LOG_ERROR, "login: loading user %"
+                 PRId64 " failed: %s", j->uid, login_host->db_errmsg(r));
+        job_fail_rc(s, j, login_host->db_error(r));
+        return;
+    }
+    if (login_host->db_nrows(r) == 0) {
+        j->unknown = 1;
+    } else {
+        name = login_host->db_str(r, 0, 0, &len);
+        j->name = login_host->malloc(len + 1);
+        if (!j->name) {
+            job_fail_rc(s, j, CHAT_ERR_NOMEM);
+            return;
+        }
+        memcpy(j->name, name, len);
+        j->name[len] = '\0';
+        j->name_len = len;
+        stored = login_host->db_str(r, 0, 1, &len);
+    }
+    rc = login_pw_verify(j->password, j->password_len, stored, verified, j);
+    wipe_password(j);
+    if (rc != CHAT_OK)
+        job_fail_rc(s, j, rc);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Token logins */
+
+static void token_checked(const struct chat_db_result *r, void *ud)
+{
+    struct auth_job *j = ud;
+    struct chat_session *s = login_host->session_get(j->sid);
+    const char *name;
+    size_t len;
+
+    if (!s) {
+        job_end(j, 0);
+        return;
+    }
+    if (login_host->db_error(r) != CHAT_OK) {
+        chat_log(login_host, login_self, CHAT_LOG_ERROR, "login: checking a token "
+                 "of user %" PRId64 " failed: %s", j->uid, login_host->db_errmsg(r));
+        job_fail_rc(s, j, login_host->db_error(r));
+        return;
+    }
+    if (login_host->db_nrows(r) == 0) {
+        chat_log(login_host, login_self, CHAT_LOG_INFO,
+                 "login of user %" PRId64 " from %s: invalid or expired token",
+                 j->uid, login_host->session_peer(s));
+        job_fail(s, j, 1, MSG_TOKEN_INVALID, 1, MSG_TOKEN_INVALID);
+        return;
+    }
+    name = login_host->db_str(r, 0, 0, &len);
+    j->name = login_host->malloc(len + 1);
+    if (!j->name) {
+        job_fail_rc(s, j, CHAT_ERR_NOMEM);
+        return;
+    }
+    memcpy(j->name, name, len);
+    j->name[len] = '\0';
+    j->name_len = len;
+    j->token_expires = login_host->db_int(r, 0, 1);
+    bind_session(s, j);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The handler */
+
+static int valid_token(const char *t, size_t len)
+{
+    size_t i;
+
+    if (len != LOGIN_TOKEN_HEX)
+        return 0;
+    for (i = 0; i < len; i++)
+        if (!((t[i] >= '0' && t[i] <= '9') || (t[i] >= 'a' && t[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+/* The request's "id" as a positive integer, or 0. */
+static int64_t req_id(const struct chat_request *req)
+{
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(req->json, "id");
+    double d;
+
+    if (!cJSON_IsNumber(id))
+        return 0;
+    d = id->valuedouble;
+    if (!(d >= 1 && d <= 9007199254740992.0) || (double)(int64_t)d != d)
+        return 0;
+    return (int64_t)d;
+}
+
+/* Checks the request and fills j (token or password); 0, or -1 after
+ * answering. */
+static int parse_request(struct chat_session *s, const struct chat_request *req,
+                         struct auth_job *j)
+{
+    const char *pw, *tok;
+    size_t len;
+    char msg[80];
+
+    j->uid = req_id(req);
+    if (!j->uid) {
+        login_fail(s, &req->ack, CHAT_E_BAD_FIELD, "id must be a positive integer",
+                   1, LOGIN_ERRMSG_INVALID);
+        return -1;
+    }
+    if (login_is_p2(s) && cJSON_GetObjectItemCaseSensitive(req->json, "token")) {
+        if (login_req_str(req, "token", &tok, &len) || !valid_token(tok, len)) {
+            login_fail(s, &req->ack, CHAT_E_BAD_FIELD,
+                       "token must be a string of 64 hex digits", 1, NULL);
+            return -1;
+        }
+        memcpy(j->token, tok, LOGIN_TOKEN_HEX + 1);
+        j->by_token = 1;
+        return 0;
+    }
+    if (login_req_str(req, "password", &pw, &len)) {
+        login_fail(s, &req->ack, CHAT_E_BAD_FIELD, "password must be a string",
+                   1, LOGIN_ERRMSG_INVALID);
+        return -1;
+    }
+    if (len > login_cfg.password_max) {
+        snprintf(msg, sizeof(msg), "password is longer than %zu bytes",
+                 login_cfg.password_max);
+        login_fail(s, &req->ack, CHAT_E_TOO_LONG, msg, 1, LOGIN_ERRMSG_INVALID);
+        return -1;
+    }
+    if (memchr(pw, '\0', len)) {
+        /* crypt() would stop at the NUL: never let "pw\0junk" pass as "pw" */
+        login_fail(s, &req->ack, 1, LOGIN_ERRMSG_INVALID, 1, LOGIN_ERRMSG_INVALID);
+        return -1;
+    }
+    j->password = login_host->malloc(len + 1);
+    if (!j->password) {
+        login_fail(s, &req->ack, CHAT_E_INTERNAL, MSG_INTERNAL, 1, MSG_INTERNAL);
+        return -1;
+    }
+    memcpy(j->password, pw, len + 1);
+    j->password_len = len;
+    return 0;
+}
+
+void login_handle_login(struct chat_session *s, const struct chat_request *req,
+                        void *ud)
+{
+    uint64_t sid = login_host->session_id(s);
+    struct auth_job *j;
+    struct chat_db_param p[2];
+    int rc;
+
+    (void)ud;
+    if (login_host->session_user(s) != 0) {
+        login_fail(s, &req->ack, CHAT_E_ALREADY, "already logged in",
+                   2, LOGIN_ERRMSG_IN_USE);
+        return;
+    }
+    if (pend_find(sid)) {
+        login_fail(s, &req->ack, CHAT_E_ALREADY,
+                   "a login is already in progress on this connection",
+                   2, LOGIN_ERRMSG_IN_USE);
+        return;
+    }
+    j = login_host->malloc(sizeof(*j));
+    if (!j) {
+        login_fail(s, &req->ack, CHAT_E_INTERNAL, MSG_INTERNAL, 1, MSG_INTERNAL);
+        return;
+    }
+    memset(j, 0, sizeof(*j));
+    j->sid = sid;
+    j->ack = req->ack;
+    if (parse_request(s, req, j) != 0) {
+        login_host->free(j);
+        return;
+    }
+    j->next = *pend_slot(sid);
+    *pend_slot(sid) = j;
+    if (j->by_token) {
+        p[0] = CHAT_DB_P_STR(j->token, LOGIN_TOKEN_HEX);
+        p[1] = CHAT_DB_P_INT(j->uid);
+        rc = login_host->db_query(login_self,
+            "SELECT u.name, TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', t.expires_at)"
+            " FROM resume_tokens t JOIN users u ON u.id = t.user_id"
+            " WHERE t.token_hash = UNHEX(SHA2(?, 256)) AND t.user_id = ?"
+            " AND t.expires_at > UTC_TIMESTAMP()",
+            p, 2, token_checked, j);
+    } else {
+        p[0] = CHAT_DB_P_INT(j->uid);
+        rc = login_host->db_query(login_self,
+                                  "SELECT name, pwhash FROM users WHERE id = ?",
+                                  p, 1, user_loaded, j);
+    }
+    if (rc != CHAT_OK)
+        job_fail_rc(s, j, rc);
+}

@@ -1,0 +1,86 @@
+/*
+ * login.h - what the files of the login plugin share.  Private to the
+ * plugin: nothing here is exported (the .so is built with hidden
+ * visibility and exports only chat_plugin_entry).
+ *
+ *   login.c   init/fini/reconfigure, settings, REG_MSG, LOGINOUT_MSG, the
+ *             expired-token purge, reply helpers
+ *   auth.c    LOGIN_MSG: password and resume-token logins, session binding,
+ *             the login ack
+ *   pwhash.c  yescrypt hashing and verification on the host's worker threads
+ */
+#ifndef LOGIN_H
+#define LOGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "chat/plugin.h"
+
+/* Settings of [plugin.login], parsed once per (re)configuration. */
+struct login_conf {
+    int replace;               /* multi_login = replace */
+    size_t name_max;           /* bytes */
+    size_t password_min;       /* bytes */
+    size_t password_max;       /* bytes */
+    int64_t resume_ttl;        /* seconds; 0 disables resume tokens */
+    unsigned long hash_cost;   /* yescrypt cost 1..11; 0 = libcrypt default */
+    int64_t purge_interval_s;  /* expired-token purge period */
+    size_t hash_queue_max;     /* hashing jobs queued or running at once */
+};
+
+/* Set in init; per instance (each load is a private copy of the .so). */
+extern const struct chat_host *login_host;
+extern struct chat_plugin *login_self;
+extern struct login_conf login_cfg;
+
+/* The seed's LOGIN_MSG_ACK messages. */
+#define LOGIN_ERRMSG_INVALID "id or password is invalid!"
+#define LOGIN_ERRMSG_IN_USE "this account is using, input another!"
+
+/* Resume tokens: 32 random bytes as 64 lowercase hex digits. */
+#define LOGIN_TOKEN_HEX 64
+
+/* ---- login.c ----------------------------------------------------------- */
+/* Read string member key of req: 0 and *p, *len (borrowed, NUL-safe) when it
+ * is a string, -1 when absent or of another type. */
+int login_req_str(const struct chat_request *req, const char *key,
+                  const char **p, size_t *len);
+/* 1 when s speaks protocol 2. */
+int login_is_p2(const struct chat_session *s);
+/* Send the failure of a LOGIN_MSG: protocol 2 gets errno p2_errno with
+ * errmsg; a legacy session gets the seed's {"msgid":2,"errno":legacy_errno,
+ * "errmsg":legacy_msg} (legacy_msg NULL: errmsg). */
+void login_fail(struct chat_session *s, const struct chat_ack *ack, int p2_errno,
+                const char *errmsg, int legacy_errno, const char *legacy_msg);
+/* Revoke one resume token (fire and forget; failures are logged). */
+void login_token_revoke(const char *token_hex);
+
+/* ---- auth.c ------------------------------------------------------------ */
+void login_handle_login(struct chat_session *s, const struct chat_request *req,
+                        void *ud);
+/* (Re)compute the stand-in hash used for unknown ids, with the current
+ * hash_cost; CHAT_OK or an error.  Called from init and reconfigure. */
+int login_auth_init(void);
+
+/* ---- pwhash.c ---------------------------------------------------------- */
+/* Completion of a hashing job, on the loop thread.  status: CHAT_OK, or an
+ * error (the hash could not be computed; match is 0, hash NULL).  For a new
+ * hash, hash is the "$y$..." string (borrowed for the call); for a
+ * verification, match is 1 when the password matches. */
+typedef void (*login_pw_cb)(int status, int match, const char *hash, void *ud);
+
+/* Hash password[0..len) with a fresh yescrypt salt of cost login_cfg.hash_cost.
+ * The password is copied (and wiped after use).  Returns CHAT_OK and later
+ * calls cb once, or an error (CHAT_ERR_BUSY: too many jobs queued) and never
+ * calls cb. */
+int login_pw_hash(const char *password, size_t len, login_pw_cb cb, void *ud);
+/* Verify password against stored (a crypt(3) hash string, copied), comparing
+ * in constant time.  Same return and callback rules as login_pw_hash. */
+int login_pw_verify(const char *password, size_t len, const char *stored,
+                    login_pw_cb cb, void *ud);
+/* A "$y$" setting usable as a stand-in hash (for unknown user ids), written
+ * to out; CHAT_OK or CHAT_ERR_IO.  Cheap (no hashing): call on the loop. */
+int login_pw_dummy(char *out, size_t outlen);
+
+#endif /* LOGIN_H */

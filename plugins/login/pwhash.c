@@ -1,0 +1,156 @@
+/*
+ * pwhash.c - password hashing for the login plugin.
+ *
+ * yescrypt through libcrypt (crypt_gensalt_rn "$y$" and crypt_rn) costs tens
+ * of milliseconds of CPU by design, so it never runs on the loop thread: each
+ * job goes to the host's worker threads with host->work() and reports back on
+ * the loop.  The number of jobs queued or running is bounded
+ * (hash_queue_max): a flood of logins gets "busy" instead of an ever-growing
+ * queue.  The plain password lives only in the job, which wipes it as soon
+ * as the hash is computed.  Hash strings are compared in constant time.
+ */
+#include <crypt.h>
+#include <string.h>
+
+#include "login.h"
+
+enum pw_mode { PW_HASH, PW_VERIFY };
+
+struct pw_job {
+    enum pw_mode mode;
+    unsigned long cost;
+    char *password;                  /* NUL-terminated copy; wiped */
+    size_t password_len;
+    char setting[CRYPT_OUTPUT_SIZE]; /* PW_VERIFY: the stored hash */
+    char result[CRYPT_OUTPUT_SIZE];  /* the computed hash ("" on failure) */
+    int match;
+    login_pw_cb cb;
+    void *ud;
+};
+
+static size_t pw_queued; /* jobs handed to host->work and not yet done */
+
+/* Constant-time equality of two NUL-terminated strings: the time depends on
+ * the lengths only, never on where they differ. */
+static int pw_equal(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b), n = la > lb ? la : lb, i;
+    unsigned char diff = (unsigned char)(la != lb);
+
+    for (i = 0; i < n; i++) {
+        unsigned char ca = i < la ? (unsigned char)a[i] : 0;
+        unsigned char cb = i < lb ? (unsigned char)b[i] : 0;
+        diff |= (unsigned char)(ca ^ cb);
+    }
+    return diff == 0;
+}
+
+/* Worker thread: only malloc/free/log of the host table may be used here. */
+static void pw_work(void *ud)
+{
+    struct pw_job *j = ud;
+    struct crypt_data *cd;
+    char salt[CRYPT_GENSALT_OUTPUT_SIZE];
+    const char *setting = j->setting;
+    char *out;
+
+    j->result[0] = '\0';
+    cd = login_host->malloc(sizeof(*cd));
+    if (!cd)
+        goto out;
+    memset(cd, 0, sizeof(*cd));
+    if (j->mode == PW_HASH) {
+        if (!crypt_gensalt_rn("$y$", j->cost, NULL, 0, salt, (int)sizeof(salt)))
+            goto out;
+        setting = salt;
+    }
+    out = crypt_rn(j->password, setting, cd, (int)sizeof(*cd));
+    /* crypt_rn returns NULL on failure; some versions return a "*" string. */
+    if (out && out[0] != '*' && strlen(out) < sizeof(j->result)) {
+        memcpy(j->result, out, strlen(out) + 1);
+        if (j->mode == PW_VERIFY)
+            j->match = pw_equal(j->result, j->setting);
+    }
+out:
+    explicit_bzero(j->password, j->password_len);
+    if (cd) {
+        explicit_bzero(cd, sizeof(*cd));
+        login_host->free(cd);
+    }
+}
+
+static void pw_done(int status, void *ud)
+{
+    struct pw_job *j = ud;
+
+    pw_queued--;
+    if (status == CHAT_OK && j->result[0] == '\0') {
+        chat_log(login_host, login_self, CHAT_LOG_ERROR,
+                 "crypt failed (%s)", j->mode == PW_HASH ? "hash" : "verify");
+        status = CHAT_ERR_IO;
+    }
+    if (status == CHAT_OK)
+        j->cb(CHAT_OK, j->match, j->mode == PW_HASH ? j->result : NULL, j->ud);
+    else
+        j->cb(status, 0, NULL, j->ud);
+    login_host->free(j->password);
+    explicit_bzero(j, sizeof(*j));
+    login_host->free(j);
+}
+
+static int pw_start(enum pw_mode mode, const char *password, size_t len,
+                    const char *stored, login_pw_cb cb, void *ud)
+{
+    struct pw_job *j;
+    int rc;
+
+    if (login_cfg.hash_queue_max && pw_queued >= login_cfg.hash_queue_max)
+        return CHAT_ERR_BUSY;
+    if (stored && strlen(stored) >= CRYPT_OUTPUT_SIZE)
+        return CHAT_ERR_INVAL;
+    j = login_host->malloc(sizeof(*j));
+    if (!j)
+        return CHAT_ERR_NOMEM;
+    memset(j, 0, sizeof(*j));
+    j->password = login_host->malloc(len + 1);
+    if (!j->password) {
+        login_host->free(j);
+        return CHAT_ERR_NOMEM;
+    }
+    memcpy(j->password, password, len);
+    j->password[len] = '\0';
+    j->password_len = len;
+    j->mode = mode;
+    j->cost = login_cfg.hash_cost;
+    if (stored)
+        memcpy(j->setting, stored, strlen(stored) + 1);
+    j->cb = cb;
+    j->ud = ud;
+    rc = login_host->work(login_self, pw_work, pw_done, j);
+    if (rc != CHAT_OK) {
+        explicit_bzero(j->password, len);
+        login_host->free(j->password);
+        login_host->free(j);
+        return rc;
+    }
+    pw_queued++;
+    return CHAT_OK;
+}
+
+int login_pw_hash(const char *password, size_t len, login_pw_cb cb, void *ud)
+{
+    return pw_start(PW_HASH, password, len, NULL, cb, ud);
+}
+
+int login_pw_verify(const char *password, size_t len, const char *stored,
+                    login_pw_cb cb, void *ud)
+{
+    return pw_start(PW_VERIFY, password, len, stored, cb, ud);
+}
+
+int login_pw_dummy(char *out, size_t outlen)
+{
+    if (!crypt_gensalt_rn("$y$", login_cfg.hash_cost, NULL, 0, out, (int)outlen))
+        return CHAT_ERR_IO;
+    return CHAT_OK;
+}

@@ -1,0 +1,112 @@
+/*
+ * offline.c - the offline plugin: messages for users nobody could deliver
+ * to are stored and handed back in the user's next login ack.
+ *
+ * The core raises CHAT_EV_UNDELIVERABLE when deliver() finds no session for
+ * a user (offline, its node gone, the bus down); this plugin queues the
+ * message (store.c) and adds the "offlinemsg" part to the login ack
+ * (part.c).  It owns the table offline_messages and no msgid.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "offline.h"
+
+const struct chat_host *off_host;
+struct chat_plugin *off_self;
+struct off_conf off_cfg;
+
+static void on_undeliverable(int event, const void *arg, void *ud)
+{
+    const struct chat_ev_undeliverable *ev = arg;
+
+    (void)ud;
+    if (event != CHAT_EV_UNDELIVERABLE || ev->size < sizeof(*ev))
+        return;
+    off_store_add(ev->user_id, ev->json, ev->len);
+}
+
+static int64_t conf_range(const char *key, int64_t def, int64_t lo, int64_t hi)
+{
+    int64_t v = off_host->conf_int(off_self, key, def);
+
+    if (v < lo || v > hi) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "%s = %" PRId64 " is out of range [%" PRId64 ", %" PRId64
+                 "]; using %" PRId64, key, v, lo, hi, def);
+        v = def;
+    }
+    return v;
+}
+
+static int load_conf(void)
+{
+    struct off_conf c;
+
+    c.max_per_login = (size_t)conf_range("max_per_login", 1000, 1, 100000);
+    c.batch_max = (size_t)conf_range("batch_max", 100, 1, 10000);
+    c.batch_bytes = (size_t)conf_range("batch_bytes", 1 << 20, 1024, 8 << 20);
+    c.queue_max_bytes = (size_t)conf_range("queue_max_bytes", 64 << 20, 1 << 16,
+                                           INT64_C(1) << 40);
+    c.retry_min_ms = (uint64_t)conf_range("retry_min_ms", 100, 1, 3600000);
+    c.retry_max_ms = (uint64_t)conf_range("retry_max_ms", 30000, 1, 3600000);
+    c.flush_wait_ms = (uint64_t)conf_range("flush_wait_ms", 1000, 1, 60000);
+    if (c.retry_max_ms < c.retry_min_ms)
+        c.retry_max_ms = c.retry_min_ms;
+    off_cfg = c;
+    return CHAT_OK;
+}
+
+static int off_init(const struct chat_host *host, struct chat_plugin *self,
+                    void **state)
+{
+    int rc;
+
+    off_host = host;
+    off_self = self;
+    *state = NULL;
+    if (host->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(host, login_part_set))
+        return CHAT_ERR_ABI;
+    load_conf();
+    rc = host->register_hook(self, CHAT_EV_UNDELIVERABLE, on_undeliverable, NULL);
+    if (rc == CHAT_OK)
+        rc = host->register_login_part(self, "offlinemsg", off_part_fn, off_sent_fn,
+                                       NULL);
+    return rc;
+}
+
+static void off_fini(void *state)
+{
+    (void)state;
+    off_part_fini();
+    off_store_fini();
+}
+
+static int off_reconfigure(void *state)
+{
+    (void)state;
+    return load_conf();
+}
+
+static int off_save(void *state, void **blob, size_t *len)
+{
+    (void)state;
+    return off_store_save(blob, len);
+}
+
+static int off_restore(void *state, const void *blob, size_t len)
+{
+    (void)state;
+    return off_store_restore(blob, len);
+}
+
+static const struct chat_plugin_desc off_desc = {
+    CHAT_PLUGIN_DESC_INIT("offline", "1.0.0"),
+    .init = off_init,
+    .fini = off_fini,
+    .save = off_save,
+    .restore = off_restore,
+    .reconfigure = off_reconfigure,
+};
+
+CHAT_PLUGIN_DECLARE(off_desc)

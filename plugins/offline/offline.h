@@ -1,0 +1,56 @@
+/*
+ * offline.h - what the files of the offline plugin share (private).
+ *
+ *   offline.c  entry points, settings, the CHAT_EV_UNDELIVERABLE hook
+ *   store.c    the ordered insert queue: one multi-row INSERT in flight
+ *   part.c     the "offlinemsg" part of the login ack and the deletion of
+ *              what was delivered
+ */
+#ifndef OFFLINE_H
+#define OFFLINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "chat/plugin.h"
+
+/* Settings of [plugin.offline]. */
+struct off_conf {
+    size_t max_per_login;    /* messages in one login ack */
+    size_t batch_max;        /* rows per INSERT */
+    size_t batch_bytes;      /* message bytes per INSERT (one row may exceed) */
+    size_t queue_max_bytes;  /* memory of the insert queue */
+    uint64_t retry_min_ms;   /* first retry after a database error */
+    uint64_t retry_max_ms;   /* backoff cap */
+    uint64_t flush_wait_ms;  /* how long a login waits for queued messages */
+};
+
+extern const struct chat_host *off_host;
+extern struct chat_plugin *off_self;
+extern struct off_conf off_cfg;
+
+/* ---- store.c ----------------------------------------------------------- */
+/* Queue json[0..len) (copied) for user uid; stored in report order. */
+void off_store_add(int64_t uid, const char *json, size_t len);
+/* The sequence number of the newest message of uid still queued (not yet
+ * committed), or 0 when none is. */
+uint64_t off_store_pending(int64_t uid);
+/* 1 when every message queued up to seq has been stored (or dropped). */
+int off_store_done(uint64_t seq);
+/* Free what is left (logged: those messages are lost). */
+void off_store_fini(void);
+/* Reload handover (see store.c): save() gives the next instance every
+ * message not in flight (blob from host->malloc, the host frees it);
+ * restore() queues them, in order, before anything new. */
+int off_store_save(void **blob, size_t *len);
+int off_store_restore(const void *blob, size_t len);
+
+/* ---- part.c ------------------------------------------------------------ */
+void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud);
+void off_sent_fn(int ok, int64_t user_id, void *state, void *ud);
+/* The store made progress: wake the logins that waited for it. */
+void off_part_progress(void);
+/* Free what waits for timers that will never run (shutdown). */
+void off_part_fini(void);
+
+#endif /* OFFLINE_H */

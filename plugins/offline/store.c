@@ -1,0 +1,395 @@
+/*
+ * store.c - the offline plugin's insert queue.
+ *
+ * Messages for a user must come back in the order they were reported, and
+ * they come back ordered by offline_messages.id.  The pool runs queries on
+ * several connections at once, so independent INSERTs could take their ids
+ * (or commit) out of order.  Hence one FIFO and at most one INSERT in
+ * flight: whatever queued meanwhile goes out as the next multi-row INSERT
+ * (bounded by batch_max rows and batch_bytes bytes), whose rows get
+ * increasing ids in VALUES order.
+ *
+ * Failures never drop a message silently:
+ *  - a database error keeps the batch at the head of the queue and retries
+ *    it after a backoff (retry_min_ms doubling up to retry_max_ms);
+ *  - a foreign-key error (1452: the user does not exist) fails the whole
+ *    statement, so the batch is then stored row by row to find the culprit,
+ *    which is logged and dropped (nobody could ever receive it);
+ *  - past queue_max_bytes of queued messages new ones are refused with an
+ *    error line naming the user.
+ *
+ * Hot reload keeps the order too.  save() hands every message that is not in
+ * flight to the next instance, and with them a "baton": a small shared
+ * object that stays busy until this instance's last INSERT is done.  The new
+ * instance starts inserting only once the baton is released (it polls it;
+ * a callback into either instance's code could outlive that code).  The
+ * host calls save, restore and the handler swap in one go on the loop
+ * thread, so nothing runs in between.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "offline.h"
+
+struct off_msg {
+    struct off_msg *next;
+    uint64_t seq;   /* report order, from 1 */
+    int64_t uid;
+    size_t len;
+    char json[];    /* len bytes */
+};
+
+static struct off_msg *head, *tail;
+static size_t q_bytes;       /* memory held by queued messages */
+static size_t q_count;
+static uint64_t next_seq = 1;
+static size_t inflight;      /* rows of the head batch being inserted (0: none) */
+static size_t single_left;   /* rows still to store one by one after a 1452 */
+static uint64_t retry_ms;    /* current backoff; 0 after a success */
+static int retry_wait;       /* a retry timer is running */
+
+/* Shared between two instances across a reload; freed by the last unref.
+ * Memory from the host's allocator, which both instances use. */
+struct off_baton {
+    int busy;  /* the older instance still has an INSERT to finish */
+    int refs;
+};
+static struct off_baton *my_baton;   /* handed out by save(); busy until empty */
+static struct off_baton *pred_baton; /* from restore(): wait while busy */
+static int pred_poll;                /* a poll timer is running */
+
+#define BATON_POLL_MS 20
+#define BLOB_MAGIC 0x4f464c31u /* "OFL1" */
+
+#define MSG_COST(len) (sizeof(struct off_msg) + (len))
+#define INSERT_HEAD "INSERT INTO offline_messages (user_id, message) VALUES (?,?)"
+#define INSERT_ROW ",(?,?)"
+
+static void flush(void);
+
+static void baton_unref(struct off_baton *b)
+{
+    if (--b->refs == 0)
+        off_host->free(b);
+}
+
+/* 1 while the previous instance still inserts (then wait). */
+static int pred_busy(void)
+{
+    if (pred_baton && !pred_baton->busy) {
+        baton_unref(pred_baton);
+        pred_baton = NULL;
+    }
+    return pred_baton != NULL;
+}
+
+static void pred_tick(struct chat_timer *t, void *ud)
+{
+    (void)t;
+    (void)ud;
+    pred_poll = 0;
+    if (pred_busy()) {
+        pred_poll = off_host->timer_start(off_self, BATON_POLL_MS, 0, pred_tick,
+                                          NULL) != NULL;
+        return;
+    }
+    off_part_progress();
+    flush();
+}
+
+static void pop(size_t n)
+{
+    while (n-- && head) {
+        struct off_msg *m = head;
+
+        head = m->next;
+        if (!head)
+            tail = NULL;
+        q_bytes -= MSG_COST(m->len);
+        q_count--;
+        off_host->free(m);
+    }
+    if (!head && my_baton) { /* handed over and done: let the next one go */
+        my_baton->busy = 0;
+        baton_unref(my_baton);
+        my_baton = NULL;
+    }
+}
+
+static void retry_tick(struct chat_timer *t, void *ud)
+{
+    (void)t;
+    (void)ud;
+    retry_wait = 0;
+    flush();
+}
+
+static void backoff(void)
+{
+    retry_ms = retry_ms ? retry_ms * 2 : off_cfg.retry_min_ms;
+    if (retry_ms > off_cfg.retry_max_ms)
+        retry_ms = off_cfg.retry_max_ms;
+    if (off_host->timer_start(off_self, retry_ms, 0, retry_tick, NULL)) {
+        retry_wait = 1;
+        return;
+    }
+    /* No timer: the next reported message (or login) flushes again. */
+    chat_log(off_host, off_self, CHAT_LOG_ERROR,
+             "cannot start a retry timer; %zu messages wait", q_count);
+}
+
+static void inserted(const struct chat_db_result *r, void *ud)
+{
+    size_t n = inflight;
+    int err = off_host->db_error(r);
+
+    (void)ud;
+    inflight = 0;
+    if (err == CHAT_OK) {
+        pop(n);
+        single_left = single_left > n ? single_left - n : 0;
+        retry_ms = 0;
+    } else if (off_host->db_errno(r) == 1452 && n > 1) {
+        single_left = n; /* find the row with the unknown user */
+    } else if (off_host->db_errno(r) == 1452) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "dropping an offline message for unknown user %" PRId64
+                 " (%zu bytes)", head->uid, head->len);
+        pop(1);
+        single_left = single_left ? single_left - 1 : 0;
+    } else if (err == CHAT_ERR_CLOSED) {
+        return; /* stopping: fini reports what is left */
+    } else {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "storing %zu offline messages failed (%s); %zu queued, retrying",
+                 n, off_host->db_errmsg(r), q_count);
+        backoff();
+        return;
+    }
+    off_part_progress();
+    flush();
+}
+
+/* Start the next INSERT when none is in flight. */
+static void flush(void)
+{
+    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0, i;
+    struct chat_db_param *p = NULL;
+    struct off_msg *m;
+    char *sql = NULL;
+    int rc = CHAT_ERR_NOMEM;
+
+    if (inflight || retry_wait || !head)
+        return;
+    if (pred_busy()) {
+        if (!pred_poll)
+            pred_poll = off_host->timer_start(off_self, BATON_POLL_MS, 0, pred_tick,
+                                              NULL) != NULL;
+        return;
+    }
+    for (m = head; m && n < limit; m = m->next) {
+        if (n && bytes + m->len > off_cfg.batch_bytes)
+            break;
+        bytes += m->len;
+        n++;
+    }
+    sql = off_host->malloc(sizeof(INSERT_HEAD) + (n - 1) * (sizeof(INSERT_ROW) - 1));
+    p = off_host->malloc(2 * n * sizeof(*p));
+    if (!sql || !p)
+        goto out;
+    memcpy(sql, INSERT_HEAD, sizeof(INSERT_HEAD));
+    for (i = 1; i < n; i++)
+        memcpy(sql + sizeof(INSERT_HEAD) - 1 + (i - 1) * (sizeof(INSERT_ROW) - 1),
+               INSERT_ROW, sizeof(INSERT_ROW));
+    for (i = 0, m = head; i < n; i++, m = m->next) {
+        p[2 * i] = CHAT_DB_P_INT(m->uid);
+        p[2 * i + 1] = CHAT_DB_P_STR(m->json, m->len);
+    }
+    rc = off_host->db_query(off_self, sql, p, 2 * n, inserted, NULL);
+    if (rc == CHAT_OK)
+        inflight = n;
+out:
+    off_host->free(sql);
+    off_host->free(p);
+    if (rc != CHAT_OK) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "cannot queue an insert of %zu offline messages: %s", n,
+                 off_host->strerror(rc));
+        backoff();
+    }
+}
+
+void off_store_add(int64_t uid, const char *json, size_t len)
+{
+    struct off_msg *m;
+
+    if (q_bytes + MSG_COST(len) > off_cfg.queue_max_bytes) {
+        chat_log(off_host, off_self, CHAT_LOG_ERROR,
+                 "offline queue full (%zu messages, %zu bytes, queue_max_bytes=%zu):"
+                 " message for user %" PRId64 " (%zu bytes) LOST",
+                 q_count, q_bytes, off_cfg.queue_max_bytes, uid, len);
+        return;
+    }
+    m = off_host->malloc(MSG_COST(len));
+    if (!m) {
+        chat_log(off_host, off_self, CHAT_LOG_ERROR,
+                 "out of memory: offline message for user %" PRId64 " LOST", uid);
+        return;
+    }
+    m->next = NULL;
+    m->seq = next_seq++;
+    m->uid = uid;
+    m->len = len;
+    memcpy(m->json, json, len);
+    if (tail)
+        tail->next = m;
+    else
+        head = m;
+    tail = m;
+    q_bytes += MSG_COST(len);
+    q_count++;
+    chat_log(off_host, off_self, CHAT_LOG_DEBUG,
+             "queued a message for user %" PRId64 " (%zu waiting)", uid, q_count);
+    flush();
+}
+
+uint64_t off_store_pending(int64_t uid)
+{
+    const struct off_msg *m;
+    uint64_t seq = 0;
+
+    for (m = head; m; m = m->next)
+        if (m->uid == uid)
+            seq = m->seq;
+    if (!seq && pred_busy())
+        seq = 1; /* the previous instance may still hold some */
+    return seq;
+}
+
+int off_store_done(uint64_t seq)
+{
+    return !pred_busy() && (!head || head->seq > seq);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reload handover.  Blob: u32 magic, u32 pad, u64 baton pointer, u64 count,
+ * then per message u64 uid, u64 len, len bytes. */
+
+static void put64(unsigned char **w, uint64_t v)
+{
+    memcpy(*w, &v, 8);
+    *w += 8;
+}
+
+static uint64_t get64(const unsigned char **r)
+{
+    uint64_t v;
+
+    memcpy(&v, *r, 8);
+    *r += 8;
+    return v;
+}
+
+int off_store_save(void **blob, size_t *len)
+{
+    struct off_msg *m, *first = head;
+    struct off_baton *b = NULL;
+    size_t n = 0, size = 24, i;
+    unsigned char *buf, *w;
+    uint32_t magic = BLOB_MAGIC, pad = 0;
+
+    for (i = 0; i < inflight; i++)
+        first = first->next; /* the batch in flight stays here */
+    for (m = first; m; m = m->next, n++)
+        size += 16 + m->len;
+    buf = off_host->malloc(size);
+    if (!buf)
+        return CHAT_ERR_NOMEM;
+    if (inflight) { /* the next instance waits for our last INSERT */
+        if (!my_baton) {
+            if (!(my_baton = off_host->malloc(sizeof(*my_baton)))) {
+                off_host->free(buf);
+                return CHAT_ERR_NOMEM;
+            }
+            my_baton->busy = 1;
+            my_baton->refs = 1; /* ours, dropped when our queue is empty */
+        }
+        b = my_baton;
+        b->refs++; /* the blob's, adopted by restore() */
+    } else if (pred_baton) {
+        b = pred_baton; /* we never started: they wait for our predecessor */
+        pred_baton = NULL; /* our reference moves into the blob */
+    }
+    w = buf;
+    memcpy(w, &magic, 4);
+    memcpy(w + 4, &pad, 4);
+    w += 8;
+    put64(&w, (uint64_t)(uintptr_t)b);
+    put64(&w, n);
+    for (m = first; m; m = m->next) {
+        put64(&w, (uint64_t)m->uid);
+        put64(&w, m->len);
+        memcpy(w, m->json, m->len);
+        w += m->len;
+    }
+    /* Forget what moved: keep only the batch in flight. */
+    if (inflight) {
+        struct off_msg *last = head;
+
+        for (i = 1; i < inflight; i++)
+            last = last->next;
+        last->next = NULL;
+        tail = last;
+    } else {
+        tail = head = NULL;
+    }
+    while (first) {
+        m = first;
+        first = m->next;
+        q_bytes -= MSG_COST(m->len);
+        q_count--;
+        off_host->free(m);
+    }
+    chat_log(off_host, off_self, CHAT_LOG_INFO,
+             "handing %zu queued offline messages to the new instance%s", n,
+             inflight ? " (it waits for our last insert)" : "");
+    *blob = buf;
+    *len = size;
+    return CHAT_OK;
+}
+
+int off_store_restore(const void *blob, size_t len)
+{
+    const unsigned char *r = blob, *end = r + len;
+    uint32_t magic;
+    uint64_t n, uid, mlen, i;
+
+    if (len < 24)
+        return CHAT_ERR_INVAL;
+    memcpy(&magic, r, 4);
+    if (magic != BLOB_MAGIC)
+        return CHAT_ERR_INVAL;
+    r += 8;
+    pred_baton = (struct off_baton *)(uintptr_t)get64(&r);
+    n = get64(&r);
+    for (i = 0; i < n; i++) {
+        if ((size_t)(end - r) < 16)
+            return CHAT_ERR_INVAL;
+        uid = get64(&r);
+        mlen = get64(&r);
+        if ((uint64_t)(end - r) < mlen)
+            return CHAT_ERR_INVAL;
+        off_store_add((int64_t)uid, (const char *)r, (size_t)mlen);
+        r += mlen;
+    }
+    return CHAT_OK;
+}
+
+void off_store_fini(void)
+{
+    if (q_count)
+        chat_log(off_host, off_self, CHAT_LOG_ERROR,
+                 "unloading with %zu offline messages not stored: they are LOST",
+                 q_count);
+    pop(q_count);
+}

@@ -1,0 +1,234 @@
+"""The seed's own command-line client (src/client/main.cpp of the seed),
+emulated byte for byte against chatd: every request is nlohmann's dump() of
+the object (compact, keys sorted) sent as strlen(json) + 1 bytes, NUL
+included; every response is read with ONE recv() of at most 1024 bytes and
+parsed as exactly one JSON document (json::parse of the buffer), and list
+entries of the login ack are parsed a second time, as the client does.
+
+Two users drive a whole session: register, login, add a friend, create a
+group, log out and in again (the seed client learns group ids only from the
+login ack), join the group, chat, group chat, an offline message, logout.
+"""
+
+import json
+import select
+import socket
+import sys
+import time
+import unittest
+import uuid
+
+from harness import Node, Stack
+
+FAST = {"plugin.login": {"hash_cost": 1}}
+
+
+def now():
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class SeedClient:
+    """What src/client/main.cpp does on the wire."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.user = None  # (id, name) after login
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, obj):
+        # json::dump(): compact, keys in std::map order; send strlen + 1
+        text = json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        data = text.encode() + b"\0"
+        assert self.sock.send(data) == len(data)
+
+    def recv(self, timeout=10):
+        """One recv(fd, buffer, 1024, 0) and json::parse(buffer)."""
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(1024)
+        if not data:
+            raise EOFError("server closed the connection")
+        text = data.split(b"\0", 1)[0].decode()
+        try:
+            return json.loads(text)  # raises on a second document ("Extra data")
+        except ValueError as e:
+            raise AssertionError("the seed client cannot parse %r: %s" % (data, e))
+
+    def nothing(self, timeout=0.3):
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        if r:
+            raise AssertionError("unexpected data for the seed client: %r"
+                                 % self.sock.recv(1024))
+
+    # -- the menu entries
+    def register(self, name, pwd):
+        self.send({"msgid": 4, "name": name, "password": pwd})
+        r = self.recv()
+        return r
+
+    def login(self, uid, pwd):
+        self.send({"msgid": 1, "id": uid, "password": pwd})
+        r = self.recv()
+        if r["errno"] != 0:
+            return r, None
+        self.user = (r["id"], r["name"])
+        view = {"friends": [], "groups": [], "offlinemsg": []}
+        for s in r.get("friends", []):
+            js = json.loads(s)
+            view["friends"].append((js["id"], js["name"], js["state"]))
+        for s in r.get("groups", []):
+            g = json.loads(s)
+            users = []
+            for u in g["users"]:
+                ju = json.loads(u)
+                users.append((ju["id"], ju["name"], ju["state"], ju["role"]))
+            view["groups"].append((g["id"], g["groupname"], g["groupdesc"], sorted(users)))
+        for s in r.get("offlinemsg", []):
+            js = json.loads(s)
+            if js["msgid"] == 6:
+                view["offlinemsg"].append((6, js["time"], js["id"], js["name"], js["msg"]))
+            else:
+                view["offlinemsg"].append((10, js["groupid"], js["time"], js["id"],
+                                           js["name"], js["msg"]))
+        return r, view
+
+    def addfriend(self, friendid):
+        self.send({"msgid": 7, "id": self.user[0], "friendid": friendid})
+
+    def chat(self, toid, msg):
+        obj = {"msgid": 6, "id": self.user[0], "name": self.user[1], "toid": toid,
+               "msg": msg, "time": now()}
+        self.send(obj)
+        return obj
+
+    def creategroup(self, name, desc):
+        self.send({"msgid": 8, "id": self.user[0], "groupname": name, "groupdesc": desc})
+
+    def addgroup(self, groupid):
+        self.send({"msgid": 9, "id": self.user[0], "groupid": groupid})
+
+    def groupchat(self, groupid, msg):
+        obj = {"msgid": 10, "id": self.user[0], "name": self.user[1], "groupid": groupid,
+               "msg": msg, "time": now()}
+        self.send(obj)
+        return obj
+
+    def loginout(self):
+        self.send({"msgid": 3, "id": self.user[0]})
+
+
+class TestSeedClient(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, conf=FAST)
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.node.stop()
+        if rc != 0:
+            raise AssertionError("chatd exited with %r" % rc)
+
+    def run(self, result=None):
+        before = len(result.failures) + len(result.errors) if result else 0
+        out = super().run(result)
+        if result and len(result.failures) + len(result.errors) > before:
+            sys.stderr.write("---- %s\n%s\n" % (self.node.log_path, self.node.log_tail(60)))
+        return out
+
+    def client(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        return c
+
+    def test_whole_session(self):
+        tag = uuid.uuid4().hex[:6]
+        alice_name, bob_name, group = "alice" + tag, "bob" + tag, "g" + tag
+        alice, bob = self.client(), self.client()
+
+        # register (and once more: name taken)
+        r = alice.register(alice_name, "apw")
+        self.assertEqual((r["msgid"], r["errno"]), (5, 0))
+        alice_id = r["id"]
+        bob_id = bob.register(bob_name, "bpw")["id"]
+        self.assertEqual(bob.register(bob_name, "x"), {"msgid": 5, "errno": 1})
+
+        # a wrong password, then the logins
+        r, _ = alice.login(alice_id, "nope")
+        self.assertEqual(r, {"msgid": 2, "errno": 1, "errmsg": "id or password is invalid!"})
+        r, view = alice.login(alice_id, "apw")
+        self.assertEqual(r, {"msgid": 2, "errno": 0, "id": alice_id, "name": alice_name})
+        r, _ = bob.login(bob_id, "bpw")
+        self.assertEqual(r["errno"], 0)
+        other = self.client()
+        r, _ = other.login(bob_id, "bpw")
+        self.assertEqual(r, {"msgid": 2, "errno": 2,
+                             "errmsg": "this account is using, input another!"})
+
+        # addfriend, creategroup: the seed answers neither
+        alice.addfriend(bob_id)
+        alice.nothing()
+        alice.creategroup(group, "the desc")
+        alice.nothing()
+
+        # logout and login again: the group id comes with the login ack
+        alice.loginout()
+        alice.nothing()
+        r, view = alice.login(alice_id, "apw")
+        self.assertEqual(view["friends"], [(bob_id, bob_name, "online")])
+        self.assertEqual(len(view["groups"]), 1, r)
+        gid, gname, gdesc, users = view["groups"][0]
+        self.assertEqual((gname, gdesc), (group, "the desc"))
+        self.assertEqual(users, [(alice_id, alice_name, "online", "creator")])
+        self.assertNotIn("offlinemsg", r)
+
+        # bob joins the group
+        bob.addgroup(gid)
+        bob.nothing()
+
+        # one-to-one: bob's reader thread gets exactly the message sent
+        sent = alice.chat(bob_id, "hello bob")
+        got = bob.recv()
+        self.assertEqual(got, sent)
+        alice.nothing()
+        sent = bob.chat(alice_id, "hi alice, \"quoted\" \\ and \U0001F600")
+        self.assertEqual(alice.recv(), sent)
+
+        # group chat: the other member gets it, the sender does not
+        sent = bob.groupchat(gid, "hello group")
+        got = alice.recv()
+        for k in ("msgid", "id", "name", "groupid", "msg", "time"):
+            self.assertEqual(got[k], sent[k], k)
+        bob.nothing()
+
+        # offline: alice logs out, bob writes, alice gets it at her login
+        alice.loginout()
+        alice.nothing()
+        sent1 = bob.chat(alice_id, "while you were away")
+        sent2 = bob.groupchat(gid, "group, while away")
+        bob.nothing()
+        r, view = alice.login(alice_id, "apw")
+        self.assertEqual(view["offlinemsg"], [
+            (6, sent1["time"], bob_id, bob_name, "while you were away"),
+            (10, gid, sent2["time"], bob_id, bob_name, "group, while away")])
+        self.assertEqual(sorted(view["groups"][0][3]),
+                         sorted([(alice_id, alice_name, "online", "creator"),
+                                 (bob_id, bob_name, "online", "normal")]))
+
+        # and bob's view after his own re-login
+        bob.loginout()
+        bob.nothing()
+        r, view = bob.login(bob_id, "bpw")
+        self.assertEqual(view["friends"], [])  # bob added nobody
+        self.assertEqual([g[0] for g in view["groups"]], [gid])
+        self.assertNotIn("offlinemsg", r)
+        bob.loginout()
+        alice.loginout()
+        alice.nothing()
+        bob.nothing()
+
+
+if __name__ == "__main__":
+    unittest.main()
