@@ -107,12 +107,15 @@ static const char script_release[] =
     "redis.call('SREM', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
     "return 1\n";
 
-/* ARGV: uid, json.  Returns the number of subscribers reached, or -1. */
+/* ARGV: uid, json, node.  Returns the number of subscribers reached, -1
+ * when no live node holds the user, -2 when the calling node does (it then
+ * delivers from this reply, in order with its other routed messages). */
 static const char script_route[] =
     "local cur = redis.call('GET', '" K_USER "' .. ARGV[1])\n"
     "if not cur or redis.call('EXISTS', '" K_HB "' .. cur) == 0 then\n"
     "  return -1\n"
     "end\n"
+    "if cur == ARGV[3] then return -2 end\n"
     "return redis.call('PUBLISH', '" K_CHAN "' .. cur,\n"
     "                  'D ' .. ARGV[1] .. ' ' .. ARGV[2])\n";
 
@@ -237,6 +240,10 @@ static struct {
     struct bus_req *dq_head, *dq_tail;
     /* uid -> (void *)(uintptr_t) number of claims not yet released */
     struct map claims;
+    /* uid -> (void *)(uintptr_t) deliveries routed through Redis and not yet
+     * answered: while there are any, a new message for that user is routed
+     * too, even when the user is local by now, so it cannot overtake them */
+    struct map routing;
 } bus;
 
 static void link_down(const char *why);
@@ -400,6 +407,22 @@ static const char *done_script(struct bus_req *r, const redisReply *rp)
 
 static void maybe_up(void);
 
+static size_t routing_count(int64_t uid)
+{
+    return (size_t)(uintptr_t)map_get(&bus.routing, uid);
+}
+
+static void routing_add(int64_t uid, int d)
+{
+    size_t n = routing_count(uid) + (size_t)(ptrdiff_t)d;
+    if (n == 0)
+        map_del(&bus.routing, uid);
+    else if (map_put(&bus.routing, uid, (void *)(uintptr_t)n) != CHAT_OK)
+        LOGW("bus: out of memory tracking routed messages for user %lld", (long long)uid);
+}
+
+static struct chat_session *live_session(int64_t uid);
+
 /* Finish r with the reply rp (NULL: failed, or never sent); frees r. */
 static void req_done(struct bus_req *r, const redisReply *rp)
 {
@@ -421,10 +444,17 @@ static void req_done(struct bus_req *r, const redisReply *rp)
     case REQ_SYNC:
         done_sync(rp);
         break;
-    case REQ_DELIVER:
+    case REQ_DELIVER: {
+        struct chat_session *s;
+        if (r->idx) /* it was counted as routed */
+            routing_add(r->uid, -1);
+        if (rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer == -2 &&
+            (s = live_session(r->uid)) != NULL && net_deliver(s, r->data, r->len) == CHAT_OK)
+            break;
         if (rp == NULL || rp->type != REDIS_REPLY_INTEGER || rp->integer < 1)
             host_undeliverable(r->uid, r->data, r->len);
         break;
+    }
     case REQ_CLAIM:
         if (rp != NULL && rp->type == REDIS_REPLY_STRING) {
             claims_dec(r->uid);
@@ -919,6 +949,7 @@ int bus_start(uv_loop_t *loop, const struct conf *c)
         return CHAT_ERR_INVAL;
     }
     map_init(&bus.claims);
+    map_init(&bus.routing);
     if (c->have_redis) {
         bus.host = mem_strdup(c->rd_host ? c->rd_host : "127.0.0.1");
         if (bus.host == NULL)
@@ -970,6 +1001,7 @@ static void maybe_finish(void)
     while (bus.dq_head != NULL)
         defer_run();
     map_free(&bus.claims);
+    map_free(&bus.routing);
     mem_free(bus.host);
     bus.host = NULL;
     uv_close((uv_handle_t *)&bus.idle, on_handle_closed);
@@ -1022,6 +1054,8 @@ void bus_stop(void)
 
 const char *bus_node_id(void) { return bus.node; }
 
+int bus_finished(void) { return !bus.started || bus.finished; }
+
 int bus_connected(void) { return bus.started && bus.link == LINK_UP; }
 
 static int bus_open(void) { return bus.started && !bus.stopping; }
@@ -1037,7 +1071,8 @@ int bus_deliver(int64_t uid, const char *json, size_t len)
     if (json == NULL && len > 0)
         return CHAT_ERR_INVAL;
     s = live_session(uid);
-    if (s != NULL && net_deliver(s, json, len) == CHAT_OK)
+    if (s != NULL && (bus.link != LINK_UP || routing_count(uid) == 0) &&
+        net_deliver(s, json, len) == CHAT_OK)
         return CHAT_OK;
     r = req_new(REQ_DELIVER, len);
     if (r == NULL)
@@ -1047,10 +1082,14 @@ int bus_deliver(int64_t uid, const char *json, size_t len)
     if (len > 0)
         memcpy(r->data, json, len);
     snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
-    if (s != NULL || bus.link != LINK_UP
-        || send_cmd(r, "EVALSHA %s 0 %s %b", bus.sha[SC_ROUTE], uidbuf,
-                    r->data, len) != 0)
+    if (bus.link != LINK_UP
+        || send_cmd(r, "EVALSHA %s 0 %s %b %s", bus.sha[SC_ROUTE], uidbuf,
+                    r->data, len, bus.node) != 0) {
         defer(r); /* undeliverable, on the next loop turn */
+        return CHAT_OK;
+    }
+    routing_add(uid, +1);
+    r->idx = 1;
     return CHAT_OK;
 }
 

@@ -249,7 +249,8 @@ int plug_start(uv_loop_t *loop, const struct conf *c); /* load all; -1 on error 
 /* Check a config and its plugins without running them (chatd -t). */
 int plug_check(const struct conf *c, char *err, size_t errlen);
 void plug_reload(void);              /* SIGHUP: asynchronous */
-void plug_stop(void);                /* fini + unload everything (shutdown) */
+void plug_stop(void);                /* retire everything (shutdown) */
+size_t plug_live(void);              /* instances not yet unloaded */
 const struct plug_handler *plug_handler(int msgid);
 /* Fire an event to every hook, in load order; returns how many ran. */
 int plug_fire(int event, const void *arg);
@@ -338,6 +339,7 @@ int db_migrate(const struct conf *c);
 /* Connect to Redis (or run single-node when !c->have_redis). */
 int bus_start(uv_loop_t *loop, const struct conf *c);
 void bus_stop(void);  /* release this node's presence, disconnect */
+int bus_finished(void); /* bus_stop has completed (or the bus never ran) */
 const char *bus_node_id(void);
 int bus_connected(void);
 int bus_deliver(int64_t uid, const char *json, size_t len);

@@ -42,15 +42,40 @@ static void usage(FILE *f)
             CHAT_DEFAULT_CONF);
 }
 
+/* Shutdown after the sessions are gone, in phases polled by one timer:
+ * the bus first (its last replies may still raise undeliverable events,
+ * which the plugins store), then the plugins (retired, they finish their
+ * own database work, e.g. offline messages still queued), then the pool. */
+static uv_timer_t stop_timer;
+static int stop_phase;
+static uint64_t phase_since;
+
+static void on_stop_tick(uv_timer_t *t)
+{
+    uint64_t waited = uv_now(t->loop) - phase_since;
+    if (stop_phase == 0 && (bus_finished() || waited > 3000)) {
+        plug_stop();
+        stop_phase = 1;
+        phase_since = uv_now(t->loop);
+    } else if (stop_phase == 1 && (plug_live() == 0 || waited > 10000)) {
+        if (plug_live())
+            LOGW("%zu plugin instances still busy after 10 s; stopping anyway",
+                 plug_live());
+        db_stop();
+        uv_close((uv_handle_t *)&stop_timer, NULL);
+        uv_close((uv_handle_t *)&sig_hup, NULL);
+        uv_close((uv_handle_t *)&sig_int, NULL);
+        uv_close((uv_handle_t *)&sig_term, NULL);
+    }
+}
+
 static void after_sessions(void)
 {
-    LOGI("all sessions closed; stopping the database pool, bus and plugins");
-    db_stop();
+    LOGI("all sessions closed; stopping the bus, the plugins and the database pool");
     bus_stop();
-    plug_stop();
-    uv_close((uv_handle_t *)&sig_hup, NULL);
-    uv_close((uv_handle_t *)&sig_int, NULL);
-    uv_close((uv_handle_t *)&sig_term, NULL);
+    uv_timer_init(uv_default_loop(), &stop_timer);
+    phase_since = uv_now(uv_default_loop());
+    uv_timer_start(&stop_timer, on_stop_tick, 0, 10);
 }
 
 static void on_signal(uv_signal_t *h, int signum)

@@ -109,6 +109,7 @@ static struct {
     struct plug_login_part *parts;
     size_t nparts;
     int reloading, reload_again;
+    size_t live; /* instances created and not yet freed */
 } pl;
 
 /* ---- references and teardown ------------------------------------------ */
@@ -161,6 +162,7 @@ static int section_equal(const struct conf_section *a, const struct conf_section
 
 static void inst_free(struct chat_plugin *p)
 {
+    pl.live--;
     for (size_t i = 0; i < p->nparts; i++)
         mem_free(p->parts[i].key);
     mem_free(p->parts);
@@ -558,7 +560,9 @@ static struct chat_plugin *instantiate(struct opened *o, const struct conf *c,
         dlclose(o->dl);
         return NULL;
     }
-    if (!(p = mem_calloc(1, sizeof *p)) || !(p->name = mem_strdup(o->name)) ||
+    if ((p = mem_calloc(1, sizeof *p)))
+        pl.live++;
+    if (!p || !(p->name = mem_strdup(o->name)) ||
         section_copy(&p->sec, conf_section(c, o->name), o->name)) {
         LOGE("plugin %s: out of memory", o->name);
         if (p)
@@ -918,6 +922,8 @@ void plug_reload(void)
 }
 
 const struct conf *plug_current_conf(void) { return pl.conf; }
+
+size_t plug_live(void) { return pl.live; }
 
 void plug_stop(void)
 {
