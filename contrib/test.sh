@@ -135,11 +135,11 @@ start_stack() {
 # target that fails, so the tests of everything else still run (and report)
 # while the stage counts as failed.
 build_dir() {
-    local dir=$1 keep=() targets=()
+    local dir=$1 keep=() targets=() target
     shift
     cmake -S "$ROOT" -B "$dir" "$@" || return 1
     [[ -f "$dir/Makefile" ]] && keep=(-- -k)
-    for t in ${BUILD_TARGETS:-}; do targets+=(--target "$t"); done
+    for target in ${BUILD_TARGETS:-}; do targets+=(--target "$target"); done
     cmake --build "$dir" -j"$JOBS" "${targets[@]}" "${keep[@]}"
 }
 
