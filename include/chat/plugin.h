@@ -497,6 +497,19 @@ struct chat_host {
 #define CHAT_HOST_HAS(h, m) \
     ((h)->size >= offsetof(struct chat_host, m) + sizeof((h)->m))
 
+/* In init(): refuse to load, with a log line, on a host that lacks member m
+ * of the table (a host older than the plugin needs). */
+#define CHAT_HOST_REQUIRE(h, self, m)                                        \
+    do {                                                                     \
+        if (!CHAT_HOST_HAS(h, m)) {                                          \
+            (h)->log((self), CHAT_LOG_ERROR,                                 \
+                     "needs host function " #m ", which host ABI %u.%u "     \
+                     "lacks: not loaded", (unsigned)(h)->abi_major,          \
+                     (unsigned)(h)->abi_minor);                              \
+            return CHAT_ERR_ABI;                                             \
+        }                                                                    \
+    } while (0)
+
 /* Log through the host, formatting only when the level is enabled. */
 #define chat_log(h, self, lvl, ...)                        \
     do {                                                   \

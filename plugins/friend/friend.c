@@ -342,12 +342,7 @@ static int friend_init(const struct chat_host *h, struct chat_plugin *p, void **
     host = h;
     self = p;
     *state = NULL;
-    if (h->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(h, map_next)) {
-        chat_log(h, p, CHAT_LOG_ERROR, "needs host ABI %d.3 or later, the host has "
-                 "%u.%u: not loaded", CHAT_ABI_MAJOR, (unsigned)h->abi_major,
-                 (unsigned)h->abi_minor);
-        return CHAT_ERR_ABI;
-    }
+    CHAT_HOST_REQUIRE(h, p, map_next);
     if ((rc = h->register_handler(p, CHAT_MSG_ADD_FRIEND, on_add_friend, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_FRIEND_LIST, on_friend_list, NULL)) ||
         (rc = h->register_login_part(p, "friends", friends_part, NULL, NULL)))

@@ -163,12 +163,7 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
     grp.host = h;
     grp.self = p;
     *state = NULL;
-    if (h->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(h, map_next)) {
-        chat_log(h, p, CHAT_LOG_ERROR, "needs host ABI %d.3 or later, the host has "
-                 "%u.%u: not loaded", CHAT_ABI_MAJOR, (unsigned)h->abi_major,
-                 (unsigned)h->abi_minor);
-        return CHAT_ERR_ABI;
-    }
+    CHAT_HOST_REQUIRE(h, p, map_next);
     read_conf();
     if ((rc = h->register_handler(p, CHAT_MSG_CREATE_GROUP, grp_on_create, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_ADD_GROUP, grp_on_join, NULL)) ||

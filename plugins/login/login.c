@@ -434,8 +434,7 @@ static int login_init(const struct chat_host *host, struct chat_plugin *self,
     login_host = host;
     login_self = self;
     *state = NULL;
-    if (host->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(host, login_ack_begin))
-        return CHAT_ERR_ABI;
+    CHAT_HOST_REQUIRE(host, self, login_ack_begin);
     rc = load_conf();
     if (rc != CHAT_OK)
         return rc;

@@ -65,8 +65,7 @@ static int off_init(const struct chat_host *host, struct chat_plugin *self,
     off_host = host;
     off_self = self;
     *state = NULL;
-    if (host->abi_major != CHAT_ABI_MAJOR || !CHAT_HOST_HAS(host, login_part_set))
-        return CHAT_ERR_ABI;
+    CHAT_HOST_REQUIRE(host, self, login_part_set);
     load_conf();
     rc = host->register_hook(self, CHAT_EV_UNDELIVERABLE, on_undeliverable, NULL);
     if (rc == CHAT_OK)
