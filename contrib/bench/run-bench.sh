@@ -1,0 +1,358 @@
+#!/usr/bin/env bash
+# contrib/bench/run-bench.sh - `make bench`: chat-bench's standard set against
+# a local chatd and the bare relay, a table of medians at the end.
+#
+# Assumes build/ is built (chatd, plugins, chat-bench, chat-relay).  Brings
+# up what it needs the way contrib/run.sh does, but on free ports and under
+# var/bench/ (BENCH_DIR): a private MariaDB (database chat_bench) and Redis
+# (contrib/stack/*.sh), a chatd config written there (etc/chat.conf's
+# settings; the login plugin's hash_cost lowered to BENCH_HASH_COST so that
+# registering and logging in 19,000 users takes seconds, not minutes), the
+# migrations, chatd and chat-relay.  Then every scenario of the set runs
+# BENCH_RUNS times (interleaved: run 1 of each, then run 2 of each, ...) and
+# a table of medians is printed.  Everything started here is stopped on exit
+# (trap), Ctrl-C included.
+#
+# Users are kept in var/bench/ids-*.txt next to the database they live in,
+# so a second `make bench` does not register them again (the files are
+# dropped whenever the MariaDB data directory is new).
+#
+# The set (BENCH_SET, names separated by spaces):
+#   relay-pairs   pairs P=50 W=8 against chat-relay            (baseline)
+#   pairs         pairs P=50 W=8 against chatd
+#   relay-pairs-150k, pairs-150k
+#                 the same with the offered load fixed at 150,000 msgs/s
+#                 (--rate): latency below saturation, the target's terms
+#   group         group G=50 S=5 W=8 against chatd
+#   conns         conns K=BENCH_CONNS (19000) idle, --procs 2
+#   login         login storm, L=50 connections, LOGINOUT+LOGIN (password)
+#   resume        login storm with protocol-2 resume tokens (reconnect+login)
+#   pairs-calm    pairs P=50 W=1 (baseline for the next one)
+#   pairs-storm   pairs P=50 W=1 while a password login storm (L=20) runs
+# and, not in the default set:
+#   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
+# Knobs: BENCH_RUNS (3), BENCH_WARMUP (5), BENCH_DURATION (10),
+# BENCH_CONNS (19000), BENCH_HASH_COST (1; 0 = libcrypt's default),
+# BENCH_PROCS (generator processes for pairs/group, 2), BENCH_DIR
+# (var/bench), CHAT_BUILD_DIR (build), BENCH_CHATD_WORKERS (chatd -w N; 1),
+# BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
+# BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
+# write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
+# perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
+# The conns scenario restarts chatd first, so that the RSS it reads is that
+# of a fresh process.  Each result line records the 1-minute load average
+# at its start (load1=): the machine may be shared.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+
+BUILD=${CHAT_BUILD_DIR:-build}
+case $BUILD in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
+RUNS=${BENCH_RUNS:-3}
+WARMUP=${BENCH_WARMUP:-5}
+DURATION=${BENCH_DURATION:-10}
+CONNS=${BENCH_CONNS:-19000}
+HASH_COST=${BENCH_HASH_COST:-1}
+PROCS=${BENCH_PROCS:-2}
+CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
+THREADPOOL=${BENCH_THREADPOOL:-4}
+SET=${BENCH_SET:-relay-pairs pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
+DIR=${BENCH_DIR:-$ROOT/var/bench}
+PERF=${BENCH_PERF:-}
+read -r -a PERF_ARGS <<<"${BENCH_PERF_ARGS:--F 499 -g}"
+BENCH=$BUILD/chat-bench
+
+for f in "$BUILD/chatd" "$BENCH" "$BUILD/chat-relay" "$BUILD/plugins/login.so" \
+    "$BUILD/plugins/one2one.so" "$BUILD/plugins/group.so"; do
+    [[ -x "$f" || -f "$f" ]] || { echo "run-bench.sh: $f is missing: build first (make)" >&2; exit 1; }
+done
+
+free_port() {
+    /usr/bin/python3 -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
+}
+
+# wait_port PORT PID: poll until PORT accepts connections (30 s), or PID dies.
+wait_port() {
+    local i
+    for ((i = 0; i < 300; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+mkdir -p "$DIR"
+LOG=$DIR/logs
+mkdir -p "$LOG"
+chatd_pid=
+relay_pid=
+storm_pid=
+mysql_up=0
+redis_up=0
+stopping=0
+
+cleanup() {
+    local rc=$?
+    ((stopping)) && return
+    stopping=1
+    trap '' INT TERM
+    for p in "$storm_pid" "$relay_pid" "$chatd_pid"; do
+        if [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; then
+            kill -TERM "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
+    ((redis_up)) && { bash contrib/stack/redis.sh stop "$DIR/redis" || rc=1; }
+    ((mysql_up)) && { bash contrib/stack/mariadb.sh stop "$DIR/mysql" || rc=1; }
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- the stack ---------------------------------------------------------------
+if [[ ! -d "$DIR/mysql/data/mysql" ]]; then
+    rm -f "$DIR"/ids-*.txt # users of a database that is gone
+fi
+MYSQL_PORT=$(free_port)
+setsid -w bash contrib/stack/mariadb.sh start "$DIR/mysql" "$MYSQL_PORT" >"$LOG/mariadb.out" 2>&1 ||
+    { cat "$LOG/mariadb.out" >&2; exit 1; }
+mysql_up=1
+if bash contrib/stack/redis.sh status "$DIR/redis" >/dev/null 2>&1; then
+    bash contrib/stack/redis.sh stop "$DIR/redis"
+fi
+REDIS_PORT=$(free_port)
+setsid -w bash contrib/stack/redis.sh start "$DIR/redis" "$REDIS_PORT" >"$LOG/redis.out" 2>&1 ||
+    { cat "$LOG/redis.out" >&2; exit 1; }
+redis_up=1
+bash contrib/stack/mariadb.sh createdb "$DIR/mysql" chat_bench
+
+CHATD_PORT=$(free_port)
+CONF=$DIR/chat.conf
+cat >"$CONF" <<EOF
+; written by contrib/bench/run-bench.sh
+[server]
+listen = 127.0.0.1:$CHATD_PORT
+log_level = warn
+max_connections = 19800
+max_frame = 65536
+idle_timeout = 0
+max_output = 4194304
+login_part_timeout_ms = 2000
+threadpool = $THREADPOOL
+
+[plugins]
+dir = $BUILD/plugins
+enabled = login, friend, one2one, group, offline
+
+[mysql]
+host = 127.0.0.1
+port = $MYSQL_PORT
+socket = $DIR/mysql/mysqld.sock
+user = chat
+password = chat
+database = chat_bench
+pool_size = 4
+queue_max = 100000
+connect_timeout = 2
+migrations = $ROOT/sql
+
+[redis]
+host = 127.0.0.1
+port = $REDIS_PORT
+heartbeat_ttl = 10
+
+[plugin.login]
+multi_login = refuse
+name_max = 64
+password_min = 1
+password_max = 128
+resume_ttl = 604800
+hash_cost = $HASH_COST
+
+[plugin.friend]
+
+[plugin.one2one]
+msg_max = 4096
+
+[plugin.group]
+name_max = 64
+desc_max = 512
+msg_max = 4096
+group_size_max = 500
+groups_per_user_max = 200
+
+[plugin.offline]
+max_per_login = 1000
+EOF
+
+"$BUILD/chatd" --migrate -c "$CONF" >"$LOG/migrate.log" 2>&1 ||
+    { cat "$LOG/migrate.log" >&2; exit 1; }
+
+# chatd and the relay need ~19,000 descriptors each: raise the soft limit
+ulimit -n "$(ulimit -Hn)"
+WFLAG=()
+((CHATD_WORKERS > 1)) && WFLAG=(-w "$CHATD_WORKERS")
+start_chatd() {
+    setsid "$BUILD/chatd" -c "$CONF" "${WFLAG[@]}" >>"$LOG/chatd.log" 2>&1 &
+    chatd_pid=$!
+    wait_port "$CHATD_PORT" "$chatd_pid" || { tail -n 30 "$LOG/chatd.log" >&2; exit 1; }
+    CHATD=(-t "127.0.0.1:$CHATD_PORT" --server-pid "$chatd_pid")
+}
+# A fresh chatd: its RSS before the conns scenario must not hold memory
+# that an earlier scenario freed but malloc kept.
+restart_chatd() {
+    kill -TERM "$chatd_pid" 2>/dev/null || true
+    wait "$chatd_pid" 2>/dev/null || true
+    chatd_pid=
+    start_chatd
+}
+start_chatd
+
+RELAY_PORT=$(free_port)
+setsid "$BUILD/chat-relay" -l "127.0.0.1:$RELAY_PORT" >"$LOG/relay.log" 2>&1 &
+relay_pid=$!
+wait_port "$RELAY_PORT" "$relay_pid" || { cat "$LOG/relay.log" >&2; exit 1; }
+
+echo "run-bench.sh: chatd pid $chatd_pid on :$CHATD_PORT (workers=$CHATD_WORKERS," \
+    "threadpool=$THREADPOOL), relay pid $relay_pid on :$RELAY_PORT, hash_cost=$HASH_COST," \
+    "$RUNS runs of: $SET"
+echo "run-bench.sh: machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)," \
+    "kernel $(uname -r)"
+
+RELAY=(-t "127.0.0.1:$RELAY_PORT" --server-pid "$relay_pid")
+TIMING=(--warmup "$WARMUP" --duration "$DURATION" -q)
+RESULTS=$DIR/results-$(date +%Y%m%d-%H%M%S).txt
+: >"$RESULTS"
+
+# bench NAME RUN ARGS...: one chat-bench run; its RESULT line is kept.
+bench() {
+    local name=$1 run=$2 out
+    shift 2
+    local load perf_pid=
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    echo "+ chat-bench $*" >>"$LOG/commands.txt"
+    if [[ -n "$PERF" && " $PERF " == *" $name "* ]]; then
+        # profile the server over the warmup and the measured window
+        perf record -q "${PERF_ARGS[@]}" -p "$chatd_pid" -o "$DIR/perf-$name-$run.data" \
+            -- sleep "$(awk "BEGIN{print $WARMUP + $DURATION}")" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    if out=$("$BENCH" "$@" 2>>"$LOG/bench-$name.err"); then
+        echo "$name run=$run load1=$load ${out#RESULT }" >>"$RESULTS"
+        echo "  $name #$run: ${out#RESULT }"
+    else
+        echo "  $name #$run: FAILED (see $LOG/bench-$name.err)"
+        echo "$name run=$run FAILED" >>"$RESULTS"
+    fi
+    if [[ -n "$perf_pid" ]]; then
+        wait "$perf_pid" || true
+        perf report -i "$DIR/perf-$name-$run.data" --no-children --stdio -g none \
+            --percent-limit 0.7 >"$DIR/perf-$name-$run.txt" 2>/dev/null || true
+        echo "  $name #$run: profile of chatd in $DIR/perf-$name-$run.txt"
+    fi
+}
+
+for ((run = 1; run <= RUNS; run++)); do
+    echo "run-bench.sh: run $run of $RUNS"
+    for s in $SET; do
+        case $s in
+        relay-pairs)
+            bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --procs "$PROCS" "${TIMING[@]}" ;;
+        pairs)
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        group)
+            bench "$s" "$run" group "${CHATD[@]}" -G 50 -S 5 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        conns)
+            restart_chatd
+            bench "$s" "$run" conns "${CHATD[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
+                --ids "$DIR/ids-conns-c$HASH_COST.txt" --duration 3 -q ;;
+        login)
+            bench "$s" "$run" login "${CHATD[@]}" -L 50 \
+                --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        resume)
+            bench "$s" "$run" login --resume "${CHATD[@]}" -L 50 \
+                --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        relay-pairs-150k)
+            bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
+                "${TIMING[@]}" ;;
+        pairs-150k)
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-seed)
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 500 -W 1 --procs "$PROCS" \
+                --ids "$DIR/ids-seed-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-calm)
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 1 \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-storm)
+            # the storm outlasts the pairs run (setup, warmup, window, drain)
+            "$BENCH" login "${CHATD[@]}" -L 20 --ids "$DIR/ids-storm-c$HASH_COST.txt" \
+                --warmup 0 --duration "$(awk "BEGIN{print $WARMUP + $DURATION + 5}")" -q \
+                >"$LOG/storm-$run.out" 2>>"$LOG/bench-storm.err" &
+            storm_pid=$!
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 1 \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}"
+            wait "$storm_pid" || true
+            storm_pid=
+            sed "s/^RESULT /storm-during-pairs run=$run /" "$LOG/storm-$run.out" >>"$RESULTS"
+            ;;
+        *)
+            echo "run-bench.sh: unknown scenario $s" >&2 ;;
+        esac
+    done
+done
+
+echo
+echo "run-bench.sh: medians of $RUNS runs (raw results: $RESULTS)"
+/usr/bin/python3 - "$RESULTS" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    parts = line.split()
+    if len(parts) < 3 or parts[2] == "FAILED":
+        continue
+    kv = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    rows.setdefault(parts[0], []).append(kv)
+
+def med(name, key):
+    vals = [float(r[key]) for r in rows.get(name, []) if key in r]
+    return statistics.median(vals) if vals else None
+
+def fmt(v, nd=0):
+    return "-" if v is None else f"{v:,.{nd}f}"
+
+cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "dup",
+        "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
+print(" | ".join(cols))
+print(" | ".join("---" for _ in cols))
+order = ["relay-pairs", "pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "login", "resume", "pairs-calm",
+         "pairs-storm", "storm-during-pairs"]
+for name in order + sorted(set(rows) - set(order)):
+    if name not in rows:
+        continue
+    print(" | ".join([name, str(len(rows[name])), fmt(med(name, "rate")),
+                      fmt(med(name, "p50_us"), 1), fmt(med(name, "p99_us"), 1),
+                      fmt(med(name, "p999_us"), 1), fmt(med(name, "lost")),
+                      fmt(med(name, "dup")), fmt(med(name, "gen_cpu_us_per_op"), 2),
+                      fmt(med(name, "srv_cpu_us_per_op"), 2),
+                      fmt(med(name, "rss_per_conn_b"))]))
+# chatd pairs as a fraction of the relay measured in the same run
+ratios = []
+relay = {r["run"]: float(r["rate"]) for r in rows.get("relay-pairs", [])}
+for r in rows.get("pairs", []):
+    if r["run"] in relay and relay[r["run"]] > 0:
+        ratios.append(float(r["rate"]) / relay[r["run"]])
+if ratios:
+    print(f"\nchatd pairs / relay pairs (same run): median {statistics.median(ratios):.2f}"
+          f" (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+EOF
