@@ -16,6 +16,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "login.h"
 
@@ -388,6 +389,12 @@ static int64_t conf_range(const char *key, int64_t def, int64_t lo, int64_t hi)
     return v;
 }
 
+static long default_hash_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 2 ? n - 1 : 1;
+}
+
 static int load_conf(void)
 {
     const char *ml = login_host->conf_get(login_self, "multi_login", "refuse");
@@ -415,6 +422,8 @@ static int load_conf(void)
     c.hash_cost = (unsigned long)conf_range("hash_cost", 0, 0, 11);
     c.purge_interval_s = conf_range("resume_purge_interval", 3600, 0, 86400 * 7);
     c.hash_queue_max = (size_t)conf_range("hash_queue_max", 256, 0, 1000000);
+    /* one core is left to the event loop: hashing never starves chat */
+    c.hash_threads = (size_t)conf_range("hash_threads", default_hash_threads(), 1, 256);
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64

@@ -27,6 +27,7 @@ struct login_conf {
     unsigned long hash_cost;   /* yescrypt cost 1..11; 0 = libcrypt default */
     int64_t purge_interval_s;  /* expired-token purge period */
     size_t hash_queue_max;     /* hashing jobs queued or running at once */
+    size_t hash_threads;       /* hashing jobs running at once */
 };
 
 /* Set in init; per instance (each load is a private copy of the .so). */

@@ -4,9 +4,11 @@
  * yescrypt through libcrypt (crypt_gensalt_rn "$y$" and crypt_rn) costs tens
  * of milliseconds of CPU by design, so it never runs on the loop thread: each
  * job goes to the host's worker threads with host->work() and reports back on
- * the loop.  The number of jobs queued or running is bounded
- * (hash_queue_max): a flood of logins gets "busy" instead of an ever-growing
- * queue.  The plain password lives only in the job, which wipes it as soon
+ * the loop.  At most hash_threads jobs run at once (by default one core fewer
+ * than the machine has, at least one), the rest wait here in order, so a
+ * login storm cannot take the core the event loop needs for chat.  The
+ * number of jobs waiting or running is bounded (hash_queue_max): a flood of
+ * logins gets "busy" instead of an ever-growing queue.  The plain password lives only in the job, which wipes it as soon
  * as the hash is computed.  Hash strings are compared in constant time.
  */
 #include <crypt.h>
@@ -26,9 +28,12 @@ struct pw_job {
     int match;
     login_pw_cb cb;
     void *ud;
+    struct pw_job *next;             /* waiting list */
 };
 
-static size_t pw_queued; /* jobs handed to host->work and not yet done */
+static size_t pw_queued;  /* jobs waiting or running */
+static size_t pw_running; /* jobs handed to host->work and not yet done */
+static struct pw_job *pw_wait_head, *pw_wait_tail;
 
 /* Constant-time equality of two NUL-terminated strings: the time depends on
  * the lengths only, never on where they differ. */
@@ -79,10 +84,47 @@ out:
     }
 }
 
+static void pw_free(struct pw_job *j)
+{
+    explicit_bzero(j->password, j->password_len);
+    login_host->free(j->password);
+    explicit_bzero(j, sizeof(*j));
+    login_host->free(j);
+}
+
+static void pw_done(int status, void *ud);
+
+static int pw_submit(struct pw_job *j)
+{
+    int rc = login_host->work(login_self, pw_work, pw_done, j);
+    if (rc == CHAT_OK)
+        pw_running++;
+    return rc;
+}
+
+/* Start waiting jobs while there is room; a job that cannot start is
+ * answered with the error. */
+static void pw_next(void)
+{
+    while (pw_wait_head && pw_running < login_cfg.hash_threads) {
+        struct pw_job *j = pw_wait_head;
+        int rc;
+        pw_wait_head = j->next;
+        if (!pw_wait_head)
+            pw_wait_tail = NULL;
+        if ((rc = pw_submit(j)) != CHAT_OK) {
+            pw_queued--;
+            j->cb(rc, 0, NULL, j->ud);
+            pw_free(j);
+        }
+    }
+}
+
 static void pw_done(int status, void *ud)
 {
     struct pw_job *j = ud;
 
+    pw_running--;
     pw_queued--;
     if (status == CHAT_OK && j->result[0] == '\0') {
         chat_log(login_host, login_self, CHAT_LOG_ERROR,
@@ -93,9 +135,8 @@ static void pw_done(int status, void *ud)
         j->cb(CHAT_OK, j->match, j->mode == PW_HASH ? j->result : NULL, j->ud);
     else
         j->cb(status, 0, NULL, j->ud);
-    login_host->free(j->password);
-    explicit_bzero(j, sizeof(*j));
-    login_host->free(j);
+    pw_free(j);
+    pw_next();
 }
 
 static int pw_start(enum pw_mode mode, const char *password, size_t len,
@@ -126,12 +167,16 @@ static int pw_start(enum pw_mode mode, const char *password, size_t len,
         memcpy(j->setting, stored, strlen(stored) + 1);
     j->cb = cb;
     j->ud = ud;
-    rc = login_host->work(login_self, pw_work, pw_done, j);
-    if (rc != CHAT_OK) {
-        explicit_bzero(j->password, len);
-        login_host->free(j->password);
-        login_host->free(j);
-        return rc;
+    if (pw_running < login_cfg.hash_threads) {
+        if ((rc = pw_submit(j)) != CHAT_OK) {
+            pw_free(j);
+            return rc;
+        }
+    } else if (pw_wait_tail) {
+        pw_wait_tail->next = j;
+        pw_wait_tail = j;
+    } else {
+        pw_wait_head = pw_wait_tail = j;
     }
     pw_queued++;
     return CHAT_OK;
