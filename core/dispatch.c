@@ -104,6 +104,23 @@ void disp_error(struct chat_session *s, const struct chat_ack *ack, int errno_,
         disp_reply(s, ack, errno_, errmsg, NULL);
         return;
     }
+    /* a client sending garbage must not flood the log: at most 20 lines a
+     * second, then one line saying how many were left out */
+    {
+        static uint64_t window;
+        static unsigned lines, dropped;
+        uint64_t now = uv_now(uv_default_loop()) / 1000;
+        if (now != window) {
+            if (dropped)
+                LOGI("%u more ignored requests were not logged", dropped);
+            window = now;
+            lines = dropped = 0;
+        }
+        if (++lines > 20) {
+            dropped++;
+            return;
+        }
+    }
     LOGI("session %llu (%s): %s (msgid %d); ignored as the seed does",
          (unsigned long long)net_session_id(s), net_session_peer(s), errmsg,
          ack->msgid);
