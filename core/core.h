@@ -166,6 +166,22 @@ int frame_scan(struct frame_scanner *fs, const char *buf, size_t len,
  * control characters and NUL escaped, UTF-8 passed through; mem_malloc'd. */
 const char *json_member_raw(const char *obj, size_t len, const char *key,
                             size_t *vlen);
+/* json_scan_object: validate obj[0..len) as exactly one JSON object (RFC
+ * 8259, strict: no raw control characters in strings, no leading zeros;
+ * surrounding whitespace and trailing NULs allowed) without allocating, and
+ * record its first max top-level members (key body without quotes, raw
+ * value).  Returns the number of members (more than max when some were not
+ * recorded), or -1 when the text is not such an object.
+ * json_span_find: the first recorded member named key (escapes decoded). */
+struct json_span {
+    const char *key;
+    size_t klen;
+    const char *val;
+    size_t vlen;
+};
+long json_scan_object(const char *obj, size_t len, struct json_span *m, size_t max);
+const struct json_span *json_span_find(const struct json_span *m, size_t n,
+                                       const char *key);
 char *json_unescape(const char *lit, size_t len, size_t *outlen);
 char *json_quote(const char *s, size_t len, size_t *outlen);
 
@@ -229,6 +245,10 @@ const char *disp_field_str(const struct chat_request *req, const char *key, size
  * absent, -1 when not an integral number in range. */
 int disp_json_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
                   int64_t *out);
+/* Member key of the request (recorded spans, or its cJSON tree) as an
+ * integer in [lo, hi]: 1 and *out, 0 when absent, -1 otherwise. */
+int disp_req_int(const struct chat_request *req, const char *key, int64_t lo,
+                 int64_t hi, int64_t *out);
 /* host->req_forward. */
 const char *disp_forward(struct chat_session *s, const struct chat_request *req,
                          size_t *len);
@@ -239,6 +259,7 @@ struct plug_handler {
     struct chat_plugin *inst;
     chat_handler_fn fn;
     void *ud;
+    unsigned flags; /* CHAT_HANDLER_* */
 };
 struct plug_hook {
     struct chat_plugin *inst;
@@ -263,6 +284,8 @@ const char *plug_name(const struct chat_plugin *p);
 int plug_in_init(const struct chat_plugin *p);
 /* Registration (called from the host table during init). */
 int plug_register_handler(struct chat_plugin *p, int msgid, chat_handler_fn fn, void *ud);
+int plug_register_handler_ex(struct chat_plugin *p, int msgid, chat_handler_fn fn,
+                             void *ud, unsigned flags);
 int plug_register_hook(struct chat_plugin *p, int event, chat_hook_fn fn, void *ud);
 int plug_register_login_part(struct chat_plugin *p, const char *key,
                              chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,

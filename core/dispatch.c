@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core.h"
@@ -144,35 +145,109 @@ int disp_json_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
     return 1;
 }
 
+/* The current request's top-level members, recorded by the validating scan
+ * (dispatch is not re-entered while a handler runs). */
+#define SPAN_MAX 32
+static struct json_span spans[SPAN_MAX];
+static struct json_span *cur_spans; /* spans, or an allocation for more */
+static long nmembers;
+static const struct chat_request *cur_req;
+
+/* The members of req (the request being handled) as spans. */
+static const struct json_span *req_spans(const struct chat_request *req, size_t *n)
+{
+    if (req != cur_req || !cur_spans)
+        return NULL;
+    *n = (size_t)nmembers;
+    return cur_spans;
+}
+
+/* A JSON number's text as an integer in [lo, hi]: 1, or -1. */
+static int span_int(const struct json_span *m, int64_t lo, int64_t hi, int64_t *out)
+{
+    char num[40];
+    double d;
+    if (!m->vlen || m->vlen >= sizeof num || (m->val[0] != '-' && (m->val[0] < '0' || m->val[0] > '9')))
+        return -1;
+    memcpy(num, m->val, m->vlen);
+    num[m->vlen] = '\0';
+    d = strtod(num, NULL);
+    if (d != floor(d) || d < -9223372036854775808.0 || d >= 9223372036854775808.0 ||
+        (int64_t)d < lo || (int64_t)d > hi)
+        return -1;
+    *out = (int64_t)d;
+    return 1;
+}
+
+int disp_req_int(const struct chat_request *req, const char *key, int64_t lo,
+                 int64_t hi, int64_t *out)
+{
+    size_t n;
+    const struct json_span *m = req_spans(req, &n);
+    if (m) {
+        const struct json_span *f = json_span_find(m, n, key);
+        return f ? span_int(f, lo, hi, out) : 0;
+    }
+    return req->json ? disp_json_int(req->json, key, lo, hi, out) : 0;
+}
+
+/* Why a frame the strict scan refused is bad, in cJSON's words. */
+static void refuse_frame(struct chat_session *s, const char *buf, size_t len)
+{
+    struct chat_ack ack = {0, 0, 0};
+    const char *end = NULL;
+    char msg[96];
+    cJSON *root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+
+    if (!root)
+        snprintf(msg, sizeof msg, "malformed JSON near byte %ld",
+                 end ? (long)(end - buf) : 0L);
+    else if (!cJSON_IsObject(root))
+        snprintf(msg, sizeof msg, "request is not a JSON object");
+    else
+        snprintf(msg, sizeof msg, "not strict JSON (a raw control character in a "
+                                  "string, a leading zero, or nesting over 64)");
+    disp_error(s, &ack, root && !cJSON_IsObject(root) ? CHAT_E_NOT_OBJECT : CHAT_E_BAD_JSON,
+               msg);
+    cJSON_Delete(root);
+}
+
 void disp_frame(struct chat_session *s, const char *buf, size_t len)
 {
-    const char *end = NULL;
     struct chat_ack ack = {0, 0, 0};
     struct chat_request req;
     const struct plug_handler *h;
-    cJSON *root;
+    cJSON *root = NULL;
     int64_t v;
     int r;
 
-    root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
-    if (!root) {
-        char msg[64];
-        snprintf(msg, sizeof msg, "malformed JSON near byte %ld",
-                 end ? (long)(end - buf) : 0L);
-        disp_error(s, &ack, CHAT_E_BAD_JSON, msg);
+    /* one strict pass validates the frame and finds its members; the cJSON
+     * tree is built only for handlers that read it */
+    nmembers = json_scan_object(buf, len, spans, SPAN_MAX);
+    if (nmembers < 0) {
+        refuse_frame(s, buf, len);
         return;
     }
-    if (!cJSON_IsObject(root)) {
-        disp_error(s, &ack, CHAT_E_NOT_OBJECT, "request is not a JSON object");
-        goto out;
+    req.size = sizeof req;
+    req.json = NULL;
+    req.raw = buf;
+    req.raw_len = len;
+    cur_req = &req;
+    cur_spans = spans;
+    if (nmembers > SPAN_MAX) { /* a big object: record every member */
+        if (!(cur_spans = mem_malloc((size_t)nmembers * sizeof *cur_spans))) {
+            disp_error(s, &ack, CHAT_E_INTERNAL, "out of memory");
+            goto out;
+        }
+        json_scan_object(buf, len, cur_spans, (size_t)nmembers);
     }
-    if (disp_json_int(root, "proto", 2, 2, &v) == 1)
+    if (disp_req_int(&req, "proto", 2, 2, &v) == 1)
         net_session_set_proto(s, CHAT_PROTO_2);
-    if (disp_json_int(root, "seq", INT64_MIN / 2, INT64_MAX / 2, &v) == 1) {
+    if (disp_req_int(&req, "seq", INT64_MIN / 2, INT64_MAX / 2, &v) == 1) {
         ack.has_seq = 1;
         ack.seq = v;
     }
-    r = disp_json_int(root, "msgid", INT32_MIN, INT32_MAX, &v);
+    r = disp_req_int(&req, "msgid", INT32_MIN, INT32_MAX, &v);
     if (r != 1) {
         disp_error(s, &ack, CHAT_E_BAD_MSGID,
                    r ? "msgid is not an integer" : "msgid is missing");
@@ -183,16 +258,23 @@ void disp_frame(struct chat_session *s, const char *buf, size_t len)
         disp_error(s, &ack, CHAT_E_UNKNOWN_MSGID, "unknown msgid");
         goto out;
     }
-    req.size = sizeof req;
+    if (!root && !(h->flags & CHAT_HANDLER_RAW)) {
+        if (!(root = cJSON_ParseWithLengthOpts(buf, len, NULL, 0))) {
+            disp_error(s, &ack, CHAT_E_BAD_JSON, "malformed JSON");
+            goto out;
+        }
+        req.json = root;
+    }
     req.msgid = ack.msgid;
-    req.json = root;
-    req.raw = buf;
-    req.raw_len = len;
     req.ack = ack;
     plug_ref(h->inst);
     h->fn(s, &req, h->ud);
     plug_unref(h->inst);
 out:
+    cur_req = NULL;
+    if (cur_spans != spans)
+        mem_free(cur_spans);
+    cur_spans = NULL;
     while (field_copies) {
         struct field_copy *f = field_copies;
         field_copies = f->next;
@@ -246,34 +328,41 @@ static void fb_quoted(struct fwd_buf *b, const char *s, size_t n)
 
 static int is_sep(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || !c; }
 
+/* Does member k's key (a literal body) decode to key? */
+static int key_is(const struct json_span *k, const char *key)
+{
+    return json_span_find(k, 1, key) != NULL;
+}
+
 /* Can the frame go out as it is?  Sender fields are the session's, each
  * member appears once (a receiver that keeps the last duplicate must see
  * what was checked), and nothing of the sender's connection is in it. */
-static int frame_is_forwardable(const struct chat_request *req, int64_t uid,
+static int frame_is_forwardable(const struct chat_request *req,
+                                const struct json_span *m, size_t n, int64_t uid,
                                 const char *name, size_t name_len)
 {
-    const cJSON *c, *d;
-    const char *raw;
+    const struct json_span *f;
     char num[24];
     size_t len;
-    int n;
+    const char *raw;
+    int k;
 
-    for (c = req->json->child; c; c = c->next) {
-        if (!c->string || !strcmp(c->string, "seq") || !strcmp(c->string, "proto"))
+    for (size_t i = 0; i < n; i++) {
+        if (key_is(&m[i], "seq") || key_is(&m[i], "proto"))
             return 0;
-        for (d = c->next; d; d = d->next)
-            if (d->string && !strcmp(d->string, c->string))
+        for (size_t j = i + 1; j < n; j++)
+            if (m[j].klen == m[i].klen && !memcmp(m[j].key, m[i].key, m[i].klen))
                 return 0;
     }
-    n = snprintf(num, sizeof num, "%lld", (long long)uid);
-    raw = json_member_raw(req->raw, req->raw_len, "id", &len);
-    if (!raw || len != (size_t)n || memcmp(raw, num, len))
+    k = snprintf(num, sizeof num, "%lld", (long long)uid);
+    f = json_span_find(m, n, "id");
+    if (!f || f->vlen != (size_t)k || memcmp(f->val, num, f->vlen))
         return 0;
-    raw = json_member_raw(req->raw, req->raw_len, "name", &len);
-    if (!raw || len < 2 || raw[0] != '"')
+    f = json_span_find(m, n, "name");
+    if (!f || f->vlen < 2 || f->val[0] != '"')
         return 0;
-    if (!memchr(raw, '\\', len))
-        return len - 2 == name_len && !memcmp(raw + 1, name, name_len);
+    if (!memchr(f->val, '\\', f->vlen))
+        return f->vlen - 2 == name_len && !memcmp(f->val + 1, name, name_len);
     raw = disp_field_str(req, "name", &len);
     return raw && len == name_len && !memcmp(raw, name, name_len);
 }
@@ -282,16 +371,16 @@ const char *disp_forward(struct chat_session *s, const struct chat_request *req,
                          size_t *len)
 {
     int64_t uid = net_session_user(s);
-    size_t name_len, n;
+    size_t name_len, n = 0;
     const char *name = net_session_name_len(s, &name_len), *raw;
     struct fwd_buf b = {NULL, 0, 0, 0};
+    const struct json_span *m;
     struct field_copy *f;
-    const cJSON *c, *d;
     char num[48];
 
-    if (!uid)
+    if (!uid || !(m = req_spans(req, &n)))
         return NULL;
-    if (frame_is_forwardable(req, uid, name, name_len)) {
+    if (frame_is_forwardable(req, m, n, uid, name, name_len)) {
         raw = req->raw;
         n = req->raw_len;
         while (n && is_sep(*raw))
@@ -305,22 +394,20 @@ const char *disp_forward(struct chat_session *s, const struct chat_request *req,
              (long long)uid);
     fb_str(&b, num);
     fb_quoted(&b, name, name_len);
-    for (c = req->json->child; c; c = c->next) {
-        const char *k = c->string;
-        if (!k || !strcmp(k, "msgid") || !strcmp(k, "id") || !strcmp(k, "name") ||
-            !strcmp(k, "seq") || !strcmp(k, "proto"))
+    for (size_t i = 0; i < n; i++) {
+        size_t j;
+        if (key_is(&m[i], "msgid") || key_is(&m[i], "id") || key_is(&m[i], "name") ||
+            key_is(&m[i], "seq") || key_is(&m[i], "proto"))
             continue;
-        for (d = req->json->child; d != c; d = d->next)
-            if (d->string && !strcmp(d->string, k))
+        for (j = 0; j < i; j++)
+            if (m[j].klen == m[i].klen && !memcmp(m[j].key, m[i].key, m[i].klen))
                 break;
-        if (d != c)
+        if (j < i)
             continue; /* a duplicate: the first one was copied */
-        if (!(raw = json_member_raw(req->raw, req->raw_len, k, &n)))
-            continue; /* a key json_member_raw reads differently (\u0000) */
-        fb_add(&b, ",", 1);
-        fb_quoted(&b, k, strlen(k));
-        fb_add(&b, ":", 1);
-        fb_add(&b, raw, n);
+        fb_add(&b, ",\"", 2);
+        fb_add(&b, m[i].key, m[i].klen); /* the key as the client wrote it */
+        fb_add(&b, "\":", 2);
+        fb_add(&b, m[i].val, m[i].vlen);
     }
     fb_add(&b, "}", 1);
     fb_add(&b, "", 1); /* NUL, not counted */
@@ -338,8 +425,16 @@ const char *disp_forward(struct chat_session *s, const struct chat_request *req,
 const char *disp_field_raw(const struct chat_request *req, const char *key,
                            size_t *len)
 {
-    size_t n = 0;
-    const char *p = json_member_raw(req->raw, req->raw_len, key, &n);
+    size_t n = 0, nm;
+    const struct json_span *m = req_spans(req, &nm), *f;
+    const char *p;
+    if (m) {
+        f = json_span_find(m, nm, key);
+        if (len)
+            *len = f ? f->vlen : 0;
+        return f ? f->val : NULL;
+    }
+    p = json_member_raw(req->raw, req->raw_len, key, &n);
     if (len)
         *len = p ? n : 0;
     return p;
@@ -349,7 +444,7 @@ const char *disp_field_str(const struct chat_request *req, const char *key,
                            size_t *len)
 {
     size_t n, outlen;
-    const char *raw = json_member_raw(req->raw, req->raw_len, key, &n);
+    const char *raw = disp_field_raw(req, key, &n);
     struct field_copy *f;
     char *dec;
 

@@ -389,7 +389,7 @@ static int h_map_next(const struct chat_map *m, size_t *it, int64_t *k, void **v
 
 static int h_req_int(const struct chat_request *req, const char *key, int64_t *out)
 {
-    return disp_json_int(req->json, key, INT64_MIN, INT64_MAX, out);
+    return disp_req_int(req, key, INT64_MIN, INT64_MAX, out);
 }
 
 const struct chat_host host_table = {
@@ -458,4 +458,5 @@ const struct chat_host host_table = {
     .map_del = h_map_del,
     .map_len = h_map_len,
     .map_next = h_map_next,
+    .register_handler_ex = plug_register_handler_ex,
 };

@@ -350,3 +350,188 @@ char *json_quote(const char *s, size_t len, size_t *outlen)
         *outlen = (size_t)(o - out);
     return out;
 }
+
+/* ---- strict validation with member spans ------------------------------- */
+/* A validating scan for the dispatcher's fast path: RFC 8259 JSON, stricter
+ * than cJSON where cJSON is lenient in ways a receiving client may not be
+ * (raw control characters in strings, leading zeros).  No allocation; the
+ * depth is bounded. */
+
+#define SCAN_DEPTH 64
+
+static const unsigned char *v_value(const unsigned char *p, const unsigned char *e,
+                                    int depth);
+
+static const unsigned char *v_ws(const unsigned char *p, const unsigned char *e)
+{
+    while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
+static const unsigned char *v_string(const unsigned char *p, const unsigned char *e)
+{
+    if (p >= e || *p != '"')
+        return NULL;
+    for (p++; p < e; p++) {
+        if (*p == '"')
+            return p + 1;
+        if (*p < 0x20)
+            return NULL;
+        if (*p == '\\') {
+            if (++p >= e)
+                return NULL;
+            if (*p == 'u') {
+                long cp;
+                if (e - p < 5 || (cp = hex4(p + 1, e)) < 0 || (cp >= 0xDC00 && cp <= 0xDFFF))
+                    return NULL; /* a low surrogate must follow a high one */
+                p += 4;
+                if (cp >= 0xD800 && cp <= 0xDBFF) { /* needs its low half */
+                    long lo;
+                    if (e - p < 7 || p[1] != '\\' || p[2] != 'u' ||
+                        (lo = hex4(p + 3, e)) < 0xDC00 || lo > 0xDFFF)
+                        return NULL;
+                    p += 6;
+                }
+            } else if (!memchr("\"\\/bfnrt", *p, 8)) {
+                return NULL;
+            }
+        }
+    }
+    return NULL;
+}
+
+static const unsigned char *v_digits(const unsigned char *p, const unsigned char *e)
+{
+    const unsigned char *s = p;
+    while (p < e && *p >= '0' && *p <= '9')
+        p++;
+    return p > s ? p : NULL;
+}
+
+static const unsigned char *v_number(const unsigned char *p, const unsigned char *e)
+{
+    if (p < e && *p == '-')
+        p++;
+    if (p < e && *p == '0')
+        p++;
+    else if (!(p = v_digits(p, e)))
+        return NULL;
+    if (p < e && *p == '.' && !(p = v_digits(p + 1, e)))
+        return NULL;
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < e && (*p == '+' || *p == '-'))
+            p++;
+        if (!(p = v_digits(p, e)))
+            return NULL;
+    }
+    return p;
+}
+
+static const unsigned char *v_word(const unsigned char *p, const unsigned char *e,
+                                   const char *w)
+{
+    size_t n = strlen(w);
+    return (size_t)(e - p) >= n && memcmp(p, w, n) == 0 ? p + n : NULL;
+}
+
+/* Object or array body after the opening bracket; m/max/count record the
+ * members of the top-level object only (m == NULL below it). */
+static const unsigned char *v_container(const unsigned char *p, const unsigned char *e,
+                                        int depth, int object, struct json_span *m,
+                                        size_t max, size_t *count)
+{
+    char close = object ? '}' : ']';
+    if (depth >= SCAN_DEPTH)
+        return NULL;
+    p = v_ws(p, e);
+    if (p < e && *p == (unsigned char)close)
+        return p + 1;
+    for (;;) {
+        const unsigned char *k = p, *v;
+        if (object) {
+            if (!(p = v_string(p, e)))
+                return NULL;
+            p = v_ws(p, e);
+            if (p >= e || *p != ':')
+                return NULL;
+            p = v_ws(p + 1, e);
+        }
+        v = p;
+        if (!(p = v_value(p, e, depth + 1)))
+            return NULL;
+        if (m) {
+            if (*count < max) {
+                m[*count].key = (const char *)k + 1;
+                m[*count].klen = 0; /* measured after the scan */
+                m[*count].val = (const char *)v;
+                m[*count].vlen = (size_t)(p - v);
+            }
+            (*count)++;
+        }
+        p = v_ws(p, e);
+        if (p >= e)
+            return NULL;
+        if (*p == (unsigned char)close)
+            return p + 1;
+        if (*p != ',')
+            return NULL;
+        p = v_ws(p + 1, e);
+    }
+}
+
+static const unsigned char *v_value(const unsigned char *p, const unsigned char *e,
+                                    int depth)
+{
+    if (p >= e)
+        return NULL;
+    switch (*p) {
+    case '{': return v_container(p + 1, e, depth, 1, NULL, 0, NULL);
+    case '[': return v_container(p + 1, e, depth, 0, NULL, 0, NULL);
+    case '"': return v_string(p, e);
+    case 't': return v_word(p, e, "true");
+    case 'f': return v_word(p, e, "false");
+    case 'n': return v_word(p, e, "null");
+    default: return v_number(p, e);
+    }
+}
+
+long json_scan_object(const char *buf, size_t len, struct json_span *m, size_t max)
+{
+    const unsigned char *p = (const unsigned char *)buf, *e = p + len;
+    size_t count = 0;
+
+    /* the framer passes separators through: NUL is not JSON whitespace,
+     * but it may end a legacy frame */
+    while (e > p && (e[-1] == '\0' || JSON_WS(e[-1])))
+        e--;
+    p = v_ws(p, e);
+    if (p >= e || *p != '{')
+        return -1;
+    p = v_container(p + 1, e, 0, 1, m, max, &count);
+    if (!p || v_ws(p, e) != e)
+        return -1;
+    /* key lengths: the literal body between the quotes */
+    for (size_t i = 0; i < count && i < max; i++) {
+        const unsigned char *k = (const unsigned char *)m[i].key, *q = k;
+        while (*q != '"')
+            q += *q == '\\' ? 2 : 1;
+        m[i].klen = (size_t)(q - k);
+    }
+    return (long)count;
+}
+
+const struct json_span *json_span_find(const struct json_span *m, size_t n,
+                                       const char *key)
+{
+    size_t klen = strlen(key);
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *s = (const unsigned char *)m[i].key;
+        if (m[i].klen == klen && memcmp(s, key, klen) == 0)
+            return &m[i];
+        if (memchr(s, '\\', m[i].klen) && key_equal(s, s + m[i].klen, key, klen))
+            return &m[i];
+    }
+    return NULL;
+}

@@ -286,11 +286,17 @@ static struct chat_plugin *msgid_owner(const struct chat_plugin *p, int msgid)
 
 int plug_register_handler(struct chat_plugin *p, int msgid, chat_handler_fn fn, void *ud)
 {
+    return plug_register_handler_ex(p, msgid, fn, ud, 0);
+}
+
+int plug_register_handler_ex(struct chat_plugin *p, int msgid, chat_handler_fn fn,
+                             void *ud, unsigned flags)
+{
     struct inst_handler *h;
     struct chat_plugin *owner;
     if (!p || !p->in_init)
         return CHAT_ERR_STATE;
-    if (!fn)
+    if (!fn || (flags & ~(unsigned)CHAT_HANDLER_RAW))
         return CHAT_ERR_INVAL;
     for (size_t i = 0; i < p->nhandlers; i++)
         if (p->handlers[i].msgid == msgid)
@@ -305,7 +311,7 @@ int plug_register_handler(struct chat_plugin *p, int msgid, chat_handler_fn fn, 
         return CHAT_ERR_NOMEM;
     p->handlers = h;
     h[p->nhandlers].msgid = msgid;
-    h[p->nhandlers].h = (struct plug_handler){p, fn, ud};
+    h[p->nhandlers].h = (struct plug_handler){p, fn, ud, flags};
     p->nhandlers++;
     return CHAT_OK;
 }

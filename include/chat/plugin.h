@@ -23,6 +23,7 @@
  *   1.3  NUL-safe user names (session_name_len, session_login_len),
  *        req_forward (a request as forwarded, sender fields the session's),
  *        req_int, and an int64-keyed hash map (map_*)
+ *   1.4  register_handler_ex with CHAT_HANDLER_RAW (no cJSON tree built)
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -61,7 +62,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 3
+#define CHAT_ABI_MINOR 4
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -171,7 +172,8 @@ struct chat_ack {
 struct chat_request {
     uint32_t size;        /* sizeof(struct chat_request) as the host built it */
     int msgid;
-    const cJSON *json;    /* the parsed object; borrowed */
+    const cJSON *json;    /* the parsed object; borrowed.  NULL for handlers
+                           * registered with CHAT_HANDLER_RAW */
     const char *raw;      /* the frame's bytes, not NUL-terminated; borrowed */
     size_t raw_len;
     struct chat_ack ack;  /* what a reply needs */
@@ -489,7 +491,19 @@ struct chat_host {
     void *(*map_del)(struct chat_map *m, int64_t key);
     size_t (*map_len)(const struct chat_map *m);
     int (*map_next)(const struct chat_map *m, size_t *it, int64_t *key, void **val);
+
+    /* ===== ABI 1.4 ===== */
+
+    /* register_handler with flags.  CHAT_HANDLER_RAW: the handler reads the
+     * request only through req_int, req_field_raw, req_field_str, req_auth and
+     * req_forward, so the host builds no cJSON tree for it (req->json is
+     * NULL): the hot path of chat messages.  The frame has been validated as
+     * strict JSON either way. */
+    int (*register_handler_ex)(struct chat_plugin *self, int msgid,
+                               chat_handler_fn fn, void *ud, unsigned flags);
 };
+
+#define CHAT_HANDLER_RAW 0x1u
 
 #define CHAT_LOGIN_REPLACE 0x1
 

@@ -163,11 +163,12 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
     grp.host = h;
     grp.self = p;
     *state = NULL;
-    CHAT_HOST_REQUIRE(h, p, map_next);
+    CHAT_HOST_REQUIRE(h, p, register_handler_ex);
     read_conf();
     if ((rc = h->register_handler(p, CHAT_MSG_CREATE_GROUP, grp_on_create, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_ADD_GROUP, grp_on_join, NULL)) ||
-        (rc = h->register_handler(p, CHAT_MSG_GROUP_CHAT, grp_on_chat, NULL)) ||
+        (rc = h->register_handler_ex(p, CHAT_MSG_GROUP_CHAT, grp_on_chat, NULL,
+                                     CHAT_HANDLER_RAW)) ||
         (rc = h->register_handler(p, CHAT_MSG_GROUP_LIST, grp_on_list, NULL)) ||
         (rc = h->register_hook(p, CHAT_EV_BROADCAST, on_broadcast, NULL)) ||
         (rc = h->register_login_part(p, "groups", grp_groups_part, NULL, NULL)) ||

@@ -248,9 +248,11 @@ static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **sta
     host = h;
     self = p;
     *state = NULL;
-    CHAT_HOST_REQUIRE(h, p, map_next);
+    CHAT_HOST_REQUIRE(h, p, register_handler_ex);
     read_conf();
-    if ((rc = h->register_handler(p, CHAT_MSG_ONE_CHAT, on_one_chat, NULL)) != CHAT_OK)
+    /* the hot path: no cJSON tree, fields are read from the raw frame */
+    if ((rc = h->register_handler_ex(p, CHAT_MSG_ONE_CHAT, on_one_chat, NULL,
+                                     CHAT_HANDLER_RAW)) != CHAT_OK)
         return rc;
     if (!(known = h->map_new()))
         return CHAT_ERR_NOMEM;

@@ -320,9 +320,47 @@ static void stage_frame(const char *f, size_t len)
     cJSON_Delete(root);
 }
 
+/* The dispatcher's strict scan: what it accepts cJSON accepts, as an
+ * object with the same members in the same order, raw values agreeing. */
+static void stage_scan(const char *f, size_t len)
+{
+    struct json_span m[16];
+    long n = json_scan_object(f, len, m, 16);
+    cJSON *root;
+    const cJSON *c;
+    long i = 0;
+
+    if (n < 0)
+        return;
+    root = cJSON_ParseWithLengthOpts(f, len, NULL, 0);
+    CHECK(root != NULL && cJSON_IsObject(root));
+    CHECK(cJSON_GetArraySize(root) == n);
+    cJSON_ArrayForEach(c, root) {
+        if (i < 16) {
+            size_t dl;
+            char *k, lit[520];
+            CHECK(m[i].klen + 2 < sizeof(lit) || m[i].klen > 500);
+            if (m[i].klen <= 500) {
+                lit[0] = '"';
+                memcpy(lit + 1, m[i].key, m[i].klen);
+                lit[m[i].klen + 1] = '"';
+                k = json_unescape(lit, m[i].klen + 2, &dl);
+                CHECK(k != NULL);
+                /* cJSON stops a key at NUL; compare up to it */
+                CHECK(strncmp(k, c->string, dl) == 0 || memchr(k, 0, dl));
+                mem_free(k);
+            }
+            CHECK(m[i].val >= f && m[i].val + m[i].vlen <= f + len);
+        }
+        i++;
+    }
+    cJSON_Delete(root);
+}
+
 static void on_frame(const char *f, size_t len)
 {
     stage_frame(f, len);
+    stage_scan(f, len);
 }
 
 /* ---- stream and string stages --------------------------------------------- */

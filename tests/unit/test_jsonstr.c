@@ -380,6 +380,48 @@ static int same_json(const cJSON *a, const cJSON *b)
     return same;
 }
 
+static void test_scan_object(void)
+{
+    struct json_span m[4];
+    static const char *bad[] = {
+        "", "[]", "{", "{\"a\":}", "{\"a\":1,}", "{\"a\":01}", "{\"a\":-}",
+        "{\"a\":1.}", "{\"a\":tru}", "{\"a\":\"x\ty\"}", /* raw tab in string */
+        "{\"a\":\"\\q\"}", "{\"a\":\"\\u12g4\"}", "{\"a\":1} x", "{a:1}",
+        "{\"a\" 1}", "{\"a\":[1,]}", "{\"a\":\"unterminated}",
+    };
+    const char *ok = "  {\"msgid\":6, \"id\":-1.5e3,\"n\\u0061me\":\"a\\\"b\","
+                     "\"x\":[{},[],null,true,false],\"y\":{\"z\":0}}\n\0\0";
+    char deep[300];
+    long n;
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        if (json_scan_object(bad[i], strlen(bad[i]), m, 4) != -1)
+            fprintf(stderr, "\n  accepted: %s\n", bad[i]);
+        CU_ASSERT_EQUAL(json_scan_object(bad[i], strlen(bad[i]), m, 4), -1);
+    }
+    n = json_scan_object(ok, strlen(ok) + 2, m, 4);
+    CU_ASSERT_EQUAL(n, 5); /* five members, four recorded */
+    CU_ASSERT(m[0].klen == 5 && !memcmp(m[0].key, "msgid", 5));
+    CU_ASSERT(m[0].vlen == 1 && m[0].val[0] == '6');
+    CU_ASSERT(m[1].vlen == 6 && !memcmp(m[1].val, "-1.5e3", 6));
+    CU_ASSERT_PTR_EQUAL(json_span_find(m, 4, "name"), &m[2]); /* escaped key */
+    CU_ASSERT(m[2].vlen == 6);
+    CU_ASSERT(m[3].vlen == 23);
+    CU_ASSERT_PTR_NULL(json_span_find(m, 4, "y")); /* not recorded */
+    /* nesting: 63 levels inside the object pass, 64 do not */
+    for (int depth = 63; depth <= 64; depth++) {
+        size_t k = 0;
+        deep[k++] = '{';
+        deep[k++] = '"', deep[k++] = 'a', deep[k++] = '"', deep[k++] = ':';
+        for (int i = 0; i < depth; i++)
+            deep[k++] = '[';
+        for (int i = 0; i < depth; i++)
+            deep[k++] = ']';
+        deep[k++] = '}';
+        CU_ASSERT_EQUAL(json_scan_object(deep, k, m, 4), depth == 63 ? 1 : -1);
+    }
+}
+
 static void test_member_agrees_with_cjson(void)
 {
     static const char *keys[] = {"msgid", "id", "msg", "a", "m\"g", "\xc3\xa9", "x y", "no"};
@@ -439,6 +481,7 @@ int main(void)
     CU_add_test(s, "member keys and whitespace", test_member_keys_and_whitespace);
     CU_add_test(s, "member on truncated text", test_member_truncated_stays_inside);
     CU_add_test(s, "member agrees with cJSON", test_member_agrees_with_cjson);
+    CU_add_test(s, "strict scan: validation and member spans", test_scan_object);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     failed = CU_get_number_of_failures();
