@@ -303,11 +303,25 @@ static void verified(int status, int match, const char *hash, void *ud)
         bind_session(s, j);
 }
 
+
+/* Copy the user name of column 0 of row 0 into the job (names may hold NUL). */
+static int job_take_name(struct auth_job *j, const struct chat_db_result *r)
+{
+    size_t len;
+    const char *name = login_host->db_str(r, 0, 0, &len);
+    if (!(j->name = login_host->malloc(len + 1)))
+        return CHAT_ERR_NOMEM;
+    memcpy(j->name, name, len);
+    j->name[len] = '\0';
+    j->name_len = len;
+    return CHAT_OK;
+}
+
 static void user_loaded(const struct chat_db_result *r, void *ud)
 {
     struct auth_job *j = ud;
     struct chat_session *s = login_host->session_get(j->sid);
-    const char *stored = dummy_hash, *name;
+    const char *stored = dummy_hash;
     size_t len;
     int rc;
 
@@ -324,15 +338,10 @@ static void user_loaded(const struct chat_db_result *r, void *ud)
     if (login_host->db_nrows(r) == 0) {
         j->unknown = 1;
     } else {
-        name = login_host->db_str(r, 0, 0, &len);
-        j->name = login_host->malloc(len + 1);
-        if (!j->name) {
+        if (job_take_name(j, r) != CHAT_OK) {
             job_fail_rc(s, j, CHAT_ERR_NOMEM);
             return;
         }
-        memcpy(j->name, name, len);
-        j->name[len] = '\0';
-        j->name_len = len;
         stored = login_host->db_str(r, 0, 1, &len);
     }
     rc = login_pw_verify(j->password, j->password_len, stored, verified, j);
@@ -348,8 +357,6 @@ static void token_checked(const struct chat_db_result *r, void *ud)
 {
     struct auth_job *j = ud;
     struct chat_session *s = login_host->session_get(j->sid);
-    const char *name;
-    size_t len;
 
     if (!s) {
         job_end(j, 0);
@@ -368,15 +375,10 @@ static void token_checked(const struct chat_db_result *r, void *ud)
         job_fail(s, j, 1, MSG_TOKEN_INVALID, 1, MSG_TOKEN_INVALID);
         return;
     }
-    name = login_host->db_str(r, 0, 0, &len);
-    j->name = login_host->malloc(len + 1);
-    if (!j->name) {
+    if (job_take_name(j, r) != CHAT_OK) {
         job_fail_rc(s, j, CHAT_ERR_NOMEM);
         return;
     }
-    memcpy(j->name, name, len);
-    j->name[len] = '\0';
-    j->name_len = len;
     j->token_expires = login_host->db_int(r, 0, 1);
     bind_session(s, j);
 }
