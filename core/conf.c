@@ -143,6 +143,7 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
     INT_KEY("max_output", 1024, 1073741824, c->max_output)
     INT_KEY("login_part_timeout_ms", 1, 600000, c->login_part_timeout_ms)
     INT_KEY("threadpool", 1, 1024, c->threadpool_size)
+    INT_KEY("worker_nice", 0, 19, c->worker_nice)
     INT_KEY("workers", 1, 256, c->workers)
     STR_KEY("node_id", c->node_id)
     return set_err(p, "unknown key \"%s\" in [server]%s", name, "");
@@ -333,6 +334,7 @@ static void set_defaults(struct conf *c)
     c->max_output = 4u << 20;
     c->login_part_timeout_ms = 2000;
     c->threadpool_size = 4;
+    c->worker_nice = 10;
     c->workers = 1;
     c->my_port = 3306;
     c->my_pool_size = 4;

@@ -98,6 +98,7 @@ struct conf {
     size_t max_output;     /* bytes of unsent output per session */
     int login_part_timeout_ms;
     int threadpool_size;
+    int worker_nice;       /* nice of the worker threads (hashing) */
     int workers;           /* processes sharing the port (SO_REUSEPORT) */
     char *node_id;         /* "" -> generated */
     /* [plugins] */
@@ -310,6 +311,8 @@ extern const struct chat_host host_table;
 /* Fire CHAT_EV_UNDELIVERABLE for uid. */
 void host_undeliverable(int64_t uid, const char *json, size_t len);
 void host_init(uv_loop_t *loop);
+/* Nice value worker threads take before their first job (0: unchanged). */
+void host_set_work_nice(int nice);
 /* Run fn(arg) on a later loop iteration (never inside the caller). */
 int host_defer(void (*fn)(void *arg), void *arg);
 

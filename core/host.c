@@ -7,7 +7,11 @@
  * instance first and drops it after the callback, so a reload can never
  * unload code that a pending callback will still run.
  */
+#include <errno.h>
 #include <math.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,11 +205,25 @@ struct work_job {
     void *ud;
 };
 
+/* Worker jobs (password hashes) yield to the event loop: each worker
+ * thread lowers its own scheduling priority once, so a login storm slows
+ * logins down rather than the chat of everybody else. */
+static int work_nice;
+
 static void work_run(uv_work_t *req)
 {
     struct work_job *j = container_of(req, struct work_job, req);
+    static _Thread_local int niced;
+    if (!niced) {
+        niced = 1;
+        if (work_nice && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), work_nice))
+            log_write(CHAT_LOG_WARN, "core", "setpriority(%d) for a worker thread "
+                      "failed: %s", work_nice, strerror(errno));
+    }
     j->fn(j->ud);
 }
+
+void host_set_work_nice(int nice) { work_nice = nice; }
 
 static void work_after(uv_work_t *req, int status)
 {

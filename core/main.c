@@ -116,6 +116,7 @@ static int run_node(struct conf *c)
     raise_nofile();
     log_level = c->log_level;
     host_init(loop);
+    host_set_work_nice(c->worker_nice);
     ack_configure(c->login_part_timeout_ms);
     LOGI("chatd %s starting (ABI %d.%d, config %s)", CHATD_VERSION, CHAT_ABI_MAJOR,
          CHAT_ABI_MINOR, c->path);
