@@ -339,34 +339,36 @@ static int c_login(struct cli *c, char *args, char sep)
     return cmd_send(c, r, M_LOGIN, id, pw, 0) >= 0;
 }
 
-static int c_chat(struct cli *c, char *args, char sep)
+/* The commands that name one user or group: chat:ID:MSG, groupchat:ID:MSG
+ * (with_msg) and addfriend:ID, addgroup:ID. */
+static int id_command(struct cli *c, char *args, char sep, const char *name,
+                      int msgid, const char *idkey, int with_msg)
 {
-    int64_t to;
-    char *tos = next_arg(&args, sep, 0);
-    char *msg = next_arg(&args, sep, 1);
+    int64_t id;
+    char *ids = next_arg(&args, sep, !with_msg);
+    char *msg = with_msg ? next_arg(&args, sep, 1) : NULL;
     cJSON *r;
 
-    if (parse_id(tos, &to) < 0 || !msg)
-        return usage(c, "chat");
-    r = req_new(c, M_CHAT);
-    add_me(c, r, 1);
-    add_num(r, "toid", to);
-    add_str(r, "msg", msg);
-    add_time(r);
-    return cmd_send(c, r, M_CHAT, to, NULL, 0) >= 0;
+    if (parse_id(ids, &id) < 0 || (with_msg && !msg))
+        return usage(c, name);
+    r = req_new(c, msgid);
+    add_me(c, r, with_msg);
+    add_num(r, idkey, id);
+    if (with_msg) {
+        add_str(r, "msg", msg);
+        add_time(r);
+    }
+    return cmd_send(c, r, msgid, id, NULL, 0) >= 0;
+}
+
+static int c_chat(struct cli *c, char *args, char sep)
+{
+    return id_command(c, args, sep, "chat", M_CHAT, "toid", 1);
 }
 
 static int c_addfriend(struct cli *c, char *args, char sep)
 {
-    int64_t id;
-    cJSON *r;
-
-    if (parse_id(next_arg(&args, sep, 1), &id) < 0)
-        return usage(c, "addfriend");
-    r = req_new(c, M_ADD_FRIEND);
-    add_me(c, r, 0);
-    add_num(r, "friendid", id);
-    return cmd_send(c, r, M_ADD_FRIEND, id, NULL, 0) >= 0;
+    return id_command(c, args, sep, "addfriend", M_ADD_FRIEND, "friendid", 0);
 }
 
 static int c_creategroup(struct cli *c, char *args, char sep)
@@ -386,32 +388,12 @@ static int c_creategroup(struct cli *c, char *args, char sep)
 
 static int c_addgroup(struct cli *c, char *args, char sep)
 {
-    int64_t id;
-    cJSON *r;
-
-    if (parse_id(next_arg(&args, sep, 1), &id) < 0)
-        return usage(c, "addgroup");
-    r = req_new(c, M_ADD_GROUP);
-    add_me(c, r, 0);
-    add_num(r, "groupid", id);
-    return cmd_send(c, r, M_ADD_GROUP, id, NULL, 0) >= 0;
+    return id_command(c, args, sep, "addgroup", M_ADD_GROUP, "groupid", 0);
 }
 
 static int c_groupchat(struct cli *c, char *args, char sep)
 {
-    int64_t gid;
-    char *ids = next_arg(&args, sep, 0);
-    char *msg = next_arg(&args, sep, 1);
-    cJSON *r;
-
-    if (parse_id(ids, &gid) < 0 || !msg)
-        return usage(c, "groupchat");
-    r = req_new(c, M_GROUP_CHAT);
-    add_me(c, r, 1);
-    add_num(r, "groupid", gid);
-    add_str(r, "msg", msg);
-    add_time(r);
-    return cmd_send(c, r, M_GROUP_CHAT, gid, NULL, 0) >= 0;
+    return id_command(c, args, sep, "groupchat", M_GROUP_CHAT, "groupid", 1);
 }
 
 static int c_loginout(struct cli *c, char *args, char sep)
