@@ -33,6 +33,7 @@
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 # Knobs: BENCH_RUNS (3), BENCH_WARMUP (5), BENCH_DURATION (10),
 # BENCH_CONNS (19000), BENCH_HASH_COST (1; 0 = libcrypt's default),
+# BENCH_HASH_BUDGET (the login plugin's hash_budget, 50; 100 = none),
 # BENCH_PROCS (generator processes for pairs/group, 2), BENCH_DIR
 # (var/bench), CHAT_BUILD_DIR (build), BENCH_CHATD_WORKERS (chatd -w N; 1),
 # BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
@@ -54,6 +55,7 @@ WARMUP=${BENCH_WARMUP:-5}
 DURATION=${BENCH_DURATION:-10}
 CONNS=${BENCH_CONNS:-19000}
 HASH_COST=${BENCH_HASH_COST:-1}
+HASH_BUDGET=${BENCH_HASH_BUDGET:-50}
 PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
@@ -176,6 +178,7 @@ password_min = 1
 password_max = 128
 resume_ttl = 604800
 hash_cost = $HASH_COST
+hash_budget = $HASH_BUDGET
 
 [plugin.friend]
 
@@ -222,7 +225,7 @@ relay_pid=$!
 wait_port "$RELAY_PORT" "$relay_pid" || { cat "$LOG/relay.log" >&2; exit 1; }
 
 echo "run-bench.sh: chatd pid $chatd_pid on :$CHATD_PORT (workers=$CHATD_WORKERS," \
-    "threadpool=$THREADPOOL), relay pid $relay_pid on :$RELAY_PORT, hash_cost=$HASH_COST," \
+    "threadpool=$THREADPOOL), relay pid $relay_pid on :$RELAY_PORT, hash_cost=$HASH_COST, hash_budget=$HASH_BUDGET," \
     "$RUNS runs of: $SET"
 echo "run-bench.sh: machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)," \
     "kernel $(uname -r)"

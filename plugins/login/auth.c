@@ -506,7 +506,7 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
             " WHERE t.token_hash = UNHEX(SHA2(?, 256)) AND t.user_id = ?"
             " AND t.expires_at > UTC_TIMESTAMP()",
             p, 2, token_checked, j);
-    } else {
+    } else if ((rc = login_pw_admit()) == CHAT_OK) {
         p[0] = CHAT_DB_P_INT(j->uid);
         rc = login_host->db_query(login_self,
                                   "SELECT name, pwhash FROM users WHERE id = ?",

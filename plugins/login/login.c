@@ -241,7 +241,9 @@ static void handle_reg(struct chat_session *s, const struct chat_request *req,
     j->name_len = name_len;
     j->sid = login_host->session_id(s);
     j->ack = req->ack;
-    rc = login_pw_hash(pw, pw_len, reg_hashed, j);
+    rc = login_pw_admit();
+    if (rc == CHAT_OK)
+        rc = login_pw_hash(pw, pw_len, reg_hashed, j);
     if (rc != CHAT_OK) {
         reg_free(j);
         reg_fail(s, &req->ack, CHAT_E_UNAVAILABLE, "server busy, try again later");
@@ -424,11 +426,14 @@ static int load_conf(void)
     c.hash_queue_max = (size_t)conf_range("hash_queue_max", 256, 0, 1000000);
     /* one core is left to the event loop: hashing never starves chat */
     c.hash_threads = (size_t)conf_range("hash_threads", default_hash_threads(), 1, 256);
+    /* and of that core's worth, only a share: a storm is answered "busy" */
+    c.hash_budget = (long)conf_range("hash_budget", 50, 1, 100);
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
-             "s hash_cost=%lu", c.replace ? "replace" : "refuse", c.name_max,
-             c.password_min, c.password_max, c.resume_ttl, c.hash_cost);
+             "s hash_cost=%lu hash_threads=%zu hash_budget=%ld%%",
+             c.replace ? "replace" : "refuse", c.name_max, c.password_min,
+             c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads, c.hash_budget);
     return CHAT_OK;
 }
 

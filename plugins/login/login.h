@@ -28,6 +28,7 @@ struct login_conf {
     int64_t purge_interval_s;  /* expired-token purge period */
     size_t hash_queue_max;     /* hashing jobs queued or running at once */
     size_t hash_threads;       /* hashing jobs running at once */
+    long hash_budget;          /* % of the hashing threads' CPU; 100 = none */
 };
 
 /* Set in init; per instance (each load is a private copy of the .so). */
@@ -80,6 +81,10 @@ int login_pw_hash(const char *password, size_t len, login_pw_cb cb, void *ud);
  * in constant time.  Same return and callback rules as login_pw_hash. */
 int login_pw_verify(const char *password, size_t len, const char *stored,
                     login_pw_cb cb, void *ud);
+/* Admission to hashing under the CPU budget (hash_budget): CHAT_OK and one
+ * hash's worth of budget taken, or CHAT_ERR_BUSY.  Call once per login or
+ * registration, before any other work for it. */
+int login_pw_admit(void);
 /* A "$y$" setting usable as a stand-in hash (for unknown user ids), written
  * to out; CHAT_OK or CHAT_ERR_IO.  Cheap (no hashing): call on the loop. */
 int login_pw_dummy(char *out, size_t outlen);

@@ -8,11 +8,22 @@
  * than the machine has, at least one), the rest wait here in order, so a
  * login storm cannot take the core the event loop needs for chat.  The
  * number of jobs waiting or running is bounded (hash_queue_max): a flood of
- * logins gets "busy" instead of an ever-growing queue.  The plain password lives only in the job, which wipes it as soon
- * as the hash is computed.  Hash strings are compared in constant time.
+ * logins gets "busy" instead of an ever-growing queue.
+ *
+ * A CPU budget sits in front of the queue (login_pw_admit): hashing may use
+ * at most hash_budget percent of the hashing threads' time.  Each job
+ * measures its own CPU time (CLOCK_THREAD_CPUTIME_ID); an average of those
+ * turns the budget into hashes per second, enforced by a token bucket of a
+ * quarter second's worth.  A login or registration over the budget is
+ * answered "busy" at once, before any database work, so a storm costs the
+ * server a bounded share of the machine and chat keeps its latency.
+ *
+ * The plain password lives only in the job, which wipes it as soon as the
+ * hash is computed.  Hash strings are compared in constant time.
  */
 #include <crypt.h>
 #include <string.h>
+#include <time.h>
 
 #include "login.h"
 
@@ -26,6 +37,7 @@ struct pw_job {
     char setting[CRYPT_OUTPUT_SIZE]; /* PW_VERIFY: the stored hash */
     char result[CRYPT_OUTPUT_SIZE];  /* the computed hash ("" on failure) */
     int match;
+    double cpu_s;                    /* CPU seconds the hash took */
     login_pw_cb cb;
     void *ud;
     struct pw_job *next;             /* waiting list */
@@ -34,6 +46,44 @@ struct pw_job {
 static size_t pw_queued;  /* jobs waiting or running */
 static size_t pw_running; /* jobs handed to host->work and not yet done */
 static struct pw_job *pw_wait_head, *pw_wait_tail;
+static double pw_cpu_avg;    /* moving average of CPU s per hash; 0: none yet */
+static double pw_tokens;     /* the budget's token bucket */
+static double pw_refill_at;  /* monotonic seconds of the last refill */
+
+static double pw_clock(clockid_t id)
+{
+    struct timespec ts;
+
+    if (clock_gettime(id, &ts) != 0)
+        return 0;
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int login_pw_admit(void)
+{
+    double now, rate, burst;
+
+    if (login_cfg.hash_budget >= 100 || pw_cpu_avg <= 0)
+        return CHAT_OK; /* no budget, or nothing measured yet */
+    /* hashes per second that fit the budget */
+    rate = (double)login_cfg.hash_budget / 100.0 * (double)login_cfg.hash_threads /
+           pw_cpu_avg;
+    burst = rate / 4;
+    if (burst < (double)login_cfg.hash_threads)
+        burst = (double)login_cfg.hash_threads;
+    now = pw_clock(CLOCK_MONOTONIC);
+    if (pw_refill_at > 0)
+        pw_tokens += rate * (now - pw_refill_at);
+    else
+        pw_tokens = burst;
+    pw_refill_at = now;
+    if (pw_tokens > burst)
+        pw_tokens = burst;
+    if (pw_tokens < 1)
+        return CHAT_ERR_BUSY;
+    pw_tokens -= 1;
+    return CHAT_OK;
+}
 
 /* Constant-time equality of two NUL-terminated strings: the time depends on
  * the lengths only, never on where they differ. */
@@ -58,6 +108,7 @@ static void pw_work(void *ud)
     char salt[CRYPT_GENSALT_OUTPUT_SIZE];
     const char *setting = j->setting;
     char *out;
+    double t0 = pw_clock(CLOCK_THREAD_CPUTIME_ID);
 
     j->result[0] = '\0';
     cd = login_host->malloc(sizeof(*cd));
@@ -77,6 +128,7 @@ static void pw_work(void *ud)
             j->match = pw_equal(j->result, j->setting);
     }
 out:
+    j->cpu_s = pw_clock(CLOCK_THREAD_CPUTIME_ID) - t0;
     explicit_bzero(j->password, j->password_len);
     if (cd) {
         explicit_bzero(cd, sizeof(*cd));
@@ -131,6 +183,9 @@ static void pw_done(int status, void *ud)
                  "crypt failed (%s)", j->mode == PW_HASH ? "hash" : "verify");
         status = CHAT_ERR_IO;
     }
+    if (status == CHAT_OK && j->cpu_s > 0) /* weight 1/8: follows a cost change */
+        pw_cpu_avg = pw_cpu_avg > 0 ? pw_cpu_avg + (j->cpu_s - pw_cpu_avg) / 8
+                                    : j->cpu_s;
     if (status == CHAT_OK)
         j->cb(CHAT_OK, j->match, j->mode == PW_HASH ? j->result : NULL, j->ud);
     else

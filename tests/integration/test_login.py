@@ -503,6 +503,77 @@ class TestReplacePolicy(LoginCase):
         self.assertTrue(old.closed())
 
 
+class TestHashBudget(LoginCase):
+    """hash_budget: password hashing may take only a share of the hashing
+    threads' CPU; logins and registrations past it are answered busy at once,
+    token logins are not counted, and the budget refills."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.nodes = (Node(cls.stack, conf=conf(hash_threads=1)),)
+
+    def storm(self, users):
+        """One password login per user, all sent before any reply is read."""
+        clients = []
+        for uid, _, pw in users:
+            c = self.client(proto=2)
+            c.send({"msgid": 1, "id": uid, "password": pw, "seq": 1})
+            clients.append(c)
+        return clients, [c.recv(timeout=20) for c in clients]
+
+    def test_budget(self):
+        node = self.nodes[0]
+        users = [self.new_user() for _ in range(30)]  # no budget yet (100)
+        node.write_conf(conf(hash_threads=1, hash_budget=1))
+        mark = node.log_mark()
+        node.sighup()
+        node.wait_log("hash_budget=1%", since=mark)
+
+        clients, acks = self.storm(users)
+        ok = [i for i, a in enumerate(acks) if a["errno"] == 0]
+        busy = [a for a in acks if a["errno"] == 113]
+        self.assertEqual(len(ok) + len(busy), len(acks), acks)
+        self.assertGreaterEqual(len(ok), 1, acks)
+        # 1% of one thread at well under 100 ms a hash: a few per second
+        self.assertGreaterEqual(len(busy), 15, acks)
+        self.assertEqual(busy[0]["errmsg"], "server busy, try again later")
+
+        # legacy clients get the seed's LOGIN_MSG_ACK shape
+        busy_users = [users[i] for i, a in enumerate(acks) if a["errno"] == 113]
+        for uid, _, pw in busy_users:
+            legacy = self.client()
+            legacy.send({"msgid": 1, "id": uid, "password": pw})
+            r = legacy.recv(timeout=20)
+            if r["errno"] != 0:
+                break
+        self.assertEqual(r, {"msgid": 2, "errno": 1,
+                             "errmsg": "server busy, try again later"})
+        # registrations count too
+        c = self.client(proto=2)
+        for i in range(10):
+            c.send({"msgid": 4, "name": uname(), "password": "pw", "seq": i})
+        regs = [c.recv(timeout=20) for _ in range(10)]
+        self.assertTrue(any(r["errno"] == 113 for r in regs), regs)
+
+        # token logins never hash: not counted against the budget
+        first = ok[0]
+        token = acks[first]["token"]
+        clients[first].close()
+        t = self.client(proto=2)
+
+        def token_login():
+            r = t.request({"msgid": 1, "id": users[first][0], "token": token})
+            return r if r["errno"] != 2 else None  # the close not seen yet
+        r = wait_for(token_login, timeout=10)
+        self.assertEqual(r["errno"], 0, r)
+
+        # the budget refills
+        time.sleep(1.5)
+        uid, _, pw = busy_users[-1]
+        self.assertEqual(self.client(proto=2).login(uid, pw)["errno"], 0)
+
+
 class TestNames(LoginCase):
     """Names are bytes: whatever a client sends comes back exactly."""
 
