@@ -27,13 +27,20 @@
 #   conns         conns K=BENCH_CONNS (19000) idle, --procs 2
 #   login         login storm, L=50 connections, LOGINOUT+LOGIN (password)
 #   resume        login storm with protocol-2 resume tokens (reconnect+login)
-#   pairs-calm    pairs P=50 W=1 (baseline for the next one)
-#   pairs-storm   pairs P=50 W=1 while a password login storm (L=20) runs
+#   pairs-calm    pairs P=50 W=8 at a fixed offered load of BENCH_CALM_RATE
+#                 (20000) msgs/s: the baseline for the next one
+#   pairs-storm   the same while a password login storm (L=20) runs.  Open
+#                 loop on purpose: a closed-loop run saturates both cores by
+#                 itself, so any second load "degrades" it whatever the server
+#                 does; at a fixed rate p99 shows the loop's responsiveness
+#   pairs-rstorm  the same during a reconnect storm with resume tokens
 # and, not in the default set:
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 # Knobs: BENCH_RUNS (3), BENCH_WARMUP (5), BENCH_DURATION (10),
 # BENCH_CONNS (19000), BENCH_HASH_COST (1; 0 = libcrypt's default),
 # BENCH_HASH_BUDGET (the login plugin's hash_budget, 50; 100 = none),
+# BENCH_CALM_RATE (20000), BENCH_PLUGINS (the enabled list; all five),
+# BENCH_LOGIN_RATE (the login plugin's login_rate, 0 = none),
 # BENCH_PROCS (generator processes for pairs/group, 2), BENCH_DIR
 # (var/bench), CHAT_BUILD_DIR (build), BENCH_CHATD_WORKERS (chatd -w N; 1),
 # BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
@@ -56,6 +63,9 @@ DURATION=${BENCH_DURATION:-10}
 CONNS=${BENCH_CONNS:-19000}
 HASH_COST=${BENCH_HASH_COST:-1}
 HASH_BUDGET=${BENCH_HASH_BUDGET:-50}
+CALM_RATE=${BENCH_CALM_RATE:-20000}
+LOGIN_RATE=${BENCH_LOGIN_RATE:-0}
+PLUGINS=${BENCH_PLUGINS:-login, friend, one2one, group, offline}
 PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
@@ -152,7 +162,7 @@ threadpool = $THREADPOOL
 
 [plugins]
 dir = $BUILD/plugins
-enabled = login, friend, one2one, group, offline
+enabled = $PLUGINS
 
 [mysql]
 host = 127.0.0.1
@@ -179,6 +189,7 @@ password_max = 128
 resume_ttl = 604800
 hash_cost = $HASH_COST
 hash_budget = $HASH_BUDGET
+login_rate = $LOGIN_RATE
 
 [plugin.friend]
 
@@ -225,7 +236,7 @@ relay_pid=$!
 wait_port "$RELAY_PORT" "$relay_pid" || { cat "$LOG/relay.log" >&2; exit 1; }
 
 echo "run-bench.sh: chatd pid $chatd_pid on :$CHATD_PORT (workers=$CHATD_WORKERS," \
-    "threadpool=$THREADPOOL), relay pid $relay_pid on :$RELAY_PORT, hash_cost=$HASH_COST, hash_budget=$HASH_BUDGET," \
+    "threadpool=$THREADPOOL), relay pid $relay_pid on :$RELAY_PORT, hash_cost=$HASH_COST, hash_budget=$HASH_BUDGET, login_rate=$LOGIN_RATE," \
     "$RUNS runs of: $SET"
 echo "run-bench.sh: machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)," \
     "kernel $(uname -r)"
@@ -295,19 +306,22 @@ for ((run = 1; run <= RUNS; run++)); do
             bench "$s" "$run" pairs "${CHATD[@]}" -P 500 -W 1 --procs "$PROCS" \
                 --ids "$DIR/ids-seed-c$HASH_COST.txt" "${TIMING[@]}" ;;
         pairs-calm)
-            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 1 \
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --rate "$CALM_RATE" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
-        pairs-storm)
-            # the storm outlasts the pairs run (setup, warmup, window, drain)
-            "$BENCH" login "${CHATD[@]}" -L 20 --ids "$DIR/ids-storm-c$HASH_COST.txt" \
+        pairs-storm|pairs-rstorm)
+            # the storm outlasts the pairs run (setup, warmup, window, drain);
+            # pairs-rstorm: a reconnect storm with resume tokens instead
+            storm=(login -L 20)
+            [ "$s" = pairs-rstorm ] && storm=(login --resume -L 20)
+            "$BENCH" "${storm[@]}" "${CHATD[@]}" --ids "$DIR/ids-storm-c$HASH_COST.txt" \
                 --warmup 0 --duration "$(awk "BEGIN{print $WARMUP + $DURATION + 5}")" -q \
                 >"$LOG/storm-$run.out" 2>>"$LOG/bench-storm.err" &
             storm_pid=$!
-            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 1 \
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --rate "$CALM_RATE" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}"
             wait "$storm_pid" || true
             storm_pid=
-            sed "s/^RESULT /storm-during-pairs run=$run /" "$LOG/storm-$run.out" >>"$RESULTS"
+            sed "s/^RESULT /storm-during-$s run=$run /" "$LOG/storm-$run.out" >>"$RESULTS"
             ;;
         *)
             echo "run-bench.sh: unknown scenario $s" >&2 ;;
@@ -339,7 +353,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
 order = ["relay-pairs", "pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "login", "resume", "pairs-calm",
-         "pairs-storm", "storm-during-pairs"]
+         "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:
         continue

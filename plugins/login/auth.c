@@ -495,6 +495,13 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
         login_host->free(j);
         return;
     }
+    if (login_rate_admit() != CHAT_OK) {
+        wipe_password(j);
+        explicit_bzero(j->token, sizeof(j->token));
+        login_host->free(j);
+        login_fail(s, &req->ack, CHAT_E_UNAVAILABLE, MSG_BUSY, 1, MSG_BUSY);
+        return;
+    }
     j->next = *pend_slot(sid);
     *pend_slot(sid) = j;
     if (j->by_token) {

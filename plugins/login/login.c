@@ -16,6 +16,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "login.h"
@@ -70,6 +71,35 @@ static void revoke_done(const struct chat_db_result *r, void *ud)
     if (login_host->db_error(r) != CHAT_OK)
         chat_log(login_host, login_self, CHAT_LOG_ERROR,
                  "revoking a resume token failed: %s", login_host->db_errmsg(r));
+}
+
+int login_bucket_take(struct login_bucket *b, double rate, double burst)
+{
+    struct timespec ts;
+    double now;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    b->tokens = b->at > 0 ? b->tokens + rate * (now - b->at) : burst;
+    b->at = now;
+    if (b->tokens > burst)
+        b->tokens = burst;
+    if (b->tokens < 1)
+        return 0;
+    b->tokens -= 1;
+    return 1;
+}
+
+/* login_rate: a bucket of a quarter second's worth (at least one). */
+int login_rate_admit(void)
+{
+    static struct login_bucket bucket;
+    double rate = (double)login_cfg.login_rate;
+
+    if (login_cfg.login_rate <= 0)
+        return CHAT_OK;
+    return login_bucket_take(&bucket, rate, rate / 4 < 1 ? 1 : rate / 4)
+               ? CHAT_OK : CHAT_ERR_BUSY;
 }
 
 void login_token_revoke(const char *token_hex)
@@ -428,12 +458,14 @@ static int load_conf(void)
     c.hash_threads = (size_t)conf_range("hash_threads", default_hash_threads(), 1, 256);
     /* and of that core's worth, only a share: a storm is answered "busy" */
     c.hash_budget = (long)conf_range("hash_budget", 50, 1, 100);
+    c.login_rate = conf_range("login_rate", 0, 0, 1000000);
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
-             "s hash_cost=%lu hash_threads=%zu hash_budget=%ld%%",
-             c.replace ? "replace" : "refuse", c.name_max, c.password_min,
-             c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads, c.hash_budget);
+             "s hash_cost=%lu hash_threads=%zu hash_budget=%ld%% login_rate=%" PRId64
+             "/s", c.replace ? "replace" : "refuse", c.name_max, c.password_min,
+             c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads, c.hash_budget,
+             c.login_rate);
     return CHAT_OK;
 }
 

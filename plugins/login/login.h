@@ -29,6 +29,7 @@ struct login_conf {
     size_t hash_queue_max;     /* hashing jobs queued or running at once */
     size_t hash_threads;       /* hashing jobs running at once */
     long hash_budget;          /* % of the hashing threads' CPU; 100 = none */
+    int64_t login_rate;        /* logins admitted per second; 0 = no limit */
 };
 
 /* Set in init; per instance (each load is a private copy of the .so). */
@@ -55,6 +56,15 @@ int login_is_p2(const struct chat_session *s);
  * "errmsg":legacy_msg} (legacy_msg NULL: errmsg). */
 void login_fail(struct chat_session *s, const struct chat_ack *ack, int p2_errno,
                 const char *errmsg, int legacy_errno, const char *legacy_msg);
+/* A token bucket: up to burst tokens, refilled at rate per second. */
+struct login_bucket {
+    double tokens;
+    double at; /* monotonic seconds of the last refill; 0: never used */
+};
+/* Take one token: 1, or 0 when the bucket is empty. */
+int login_bucket_take(struct login_bucket *b, double rate, double burst);
+/* Admission of one LOGIN_MSG under login_rate: CHAT_OK or CHAT_ERR_BUSY. */
+int login_rate_admit(void);
 /* Revoke one resume token (fire and forget; failures are logged). */
 void login_token_revoke(const char *token_hex);
 

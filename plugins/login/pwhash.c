@@ -47,42 +47,30 @@ static size_t pw_queued;  /* jobs waiting or running */
 static size_t pw_running; /* jobs handed to host->work and not yet done */
 static struct pw_job *pw_wait_head, *pw_wait_tail;
 static double pw_cpu_avg;    /* moving average of CPU s per hash; 0: none yet */
-static double pw_tokens;     /* the budget's token bucket */
-static double pw_refill_at;  /* monotonic seconds of the last refill */
+static struct login_bucket pw_bucket;
 
-static double pw_clock(clockid_t id)
+static double pw_cpu_now(void)
 {
     struct timespec ts;
 
-    if (clock_gettime(id, &ts) != 0)
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
         return 0;
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 int login_pw_admit(void)
 {
-    double now, rate, burst;
+    double rate, burst;
 
     if (login_cfg.hash_budget >= 100 || pw_cpu_avg <= 0)
         return CHAT_OK; /* no budget, or nothing measured yet */
-    /* hashes per second that fit the budget */
+    /* hashes per second that fit the budget; a quarter second's burst */
     rate = (double)login_cfg.hash_budget / 100.0 * (double)login_cfg.hash_threads /
            pw_cpu_avg;
     burst = rate / 4;
     if (burst < (double)login_cfg.hash_threads)
         burst = (double)login_cfg.hash_threads;
-    now = pw_clock(CLOCK_MONOTONIC);
-    if (pw_refill_at > 0)
-        pw_tokens += rate * (now - pw_refill_at);
-    else
-        pw_tokens = burst;
-    pw_refill_at = now;
-    if (pw_tokens > burst)
-        pw_tokens = burst;
-    if (pw_tokens < 1)
-        return CHAT_ERR_BUSY;
-    pw_tokens -= 1;
-    return CHAT_OK;
+    return login_bucket_take(&pw_bucket, rate, burst) ? CHAT_OK : CHAT_ERR_BUSY;
 }
 
 /* Constant-time equality of two NUL-terminated strings: the time depends on
@@ -108,7 +96,7 @@ static void pw_work(void *ud)
     char salt[CRYPT_GENSALT_OUTPUT_SIZE];
     const char *setting = j->setting;
     char *out;
-    double t0 = pw_clock(CLOCK_THREAD_CPUTIME_ID);
+    double t0 = pw_cpu_now();
 
     j->result[0] = '\0';
     cd = login_host->malloc(sizeof(*cd));
@@ -128,7 +116,7 @@ static void pw_work(void *ud)
             j->match = pw_equal(j->result, j->setting);
     }
 out:
-    j->cpu_s = pw_clock(CLOCK_THREAD_CPUTIME_ID) - t0;
+    j->cpu_s = pw_cpu_now() - t0;
     explicit_bzero(j->password, j->password_len);
     if (cd) {
         explicit_bzero(cd, sizeof(*cd));

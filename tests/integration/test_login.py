@@ -503,15 +503,27 @@ class TestReplacePolicy(LoginCase):
         self.assertTrue(old.closed())
 
 
-class TestHashBudget(LoginCase):
+class TestAdmission(LoginCase):
     """hash_budget: password hashing may take only a share of the hashing
     threads' CPU; logins and registrations past it are answered busy at once,
-    token logins are not counted, and the budget refills."""
+    token logins are not counted, and the budget refills.  login_rate: all
+    logins, token logins included, past a rate per second are busy."""
 
     @classmethod
     def setUpClass(cls):
         cls.stack = Stack()
         cls.nodes = (Node(cls.stack, conf=conf(hash_threads=1)),)
+
+    def configure(self, **kw):
+        """Apply settings with SIGHUP and wait until the plugin took them."""
+        node = self.nodes[0]
+        settings = dict(hash_threads=1, hash_budget=100, login_rate=0)
+        settings.update(kw)
+        node.write_conf(conf(**settings))
+        mark = node.log_mark()
+        node.sighup()
+        node.wait_log("hash_budget=%d%% login_rate=%d/s" % (
+            settings["hash_budget"], settings["login_rate"]), since=mark)
 
     def storm(self, users):
         """One password login per user, all sent before any reply is read."""
@@ -523,12 +535,9 @@ class TestHashBudget(LoginCase):
         return clients, [c.recv(timeout=20) for c in clients]
 
     def test_budget(self):
-        node = self.nodes[0]
-        users = [self.new_user() for _ in range(30)]  # no budget yet (100)
-        node.write_conf(conf(hash_threads=1, hash_budget=1))
-        mark = node.log_mark()
-        node.sighup()
-        node.wait_log("hash_budget=1%", since=mark)
+        self.configure()
+        users = [self.new_user() for _ in range(30)]  # no budget yet
+        self.configure(hash_budget=1)
 
         clients, acks = self.storm(users)
         ok = [i for i, a in enumerate(acks) if a["errno"] == 0]
@@ -572,6 +581,42 @@ class TestHashBudget(LoginCase):
         time.sleep(1.5)
         uid, _, pw = busy_users[-1]
         self.assertEqual(self.client(proto=2).login(uid, pw)["errno"], 0)
+
+    def test_login_rate(self):
+        self.configure()
+        users = [self.new_user() for _ in range(12)]
+        # tokens for all of them, then off-line again
+        tokens = []
+        for uid, _, pw in users:
+            c, ack = self.logged_in(uid, pw, proto=2)
+            tokens.append(ack["token"])
+            c.close()
+        self.configure(login_rate=4)
+        time.sleep(0.5)  # the bucket fills: a quarter second's worth, 1 token
+
+        def storm():
+            clients = []
+            for (uid, _, _), token in zip(users, tokens):
+                c = self.client(proto=2)
+                c.send({"msgid": 1, "id": uid, "token": token, "seq": 1})
+                clients.append(c)
+            return clients, [c.recv(timeout=20) for c in clients]
+
+        # token logins count too; errno 2: a close not processed yet
+        clients, acks = wait_for(lambda: (lambda r: r if all(
+            a["errno"] != 2 for a in r[1]) else None)(storm()), timeout=10)
+        errnos = sorted(a["errno"] for a in acks)
+        self.assertGreaterEqual(errnos.count(0), 1, acks)
+        self.assertGreaterEqual(errnos.count(113), 8, acks)
+        self.assertEqual(errnos.count(0) + errnos.count(113), len(acks), acks)
+        for c in clients:
+            c.close()
+        # the rate refills: one login every quarter second gets through
+        uid, _, pw = users[0]
+        time.sleep(0.5)
+        r = wait_for(lambda: (lambda a: a if a["errno"] != 2 else None)(
+            self.client(proto=2).login(uid, pw)), timeout=10)
+        self.assertEqual(r["errno"], 0, r)
 
 
 class TestNames(LoginCase):
