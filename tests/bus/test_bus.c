@@ -693,6 +693,7 @@ static void child_command(char *line)
         bus_claim(uid, flags, child_on_claim, (void *)(intptr_t)uid);
     } else if (sscanf(line, "unbind %" SCNd64, &uid) == 1) {
         stub_unbind(uid);
+        pipe_send(&ctl, "unbound %" PRId64, uid);
     } else if (sscanf(line, "release %" SCNd64, &uid) == 1) {
         stub_unbind(uid);
         bus_release(uid);
@@ -941,6 +942,8 @@ static void test_two_nodes(void)
     snprintf(msg, sizeof(msg), "claim %" PRId64 " 0", nobody);
     CU_ASSERT(node_expect(&child, msg, 5000) != NULL);
     pipe_send(&child.pipe, "unbind %" PRId64, nobody);
+    snprintf(msg, sizeof(msg), "unbound %" PRId64, nobody);
+    CU_ASSERT(node_expect(&child, msg, 5000) != NULL); /* before the delivery */
     CU_ASSERT(bus_deliver(nobody, "{\"gone\":1}", 10) == CHAT_OK);
     snprintf(msg, sizeof(msg), "U %" PRId64 " 7b22676f6e65223a317d", nobody);
     CU_ASSERT(node_expect(&child, msg, 5000) != NULL);
