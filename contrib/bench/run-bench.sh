@@ -38,7 +38,7 @@
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 # Knobs: BENCH_RUNS (3), BENCH_WARMUP (5), BENCH_DURATION (10),
 # BENCH_CONNS (19000), BENCH_HASH_COST (1; 0 = libcrypt's default),
-# BENCH_HASH_BUDGET (the login plugin's hash_budget, 50; 100 = none),
+# BENCH_HASH_BUDGET (the login plugin's hash_budget, 100 = none),
 # BENCH_CALM_RATE (20000), BENCH_PLUGINS (the enabled list; all five),
 # BENCH_LOGIN_RATE (the login plugin's login_rate, 0 = none),
 # BENCH_PROCS (generator processes for pairs/group, 2), BENCH_DIR
@@ -62,7 +62,7 @@ WARMUP=${BENCH_WARMUP:-5}
 DURATION=${BENCH_DURATION:-10}
 CONNS=${BENCH_CONNS:-19000}
 HASH_COST=${BENCH_HASH_COST:-1}
-HASH_BUDGET=${BENCH_HASH_BUDGET:-50}
+HASH_BUDGET=${BENCH_HASH_BUDGET:-100}
 CALM_RATE=${BENCH_CALM_RATE:-20000}
 LOGIN_RATE=${BENCH_LOGIN_RATE:-0}
 PLUGINS=${BENCH_PLUGINS:-login, friend, one2one, group, offline}

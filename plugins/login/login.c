@@ -456,8 +456,8 @@ static int load_conf(void)
     c.hash_queue_max = (size_t)conf_range("hash_queue_max", 256, 0, 1000000);
     /* one core is left to the event loop: hashing never starves chat */
     c.hash_threads = (size_t)conf_range("hash_threads", default_hash_threads(), 1, 256);
-    /* and of that core's worth, only a share: a storm is answered "busy" */
-    c.hash_budget = (long)conf_range("hash_budget", 50, 1, 100);
+    /* optionally only a share of those threads' time (100: all of it) */
+    c.hash_budget = (long)conf_range("hash_budget", 100, 1, 100);
     c.login_rate = conf_range("login_rate", 0, 0, 1000000);
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,

@@ -10,13 +10,14 @@
  * number of jobs waiting or running is bounded (hash_queue_max): a flood of
  * logins gets "busy" instead of an ever-growing queue.
  *
- * A CPU budget sits in front of the queue (login_pw_admit): hashing may use
- * at most hash_budget percent of the hashing threads' time.  Each job
- * measures its own CPU time (CLOCK_THREAD_CPUTIME_ID); an average of those
- * turns the budget into hashes per second, enforced by a token bucket of a
- * quarter second's worth.  A login or registration over the budget is
- * answered "busy" at once, before any database work, so a storm costs the
- * server a bounded share of the machine and chat keeps its latency.
+ * A CPU budget (off by default) sits in front of the queue
+ * (login_pw_admit): hashing may use at most hash_budget percent of the
+ * hashing threads' time.  Each job measures its own CPU time
+ * (CLOCK_THREAD_CPUTIME_ID); an average of those turns the budget into
+ * hashes per second, enforced by a token bucket of a quarter second's
+ * worth.  A login or registration over the budget is answered "busy" at
+ * once, before any database work, so hashing takes a bounded share of the
+ * machine whatever the storm.
  *
  * The plain password lives only in the job, which wipes it as soon as the
  * hash is computed.  Hash strings are compared in constant time.

@@ -43,7 +43,7 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
     CHAT_PLUGIN_DIR, enabled = plugins; [mysql] (when mysql) the stack's
     MariaDB over TCP as chat/chat, database db (a fresh one when None),
     migrations CHAT_SRC/sql; [redis] (when redis) the stack's Redis,
-    heartbeat_ttl 3; [plugin.login] hash_budget 100 when login is loaded.  `conf` = {section: {key: value}} is merged over that:
+    heartbeat_ttl 3.  `conf` = {section: {key: value}} is merged over that:
     a value None removes the key, a section None removes the section.
     Runs `chatd --migrate -c CONF` when migrate and mysql, then starts
     `CHATD -c CONF [args]` with stdout+stderr to a log file, and waits (20 s)
@@ -454,10 +454,6 @@ class Node:
                                   "enabled": ", ".join(plugins)}}
         if node_id is not None:
             self._conf["server"]["node_id"] = node_id
-        if "login" in plugins:
-            # tests register and log in back to back: no hashing budget
-            # unless a test sets one (test_login.TestHashBudget)
-            self._conf["plugin.login"] = {"hash_budget": 100}
         if mysql:
             self._conf["mysql"] = {"host": "127.0.0.1", "port": stack.mysql_port,
                                    "user": "chat", "password": "chat",
