@@ -44,6 +44,8 @@ struct auth_job {
     char token[LOGIN_TOKEN_HEX + 1]; /* "" when the ack carries none */
     int64_t token_expires;   /* unix seconds */
     int token_new;           /* created by this login: revoke if it fails */
+    int tc_store;            /* remember the token once the login succeeded */
+    uint64_t tc_generation;  /* the token cache's, when the token was read */
 };
 
 #define PEND_BUCKETS 1024
@@ -103,7 +105,7 @@ static void wipe_password(struct auth_job *j)
 static void job_end(struct auth_job *j, int revoke)
 {
     if (revoke && j->token_new)
-        login_token_revoke(j->token);
+        login_token_revoke(j->uid, j->token);
     pend_remove(j);
     wipe_password(j);
     login_host->free(j->name);
@@ -195,6 +197,9 @@ static void bound(int status, uint64_t sid, void *ud)
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "user %" PRId64 " logged in from %s (%s)", j->uid,
              login_host->session_peer(s), j->by_token ? "token" : "password");
+    if (j->tc_store && j->token[0])
+        login_tc_store(j->tc_generation, j->uid, j->token, j->name, j->name_len,
+                       j->token_expires);
     job_end(j, 0);
 }
 
@@ -262,6 +267,8 @@ static void token_create(struct chat_session *s, struct auth_job *j)
     }
     j->token[LOGIN_TOKEN_HEX] = '\0';
     explicit_bzero(rnd, sizeof(rnd));
+    j->tc_store = 1;
+    j->tc_generation = login_tc_generation();
     j->token_expires = (int64_t)time(NULL) + login_cfg.resume_ttl;
     p[0] = CHAT_DB_P_STR(j->token, LOGIN_TOKEN_HEX);
     p[1] = CHAT_DB_P_INT(j->uid);
@@ -380,6 +387,7 @@ static void token_checked(const struct chat_db_result *r, void *ud)
         return;
     }
     j->token_expires = login_host->db_int(r, 0, 1);
+    j->tc_store = 1; /* with the generation read before the SELECT */
     bind_session(s, j);
 }
 
@@ -463,6 +471,26 @@ static int parse_request(struct chat_session *s, const struct chat_request *req,
     return 0;
 }
 
+/* A token this node verified recently: bind without asking the database.
+ * 1 when the login went on from here. */
+static int token_from_cache(struct chat_session *s, struct auth_job *j)
+{
+    const char *name;
+    size_t len;
+
+    if (!login_tc_lookup(j->uid, j->token, &name, &len, &j->token_expires))
+        return 0;
+    if (!(j->name = login_host->malloc(len + 1))) {
+        job_fail_rc(s, j, CHAT_ERR_NOMEM);
+        return 1;
+    }
+    memcpy(j->name, name, len);
+    j->name[len] = '\0';
+    j->name_len = len;
+    bind_session(s, j);
+    return 1;
+}
+
 void login_handle_login(struct chat_session *s, const struct chat_request *req,
                         void *ud)
 {
@@ -504,7 +532,10 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
     }
     j->next = *pend_slot(sid);
     *pend_slot(sid) = j;
+    if (j->by_token && token_from_cache(s, j))
+        return;
     if (j->by_token) {
+        j->tc_generation = login_tc_generation();
         p[0] = CHAT_DB_P_STR(j->token, LOGIN_TOKEN_HEX);
         p[1] = CHAT_DB_P_INT(j->uid);
         rc = login_host->db_query(login_self,

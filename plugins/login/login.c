@@ -102,8 +102,9 @@ int login_rate_admit(void)
                ? CHAT_OK : CHAT_ERR_BUSY;
 }
 
-void login_token_revoke(const char *token_hex)
+void login_token_revoke(int64_t uid, const char *token_hex)
 {
+    login_tc_drop(uid, token_hex);
     struct chat_db_param p = CHAT_DB_P_STR(token_hex, strlen(token_hex));
     int rc = login_host->db_query(login_self,
         "DELETE FROM resume_tokens WHERE token_hash = UNHEX(SHA2(?, 256))",
@@ -303,6 +304,8 @@ static void logout_revoked(const struct chat_db_result *r, void *ud)
         login_host->reply(s, &j->ack, ok ? CHAT_E_OK : CHAT_E_INTERNAL,
                           ok ? NULL : "logged out, but resume tokens were not revoked",
                           NULL);
+    /* now that the rows are gone, no node may trust its cached copy */
+    login_tc_revoke_everywhere(j->uid);
     login_host->free(j);
 }
 
@@ -326,6 +329,7 @@ static void handle_logout(struct chat_session *s, const struct chat_request *req
     }
     /* Tokens are revoked before the protocol-2 ack, so a client that got
      * the ack can rely on its token being dead. */
+    login_tc_drop(uid, NULL);
     j = login_host->malloc(sizeof(*j));
     if (!j) {
         login_host->reply(s, &req->ack, CHAT_E_INTERNAL,
@@ -459,13 +463,15 @@ static int load_conf(void)
     /* optionally only a share of those threads' time (100: all of it) */
     c.hash_budget = (long)conf_range("hash_budget", 100, 1, 100);
     c.login_rate = conf_range("login_rate", 0, 0, 1000000);
+    c.token_cache_ttl = conf_range("token_cache_ttl", 60, 0, 86400);
+    c.token_cache_max = (size_t)conf_range("token_cache_max", 100000, 1, 100000000);
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
              "s hash_cost=%lu hash_threads=%zu hash_budget=%ld%% login_rate=%" PRId64
-             "/s", c.replace ? "replace" : "refuse", c.name_max, c.password_min,
-             c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads, c.hash_budget,
-             c.login_rate);
+             "/s token_cache_ttl=%" PRId64 "s", c.replace ? "replace" : "refuse",
+             c.name_max, c.password_min, c.password_max, c.resume_ttl, c.hash_cost,
+             c.hash_threads, c.hash_budget, c.login_rate, c.token_cache_ttl);
     return CHAT_OK;
 }
 
@@ -480,24 +486,29 @@ static int login_init(const struct chat_host *host, struct chat_plugin *self,
     login_host = host;
     login_self = self;
     *state = NULL;
-    CHAT_HOST_REQUIRE(host, self, login_ack_begin);
+    CHAT_HOST_REQUIRE(host, self, map_next); /* and login_ack_begin (1.2) */
     rc = load_conf();
     if (rc != CHAT_OK)
         return rc;
     rc = login_auth_init();
     if (rc != CHAT_OK)
         return rc;
-    if ((rc = host->register_handler(self, CHAT_MSG_REG, handle_reg, NULL)) ||
+    if ((rc = login_tc_init()) != CHAT_OK ||
+        (rc = host->register_hook(self, CHAT_EV_BROADCAST, login_tc_on_broadcast, NULL)) ||
+        (rc = host->register_handler(self, CHAT_MSG_REG, handle_reg, NULL)) ||
         (rc = host->register_handler(self, CHAT_MSG_LOGIN, login_handle_login, NULL)) ||
         (rc = host->register_handler(self, CHAT_MSG_LOGOUT, handle_logout, NULL)) ||
-        (rc = purge_schedule()))
+        (rc = purge_schedule())) {
+        login_tc_fini(); /* no fini after a failed init */
         return rc;
+    }
     return CHAT_OK;
 }
 
 static void login_fini(void *state)
 {
     (void)state; /* fini runs after the instance drained: nothing is pending */
+    login_tc_fini();
 }
 
 static int login_reconfigure(void *state)
@@ -510,6 +521,9 @@ static int login_reconfigure(void *state)
     if (rc != CHAT_OK)
         return rc; /* the previous settings stay */
     if (old.hash_cost != login_cfg.hash_cost && (rc = login_auth_init()) != CHAT_OK)
+        return rc;
+    if (old.token_cache_ttl != login_cfg.token_cache_ttl &&
+        (rc = login_tc_configure()) != CHAT_OK)
         return rc;
     if (old.purge_interval_s != login_cfg.purge_interval_s)
         return purge_schedule();

@@ -30,6 +30,8 @@ struct login_conf {
     size_t hash_threads;       /* hashing jobs running at once */
     long hash_budget;          /* % of the hashing threads' CPU; 100 = none */
     int64_t login_rate;        /* logins admitted per second; 0 = no limit */
+    int64_t token_cache_ttl;   /* seconds a verified token is trusted; 0 = off */
+    size_t token_cache_max;    /* users with cached tokens */
 };
 
 /* Set in init; per instance (each load is a private copy of the .so). */
@@ -65,8 +67,9 @@ struct login_bucket {
 int login_bucket_take(struct login_bucket *b, double rate, double burst);
 /* Admission of one LOGIN_MSG under login_rate: CHAT_OK or CHAT_ERR_BUSY. */
 int login_rate_admit(void);
-/* Revoke one resume token (fire and forget; failures are logged). */
-void login_token_revoke(const char *token_hex);
+/* Revoke one resume token of uid, never handed out (fire and forget;
+ * failures are logged). */
+void login_token_revoke(int64_t uid, const char *token_hex);
 
 /* ---- auth.c ------------------------------------------------------------ */
 void login_handle_login(struct chat_session *s, const struct chat_request *req,
@@ -74,6 +77,28 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
 /* (Re)compute the stand-in hash used for unknown ids, with the current
  * hash_cost; CHAT_OK or an error.  Called from init and reconfigure. */
 int login_auth_init(void);
+
+/* ---- tokcache.c: verified resume tokens in memory ---------------------- */
+int login_tc_init(void);      /* init: CHAT_OK or CHAT_ERR_NOMEM */
+int login_tc_configure(void); /* after the settings changed */
+void login_tc_fini(void);
+/* The current generation: read it before a token SELECT, pass it to
+ * login_tc_store; a drop in between makes the store a no-op. */
+uint64_t login_tc_generation(void);
+/* 1 and the user's name (borrowed until the next call into this cache) and
+ * the token's expiry when token (LOGIN_TOKEN_HEX digits) of uid is cached
+ * and fresh; else 0. */
+int login_tc_lookup(int64_t uid, const char *token, const char **name,
+                    size_t *name_len, int64_t *expires);
+/* Remember that token of uid logged in (name and expiry copied). */
+void login_tc_store(uint64_t generation, int64_t uid, const char *token,
+                    const char *name, size_t name_len, int64_t expires);
+/* Forget one token of uid (token NULL: all of them), on this node. */
+void login_tc_drop(int64_t uid, const char *token);
+/* Forget all tokens of uid here and, through the bus, on every node. */
+void login_tc_revoke_everywhere(int64_t uid);
+/* The CHAT_EV_BROADCAST hook ("rev <uid>" from another node). */
+void login_tc_on_broadcast(int event, const void *arg, void *ud);
 
 /* ---- pwhash.c ---------------------------------------------------------- */
 /* Completion of a hashing job, on the loop thread.  status: CHAT_OK, or an

@@ -357,11 +357,13 @@ class TestLogin(LoginCase):
 
 
 class TestResumeToken(LoginCase):
+    """Tokens against the database itself: the token cache is off here
+    (TestTokenCache covers it), so changes made in SQL count at once."""
 
     @classmethod
     def setUpClass(cls):
         cls.stack = Stack()
-        cls.nodes = (Node(cls.stack, conf=FAST),)
+        cls.nodes = (Node(cls.stack, conf=conf(token_cache_ttl=0)),)
 
     def token_login(self, uid, token, proto=2):
         c = self.client(proto=proto)
@@ -449,6 +451,88 @@ class TestResumeToken(LoginCase):
                  "WHERE user_id = %d" % uid)
         wait_for(lambda: self.sql("SELECT COUNT(*) FROM resume_tokens WHERE user_id = %d"
                                   % uid) == [("0",)], timeout=10, what="purge")
+
+
+class TestTokenCache(LoginCase):
+    """Verified tokens are kept in memory: a re-login with one costs no
+    query; logout revokes the cached copies on every node; the cache
+    trusts an entry for token_cache_ttl seconds and never past the token's
+    own expiry."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        a = Node(cls.stack, conf=FAST)
+        b = Node(cls.stack, db=a.db, migrate=False, conf=FAST)
+        cls.nodes = (a, b)
+
+    def token_login(self, uid, token, node=None):
+        def attempt():
+            c = self.client(node, proto=2)
+            r = c.request({"msgid": 1, "id": uid, "token": token})
+            if r["errno"] == 2:  # the previous connection's close not seen yet
+                c.close()
+                return None
+            return c, r
+        return wait_for(attempt, timeout=10, what="token login")
+
+    def test_cached_token_needs_no_query(self):
+        uid, name, _ = self.new_user()
+        c, ack = self.logged_in(uid, proto=2)
+        token = ack["token"]
+        c.close()
+        # the row goes behind the plugin's back: only the cache knows it now
+        self.sql("DELETE FROM resume_tokens WHERE user_id = %d" % uid)
+        c, r = self.token_login(uid, token)
+        self.assertEqual((r["errno"], r["id"], r["name"], r["token"]),
+                         (0, uid, name, token), r)
+        self.assertEqual(r["token_expires"], ack["token_expires"])
+        c.close()
+        # the other node never saw it and asks the database: refused
+        _, r = self.token_login(uid, token, node=self.nodes[1])
+        self.assertEqual(r["errno"], 1, r)
+
+    def test_logout_revokes_cached_copies_everywhere(self):
+        a, b = self.nodes
+        uid, _, _ = self.new_user()
+        c, ack = self.logged_in(uid, node=a, proto=2)  # cached on a
+        token = ack["token"]
+        c.close()
+        c, r = self.token_login(uid, token, node=b)     # checked, cached on b
+        self.assertEqual(r["errno"], 0, r)
+        c.close()
+        c, r = self.token_login(uid, token, node=a)     # from a's cache
+        self.assertEqual(r["errno"], 0, r)
+        r = c.request({"msgid": 3})
+        self.assertEqual(r["errno"], 0, r)
+        # b dropped its copy when a's broadcast arrived; a at once
+        for node in (a, b):
+            _, r = self.token_login(uid, token, node=node)
+            self.assertEqual((r["errno"], r["errmsg"]), (1, "id or token is invalid!"),
+                             (node.port, r))
+
+    def test_token_expiry_holds_in_the_cache(self):
+        node = Node(self.stack, db=self.nodes[0].db, migrate=False,
+                    conf=conf(resume_ttl=2))
+        self.addCleanup(node.stop)
+        uid, _, _ = self.new_user()
+        c, ack = self.logged_in(uid, node=node, proto=2)
+        c.close()
+        time.sleep(max(0.0, ack["token_expires"] - time.time()) + 1.0)
+        _, r = self.token_login(uid, ack["token"], node=node)
+        self.assertEqual(r["errno"], 1, r)
+
+    def test_cache_ttl(self):
+        node = Node(self.stack, db=self.nodes[0].db, migrate=False,
+                    conf=conf(token_cache_ttl=1))
+        self.addCleanup(node.stop)
+        uid, _, _ = self.new_user()
+        c, ack = self.logged_in(uid, node=node, proto=2)
+        c.close()
+        self.sql("DELETE FROM resume_tokens WHERE user_id = %d" % uid)
+        time.sleep(1.5)  # the cached copy is too old to trust
+        _, r = self.token_login(uid, ack["token"], node=node)
+        self.assertEqual(r["errno"], 1, r)
 
 
 class TestReplacePolicy(LoginCase):
