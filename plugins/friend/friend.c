@@ -15,15 +15,30 @@
  * name round-trips exactly: for a legacy session each entry is that text as
  * a JSON string (the seed's shape, which its client parses a second time),
  * for protocol 2 the object itself.
+ *
+ * The list part (ids and quoted names) is cached per user, so a user who
+ * logs in again costs no SELECT; presence is still asked every time.  A
+ * user's list changes only when that user adds a friend (rows are only
+ * added, names never change), so the node that ran the INSERT drops the
+ * entry before answering and tells the other nodes with host->broadcast();
+ * a SELECT that started before any invalidation does not fill the cache.
+ * list_cache_ttl bounds how long an entry is trusted (a lost broadcast),
+ * list_cache_max how many there are; a timer sweeps expired entries.
  */
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "chat/plugin.h"
 
+#define PLUGIN_NAME "friend"
+
 static const struct chat_host *host;
 static struct chat_plugin *self;
+
+static void cache_invalidate(int64_t uid);
 
 /* ------------------------------------------------------------------------ */
 
@@ -103,6 +118,16 @@ static void add_done(const struct chat_db_result *r, void *ud)
                      (long long)a->uid, (long long)a->fid, host->db_errmsg(r));
         }
     }
+    if (!err) { /* uid's list changed: here before answering, and elsewhere */
+        char buf[32];
+        int n = snprintf(buf, sizeof(buf), "inv %lld", (long long)a->uid);
+
+        cache_invalidate(a->uid);
+        if ((rc = host->broadcast(self, buf, (size_t)n)) != CHAT_OK)
+            chat_log(host, self, CHAT_LOG_WARN, "friend list of %lld: invalidation "
+                     "not broadcast (%s); other nodes rely on list_cache_ttl",
+                     (long long)a->uid, host->strerror(rc));
+    }
     if ((s = host->session_get(a->sid)) != NULL)
         answer(s, &a->ack, a->uid, err, why, NULL);
     host->free(a);
@@ -135,6 +160,9 @@ static void on_add_friend(struct chat_session *s, const struct chat_request *req
     a->fid = fid;
     a->ack = req->ack;
     a->tries = 0;
+    /* A login between the commit and add_done() must not be served the old
+     * list: drop it now too (add_done drops it again, and broadcasts). */
+    cache_invalidate(uid);
     if ((rc = add_start(a)) != CHAT_OK) {
         host->free(a);
         answer(s, &req->ack, uid, db_errno_to_proto(rc), "database unavailable", NULL);
@@ -142,7 +170,157 @@ static void on_add_friend(struct chat_session *s, const struct chat_request *req
 }
 
 /* ------------------------------------------------------------------------ */
-/* The friend list: SELECT, then presence, then the array. */
+/* A friend list as read: ids and names (JSON string literals, json_quote)
+ * in the SELECT's order.  Shared, read-only, by the cache and the requests
+ * answering from it (refs); an empty list (n 0) is a list like any other. */
+
+struct flist {
+    int refs;
+    uint64_t read_ms; /* when its SELECT started (monotonic) */
+    size_t n;
+    int64_t *ids;     /* n ids, in the same block */
+    char *names;      /* n NUL-terminated literals, one after the other */
+};
+
+static void flist_unref(struct flist *fl)
+{
+    if (fl && --fl->refs == 0) {
+        host->free(fl->names);
+        host->free(fl);
+    }
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* The rows of the SELECT (id, name) started at started_ms as a list with
+ * one reference; NULL when out of memory. */
+static struct flist *flist_read(const struct chat_db_result *r, uint64_t started_ms)
+{
+    size_t i, n = host->db_nrows(r), len, qlen, used = 0, cap = 0;
+    struct flist *fl = host->malloc(sizeof(*fl) + n * sizeof(int64_t));
+    char *names = NULL, *np, *lit;
+
+    if (!fl)
+        return NULL;
+    fl->refs = 1;
+    fl->read_ms = started_ms;
+    fl->n = n;
+    fl->ids = (int64_t *)(fl + 1);
+    fl->names = NULL;
+    for (i = 0; i < n; i++) {
+        const char *name = host->db_str(r, i, 1, &len);
+
+        fl->ids[i] = host->db_int(r, i, 0);
+        if (!(lit = host->json_quote(name ? name : "", name ? len : 0, &qlen)))
+            goto nomem;
+        if (used + qlen + 1 > cap) {
+            cap = (used + qlen + 1) * 2;
+            if (!(np = host->realloc(names, cap))) {
+                host->free(lit);
+                goto nomem;
+            }
+            names = np;
+        }
+        memcpy(names + used, lit, qlen + 1);
+        used += qlen + 1;
+        host->free(lit);
+    }
+    fl->names = names;
+    return fl;
+nomem:
+    host->free(names);
+    host->free(fl);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The cache: uid -> struct flist (holding one reference). */
+
+static struct chat_map *cache;
+static struct chat_timer *sweeper;
+static uint64_t sweep_ms;    /* the sweeper's period */
+static uint64_t cache_gen;   /* bumped by every invalidation */
+static uint64_t ttl_ms;      /* list_cache_ttl; 0: no cache */
+static size_t cache_max;     /* list_cache_max */
+
+/* Drop every entry (all: 1) or the expired ones. */
+static void cache_drop(int all)
+{
+    uint64_t now = now_ms();
+    size_t it;
+    int64_t uid;
+    void *v;
+
+    for (it = 0; cache && host->map_next(cache, &it, &uid, &v);) {
+        struct flist *fl = v;
+
+        if (all || now - fl->read_ms >= ttl_ms) {
+            host->map_del(cache, uid); /* the entry just returned: allowed */
+            flist_unref(fl);
+        }
+    }
+}
+
+static void cache_invalidate(int64_t uid)
+{
+    cache_gen++; /* a SELECT in flight may have read the old list */
+    if (cache)
+        flist_unref(host->map_del(cache, uid));
+}
+
+/* The fresh list of uid (a new reference), or NULL. */
+static struct flist *cache_get(int64_t uid)
+{
+    struct flist *fl;
+
+    if (!ttl_ms || !(fl = host->map_get(cache, uid)))
+        return NULL;
+    if (now_ms() - fl->read_ms >= ttl_ms)
+        return NULL; /* replaced by the next read, or swept */
+    fl->refs++;
+    return fl;
+}
+
+static void cache_put(int64_t uid, struct flist *fl)
+{
+    struct flist *old;
+
+    if (!ttl_ms)
+        return;
+    if (!(old = host->map_get(cache, uid)) && host->map_len(cache) >= cache_max) {
+        cache_drop(0);
+        /* Still (nearly) full: start again rather than scan at every put. */
+        if (host->map_len(cache) >= cache_max - cache_max / 8) {
+            chat_log(host, self, CHAT_LOG_INFO, "friend list cache full "
+                     "(%zu lists, list_cache_max %zu): emptied",
+                     host->map_len(cache), cache_max);
+            cache_drop(1);
+        }
+    }
+    if (host->map_put(cache, uid, fl) == CHAT_OK) {
+        fl->refs++;
+        flist_unref(old);
+    } else if (old) { /* out of memory: at least drop the older list */
+        host->map_del(cache, uid);
+        flist_unref(old);
+    }
+}
+
+static void sweep(struct chat_timer *t, void *ud)
+{
+    (void)t;
+    (void)ud;
+    cache_drop(0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The friend list: the cache or a SELECT, then presence, then the array. */
 
 struct list_req {
     struct chat_login *l; /* the login part being answered, or NULL */
@@ -150,35 +328,30 @@ struct list_req {
     struct chat_ack ack;
     int proto;
     int64_t uid;
-    size_t n;
-    int64_t *ids;
-    char **names;         /* JSON string literals (json_quote) */
+    uint64_t gen;         /* cache_gen when the SELECT started */
+    uint64_t started_ms;  /* and when */
+    struct flist *fl;     /* the list (a reference), once known */
 };
 
 static void list_free(struct list_req *q)
 {
-    size_t i;
-
-    for (i = 0; i < q->n; i++)
-        host->free(q->names[i]);
-    host->free(q->names);
-    host->free(q->ids);
+    flist_unref(q->fl);
     host->free(q);
 }
 
 /* One entry: {"id":..,"name":..,"state":..} (the seed's key order), as a
  * JSON string for legacy sessions, as the object for protocol 2. */
-static cJSON *entry(const struct list_req *q, size_t i, int online)
+static cJSON *entry(const struct list_req *q, int64_t id, const char *name, int online)
 {
     const char *state = online ? "online" : "offline";
-    size_t cap = strlen(q->names[i]) + 64;
+    size_t cap = strlen(name) + 64;
     char *text = host->malloc(cap);
     cJSON *item;
 
     if (!text)
         return NULL;
     snprintf(text, cap, "{\"id\":%lld,\"name\":%s,\"state\":\"%s\"}",
-             (long long)q->ids[i], q->names[i], state);
+             (long long)id, name, state);
     item = q->proto == CHAT_PROTO_2 ? cJSON_CreateRaw(text) : cJSON_CreateString(text);
     host->free(text);
     return item;
@@ -189,12 +362,14 @@ static void list_finish(struct list_req *q, const unsigned char *online, int err
 {
     cJSON *arr = NULL, *body = NULL, *item;
     struct chat_session *s;
+    const char *name;
     size_t i;
 
     if (!err) {
         arr = cJSON_CreateArray();
-        for (i = 0; arr && i < q->n; i++) {
-            if (!(item = entry(q, i, online && online[i]))) {
+        name = q->fl->names;
+        for (i = 0; arr && i < q->fl->n; i++, name += strlen(name) + 1) {
+            if (!(item = entry(q, q->fl->ids[i], name, online && online[i]))) {
                 cJSON_Delete(arr);
                 arr = NULL;
                 break;
@@ -234,7 +409,7 @@ static void list_presence(int status, const int64_t *uids, const unsigned char *
     struct list_req *q = ud;
 
     (void)uids;
-    if (status != CHAT_OK || n != q->n) {
+    if (status != CHAT_OK || n != q->fl->n) {
         chat_log(host, self, CHAT_LOG_WARN, "presence query failed (%s): "
                  "friends shown offline", host->strerror(status));
         online = NULL;
@@ -242,10 +417,17 @@ static void list_presence(int status, const int64_t *uids, const unsigned char *
     list_finish(q, online, 0);
 }
 
+/* q->fl is known: ask the live presence of its users, then answer. */
+static void list_known(struct list_req *q)
+{
+    if (!q->fl->n ||
+        host->presence_query(self, q->fl->ids, q->fl->n, list_presence, q) != CHAT_OK)
+        list_finish(q, NULL, 0);
+}
+
 static void list_rows(const struct chat_db_result *r, void *ud)
 {
     struct list_req *q = ud;
-    size_t i, n, len;
     int rc;
 
     if ((rc = host->db_error(r)) != CHAT_OK) {
@@ -254,30 +436,16 @@ static void list_rows(const struct chat_db_result *r, void *ud)
         list_finish(q, NULL, db_errno_to_proto(rc));
         return;
     }
-    n = host->db_nrows(r);
-    if (n) {
-        q->ids = host->malloc(n * sizeof(*q->ids));
-        q->names = host->malloc(n * sizeof(*q->names));
-        if (!q->ids || !q->names) {
-            list_finish(q, NULL, CHAT_E_INTERNAL);
-            return;
-        }
+    if (!(q->fl = flist_read(r, q->started_ms))) {
+        list_finish(q, NULL, CHAT_E_INTERNAL);
+        return;
     }
-    for (i = 0; i < n; i++) {
-        const char *name = host->db_str(r, i, 1, &len);
-
-        q->ids[i] = host->db_int(r, i, 0);
-        if (!(q->names[i] = host->json_quote(name ? name : "", name ? len : 0, &len))) {
-            list_finish(q, NULL, CHAT_E_INTERNAL);
-            return;
-        }
-        q->n = i + 1;
-    }
-    if (!n || host->presence_query(self, q->ids, n, list_presence, q) != CHAT_OK)
-        list_finish(q, NULL, 0);
+    if (q->gen == cache_gen) /* no invalidation since the SELECT started */
+        cache_put(q->uid, q->fl);
+    list_known(q);
 }
 
-/* Start reading the list of uid; the answer goes to l or to session sid. */
+/* Start answering the list of uid, to l or to session sid. */
 static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack *ack,
                       int proto, int64_t uid)
 {
@@ -297,6 +465,12 @@ static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack 
         q->ack = *ack;
     q->proto = proto;
     q->uid = uid;
+    if ((q->fl = cache_get(uid)) != NULL) {
+        list_known(q);
+        return CHAT_OK;
+    }
+    q->gen = cache_gen;
+    q->started_ms = now_ms();
     if ((rc = host->db_query(self, sql, &p, 1, list_rows, q)) != CHAT_OK)
         host->free(q);
     return rc;
@@ -335,6 +509,59 @@ static void on_friend_list(struct chat_session *s, const struct chat_request *re
 
 /* ------------------------------------------------------------------------ */
 
+/* Cluster-wide invalidation: the payload is "inv <user id>". */
+static void on_broadcast(int event, const void *arg, void *ud)
+{
+    const struct chat_ev_broadcast *ev = arg;
+    char buf[32];
+    long long uid;
+
+    (void)event;
+    (void)ud;
+    if (!ev->plugin || strcmp(ev->plugin, PLUGIN_NAME) || ev->len < 5 ||
+        ev->len >= sizeof(buf) || memcmp(ev->data, "inv ", 4))
+        return;
+    memcpy(buf, ev->data, ev->len);
+    buf[ev->len] = '\0';
+    if ((uid = strtoll(buf + 4, NULL, 10)) > 0)
+        cache_invalidate(uid);
+}
+
+/* Setting key in min..max, else def (logged). */
+static int64_t conf_range(const char *key, int64_t def, int64_t min, int64_t max)
+{
+    int64_t v = host->conf_int(self, key, def);
+
+    if (v < min || v > max) {
+        chat_log(host, self, CHAT_LOG_WARN, "%s = %lld is not in %lld..%lld: using %lld",
+                 key, (long long)v, (long long)min, (long long)max, (long long)def);
+        v = def;
+    }
+    return v;
+}
+
+/* Read the settings and (re)arm the sweeper to match. */
+static int read_conf(void)
+{
+    uint64_t period;
+
+    ttl_ms = (uint64_t)conf_range("list_cache_ttl", 60, 0, 86400) * 1000u;
+    cache_max = (size_t)conf_range("list_cache_max", 100000, 1, INT32_MAX);
+    period = ttl_ms < 1000 ? 1000 : ttl_ms;
+    if (!ttl_ms)
+        cache_drop(1);
+    if (sweeper && (!ttl_ms || period != sweep_ms)) {
+        host->timer_stop(sweeper);
+        sweeper = NULL;
+    }
+    if (ttl_ms && !sweeper) {
+        if (!(sweeper = host->timer_start(self, period, period, sweep, NULL)))
+            return CHAT_ERR_NOMEM;
+        sweep_ms = period;
+    }
+    return CHAT_OK;
+}
+
 static int friend_init(const struct chat_host *h, struct chat_plugin *p, void **state)
 {
     int rc;
@@ -342,23 +569,45 @@ static int friend_init(const struct chat_host *h, struct chat_plugin *p, void **
     host = h;
     self = p;
     *state = NULL;
+    cache = NULL;
+    sweeper = NULL;
+    cache_gen = 0;
     CHAT_HOST_REQUIRE(h, p, map_next);
-    if ((rc = h->register_handler(p, CHAT_MSG_ADD_FRIEND, on_add_friend, NULL)) ||
+    if (!(cache = h->map_new()))
+        return CHAT_ERR_NOMEM;
+    if ((rc = read_conf()) ||
+        (rc = h->register_handler(p, CHAT_MSG_ADD_FRIEND, on_add_friend, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_FRIEND_LIST, on_friend_list, NULL)) ||
-        (rc = h->register_login_part(p, "friends", friends_part, NULL, NULL)))
-        return rc;
+        (rc = h->register_hook(p, CHAT_EV_BROADCAST, on_broadcast, NULL)) ||
+        (rc = h->register_login_part(p, "friends", friends_part, NULL, NULL))) {
+        h->map_free(cache); /* empty: nothing has run yet */
+        cache = NULL;
+        return rc; /* a timer started is dropped with the refused instance */
+    }
     return CHAT_OK;
 }
 
 static void friend_fini(void *state)
 {
     (void)state;
+    /* Drained: no request holds a list, every one is the cache's alone. */
+    cache_drop(1);
+    host->map_free(cache);
+    cache = NULL;
+    sweeper = NULL; /* a repeating timer is stopped with its instance */
+}
+
+static int friend_reconfigure(void *state)
+{
+    (void)state;
+    return read_conf();
 }
 
 static const struct chat_plugin_desc friend_desc = {
-    CHAT_PLUGIN_DESC_INIT("friend", "1.0.0"),
+    CHAT_PLUGIN_DESC_INIT(PLUGIN_NAME, "1.1.0"),
     .init = friend_init,
     .fini = friend_fini,
+    .reconfigure = friend_reconfigure,
 };
 
 CHAT_PLUGIN_DECLARE(friend_desc)

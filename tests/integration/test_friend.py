@@ -1,14 +1,18 @@
 """ADD_FRIEND_MSG (7), FRIEND_LIST (13) and the "friends" part of the login
 ack, against the real chatd, MariaDB and Redis: both protocols, every
-error, live presence and byte-exact names."""
+error, live presence and byte-exact names; and the friend list cache (rows
+added behind the plugin's back in SQL show whether a list came from it):
+used at login and for FRIEND_LIST, dropped by ADD_FRIEND on this node and,
+through the broadcast, on another, bounded by list_cache_ttl, off at 0."""
 import json
+import time
 import unittest
 
 from harness import wait_for
 from test_one2one import SPECIAL_TEXTS, ChatCase, loads_maybe
 
 
-class Friends(ChatCase):
+class FriendHelpers:
 
     def add(self, a, fid):
         return a.request({"msgid": 7, "id": a.id, "friendid": fid})
@@ -26,9 +30,12 @@ class Friends(ChatCase):
         self.assertIsInstance(r["friends"], list)
         return r["friends"]
 
-    def relogin(self, u, proto=None):
+    def relogin(self, u, proto=None, node=None):
         self.drop(u)
-        return self.login(u.id, u.name, proto or u.proto)
+        return self.login(u.id, u.name, proto or u.proto, node=node)
+
+
+class Friends(FriendHelpers, ChatCase):
 
     # --- legacy -----------------------------------------------------------
     def test_legacy_add_is_silent_and_listed_at_next_login(self):
@@ -140,6 +147,142 @@ class Friends(ChatCase):
             got = [loads_maybe(s) for s in a.ack["friends"]]
             self.assertEqual([f["name"] for f in got], names, "proto %d" % proto)
             self.assertEqual({f["state"] for f in got}, {"offline"})
+
+
+def ids(friends):
+    return [loads_maybe(f)["id"] for f in friends]
+
+
+class FriendCache(FriendHelpers, ChatCase):
+    # a long TTL: within a test only an invalidation can refresh a list
+    CONF = {"plugin.friend": {"list_cache_ttl": 300}}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()  # node A
+        cls.b_node = cls.start_node(db=cls.node.db, migrate=False)
+
+    def behind_the_back(self, uid, fid):
+        """A friendship row the plugin does not know about."""
+        self.stack.sql(self.node.db, "INSERT INTO friends (user_id, friend_id) "
+                       "VALUES (%d, %d)" % (uid, fid))
+
+    def token_login(self, u, node=None):
+        """Log u in again with the resume token of its last (protocol-2)
+        ack, as a reconnecting client does; a new User."""
+        token = u.ack["token"]
+        self.drop(u)
+        c = self.client(2, node)
+
+        def attempt():
+            ack = c.request({"msgid": 1, "id": u.id, "token": token})
+            return None if ack.get("errno") == 2 else ack
+        ack = wait_for(attempt, 10, interval=0.05, what="token login of %d" % u.id)
+        self.assertEqual((ack.get("msgid"), ack.get("errno")), (2, 0), ack)
+        self.assertIn("friends", ack)
+        return type(u)(c, u.id, u.name, ack, 2)
+
+    def test_login_and_list_use_the_cache_until_add_friend(self):
+        (x, _), (y, _), (z, _) = self.register(), self.register(), self.register()
+        u = self.user(proto=2)
+        self.expect_ack(u, {"msgid": 7, "id": u.id, "friendid": x})
+        self.assertEqual(ids(self.listed(u)), [x])  # read once, cached
+        self.behind_the_back(u.id, y)
+        self.assertEqual(ids(self.listed(u)), [x], "FRIEND_LIST must use the cache")
+        u = self.token_login(u)
+        self.assertEqual(ids(u.ack["friends"]), [x], "the login ack must use the cache")
+        self.assertEqual(u.ack["friends"][0]["state"], "offline")  # presence is live
+        # an ADD_FRIEND drops the list: every row is read again
+        self.expect_ack(u, {"msgid": 7, "id": u.id, "friendid": z})
+        self.assertEqual(ids(self.listed(u)), [x, y, z])
+        u = self.token_login(u)
+        self.assertEqual(ids(u.ack["friends"]), [x, y, z])
+        # and the legacy shape from the same cached list
+        u = self.relogin(u, proto=1)
+        self.assertEqual(ids(u.ack["friends"]), [x, y, z])
+        self.assertIsInstance(u.ack["friends"][0], str)
+
+    def test_add_friend_on_another_node_drops_the_cached_list(self):
+        (x, _), (y, _) = self.register(), self.register()
+        u = self.user(proto=2, node=self.node)  # A caches the empty list
+        self.assertEqual(u.ack["friends"], [])
+        u = self.token_login(u, node=self.node)
+        self.assertEqual(u.ack["friends"], [])
+        self.drop(u)
+        ub = self.login(u.id, u.name, proto=2, node=self.b_node)
+        self.expect_ack(ub, {"msgid": 7, "id": ub.id, "friendid": x})
+        self.drop(ub)
+        # TTL 300 s: only the broadcast from B can have dropped A's list
+        ua = self.token_login(u, node=self.node)
+        self.assertEqual(ids(ua.ack["friends"]), [x])
+        self.drop(ua)
+        # and A's own ADD_FRIEND reaches B the same way
+        ub = self.login(u.id, u.name, proto=2, node=self.b_node)  # B caches [x]
+        self.assertEqual(ids(ub.ack["friends"]), [x])
+        self.drop(ub)
+        ua = self.login(u.id, u.name, proto=2, node=self.node)
+        self.expect_ack(ua, {"msgid": 7, "id": ua.id, "friendid": y})
+        self.drop(ua)
+        ub = self.login(u.id, u.name, proto=2, node=self.b_node)
+        self.assertEqual(ids(ub.ack["friends"]), [x, y])
+
+    def test_ttl_bounds_a_cached_list(self):
+        node = self.start_node(conf={"plugin.friend": {"list_cache_ttl": 1}},
+                               db=self.node.db, migrate=False)
+        (x, _) = self.register(node=node)
+        u = self.user(proto=2, node=node)
+        read = time.monotonic()
+        self.assertEqual(self.listed(u), [])
+        self.behind_the_back(u.id, x)
+        got = ids(self.listed(u))
+        if time.monotonic() - read < 0.8:  # surely younger than the TTL
+            self.assertEqual(got, [], "a list younger than list_cache_ttl is cached")
+        time.sleep(max(0.0, read + 1.5 - time.monotonic()))
+        self.assertEqual(ids(self.listed(u)), [x], "list_cache_ttl = 1: read again")
+        u = self.relogin(u, node=node)
+        self.assertEqual(ids(u.ack["friends"]), [x])
+
+    def test_ttl_zero_turns_the_cache_off(self):
+        node = self.start_node(conf={"plugin.friend": {"list_cache_ttl": 0}},
+                               db=self.node.db, migrate=False)
+        (x, _), (y, _) = self.register(node=node), self.register(node=node)
+        u = self.user(proto=2, node=node)
+        self.assertEqual(u.ack["friends"], [])
+        self.assertEqual(self.listed(u), [])
+        self.behind_the_back(u.id, x)
+        self.assertEqual(ids(self.listed(u)), [x])
+        u = self.relogin(u, node=node)
+        self.assertEqual(ids(u.ack["friends"]), [x])
+        self.behind_the_back(u.id, y)
+        u = self.relogin(u, node=node)
+        self.assertEqual(ids(u.ack["friends"]), [x, y])
+
+    def test_list_cache_max_and_settings_on_sighup(self):
+        node = self.start_node(conf={"plugin.friend": {"list_cache_max": 2}},
+                               db=self.node.db, migrate=False)
+        (x, _), (y, _) = self.register(node=node), self.register(node=node)
+        mark = node.log_mark()
+        u0, _, u = (self.user(proto=2, node=node) for _ in range(3))
+        node.wait_log("friend list cache full", since=mark)
+        # the third list found the cache full of fresh lists: all were dropped
+        self.behind_the_back(u0.id, x)
+        self.assertEqual(ids(self.listed(u0)), [x])
+        # u's list is cached; list_cache_ttl = 0 on SIGHUP turns the cache off
+        self.behind_the_back(u.id, x)
+        self.assertEqual(self.listed(u), [])
+
+        def reconfigure(ttl):
+            node.write_conf({"plugin.friend": {"list_cache_ttl": ttl}})
+            mark = node.log_mark()
+            node.sighup()
+            node.wait_log("plugin friend: settings changed", since=mark)
+        reconfigure(0)
+        self.assertEqual(ids(self.listed(u)), [x])
+        reconfigure(300)  # and on again
+        self.assertEqual(ids(self.listed(u)), [x])
+        self.behind_the_back(u.id, y)
+        self.assertEqual(ids(self.listed(u)), [x])
+
 
 
 if __name__ == "__main__":
