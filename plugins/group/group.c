@@ -10,7 +10,9 @@
  * path, never touches the database once a group's member ids are cached
  * (group_chat.c); whoever changes a membership invalidates that cache on
  * every node through host->broadcast(), and a TTL bounds how long any entry
- * lives should a broadcast be lost (Redis down).
+ * lives should a broadcast be lost (Redis down).  The same broadcast drops
+ * the cached group lists (group_lcache.c) of the group's members and of the
+ * user who joined or created it.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -98,13 +100,20 @@ void grp_sb_int(struct grp_sb *b, int64_t v)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Cluster-wide invalidation: the payload is "inv <group id>". */
+/* Cluster-wide invalidation.  The payload is "inv <group id> <user id>":
+ * the membership of the group changed because that user joined or created
+ * it.  Instances from before the list cache sent (and read) "inv <group
+ * id>" only, so the user id is optional here, and receivers of that age
+ * read the group id and ignore the rest, provided the text is under 32
+ * bytes (their buffer): a longer one is sent in the old form as well. */
+
+#define INV_OLD_MAX 31 /* longest payload an older receiver reads */
 
 static void on_broadcast(int event, const void *arg, void *ud)
 {
     const struct chat_ev_broadcast *ev = arg;
-    char buf[32];
-    long long gid;
+    char buf[64], *end;
+    long long gid, uid = 0;
 
     (void)event;
     (void)ud;
@@ -112,21 +121,36 @@ static void on_broadcast(int event, const void *arg, void *ud)
         return;
     memcpy(buf, ev->data, ev->len);
     buf[ev->len] = '\0';
-    gid = strtoll(buf + 4, NULL, 10);
-    if (gid > 0)
-        grp_cache_invalidate(gid);
+    gid = strtoll(buf + 4, &end, 10);
+    if (*end == ' ')
+        uid = strtoll(end + 1, NULL, 10);
+    if (gid <= 0)
+        return;
+    grp_cache_invalidate(gid);
+    grp_lcache_invalidate(gid, uid > 0 ? uid : 0);
 }
 
-void grp_membership_changed(int64_t gid)
+void grp_membership_changed(int64_t gid, int64_t uid)
 {
-    char buf[32];
-    int n = snprintf(buf, sizeof(buf), "inv %lld", (long long)gid);
+    char buf[64];
+    int n = snprintf(buf, sizeof(buf), "inv %lld %lld", (long long)gid, (long long)uid);
+    int rc = CHAT_OK;
 
-    grp_cache_invalidate(gid); /* here at once: the member's next message */
-    if (grp.host->broadcast(grp.self, buf, (size_t)n) != CHAT_OK)
+    /* here at once: the member's next message, the user's next list */
+    grp_cache_invalidate(gid);
+    grp_lcache_invalidate(gid, uid);
+    if (n > INV_OLD_MAX) { /* too long for an older receiver: the old form too */
+        char old[32];
+        int m = snprintf(old, sizeof(old), "inv %lld", (long long)gid);
+
+        rc = grp.host->broadcast(grp.self, old, (size_t)m);
+    }
+    if (rc == CHAT_OK)
+        rc = grp.host->broadcast(grp.self, buf, (size_t)n);
+    if (rc != CHAT_OK)
         chat_log(grp.host, grp.self, CHAT_LOG_WARN,
-                 "group %lld: invalidation not broadcast; other nodes rely on "
-                 "the cache TTL", (long long)gid);
+                 "group %lld: invalidation not broadcast (%s); other nodes rely on "
+                 "cache_ttl and list_cache_ttl", (long long)gid, grp.host->strerror(rc));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -144,6 +168,19 @@ static size_t conf_size(const char *key, int64_t def, int64_t max)
     return (size_t)v;
 }
 
+/* Setting key in 0..max, else def (logged). */
+static int64_t conf_range0(const char *key, int64_t def, int64_t max)
+{
+    int64_t v = grp.host->conf_int(grp.self, key, def);
+
+    if (v < 0 || v > max) {
+        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "%s = %lld is not in 0..%lld: "
+                 "using %lld", key, (long long)v, (long long)max, (long long)def);
+        v = def;
+    }
+    return v;
+}
+
 static void read_conf(void)
 {
     /* the columns are VARBINARY(255) and VARBINARY(1024) */
@@ -153,6 +190,8 @@ static void read_conf(void)
     grp.size_max = conf_size("group_size_max", 500, INT32_MAX);
     grp.per_user_max = conf_size("groups_per_user_max", 200, INT32_MAX);
     grp.cache_ttl_ms = (uint64_t)conf_size("cache_ttl", 60, 86400) * 1000u;
+    grp.list_ttl_ms = (uint64_t)conf_range0("list_cache_ttl", 60, 86400) * 1000u;
+    grp.list_max = conf_size("list_cache_max", 100000, INT32_MAX);
 }
 
 static int group_init(const struct chat_host *h, struct chat_plugin *p, void **state)
@@ -172,8 +211,12 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
         (rc = h->register_handler(p, CHAT_MSG_GROUP_LIST, grp_on_list, NULL)) ||
         (rc = h->register_hook(p, CHAT_EV_BROADCAST, on_broadcast, NULL)) ||
         (rc = h->register_login_part(p, "groups", grp_groups_part, NULL, NULL)) ||
-        (rc = grp_cache_start()))
+        (rc = grp_list_start()))
         return rc;
+    if ((rc = grp_cache_start()) != CHAT_OK) { /* fini is not called */
+        grp_list_fini();
+        return rc;
+    }
     return CHAT_OK;
 }
 
@@ -181,16 +224,19 @@ static void group_fini(void *state)
 {
     (void)state;
     grp_cache_fini();
+    grp_list_fini();
 }
 
 static int group_reconfigure(void *state)
 {
     (void)state;
     read_conf();
+    grp_lcache_reconfigure();
     return CHAT_OK;
 }
 
-/* Reload: the new instance starts with the old one's fresh member lists. */
+/* Reload: the new instance starts with the old one's fresh member lists
+ * (its list cache starts empty). */
 static int group_save(void *state, void **blob, size_t *len)
 {
     (void)state;

@@ -6,6 +6,7 @@
  *   group_admin.c  CREATE_GROUP_MSG (8), ADD_GROUP_MSG (9)
  *   group_chat.c   GROUP_CHAT_MSG (10) and the member cache
  *   group_list.c   the "groups" login part and GROUP_LIST (14)
+ *   group_lcache.c the per-user group-list cache behind them
  */
 #ifndef CHAT_GROUP_PLUGIN_H
 #define CHAT_GROUP_PLUGIN_H
@@ -25,6 +26,8 @@ struct grp_globals {
     size_t size_max;        /* members of a group */
     size_t per_user_max;    /* groups a user may belong to */
     uint64_t cache_ttl_ms;  /* member cache entries are reloaded after this */
+    uint64_t list_ttl_ms;   /* list cache entries are trusted this long; 0: off */
+    size_t list_max;        /* users whose lists the list cache holds */
 };
 extern struct grp_globals grp;
 
@@ -58,8 +61,10 @@ void grp_on_join(struct chat_session *s, const struct chat_request *req, void *u
 void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *ud);
 /* Drop (or mark stale while loading) the cached members of gid. */
 void grp_cache_invalidate(int64_t gid);
-/* Membership of gid changed here: invalidate it on every node. */
-void grp_membership_changed(int64_t gid);
+/* Membership of gid changed here (uid joined or created it, after the
+ * commit): invalidate the member cache of gid and the cached lists of gid's
+ * members and of uid, here at once and on every node (host->broadcast). */
+void grp_membership_changed(int64_t gid, int64_t uid);
 int grp_cache_start(void);  /* the cache and its sweep timer */
 void grp_cache_fini(void);
 /* Reload: the fresh entries as a blob (host->malloc) / back into the cache. */
@@ -67,7 +72,48 @@ int grp_cache_save(void **blob, size_t *len);
 int grp_cache_restore(const void *blob, size_t len);
 
 /* ---- group_list.c ------------------------------------------------------ */
+/* A user's list as read: the groups (in join order) with all their members.
+ * Immutable once built and shared by reference (loop thread only): the
+ * cache holds one reference, each request being answered from it another. */
+struct grp_lrow {
+    int64_t uid;
+    size_t name;        /* offset in text of a NUL-terminated JSON literal */
+    int creator;
+};
+struct grp_lgroup {
+    int64_t gid;
+    size_t name, desc;  /* offsets in text, as in grp_lrow */
+    size_t first, n;    /* its members: rows[first .. first + n) */
+};
+struct grp_ldata {
+    unsigned refs;
+    size_t nrows, ngroups, nuids;
+    struct grp_lrow *rows;
+    struct grp_lgroup *groups;
+    int64_t *uids;      /* distinct members, sorted (for presence) */
+    char *text;         /* the JSON literals */
+};
+void grp_ldata_unref(struct grp_ldata *d);
+
 void grp_groups_part(struct chat_login *l, int64_t uid, int proto, void *ud);
 void grp_on_list(struct chat_session *s, const struct chat_request *req, void *ud);
+int grp_list_start(void);   /* the list cache and the map of loads in flight */
+void grp_list_fini(void);
+
+/* ---- group_lcache.c: user id -> struct grp_ldata, see the file ---------- */
+int grp_lcache_start(void);
+void grp_lcache_fini(void);
+/* uid's cached list if fresh (borrowed: take a reference to keep it), else
+ * NULL; always NULL when the cache is off (list_cache_ttl = 0). */
+struct grp_ldata *grp_lcache_get(int64_t uid);
+/* The generation: grows with every invalidation.  A load notes it before
+ * its SELECT and hands it to grp_lcache_put, which stores nothing when an
+ * invalidation came in between. */
+uint64_t grp_lcache_gen(void);
+void grp_lcache_put(int64_t uid, struct grp_ldata *d, uint64_t gen);
+/* Drop every cached list that holds group gid, and uid's own (0: none). */
+void grp_lcache_invalidate(int64_t gid, int64_t uid);
+void grp_lcache_sweep(void);        /* free the expired entries */
+void grp_lcache_reconfigure(void);  /* apply list_cache_ttl/_max now */
 
 #endif

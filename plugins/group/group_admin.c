@@ -14,6 +14,9 @@
  *     both limits; the foreign key gives "unknown group" (1452), the
  *     primary key "already a member" (1062).  When the guard stops it (0
  *     rows), a second query tells which reason applies.
+ * After the commit of either, grp_membership_changed() invalidates the
+ * member cache of the group and the cached group lists of its members and
+ * of the joiner/creator, on every node.
  * InnoDB takes shared next-key locks on the rows the guards count, so two
  * concurrent requests against the same limit cannot both pass; when that
  * makes one of them a deadlock victim (1213, rolled back), it is run again,
@@ -179,7 +182,9 @@ static void create_done(const struct chat_db_result *r, void *ud)
         a->gid = (int64_t)grp.host->db_insert_id(ins);
         chat_log(grp.host, grp.self, CHAT_LOG_DEBUG, "user %lld created group %lld",
                  (long long)a->uid, (long long)a->gid);
-        grp_cache_invalidate(a->gid); /* a load may have seen "no such group" */
+        /* The creator's list changed (on every node), and a member load
+         * may have seen "no such group". */
+        grp_membership_changed(a->gid, a->uid);
         if ((body = cJSON_CreateObject()) != NULL)
             cJSON_AddNumberToObject(body, "groupid", (double)a->gid);
     }
@@ -329,7 +334,7 @@ static void join_done(const struct chat_db_result *r, void *ud)
         err = CHAT_E_LIMIT;
         why = "a group limit is reached";
     } else {
-        grp_membership_changed(a->gid);
+        grp_membership_changed(a->gid, a->uid);
     }
     join_reply(a, err, why);
 }

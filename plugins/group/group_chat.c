@@ -301,7 +301,8 @@ void grp_cache_invalidate(int64_t gid)
     entry_free(e);
 }
 
-/* Drop entries past their TTL that nobody waits for. */
+/* Drop entries past their TTL that nobody waits for (and the expired
+ * entries of the list cache). */
 static void sweep(struct chat_timer *t, void *ud)
 {
     uint64_t now = grp_now_ms();
@@ -311,6 +312,7 @@ static void sweep(struct chat_timer *t, void *ud)
 
     (void)t;
     (void)ud;
+    grp_lcache_sweep(); /* the list cache shares this timer */
     for (it = 0; grp.host->map_next(cache, &it, &gid, &v);) {
         struct gent *e = v;
 
@@ -388,7 +390,13 @@ int grp_cache_restore(const void *blob, size_t len)
 
 int grp_cache_start(void)
 {
-    uint64_t period = grp.cache_ttl_ms < 1000 ? 1000 : grp.cache_ttl_ms;
+    /* the shorter TTL of the two caches (this one and the list cache) */
+    uint64_t period = grp.cache_ttl_ms;
+
+    if (grp.list_ttl_ms && grp.list_ttl_ms < period)
+        period = grp.list_ttl_ms;
+    if (period < 1000)
+        period = 1000;
 
     if (!(cache = grp.host->map_new()))
         return CHAT_ERR_NOMEM;

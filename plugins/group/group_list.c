@@ -9,51 +9,56 @@
  * each group a JSON string of {"groupdesc","groupname","id","users"} whose
  * "users" are JSON strings of {"id","name","role","state"} (the seed's
  * nlohmann output, keys sorted); protocol 2 gets the same as objects.
+ *
+ * The rows as read (struct grp_ldata) are kept in the list cache
+ * (group_lcache.c) for list_cache_ttl seconds, so a user's next login or
+ * GROUP_LIST costs no SELECT until the list changes; presence is still
+ * queried for every answer.  Requests for a user whose list is being read
+ * wait for that one SELECT (loads coalesce), unless an invalidation came
+ * since it was sent: then they send their own.  With list_cache_ttl = 0
+ * every request sends its own SELECT and nothing is kept.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "group.h"
 
-struct lrow {
-    int64_t uid;
-    char *name;        /* JSON string literal */
-    int creator;
-};
-
-struct lgroup {
-    int64_t gid;
-    char *name, *desc; /* JSON string literals */
-    size_t first, n;   /* its rows */
-};
-
+/* One request for a list. */
 struct list_req {
-    struct chat_login *l; /* the login part being answered, or NULL */
-    uint64_t sid;         /* GROUP_LIST: the session to answer */
+    struct list_req *next; /* waiting for the same load */
+    struct chat_login *l;  /* the login part being answered, or NULL */
+    uint64_t sid;          /* GROUP_LIST: the session to answer */
     struct chat_ack ack;
     int proto;
     int64_t uid;
-    struct lrow *rows;
-    size_t nrows;
-    struct lgroup *groups;
-    size_t ngroups;
-    int64_t *uids;        /* distinct members, sorted */
-    size_t nuids;
+    struct grp_ldata *d;   /* the list (a reference), once known */
 };
+
+/* One SELECT in flight, with the requests waiting for it. */
+struct list_load {
+    int64_t uid;
+    uint64_t gen;          /* grp_lcache_gen() when it was sent */
+    struct list_req *head, **tail;
+};
+
+/* user id -> the load later requests of that user may wait for (only
+ * while the cache is on) */
+static struct chat_map *loads;
+
+void grp_ldata_unref(struct grp_ldata *d)
+{
+    if (!d || --d->refs)
+        return;
+    grp.host->free(d->rows);
+    grp.host->free(d->groups);
+    grp.host->free(d->uids);
+    grp.host->free(d->text);
+    grp.host->free(d);
+}
 
 static void list_free(struct list_req *q)
 {
-    size_t i;
-
-    for (i = 0; i < q->nrows; i++)
-        grp.host->free(q->rows[i].name);
-    for (i = 0; i < q->ngroups; i++) {
-        grp.host->free(q->groups[i].name);
-        grp.host->free(q->groups[i].desc);
-    }
-    grp.host->free(q->rows);
-    grp.host->free(q->groups);
-    grp.host->free(q->uids);
+    grp_ldata_unref(q->d);
     grp.host->free(q);
 }
 
@@ -64,51 +69,52 @@ static int cmp_id(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static int online_of(const struct list_req *q, const unsigned char *online,
+static int online_of(const struct grp_ldata *d, const unsigned char *online,
                      int64_t uid)
 {
     const int64_t *p;
 
     if (!online)
         return 0;
-    p = bsearch(&uid, q->uids, q->nuids, sizeof(*q->uids), cmp_id);
-    return p && online[p - q->uids];
+    p = bsearch(&uid, d->uids, d->nuids, sizeof(*d->uids), cmp_id);
+    return p && online[p - d->uids];
 }
 
 /* Append group g's JSON text to b. */
 static void group_text(struct grp_sb *b, const struct list_req *q,
-                       const struct lgroup *g, const unsigned char *online)
+                       const struct grp_lgroup *g, const unsigned char *online)
 {
+    const struct grp_ldata *d = q->d;
     int legacy = q->proto != CHAT_PROTO_2;
     struct grp_sb u = {0};
     size_t i;
 
     if (legacy) {
         grp_sb_str(b, "{\"groupdesc\":");
-        grp_sb_str(b, g->desc);
+        grp_sb_str(b, d->text + g->desc);
         grp_sb_str(b, ",\"groupname\":");
-        grp_sb_str(b, g->name);
+        grp_sb_str(b, d->text + g->name);
         grp_sb_str(b, ",\"id\":");
         grp_sb_int(b, g->gid);
     } else {
         grp_sb_str(b, "{\"id\":");
         grp_sb_int(b, g->gid);
         grp_sb_str(b, ",\"groupname\":");
-        grp_sb_str(b, g->name);
+        grp_sb_str(b, d->text + g->name);
         grp_sb_str(b, ",\"groupdesc\":");
-        grp_sb_str(b, g->desc);
+        grp_sb_str(b, d->text + g->desc);
     }
     grp_sb_str(b, ",\"users\":[");
     for (i = 0; i < g->n; i++) {
-        const struct lrow *r = &q->rows[g->first + i];
+        const struct grp_lrow *r = &d->rows[g->first + i];
 
         u.len = 0;
         grp_sb_str(&u, "{\"id\":");
         grp_sb_int(&u, r->uid);
         grp_sb_str(&u, ",\"name\":");
-        grp_sb_str(&u, r->name);
+        grp_sb_str(&u, d->text + r->name);
         grp_sb_str(&u, r->creator ? ",\"role\":\"creator\"" : ",\"role\":\"normal\"");
-        grp_sb_str(&u, online_of(q, online, r->uid) ? ",\"state\":\"online\"}"
+        grp_sb_str(&u, online_of(d, online, r->uid) ? ",\"state\":\"online\"}"
                                                       : ",\"state\":\"offline\"}");
         if (u.err)
             break;
@@ -140,9 +146,9 @@ static cJSON *build_array(const struct list_req *q, const unsigned char *online)
     struct grp_sb b = {0};
     size_t i;
 
-    for (i = 0; arr && i < q->ngroups; i++) {
+    for (i = 0; arr && i < q->d->ngroups; i++) {
         b.len = 0;
-        group_text(&b, q, &q->groups[i], online);
+        group_text(&b, q, &q->d->groups[i], online);
         item = b.err ? NULL
                      : q->proto == CHAT_PROTO_2 ? cJSON_CreateRaw(b.p) : cJSON_CreateString(b.p);
         if (!item) {
@@ -156,7 +162,8 @@ static cJSON *build_array(const struct list_req *q, const unsigned char *online)
     return arr;
 }
 
-/* Answer q with the list (online may be NULL: all offline) or with err. */
+/* Answer q with its list (online may be NULL: all offline) or with err,
+ * and free q. */
 static void list_finish(struct list_req *q, const unsigned char *online, int err,
                         const char *why)
 {
@@ -197,7 +204,7 @@ static void list_presence(int status, const int64_t *uids, const unsigned char *
     struct list_req *q = ud;
 
     (void)uids;
-    if (status != CHAT_OK || n != q->nuids) {
+    if (status != CHAT_OK || n != q->d->nuids) {
         chat_log(grp.host, grp.self, CHAT_LOG_WARN,
                  "presence query failed (%s): members shown offline",
                  grp.host->strerror(status));
@@ -206,79 +213,136 @@ static void list_presence(int status, const int64_t *uids, const unsigned char *
     list_finish(q, online, 0, NULL);
 }
 
-/* Copy the rows into q (groups, members, distinct member ids). */
-static int copy_rows(struct list_req *q, const struct chat_db_result *r)
+/* Answer q from its list d (a new reference): members' presence, then the
+ * answer.  q is freed, now or later. */
+static void list_serve(struct list_req *q, struct grp_ldata *d)
 {
-    size_t n = grp.host->db_nrows(r), i, len, k;
-    const char *s;
-
-    if (!n)
-        return CHAT_OK;
-    q->rows = grp.host->malloc(n * sizeof(*q->rows));
-    q->groups = grp.host->malloc(n * sizeof(*q->groups));
-    q->uids = grp.host->malloc(n * sizeof(*q->uids));
-    if (!q->rows || !q->groups || !q->uids)
-        return CHAT_ERR_NOMEM;
-    for (i = 0; i < n; i++) {
-        int64_t gid = grp.host->db_int(r, i, 0);
-        struct lrow *row = &q->rows[i];
-
-        if (!q->ngroups || q->groups[q->ngroups - 1].gid != gid) {
-            struct lgroup *g = &q->groups[q->ngroups++];
-
-            memset(g, 0, sizeof(*g));
-            g->gid = gid;
-            g->first = i;
-            s = grp.host->db_str(r, i, 1, &len);
-            g->name = grp.host->json_quote(s ? s : "", s ? len : 0, &len);
-            s = grp.host->db_str(r, i, 2, &len);
-            g->desc = grp.host->json_quote(s ? s : "", s ? len : 0, &len);
-            if (!g->name || !g->desc)
-                return CHAT_ERR_NOMEM;
-        }
-        q->groups[q->ngroups - 1].n++;
-        row->uid = grp.host->db_int(r, i, 3);
-        s = grp.host->db_str(r, i, 4, &len);
-        row->name = grp.host->json_quote(s ? s : "", s ? len : 0, &len);
-        s = grp.host->db_str(r, i, 5, &len);
-        row->creator = s && !strcmp(s, "creator");
-        q->uids[i] = row->uid;
-        q->nrows = i + 1;
-        if (!row->name)
-            return CHAT_ERR_NOMEM;
-    }
-    qsort(q->uids, n, sizeof(*q->uids), cmp_id);
-    for (i = 1, k = 1; i < n; i++)
-        if (q->uids[i] != q->uids[k - 1])
-            q->uids[k++] = q->uids[i];
-    q->nuids = k;
-    return CHAT_OK;
-}
-
-static void list_rows(const struct chat_db_result *r, void *ud)
-{
-    struct list_req *q = ud;
-    const char *why;
-    int rc;
-
-    if ((rc = grp.host->db_error(r)) != CHAT_OK) {
-        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "group list of %lld: %s",
-                 (long long)q->uid, grp.host->db_errmsg(r));
-        rc = grp_db_proto_errno(rc, &why);
-        list_finish(q, NULL, rc, why);
-        return;
-    }
-    if (copy_rows(q, r) != CHAT_OK) {
-        list_finish(q, NULL, CHAT_E_INTERNAL, "out of memory");
-        return;
-    }
-    if (!q->nuids ||
-        grp.host->presence_query(grp.self, q->uids, q->nuids, list_presence, q) != CHAT_OK)
+    q->d = d;
+    d->refs++;
+    if (!d->nuids ||
+        grp.host->presence_query(grp.self, d->uids, d->nuids, list_presence, q) != CHAT_OK)
         list_finish(q, NULL, 0, NULL);
 }
 
-static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack *ack,
-                      int proto, int64_t uid)
+/* ------------------------------------------------------------------------ */
+/* Reading a list. */
+
+/* Append the JSON literal of column col of row as a NUL-terminated string
+ * to t; its offset. */
+static size_t add_literal(struct grp_sb *t, const struct chat_db_result *r,
+                          size_t row, size_t col)
+{
+    size_t len, off = t->len;
+    const char *s = grp.host->db_str(r, row, col, &len);
+    char *lit = grp.host->json_quote(s ? s : "", s ? len : 0, &len);
+
+    if (!lit) {
+        t->err = 1;
+        return 0;
+    }
+    grp_sb_add(t, lit, len);
+    grp_sb_add(t, "", 1); /* its NUL */
+    grp.host->free(lit);
+    return off;
+}
+
+/* The rows of r as a list with one reference, or NULL (out of memory). */
+static struct grp_ldata *ldata_build(const struct chat_db_result *r)
+{
+    size_t n = grp.host->db_nrows(r), i, k;
+    struct grp_ldata *d = grp.host->malloc(sizeof(*d));
+    struct grp_sb t = {0};
+    const char *s;
+    size_t len;
+    int64_t *shrunk;
+
+    if (!d)
+        return NULL;
+    memset(d, 0, sizeof(*d));
+    d->refs = 1;
+    if (!n)
+        return d; /* no groups: a list like any other */
+    for (i = 0, k = 0; i < n; i++) /* the rows of a group are adjacent */
+        if (!i || grp.host->db_int(r, i, 0) != grp.host->db_int(r, i - 1, 0))
+            k++;
+    d->rows = grp.host->malloc(n * sizeof(*d->rows));
+    d->groups = grp.host->malloc(k * sizeof(*d->groups));
+    d->uids = grp.host->malloc(n * sizeof(*d->uids));
+    if (!d->rows || !d->groups || !d->uids)
+        goto fail;
+    for (i = 0; i < n; i++) {
+        int64_t gid = grp.host->db_int(r, i, 0);
+        struct grp_lrow *row = &d->rows[i];
+
+        if (!d->ngroups || d->groups[d->ngroups - 1].gid != gid) {
+            struct grp_lgroup *g = &d->groups[d->ngroups++];
+
+            g->gid = gid;
+            g->first = i;
+            g->n = 0;
+            g->name = add_literal(&t, r, i, 1);
+            g->desc = add_literal(&t, r, i, 2);
+        }
+        d->groups[d->ngroups - 1].n++;
+        row->uid = grp.host->db_int(r, i, 3);
+        row->name = add_literal(&t, r, i, 4);
+        s = grp.host->db_str(r, i, 5, &len);
+        row->creator = s && !strcmp(s, "creator");
+        d->uids[i] = row->uid;
+    }
+    if (t.err)
+        goto fail;
+    d->text = grp.host->realloc(t.p, t.len); /* kept: give back the slack */
+    if (!d->text)
+        d->text = t.p;
+    d->nrows = n;
+    qsort(d->uids, n, sizeof(*d->uids), cmp_id);
+    for (i = 1, k = 1; i < n; i++)
+        if (d->uids[i] != d->uids[k - 1])
+            d->uids[k++] = d->uids[i];
+    d->nuids = k;
+    if (k < n && (shrunk = grp.host->realloc(d->uids, k * sizeof(*d->uids))) != NULL)
+        d->uids = shrunk;
+    return d;
+fail:
+    grp_sb_release(&t);
+    grp_ldata_unref(d);
+    return NULL;
+}
+
+static void load_rows(const struct chat_db_result *r, void *ud)
+{
+    struct list_load *ld = ud;
+    struct list_req *q, *next;
+    struct grp_ldata *d = NULL;
+    const char *why = NULL;
+    int err = 0, rc;
+
+    if (loads && grp.host->map_get(loads, ld->uid) == ld)
+        grp.host->map_del(loads, ld->uid); /* later requests: the cache */
+    if ((rc = grp.host->db_error(r)) != CHAT_OK) {
+        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "group list of %lld: %s",
+                 (long long)ld->uid, grp.host->db_errmsg(r));
+        err = grp_db_proto_errno(rc, &why);
+    } else if (!(d = ldata_build(r))) {
+        err = CHAT_E_INTERNAL;
+        why = "out of memory";
+    } else {
+        grp_lcache_put(ld->uid, d, ld->gen); /* unless invalidated meanwhile */
+    }
+    for (q = ld->head; q; q = next) {
+        next = q->next;
+        if (err)
+            list_finish(q, NULL, err, why);
+        else
+            list_serve(q, d);
+    }
+    grp_ldata_unref(d);
+    grp.host->free(ld);
+}
+
+/* Send the SELECT of uid's list, q its first waiter. */
+static int load_start(struct list_req *q)
 {
     static const char sql[] =
         "SELECT g.id, g.name, g.description, u.id, u.name, m2.role "
@@ -288,8 +352,35 @@ static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack 
         "JOIN users u ON u.id = m2.user_id "
         "WHERE m.user_id = ? "
         "ORDER BY m.joined_at, m.group_id, m2.joined_at, m2.user_id";
-    struct chat_db_param p = CHAT_DB_P_INT(uid);
+    struct chat_db_param p = CHAT_DB_P_INT(q->uid);
+    struct list_load *ld = grp.host->malloc(sizeof(*ld));
+    int rc;
+
+    if (!ld)
+        return CHAT_ERR_NOMEM;
+    ld->uid = q->uid;
+    ld->gen = grp_lcache_gen();
+    ld->head = q;
+    ld->tail = &q->next;
+    if ((rc = grp.host->db_query(grp.self, sql, &p, 1, load_rows, ld)) != CHAT_OK) {
+        grp.host->free(ld);
+        return rc;
+    }
+    /* Later requests wait for this one (replacing a load sent before an
+     * invalidation).  Out of memory: they send their own. */
+    if (grp.list_ttl_ms && loads)
+        grp.host->map_put(loads, ld->uid, ld);
+    return CHAT_OK;
+}
+
+/* Answer a request for uid's list: from the cache, behind a load in
+ * flight, or with a new SELECT.  An error means nothing was answered. */
+static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack *ack,
+                      int proto, int64_t uid)
+{
     struct list_req *q = grp.host->malloc(sizeof(*q));
+    struct grp_ldata *d;
+    struct list_load *ld;
     int rc;
 
     if (!q)
@@ -301,7 +392,17 @@ static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack 
         q->ack = *ack;
     q->proto = proto;
     q->uid = uid;
-    if ((rc = grp.host->db_query(grp.self, sql, &p, 1, list_rows, q)) != CHAT_OK)
+    if ((d = grp_lcache_get(uid)) != NULL) {
+        list_serve(q, d);
+        return CHAT_OK;
+    }
+    if (grp.list_ttl_ms && loads && (ld = grp.host->map_get(loads, uid)) != NULL &&
+        ld->gen == grp_lcache_gen()) { /* no change since it was sent */
+        *ld->tail = q;
+        ld->tail = &q->next;
+        return CHAT_OK;
+    }
+    if ((rc = load_start(q)) != CHAT_OK)
         grp.host->free(q);
     return rc;
 }
@@ -337,4 +438,28 @@ void grp_on_list(struct chat_session *s, const struct chat_request *req, void *u
         rc = grp_db_proto_errno(rc, &why);
         grp_answer(s, &req->ack, uid, rc, why, NULL);
     }
+}
+
+/* ------------------------------------------------------------------------ */
+
+int grp_list_start(void)
+{
+    int rc;
+
+    if (!(loads = grp.host->map_new()))
+        return CHAT_ERR_NOMEM;
+    if ((rc = grp_lcache_start()) != CHAT_OK) {
+        grp.host->map_free(loads);
+        loads = NULL;
+    }
+    return rc;
+}
+
+void grp_list_fini(void)
+{
+    /* The instance has drained: no load is in flight. */
+    grp_lcache_fini();
+    if (loads)
+        grp.host->map_free(loads);
+    loads = NULL;
 }

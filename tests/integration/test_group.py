@@ -1,12 +1,15 @@
 """CREATE_GROUP_MSG (8), ADD_GROUP_MSG (9), GROUP_CHAT_MSG (10), GROUP_LIST
 (14) and the "groups" part of the login ack, against the real chatd,
 MariaDB and Redis: both protocols, every error and limit, offline copies,
-the member cache, live presence and byte-exact names and messages."""
+the member cache, the per-user list cache, live presence and byte-exact
+names and messages."""
 import json
+import time
 import unittest
 
 from harness import Stack, wait_for
-from test_one2one import SPECIAL_TEXTS, TIME, ChatCase, is_msg, loads_maybe, recv_raw_line
+from test_one2one import (SPECIAL_TEXTS, TIME, ChatCase, User, is_msg, loads_maybe,
+                          recv_raw_line)
 
 COMPACT = (",", ":")
 
@@ -380,6 +383,223 @@ class GroupLimits(GroupCase):
         a.c.expect_nothing(0.5)
         self.assertIsNone(self.gid_of("l3"))
         self.assertIsNone(self.gid_of("toolongname"))
+
+
+def shape(groups):
+    """A group list (login ack or GROUP_LIST, either protocol) without the
+    live part: [(group id, [(member id, role), ...]), ...] in list order."""
+    out = []
+    for g in map(loads_maybe, groups):
+        out.append((g["id"], [(u["id"], u["role"]) for u in map(loads_maybe, g["users"])]))
+    return out
+
+
+class ListCacheCase(GroupCase):
+    """Helpers for the group-list cache tests."""
+
+    def behind_the_back(self, gid, uid):
+        """Make uid a member of gid in SQL only: no node hears of it."""
+        self.stack.sql(self.node.db, "INSERT INTO group_members (group_id, user_id) "
+                       "VALUES (%d, %d)" % (gid, uid))
+
+    def token_relogin(self, u, node=None):
+        """Reconnect and log in again with the resume token of u's last
+        login ack (protocol 2), as a returning client does."""
+        self.drop(u)
+        c = self.client(2, node)
+
+        def attempt():
+            ack = c.request({"msgid": 1, "id": u.id, "token": u.ack["token"]})
+            return None if ack.get("errno") == 2 else ack  # still online: retry
+        ack = wait_for(attempt, 10, interval=0.05, what="token login of %d" % u.id)
+        self.assertEqual((ack.get("msgid"), ack.get("errno")), (2, 0), ack)
+        return User(c, u.id, u.name, ack, 2)
+
+
+class GroupListCache(ListCacheCase):
+    """Lists come from the cache until a membership changes: a long TTL, so
+    only an invalidation can make a change visible."""
+    CONF = {"plugin.group": {"list_cache_ttl": 300, "cache_ttl": 300}}
+
+    def test_relogin_served_from_cache_until_a_member_joins(self):
+        gid, (u, w) = self.group(2)
+        x = self.user(proto=2)
+        other = self.create(x)  # a group u is not in
+        u = self.token_relogin(u)  # u's list is read and cached
+        before = [(gid, [(u.id, "creator"), (w.id, "normal")])]
+        self.assertEqual(shape(u.ack["groups"]), before)
+        self.behind_the_back(other, u.id)
+        u = self.token_relogin(u)
+        self.assertEqual(shape(u.ack["groups"]), before, "the login ack is cached")
+        self.assertEqual(shape(self.listed(u)), before, "so is GROUP_LIST")
+        legacy = self.relogin(u, 1)
+        self.assertEqual(shape(legacy.ack["groups"]), before, "either protocol")
+        self.assertTrue(all(isinstance(g, str) for g in legacy.ack["groups"]))
+        u = self.relogin(legacy, 2)
+        v = self.user(proto=2)
+        self.join(v, gid)  # a join to one of u's groups drops u's list
+        after = [(gid, [(u.id, "creator"), (w.id, "normal"), (v.id, "normal")]),
+                 (other, [(x.id, "creator"), (u.id, "normal")])]
+        self.assertEqual(shape(self.listed(u)), after)
+        u = self.token_relogin(u)
+        self.assertEqual(shape(u.ack["groups"]), after)
+        states = {m["id"]: m["state"] for m in u.ack["groups"][0]["users"]}
+        self.assertEqual(states, {u.id: "online", w.id: "online", v.id: "online"})
+        self.drop(w)  # presence is not cached
+        wait_for(lambda: {m["id"]: m["state"] for m in self.listed(u)[0]["users"]}[w.id]
+                 == "offline", 5, what="w offline in the list")
+
+    def test_empty_list_cached_until_the_user_creates_or_joins(self):
+        u = self.user(proto=2)
+        x = self.user(proto=2)
+        g1, g2 = self.create(x), self.create(x)
+        self.assertEqual(self.listed(u), [])  # read and cached: empty
+        self.behind_the_back(g1, u.id)
+        self.assertEqual(self.listed(u), [], "an empty list is cached too")
+        mine = self.create(u)  # the creator's own list is dropped
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [g1, mine])
+        self.behind_the_back(g2, u.id)
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [g1, mine])
+        y = self.user(proto=2)
+        g3 = self.create(y)
+        self.join(u, g3)  # the joiner's own list is dropped
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [g1, mine, g2, g3])
+
+    def test_only_the_lists_holding_the_group_are_dropped(self):
+        owner = self.user(proto=2)
+        g = [self.create(owner) for _ in range(3)]
+        users = [self.user(proto=2) for _ in range(6)]
+        member_of = [[0, 1], [1, 2], [0, 2], [1], [], [0, 1, 2]]
+        for u, ks in zip(users, member_of):
+            for k in ks:
+                self.join(u, g[k])
+        extra = self.create(owner)
+        for u, ks in zip(users, member_of):  # read and cached
+            self.assertEqual([gid for gid, _ in shape(self.listed(u))], [g[k] for k in ks])
+        for u in users:
+            self.behind_the_back(extra, u.id)
+        self.join(self.user(proto=2), g[1])
+        for i, (u, ks) in enumerate(zip(users, member_of)):
+            want = [g[k] for k in ks] + ([extra] if 1 in ks else [])  # reloaded
+            self.assertEqual([gid for gid, _ in shape(self.listed(u))], want, "user %d" % i)
+        self.join(self.user(proto=2), g[0])  # the index still right after removals
+        for i, (u, ks) in enumerate(zip(users, member_of)):
+            want = [g[k] for k in ks] + ([extra] if set(ks) & {0, 1} else [])
+            self.assertEqual([gid for gid, _ in shape(self.listed(u))], want, "user %d" % i)
+
+    def test_old_broadcast_format_still_invalidates(self):
+        """An instance from before the list cache broadcasts "inv <gid>"
+        only (a hot reload on one node may leave such a peer)."""
+        gid, (u, w) = self.group(2)
+        y = self.user(proto=2)
+        self.assertEqual(len(self.listed(u)[0]["users"]), 2)  # cached
+        self.behind_the_back(gid, y.id)
+        self.assertEqual(len(self.listed(u)[0]["users"]), 2)
+        self.stack.redis_cli("PUBLISH", "chatd:all", "B old-node\ngroup\ninv %d" % gid)
+        wait_for(lambda: len(self.listed(u)[0]["users"]) == 3, 5, what="the old-format "
+                 "invalidation")
+
+
+class GroupListCacheCluster(ListCacheCase):
+    """Two nodes on one database: a change made on B reaches the list that
+    A has cached, through the broadcast only (long TTLs)."""
+    CONF = {"plugin.group": {"list_cache_ttl": 300, "cache_ttl": 300}}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()  # node A
+        cls.a_node = cls.node
+        cls.b_node = cls.start_node(db=cls.a_node.db, migrate=False)
+
+    def test_changes_on_another_node_reach_the_cached_list(self):
+        a_node, b_node = self.a_node, self.b_node
+        u = self.user(proto=2, node=a_node)
+        gid = self.create(u)
+        u = self.token_relogin(u, a_node)  # u's list cached on A
+        self.assertEqual(shape(u.ack["groups"]), [(gid, [(u.id, "creator")])])
+        # someone joins u's group on B: A drops the lists holding the group
+        v = self.user(proto=2, node=b_node)
+        self.join(v, gid)
+        want = [(gid, [(u.id, "creator"), (v.id, "normal")])]
+        wait_for(lambda: shape(self.listed(u)) == want, 5, what="B's join seen on A")
+        u = self.token_relogin(u, a_node)  # cached on A again, with v
+        self.assertEqual(shape(u.ack["groups"]), want)
+        # u joins a new group on B: A drops u's own list (not in that group yet)
+        x = self.user(proto=2, node=b_node)
+        g2 = self.create(x)
+        self.drop(u)
+        on_b = self.login(u.id, u.name, 2, node=b_node)
+        self.join(on_b, g2)
+        self.drop(on_b)
+        u = self.login(u.id, u.name, 2, node=a_node)
+        self.assertEqual(shape(u.ack["groups"]),
+                         want + [(g2, [(x.id, "creator"), (u.id, "normal")])])
+
+
+class GroupListCacheTTL(ListCacheCase):
+    """A change no node heard of (a lost broadcast) shows once the entry
+    is list_cache_ttl old."""
+    CONF = {"plugin.group": {"list_cache_ttl": 1}}
+
+    def test_row_behind_the_back_seen_after_the_ttl(self):
+        gid, (u, w) = self.group(2)
+        other = self.create(w)
+        start = time.monotonic()
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [gid])  # cached now
+        self.behind_the_back(other, u.id)
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [gid])
+        wait_for(lambda: [g for g, _ in shape(self.listed(u))] == [gid, other], 5,
+                 what="the row after the TTL")
+        self.assertGreaterEqual(time.monotonic() - start, 0.9)
+
+
+class GroupListCacheFull(ListCacheCase):
+    """list_cache_max entries: an insert into a full cache of unexpired
+    entries drops the whole cache."""
+    CONF = {"plugin.group": {"list_cache_ttl": 300, "list_cache_max": 3}}
+
+    def test_full_cache_is_dropped(self):
+        owner = self.user(proto=2)
+        gid, other = self.create(owner), self.create(owner)
+        users = [self.user(proto=2) for _ in range(4)]
+        for u in users:
+            self.join(u, gid)
+        mark = self.node.log_mark()
+        for u in users[:3]:
+            self.listed(u)  # the cache holds 3
+        for u in users:
+            self.behind_the_back(other, u.id)
+        self.assertEqual([g for g, _ in shape(self.listed(users[0]))], [gid], "cached")
+        self.assertEqual([g for g, _ in shape(self.listed(users[3]))], [gid, other])
+        self.node.wait_log("group list cache full (3 entries", since=mark)
+        self.assertEqual([g for g, _ in shape(self.listed(users[0]))], [gid, other],
+                         "dropped with the rest")
+
+
+class GroupListCacheOff(ListCacheCase):
+    """list_cache_ttl = 0: every list is read from the database; SIGHUP
+    turns the cache on and off."""
+    CONF = {"plugin.group": {"list_cache_ttl": 0}}
+
+    def test_rows_behind_the_back_seen_at_once(self):
+        gid, (u, w) = self.group(2)
+        g2, g3 = self.create(w), self.create(w)
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [gid])
+        u = self.token_relogin(u)
+        self.behind_the_back(g2, u.id)
+        self.assertEqual([g for g, _ in shape(self.listed(u))], [gid, g2])
+        u = self.token_relogin(u)
+        self.assertEqual([g for g, _ in shape(u.ack["groups"])], [gid, g2])
+        # on by SIGHUP: cached; off again: the cache is dropped
+        for ttl, want in ((300, [gid, g2]), (0, [gid, g2, g3])):
+            mark = self.node.log_mark()
+            self.node.write_conf({"plugin.group": {"list_cache_ttl": ttl}})
+            self.node.sighup()
+            self.node.wait_log("plugin group: settings changed", since=mark)
+            self.listed(u)
+            if ttl:
+                self.behind_the_back(g3, u.id)
+            self.assertEqual([g for g, _ in shape(self.listed(u))], want)
 
 
 if __name__ == "__main__":
