@@ -531,6 +531,24 @@ struct chat_host {
             (h)->log((self), (lvl), __VA_ARGS__);          \
     } while (0)
 
+/* An integer setting of the plugin's section in lo..hi: def when absent,
+ * and def with a warning when it is out of range.  Header-only: no host
+ * function, so any host of ABI 1.0 or later can serve it. */
+static inline int64_t chat_conf_range(const struct chat_host *h,
+                                      struct chat_plugin *self, const char *key,
+                                      int64_t def, int64_t lo, int64_t hi)
+{
+    int64_t v = h->conf_int(self, key, def);
+
+    if (v < lo || v > hi) {
+        chat_log(h, self, CHAT_LOG_WARN,
+                 "%s = %lld is out of range [%lld, %lld]; using %lld", key,
+                 (long long)v, (long long)lo, (long long)hi, (long long)def);
+        v = def;
+    }
+    return v;
+}
+
 /* ------------------------------------------------------------------------ */
 /* The plugin descriptor. */
 struct chat_plugin_desc {

@@ -530,14 +530,7 @@ static void on_broadcast(int event, const void *arg, void *ud)
 /* Setting key in min..max, else def (logged). */
 static int64_t conf_range(const char *key, int64_t def, int64_t min, int64_t max)
 {
-    int64_t v = host->conf_int(self, key, def);
-
-    if (v < min || v > max) {
-        chat_log(host, self, CHAT_LOG_WARN, "%s = %lld is not in %lld..%lld: using %lld",
-                 key, (long long)v, (long long)min, (long long)max, (long long)def);
-        v = def;
-    }
-    return v;
+    return chat_conf_range(host, self, key, def, min, max);
 }
 
 /* Read the settings and (re)arm the sweeper to match. */

@@ -158,27 +158,13 @@ void grp_membership_changed(int64_t gid, int64_t uid)
 /* Setting key in 1..max, else def (logged). */
 static size_t conf_size(const char *key, int64_t def, int64_t max)
 {
-    int64_t v = grp.host->conf_int(grp.self, key, def);
-
-    if (v <= 0 || v > max) {
-        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "%s = %lld is not in 1..%lld: "
-                 "using %lld", key, (long long)v, (long long)max, (long long)def);
-        v = def;
-    }
-    return (size_t)v;
+    return (size_t)chat_conf_range(grp.host, grp.self, key, def, 1, max);
 }
 
 /* Setting key in 0..max, else def (logged). */
 static int64_t conf_range0(const char *key, int64_t def, int64_t max)
 {
-    int64_t v = grp.host->conf_int(grp.self, key, def);
-
-    if (v < 0 || v > max) {
-        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "%s = %lld is not in 0..%lld: "
-                 "using %lld", key, (long long)v, (long long)max, (long long)def);
-        v = def;
-    }
-    return v;
+    return chat_conf_range(grp.host, grp.self, key, def, 0, max);
 }
 
 static void read_conf(void)

@@ -414,15 +414,7 @@ static int purge_schedule(void)
 
 static int64_t conf_range(const char *key, int64_t def, int64_t lo, int64_t hi)
 {
-    int64_t v = login_host->conf_int(login_self, key, def);
-
-    if (v < lo || v > hi) {
-        chat_log(login_host, login_self, CHAT_LOG_WARN,
-                 "%s = %" PRId64 " is out of range [%" PRId64 ", %" PRId64
-                 "]; using %" PRId64, key, v, lo, hi, def);
-        v = def;
-    }
-    return v;
+    return chat_conf_range(login_host, login_self, key, def, lo, hi);
 }
 
 static long default_hash_threads(void)

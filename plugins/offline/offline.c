@@ -28,15 +28,7 @@ static void on_undeliverable(int event, const void *arg, void *ud)
 
 static int64_t conf_range(const char *key, int64_t def, int64_t lo, int64_t hi)
 {
-    int64_t v = off_host->conf_int(off_self, key, def);
-
-    if (v < lo || v > hi) {
-        chat_log(off_host, off_self, CHAT_LOG_WARN,
-                 "%s = %" PRId64 " is out of range [%" PRId64 ", %" PRId64
-                 "]; using %" PRId64, key, v, lo, hi, def);
-        v = def;
-    }
-    return v;
+    return chat_conf_range(off_host, off_self, key, def, lo, hi);
 }
 
 static int load_conf(void)

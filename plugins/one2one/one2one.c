@@ -234,11 +234,10 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
 
 static void read_conf(void)
 {
-    int64_t v = host->conf_int(self, "msg_max", O2O_MSG_MAX_DEF);
-
-    msg_max = v > 0 ? (size_t)v : O2O_MSG_MAX_DEF;
-    v = host->conf_int(self, "known_users_max", O2O_KNOWN_MAX_DEF);
-    known_max = v > 0 ? (size_t)v : O2O_KNOWN_MAX_DEF;
+    msg_max = (size_t)chat_conf_range(host, self, "msg_max", O2O_MSG_MAX_DEF, 1,
+                                      INT64_MAX);
+    known_max = (size_t)chat_conf_range(host, self, "known_users_max",
+                                        O2O_KNOWN_MAX_DEF, 1, INT64_MAX);
 }
 
 static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **state)
