@@ -96,6 +96,7 @@ struct conf {
     size_t max_frame;
     int idle_timeout_s;    /* 0: none */
     size_t max_output;     /* bytes of unsent output per session */
+    int max_members;       /* top-level members of one request */
     int login_part_timeout_ms;
     int threadpool_size;
     int worker_nice;       /* nice of the worker threads (hashing) */
@@ -172,8 +173,15 @@ const char *json_member_raw(const char *obj, size_t len, const char *key,
  * surrounding whitespace and trailing NULs allowed) without allocating, and
  * record its first max top-level members (key body without quotes, raw
  * value).  Returns the number of members (more than max when some were not
- * recorded), or -1 when the text is not such an object.
- * json_span_find: the first recorded member named key (escapes decoded). */
+ * recorded), JSON_SCAN_SYNTAX when the text is not such an object, or
+ * JSON_SCAN_UTF8 when a string holds bytes that are not UTF-8 (RFC 3629).
+ * json_span_find: the first recorded member named key (escapes decoded).
+ * json_span_dup: the index of the first member whose key decodes to the same
+ * bytes as an earlier one's, -1 when every key is unique, -2 when n is over
+ * JSON_SPAN_DUP_MAX; linear time. */
+#define JSON_SCAN_SYNTAX (-1)
+#define JSON_SCAN_UTF8 (-2)
+#define JSON_SPAN_DUP_MAX 1024
 struct json_span {
     const char *key;
     size_t klen;
@@ -183,6 +191,7 @@ struct json_span {
 long json_scan_object(const char *obj, size_t len, struct json_span *m, size_t max);
 const struct json_span *json_span_find(const struct json_span *m, size_t n,
                                        const char *key);
+long json_span_dup(const struct json_span *m, size_t n);
 char *json_unescape(const char *lit, size_t len, size_t *outlen);
 char *json_quote(const char *s, size_t len, size_t *outlen);
 
@@ -228,6 +237,13 @@ void net_test_feed(struct chat_session *s, const char *buf, size_t n);
 /* ---- dispatch.c ------------------------------------------------------- */
 /* Handle one complete frame of session s. */
 void disp_frame(struct chat_session *s, const char *buf, size_t len);
+/* [server] max_members: top-level members a request may have (the strict
+ * scan refuses more, and refuses a key that appears twice). */
+#define DISP_MAX_MEMBERS_DEF 128
+/* "seq" is echoed as a JSON number: at most 2^53 - 1 either way, where a
+ * double (what most clients parse numbers into) is exact. */
+#define DISP_SEQ_MAX INT64_C(9007199254740991)
+void disp_configure(size_t max_members);
 /* Protocol-level error for s (protocol 2 gets a reply, legacy a log line). */
 void disp_error(struct chat_session *s, const struct chat_ack *ack, int errno_,
                 const char *errmsg);

@@ -9,10 +9,18 @@
  * seed for legacy sessions: a log line and nothing else, the connection
  * stays.  Protocol-2 sessions get one error reply each (msgid 11).
  *
+ * Before any of that, one strict pass (json_scan_object) validates the frame
+ * as RFC 8259 JSON in UTF-8 and records its top-level members; a frame with
+ * more than max_members of them, or with a key twice (compared after
+ * decoding escapes, so "i\u0064" repeats "id"), is refused whole.  What a
+ * handler checked is then what every receiving parser reads, whichever
+ * duplicate it would have kept.
+ *
  * Replies are serialised into a loop-wide buffer with
  * cJSON_PrintPreallocated(), falling back to an allocation only for big
  * messages, so the common reply costs no malloc beyond cJSON's nodes.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,8 +78,11 @@ cJSON *disp_reply_object(const struct chat_ack *ack, int errno_, const char *err
         else
             cJSON_AddNullToObject(o, "req");
     }
-    if (ack->has_seq)
-        cJSON_AddNumberToObject(o, "seq", (double)ack->seq);
+    if (ack->has_seq) { /* as text: cJSON prints big doubles with 15 digits */
+        char num[24];
+        snprintf(num, sizeof num, "%lld", (long long)ack->seq);
+        cJSON_AddRawToObject(o, "seq", num);
+    }
     cJSON_AddNumberToObject(o, "errno", errno_);
     cJSON_AddStringToObject(o, "errmsg", errmsg ? errmsg : errno_ ? "error" : "ok");
     if (body) {
@@ -146,12 +157,19 @@ int disp_json_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,
 }
 
 /* The current request's top-level members, recorded by the validating scan
- * (dispatch is not re-entered while a handler runs). */
-#define SPAN_MAX 32
-static struct json_span spans[SPAN_MAX];
-static struct json_span *cur_spans; /* spans, or an allocation for more */
+ * (dispatch is not re-entered while a handler runs).  A frame may have at
+ * most max_members of them, so the array never needs to grow. */
+static struct json_span spans[JSON_SPAN_DUP_MAX];
+static struct json_span *cur_spans; /* spans while a request is handled */
 static long nmembers;
+static size_t max_members = DISP_MAX_MEMBERS_DEF;
 static const struct chat_request *cur_req;
+
+void disp_configure(size_t members)
+{
+    max_members = members >= 1 && members <= JSON_SPAN_DUP_MAX ? members
+                                                                 : DISP_MAX_MEMBERS_DEF;
+}
 
 /* The members of req (the request being handled) as spans. */
 static const struct json_span *req_spans(const struct chat_request *req, size_t *n)
@@ -162,16 +180,29 @@ static const struct json_span *req_spans(const struct chat_request *req, size_t 
     return cur_spans;
 }
 
-/* A JSON number's text as an integer in [lo, hi]: 1, or -1. */
+/* A JSON number's text as an integer in [lo, hi]: 1, or -1.  Plain
+ * integer text is read exactly (strtoll); other forms ("1e3", "2.0") go
+ * through a double and count only within 2^53, where doubles are exact. */
 static int span_int(const struct json_span *m, int64_t lo, int64_t hi, int64_t *out)
 {
-    char num[40];
+    char num[40], *end;
     double d;
     if (!m->vlen || m->vlen >= sizeof num || (m->val[0] != '-' && (m->val[0] < '0' || m->val[0] > '9')))
         return -1;
     memcpy(num, m->val, m->vlen);
     num[m->vlen] = '\0';
+    if (strspn(num + (num[0] == '-'), "0123456789") == m->vlen - (num[0] == '-')) {
+        long long ll;
+        errno = 0;
+        ll = strtoll(num, &end, 10);
+        if (errno || ll < lo || ll > hi)
+            return -1;
+        *out = (int64_t)ll;
+        return 1;
+    }
     d = strtod(num, NULL);
+    if (d > 9007199254740992.0 || d < -9007199254740992.0)
+        return -1;
     if (d != floor(d) || d < -9223372036854775808.0 || d >= 9223372036854775808.0 ||
         (int64_t)d < lo || (int64_t)d > hi)
         return -1;
@@ -192,13 +223,18 @@ int disp_req_int(const struct chat_request *req, const char *key, int64_t lo,
 }
 
 /* Why a frame the strict scan refused is bad, in cJSON's words. */
-static void refuse_frame(struct chat_session *s, const char *buf, size_t len)
+static void refuse_frame(struct chat_session *s, const char *buf, size_t len, long why)
 {
     struct chat_ack ack = {0, 0, 0};
     const char *end = NULL;
     char msg[96];
-    cJSON *root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+    cJSON *root;
 
+    if (why == JSON_SCAN_UTF8) {
+        disp_error(s, &ack, CHAT_E_BAD_FIELD, "a string is not valid UTF-8");
+        return;
+    }
+    root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
     if (!root)
         snprintf(msg, sizeof msg, "malformed JSON near byte %ld",
                  end ? (long)(end - buf) : 0L);
@@ -212,6 +248,29 @@ static void refuse_frame(struct chat_session *s, const char *buf, size_t len)
     cJSON_Delete(root);
 }
 
+/* Members the strict scan cannot judge: too many, or a key twice (a
+ * receiver that keeps the last duplicate would see something other than
+ * what was checked).  Returns 0 when the frame may be handled. */
+static int refuse_members(struct chat_session *s)
+{
+    struct chat_ack ack = {0, 0, 0};
+    char msg[96];
+    long d;
+
+    if ((size_t)nmembers > max_members) {
+        snprintf(msg, sizeof msg, "too many members (%ld, at most %zu)", nmembers,
+                 max_members);
+        disp_error(s, &ack, CHAT_E_BAD_FIELD, msg);
+        return -1;
+    }
+    if ((d = json_span_dup(spans, (size_t)nmembers)) >= 0) {
+        snprintf(msg, sizeof msg, "member %ld repeats an earlier key", d + 1);
+        disp_error(s, &ack, CHAT_E_BAD_FIELD, msg);
+        return -1;
+    }
+    return 0;
+}
+
 void disp_frame(struct chat_session *s, const char *buf, size_t len)
 {
     struct chat_ack ack = {0, 0, 0};
@@ -223,29 +282,30 @@ void disp_frame(struct chat_session *s, const char *buf, size_t len)
 
     /* one strict pass validates the frame and finds its members; the cJSON
      * tree is built only for handlers that read it */
-    nmembers = json_scan_object(buf, len, spans, SPAN_MAX);
+    nmembers = json_scan_object(buf, len, spans, max_members);
     if (nmembers < 0) {
-        refuse_frame(s, buf, len);
+        refuse_frame(s, buf, len, nmembers);
         return;
     }
+    if (refuse_members(s))
+        return;
     req.size = sizeof req;
     req.json = NULL;
     req.raw = buf;
     req.raw_len = len;
     cur_req = &req;
     cur_spans = spans;
-    if (nmembers > SPAN_MAX) { /* a big object: record every member */
-        if (!(cur_spans = mem_malloc((size_t)nmembers * sizeof *cur_spans))) {
-            disp_error(s, &ack, CHAT_E_INTERNAL, "out of memory");
-            goto out;
-        }
-        json_scan_object(buf, len, cur_spans, (size_t)nmembers);
-    }
     if (disp_req_int(&req, "proto", 2, 2, &v) == 1)
         net_session_set_proto(s, CHAT_PROTO_2);
-    if (disp_req_int(&req, "seq", INT64_MIN / 2, INT64_MAX / 2, &v) == 1) {
+    /* seq is echoed through a JSON number: only what a double holds exactly */
+    r = disp_req_int(&req, "seq", -DISP_SEQ_MAX, DISP_SEQ_MAX, &v);
+    if (r == 1) {
         ack.has_seq = 1;
         ack.seq = v;
+    } else if (r < 0) {
+        disp_error(s, &ack, CHAT_E_BAD_FIELD,
+                   "seq must be an integer within +-9007199254740991");
+        goto out;
     }
     r = disp_req_int(&req, "msgid", INT32_MIN, INT32_MAX, &v);
     if (r != 1) {
@@ -272,8 +332,6 @@ void disp_frame(struct chat_session *s, const char *buf, size_t len)
     plug_unref(h->inst);
 out:
     cur_req = NULL;
-    if (cur_spans != spans)
-        mem_free(cur_spans);
     cur_spans = NULL;
     while (field_copies) {
         struct field_copy *f = field_copies;
@@ -334,9 +392,9 @@ static int key_is(const struct json_span *k, const char *key)
     return json_span_find(k, 1, key) != NULL;
 }
 
-/* Can the frame go out as it is?  Sender fields are the session's, each
- * member appears once (a receiver that keeps the last duplicate must see
- * what was checked), and nothing of the sender's connection is in it. */
+/* Can the frame go out as it is?  Sender fields are the session's and
+ * nothing of the sender's connection is in it (that each member appears
+ * once, keys compared decoded, disp_frame has made sure). */
 static int frame_is_forwardable(const struct chat_request *req,
                                 const struct json_span *m, size_t n, int64_t uid,
                                 const char *name, size_t name_len)
@@ -347,13 +405,9 @@ static int frame_is_forwardable(const struct chat_request *req,
     const char *raw;
     int k;
 
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++)
         if (key_is(&m[i], "seq") || key_is(&m[i], "proto"))
             return 0;
-        for (size_t j = i + 1; j < n; j++)
-            if (m[j].klen == m[i].klen && !memcmp(m[j].key, m[i].key, m[i].klen))
-                return 0;
-    }
     k = snprintf(num, sizeof num, "%lld", (long long)uid);
     f = json_span_find(m, n, "id");
     if (!f || f->vlen != (size_t)k || memcmp(f->val, num, f->vlen))
@@ -395,15 +449,9 @@ const char *disp_forward(struct chat_session *s, const struct chat_request *req,
     fb_str(&b, num);
     fb_quoted(&b, name, name_len);
     for (size_t i = 0; i < n; i++) {
-        size_t j;
         if (key_is(&m[i], "msgid") || key_is(&m[i], "id") || key_is(&m[i], "name") ||
             key_is(&m[i], "seq") || key_is(&m[i], "proto"))
             continue;
-        for (j = 0; j < i; j++)
-            if (m[j].klen == m[i].klen && !memcmp(m[j].key, m[i].key, m[i].klen))
-                break;
-        if (j < i)
-            continue; /* a duplicate: the first one was copied */
         fb_add(&b, ",\"", 2);
         fb_add(&b, m[i].key, m[i].klen); /* the key as the client wrote it */
         fb_add(&b, "\":", 2);

@@ -354,13 +354,18 @@ char *json_quote(const char *s, size_t len, size_t *outlen)
 /* ---- strict validation with member spans ------------------------------- */
 /* A validating scan for the dispatcher's fast path: RFC 8259 JSON, stricter
  * than cJSON where cJSON is lenient in ways a receiving client may not be
- * (raw control characters in strings, leading zeros).  No allocation; the
- * depth is bounded. */
+ * (raw control characters in strings, leading zeros, bytes that are not
+ * UTF-8).  No allocation; the depth is bounded.  The scan context carries
+ * why it failed, so the caller can name the error. */
 
 #define SCAN_DEPTH 64
 
-static const unsigned char *v_value(const unsigned char *p, const unsigned char *e,
-                                    int depth);
+struct scan {
+    const unsigned char *e; /* end of the input */
+    int err;                /* JSON_SCAN_SYNTAX or JSON_SCAN_UTF8 */
+};
+
+static const unsigned char *v_value(struct scan *sc, const unsigned char *p, int depth);
 
 static const unsigned char *v_ws(const unsigned char *p, const unsigned char *e)
 {
@@ -369,8 +374,40 @@ static const unsigned char *v_ws(const unsigned char *p, const unsigned char *e)
     return p;
 }
 
-static const unsigned char *v_string(const unsigned char *p, const unsigned char *e)
+/* p is at a byte >= 0x80: the byte after one well-formed UTF-8 sequence
+ * (RFC 3629: shortest form, no surrogates, at most U+10FFFF), or NULL. */
+static const unsigned char *v_utf8(const unsigned char *p, const unsigned char *e)
 {
+    unsigned char c = *p, lo = 0x80, hi = 0xBF;
+    int n;
+
+    if (c >= 0xC2 && c <= 0xDF)
+        n = 1;
+    else if (c >= 0xE0 && c <= 0xEF) {
+        n = 2;
+        if (c == 0xE0)
+            lo = 0xA0; /* overlong below U+0800 */
+        else if (c == 0xED)
+            hi = 0x9F; /* U+D800..U+DFFF */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        n = 3;
+        if (c == 0xF0)
+            lo = 0x90; /* overlong below U+10000 */
+        else if (c == 0xF4)
+            hi = 0x8F; /* past U+10FFFF */
+    } else
+        return NULL; /* a continuation byte, C0, C1 or F5..FF */
+    if (e - p <= n || p[1] < lo || p[1] > hi)
+        return NULL;
+    for (int i = 2; i <= n; i++)
+        if ((p[i] & 0xC0) != 0x80)
+            return NULL;
+    return p + n + 1;
+}
+
+static const unsigned char *v_string(struct scan *sc, const unsigned char *p)
+{
+    const unsigned char *e = sc->e;
     if (p >= e || *p != '"')
         return NULL;
     for (p++; p < e; p++) {
@@ -378,6 +415,15 @@ static const unsigned char *v_string(const unsigned char *p, const unsigned char
             return p + 1;
         if (*p < 0x20)
             return NULL;
+        if (*p >= 0x80) {
+            const unsigned char *q = v_utf8(p, e);
+            if (!q) {
+                sc->err = JSON_SCAN_UTF8;
+                return NULL;
+            }
+            p = q - 1;
+            continue;
+        }
         if (*p == '\\') {
             if (++p >= e)
                 return NULL;
@@ -438,10 +484,11 @@ static const unsigned char *v_word(const unsigned char *p, const unsigned char *
 
 /* Object or array body after the opening bracket; m/max/count record the
  * members of the top-level object only (m == NULL below it). */
-static const unsigned char *v_container(const unsigned char *p, const unsigned char *e,
+static const unsigned char *v_container(struct scan *sc, const unsigned char *p,
                                         int depth, int object, struct json_span *m,
                                         size_t max, size_t *count)
 {
+    const unsigned char *e = sc->e;
     char close = object ? '}' : ']';
     if (depth >= SCAN_DEPTH)
         return NULL;
@@ -451,7 +498,7 @@ static const unsigned char *v_container(const unsigned char *p, const unsigned c
     for (;;) {
         const unsigned char *k = p, *v;
         if (object) {
-            if (!(p = v_string(p, e)))
+            if (!(p = v_string(sc, p)))
                 return NULL;
             p = v_ws(p, e);
             if (p >= e || *p != ':')
@@ -459,7 +506,7 @@ static const unsigned char *v_container(const unsigned char *p, const unsigned c
             p = v_ws(p + 1, e);
         }
         v = p;
-        if (!(p = v_value(p, e, depth + 1)))
+        if (!(p = v_value(sc, p, depth + 1)))
             return NULL;
         if (m) {
             if (*count < max) {
@@ -481,15 +528,15 @@ static const unsigned char *v_container(const unsigned char *p, const unsigned c
     }
 }
 
-static const unsigned char *v_value(const unsigned char *p, const unsigned char *e,
-                                    int depth)
+static const unsigned char *v_value(struct scan *sc, const unsigned char *p, int depth)
 {
+    const unsigned char *e = sc->e;
     if (p >= e)
         return NULL;
     switch (*p) {
-    case '{': return v_container(p + 1, e, depth, 1, NULL, 0, NULL);
-    case '[': return v_container(p + 1, e, depth, 0, NULL, 0, NULL);
-    case '"': return v_string(p, e);
+    case '{': return v_container(sc, p + 1, depth, 1, NULL, 0, NULL);
+    case '[': return v_container(sc, p + 1, depth, 0, NULL, 0, NULL);
+    case '"': return v_string(sc, p);
     case 't': return v_word(p, e, "true");
     case 'f': return v_word(p, e, "false");
     case 'n': return v_word(p, e, "null");
@@ -500,18 +547,23 @@ static const unsigned char *v_value(const unsigned char *p, const unsigned char 
 long json_scan_object(const char *buf, size_t len, struct json_span *m, size_t max)
 {
     const unsigned char *p = (const unsigned char *)buf, *e = p + len;
+    struct scan sc;
     size_t count = 0;
 
     /* the framer passes separators through: NUL is not JSON whitespace,
      * but it may end a legacy frame */
     while (e > p && (e[-1] == '\0' || JSON_WS(e[-1])))
         e--;
+    sc.e = e;
+    sc.err = JSON_SCAN_SYNTAX;
     p = v_ws(p, e);
     if (p >= e || *p != '{')
-        return -1;
-    p = v_container(p + 1, e, 0, 1, m, max, &count);
-    if (!p || v_ws(p, e) != e)
-        return -1;
+        return JSON_SCAN_SYNTAX;
+    p = v_container(&sc, p + 1, 0, 1, m, max, &count);
+    if (!p)
+        return sc.err;
+    if (v_ws(p, e) != e)
+        return JSON_SCAN_SYNTAX;
     /* key lengths: the literal body between the quotes */
     for (size_t i = 0; i < count && i < max; i++) {
         const unsigned char *k = (const unsigned char *)m[i].key, *q = k;
@@ -534,4 +586,102 @@ const struct json_span *json_span_find(const struct json_span *m, size_t n,
             return &m[i];
     }
     return NULL;
+}
+
+/* ---- duplicate members ------------------------------------------------- */
+/* Keys are compared as the bytes they decode to ("i\u0064" is "id"), since
+ * that is what every receiving parser sees.  A hash of the decoded bytes and
+ * an open-addressed table on the stack keep the check linear; it is bounded
+ * by JSON_SPAN_DUP_MAX members. */
+
+struct kdec { /* reads a key literal body one decoded byte at a time */
+    const unsigned char *p, *e;
+    unsigned char buf[4];
+    size_t n, i;
+};
+
+static void kdec_init(struct kdec *d, const struct json_span *m)
+{
+    d->p = (const unsigned char *)m->key;
+    d->e = d->p + m->klen;
+    d->n = d->i = 0;
+}
+
+/* The next decoded byte, or -1 at the end (a bad escape ends it too: the
+ * scan already refused those). */
+static int kdec_next(struct kdec *d)
+{
+    if (d->i < d->n)
+        return d->buf[d->i++];
+    if (d->p >= d->e)
+        return -1;
+    if (*d->p != '\\')
+        return *d->p++;
+    {
+        size_t used = unescape_one(d->p, d->e, d->buf, &d->n);
+        if (!used)
+            return -1;
+        d->p += used;
+        d->i = 1;
+        return d->buf[0];
+    }
+}
+
+static uint32_t key_hash(const struct json_span *m)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    struct kdec d;
+    int c;
+
+    if (!memchr(m->key, '\\', m->klen)) {
+        for (size_t i = 0; i < m->klen; i++)
+            h = (h ^ (unsigned char)m->key[i]) * 16777619u;
+        return h;
+    }
+    kdec_init(&d, m);
+    while ((c = kdec_next(&d)) >= 0)
+        h = (h ^ (unsigned)c) * 16777619u;
+    return h;
+}
+
+static int key_same(const struct json_span *a, const struct json_span *b)
+{
+    struct kdec x, y;
+    int c;
+
+    if (a->klen == b->klen && memcmp(a->key, b->key, a->klen) == 0)
+        return 1;
+    if (!memchr(a->key, '\\', a->klen) && !memchr(b->key, '\\', b->klen))
+        return 0;
+    kdec_init(&x, a);
+    kdec_init(&y, b);
+    do {
+        c = kdec_next(&x);
+        if (c != kdec_next(&y))
+            return 0;
+    } while (c >= 0);
+    return 1;
+}
+
+long json_span_dup(const struct json_span *m, size_t n)
+{
+    uint16_t slot[2 * JSON_SPAN_DUP_MAX]; /* member index + 1; 0 is empty */
+    size_t size = 8, mask;
+
+    if (n > JSON_SPAN_DUP_MAX)
+        return -2;
+    while (size < 2 * n)
+        size *= 2;
+    mask = size - 1;
+    memset(slot, 0, size * sizeof *slot);
+    for (size_t i = 0; i < n; i++) {
+        size_t h = key_hash(&m[i]) & mask;
+        while (slot[h]) {
+            if (key_same(&m[slot[h] - 1], &m[i]))
+                return (long)i;
+            h = (h + 1) & mask;
+        }
+        slot[h] = (uint16_t)(i + 1);
+    }
+    return -1;
 }

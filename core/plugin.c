@@ -872,6 +872,7 @@ static void reload_done(uv_work_t *req, int status)
         pl.conf = j->conf;
         net_apply_conf(pl.conf);
         ack_configure(pl.conf->login_part_timeout_ms);
+        disp_configure((size_t)pl.conf->max_members);
         conf_free(old);
         j->conf = NULL;
     } else {

@@ -320,6 +320,35 @@ static void stage_frame(const char *f, size_t len)
     cJSON_Delete(root);
 }
 
+/* The first member whose key decodes like an earlier one's, the slow way. */
+static long dup_reference(const struct json_span *m, size_t n)
+{
+    char *k[16];
+    size_t kl[16];
+    long dup = -1;
+
+    for (size_t i = 0; i < n; i++) {
+        char lit[1100];
+        k[i] = NULL;
+        if (m[i].klen + 2 <= sizeof lit) {
+            lit[0] = '"';
+            memcpy(lit + 1, m[i].key, m[i].klen);
+            lit[m[i].klen + 1] = '"';
+            k[i] = json_unescape(lit, m[i].klen + 2, &kl[i]);
+        }
+        CHECK(k[i] != NULL || m[i].klen + 2 > sizeof lit);
+        if (!k[i])
+            dup = -3; /* too long to compare here */
+    }
+    for (size_t i = 0; i < n && dup == -1; i++)
+        for (size_t j = 0; j < i && dup == -1; j++)
+            if (k[j] && kl[i] == kl[j] && !memcmp(k[i], k[j], kl[i]))
+                dup = (long)i;
+    for (size_t i = 0; i < n; i++)
+        mem_free(k[i]);
+    return dup;
+}
+
 /* The dispatcher's strict scan: what it accepts cJSON accepts, as an
  * object with the same members in the same order, raw values agreeing. */
 static void stage_scan(const char *f, size_t len)
@@ -355,6 +384,10 @@ static void stage_scan(const char *f, size_t len)
         i++;
     }
     cJSON_Delete(root);
+    if (n <= 16) {
+        long ref = dup_reference(m, (size_t)n);
+        CHECK(ref == -3 || json_span_dup(m, (size_t)n) == ref);
+    }
 }
 
 static void on_frame(const char *f, size_t len)

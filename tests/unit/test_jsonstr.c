@@ -422,6 +422,66 @@ static void test_scan_object(void)
     }
 }
 
+static void test_scan_utf8(void)
+{
+    struct json_span m[4];
+    static const char *bad[] = {
+        "{\"a\":\"evil\xff\xfe\"}",     /* never in UTF-8 */
+        "{\"a\":\"\x80\"}",             /* a lone continuation byte */
+        "{\"a\":\"\xc3\"}",             /* cut short */
+        "{\"a\":\"\xc0\xaf\"}",         /* overlong '/' */
+        "{\"a\":\"\xe0\x80\xaf\"}",     /* overlong, three bytes */
+        "{\"a\":\"\xed\xa0\x80\"}",     /* a surrogate, U+D800 */
+        "{\"a\":\"\xf4\x90\x80\x80\"}", /* past U+10FFFF */
+        "{\"k\xff\":1}",                /* in a key */
+        "{\"a\":[\"\xfe\"]}",           /* nested */
+    };
+    static const char *good[] = {
+        "{\"a\":\"caf\xc3\xa9\"}", "{\"a\":\"\xe2\x82\xac\"}",
+        "{\"a\":\"\xf0\x9f\x98\x80\"}", "{\"a\":\"\xf4\x8f\xbf\xbf\"}",
+        "{\"a\":\"\xed\x9f\xbf\"}",
+    };
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        CU_ASSERT_EQUAL(json_scan_object(bad[i], strlen(bad[i]), m, 4), JSON_SCAN_UTF8);
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+        CU_ASSERT_EQUAL(json_scan_object(good[i], strlen(good[i]), m, 4), 1);
+    /* a syntax error is still named as one */
+    CU_ASSERT_EQUAL(json_scan_object("{\"a\":1,}", 8, m, 4), JSON_SCAN_SYNTAX);
+}
+
+static void test_span_dup(void)
+{
+    static struct json_span m[JSON_SPAN_DUP_MAX + 1];
+    static char big[JSON_SPAN_DUP_MAX * 16 + 16];
+    const char *f1 = "{\"msgid\":6,\"id\":1,\"name\":\"a\",\"i\\u0064\":2}";
+    const char *f2 = "{\"msgid\":6,\"m\\u0073gid\":10}";
+    const char *f3 = "{\"a\":1,\"b\":2,\"a\\u0000\":3,\"\\/\":4,\"/x\":5}";
+    const char *f4 = "{\"x\":1,\"\\u002f\":2,\"\\/\":3}";
+    size_t k = 0;
+    long n;
+
+    n = json_scan_object(f1, strlen(f1), m, 8);
+    CU_ASSERT_EQUAL(n, 4);
+    CU_ASSERT_EQUAL(json_span_dup(m, (size_t)n), 3);
+    n = json_scan_object(f2, strlen(f2), m, 8);
+    CU_ASSERT_EQUAL(json_span_dup(m, (size_t)n), 1);
+    n = json_scan_object(f3, strlen(f3), m, 8);
+    CU_ASSERT_EQUAL(json_span_dup(m, (size_t)n), -1); /* "a\0" is not "a" */
+    n = json_scan_object(f4, strlen(f4), m, 8);
+    CU_ASSERT_EQUAL(json_span_dup(m, (size_t)n), 2);  /* two spellings of "/" */
+    /* many distinct members, then one repeat at the end: still found */
+    big[k++] = '{';
+    for (int i = 0; i < JSON_SPAN_DUP_MAX - 1; i++)
+        k += (size_t)sprintf(big + k, "\"k%d\":%d,", i, i);
+    k += (size_t)sprintf(big + k, "\"k\\u0037\":0}"); /* "k7" again */
+    n = json_scan_object(big, k, m, JSON_SPAN_DUP_MAX);
+    CU_ASSERT_EQUAL(n, JSON_SPAN_DUP_MAX);
+    CU_ASSERT_EQUAL(json_span_dup(m, (size_t)n), JSON_SPAN_DUP_MAX - 1);
+    CU_ASSERT_EQUAL(json_span_dup(m, JSON_SPAN_DUP_MAX - 1), -1);
+    CU_ASSERT_EQUAL(json_span_dup(m, JSON_SPAN_DUP_MAX + 1), -2);
+}
+
 static void test_member_agrees_with_cjson(void)
 {
     static const char *keys[] = {"msgid", "id", "msg", "a", "m\"g", "\xc3\xa9", "x y", "no"};
@@ -482,6 +542,8 @@ int main(void)
     CU_add_test(s, "member on truncated text", test_member_truncated_stays_inside);
     CU_add_test(s, "member agrees with cJSON", test_member_agrees_with_cjson);
     CU_add_test(s, "strict scan: validation and member spans", test_scan_object);
+    CU_add_test(s, "strict scan: UTF-8 only", test_scan_utf8);
+    CU_add_test(s, "duplicate keys, decoded, linear", test_span_dup);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     failed = CU_get_number_of_failures();
