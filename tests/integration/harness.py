@@ -66,7 +66,7 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
                                 and config, no migration
     A context manager (stop on exit); every Node is stopped at exit.
 
-Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None)
+Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None)
     A TCP client.  term ends each message sent (b"\\0" as the seed client
     does, b"\\n", or b"").  proto=2 adds "proto":2 to every object sent that
     lacks it.  rcvbuf sets SO_RCVBUF before connecting (slow-reader tests).
@@ -615,7 +615,7 @@ class Client:
     _seqs = itertools.count(1)
 
     def __init__(self, port, host="127.0.0.1", term=b"\0", proto=1, rcvbuf=None,
-                 timeout=5):
+                 timeout=5, source=None):
         self.term, self.proto = term, proto
         self.buf = bytearray()
         self.queue = collections.deque()
@@ -625,6 +625,8 @@ class Client:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         try:
+            if source is not None:
+                self.sock.bind((source, 0))
             self.sock.connect((host, port))
         except BaseException:
             self.sock.close()
