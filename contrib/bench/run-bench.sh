@@ -194,11 +194,13 @@ hash_per_address = 0
 login_rate = $LOGIN_RATE
 
 [plugin.friend]
+policy = open
 
 [plugin.one2one]
 msg_max = 4096
 
 [plugin.group]
+join = open
 name_max = 64
 desc_max = 512
 msg_max = 4096

@@ -40,7 +40,8 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
      migrate=True, args=())
     Writes a config in a temp dir: [server] listen 127.0.0.1:<free port>,
     log_level debug (node_id when given); [plugins] dir = plugin_dir or
-    CHAT_PLUGIN_DIR, enabled = plugins; [mysql] (when mysql) the stack's
+    CHAT_PLUGIN_DIR, enabled = plugins; [plugin.friend] policy = open and
+    [plugin.group] join = open (the seed's behaviour, as etc/chat.conf); [mysql] (when mysql) the stack's
     MariaDB over TCP as chat/chat, database db (a fresh one when None),
     migrations CHAT_SRC/sql; [redis] (when redis) the stack's Redis,
     heartbeat_ttl 3.  `conf` = {section: {key: value}} is merged over that:
@@ -452,6 +453,10 @@ class Node:
                                  "log_level": "debug"},
                       "plugins": {"dir": plugin_dir or PLUGIN_DIR,
                                   "enabled": ", ".join(plugins)}}
+        # The seed's policies, as etc/chat.conf sets them for `make run`:
+        # tests of the defaults (friend mutual, group invite) override them.
+        self._conf["plugin.friend"] = {"policy": "open"}
+        self._conf["plugin.group"] = {"join": "open"}
         if node_id is not None:
             self._conf["server"]["node_id"] = node_id
         if mysql:
