@@ -2,8 +2,17 @@
  * friend.c - ADD_FRIEND_MSG (7), FRIEND_LIST (13, protocol 2) and the
  * "friends" part of the login ack.
  *
- * As in the seed, a friendship is one row (user_id added friend_id) and the
- * friend list of a user is the users it added.  The database does the
+ * As in the seed, ADD_FRIEND writes one row (user_id added friend_id).  What
+ * the list shows depends on the policy (issue 14: ADD_FRIEND needed no
+ * consent, so anyone could watch anyone's presence):
+ *  - policy = open (the seed): the friend list of a user is the users it
+ *    added, with their live presence;
+ *  - policy = mutual (the default): a row is a request; the list shows only
+ *    the users who added each other, so presence is seen only by consent.
+ *    FRIEND_LIST (protocol 2) also returns the requests waiting for the
+ *    user ("requests": who added it and was not added back, no presence).
+ * The wire shapes are the seed's under both, so the seed's client works
+ * unchanged (under mutual both users add each other, as it can).  The database does the
  * checking: the primary key refuses a second row (1062 -> "already a
  * friend") and the foreign key an unknown user (1452 -> "unknown user"), so
  * adding a friend is exactly one INSERT and no check can race with another.
@@ -39,6 +48,9 @@ static const struct chat_host *host;
 static struct chat_plugin *self;
 
 static void cache_invalidate(int64_t uid);
+
+enum policy { POLICY_OPEN, POLICY_MUTUAL };
+static enum policy policy; /* [plugin.friend] policy */
 
 /* ------------------------------------------------------------------------ */
 
@@ -79,6 +91,55 @@ struct add_req {
 
 static void add_done(const struct chat_db_result *r, void *ud);
 
+/* Drop id's cached list here and, through the bus, on every node. */
+static void invalidate_everywhere(int64_t id)
+{
+    char buf[32];
+    int n = snprintf(buf, sizeof(buf), "inv %lld", (long long)id), rc;
+
+    cache_invalidate(id);
+    if ((rc = host->broadcast(self, buf, (size_t)n)) != CHAT_OK)
+        chat_log(host, self, CHAT_LOG_WARN, "friend list of %lld: invalidation "
+                 "not broadcast (%s); other nodes rely on list_cache_ttl",
+                 (long long)id, host->strerror(rc));
+}
+
+/* Protocol 2 under mutual: the ACK says whether the friendship now exists
+ * ("mutual":true) or waits for the other user ("mutual":false). */
+static void add_checked(const struct chat_db_result *r, void *ud)
+{
+    struct add_req *a = ud;
+    struct chat_session *s = host->session_get(a->sid);
+    cJSON *body;
+
+    if (s) {
+        body = cJSON_CreateObject();
+        if (body && host->db_error(r) == CHAT_OK)
+            cJSON_AddBoolToObject(body, "mutual", host->db_nrows(r) > 0);
+        answer(s, &a->ack, a->uid, 0, NULL, body);
+        cJSON_Delete(body);
+    }
+    host->free(a);
+}
+
+/* The row is in: answer (under mutual, protocol 2, after checking the
+ * reverse row).  Takes a. */
+static void add_answer(struct chat_session *s, struct add_req *a)
+{
+    struct chat_db_param p[2];
+
+    if (s && policy == POLICY_MUTUAL && host->session_proto(s) == CHAT_PROTO_2) {
+        p[0] = CHAT_DB_P_INT(a->fid);
+        p[1] = CHAT_DB_P_INT(a->uid);
+        if (host->db_query(self, "SELECT 1 FROM friends WHERE user_id = ? AND "
+                           "friend_id = ?", p, 2, add_checked, a) == CHAT_OK)
+            return;
+    }
+    if (s)
+        answer(s, &a->ack, a->uid, 0, NULL, NULL);
+    host->free(a);
+}
+
 static int add_start(struct add_req *a)
 {
     struct chat_db_param p[2];
@@ -118,17 +179,17 @@ static void add_done(const struct chat_db_result *r, void *ud)
                      (long long)a->uid, (long long)a->fid, host->db_errmsg(r));
         }
     }
-    if (!err) { /* uid's list changed: here before answering, and elsewhere */
-        char buf[32];
-        int n = snprintf(buf, sizeof(buf), "inv %lld", (long long)a->uid);
-
-        cache_invalidate(a->uid);
-        if ((rc = host->broadcast(self, buf, (size_t)n)) != CHAT_OK)
-            chat_log(host, self, CHAT_LOG_WARN, "friend list of %lld: invalidation "
-                     "not broadcast (%s); other nodes rely on list_cache_ttl",
-                     (long long)a->uid, host->strerror(rc));
+    s = host->session_get(a->sid);
+    if (!err) {
+        /* uid's list changed (under mutual, maybe fid's too): here before
+         * answering, and elsewhere */
+        invalidate_everywhere(a->uid);
+        if (policy == POLICY_MUTUAL)
+            invalidate_everywhere(a->fid);
+        add_answer(s, a);
+        return;
     }
-    if ((s = host->session_get(a->sid)) != NULL)
+    if (s)
         answer(s, &a->ack, a->uid, err, why, NULL);
     host->free(a);
 }
@@ -163,6 +224,8 @@ static void on_add_friend(struct chat_session *s, const struct chat_request *req
     /* A login between the commit and add_done() must not be served the old
      * list: drop it now too (add_done drops it again, and broadcasts). */
     cache_invalidate(uid);
+    if (policy == POLICY_MUTUAL)
+        cache_invalidate(fid);
     if ((rc = add_start(a)) != CHAT_OK) {
         host->free(a);
         answer(s, &req->ack, uid, db_errno_to_proto(rc), "database unavailable", NULL);
@@ -331,13 +394,17 @@ struct list_req {
     uint64_t gen;         /* cache_gen when the SELECT started */
     uint64_t started_ms;  /* and when */
     struct flist *fl;     /* the list (a reference), once known */
+    cJSON *body;          /* FRIEND_LIST under mutual: waiting for "requests" */
 };
 
 static void list_free(struct list_req *q)
 {
     flist_unref(q->fl);
+    cJSON_Delete(q->body);
     host->free(q);
 }
+
+static int requests_start(struct list_req *q);
 
 /* One entry: {"id":..,"name":..,"state":..} (the seed's key order), as a
  * JSON string for legacy sessions, as the object for protocol 2. */
@@ -397,6 +464,12 @@ static void list_finish(struct list_req *q, const unsigned char *online, int err
             err = CHAT_E_INTERNAL;
         }
     }
+    if (!err && policy == POLICY_MUTUAL) {
+        q->body = body;
+        if ((err = requests_start(q)) == 0)
+            return;
+        q->body = NULL;
+    }
     answer(s, &q->ack, q->uid, err,
            err == CHAT_E_UNAVAILABLE ? "database unavailable" : "server error", body);
     cJSON_Delete(body);
@@ -445,13 +518,84 @@ static void list_rows(const struct chat_db_result *r, void *ud)
     list_known(q);
 }
 
+/* The requests waiting for q->uid (mutual): added it, not added back. */
+static void requests_rows(const struct chat_db_result *r, void *ud)
+{
+    struct list_req *q = ud;
+    struct chat_session *s = host->session_get(q->sid);
+    cJSON *arr = NULL, *item;
+    char *lit, *text;
+    size_t i, n, len, qlen;
+    int err = 0;
+
+    if (!s)
+        goto out;
+    if (host->db_error(r) != CHAT_OK) {
+        chat_log(host, self, CHAT_LOG_WARN, "friend requests of %lld: %s",
+                 (long long)q->uid, host->db_errmsg(r));
+        err = db_errno_to_proto(host->db_error(r));
+        goto answer;
+    }
+    arr = cJSON_CreateArray();
+    n = host->db_nrows(r);
+    for (i = 0; arr && i < n; i++) {
+        const char *name = host->db_str(r, i, 1, &len);
+
+        if (!(lit = host->json_quote(name ? name : "", name ? len : 0, &qlen)))
+            break;
+        text = host->malloc(qlen + 48);
+        if (text) {
+            snprintf(text, qlen + 48, "{\"id\":%lld,\"name\":%s}",
+                     (long long)host->db_int(r, i, 0), lit);
+            item = cJSON_CreateRaw(text);
+            host->free(text);
+        }
+        host->free(lit);
+        if (!text || !item)
+            break;
+        cJSON_AddItemToArray(arr, item);
+    }
+    if (!arr || i < n || !cJSON_AddItemToObject(q->body, "requests", arr)) {
+        cJSON_Delete(arr);
+        err = CHAT_E_INTERNAL;
+    }
+answer:
+    answer(s, &q->ack, q->uid, err,
+           err == CHAT_E_UNAVAILABLE ? "database unavailable" : "server error",
+           err ? NULL : q->body);
+out:
+    list_free(q);
+}
+
+/* Takes q when it returns 0; else the protocol errno. */
+static int requests_start(struct list_req *q)
+{
+    static const char sql[] =
+        "SELECT u.id, u.name FROM friends f JOIN users u ON u.id = f.user_id "
+        "LEFT JOIN friends b ON b.user_id = f.friend_id AND b.friend_id = f.user_id "
+        "WHERE f.friend_id = ? AND b.user_id IS NULL "
+        "ORDER BY f.created_at, f.user_id LIMIT 1000";
+    struct chat_db_param p = CHAT_DB_P_INT(q->uid);
+    int rc = host->db_query(self, sql, &p, 1, requests_rows, q);
+
+    return rc == CHAT_OK ? 0 : db_errno_to_proto(rc);
+}
+
 /* Start answering the list of uid, to l or to session sid. */
 static int list_start(struct chat_login *l, uint64_t sid, const struct chat_ack *ack,
                       int proto, int64_t uid)
 {
-    static const char sql[] =
+    static const char sql_open[] =
         "SELECT u.id, u.name FROM friends f JOIN users u ON u.id = f.friend_id "
         "WHERE f.user_id = ? ORDER BY f.created_at, f.friend_id";
+    /* mutual: only the users who added this one back; ordered by when the
+     * friendship came to be (the later of the two rows) */
+    static const char sql_mutual[] =
+        "SELECT u.id, u.name FROM friends f "
+        "JOIN friends b ON b.user_id = f.friend_id AND b.friend_id = f.user_id "
+        "JOIN users u ON u.id = f.friend_id "
+        "WHERE f.user_id = ? ORDER BY GREATEST(f.created_at, b.created_at), f.friend_id";
+    const char *sql = policy == POLICY_MUTUAL ? sql_mutual : sql_open;
     struct chat_db_param p = CHAT_DB_P_INT(uid);
     struct list_req *q = host->malloc(sizeof(*q));
     int rc;
@@ -538,6 +682,23 @@ static int read_conf(void)
 {
     uint64_t period;
 
+    const char *pol = host->conf_get(self, "policy", "mutual");
+    enum policy np;
+
+    if (strcmp(pol, "open") == 0) {
+        np = POLICY_OPEN;
+    } else if (strcmp(pol, "mutual") == 0) {
+        np = POLICY_MUTUAL;
+    } else {
+        chat_log(host, self, CHAT_LOG_ERROR, "policy = %s: expected open or mutual", pol);
+        return CHAT_ERR_INVAL;
+    }
+    if (np != policy) { /* every cached list was read under the other one */
+        cache_drop(1);
+        cache_gen++;
+        policy = np;
+    }
+    chat_log(host, self, CHAT_LOG_INFO, "policy=%s", np == POLICY_MUTUAL ? "mutual" : "open");
     ttl_ms = (uint64_t)conf_range("list_cache_ttl", 60, 0, 86400) * 1000u;
     cache_max = (size_t)conf_range("list_cache_max", 100000, 1, INT32_MAX);
     period = ttl_ms < 1000 ? 1000 : ttl_ms;
@@ -565,6 +726,7 @@ static int friend_init(const struct chat_host *h, struct chat_plugin *p, void **
     cache = NULL;
     sweeper = NULL;
     cache_gen = 0;
+    policy = POLICY_MUTUAL;
     CHAT_HOST_REQUIRE(h, p, map_next);
     if (!(cache = h->map_new()))
         return CHAT_ERR_NOMEM;
@@ -597,7 +759,7 @@ static int friend_reconfigure(void *state)
 }
 
 static const struct chat_plugin_desc friend_desc = {
-    CHAT_PLUGIN_DESC_INIT(PLUGIN_NAME, "1.1.0"),
+    CHAT_PLUGIN_DESC_INIT(PLUGIN_NAME, "1.2.0"),
     .init = friend_init,
     .fini = friend_fini,
     .reconfigure = friend_reconfigure,

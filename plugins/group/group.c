@@ -167,6 +167,20 @@ static int64_t conf_range0(const char *key, int64_t def, int64_t max)
     return chat_conf_range(grp.host, grp.self, key, def, 0, max);
 }
 
+/* join = open | invite; CHAT_OK or CHAT_ERR_INVAL (logged). */
+static int read_join(void)
+{
+    const char *v = grp.host->conf_get(grp.self, "join", "invite");
+
+    if (strcmp(v, "open") != 0 && strcmp(v, "invite") != 0) {
+        chat_log(grp.host, grp.self, CHAT_LOG_ERROR, "join = %s: expected open or invite", v);
+        return CHAT_ERR_INVAL;
+    }
+    grp.join_invite = strcmp(v, "invite") == 0;
+    chat_log(grp.host, grp.self, CHAT_LOG_INFO, "join=%s", v);
+    return CHAT_OK;
+}
+
 static void read_conf(void)
 {
     /* the columns are VARBINARY(255) and VARBINARY(1024) */
@@ -189,6 +203,8 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
     grp.self = p;
     *state = NULL;
     CHAT_HOST_REQUIRE(h, p, register_handler_ex);
+    if ((rc = read_join()) != CHAT_OK)
+        return rc;
     read_conf();
     if ((rc = h->register_handler(p, CHAT_MSG_CREATE_GROUP, grp_on_create, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_ADD_GROUP, grp_on_join, NULL)) ||
@@ -215,7 +231,11 @@ static void group_fini(void *state)
 
 static int group_reconfigure(void *state)
 {
+    int rc;
+
     (void)state;
+    if ((rc = read_join()) != CHAT_OK)
+        return rc; /* the previous settings stay */
     read_conf();
     grp_lcache_reconfigure();
     return CHAT_OK;

@@ -28,6 +28,7 @@ struct grp_globals {
     uint64_t cache_ttl_ms;  /* member cache entries are reloaded after this */
     uint64_t list_ttl_ms;   /* list cache entries are trusted this long; 0: off */
     size_t list_max;        /* users whose lists the list cache holds */
+    int join_invite;        /* join = invite: only a member adds a user */
 };
 extern struct grp_globals grp;
 

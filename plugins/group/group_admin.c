@@ -11,9 +11,17 @@
  *     unique name gives "name taken" (1062).
  *   - join: one transaction: the group row is locked (FOR UPDATE), so the
  *     joins of one group take turns, then one INSERT ... SELECT guarded by
- *     both limits; the foreign key gives "unknown group" (1452), the
- *     primary key "already a member" (1062).  When the guard stops it (0
- *     rows), a second query tells which reason applies.
+ *     both limits (and, when a member adds someone else, by the requester's
+ *     membership); the foreign key gives "unknown group" or, for someone
+ *     else, "unknown user" (1452), the primary key "already a member"
+ *     (1062).  When the guard stops it (0 rows), a second query tells which
+ *     reason applies.
+ * Who may join (issue 14: anyone could join any group by its sequential id,
+ * and read it): with join = invite (the default) a user joins only when a
+ * member adds it, ADD_GROUP_MSG with "userid"; joining by id alone is
+ * refused (109) without asking the database, so the reply does not say
+ * whether the group exists.  join = open is the seed's behaviour.  A member
+ * may add someone under both policies.
  * After the commit of either, grp_membership_changed() invalidates the
  * member cache of the group and the cached group lists of its members and
  * of the joiner/creator, on every node.
@@ -39,6 +47,7 @@
 struct admin_req {
     uint64_t sid;
     int64_t uid, gid;
+    int64_t target;    /* join: the user joining (uid, or whom uid adds) */
     struct chat_ack ack;
     int tries;
     size_t nlen, dlen;
@@ -238,8 +247,11 @@ static void join_reply(struct admin_req *a, int err, const char *why)
 {
     cJSON *body = NULL;
 
-    if (!err && (body = cJSON_CreateObject()) != NULL)
+    if (!err && (body = cJSON_CreateObject()) != NULL) {
         cJSON_AddNumberToObject(body, "groupid", (double)a->gid);
+        if (a->target != a->uid)
+            cJSON_AddNumberToObject(body, "userid", (double)a->target);
+    }
     admin_reply(a, err, why, body);
     cJSON_Delete(body);
 }
@@ -256,6 +268,9 @@ static void join_why_done(const struct chat_db_result *r, void *ud)
     } else if (grp.host->db_int(r, 0, 0) == 0) {
         err = CHAT_E_NOT_FOUND;
         why = "unknown group";
+    } else if (a->target != a->uid && grp.host->db_int(r, 0, 3) == 0) {
+        err = CHAT_E_NOT_MEMBER;
+        why = "only a member can add users to the group";
     } else if (grp.host->db_int(r, 0, 1) != 0) {
         err = CHAT_E_ALREADY;
         why = "already a member";
@@ -281,19 +296,24 @@ static int join_start(struct admin_req *a)
         "INSERT INTO group_members (group_id, user_id, role) "
         "SELECT ?, ?, 'normal' FROM DUAL "
         "WHERE (SELECT COUNT(*) FROM group_members WHERE group_id = ?) < ? "
-        "AND (SELECT COUNT(*) FROM group_members WHERE user_id = ?) < ?";
-    struct chat_db_param p0[1], p1[6];
+        "AND (SELECT COUNT(*) FROM group_members WHERE user_id = ?) < ? "
+        "AND (? = 0 OR EXISTS (SELECT 1 FROM group_members "
+        "WHERE group_id = ? AND user_id = ?))";
+    struct chat_db_param p0[1], p1[9];
     struct chat_db_stmt st[2];
 
     p0[0] = CHAT_DB_P_INT(a->gid);
     p1[0] = CHAT_DB_P_INT(a->gid);
-    p1[1] = CHAT_DB_P_INT(a->uid);
+    p1[1] = CHAT_DB_P_INT(a->target);
     p1[2] = CHAT_DB_P_INT(a->gid);
     p1[3] = CHAT_DB_P_INT(grp.size_max);
-    p1[4] = CHAT_DB_P_INT(a->uid);
+    p1[4] = CHAT_DB_P_INT(a->target);
     p1[5] = CHAT_DB_P_INT(grp.per_user_max);
+    p1[6] = CHAT_DB_P_INT(a->target != a->uid); /* adding someone: be a member */
+    p1[7] = CHAT_DB_P_INT(a->gid);
+    p1[8] = CHAT_DB_P_INT(a->uid);
     st[0] = (struct chat_db_stmt){lock_sql, p0, 1};
-    st[1] = (struct chat_db_stmt){ins_sql, p1, 6};
+    st[1] = (struct chat_db_stmt){ins_sql, p1, 9};
     return grp.host->db_txn(grp.self, st, 2, join_done, a);
 }
 
@@ -302,10 +322,11 @@ static void join_done(const struct chat_db_result *r, void *ud)
     static const char why_sql[] =
         "SELECT (SELECT COUNT(*) FROM chat_groups WHERE id = ?), "
         "(SELECT COUNT(*) FROM group_members WHERE group_id = ? AND user_id = ?), "
-        "(SELECT COUNT(*) FROM group_members WHERE group_id = ?)";
+        "(SELECT COUNT(*) FROM group_members WHERE group_id = ?), "
+        "(SELECT COUNT(*) FROM group_members WHERE group_id = ? AND user_id = ?)";
     struct admin_req *a = ud;
     const struct chat_db_result *ins = grp.host->db_sub(r, 1);
-    struct chat_db_param p[4];
+    struct chat_db_param p[6];
     const char *why = NULL;
     int err = 0, rc;
 
@@ -318,23 +339,26 @@ static void join_done(const struct chat_db_result *r, void *ud)
             err = CHAT_E_ALREADY;
             why = "already a member";
         } else if (grp.host->db_errno(r) == ER_NO_REFERENCED_ROW_2) {
+            /* adding someone, the guard saw the group: the user is unknown */
             err = CHAT_E_NOT_FOUND;
-            why = "unknown group";
+            why = a->target != a->uid ? "unknown user" : "unknown group";
         } else {
             err = db_failure(r, "join group", a, &why);
         }
     } else if (!ins || grp.host->db_affected(ins) == 0) {
         p[0] = CHAT_DB_P_INT(a->gid);
         p[1] = CHAT_DB_P_INT(a->gid);
-        p[2] = CHAT_DB_P_INT(a->uid);
+        p[2] = CHAT_DB_P_INT(a->target);
         p[3] = CHAT_DB_P_INT(a->gid);
-        rc = grp.host->db_query(grp.self, why_sql, p, 4, join_why_done, a);
+        p[4] = CHAT_DB_P_INT(a->gid);
+        p[5] = CHAT_DB_P_INT(a->uid);
+        rc = grp.host->db_query(grp.self, why_sql, p, 6, join_why_done, a);
         if (rc == CHAT_OK)
             return;
         err = CHAT_E_LIMIT;
         why = "a group limit is reached";
     } else {
-        grp_membership_changed(a->gid, a->uid);
+        grp_membership_changed(a->gid, a->target);
     }
     join_reply(a, err, why);
 }
@@ -343,7 +367,7 @@ void grp_on_join(struct chat_session *s, const struct chat_request *req, void *u
 {
     struct admin_req *a;
     const char *why;
-    int64_t uid, gid;
+    int64_t uid, gid, target;
     int rc;
 
     (void)ud;
@@ -353,11 +377,24 @@ void grp_on_join(struct chat_session *s, const struct chat_request *req, void *u
         grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "groupid must be a group id", NULL);
         return;
     }
+    rc = grp.host->req_int(req, "userid", &target);
+    if (rc == 0) {
+        target = uid; /* no "userid": the user joins itself */
+    } else if (rc != 1 || target <= 0) {
+        grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "userid must be a user id", NULL);
+        return;
+    }
+    if (target == uid && grp.join_invite) {
+        grp_answer(s, &req->ack, uid, CHAT_E_NOT_MEMBER,
+                   "invite only: a member of the group must add you", NULL);
+        return;
+    }
     if (!(a = admin_new(s, req, uid, NULL, 0, NULL, 0))) {
         grp_answer(s, &req->ack, uid, CHAT_E_INTERNAL, "out of memory", NULL);
         return;
     }
     a->gid = gid;
+    a->target = target;
     if ((rc = join_start(a)) != CHAT_OK) {
         grp.host->free(a);
         rc = grp_db_proto_errno(rc, &why);

@@ -29,6 +29,7 @@
 #define MSG_BUSY "server busy, try again later"
 #define MSG_INTERNAL "internal error, try again"
 #define MSG_TOKEN_INVALID "id or token is invalid!"
+#define MSG_ADDR_LIMIT "too many logins in progress from your address, try again shortly"
 
 struct auth_job {
     struct auth_job *next;   /* chain of the pending set */
@@ -124,7 +125,9 @@ static void job_fail(struct chat_session *s, struct auth_job *j, int p2_errno,
 /* Failure of a step that could not start (rc from the host). */
 static void job_fail_rc(struct chat_session *s, struct auth_job *j, int rc)
 {
-    if (rc == CHAT_ERR_BUSY || rc == CHAT_ERR_UNAVAILABLE)
+    if (rc == LOGIN_ERR_LIMIT) /* legacy: the seed's shape, as for busy */
+        job_fail(s, j, CHAT_E_LIMIT, MSG_ADDR_LIMIT, 1, MSG_BUSY);
+    else if (rc == CHAT_ERR_BUSY || rc == CHAT_ERR_UNAVAILABLE)
         job_fail(s, j, CHAT_E_UNAVAILABLE, MSG_BUSY, 1, MSG_BUSY);
     else
         job_fail(s, j, CHAT_E_INTERNAL, MSG_INTERNAL, 1, MSG_INTERNAL);
@@ -329,6 +332,7 @@ static void user_loaded(const struct chat_db_result *r, void *ud)
     struct auth_job *j = ud;
     struct chat_session *s = login_host->session_get(j->sid);
     const char *stored = dummy_hash;
+    struct login_addr from;
     size_t len;
     int rc;
 
@@ -351,7 +355,8 @@ static void user_loaded(const struct chat_db_result *r, void *ud)
         }
         stored = login_host->db_str(r, 0, 1, &len);
     }
-    rc = login_pw_verify(j->password, j->password_len, stored, verified, j);
+    login_addr_of(s, &from);
+    rc = login_pw_verify(j->password, j->password_len, stored, &from, verified, j);
     wipe_password(j);
     if (rc != CHAT_OK)
         job_fail_rc(s, j, rc);

@@ -8,6 +8,10 @@
  * database) continues in a callback that looks its session up again by id,
  * because the client may be gone by then.
  *
+ * One registration is in flight per connection (as auth.c does for LOGIN),
+ * and the hash queue in pwhash.c is fair between client addresses, so a
+ * client flooding REG_MSG slows only itself.
+ *
  * Legacy sessions get exactly the seed's replies: REG_MSG_ACK
  * {"msgid":5,"errno":0,"id":N} or {"msgid":5,"errno":1}, no reply to
  * LOGINOUT_MSG.  Protocol-2 sessions get one reply per request through
@@ -119,14 +123,37 @@ void login_token_revoke(int64_t uid, const char *token_hex)
 /* REG_MSG */
 
 struct reg_job {
+    struct reg_job *next; /* chain of the in-flight set */
     uint64_t sid;
     struct chat_ack ack;
     char *name;       /* bytes, may hold NUL */
     size_t name_len;
 };
 
+/* Registrations in flight by session id: one at a time per connection, as
+ * for LOGIN, so one connection cannot queue more than one hash. */
+#define REG_BUCKETS 256
+static struct reg_job *reg_pend[REG_BUCKETS];
+
+static int reg_in_flight(uint64_t sid)
+{
+    struct reg_job *j;
+
+    for (j = reg_pend[sid % REG_BUCKETS]; j; j = j->next)
+        if (j->sid == sid)
+            return 1;
+    return 0;
+}
+
 static void reg_free(struct reg_job *j)
 {
+    struct reg_job **pp;
+
+    for (pp = &reg_pend[j->sid % REG_BUCKETS]; *pp; pp = &(*pp)->next)
+        if (*pp == j) {
+            *pp = j->next;
+            break;
+        }
     login_host->free(j->name);
     login_host->free(j);
 }
@@ -205,6 +232,10 @@ static void reg_hashed(int status, int match, const char *hash, void *ud)
     (void)match;
     if (!s) /* nobody would learn the new id: do not create the account */
         goto out;
+    if (status == CHAT_ERR_BUSY) { /* pushed out of a full queue */
+        reg_fail(s, &j->ack, CHAT_E_UNAVAILABLE, "server busy, try again later");
+        goto out;
+    }
     if (status != CHAT_OK) {
         reg_fail(s, &j->ack, status == CHAT_ERR_CLOSED ? CHAT_E_UNAVAILABLE
                                                        : CHAT_E_INTERNAL,
@@ -230,9 +261,15 @@ static void handle_reg(struct chat_session *s, const struct chat_request *req,
     size_t name_len, pw_len;
     char msg[96];
     struct reg_job *j;
+    struct login_addr from;
     int rc;
 
     (void)ud;
+    if (reg_in_flight(login_host->session_id(s))) {
+        reg_fail(s, &req->ack, CHAT_E_LIMIT,
+                 "a registration is already in progress on this connection");
+        return;
+    }
     if (login_req_str(req, "name", &name, &name_len) || name_len == 0) {
         reg_fail(s, &req->ack, CHAT_E_BAD_FIELD, "name must be a non-empty string");
         return;
@@ -272,12 +309,19 @@ static void handle_reg(struct chat_session *s, const struct chat_request *req,
     j->name_len = name_len;
     j->sid = login_host->session_id(s);
     j->ack = req->ack;
+    j->next = reg_pend[j->sid % REG_BUCKETS];
+    reg_pend[j->sid % REG_BUCKETS] = j;
+    login_addr_of(s, &from);
     rc = login_pw_admit();
     if (rc == CHAT_OK)
-        rc = login_pw_hash(pw, pw_len, reg_hashed, j);
+        rc = login_pw_hash(pw, pw_len, &from, reg_hashed, j);
     if (rc != CHAT_OK) {
         reg_free(j);
-        reg_fail(s, &req->ack, CHAT_E_UNAVAILABLE, "server busy, try again later");
+        if (rc == LOGIN_ERR_LIMIT)
+            reg_fail(s, &req->ack, CHAT_E_LIMIT, "too many registrations in "
+                     "progress from your address, try again shortly");
+        else
+            reg_fail(s, &req->ack, CHAT_E_UNAVAILABLE, "server busy, try again later");
     }
 }
 
@@ -452,6 +496,8 @@ static int load_conf(void)
     c.hash_queue_max = (size_t)conf_range("hash_queue_max", 256, 0, 1000000);
     /* one core is left to the event loop: hashing never starves chat */
     c.hash_threads = (size_t)conf_range("hash_threads", default_hash_threads(), 1, 256);
+    /* one client address (IPv6: its /64) never holds more of the queue */
+    c.hash_per_address = (size_t)conf_range("hash_per_address", 32, 0, 1000000);
     /* optionally only a share of those threads' time (100: all of it) */
     c.hash_budget = (long)conf_range("hash_budget", 100, 1, 100);
     c.login_rate = conf_range("login_rate", 0, 0, 1000000);
@@ -460,10 +506,11 @@ static int load_conf(void)
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
-             "s hash_cost=%lu hash_threads=%zu hash_budget=%ld%% login_rate=%" PRId64
-             "/s token_cache_ttl=%" PRId64 "s", c.replace ? "replace" : "refuse",
-             c.name_max, c.password_min, c.password_max, c.resume_ttl, c.hash_cost,
-             c.hash_threads, c.hash_budget, c.login_rate, c.token_cache_ttl);
+             "s hash_cost=%lu hash_threads=%zu hash_per_address=%zu hash_budget=%ld%% "
+             "login_rate=%" PRId64 "/s token_cache_ttl=%" PRId64 "s",
+             c.replace ? "replace" : "refuse", c.name_max, c.password_min,
+             c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads,
+             c.hash_per_address, c.hash_budget, c.login_rate, c.token_cache_ttl);
     return CHAT_OK;
 }
 

@@ -28,6 +28,7 @@ struct login_conf {
     int64_t purge_interval_s;  /* expired-token purge period */
     size_t hash_queue_max;     /* hashing jobs queued or running at once */
     size_t hash_threads;       /* hashing jobs running at once */
+    size_t hash_per_address;   /* jobs queued or running per client address */
     long hash_budget;          /* % of the hashing threads' CPU; 100 = none */
     int64_t login_rate;        /* logins admitted per second; 0 = no limit */
     int64_t token_cache_ttl;   /* seconds a verified token is trusted; 0 = off */
@@ -101,21 +102,38 @@ void login_tc_revoke_everywhere(int64_t uid);
 void login_tc_on_broadcast(int event, const void *arg, void *ud);
 
 /* ---- pwhash.c ---------------------------------------------------------- */
+/* A client address as the hashing queue counts it: IPv4 as ::ffff:a.b.c.d,
+ * IPv6 cut to its /64. */
+struct login_addr {
+    unsigned char b[16];
+};
+/* The address of s: 0, or -1 when unknown (then all zeros: such clients
+ * share one entry). */
+int login_addr_of(const struct chat_session *s, struct login_addr *a);
+
+/* Returned by login_pw_hash/verify when the client's address already holds
+ * hash_per_address jobs (plugin-private; never crosses the ABI). */
+#define LOGIN_ERR_LIMIT (-100)
+
 /* Completion of a hashing job, on the loop thread.  status: CHAT_OK, or an
  * error (the hash could not be computed; match is 0, hash NULL).  For a new
  * hash, hash is the "$y$..." string (borrowed for the call); for a
  * verification, match is 1 when the password matches. */
 typedef void (*login_pw_cb)(int status, int match, const char *hash, void *ud);
 
-/* Hash password[0..len) with a fresh yescrypt salt of cost login_cfg.hash_cost.
- * The password is copied (and wiped after use).  Returns CHAT_OK and later
- * calls cb once, or an error (CHAT_ERR_BUSY: too many jobs queued) and never
- * calls cb. */
-int login_pw_hash(const char *password, size_t len, login_pw_cb cb, void *ud);
+/* Hash password[0..len) with a fresh yescrypt salt of cost login_cfg.hash_cost,
+ * for a client at from.  The password is copied (and wiped after use).
+ * Returns CHAT_OK and later calls cb once, or an error and never calls cb:
+ * LOGIN_ERR_LIMIT (from holds hash_per_address jobs), CHAT_ERR_BUSY (the
+ * queue is full of jobs of addresses holding no more than from).  A job
+ * already queued may still end with status CHAT_ERR_BUSY when a client of a
+ * lighter address pushed it out of a full queue. */
+int login_pw_hash(const char *password, size_t len, const struct login_addr *from,
+                  login_pw_cb cb, void *ud);
 /* Verify password against stored (a crypt(3) hash string, copied), comparing
  * in constant time.  Same return and callback rules as login_pw_hash. */
 int login_pw_verify(const char *password, size_t len, const char *stored,
-                    login_pw_cb cb, void *ud);
+                    const struct login_addr *from, login_pw_cb cb, void *ud);
 /* Admission to hashing under the CPU budget (hash_budget): CHAT_OK and one
  * hash's worth of budget taken, or CHAT_ERR_BUSY.  Call once per login or
  * registration, before any other work for it. */

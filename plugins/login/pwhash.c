@@ -5,10 +5,24 @@
  * of milliseconds of CPU by design, so it never runs on the loop thread: each
  * job goes to the host's worker threads with host->work() and reports back on
  * the loop.  At most hash_threads jobs run at once (by default one core fewer
- * than the machine has, at least one), the rest wait here in order, so a
- * login storm cannot take the core the event loop needs for chat.  The
- * number of jobs waiting or running is bounded (hash_queue_max): a flood of
- * logins gets "busy" instead of an ever-growing queue.
+ * than the machine has, at least one), the rest wait here, so a login storm
+ * cannot take the core the event loop needs for chat.  The number of jobs
+ * waiting or running is bounded (hash_queue_max): a flood of logins gets
+ * "busy" instead of an ever-growing queue.
+ *
+ * The queue is fair between client addresses (IPv4 whole, IPv6 by /64), so
+ * that one client flooding registrations or logins cannot starve everyone
+ * else's (issue 14, defect 4):
+ *  - each address has its own waiting list, and the lists are served round
+ *    robin: a job waits behind at most one job of every other address;
+ *  - one address holds at most hash_per_address jobs (waiting or running);
+ *    past it the client is told it hit a limit (LOGIN_ERR_LIMIT);
+ *  - when the whole queue is full, a newcomer pushes out the newest waiting
+ *    job of the address that holds the most, if that address holds more
+ *    than the newcomer's would ("longest queue drop"); that job is answered
+ *    busy.  So a flood, even from many addresses, never keeps an address
+ *    with fewer jobs out.  Registration and login share this queue and
+ *    these rules, so neither can starve the other.
  *
  * A CPU budget (off by default) sits in front of the queue
  * (login_pw_admit): hashing may use at most hash_budget percent of the
@@ -22,6 +36,7 @@
  * The plain password lives only in the job, which wipes it as soon as the
  * hash is computed.  Hash strings are compared in constant time.
  */
+#include <arpa/inet.h>
 #include <crypt.h>
 #include <string.h>
 #include <time.h>
@@ -29,6 +44,8 @@
 #include "login.h"
 
 enum pw_mode { PW_HASH, PW_VERIFY };
+
+struct pw_addr;
 
 struct pw_job {
     enum pw_mode mode;
@@ -41,14 +58,168 @@ struct pw_job {
     double cpu_s;                    /* CPU seconds the hash took */
     login_pw_cb cb;
     void *ud;
-    struct pw_job *next;             /* waiting list */
+    struct pw_addr *addr;            /* the client address it counts against */
+    struct pw_job *prev, *next;      /* the address's waiting list */
 };
+
+/* One client address with jobs waiting or running; freed when it has none. */
+struct pw_addr {
+    struct pw_addr *chain;           /* hash bucket */
+    struct pw_addr *rr_next;         /* the round-robin list (waiting > 0) */
+    struct login_addr key;
+    size_t jobs;                     /* waiting or running */
+    size_t waiting;
+    struct pw_job *head, *tail;      /* waiting, oldest first */
+};
+
+#define PW_ADDR_BUCKETS 256
 
 static size_t pw_queued;  /* jobs waiting or running */
 static size_t pw_running; /* jobs handed to host->work and not yet done */
-static struct pw_job *pw_wait_head, *pw_wait_tail;
+static struct pw_addr *pw_addrs[PW_ADDR_BUCKETS];
+static struct pw_addr *pw_rr_head, *pw_rr_tail; /* addresses with waiting jobs */
 static double pw_cpu_avg;    /* moving average of CPU s per hash; 0: none yet */
 static struct login_bucket pw_bucket;
+
+/* ------------------------------------------------------------------------ */
+/* Client addresses */
+
+int login_addr_of(const struct chat_session *s, struct login_addr *a)
+{
+    const char *peer = login_host->session_peer(s);
+    char ip[64];
+    const char *end;
+    int v6 = peer[0] == '[';
+    size_t n;
+
+    memset(a, 0, sizeof(*a));
+    if (v6) {             /* "[v6]:port" */
+        peer++;
+        end = strchr(peer, ']');
+    } else {              /* "v4:port" */
+        end = strrchr(peer, ':');
+    }
+    n = end ? (size_t)(end - peer) : 0;
+    if (n == 0 || n >= sizeof(ip))
+        return -1;
+    memcpy(ip, peer, n);
+    ip[n] = '\0';
+    if (v6) {
+        if (inet_pton(AF_INET6, ip, a->b) != 1)
+            return -1;
+        /* one IPv6 client usually holds a whole /64; v4-mapped stays whole */
+        if (!IN6_IS_ADDR_V4MAPPED((struct in6_addr *)a->b))
+            memset(a->b + 8, 0, 8);
+        return 0;
+    }
+    if (inet_pton(AF_INET, ip, a->b + 12) != 1) {
+        memset(a, 0, sizeof(*a));
+        return -1;
+    }
+    a->b[10] = a->b[11] = 0xff; /* ::ffff:a.b.c.d, as the kernel maps it */
+    return 0;
+}
+
+static unsigned pw_addr_hash(const struct login_addr *k)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    size_t i;
+
+    for (i = 0; i < sizeof(k->b); i++)
+        h = (h ^ k->b[i]) * 16777619u;
+    return h % PW_ADDR_BUCKETS;
+}
+
+/* The entry of key, created when absent; NULL when out of memory. */
+static struct pw_addr *pw_addr_get(const struct login_addr *key)
+{
+    struct pw_addr **slot = &pw_addrs[pw_addr_hash(key)], *a;
+
+    for (a = *slot; a; a = a->chain)
+        if (memcmp(&a->key, key, sizeof(*key)) == 0)
+            return a;
+    if (!(a = login_host->malloc(sizeof(*a))))
+        return NULL;
+    memset(a, 0, sizeof(*a));
+    a->key = *key;
+    a->chain = *slot;
+    *slot = a;
+    return a;
+}
+
+/* Free a when it holds no job any more. */
+static void pw_addr_put(struct pw_addr *a)
+{
+    struct pw_addr **pp;
+
+    if (a->jobs)
+        return;
+    for (pp = &pw_addrs[pw_addr_hash(&a->key)]; *pp; pp = &(*pp)->chain)
+        if (*pp == a) {
+            *pp = a->chain;
+            break;
+        }
+    login_host->free(a);
+}
+
+static void pw_rr_remove(struct pw_addr *a)
+{
+    struct pw_addr **pp, *prev = NULL;
+
+    for (pp = &pw_rr_head; *pp; prev = *pp, pp = &(*pp)->rr_next)
+        if (*pp == a) {
+            *pp = a->rr_next;
+            if (pw_rr_tail == a)
+                pw_rr_tail = prev;
+            a->rr_next = NULL;
+            return;
+        }
+}
+
+static void pw_rr_append(struct pw_addr *a)
+{
+    a->rr_next = NULL;
+    if (pw_rr_tail)
+        pw_rr_tail->rr_next = a;
+    else
+        pw_rr_head = a;
+    pw_rr_tail = a;
+}
+
+/* Append j to its address's waiting list. */
+static void pw_wait_push(struct pw_job *j)
+{
+    struct pw_addr *a = j->addr;
+
+    j->next = NULL;
+    j->prev = a->tail;
+    if (a->tail)
+        a->tail->next = j;
+    else
+        a->head = j;
+    a->tail = j;
+    if (a->waiting++ == 0)
+        pw_rr_append(a);
+}
+
+/* Take j off its address's waiting list (the address stays in the round
+ * robin only while it has more waiting). */
+static void pw_wait_unlink(struct pw_job *j)
+{
+    struct pw_addr *a = j->addr;
+
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        a->head = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    else
+        a->tail = j->prev;
+    j->prev = j->next = NULL;
+    if (--a->waiting == 0)
+        pw_rr_remove(a);
+}
 
 static double pw_cpu_now(void)
 {
@@ -133,6 +304,16 @@ static void pw_free(struct pw_job *j)
     login_host->free(j);
 }
 
+/* j leaves the queue (done, failed to start, or pushed out). */
+static void pw_release(struct pw_job *j)
+{
+    struct pw_addr *a = j->addr;
+
+    pw_queued--;
+    a->jobs--;
+    pw_addr_put(a);
+}
+
 static void pw_done(int status, void *ud);
 
 static int pw_submit(struct pw_job *j)
@@ -143,18 +324,22 @@ static int pw_submit(struct pw_job *j)
     return rc;
 }
 
-/* Start waiting jobs while there is room; a job that cannot start is
- * answered with the error. */
+/* Start waiting jobs while there is room, one per address in turn; a job
+ * that cannot start is answered with the error. */
 static void pw_next(void)
 {
-    while (pw_wait_head && pw_running < login_cfg.hash_threads) {
-        struct pw_job *j = pw_wait_head;
+    while (pw_rr_head && pw_running < login_cfg.hash_threads) {
+        struct pw_addr *a = pw_rr_head;
+        struct pw_job *j = a->head;
         int rc;
-        pw_wait_head = j->next;
-        if (!pw_wait_head)
-            pw_wait_tail = NULL;
+
+        pw_wait_unlink(j);
+        if (a->waiting) { /* to the back of the round */
+            pw_rr_remove(a);
+            pw_rr_append(a);
+        }
         if ((rc = pw_submit(j)) != CHAT_OK) {
-            pw_queued--;
+            pw_release(j);
             j->cb(rc, 0, NULL, j->ud);
             pw_free(j);
         }
@@ -166,7 +351,7 @@ static void pw_done(int status, void *ud)
     struct pw_job *j = ud;
 
     pw_running--;
-    pw_queued--;
+    pw_release(j);
     if (status == CHAT_OK && j->result[0] == '\0') {
         chat_log(login_host, login_self, CHAT_LOG_ERROR,
                  "crypt failed (%s)", j->mode == PW_HASH ? "hash" : "verify");
@@ -183,24 +368,39 @@ static void pw_done(int status, void *ud)
     pw_next();
 }
 
-static int pw_start(enum pw_mode mode, const char *password, size_t len,
-                    const char *stored, login_pw_cb cb, void *ud)
+/* The queue is full: push out the newest waiting job of the address holding
+ * the most jobs, if it holds more than mine will (mine->jobs + 1).  1 when
+ * a job was pushed out (and answered busy), 0 when none may be. */
+static int pw_push_out(const struct pw_addr *mine)
 {
+    struct pw_addr *a, *big = NULL;
     struct pw_job *j;
-    int rc;
 
-    if (login_cfg.hash_queue_max && pw_queued >= login_cfg.hash_queue_max)
-        return CHAT_ERR_BUSY;
-    if (stored && strlen(stored) >= CRYPT_OUTPUT_SIZE)
-        return CHAT_ERR_INVAL;
-    j = login_host->malloc(sizeof(*j));
+    for (a = pw_rr_head; a; a = a->rr_next)
+        if (!big || a->jobs > big->jobs)
+            big = a;
+    if (!big || big == mine || big->jobs <= mine->jobs + 1)
+        return 0;
+    j = big->tail;
+    pw_wait_unlink(j);
+    pw_release(j);
+    j->cb(CHAT_ERR_BUSY, 0, NULL, j->ud);
+    pw_free(j);
+    return 1;
+}
+
+static struct pw_job *pw_job_new(enum pw_mode mode, const char *password, size_t len,
+                                 const char *stored, login_pw_cb cb, void *ud)
+{
+    struct pw_job *j = login_host->malloc(sizeof(*j));
+
     if (!j)
-        return CHAT_ERR_NOMEM;
+        return NULL;
     memset(j, 0, sizeof(*j));
     j->password = login_host->malloc(len + 1);
     if (!j->password) {
         login_host->free(j);
-        return CHAT_ERR_NOMEM;
+        return NULL;
     }
     memcpy(j->password, password, len);
     j->password[len] = '\0';
@@ -211,30 +411,61 @@ static int pw_start(enum pw_mode mode, const char *password, size_t len,
         memcpy(j->setting, stored, strlen(stored) + 1);
     j->cb = cb;
     j->ud = ud;
-    if (pw_running < login_cfg.hash_threads) {
-        if ((rc = pw_submit(j)) != CHAT_OK) {
-            pw_free(j);
-            return rc;
-        }
-    } else if (pw_wait_tail) {
-        pw_wait_tail->next = j;
-        pw_wait_tail = j;
-    } else {
-        pw_wait_head = pw_wait_tail = j;
-    }
-    pw_queued++;
-    return CHAT_OK;
+    return j;
 }
 
-int login_pw_hash(const char *password, size_t len, login_pw_cb cb, void *ud)
+static int pw_start(enum pw_mode mode, const char *password, size_t len,
+                    const char *stored, const struct login_addr *from,
+                    login_pw_cb cb, void *ud)
 {
-    return pw_start(PW_HASH, password, len, NULL, cb, ud);
+    struct pw_addr *a;
+    struct pw_job *j = NULL;
+    int rc = CHAT_OK;
+
+    if (stored && strlen(stored) >= CRYPT_OUTPUT_SIZE)
+        return CHAT_ERR_INVAL;
+    if (!(a = pw_addr_get(from)))
+        return CHAT_ERR_NOMEM;
+    if (login_cfg.hash_per_address && a->jobs >= login_cfg.hash_per_address) {
+        rc = LOGIN_ERR_LIMIT;
+        goto out;
+    }
+    if (!(j = pw_job_new(mode, password, len, stored, cb, ud))) {
+        rc = CHAT_ERR_NOMEM;
+        goto out;
+    }
+    if (login_cfg.hash_queue_max && pw_queued >= login_cfg.hash_queue_max &&
+        !pw_push_out(a)) {
+        rc = CHAT_ERR_BUSY;
+        goto out;
+    }
+    j->addr = a;
+    if (pw_running < login_cfg.hash_threads && !pw_rr_head) {
+        if ((rc = pw_submit(j)) != CHAT_OK)
+            goto out;
+    } else {
+        pw_wait_push(j);
+    }
+    a->jobs++;
+    pw_queued++;
+    j = NULL;
+out:
+    if (j)
+        pw_free(j);
+    pw_addr_put(a);
+    return rc;
+}
+
+int login_pw_hash(const char *password, size_t len, const struct login_addr *from,
+                  login_pw_cb cb, void *ud)
+{
+    return pw_start(PW_HASH, password, len, NULL, from, cb, ud);
 }
 
 int login_pw_verify(const char *password, size_t len, const char *stored,
-                    login_pw_cb cb, void *ud)
+                    const struct login_addr *from, login_pw_cb cb, void *ud)
 {
-    return pw_start(PW_VERIFY, password, len, stored, cb, ud);
+    return pw_start(PW_VERIFY, password, len, stored, from, cb, ud);
 }
 
 int login_pw_dummy(char *out, size_t outlen)

@@ -40,7 +40,8 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
      migrate=True, args=())
     Writes a config in a temp dir: [server] listen 127.0.0.1:<free port>,
     log_level debug (node_id when given); [plugins] dir = plugin_dir or
-    CHAT_PLUGIN_DIR, enabled = plugins; [mysql] (when mysql) the stack's
+    CHAT_PLUGIN_DIR, enabled = plugins; [plugin.friend] policy = open and
+    [plugin.group] join = open (the seed's behaviour, as etc/chat.conf); [mysql] (when mysql) the stack's
     MariaDB over TCP as chat/chat, database db (a fresh one when None),
     migrations CHAT_SRC/sql; [redis] (when redis) the stack's Redis,
     heartbeat_ttl 3.  `conf` = {section: {key: value}} is merged over that:
@@ -66,7 +67,7 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
                                 and config, no migration
     A context manager (stop on exit); every Node is stopped at exit.
 
-Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None)
+Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None)
     A TCP client.  term ends each message sent (b"\\0" as the seed client
     does, b"\\n", or b"").  proto=2 adds "proto":2 to every object sent that
     lacks it.  rcvbuf sets SO_RCVBUF before connecting (slow-reader tests).
@@ -452,6 +453,10 @@ class Node:
                                  "log_level": "debug"},
                       "plugins": {"dir": plugin_dir or PLUGIN_DIR,
                                   "enabled": ", ".join(plugins)}}
+        # The seed's policies, as etc/chat.conf sets them for `make run`:
+        # tests of the defaults (friend mutual, group invite) override them.
+        self._conf["plugin.friend"] = {"policy": "open"}
+        self._conf["plugin.group"] = {"join": "open"}
         if node_id is not None:
             self._conf["server"]["node_id"] = node_id
         if mysql:
@@ -615,7 +620,7 @@ class Client:
     _seqs = itertools.count(1)
 
     def __init__(self, port, host="127.0.0.1", term=b"\0", proto=1, rcvbuf=None,
-                 timeout=5):
+                 timeout=5, source=None):
         self.term, self.proto = term, proto
         self.buf = bytearray()
         self.queue = collections.deque()
@@ -625,6 +630,8 @@ class Client:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         try:
+            if source is not None:
+                self.sock.bind((source, 0))
             self.sock.connect((host, port))
         except BaseException:
             self.sock.close()

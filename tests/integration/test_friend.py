@@ -153,6 +153,71 @@ def ids(friends):
     return [loads_maybe(f)["id"] for f in friends]
 
 
+class FriendsMutual(FriendHelpers, ChatCase):
+    """policy = mutual, the default (issue 14: ADD_FRIEND needed no consent
+    and showed anyone's presence): a row is a request; the list and its
+    presence show only users who added each other; FRIEND_LIST also returns
+    the requests waiting for the user.  The seed's shapes are kept."""
+
+    CONF = {"plugin.friend": {"policy": None}}  # the default
+
+    def requests(self, a):
+        r = a.c.request({"msgid": 13, "id": a.id})
+        self.assertEqual((r["msgid"], r["req"], r["errno"]), (11, 13, 0), r)
+        return r["requests"]
+
+    def test_one_sided_add_is_a_request(self):
+        a, b = self.user(proto=2), self.user(proto=2)
+        self.assertEqual(self.listed(a), [])  # cached empty
+        r = self.expect_ack(a, {"msgid": 7, "id": a.id, "friendid": b.id})
+        self.assertIs(r["mutual"], False, r)
+        self.assertEqual(self.listed(a), [])  # no presence without consent
+        self.assertEqual(self.listed(b), [])
+        self.assertEqual(self.requests(b), [{"id": a.id, "name": a.name}])
+        self.assertEqual(self.requests(a), [])
+        self.assertEqual(a.c.request({"msgid": 7, "id": a.id, "friendid": b.id})["errno"],
+                         110)
+        # b accepts by adding a: both lists (a's was cached) show the other
+        r = self.expect_ack(b, {"msgid": 7, "id": b.id, "friendid": a.id})
+        self.assertIs(r["mutual"], True, r)
+        self.assertEqual(self.listed(a), [{"id": b.id, "name": b.name, "state": "online"}])
+        self.assertEqual(self.listed(b), [{"id": a.id, "name": a.name, "state": "online"}])
+        self.assertEqual(self.requests(b), [])
+        a = self.relogin(a)
+        self.assertEqual([f["id"] for f in a.ack["friends"]], [b.id])
+
+    def test_seed_client_shapes_unchanged(self):
+        a, b = self.user(), self.user()
+        a.c.send({"msgid": 7, "id": a.id, "friendid": b.id})
+        a.c.expect_nothing(0.3)
+        self.wait_rows(a.id, 1)
+        a = self.relogin(a)
+        self.assertNotIn("friends", a.ack)  # empty lists are left out, as the seed
+        b.c.send({"msgid": 7, "id": b.id, "friendid": a.id})
+        b.c.expect_nothing(0.3)
+        self.wait_rows(b.id, 1)
+        a = self.relogin(a)
+        self.assertEqual(a.ack["friends"], [json.dumps(
+            {"id": b.id, "name": b.name, "state": "online"}, separators=(",", ":"))])
+
+    def test_policy_applies_on_sighup(self):
+        a, b = self.user(proto=2), self.user()
+        self.expect_ack(a, {"msgid": 7, "id": a.id, "friendid": b.id})
+        self.assertEqual(self.listed(a), [])
+        mark = self.node.log_mark()
+        self.node.write_conf({"plugin.friend": {"policy": "open"}})
+        self.node.sighup()
+        self.node.wait_log("policy=open", since=mark)
+        try:
+            self.assertEqual([f["id"] for f in self.listed(a)], [b.id])
+        finally:
+            mark = self.node.log_mark()
+            self.node.write_conf({"plugin.friend": {"policy": None}})
+            self.node.sighup()
+            self.node.wait_log("policy=mutual", since=mark)
+        self.assertEqual(self.listed(a), [])
+
+
 class FriendCache(FriendHelpers, ChatCase):
     # a long TTL: within a test only an invalidation can refresh a list
     CONF = {"plugin.friend": {"list_cache_ttl": 300}}

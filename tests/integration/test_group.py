@@ -333,6 +333,52 @@ class Groups(GroupCase):
         self.assertEqual(json.loads(g[0]["users"][1])["name"], member_name)
 
 
+class GroupsInvite(GroupCase):
+    """join = invite, the default (issue 14: anyone could join any group by
+    its sequential id): joining by id alone is refused (109, legacy silent,
+    the same for an unknown group); a member adds a user with "userid"."""
+
+    CONF = {"plugin.group": {"join": None}}  # the default
+
+    def add_user(self, u, gid, uid, errno_=0):
+        return self.expect_ack(u, {"msgid": 9, "id": u.id, "groupid": gid,
+                                   "userid": uid}, errno_)
+
+    def test_join_by_id_refused(self):
+        a, b, c = self.user(proto=2), self.user(proto=2), self.user()
+        gid = self.create(a)
+        for g in (gid, gid + 100000):  # the reply does not say whether it exists
+            r = self.expect_ack(b, {"msgid": 9, "id": b.id, "groupid": g}, 109)
+            self.assertEqual(r["errmsg"], "invite only: a member of the group must add you")
+        c.c.send({"msgid": 9, "id": c.id, "groupid": gid})
+        c.c.expect_nothing(0.3)  # legacy: silent, as the seed
+        self.assertFalse(self.is_member(gid, b.id))
+        self.assertFalse(self.is_member(gid, c.id))
+
+    def test_member_adds_users(self):
+        a, b, c, d = self.user(proto=2), self.user(proto=2), self.user(), self.user(proto=2)
+        gid = self.create(a)
+        r = self.add_user(a, gid, b.id)
+        self.assertEqual((r["groupid"], r["userid"]), (gid, b.id), r)
+        self.assertTrue(self.is_member(gid, b.id))
+        self.add_user(b, gid, c.id)  # any member may add
+        self.assertTrue(self.is_member(gid, c.id))
+        self.add_user(a, gid, c.id, 110)
+        self.assertEqual(self.add_user(a, gid, 99999999, 108)["errmsg"], "unknown user")
+        self.assertEqual(self.add_user(d, gid, d.id + 1, 109)["errmsg"],
+                         "only a member can add users to the group")
+        self.add_user(a, gid + 100000, d.id, 108)
+        self.add_user(a, gid, "x", 104)
+        # the added users chat with the group at once
+        a.c.send({"msgid": 10, "id": a.id, "name": a.name, "groupid": gid,
+                  "msg": "welcome", "time": TIME})
+        self.assertEqual(self.recv_group(b)["msg"], "welcome")
+        self.assertEqual(self.recv_group(c)["msg"], "welcome")
+        # a legacy member sees the group in the seed's shape at its next login
+        c = self.relogin(c)
+        self.assertEqual([json.loads(g)["id"] for g in c.ack["groups"]], [gid])
+
+
 class GroupLimits(GroupCase):
     CONF = {"plugin.group": {"name_max": 8, "desc_max": 10, "group_size_max": 3,
                              "groups_per_user_max": 2}}

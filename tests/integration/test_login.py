@@ -14,6 +14,7 @@ import json
 import socket
 import struct
 import sys
+import threading
 import time
 import unittest
 import uuid
@@ -642,11 +643,12 @@ class TestAdmission(LoginCase):
                 break
         self.assertEqual(r, {"msgid": 2, "errno": 1,
                              "errmsg": "server busy, try again later"})
-        # registrations count too
-        c = self.client(proto=2)
-        for i in range(10):
+        # registrations count too (one connection each: a connection has
+        # one registration in flight at a time)
+        cs = [self.client(proto=2) for _ in range(10)]
+        for i, c in enumerate(cs):
             c.send({"msgid": 4, "name": uname(), "password": "pw", "seq": i})
-        regs = [c.recv(timeout=20) for _ in range(10)]
+        regs = [c.recv(timeout=20) for c in cs]
         self.assertTrue(any(r["errno"] == 113 for r in regs), regs)
 
         # token logins never hash: not counted against the budget
@@ -701,6 +703,177 @@ class TestAdmission(LoginCase):
         r = wait_for(lambda: (lambda a: a if a["errno"] != 2 else None)(
             self.client(proto=2).login(uid, pw)), timeout=10)
         self.assertEqual(r["errno"], 0, r)
+
+
+class Flood:
+    """Connections from 127.0.0.1 that pipeline REG_MSG as fast as they can
+    (in batches, bounded: at most about 10,000 frames a second each) and
+    read every reply, until stop().  .replies counts replies by errno."""
+
+    def __init__(self, port, conns=2):
+        self.stop_ev = threading.Event()
+        self.replies = {}
+        self.lock = threading.Lock()
+        self.threads = []
+        name = uname("flood")
+        frame = b'{"msgid":4,"proto":2,"seq":1,"name":"%s","password":"pw"}\0' % (
+            name.encode())
+        for _ in range(conns):
+            sock = socket.create_connection(("127.0.0.1", port))
+            for fn, arg in ((self._send, frame * 50), (self._drain, None)):
+                t = threading.Thread(target=fn, args=(sock, arg), daemon=True)
+                t.start()
+                self.threads.append((t, sock))
+
+    def _send(self, sock, batch):
+        try:
+            while not self.stop_ev.is_set():
+                sock.sendall(batch)
+                time.sleep(0.005)
+        except OSError:
+            pass
+
+    def _drain(self, sock, _):
+        buf = b""
+        sock.settimeout(0.2)
+        while not self.stop_ev.is_set():
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            with self.lock:
+                for line in lines:
+                    e = json.loads(line)["errno"]
+                    self.replies[e] = self.replies.get(e, 0) + 1
+
+    def total(self):
+        with self.lock:
+            return sum(self.replies.values())
+
+    def stop(self):
+        self.stop_ev.set()
+        for t, sock in self.threads:
+            t.join(5)
+        for _, sock in self.threads:
+            sock.close()
+
+
+class TestHashFairness(LoginCase):
+    """Issue 14, defect 4: a registration flood must not block password
+    logins.  One registration in flight per connection, at most
+    hash_per_address hashing jobs per client address, and a hashing queue
+    served round robin between addresses, where a full queue gives way to
+    the lighter address."""
+
+    BASE = dict(hash_threads=1, hash_cost=1, hash_per_address=32, hash_queue_max=256)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.settings = dict(cls.BASE)
+        cls.nodes = (Node(cls.stack, conf=conf(**cls.settings)),)
+
+    def configure(self, **kw):
+        """Apply BASE updated with kw (SIGHUP) unless that is in force."""
+        node = self.nodes[0]
+        settings = dict(self.BASE, **kw)
+        if settings == type(self).settings:
+            return
+        node.write_conf(conf(**settings))
+        mark = node.log_mark()
+        node.sighup()
+        node.wait_log("hash_cost=%d hash_threads=1 hash_per_address=%d " % (
+            settings["hash_cost"], settings["hash_per_address"]), since=mark)
+        type(self).settings = settings
+
+    def test_registration_flood_does_not_block_logins(self):
+        self.configure()
+        users = [self.new_user() for _ in range(50)]
+        flood = Flood(self.nodes[0].port)
+        try:
+            wait_for(lambda: flood.total() > 200, timeout=20)
+            t0 = time.monotonic()
+            acks = []
+            for uid, _, pw in users:
+                c = self.client(proto=2, source="127.0.0.2")
+                acks.append(c.login(uid, pw))
+                c.close()
+            took = time.monotonic() - t0
+            replies = dict(flood.replies)
+        finally:
+            flood.stop()
+        self.assertEqual([a["errno"] for a in acks], [0] * 50,
+                         [a for a in acks if a["errno"]][:3])
+        self.assertLess(took, 30)
+        # the flood was real and was told why it is refused
+        self.assertGreater(replies.get(111, 0), 100, replies)
+
+    def test_one_registration_per_connection(self):
+        self.configure()
+        c = self.client(proto=2)
+        c.send({"msgid": 4, "name": uname(), "password": "pw", "seq": 1})
+        c.send({"msgid": 4, "name": uname(), "password": "pw", "seq": 2})
+        r = {m["seq"]: m for m in (c.recv(timeout=10), c.recv(timeout=10))}
+        self.assertEqual(r[1]["errno"], 0, r)
+        self.assertEqual((r[2]["errno"], r[2]["errmsg"]), (
+            111, "a registration is already in progress on this connection"))
+        # legacy: the seed's only failure shape
+        c = self.client()
+        c.send({"msgid": 4, "name": uname(), "password": "pw"})
+        c.send({"msgid": 4, "name": uname(), "password": "pw"})
+        got = sorted([c.recv(timeout=10), c.recv(timeout=10)], key=lambda m: m["errno"])
+        self.assertEqual(got[1], {"msgid": 5, "errno": 1})
+        self.assertEqual(set(got[0]), {"msgid", "errno", "id"})
+
+    def test_per_address_limit(self):
+        # libcrypt's default cost: tens of ms a hash, so jobs pile up
+        self.configure(hash_cost=0, hash_per_address=3)
+        cs = [self.client(proto=2) for _ in range(10)]
+        for i, c in enumerate(cs):
+            c.send({"msgid": 4, "name": uname(), "password": "pw", "seq": i})
+        regs = [c.recv(timeout=20) for c in cs]
+        errnos = sorted(r["errno"] for r in regs)
+        self.assertGreaterEqual(errnos.count(0), 3, regs)
+        self.assertGreaterEqual(errnos.count(111), 5, regs)
+        self.assertEqual(errnos.count(0) + errnos.count(111), 10, regs)
+        limited = [r for r in regs if r["errno"] == 111][0]
+        self.assertEqual(limited["errmsg"], "too many registrations in progress "
+                         "from your address, try again shortly")
+        # another address is not affected
+        uid, _, pw = self.new_user()
+        fill = [self.client() for _ in range(6)]
+        for c in fill:
+            c.send({"msgid": 4, "name": uname(), "password": "pw"})
+        other = self.client(proto=2, source="127.0.0.2")
+        self.assertEqual(other.login(uid, pw)["errno"], 0)
+        # legacy logins past the limit: the seed's shape
+        legacy = [self.client() for _ in range(6)]
+        for c in legacy:
+            c.send({"msgid": 1, "id": uid + 100000, "password": "pw"})
+        acks = [c.recv(timeout=20) for c in legacy]
+        self.assertIn({"msgid": 2, "errno": 1, "errmsg": "server busy, try again later"},
+                      acks)
+        for c in fill:
+            c.recv(timeout=20)
+
+    def test_full_queue_gives_way_to_lighter_address(self):
+        self.configure(hash_cost=0, hash_per_address=0, hash_queue_max=4)
+        uid, _, pw = self.new_user()
+        cs = [self.client(proto=2) for _ in range(4)]
+        for i, c in enumerate(cs):
+            c.send({"msgid": 4, "name": uname(), "password": "pw", "seq": i})
+        other = self.client(proto=2, source="127.0.0.2")
+        self.assertEqual(other.login(uid, pw)["errno"], 0)
+        regs = [c.recv(timeout=20) for c in cs]
+        errnos = sorted(r["errno"] for r in regs)
+        self.assertIn(113, errnos, regs)
+        self.assertEqual(errnos.count(0) + errnos.count(113), 4, regs)
 
 
 class TestNames(LoginCase):
