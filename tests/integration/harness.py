@@ -39,7 +39,8 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
      plugin_dir=None, conf=None, node_id=None, redis=True, mysql=True,
      migrate=True, args=())
     Writes a config in a temp dir: [server] listen 127.0.0.1:<free port>,
-    log_level debug (node_id when given); [plugins] dir = plugin_dir or
+    log_level debug, legacy_pace_ms 0 (Client splits lines; a test of
+    pacing removes the key) (node_id when given); [plugins] dir = plugin_dir or
     CHAT_PLUGIN_DIR, enabled = plugins; [mysql] (when mysql) the stack's
     MariaDB over TCP as chat/chat, database db (a fresh one when None),
     migrations CHAT_SRC/sql; [redis] (when redis) the stack's Redis,
@@ -448,8 +449,10 @@ class Node:
         self.proc = None
         self._start_mark = 0
 
+        # legacy_pace_ms 0: Client splits lines itself, like the load
+        # generator; the seed-client tests remove it to get chatd's default
         self._conf = {"server": {"listen": "127.0.0.1:%d" % self.port,
-                                 "log_level": "debug"},
+                                 "log_level": "debug", "legacy_pace_ms": 0},
                       "plugins": {"dir": plugin_dir or PLUGIN_DIR,
                                   "enabled": ", ".join(plugins)}}
         if node_id is not None:
