@@ -141,6 +141,7 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
     INT_KEY("max_frame", 64, 16777216, c->max_frame)
     INT_KEY("idle_timeout", 0, 86400 * 365, c->idle_timeout_s)
     INT_KEY("max_output", 1024, 1073741824, c->max_output)
+    INT_KEY("legacy_pace_ms", 0, 1000, c->legacy_pace_ms)
     INT_KEY("max_members", 8, JSON_SPAN_DUP_MAX, c->max_members)
     INT_KEY("login_part_timeout_ms", 1, 600000, c->login_part_timeout_ms)
     INT_KEY("threadpool", 1, 1024, c->threadpool_size)
@@ -333,6 +334,7 @@ static void set_defaults(struct conf *c)
     c->max_frame = 65536;
     c->idle_timeout_s = 600;
     c->max_output = 4u << 20;
+    c->legacy_pace_ms = 20;
     c->max_members = DISP_MAX_MEMBERS_DEF;
     c->login_part_timeout_ms = 2000;
     c->threadpool_size = 4;

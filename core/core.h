@@ -96,6 +96,7 @@ struct conf {
     size_t max_frame;
     int idle_timeout_s;    /* 0: none */
     size_t max_output;     /* bytes of unsent output per session */
+    int legacy_pace_ms;    /* gap between two messages to a legacy session */
     int max_members;       /* top-level members of one request */
     int login_part_timeout_ms;
     int threadpool_size;

@@ -14,8 +14,9 @@
  * client was given; a part that was left out or a session that closed
  * first gets ok=0.
  *
- * The assembly lives until it has been sent and every slot has answered,
- * because a slow plugin may still answer after the timeout.
+ * The assembly lives until it has been sent, written out (or the session
+ * closed) and every slot has answered, because a slow plugin may still
+ * answer after the timeout and a paced or slow write may finish later.
  */
 #include <string.h>
 
@@ -45,6 +46,7 @@ struct assembly {
     struct chat_login *slots;
     size_t nslots, unanswered;
     int sent, closed_timer;
+    int flushing; /* on_flushed is still to come (the write may be paced or slow) */
 };
 
 static int part_timeout_ms = 2000;
@@ -64,7 +66,7 @@ static void assembly_closed(uv_handle_t *h)
 /* Free when sent and every slot answered. */
 static void maybe_free(struct assembly *a)
 {
-    if (!a->sent || a->unanswered || a->closed_timer)
+    if (!a->sent || a->unanswered || a->closed_timer || a->flushing)
         return;
     a->closed_timer = 1;
     uv_close((uv_handle_t *)&a->timer, assembly_closed);
@@ -83,6 +85,7 @@ static void notify(struct chat_login *l, int ok)
 static void on_flushed(int ok, void *ud)
 {
     struct assembly *a = ud;
+    a->flushing = 0;
     for (size_t i = 0; i < a->nslots; i++)
         if (a->slots[i].included)
             notify(&a->slots[i], ok);
@@ -131,7 +134,7 @@ static void send_ack(struct assembly *a)
         cJSON_Delete(obj);
         net_hold(s, 0);
         if (status == CHAT_OK && net_on_flushed(s, on_flushed, a) == CHAT_OK) {
-            /* on_flushed notifies the included parts */
+            a->flushing = 1; /* on_flushed notifies the included parts */
         } else {
             for (size_t i = 0; i < a->nslots; i++)
                 a->slots[i].included = 0;

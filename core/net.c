@@ -61,7 +61,7 @@ struct chat_session {
     size_t name_len;
     int proto;
     unsigned closing : 1, hold : 1, in_flush : 1, writing : 1, graceful : 1,
-        garbage : 1, registered : 1, sink : 1;
+        garbage : 1, registered : 1, sink : 1, pacing : 1;
     struct frame_scanner fs;
     char *part;              /* bytes of a frame that straddles reads */
     size_t part_len, part_cap;
@@ -74,6 +74,8 @@ struct chat_session {
     struct chat_session *idle_prev, *idle_next;
     struct chat_session *all_prev, *all_next; /* every session, for shutdown */
     uint64_t last_active;    /* uv_now() of the last request */
+    uint64_t pace_until;     /* legacy: no next message before this uv_now() */
+    struct chat_session *pace_prev, *pace_next; /* waiting for pace_until */
     uv_write_t wreq;
     uv_shutdown_t sreq;
 };
@@ -84,6 +86,9 @@ static struct {
     int listening;
     uv_check_t flusher;
     uv_timer_t idle_timer;
+    uv_timer_t pace_timer;
+    struct chat_session *pace_head, *pace_tail; /* in pace_until order */
+    int legacy_pace_ms;      /* 0: legacy output is coalesced like protocol 2 */
     struct map by_id, by_user;
     uint64_t next_id;
     size_t count;
@@ -218,6 +223,107 @@ static void on_idle_timer(uv_timer_t *t)
     }
 }
 
+static void flush_session(struct chat_session *s);
+
+/* ---- pacing legacy output ---------------------------------------------- */
+/* The seed client reads with one recv() of at most 1024 bytes and parses it
+ * as exactly one JSON document: two messages in one read crash it.  So a
+ * legacy session's output goes out one message per write, and the next
+ * message waits legacy_pace_ms after the previous one.  A message with no
+ * predecessor in the last legacy_pace_ms goes out at once, so pacing costs
+ * latency only inside a burst.  Every waiting session has the same delay,
+ * so appending keeps the wait list in deadline order and one timer serves
+ * them all.  Protocol-2 sessions, and every session when legacy_pace_ms is
+ * 0, keep full coalescing; so does a session being closed (a stop, a
+ * replaced login), whose queue is flushed as fast as the client reads it,
+ * bounded by the shutdown timeout, rather than lost to the pace. */
+
+static int pace_on(const struct chat_session *s)
+{
+    return net.legacy_pace_ms > 0 && s->proto != CHAT_PROTO_2 && !s->sink && !s->closing;
+}
+
+static void pace_unlink(struct chat_session *s)
+{
+    if (!s->pacing)
+        return;
+    if (s->pace_prev)
+        s->pace_prev->pace_next = s->pace_next;
+    else
+        net.pace_head = s->pace_next;
+    if (s->pace_next)
+        s->pace_next->pace_prev = s->pace_prev;
+    else
+        net.pace_tail = s->pace_prev;
+    s->pace_prev = s->pace_next = NULL;
+    s->pacing = 0;
+}
+
+static void on_pace_timer(uv_timer_t *t);
+
+static void pace_arm(void)
+{
+    uint64_t now = uv_now(net.loop), until;
+    if (!net.pace_head) {
+        uv_timer_stop(&net.pace_timer);
+        return;
+    }
+    until = net.pace_head->pace_until;
+    uv_timer_start(&net.pace_timer, on_pace_timer, until > now ? until - now : 0, 0);
+}
+
+/* s may not write before pace_until: wait in the list. */
+static void pace_wait(struct chat_session *s)
+{
+    if (s->pacing)
+        return;
+    s->pacing = 1;
+    s->pace_prev = net.pace_tail;
+    s->pace_next = NULL;
+    if (net.pace_tail)
+        net.pace_tail->pace_next = s;
+    else
+        net.pace_head = s;
+    net.pace_tail = s;
+    if (net.pace_head == s)
+        pace_arm();
+}
+
+static void on_pace_timer(uv_timer_t *t)
+{
+    uint64_t now = uv_now(net.loop);
+    (void)t;
+    while (net.pace_head && net.pace_head->pace_until <= now) {
+        struct chat_session *s = net.pace_head;
+        pace_unlink(s);
+        flush_session(s);
+    }
+    pace_arm();
+}
+
+/* How many bytes of b a session may write now: all of them, or for a paced
+ * session the next message (0 while it must wait). */
+static size_t pace_take(struct chat_session *s, const struct obuf *b)
+{
+    size_t len = b->len - b->off;
+    const char *nl;
+    if (!pace_on(s))
+        return len;
+    if (s->pace_until > uv_now(net.loop)) {
+        pace_wait(s);
+        return 0;
+    }
+    nl = memchr(b->data + b->off, '\n', len);
+    return nl ? (size_t)(nl - (b->data + b->off)) + 1 : len;
+}
+
+/* A paced message went out whole: the next one waits. */
+static void pace_sent(struct chat_session *s)
+{
+    if (pace_on(s))
+        s->pace_until = uv_now(net.loop) + (uint64_t)net.legacy_pace_ms;
+}
+
 /* ---- closing ---------------------------------------------------------- */
 
 static void run_waits(struct chat_session *s, int closing)
@@ -244,6 +350,7 @@ static void on_closed(uv_handle_t *h)
     if (s->all_next)
         s->all_next->all_prev = s->all_prev;
     run_waits(s, 1);
+    pace_unlink(s);
     obuf_put(s->out);
     obuf_put(s->inflight);
     obuf_put(s->held);
@@ -359,6 +466,7 @@ static void on_written(uv_write_t *req, int status)
     }
     s->written_total += b->len - b->off;
     obuf_put(b);
+    pace_sent(s);
     run_waits(s, 0);
     if (s->out && s->out->len > s->out->off)
         flush_session(s);
@@ -370,6 +478,7 @@ static void flush_session(struct chat_session *s)
 {
     struct obuf *b = s->out;
     uv_buf_t ub;
+    size_t take;
     int n;
 
     if (s->writing || !b || b->len == b->off || uv_is_closing((uv_handle_t *)&s->tcp))
@@ -383,7 +492,9 @@ static void flush_session(struct chat_session *s)
             finish_close(s);
         return;
     }
-    ub = uv_buf_init(b->data + b->off, (unsigned)(b->len - b->off));
+    if (!(take = pace_take(s, b)))
+        return; /* the pace timer comes back */
+    ub = uv_buf_init(b->data + b->off, (unsigned)take);
     n = uv_try_write((uv_stream_t *)&s->tcp, &ub, 1);
     if (n > 0) {
         b->off += (size_t)n;
@@ -393,6 +504,8 @@ static void flush_session(struct chat_session *s)
         begin_close(s, 0, NULL, 0);
         return;
     }
+    if (n >= 0 && (size_t)n == take)
+        pace_sent(s);
     if (b->off == b->len) {
         s->out = NULL;
         obuf_put(b);
@@ -402,9 +515,26 @@ static void flush_session(struct chat_session *s)
             finish_close(s);
         return;
     }
-    /* the kernel is full: hand the rest to an asynchronous write */
+    if (n >= 0 && (size_t)n == take) { /* paced: the next message waits */
+        if (s->waits)
+            run_waits(s, 0);
+        pace_wait(s);
+        return;
+    }
+    /* the kernel is full: hand the rest to an asynchronous write (a paced
+     * session only the rest of its current message) */
+    take -= n > 0 ? (size_t)n : 0;
+    if (take < b->len - b->off) {
+        struct obuf *m = NULL;
+        if (obuf_append(&m, b->data + b->off, take, 0)) {
+            begin_close(s, 0, NULL, 0);
+            return;
+        }
+        b->off += take;
+        b = m;
+    } else
+        s->out = NULL;
     s->inflight = b;
-    s->out = NULL;
     s->writing = 1;
     ub = uv_buf_init(b->data + b->off, (unsigned)(b->len - b->off));
     n = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &ub, 1, on_written);
@@ -718,6 +848,7 @@ void net_apply_conf(const struct conf *c)
     net.max_output = c->max_output;
     net.max_connections = c->max_connections;
     net.idle_timeout_s = c->idle_timeout_s;
+    net.legacy_pace_ms = c->legacy_pace_ms;
     if (net.loop && uv_is_active((uv_handle_t *)&net.idle_timer))
         uv_timer_stop(&net.idle_timer);
     if (net.loop && net.idle_timeout_s > 0) {
@@ -738,6 +869,7 @@ int net_start(uv_loop_t *loop, const struct conf *c)
     uv_check_init(loop, &net.flusher);
     uv_check_start(&net.flusher, on_check);
     uv_timer_init(loop, &net.idle_timer);
+    uv_timer_init(loop, &net.pace_timer);
     uv_timer_init(loop, &net.shutdown_timer);
     net_apply_conf(c);
     if (open_listener(c->listen_host, c->listen_port))
@@ -772,6 +904,7 @@ static void close_handles(void)
     uv_check_stop(&net.flusher);
     uv_close((uv_handle_t *)&net.flusher, NULL);
     uv_close((uv_handle_t *)&net.idle_timer, NULL);
+    uv_close((uv_handle_t *)&net.pace_timer, NULL);
     uv_close((uv_handle_t *)&net.shutdown_timer, NULL);
     for (size_t i = 0; i < net.npool; i++)
         mem_free(net.pool[i]);

@@ -44,6 +44,8 @@
 # BENCH_PROCS (generator processes for pairs/group, 2), BENCH_DIR
 # (var/bench), CHAT_BUILD_DIR (build), BENCH_CHATD_WORKERS (chatd -w N; 1),
 # BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
+# BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
+# generator's legacy sessions read whole segments and opt out of pacing),
 # BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
 # write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
 # perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
@@ -69,6 +71,7 @@ PLUGINS=${BENCH_PLUGINS:-login, friend, one2one, group, offline}
 PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
+LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
 SET=${BENCH_SET:-relay-pairs pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
@@ -157,6 +160,7 @@ max_connections = 19800
 max_frame = 65536
 idle_timeout = 0
 max_output = 4194304
+legacy_pace_ms = $LEGACY_PACE_MS
 login_part_timeout_ms = 2000
 threadpool = $THREADPOOL
 

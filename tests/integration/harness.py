@@ -39,9 +39,11 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
      plugin_dir=None, conf=None, node_id=None, redis=True, mysql=True,
      migrate=True, args=())
     Writes a config in a temp dir: [server] listen 127.0.0.1:<free port>,
-    log_level debug (node_id when given); [plugins] dir = plugin_dir or
-    CHAT_PLUGIN_DIR, enabled = plugins; [plugin.friend] policy = open and
-    [plugin.group] join = open (the seed's behaviour, as etc/chat.conf); [mysql] (when mysql) the stack's
+    log_level debug, legacy_pace_ms 0 (Client splits lines; a test of
+    pacing removes the key) (node_id when given); [plugins] dir = plugin_dir
+    or CHAT_PLUGIN_DIR, enabled = plugins; [plugin.friend] policy = open and
+    [plugin.group] join = open (the seed's behaviour, as etc/chat.conf);
+    [mysql] (when mysql) the stack's
     MariaDB over TCP as chat/chat, database db (a fresh one when None),
     migrations CHAT_SRC/sql; [redis] (when redis) the stack's Redis,
     heartbeat_ttl 3.  `conf` = {section: {key: value}} is merged over that:
@@ -449,8 +451,10 @@ class Node:
         self.proc = None
         self._start_mark = 0
 
+        # legacy_pace_ms 0: Client splits lines itself, like the load
+        # generator; the seed-client tests remove it to get chatd's default
         self._conf = {"server": {"listen": "127.0.0.1:%d" % self.port,
-                                 "log_level": "debug"},
+                                 "log_level": "debug", "legacy_pace_ms": 0},
                       "plugins": {"dir": plugin_dir or PLUGIN_DIR,
                                   "enabled": ", ".join(plugins)}}
         # The seed's policies, as etc/chat.conf sets them for `make run`:

@@ -14,13 +14,15 @@ import json
 import select
 import socket
 import sys
+import threading
 import time
 import unittest
 import uuid
 
 from harness import Node, Stack
 
-FAST = {"plugin.login": {"hash_cost": 1}}
+# chatd's own default for legacy_pace_ms (the harness turns pacing off)
+FAST = {"plugin.login": {"hash_cost": 1}, "server": {"legacy_pace_ms": None}}
 
 
 def now():
@@ -228,6 +230,89 @@ class TestSeedClient(unittest.TestCase):
         alice.loginout()
         alice.nothing()
         bob.nothing()
+
+
+class TestSeedClientBursts(unittest.TestCase):
+    """Issue 13: bursts must reach the seed client one message per recv().
+    chatd's default configuration paces legacy output (legacy_pace_ms)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, conf=FAST)
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.node.stop()
+        if rc != 0:
+            raise AssertionError("chatd exited with %r" % rc)
+
+    def run(self, result=None):
+        before = len(result.failures) + len(result.errors) if result else 0
+        out = super().run(result)
+        if result and len(result.failures) + len(result.errors) > before:
+            sys.stderr.write("---- %s\n%s\n" % (self.node.log_path, self.node.log_tail(60)))
+        return out
+
+    def user(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        name = "b" + uuid.uuid4().hex[:10]
+        uid = c.register(name, "pw")["id"]
+        r, _ = c.login(uid, "pw")
+        self.assertEqual(r["errno"], 0, r)
+        return c
+
+    def read_all(self, reader, n):
+        """n messages, each one recv() parsed as exactly one document."""
+        return [reader.recv() for _ in range(n)]
+
+    def test_burst_from_one_sender(self):
+        a, b = self.user(), self.user()
+        for round_ in range(3):
+            sent = [a.chat(b.user[0], "burst %d/%d" % (round_, i)) for i in range(5)]
+            self.assertEqual(self.read_all(b, 5), sent)
+        b.nothing()
+
+    def test_bursts_from_five_senders(self):
+        b = self.user()
+        senders = [self.user() for _ in range(5)]
+        for round_ in range(3):
+            sent = [s.chat(b.user[0], "from %d, round %d" % (i, round_))
+                    for i, s in enumerate(senders)]
+            got = self.read_all(b, 5)
+            self.assertEqual(sorted(got, key=lambda m: m["msg"]),
+                             sorted(sent, key=lambda m: m["msg"]))
+        b.nothing()
+
+    def test_group_burst(self):
+        a, b, c = self.user(), self.user(), self.user()
+        a.creategroup("burst" + uuid.uuid4().hex[:6], "d")
+        a.nothing()
+        a.loginout()
+        a.nothing()
+        r, view = a.login(a.user[0], "pw")
+        gid = view["groups"][0][0]
+        for u in (b, c):
+            u.addgroup(gid)
+            u.nothing()
+        # each seed client has its own reader thread, blocked in recv()
+        got, errors = {}, []
+
+        def reader(u):
+            try:
+                got[u] = self.read_all(u, 5)
+            except Exception as e:  # the client would have crashed
+                errors.append(e)
+        threads = [threading.Thread(target=reader, args=(u,)) for u in (b, c)]
+        for t in threads:
+            t.start()
+        sent = [a.groupchat(gid, "g%d" % i) for i in range(5)]
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        for u in (b, c):
+            self.assertEqual([m["msg"] for m in got[u]], [m["msg"] for m in sent])
 
 
 if __name__ == "__main__":
