@@ -274,15 +274,9 @@ static int h_deliver_ex(struct chat_plugin *self, int64_t from, int64_t uid,
     if (ctx_len)
         memcpy(d->ctx.b, ctx, ctx_len);
     plug_ref(self);
-    rc = bus_deliver_t(uid, json, len, d);
-    if (rc == CHAT_DELIVER_PENDING || rc == CHAT_OK) {
-        if (rc == CHAT_OK) { /* went out locally after all: not pending */
-            plug_unref(self);
-            mem_free(d);
-        }
-        return rc;
-    }
-    plug_unref(self);
+    if ((rc = bus_deliver_t(uid, json, len, d)) == CHAT_DELIVER_PENDING)
+        return rc; /* the bus owns d now */
+    plug_unref(self); /* CHAT_OK (went out locally after all) or an error */
     mem_free(d);
     return rc;
 }

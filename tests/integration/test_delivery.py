@@ -167,7 +167,7 @@ class TestDatabaseDown(Case):
     CONF = {"plugin.offline": {"retry_min_ms": 50, "retry_max_ms": 200}}
 
     def outage(self, how):
-        stack = Stack.private(redis=False, mysql=True)
+        stack = Stack.private(redis=True, mysql=True)
         self.addCleanup(stack.close)
         node = self.node(stack, self.CONF)
         a = self.sender(node)
@@ -200,7 +200,12 @@ class TestDatabaseDown(Case):
         stack.start_mysql()
         if how is not None:
             node = self.node(stack, self.CONF, db=node.db, migrate=False)
-            a = self.sender(node)
+            uid = a.uid
+            a.close()
+            a = self.client(node, proto=2)
+            # a killed node's presence lasts until its heartbeat expires
+            wait_for(lambda: a.login(uid, "pw")["errno"] == 0, timeout=15,
+                     what="login after the restart")
         # after the outage sends are stored and acknowledged again
         deadline = time.monotonic() + 30
         while True:
@@ -294,7 +299,7 @@ class TestLookupBound(Case):
     """8: a stalled database cannot grow the lookup queue without bound."""
 
     def test_stalled_database_memory_is_bounded(self):
-        stack = Stack.private(redis=False, mysql=True)
+        stack = Stack.private(redis=True, mysql=True)
         self.addCleanup(stack.close)
         node = self.node(stack, {"plugin.one2one": {"msg_max": 60000}})
         a = self.sender(node)
