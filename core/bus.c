@@ -37,7 +37,9 @@
  * flight (hiredis runs each pending callback with a NULL reply), or a
  * receiving node without the session - each ends in host_undeliverable().
  * Pub/sub is at most once: a node dying after PUBLISH counted it loses what
- * it had received.  Broadcasts ("B <node>\n<plugin>\n<data>" on chatd:all)
+ * it had received.  A delivery with a ticket (host deliver_ex) completes
+ * with CHAT_OK when the message went to a local session or a subscriber
+ * counted the PUBLISH, else the ticket rides on the undeliverable event.  Broadcasts ("B <node>\n<plugin>\n<data>" on chatd:all)
  * fire on this node from a local queue and are skipped when they come back.
  *
  * Without Redis (down, or no [redis] section: single node) local delivery
@@ -196,6 +198,7 @@ struct bus_req {
     void (*claim_cb)(int status, void *ud);
     void *ud;
     struct chat_plugin *plug;
+    struct chat_delivery *ticket; /* REQ_DELIVER: a sender waits (or NULL) */
     chat_presence_cb pres_cb;
     int64_t *uids;          /* REQ_PRESENCE: n uids, then n online bytes */
     size_t n;
@@ -448,11 +451,16 @@ static void req_done(struct bus_req *r, const redisReply *rp)
         struct chat_session *s;
         if (r->idx) /* it was counted as routed */
             routing_add(r->uid, -1);
-        if (rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer == -2 &&
-            (s = live_session(r->uid)) != NULL && net_deliver(s, r->data, r->len) == CHAT_OK)
+        if ((rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer == -2 &&
+             (s = live_session(r->uid)) != NULL &&
+             net_deliver(s, r->data, r->len) == CHAT_OK) ||
+            (rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer >= 1)) {
+            /* a subscriber counted the PUBLISH: delivered (at most once) */
+            if (r->ticket != NULL)
+                host_delivery_done(r->ticket, CHAT_OK);
             break;
-        if (rp == NULL || rp->type != REDIS_REPLY_INTEGER || rp->integer < 1)
-            host_undeliverable(r->uid, r->data, r->len);
+        }
+        host_undeliverable_t(r->uid, r->data, r->len, r->ticket);
         break;
     }
     case REQ_CLAIM:
@@ -1060,9 +1068,27 @@ int bus_connected(void) { return bus.started && bus.link == LINK_UP; }
 
 static int bus_open(void) { return bus.started && !bus.stopping; }
 
-int bus_deliver(int64_t uid, const char *json, size_t len)
+int bus_deliver_local(int64_t uid, const char *json, size_t len)
 {
     struct chat_session *s;
+
+    if (!bus_open() || (json == NULL && len > 0))
+        return CHAT_ERR_NOTFOUND;
+    s = live_session(uid);
+    if (s != NULL && (bus.link != LINK_UP || routing_count(uid) == 0) &&
+        net_deliver(s, json, len) == CHAT_OK)
+        return CHAT_OK;
+    return CHAT_ERR_NOTFOUND;
+}
+
+int bus_deliver(int64_t uid, const char *json, size_t len)
+{
+    return bus_deliver_t(uid, json, len, NULL);
+}
+
+int bus_deliver_t(int64_t uid, const char *json, size_t len,
+                  struct chat_delivery *t)
+{
     struct bus_req *r;
     char uidbuf[24];
 
@@ -1070,13 +1096,12 @@ int bus_deliver(int64_t uid, const char *json, size_t len)
         return CHAT_ERR_CLOSED;
     if (json == NULL && len > 0)
         return CHAT_ERR_INVAL;
-    s = live_session(uid);
-    if (s != NULL && (bus.link != LINK_UP || routing_count(uid) == 0) &&
-        net_deliver(s, json, len) == CHAT_OK)
+    if (bus_deliver_local(uid, json, len) == CHAT_OK)
         return CHAT_OK;
     r = req_new(REQ_DELIVER, len);
     if (r == NULL)
         return CHAT_ERR_NOMEM;
+    r->ticket = t;
     r->uid = uid;
     r->len = len;
     if (len > 0)
@@ -1086,11 +1111,11 @@ int bus_deliver(int64_t uid, const char *json, size_t len)
         || send_cmd(r, "EVALSHA %s 0 %s %b %s", bus.sha[SC_ROUTE], uidbuf,
                     r->data, len, bus.node) != 0) {
         defer(r); /* undeliverable, on the next loop turn */
-        return CHAT_OK;
+        return t != NULL ? CHAT_DELIVER_PENDING : CHAT_OK;
     }
     routing_add(uid, +1);
     r->idx = 1;
-    return CHAT_OK;
+    return t != NULL ? CHAT_DELIVER_PENDING : CHAT_OK;
 }
 
 int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,

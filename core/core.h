@@ -325,8 +325,14 @@ size_t plug_login_parts(const struct plug_login_part **parts);
 
 /* ---- host.c ----------------------------------------------------------- */
 extern const struct chat_host host_table;
-/* Fire CHAT_EV_UNDELIVERABLE for uid. */
+/* Fire CHAT_EV_UNDELIVERABLE for uid (no ticket: nobody waits). */
 void host_undeliverable(int64_t uid, const char *json, size_t len);
+/* The same with the pending outcome d of a deliver_ex (may be NULL): a
+ * ticket no hook claims completes with CHAT_ERR_UNAVAILABLE. */
+void host_undeliverable_t(int64_t uid, const char *json, size_t len,
+                          struct chat_delivery *d);
+/* Complete d: run its callback, drop its reference, free it. */
+void host_delivery_done(struct chat_delivery *d, int status);
 void host_init(uv_loop_t *loop);
 /* Nice value worker threads take before their first job (0: unchanged). */
 void host_set_work_nice(int nice);
@@ -386,6 +392,15 @@ int bus_finished(void); /* bus_stop has completed (or the bus never ran) */
 const char *bus_node_id(void);
 int bus_connected(void);
 int bus_deliver(int64_t uid, const char *json, size_t len);
+/* A live local session (and nothing of uid's still routed): queue json to
+ * it now.  CHAT_OK, or CHAT_ERR_NOTFOUND (use bus_deliver_t). */
+int bus_deliver_local(int64_t uid, const char *json, size_t len);
+/* bus_deliver with a pending outcome d (NULL: as bus_deliver).  CHAT_OK:
+ * delivered locally now, d untouched; CHAT_DELIVER_PENDING: d taken and
+ * completed later (delivered, or through host_undeliverable_t); an error:
+ * d untouched. */
+int bus_deliver_t(int64_t uid, const char *json, size_t len,
+                  struct chat_delivery *d);
 int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
                        chat_presence_cb cb, void *ud);
 /* Claim uid for this node.  cb(status): CHAT_OK claimed; CHAT_ERR_EXISTS held

@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -186,13 +187,98 @@ static int64_t h_req_auth(struct chat_session *s, const struct chat_request *req
     return uid;
 }
 
-void host_undeliverable(int64_t uid, const char *json, size_t len)
+/* ---- delivery with an outcome (ABI 1.5) -------------------------------
+ * A ticket exists only while an outcome is pending: the hot path (a live
+ * local session) never allocates one.  It is owned by the bus while the
+ * message is routed, then by whichever plugin claims it from the
+ * undeliverable event, and freed by host_delivery_done. */
+
+struct chat_delivery {
+    struct chat_plugin *inst; /* referenced until cb has run */
+    chat_deliver_cb cb;
+    int64_t uid, from;
+    int claimed;
+    union {
+        max_align_t align;
+        unsigned char b[CHAT_DELIVER_CTX_MAX];
+    } ctx;
+};
+
+void host_delivery_done(struct chat_delivery *d, int status)
 {
-    struct chat_ev_undeliverable ev = {sizeof ev, uid, json, len};
-    if (plug_fire(CHAT_EV_UNDELIVERABLE, &ev) == 0)
+    d->cb(status, d->uid, d->ctx.b);
+    plug_unref(d->inst);
+    mem_free(d);
+}
+
+static struct chat_delivery *h_undeliverable_claim(const struct chat_ev_undeliverable *ev)
+{
+    struct chat_delivery *d;
+
+    if (!ev || ev->size < sizeof *ev || !(d = ev->ticket) || d->claimed)
+        return NULL;
+    d->claimed = 1;
+    return d;
+}
+
+static void h_delivery_done(struct chat_delivery *d, int status)
+{
+    if (d)
+        host_delivery_done(d, status);
+}
+
+void host_undeliverable_t(int64_t uid, const char *json, size_t len,
+                          struct chat_delivery *d)
+{
+    struct chat_ev_undeliverable ev = {sizeof ev, uid, json, len, 0, d};
+    int n;
+
+    if (d)
+        ev.from = d->from;
+    n = plug_fire(CHAT_EV_UNDELIVERABLE, &ev);
+    if (d && !d->claimed) {
+        LOGD("message for user %lld is undeliverable and no plugin took it; "
+             "its sender is told", (long long)uid);
+        host_delivery_done(d, CHAT_ERR_UNAVAILABLE);
+        return;
+    }
+    if (n == 0)
         LOGW("message for user %lld is undeliverable and no plugin stores such "
              "messages (enable the offline plugin); dropped: %.*s",
              (long long)uid, (int)(len > 200 ? 200 : len), json);
+}
+
+void host_undeliverable(int64_t uid, const char *json, size_t len)
+{
+    host_undeliverable_t(uid, json, len, NULL);
+}
+
+static int h_deliver_ex(struct chat_plugin *self, int64_t from, int64_t uid,
+                        const char *json, size_t len, chat_deliver_cb cb,
+                        const void *ctx, size_t ctx_len)
+{
+    struct chat_delivery *d;
+    int rc;
+
+    if (uid <= 0 || !json || !len || !cb || ctx_len > CHAT_DELIVER_CTX_MAX ||
+        (ctx_len && !ctx))
+        return CHAT_ERR_INVAL;
+    if (bus_deliver_local(uid, json, len) == CHAT_OK)
+        return CHAT_OK; /* the hot path: no ticket */
+    if (!(d = mem_calloc(1, sizeof *d)))
+        return CHAT_ERR_NOMEM;
+    d->inst = self;
+    d->cb = cb;
+    d->uid = uid;
+    d->from = from;
+    if (ctx_len)
+        memcpy(d->ctx.b, ctx, ctx_len);
+    plug_ref(self);
+    if ((rc = bus_deliver_t(uid, json, len, d)) == CHAT_DELIVER_PENDING)
+        return rc; /* the bus owns d now */
+    plug_unref(self); /* CHAT_OK (went out locally after all) or an error */
+    mem_free(d);
+    return rc;
 }
 
 /* ---- worker jobs ------------------------------------------------------ */
@@ -477,4 +563,7 @@ const struct chat_host host_table = {
     .map_len = h_map_len,
     .map_next = h_map_next,
     .register_handler_ex = plug_register_handler_ex,
+    .deliver_ex = h_deliver_ex,
+    .undeliverable_claim = h_undeliverable_claim,
+    .delivery_done = h_delivery_done,
 };

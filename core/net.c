@@ -17,6 +17,14 @@
  * but not yet written are bounded by max_output: a client that stops reading
  * is logged and disconnected instead of growing memory.
  *
+ * Deliveries (net_deliver: messages from other users, already reported as
+ * delivered to their senders) are remembered as spans of the output stream
+ * (a small array per session, trimmed as bytes are written).  When a session
+ * closes with some of them unwritten (cut as a slow reader, a write error,
+ * the shutdown timeout, a login ack never sent) each unsent one goes to
+ * host_undeliverable() before its buffer is freed, so the offline store
+ * keeps it; a frame the kernel took only in part counts as unsent.
+ *
  * Sessions are freed only in their uv_close callback.  Closing first
  * unregisters the session (session_get() stops finding it), fires
  * CHAT_EV_SESSION_CLOSE with the user still bound, then drops the user's
@@ -53,6 +61,14 @@ struct flush_wait {
     void *ud;
 };
 
+/* A delivery queued on a session: bytes [start, end) of the output stream
+ * (queued_total positions), or of the held buffer while held. */
+struct dmark {
+    uint64_t start, end;
+    int64_t uid;    /* the recipient (the session's user then) */
+    int held;
+};
+
 struct chat_session {
     uv_tcp_t tcp;
     uint64_t id;
@@ -70,6 +86,8 @@ struct chat_session {
     struct obuf *held;       /* deliveries held while a login ack is pending */
     uint64_t queued_total, written_total;
     struct flush_wait *waits;
+    struct dmark *marks;     /* deliveries not known written: [mhead, mlen) */
+    size_t mhead, mlen, mcap;
     struct chat_session *flush_next;
     struct chat_session *idle_prev, *idle_next;
     struct chat_session *all_prev, *all_next; /* every session, for shutdown */
@@ -324,6 +342,96 @@ static void pace_sent(struct chat_session *s)
         s->pace_until = uv_now(net.loop) + (uint64_t)net.legacy_pace_ms;
 }
 
+/* ---- unsent deliveries ------------------------------------------------ */
+
+/* The bytes of mark m if they are still unwritten and in a buffer, else NULL. */
+static const char *mark_bytes(const struct chat_session *s, const struct dmark *m)
+{
+    uint64_t rem = 0, base;
+
+    if (m->held)
+        return s->held && m->end <= s->held->len ? s->held->data + m->start : NULL;
+    if (m->end <= s->written_total)
+        return NULL;
+    if (s->inflight) {
+        rem = s->inflight->len - s->inflight->off;
+        base = s->written_total - s->inflight->off;
+        if (m->start >= base && m->end <= base + s->inflight->len)
+            return s->inflight->data + (m->start - base);
+    }
+    if (s->out) {
+        base = s->written_total + rem - s->out->off;
+        if (m->start >= base && m->end <= base + s->out->len)
+            return s->out->data + (m->start - base);
+    }
+    return NULL;
+}
+
+/* Remember the delivery of n bytes (with its '\n') just queued. */
+static void mark_add(struct chat_session *s, size_t n)
+{
+    struct dmark *m;
+
+    while (s->mhead < s->mlen && !s->marks[s->mhead].held &&
+           s->marks[s->mhead].end <= s->written_total)
+        s->mhead++;
+    if (s->mhead == s->mlen)
+        s->mhead = s->mlen = 0;
+    if (s->mlen == s->mcap && s->mhead > 0) {
+        memmove(s->marks, s->marks + s->mhead, (s->mlen - s->mhead) * sizeof *m);
+        s->mlen -= s->mhead;
+        s->mhead = 0;
+    }
+    if (s->mlen == s->mcap) {
+        size_t cap = s->mcap ? s->mcap * 2 : 16;
+        if (!(m = mem_realloc(s->marks, cap * sizeof *m))) {
+            LOGW("session %llu: out of memory tracking a delivery; it is not "
+                 "stored should the session close unwritten",
+                 (unsigned long long)s->id);
+            return;
+        }
+        s->marks = m;
+        s->mcap = cap;
+    }
+    m = &s->marks[s->mlen++];
+    m->held = s->hold && s->held;
+    m->end = m->held ? s->held->len : s->queued_total;
+    m->start = m->end - n;
+    m->uid = s->uid;
+}
+
+/* The held deliveries were appended to out at stream position base. */
+static void marks_unhold(struct chat_session *s, uint64_t base)
+{
+    for (size_t i = s->mhead; i < s->mlen; i++)
+        if (s->marks[i].held) {
+            s->marks[i].start += base;
+            s->marks[i].end += base;
+            s->marks[i].held = 0;
+        }
+}
+
+/* Hand every unwritten delivery to the undeliverable path (the offline
+ * store); called before the buffers are freed. */
+static void spill_unsent(struct chat_session *s)
+{
+    size_t n = 0;
+
+    for (size_t i = s->mhead; i < s->mlen; i++) {
+        const struct dmark *m = &s->marks[i];
+        const char *p = mark_bytes(s, m);
+
+        if (p && m->uid > 0 && m->end - m->start > 1) {
+            host_undeliverable(m->uid, p, (size_t)(m->end - m->start - 1));
+            n++;
+        }
+    }
+    if (n)
+        LOGI("session %llu: %zu deliveries not written before it closed; "
+             "handed to the offline store", (unsigned long long)s->id, n);
+    s->mhead = s->mlen = 0;
+}
+
 /* ---- closing ---------------------------------------------------------- */
 
 static void run_waits(struct chat_session *s, int closing)
@@ -351,6 +459,8 @@ static void on_closed(uv_handle_t *h)
         s->all_next->all_prev = s->all_prev;
     run_waits(s, 1);
     pace_unlink(s);
+    spill_unsent(s);
+    mem_free(s->marks);
     obuf_put(s->out);
     obuf_put(s->inflight);
     obuf_put(s->held);
@@ -415,8 +525,10 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
         cJSON_Delete(n);
         if (txt) {
             /* the held deliveries go first, then the notice */
-            if (s->held) {
-                obuf_append(&s->out, s->held->data, s->held->len, 0);
+            if (s->held &&
+                obuf_append(&s->out, s->held->data, s->held->len, 0) == CHAT_OK) {
+                marks_unhold(s, s->queued_total);
+                s->queued_total += s->held->len;
                 obuf_put(s->held);
                 s->held = NULL;
             }
@@ -457,6 +569,9 @@ static void on_written(uv_write_t *req, int status)
     s->writing = 0;
     s->inflight = NULL;
     if (status < 0) {
+        s->inflight = b; /* its unwritten deliveries go to the store */
+        spill_unsent(s);
+        s->inflight = NULL;
         obuf_put(b);
         if (!s->closing)
             LOGD("session %llu: write failed: %s", (unsigned long long)s->id,
@@ -525,11 +640,15 @@ static void flush_session(struct chat_session *s)
      * session only the rest of its current message) */
     take -= n > 0 ? (size_t)n : 0;
     if (take < b->len - b->off) {
+        /* the whole message, its written part skipped: inflight then out
+         * stay one contiguous stream, as the delivery marks expect */
         struct obuf *m = NULL;
-        if (obuf_append(&m, b->data + b->off, take, 0)) {
+        size_t done = n > 0 ? (size_t)n : 0;
+        if (obuf_append(&m, b->data + b->off - done, done + take, 0)) {
             begin_close(s, 0, NULL, 0);
             return;
         }
+        m->off = done;
         b->off += take;
         b = m;
     } else
@@ -588,7 +707,11 @@ int net_send(struct chat_session *s, const char *json, size_t len)
 
 int net_deliver(struct chat_session *s, const char *json, size_t len)
 {
-    return queue_out(s, s->hold ? &s->held : &s->out, json, len);
+    int rc = queue_out(s, s->hold ? &s->held : &s->out, json, len);
+
+    if (rc == CHAT_OK)
+        mark_add(s, len + 1);
+    return rc;
 }
 
 void net_hold(struct chat_session *s, int on)
@@ -603,6 +726,7 @@ void net_hold(struct chat_session *s, int on)
         s->held = NULL;
         /* already counted against max_output; cannot fail on size */
         if (obuf_append(&s->out, h->data, h->len, 0) == CHAT_OK) {
+            marks_unhold(s, s->queued_total);
             s->queued_total += h->len;
             if (!s->in_flush) {
                 s->in_flush = 1;

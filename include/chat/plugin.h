@@ -24,6 +24,10 @@
  *        req_forward (a request as forwarded, sender fields the session's),
  *        req_int, and an int64-keyed hash map (map_*)
  *   1.4  register_handler_ex with CHAT_HANDLER_RAW (no cJSON tree built)
+ *   1.5  (delivery) deliver_ex with a completion: the outcome of a message
+ *        (delivered, stored, or failed) instead of "handed over";
+ *        chat_ev_undeliverable grows from/ticket, claimed by the plugin that
+ *        stores the message (undeliverable_claim, delivery_done)
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -62,7 +66,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 4
+#define CHAT_ABI_MINOR 5
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -82,6 +86,7 @@ struct chat_timer;    /* a timer owned by a plugin instance */
 struct chat_db_result;/* the outcome of a query or transaction */
 struct chat_login;    /* a login acknowledgement being assembled */
 struct chat_map;      /* an int64 -> pointer hash map (ABI 1.3) */
+struct chat_delivery; /* the pending outcome of one deliver_ex (ABI 1.5) */
 
 /* ------------------------------------------------------------------------ */
 /* Errors returned by host functions. 0 is success. host->strerror() names them. */
@@ -203,12 +208,24 @@ struct chat_ev_session {
 
 /* A message that deliver() could not hand to any session of its user: the user
  * is offline, the node holding it is gone, or the bus is down.  A plugin that
- * stores offline messages keeps `json` (copy it; it is borrowed). */
+ * stores offline messages keeps `json` (copy it; it is borrowed).
+ *
+ * ABI 1.5 appends `from` and `ticket` (check size before reading them).  When
+ * ticket is not NULL a sender waits for this message's outcome: the plugin
+ * that stores it calls host->undeliverable_claim(ev) in its hook and later
+ * host->delivery_done() exactly once (CHAT_OK once the message is committed).
+ * A ticket nobody claims fails with CHAT_ERR_UNAVAILABLE after the hooks ran.
+ * NULL ticket: nobody waits (host->deliver, a message that reached another
+ * node, or a closed session's unsent output, which was already counted as
+ * delivered): store it if at all possible. */
 struct chat_ev_undeliverable {
     uint32_t size;
     int64_t user_id;
     const char *json; /* the message text as it would have been sent */
     size_t len;
+    /* ABI 1.5 */
+    int64_t from;                  /* the sender's user id; 0: unknown */
+    struct chat_delivery *ticket;  /* opaque; see above */
 };
 
 /* A cluster-wide notice sent with chat_host.broadcast() by a plugin of the
@@ -278,6 +295,19 @@ typedef void (*chat_login_part_fn)(struct chat_login *l, int64_t user_id,
                                    int proto, void *ud);
 typedef void (*chat_login_sent_fn)(int ok, int64_t user_id, void *state, void *ud);
 typedef void (*chat_login_done_fn)(int status, uint64_t session_id, void *ud);
+
+/* deliver_ex completion (ABI 1.5).  status: CHAT_OK delivered to a session
+ * (on another node: the PUBLISH reached its subscriber) or stored for the
+ * user's next login; CHAT_ERR_BUSY a bound of the store was reached (try
+ * later); CHAT_ERR_UNAVAILABLE nobody could store it (no offline plugin, the
+ * database is failing); CHAT_ERR_NOTFOUND the user does not exist;
+ * CHAT_ERR_CLOSED the server is stopping.  ctx is the host's copy of the
+ * ctx given to deliver_ex (aligned for any type, writable), borrowed for the
+ * call. */
+typedef void (*chat_deliver_cb)(int status, int64_t user_id, void *ctx);
+#define CHAT_DELIVER_CTX_MAX 64
+/* deliver_ex's positive return: the outcome comes later through cb. */
+#define CHAT_DELIVER_PENDING 1
 
 /* ------------------------------------------------------------------------ */
 /* The host table.  Append-only: new functions go at the end and bump
@@ -501,6 +531,37 @@ struct chat_host {
      * strict JSON either way. */
     int (*register_handler_ex)(struct chat_plugin *self, int msgid,
                                chat_handler_fn fn, void *ud, unsigned flags);
+
+    /* ===== ABI 1.5 (delivery) ===== */
+
+    /* deliver() with its outcome.  from is the sender's user id (0: none),
+     * used by the store's per-sender bounds.  Returns:
+     *   CHAT_OK               handed at once to a live session on this node
+     *                         (its output queue); cb never runs.  Should the
+     *                         session close before writing it, the message
+     *                         goes to CHAT_EV_UNDELIVERABLE without a ticket.
+     *   CHAT_DELIVER_PENDING  (positive) the outcome comes later: cb runs
+     *                         exactly once, never inside this call (see
+     *                         chat_deliver_cb for the statuses).
+     *   CHAT_ERR_INVAL        bad argument (uid <= 0, empty json, no cb,
+     *                         ctx_len over CHAT_DELIVER_CTX_MAX);
+     *   CHAT_ERR_NOMEM        out of memory;
+     *   CHAT_ERR_CLOSED       the server is stopping.  cb never runs.
+     * ctx (ctx_len bytes, may be NULL/0) is copied only when the outcome is
+     * pending and handed to cb: the common case (recipient online here)
+     * allocates nothing.  The host copies json.  Holds a reference on the
+     * instance until cb has run. */
+    int (*deliver_ex)(struct chat_plugin *self, int64_t from, int64_t user_id,
+                      const char *json, size_t len, chat_deliver_cb cb,
+                      const void *ctx, size_t ctx_len);
+    /* In a CHAT_EV_UNDELIVERABLE hook: take the event's ticket (the plugin
+     * then owes one delivery_done).  NULL when the event has no ticket or
+     * another hook took it. */
+    struct chat_delivery *(*undeliverable_claim)(const struct chat_ev_undeliverable *ev);
+    /* Report the outcome of a claimed ticket (a chat_deliver_cb status;
+     * CHAT_OK once the message is stored) and free it.  Runs the sender's
+     * callback inside this call.  Exactly once per claimed ticket. */
+    void (*delivery_done)(struct chat_delivery *d, int status);
 };
 
 #define CHAT_HANDLER_RAW 0x1u

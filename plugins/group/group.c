@@ -187,6 +187,13 @@ static void read_conf(void)
     grp.name_max = conf_size("name_max", 64, 255);
     grp.desc_max = conf_size("desc_max", 512, 1024);
     grp.msg_max = conf_size("msg_max", 4096, INT32_MAX);
+    grp.extra_max = (size_t)chat_conf_range(grp.host, grp.self, "extra_max", 2048,
+                                            256, INT32_MAX);
+    grp.queue_max = (size_t)chat_conf_range(grp.host, grp.self, "load_queue_max_bytes",
+                                            8 << 20, 4096, INT64_MAX);
+    grp.queue_sender_max = (size_t)chat_conf_range(grp.host, grp.self,
+                                                   "load_queue_sender_max_bytes",
+                                                   256 << 10, 1024, INT64_MAX);
     grp.size_max = conf_size("group_size_max", 500, INT32_MAX);
     grp.per_user_max = conf_size("groups_per_user_max", 200, INT32_MAX);
     grp.cache_ttl_ms = (uint64_t)conf_size("cache_ttl", 60, 86400) * 1000u;
@@ -202,7 +209,7 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
     grp.host = h;
     grp.self = p;
     *state = NULL;
-    CHAT_HOST_REQUIRE(h, p, register_handler_ex);
+    CHAT_HOST_REQUIRE(h, p, deliver_ex);
     if ((rc = read_join()) != CHAT_OK)
         return rc;
     read_conf();

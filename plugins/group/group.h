@@ -23,6 +23,9 @@ struct grp_globals {
     size_t name_max;        /* bytes of a group name */
     size_t desc_max;        /* bytes of a description */
     size_t msg_max;         /* bytes of a group chat message */
+    size_t extra_max;       /* bytes of a forwarded message besides its msg */
+    size_t queue_max;       /* bytes of messages waiting for member loads */
+    size_t queue_sender_max;/* of those, from one sender */
     size_t size_max;        /* members of a group */
     size_t per_user_max;    /* groups a user may belong to */
     uint64_t cache_ttl_ms;  /* member cache entries are reloaded after this */

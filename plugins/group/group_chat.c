@@ -18,7 +18,22 @@
  *   - reloaded after cache_ttl seconds as a safety net for a lost broadcast,
  *     and swept by a timer when unused.
  * A sender that is not a member gets 109, an unknown group 108 (protocol 2;
- * legacy: a log line, as the seed answers nothing).  A frame with a spoofed,
+ * legacy: a log line, as the seed answers nothing).
+ *
+ * Outcomes.  Each member's copy goes through host->deliver_ex(): handed at
+ * once to a live local session, or its outcome comes later (another node,
+ * or the offline store's commit).  The sender's answer waits until every
+ * member's copy has an outcome: errno 0 when all were delivered or stored,
+ * else 113 with "failed": the number of members whose copy was not (a
+ * bound of the store, the database failing); the others did get it, so a
+ * client that sends again may duplicate it for them.  The fan-out holds one
+ * small record per message while outcomes are pending, none when every
+ * member is online here.
+ *
+ * Bounds.  Messages waiting for a member load are bounded by
+ * load_queue_max_bytes in all and load_queue_sender_max_bytes per sender
+ * (113 past them).  Besides its "msg" text a forwarded message may hold
+ * extra_max bytes (105 past it).  A frame with a spoofed,
  * missing or duplicated sender field, or with the protocol-2 "seq"/"proto"
  * of the sender's connection, is rebuilt by req_forward() with the session's
  * id and name and every other member's raw text.  On a hot reload the fresh
@@ -49,6 +64,37 @@ struct gent {
 
 static struct chat_map *cache; /* group id -> struct gent * */
 static struct chat_timer *sweeper;
+static struct chat_map *q_by_from; /* sender -> (uintptr_t) bytes waiting */
+static size_t q_total;             /* bytes waiting for loads */
+
+#define GMSG_COST(len) (sizeof(struct gmsg) + (len))
+
+static size_t q_of(int64_t from)
+{
+    return (size_t)(uintptr_t)grp.host->map_get(q_by_from, from);
+}
+
+static void q_sub(int64_t from, size_t bytes)
+{
+    size_t v = q_of(from) - bytes;
+
+    q_total -= bytes;
+    if (v)
+        grp.host->map_put(q_by_from, from, (void *)(uintptr_t)v);
+    else
+        grp.host->map_del(q_by_from, from);
+}
+
+static int q_add(int64_t from, size_t bytes)
+{
+    size_t v = q_of(from);
+
+    if (q_total + bytes > grp.queue_max || v + bytes > grp.queue_sender_max ||
+        grp.host->map_put(q_by_from, from, (void *)(uintptr_t)(v + bytes)) != CHAT_OK)
+        return -1;
+    q_total += bytes;
+    return 0;
+}
 
 /* ------------------------------------------------------------------------ */
 /* Sending with a loaded entry. */
@@ -70,32 +116,100 @@ static int is_member(const struct gent *e, int64_t uid)
     return 0;
 }
 
-/* Hand json to every member but the sender.  Returns a protocol errno. */
-static int send_to_members(const struct gent *e, int64_t from, const char *json,
-                           size_t len, const char **why)
+/* One group message whose members' outcomes are pending. */
+struct gpend {
+    uint64_t sid;       /* the sender's session */
+    int64_t from, gid;
+    struct chat_ack ack;
+    size_t pending;     /* outcomes to come (+1 while fanning out) */
+    size_t failed;      /* members whose copy was neither delivered nor stored */
+};
+
+static void gpend_answer(struct gpend *p)
 {
+    struct chat_session *s = grp.host->session_get(p->sid);
+    cJSON *body;
+
+    if (!p->failed) {
+        if (s)
+            grp_answer(s, &p->ack, p->from, 0, NULL, NULL);
+    } else {
+        chat_log(grp.host, grp.self, CHAT_LOG_INFO,
+                 "group %lld: message from %lld not delivered to %zu members",
+                 (long long)p->gid, (long long)p->from, p->failed);
+        if (s && (body = cJSON_CreateObject())) {
+            cJSON_AddNumberToObject(body, "failed", (double)p->failed);
+            grp_answer(s, &p->ack, p->from, CHAT_E_UNAVAILABLE,
+                       "busy: not delivered to some members", body);
+            cJSON_Delete(body);
+        }
+    }
+    grp.host->free(p);
+}
+
+static void gpend_one(struct gpend *p, int status)
+{
+    if (status != CHAT_OK)
+        p->failed++;
+    if (--p->pending == 0)
+        gpend_answer(p);
+}
+
+static void member_done(int status, int64_t uid, void *ctx)
+{
+    struct gpend *p;
+
+    memcpy(&p, ctx, sizeof(p));
+    if (status != CHAT_OK)
+        chat_log(grp.host, grp.self, CHAT_LOG_DEBUG,
+                 "group %lld: copy for %lld: %s", (long long)p->gid, (long long)uid,
+                 grp.host->strerror(status));
+    gpend_one(p, status);
+}
+
+/* Hand json to every member but the sender; the answer goes to the sender
+ * now or once every copy has an outcome. */
+static void send_to_members(const struct gent *e, uint64_t sid,
+                            const struct chat_ack *ack, int64_t from,
+                            const char *json, size_t len)
+{
+    struct chat_session *s = grp.host->session_get(sid);
+    struct gpend *p;
     size_t i;
-    int rc, failed = 0;
+    int rc;
 
     if (!is_member(e, from)) {
-        *why = "not a member of the group";
-        return CHAT_E_NOT_MEMBER;
+        if (s)
+            grp_answer(s, ack, from, CHAT_E_NOT_MEMBER, "not a member of the group",
+                       NULL);
+        return;
     }
+    if (!(p = grp.host->malloc(sizeof(*p)))) {
+        if (s)
+            grp_answer(s, ack, from, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    p->sid = sid;
+    p->from = from;
+    p->gid = e->gid;
+    p->ack = *ack;
+    p->pending = 1;
+    p->failed = 0;
     for (i = 0; i < e->n; i++) {
         if (e->members[i] == from)
             continue;
-        if ((rc = grp.host->deliver(grp.self, e->members[i], json, len)) != CHAT_OK) {
+        rc = grp.host->deliver_ex(grp.self, from, e->members[i], json, len,
+                                  member_done, &p, sizeof(p));
+        if (rc == CHAT_DELIVER_PENDING) {
+            p->pending++;
+        } else if (rc != CHAT_OK) {
             chat_log(grp.host, grp.self, CHAT_LOG_WARN,
                      "group %lld: delivery to %lld failed: %s", (long long)e->gid,
                      (long long)e->members[i], grp.host->strerror(rc));
-            failed = 1;
+            p->failed++;
         }
     }
-    if (failed) {
-        *why = "delivery failed for some members";
-        return CHAT_E_INTERNAL;
-    }
-    return 0;
+    gpend_one(p, CHAT_OK); /* the fan-out itself is done */
 }
 
 static int fresh(const struct gent *e)
@@ -124,16 +238,17 @@ static void flush_queue(struct gent *e, int err, const char *why)
     e->tail = &e->head;
     for (; m; m = next) {
         struct chat_session *s = grp.host->session_get(m->sid);
-        const char *w = why;
-        int me = err ? err : send_to_members(e, m->from, m->json, m->len, &w);
 
         next = m->next;
-        if (s)
-            grp_answer(s, &m->ack, m->from, me, w, NULL);
-        else if (me)
+        q_sub(m->from, GMSG_COST(m->len));
+        if (!err)
+            send_to_members(e, m->sid, &m->ack, m->from, m->json, m->len);
+        else if (s)
+            grp_answer(s, &m->ack, m->from, err, why, NULL);
+        else
             chat_log(grp.host, grp.self, CHAT_LOG_INFO,
                      "user %lld: group message to %lld dropped: %s",
-                     (long long)m->from, (long long)e->gid, w);
+                     (long long)m->from, (long long)e->gid, why);
         grp.host->free(m);
     }
 }
@@ -230,8 +345,14 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
         }
         return grp_db_proto_errno(rc, why);
     }
-    if (!(m = grp.host->malloc(sizeof(*m) + len)))
-        return CHAT_E_INTERNAL; /* the load runs anyway and fills the cache */
+    if (q_add(from, GMSG_COST(len)) != 0) {
+        *why = "busy: too many messages wait for the database";
+        return CHAT_E_UNAVAILABLE; /* the load runs anyway and fills the cache */
+    }
+    if (!(m = grp.host->malloc(GMSG_COST(len)))) {
+        q_sub(from, GMSG_COST(len));
+        return CHAT_E_INTERNAL;
+    }
     m->next = NULL;
     m->sid = grp.host->session_id(s);
     m->from = from;
@@ -248,7 +369,7 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
 void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *ud)
 {
     const char *raw, *out, *why = NULL;
-    size_t len, outlen;
+    size_t len, rawlen, outlen;
     int64_t uid, gid;
     struct gent *e;
     int err;
@@ -265,6 +386,7 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
         grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "msg must be a string", NULL);
         return;
     }
+    rawlen = len;
     /* A literal is never shorter than its decoded text: decode only when
      * the literal is over the limit. */
     if (len - 2 > grp.msg_max &&
@@ -276,10 +398,13 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
         grp_answer(s, &req->ack, uid, CHAT_E_INTERNAL, "out of memory", NULL);
         return;
     }
+    if (outlen > rawlen && outlen - rawlen > grp.extra_max) {
+        grp_answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "message too large", NULL);
+        return;
+    }
     e = grp.host->map_get(cache, gid);
     if (e && fresh(e)) {
-        err = send_to_members(e, uid, out, outlen, &why);
-        grp_answer(s, &req->ack, uid, err, why, NULL);
+        send_to_members(e, grp.host->session_id(s), &req->ack, uid, out, outlen);
     } else if ((err = enqueue(s, req, uid, gid, out, outlen, &why)) != 0) {
         grp_answer(s, &req->ack, uid, err, why, NULL);
     } /* else answered when the load completes */
@@ -400,9 +525,16 @@ int grp_cache_start(void)
 
     if (!(cache = grp.host->map_new()))
         return CHAT_ERR_NOMEM;
-    if (!(sweeper = grp.host->timer_start(grp.self, period, period, sweep, NULL))) {
+    if (!(q_by_from = grp.host->map_new())) {
         grp.host->map_free(cache);
         cache = NULL;
+        return CHAT_ERR_NOMEM;
+    }
+    if (!(sweeper = grp.host->timer_start(grp.self, period, period, sweep, NULL))) {
+        grp.host->map_free(cache);
+        grp.host->map_free(q_by_from);
+        cache = NULL;
+        q_by_from = NULL;
         return CHAT_ERR_NOMEM;
     }
     return CHAT_OK;
@@ -419,5 +551,8 @@ void grp_cache_fini(void)
         entry_free(v);
     grp.host->map_free(cache);
     cache = NULL;
+    grp.host->map_free(q_by_from);
+    q_by_from = NULL;
+    q_total = 0;
     sweeper = NULL; /* a repeating timer is stopped with its instance */
 }

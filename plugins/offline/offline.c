@@ -8,6 +8,7 @@
  * (part.c).  It owns the table offline_messages and no msgid.
  */
 #include <inttypes.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "offline.h"
@@ -19,11 +20,20 @@ struct off_conf off_cfg;
 static void on_undeliverable(int event, const void *arg, void *ud)
 {
     const struct chat_ev_undeliverable *ev = arg;
+    struct chat_delivery *d = NULL;
+    int64_t from = 0;
+    int rc;
 
     (void)ud;
-    if (event != CHAT_EV_UNDELIVERABLE || ev->size < sizeof(*ev))
+    if (event != CHAT_EV_UNDELIVERABLE || ev->size < offsetof(struct chat_ev_undeliverable, from))
         return;
-    off_store_add(ev->user_id, ev->json, ev->len);
+    if (ev->size >= sizeof(*ev)) {
+        from = ev->from;
+        d = off_host->undeliverable_claim(ev);
+    }
+    rc = off_store_add(ev->user_id, from, ev->json, ev->len, d);
+    if (rc != CHAT_OK && d)
+        off_host->delivery_done(d, rc);
 }
 
 static int64_t conf_range(const char *key, int64_t def, int64_t lo, int64_t hi)
@@ -40,6 +50,10 @@ static int load_conf(void)
     c.batch_bytes = (size_t)conf_range("batch_bytes", 1 << 20, 1024, 8 << 20);
     c.queue_max_bytes = (size_t)conf_range("queue_max_bytes", 64 << 20, 1 << 16,
                                            INT64_C(1) << 40);
+    c.queue_sender_max_bytes = (size_t)conf_range("queue_sender_max_bytes", 1 << 20,
+                                                  1024, INT64_C(1) << 40);
+    c.queue_user_max_bytes = (size_t)conf_range("queue_user_max_bytes", 1 << 20,
+                                                1024, INT64_C(1) << 40);
     c.retry_min_ms = (uint64_t)conf_range("retry_min_ms", 100, 1, 3600000);
     c.retry_max_ms = (uint64_t)conf_range("retry_max_ms", 30000, 1, 3600000);
     c.flush_wait_ms = (uint64_t)conf_range("flush_wait_ms", 1000, 1, 60000);
@@ -58,7 +72,10 @@ static int off_init(const struct chat_host *host, struct chat_plugin *self,
     off_self = self;
     *state = NULL;
     CHAT_HOST_REQUIRE(host, self, login_part_set);
+    CHAT_HOST_REQUIRE(host, self, delivery_done);
     load_conf();
+    if ((rc = off_store_start()) != CHAT_OK)
+        return rc;
     rc = host->register_hook(self, CHAT_EV_UNDELIVERABLE, on_undeliverable, NULL);
     if (rc == CHAT_OK)
         rc = host->register_login_part(self, "offlinemsg", off_part_fn, off_sent_fn,

@@ -20,6 +20,8 @@ struct off_conf {
     size_t batch_max;        /* rows per INSERT */
     size_t batch_bytes;      /* message bytes per INSERT (one row may exceed) */
     size_t queue_max_bytes;  /* memory of the insert queue */
+    size_t queue_sender_max_bytes; /* of it, queued from one sender */
+    size_t queue_user_max_bytes;   /* of it, queued for one recipient */
     uint64_t retry_min_ms;   /* first retry after a database error */
     uint64_t retry_max_ms;   /* backoff cap */
     uint64_t flush_wait_ms;  /* how long a login waits for queued messages */
@@ -30,8 +32,16 @@ extern struct chat_plugin *off_self;
 extern struct off_conf off_cfg;
 
 /* ---- store.c ----------------------------------------------------------- */
-/* Queue json[0..len) (copied) for user uid; stored in report order. */
-void off_store_add(int64_t uid, const char *json, size_t len);
+/* The per-sender and per-recipient accounting (in init). */
+int off_store_start(void);
+/* Queue json[0..len) (copied) for user uid from user from (0: unknown);
+ * stored in report order.  With a ticket (claimed from the event) the
+ * bounds apply and the ticket is completed when the row is committed.
+ * CHAT_OK: queued (the ticket is the store's); else CHAT_ERR_BUSY (a bound),
+ * CHAT_ERR_UNAVAILABLE (the database is failing) or CHAT_ERR_NOMEM, and the
+ * caller completes the ticket. */
+int off_store_add(int64_t uid, int64_t from, const char *json, size_t len,
+                  struct chat_delivery *ticket);
 /* The sequence number of the newest message of uid still queued (not yet
  * committed), or 0 when none is. */
 uint64_t off_store_pending(int64_t uid);

@@ -18,6 +18,22 @@
  *  - past queue_max_bytes of queued messages new ones are refused with an
  *    error line naming the user.
  *
+ * Outcomes (ABI 1.5).  A message whose sender waits for it comes with a
+ * ticket; the ticket is completed once its row is committed (CHAT_OK), when
+ * its user does not exist (CHAT_ERR_NOTFOUND), or refused at once:
+ *  - CHAT_ERR_BUSY past queue_sender_max_bytes queued for its sender,
+ *    queue_user_max_bytes queued for its recipient, or three quarters of
+ *    queue_max_bytes in all (the last quarter is kept for messages without
+ *    a ticket: those were already reported delivered, e.g. the unsent output
+ *    of a closed session, so they must not be refused for room);
+ *  - CHAT_ERR_UNAVAILABLE while the database is failing (a retry timer
+ *    runs): a failed INSERT fails every ticketed message queued, which the
+ *    senders may send again, and keeps retrying the others.
+ * These admission bounds are the fairness: FIFO service, but no sender (a
+ * group fan-out) and no recipient can hold more than its share of the
+ * queue, so a message from anybody else is never refused for room that one
+ * sender took.
+ *
  * Hot reload keeps the order too.  save() hands every message that is not in
  * flight to the next instance, and with them a "baton": a small shared
  * object that stays busy until this instance's last INSERT is done.  The new
@@ -35,6 +51,8 @@ struct off_msg {
     struct off_msg *next;
     uint64_t seq;   /* report order, from 1 */
     int64_t uid;
+    int64_t from;   /* the sender (0: unknown) */
+    struct chat_delivery *ticket; /* a sender waits for the commit; or NULL */
     size_t len;
     char json[];    /* len bytes */
 };
@@ -47,6 +65,8 @@ static size_t inflight;      /* rows of the head batch being inserted (0: none) 
 static size_t single_left;   /* rows still to store one by one after a 1452 */
 static uint64_t retry_ms;    /* current backoff; 0 after a success */
 static int retry_wait;       /* a retry timer is running */
+static struct chat_map *by_from; /* sender -> (uintptr_t) bytes queued */
+static struct chat_map *by_uid;  /* recipient -> (uintptr_t) bytes queued */
 
 /* Shared between two instances across a reload; freed by the last unref.
  * Memory from the host's allocator, which both instances use. */
@@ -59,7 +79,7 @@ static struct off_baton *pred_baton; /* from restore(): wait while busy */
 static int pred_poll;                /* a poll timer is running */
 
 #define BATON_POLL_MS 20
-#define BLOB_MAGIC 0x4f464c31u /* "OFL1" */
+#define BLOB_MAGIC 0x4f464c32u /* "OFL2" */
 
 #define MSG_COST(len) (sizeof(struct off_msg) + (len))
 #define INSERT_HEAD "INSERT INTO offline_messages (user_id, message) VALUES (?,?)"
@@ -97,18 +117,49 @@ static void pred_tick(struct chat_timer *t, void *ud)
     flush();
 }
 
-static void pop(size_t n)
+static size_t share(struct chat_map *map, int64_t key)
 {
-    while (n-- && head) {
-        struct off_msg *m = head;
+    return key && map ? (size_t)(uintptr_t)off_host->map_get(map, key) : 0;
+}
 
-        head = m->next;
-        if (!head)
-            tail = NULL;
-        q_bytes -= MSG_COST(m->len);
-        q_count--;
-        off_host->free(m);
+/* Add (d > 0) or remove bytes of key's share; 0 or CHAT_ERR_NOMEM. */
+static int share_add(struct chat_map *map, int64_t key, size_t bytes, int d)
+{
+    size_t v = share(map, key);
+
+    if (!key || !map)
+        return CHAT_OK;
+    v = d > 0 ? v + bytes : v - bytes;
+    if (!v) {
+        off_host->map_del(map, key);
+        return CHAT_OK;
     }
+    return off_host->map_put(map, key, (void *)(uintptr_t)v);
+}
+
+/* Unlink and free m (prev is its predecessor or NULL), completing its
+ * ticket with status. */
+static void drop(struct off_msg *m, struct off_msg *prev, int status)
+{
+    if (prev)
+        prev->next = m->next;
+    else
+        head = m->next;
+    if (tail == m)
+        tail = prev;
+    q_bytes -= MSG_COST(m->len);
+    q_count--;
+    share_add(by_from, m->from, MSG_COST(m->len), -1);
+    share_add(by_uid, m->uid, MSG_COST(m->len), -1);
+    if (m->ticket)
+        off_host->delivery_done(m->ticket, status);
+    off_host->free(m);
+}
+
+static void pop(size_t n, int status)
+{
+    while (n-- && head)
+        drop(head, NULL, status);
     if (!head && my_baton) { /* handed over and done: let the next one go */
         my_baton->busy = 0;
         baton_unref(my_baton);
@@ -138,6 +189,34 @@ static void backoff(void)
              "cannot start a retry timer; %zu messages wait", q_count);
 }
 
+/* The database is failing: the senders that wait are told now (113; they
+ * may send again) rather than after an outage of unknown length; messages
+ * without a ticket stay and are retried. */
+static void fail_waiting(void)
+{
+    struct off_msg *m = head, *prev = NULL, *next;
+    size_t n = 0;
+
+    for (; m; m = next) {
+        next = m->next;
+        if (m->ticket) {
+            drop(m, prev, CHAT_ERR_UNAVAILABLE);
+            n++;
+        } else {
+            prev = m;
+        }
+    }
+    single_left = 0;
+    if (n)
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "%zu offline messages refused to their senders (database failing)", n);
+    if (!head && my_baton) {
+        my_baton->busy = 0;
+        baton_unref(my_baton);
+        my_baton = NULL;
+    }
+}
+
 static void inserted(const struct chat_db_result *r, void *ud)
 {
     size_t n = inflight;
@@ -146,7 +225,7 @@ static void inserted(const struct chat_db_result *r, void *ud)
     (void)ud;
     inflight = 0;
     if (err == CHAT_OK) {
-        pop(n);
+        pop(n, CHAT_OK);
         single_left = single_left > n ? single_left - n : 0;
         retry_ms = 0;
     } else if (off_host->db_errno(r) == 1452 && n > 1) {
@@ -155,7 +234,7 @@ static void inserted(const struct chat_db_result *r, void *ud)
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "dropping an offline message for unknown user %" PRId64
                  " (%zu bytes)", head->uid, head->len);
-        pop(1);
+        pop(1, CHAT_ERR_NOTFOUND);
         single_left = single_left ? single_left - 1 : 0;
     } else if (err == CHAT_ERR_CLOSED) {
         return; /* stopping: fini reports what is left */
@@ -163,6 +242,7 @@ static void inserted(const struct chat_db_result *r, void *ud)
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "storing %zu offline messages failed (%s); %zu queued, retrying",
                  n, off_host->db_errmsg(r), q_count);
+        fail_waiting();
         backoff();
         return;
     }
@@ -215,30 +295,65 @@ out:
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "cannot queue an insert of %zu offline messages: %s", n,
                  off_host->strerror(rc));
+        fail_waiting();
         backoff();
     }
 }
 
-void off_store_add(int64_t uid, const char *json, size_t len)
+/* Why a message with a ticket cannot be queued now (CHAT_OK: it can). */
+static int admit(int64_t uid, int64_t from, size_t cost)
+{
+    if (retry_wait)
+        return CHAT_ERR_UNAVAILABLE;
+    if (q_bytes + cost > off_cfg.queue_max_bytes / 4 * 3 ||
+        (from && share(by_from, from) + cost > off_cfg.queue_sender_max_bytes) ||
+        share(by_uid, uid) + cost > off_cfg.queue_user_max_bytes)
+        return CHAT_ERR_BUSY;
+    return CHAT_OK;
+}
+
+int off_store_add(int64_t uid, int64_t from, const char *json, size_t len,
+                  struct chat_delivery *ticket)
 {
     struct off_msg *m;
+    int rc;
 
-    if (q_bytes + MSG_COST(len) > off_cfg.queue_max_bytes) {
+    if (ticket && (rc = admit(uid, from, MSG_COST(len))) != CHAT_OK) {
+        chat_log(off_host, off_self, CHAT_LOG_DEBUG,
+                 "message from %" PRId64 " for user %" PRId64 " refused: %s "
+                 "(%zu queued for the sender, %zu for the user, %zu in all)",
+                 from, uid, off_host->strerror(rc), share(by_from, from),
+                 share(by_uid, uid), q_bytes);
+        return rc;
+    }
+    if (!ticket && q_bytes + MSG_COST(len) > off_cfg.queue_max_bytes) {
         chat_log(off_host, off_self, CHAT_LOG_ERROR,
                  "offline queue full (%zu messages, %zu bytes, queue_max_bytes=%zu):"
                  " message for user %" PRId64 " (%zu bytes) LOST",
                  q_count, q_bytes, off_cfg.queue_max_bytes, uid, len);
-        return;
+        return CHAT_ERR_BUSY;
     }
     m = off_host->malloc(MSG_COST(len));
-    if (!m) {
+    if (!m || share_add(by_from, from, MSG_COST(len), 1) != CHAT_OK) {
+        off_host->free(m);
         chat_log(off_host, off_self, CHAT_LOG_ERROR,
-                 "out of memory: offline message for user %" PRId64 " LOST", uid);
-        return;
+                 "out of memory: offline message for user %" PRId64 "%s", uid,
+                 ticket ? " refused" : " LOST");
+        return CHAT_ERR_NOMEM;
+    }
+    if (share_add(by_uid, uid, MSG_COST(len), 1) != CHAT_OK) {
+        share_add(by_from, from, MSG_COST(len), -1);
+        off_host->free(m);
+        chat_log(off_host, off_self, CHAT_LOG_ERROR,
+                 "out of memory: offline message for user %" PRId64 "%s", uid,
+                 ticket ? " refused" : " LOST");
+        return CHAT_ERR_NOMEM;
     }
     m->next = NULL;
     m->seq = next_seq++;
     m->uid = uid;
+    m->from = from;
+    m->ticket = ticket;
     m->len = len;
     memcpy(m->json, json, len);
     if (tail)
@@ -251,6 +366,17 @@ void off_store_add(int64_t uid, const char *json, size_t len)
     chat_log(off_host, off_self, CHAT_LOG_DEBUG,
              "queued a message for user %" PRId64 " (%zu waiting)", uid, q_count);
     flush();
+    return CHAT_OK;
+}
+
+int off_store_start(void)
+{
+    if (!(by_from = off_host->map_new()) || !(by_uid = off_host->map_new())) {
+        off_host->map_free(by_from);
+        by_from = NULL;
+        return CHAT_ERR_NOMEM;
+    }
+    return CHAT_OK;
 }
 
 uint64_t off_store_pending(int64_t uid)
@@ -273,7 +399,8 @@ int off_store_done(uint64_t seq)
 
 /* ------------------------------------------------------------------------ */
 /* Reload handover.  Blob: u32 magic, u32 pad, u64 baton pointer, u64 count,
- * then per message u64 uid, u64 len, len bytes. */
+ * then per message u64 uid, u64 from, u64 ticket pointer, u64 len, len
+ * bytes.  Tickets move with their messages (one process, one host). */
 
 static void put64(unsigned char **w, uint64_t v)
 {
@@ -301,7 +428,7 @@ int off_store_save(void **blob, size_t *len)
     for (i = 0; i < inflight; i++)
         first = first->next; /* the batch in flight stays here */
     for (m = first; m; m = m->next, n++)
-        size += 16 + m->len;
+        size += 32 + m->len;
     buf = off_host->malloc(size);
     if (!buf)
         return CHAT_ERR_NOMEM;
@@ -328,6 +455,8 @@ int off_store_save(void **blob, size_t *len)
     put64(&w, n);
     for (m = first; m; m = m->next) {
         put64(&w, (uint64_t)m->uid);
+        put64(&w, (uint64_t)m->from);
+        put64(&w, (uint64_t)(uintptr_t)m->ticket);
         put64(&w, m->len);
         memcpy(w, m->json, m->len);
         w += m->len;
@@ -348,7 +477,9 @@ int off_store_save(void **blob, size_t *len)
         first = m->next;
         q_bytes -= MSG_COST(m->len);
         q_count--;
-        off_host->free(m);
+        share_add(by_from, m->from, MSG_COST(m->len), -1);
+        share_add(by_uid, m->uid, MSG_COST(m->len), -1);
+        off_host->free(m); /* its ticket moved with the blob */
     }
     chat_log(off_host, off_self, CHAT_LOG_INFO,
              "handing %zu queued offline messages to the new instance%s", n,
@@ -362,7 +493,7 @@ int off_store_restore(const void *blob, size_t len)
 {
     const unsigned char *r = blob, *end = r + len;
     uint32_t magic;
-    uint64_t n, uid, mlen, i;
+    uint64_t n, uid, from, tk, mlen, i;
 
     if (len < 24)
         return CHAT_ERR_INVAL;
@@ -373,13 +504,21 @@ int off_store_restore(const void *blob, size_t len)
     pred_baton = (struct off_baton *)(uintptr_t)get64(&r);
     n = get64(&r);
     for (i = 0; i < n; i++) {
-        if ((size_t)(end - r) < 16)
+        if ((size_t)(end - r) < 32)
             return CHAT_ERR_INVAL;
         uid = get64(&r);
+        from = get64(&r);
+        tk = get64(&r);
         mlen = get64(&r);
         if ((uint64_t)(end - r) < mlen)
             return CHAT_ERR_INVAL;
-        off_store_add((int64_t)uid, (const char *)r, (size_t)mlen);
+        /* without its ticket for admission: it was admitted already */
+        if (off_store_add((int64_t)uid, (int64_t)from, (const char *)r,
+                          (size_t)mlen, NULL) == CHAT_OK)
+            tail->ticket = (struct chat_delivery *)(uintptr_t)tk;
+        else if (tk)
+            off_host->delivery_done((struct chat_delivery *)(uintptr_t)tk,
+                                    CHAT_ERR_NOMEM);
         r += mlen;
     }
     return CHAT_OK;
@@ -387,9 +526,21 @@ int off_store_restore(const void *blob, size_t len)
 
 void off_store_fini(void)
 {
-    if (q_count)
+    size_t waiting = 0;
+    const struct off_msg *m;
+
+    for (m = head; m; m = m->next)
+        waiting += m->ticket != NULL;
+    if (q_count - waiting)
         chat_log(off_host, off_self, CHAT_LOG_ERROR,
                  "unloading with %zu offline messages not stored: they are LOST",
-                 q_count);
-    pop(q_count);
+                 q_count - waiting);
+    if (waiting)
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "unloading with %zu offline messages not stored; their senders "
+                 "were not acknowledged", waiting);
+    pop(q_count, CHAT_ERR_CLOSED);
+    off_host->map_free(by_from);
+    off_host->map_free(by_uid);
+    by_from = by_uid = NULL;
 }

@@ -22,8 +22,20 @@
  *   - on a hot reload the known ids are handed to the new instance
  *     (save/restore), so it does not start cold.
  * Legacy sessions get nothing back (the seed sends nothing); protocol 2 gets
- * exactly one ACK per request: errno 0 once the message is handed to
- * deliver(), or 104/105/108/112.
+ * exactly one ACK per request, and errno 0 only once the message is
+ * delivered or stored: host->deliver_ex() hands it at once to a live session
+ * on this node (answered at once: the hot path allocates nothing more), or
+ * its outcome comes later (another node's subscriber took it, or the
+ * offline store committed it) and the ACK waits for it.  Errors: 104/105,
+ * 108 unknown user, 112, 113 busy (a bound of a queue, or the database is
+ * failing: send again later).
+ *
+ * Bounds.  The messages waiting for an existence check are bounded by
+ * lookup_max_bytes in all and lookup_sender_max_bytes per sender (113
+ * past them), so a stalled database cannot grow memory.  A message is
+ * bounded as a whole: besides its "msg" text (msg_max bytes decoded) the
+ * forwarded frame may hold extra_max bytes (ids, name, "time" and any
+ * other member the client adds, all forwarded as sent); 105 past it.
  */
 #include <stdint.h>
 #include <string.h>
@@ -31,12 +43,18 @@
 #include "chat/plugin.h"
 
 #define O2O_MSG_MAX_DEF 4096
+#define O2O_EXTRA_MAX_DEF 2048
 #define O2O_KNOWN_MAX_DEF 1000000
+#define O2O_LOOKUP_MAX_DEF (8 << 20)
+#define O2O_LOOKUP_SENDER_MAX_DEF (256 << 10)
 
 static const struct chat_host *host;
 static struct chat_plugin *self;
 static size_t msg_max = O2O_MSG_MAX_DEF;
+static size_t extra_max = O2O_EXTRA_MAX_DEF;
 static size_t known_max = O2O_KNOWN_MAX_DEF;
+static size_t lookup_max = O2O_LOOKUP_MAX_DEF;
+static size_t lookup_sender_max = O2O_LOOKUP_SENDER_MAX_DEF;
 
 /* ------------------------------------------------------------------------ */
 /* Answers. */
@@ -55,8 +73,67 @@ static void answer(struct chat_session *s, const struct chat_ack *ack, int64_t u
 
 static int deliver_errno(int rc)
 {
-    return rc == CHAT_ERR_BUSY || rc == CHAT_ERR_UNAVAILABLE ? CHAT_E_UNAVAILABLE
-                                                             : CHAT_E_INTERNAL;
+    switch (rc) {
+    case CHAT_OK: return 0;
+    case CHAT_ERR_NOTFOUND: return CHAT_E_NOT_FOUND;
+    case CHAT_ERR_BUSY:
+    case CHAT_ERR_UNAVAILABLE:
+    case CHAT_ERR_CLOSED:
+    case CHAT_ERR_TIMEOUT: return CHAT_E_UNAVAILABLE;
+    default: return CHAT_E_INTERNAL;
+    }
+}
+
+static const char *deliver_why(int err)
+{
+    return err == CHAT_E_NOT_FOUND     ? "unknown user"
+           : err == CHAT_E_UNAVAILABLE ? "busy: not stored, send again later"
+                                       : "delivery failed";
+}
+
+/* What a pending delivery needs to answer its sender (copied by the host
+ * only when the outcome is pending). */
+struct o2o_ctx {
+    uint64_t sid;
+    int64_t from;
+    struct chat_ack ack;
+};
+
+static void delivered(int status, int64_t user_id, void *ctx)
+{
+    const struct o2o_ctx *c = ctx;
+    struct chat_session *s = host->session_get(c->sid);
+    int err = deliver_errno(status);
+
+    if (s)
+        answer(s, &c->ack, c->from, err, deliver_why(err));
+    else if (err)
+        chat_log(host, self, CHAT_LOG_INFO,
+                 "user %lld: message to %lld not delivered (errno %d); the "
+                 "sender is gone", (long long)c->from, (long long)user_id, err);
+}
+
+/* Deliver json to toid and answer the sender now (delivered here, or an
+ * error) or once the outcome is known.  s may be NULL (sender gone). */
+static void send_one(struct chat_session *s, uint64_t sid, const struct chat_ack *ack,
+                     int64_t from, int64_t toid, const char *json, size_t len)
+{
+    struct o2o_ctx c;
+    int rc, err;
+
+    c.sid = sid;
+    c.from = from;
+    c.ack = *ack;
+    rc = host->deliver_ex(self, from, toid, json, len, delivered, &c, sizeof(c));
+    if (rc == CHAT_DELIVER_PENDING)
+        return;
+    err = deliver_errno(rc);
+    if (s)
+        answer(s, ack, from, err, deliver_why(err));
+    else if (err)
+        chat_log(host, self, CHAT_LOG_INFO,
+                 "user %lld: message to %lld dropped (errno %d)", (long long)from,
+                 (long long)toid, err);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -64,6 +141,8 @@ static int deliver_errno(int rc)
 
 static struct chat_map *known;   /* user ids known to exist; value (void *)1 */
 static struct chat_map *lookups; /* user id -> struct lookup * in flight */
+static struct chat_map *waiting; /* sender -> (uintptr_t) bytes queued */
+static size_t waiting_total;     /* bytes queued behind lookups */
 
 struct pmsg {
     struct pmsg *next;
@@ -78,6 +157,36 @@ struct lookup {
     int64_t uid;
     struct pmsg *head, **tail;
 };
+
+#define PMSG_COST(len) (sizeof(struct pmsg) + (len))
+
+static size_t waiting_of(int64_t from)
+{
+    return (size_t)(uintptr_t)host->map_get(waiting, from);
+}
+
+static void waiting_sub(int64_t from, size_t bytes)
+{
+    size_t v = waiting_of(from) - bytes;
+
+    waiting_total -= bytes;
+    if (v)
+        host->map_put(waiting, from, (void *)(uintptr_t)v); /* present: no alloc */
+    else
+        host->map_del(waiting, from);
+}
+
+/* Account bytes to from's share: 0, or 113 past a bound (or out of memory). */
+static int waiting_add(int64_t from, size_t bytes)
+{
+    size_t v = waiting_of(from);
+
+    if (waiting_total + bytes > lookup_max || v + bytes > lookup_sender_max ||
+        host->map_put(waiting, from, (void *)(uintptr_t)(v + bytes)) != CHAT_OK)
+        return CHAT_E_UNAVAILABLE;
+    waiting_total += bytes;
+    return 0;
+}
 
 static void known_add(int64_t uid)
 {
@@ -104,22 +213,13 @@ static void lookup_flush(struct lookup *lk, int exists)
 
     for (m = lk->head; m; m = next) {
         struct chat_session *s = host->session_get(m->sid);
-        int rc = CHAT_OK, err = 0;
 
         next = m->next;
+        waiting_sub(m->from, PMSG_COST(m->len));
         if (exists) /* when the database cannot tell, fail open */
-            rc = host->deliver(self, lk->uid, m->json, m->len);
-        else
-            err = CHAT_E_NOT_FOUND;
-        if (rc != CHAT_OK)
-            err = deliver_errno(rc);
-        if (s)
-            answer(s, &m->ack, m->from, err,
-                   err == CHAT_E_NOT_FOUND ? "unknown user" : "delivery failed");
-        else if (err)
-            chat_log(host, self, CHAT_LOG_INFO,
-                     "user %lld: message to %lld dropped (errno %d)",
-                     (long long)m->from, (long long)lk->uid, err);
+            send_one(s, m->sid, &m->ack, m->from, lk->uid, m->json, m->len);
+        else if (s)
+            answer(s, &m->ack, m->from, CHAT_E_NOT_FOUND, "unknown user");
         host->free(m);
     }
     host->free(lk);
@@ -150,10 +250,14 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
                         int64_t from, int64_t toid, const char *json, size_t len)
 {
     struct lookup *lk = host->map_get(lookups, toid);
-    struct pmsg *m = host->malloc(sizeof(*m) + len);
+    struct pmsg *m;
 
-    if (!m)
+    if (waiting_add(from, PMSG_COST(len)) != 0)
+        return CHAT_E_UNAVAILABLE;
+    if (!(m = host->malloc(PMSG_COST(len)))) {
+        waiting_sub(from, PMSG_COST(len));
         return CHAT_E_INTERNAL;
+    }
     m->next = NULL;
     m->sid = host->session_id(s);
     m->from = from;
@@ -168,6 +272,7 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
         if (!lk || host->map_put(lookups, toid, lk) != CHAT_OK) {
             host->free(lk);
             host->free(m);
+            waiting_sub(from, PMSG_COST(len));
             return CHAT_E_INTERNAL;
         }
         lk->uid = toid;
@@ -179,6 +284,7 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
             host->map_del(lookups, toid);
             host->free(lk);
             host->free(m);
+            waiting_sub(from, PMSG_COST(len));
             return deliver_errno(rc);
         }
     }
@@ -194,8 +300,8 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
 {
     int64_t uid, toid;
     const char *raw, *out;
-    size_t len, outlen;
-    int err = 0, rc;
+    size_t len, rawlen, outlen;
+    int err;
 
     (void)ud;
     if (!(uid = host->req_auth(s, req)))
@@ -209,6 +315,7 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
         answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "msg must be a string");
         return;
     }
+    rawlen = len;
     /* The raw literal is never shorter than the decoded text: decode only
      * when the literal is over the limit. */
     if (len - 2 > msg_max && (!host->req_field_str(req, "msg", &len) || len > msg_max)) {
@@ -219,15 +326,18 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
         answer(s, &req->ack, uid, CHAT_E_INTERNAL, "out of memory");
         return;
     }
+    if (outlen > rawlen && outlen - rawlen > extra_max) {
+        answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "message too large");
+        return;
+    }
     /* While toid is unknown its messages queue behind one lookup, so none
      * overtakes another; once known, no lookup for it is in flight. */
-    if (host->map_get(known, toid)) {
-        rc = host->deliver(self, toid, out, outlen);
-        err = rc == CHAT_OK ? 0 : deliver_errno(rc);
-        answer(s, &req->ack, uid, err, "delivery failed");
-    } else if ((err = lookup_queue(s, req, uid, toid, out, outlen)) != 0) {
-        answer(s, &req->ack, uid, err, "cannot check the recipient now");
-    }
+    if (host->map_get(known, toid))
+        send_one(s, host->session_id(s), &req->ack, uid, toid, out, outlen);
+    else if ((err = lookup_queue(s, req, uid, toid, out, outlen)) != 0)
+        answer(s, &req->ack, uid, err,
+               err == CHAT_E_UNAVAILABLE ? "busy: cannot check the recipient now"
+                                         : "cannot check the recipient now");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -238,6 +348,13 @@ static void read_conf(void)
                                       INT64_MAX);
     known_max = (size_t)chat_conf_range(host, self, "known_users_max",
                                         O2O_KNOWN_MAX_DEF, 1, INT64_MAX);
+    extra_max = (size_t)chat_conf_range(host, self, "extra_max", O2O_EXTRA_MAX_DEF,
+                                        256, INT32_MAX);
+    lookup_max = (size_t)chat_conf_range(host, self, "lookup_max_bytes",
+                                         O2O_LOOKUP_MAX_DEF, 4096, INT64_MAX);
+    lookup_sender_max = (size_t)chat_conf_range(host, self, "lookup_sender_max_bytes",
+                                                O2O_LOOKUP_SENDER_MAX_DEF, 1024,
+                                                INT64_MAX);
 }
 
 static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **state)
@@ -247,7 +364,7 @@ static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **sta
     host = h;
     self = p;
     *state = NULL;
-    CHAT_HOST_REQUIRE(h, p, register_handler_ex);
+    CHAT_HOST_REQUIRE(h, p, deliver_ex);
     read_conf();
     /* the hot path: no cJSON tree, fields are read from the raw frame */
     if ((rc = h->register_handler_ex(p, CHAT_MSG_ONE_CHAT, on_one_chat, NULL,
@@ -255,7 +372,8 @@ static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **sta
         return rc;
     if (!(known = h->map_new()))
         return CHAT_ERR_NOMEM;
-    if (!(lookups = h->map_new())) {
+    if (!(lookups = h->map_new()) || !(waiting = h->map_new())) {
+        h->map_free(lookups);
         h->map_free(known);
         return CHAT_ERR_NOMEM;
     }
@@ -267,6 +385,7 @@ static void o2o_fini(void *state)
     (void)state;
     host->map_free(known);
     host->map_free(lookups); /* empty: the instance has drained */
+    host->map_free(waiting);
 }
 
 static int o2o_reconfigure(void *state)
