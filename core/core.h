@@ -16,6 +16,7 @@
  *   ack_   loginack.c  login acknowledgements assembled from plugin parts
  *   db_    db.c        MySQL pool on worker threads
  *   bus_   bus.c       Redis bus: node channel, presence, routing
+ *   metrics_ metrics.c the node's metrics, Prometheus text format
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -413,5 +414,11 @@ void bus_release(int64_t uid);
 /* Publish to every node's CHAT_EV_BROADCAST hooks (plug_fire) for plugin
  * name, this node included (asynchronously: never inside this call). */
 int bus_broadcast(const char *plugin, const char *data, size_t len);
+
+/* ---- metrics.c -------------------------------------------------------- */
+void metrics_start(void); /* at start, before the loop runs */
+/* The Prometheus text exposition of every metric; mem_malloc'd, the caller
+ * frees it with mem_free; NULL when out of memory. */
+char *metrics_render(size_t *len);
 
 #endif /* CHAT_CORE_H */
