@@ -86,6 +86,13 @@ struct conf_section {
     struct conf_kv *kv;
     size_t nkv;
 };
+/* An address or network of the [server] trusted list: family AF_INET or
+ * AF_INET6, the address in network order (4 or 16 bytes used), prefix bits. */
+struct conf_cidr {
+    int family;
+    unsigned char addr[16];
+    unsigned bits;
+};
 struct conf {
     char *path;            /* the file read */
     char *dir;             /* its directory, for relative paths */
@@ -96,6 +103,15 @@ struct conf {
     int max_connections;
     size_t max_frame;
     int idle_timeout_s;    /* 0: none */
+    int request_timeout_s; /* first byte to last of one request; 0: none */
+    int max_conns_per_addr;   /* per IPv4 address / IPv6 /64; 0: none */
+    int max_unauth_per_addr;  /* of those, not logged in; 0: none */
+    struct conf_cidr *trusted; /* exempt from the per-address caps */
+    size_t ntrusted;
+    int keepalive_idle_s;  /* TCP keepalive: idle before probing; 0: off */
+    int keepalive_intvl_s; /* between probes */
+    int keepalive_cnt;     /* unanswered probes (without a user timeout) */
+    int user_timeout_s;    /* TCP_USER_TIMEOUT; 0: the kernel's default */
     size_t max_output;     /* bytes of unsent output per session */
     int legacy_pace_ms;    /* gap between two messages to a legacy session */
     int max_members;       /* top-level members of one request */
@@ -133,6 +149,10 @@ const char *conf_section_get(const struct conf_section *sec, const char *key);
 int conf_parse_hostport(const char *s, char **host, int *port);
 /* A numeric IPv4 or IPv6 address (listen addresses are never resolved). */
 int conf_ip_ok(const char *host);
+/* Parse "ADDR" or "ADDR/BITS" (numeric IPv4 or IPv6); 0 or CHAT_ERR_INVAL. */
+int conf_parse_cidr(const char *s, struct conf_cidr *out);
+/* 1 when the address (family, bytes in network order) is inside c. */
+int conf_cidr_match(const struct conf_cidr *c, int family, const unsigned char *addr);
 
 /* ---- frame.c ---------------------------------------------------------- */
 /* Incremental splitter for a stream of JSON objects separated by optional
