@@ -8,6 +8,7 @@ entries of the login ack are parsed a second time, as the client does.
 Two users drive a whole session: register, login, add a friend, create a
 group, log out and in again (the seed client learns group ids only from the
 login ack), join the group, chat, group chat, an offline message, logout.
+TestReaderOnly: a user who only reads is not dropped as idle (issue 13).
 """
 
 import json
@@ -313,6 +314,69 @@ class TestSeedClientBursts(unittest.TestCase):
         self.assertEqual(errors, [])
         for u in (b, c):
             self.assertEqual([m["msg"] for m in got[u]], [m["msg"] for m in sent])
+
+
+class TestReaderOnly(unittest.TestCase):
+    """Issue 13, part 3: a seed-client user who only reads is never dropped
+    as idle, whether messages keep arriving or nothing happens at all; a
+    client that never logs in still is (idle_timeout is its login
+    deadline).  idle_timeout = 2 s stands for the default 600 s."""
+
+    IDLE = 2
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, conf=dict(FAST, server={"idle_timeout": cls.IDLE}))
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.node.stop()
+        if rc != 0:
+            raise AssertionError("chatd exited with %r" % rc)
+
+    def run(self, result=None):
+        before = len(result.failures) + len(result.errors) if result else 0
+        out = super().run(result)
+        if result and len(result.failures) + len(result.errors) > before:
+            sys.stderr.write("---- %s\n%s\n" % (self.node.log_path, self.node.log_tail(60)))
+        return out
+
+    def user(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        name = "r" + uuid.uuid4().hex[:8]
+        uid = c.register(name, "pw")["id"]
+        r, _ = c.login(uid, "pw")
+        self.assertEqual(r["errno"], 0, r)
+        return c, uid
+
+    def test_reader_outlives_idle_timeout_while_receiving(self):
+        reader, reader_id = self.user()
+        writer, _ = self.user()
+        t0, n = time.monotonic(), 0
+        while time.monotonic() - t0 < 3 * self.IDLE:
+            sent = writer.chat(reader_id, "line %d" % n)
+            self.assertEqual(reader.recv(), sent)  # one message per recv
+            reader.nothing(0.4)                    # and paces the writer
+            n += 1
+        sent = writer.chat(reader_id, "still there?")
+        self.assertEqual(reader.recv(), sent)
+
+    def test_silent_logged_in_user_is_kept(self):
+        quiet, quiet_id = self.user()
+        writer, _ = self.user()
+        quiet.nothing(3 * self.IDLE)  # EOF would be data for select
+        sent = writer.chat(quiet_id, "wake up")
+        self.assertEqual(quiet.recv(), sent)
+
+    def test_never_logged_in_is_closed(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        t0 = time.monotonic()
+        c.sock.settimeout(3 * self.IDLE)
+        self.assertEqual(c.sock.recv(1024), b"")  # closed, nothing sent
+        self.assertGreater(time.monotonic() - t0, self.IDLE - 0.5)
 
 
 if __name__ == "__main__":
