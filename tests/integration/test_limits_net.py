@@ -220,6 +220,44 @@ class AddressCapsLogin(LimitCase):
             c.close()
 
 
+class StuckReader(LimitCase):
+    """A logged-in peer that neither reads its output nor sends is closed
+    idle_timeout after its output stopped draining; one that drains it is
+    kept (see test_seed_client.TestReaderOnly for readers)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+
+    def test_peer_that_does_not_drain_is_closed(self):
+        node = Node(self.stack, conf=dict(FAST, server={
+            "idle_timeout": 2, "max_output": 64 << 20}))
+        self.test_nodes.append(node)
+        self.addCleanup(self.stopped_ok, node)
+        ids = []
+        for name in ("stuck", "writer"):
+            c = self.client(node.port, proto=2)
+            r = c.request({"msgid": 4, "name": "%s%d" % (name, time.time_ns()),
+                           "password": "pw"})
+            ids.append(r["id"])
+            c.close()
+        stuck = self.client(node.port, rcvbuf=4096)
+        self.assertEqual(stuck.login(ids[0], "pw")["errno"], 0)
+        writer = self.client(node.port)
+        self.assertEqual(writer.login(ids[1], "pw")["errno"], 0)
+        mark = node.log_mark()
+        # 6 MB: more than the kernel buffers hold (tcp_wmem's 4 MB at most)
+        msg = {"msgid": 6, "id": ids[1], "name": "w", "toid": ids[0], "msg": "x" * 4000}
+        writer.send_raw(writer.encode(msg) * 1500)
+        t0 = time.monotonic()
+        wait_for(lambda: log_has(node, r"output not drained and no request for 2 s",
+                                 mark), 15, what="the stuck reader closed")
+        self.assertGreater(time.monotonic() - t0, 1.5)
+        # the writer, who sends, is unharmed
+        writer.expect_nothing(0.5)
+        self.assertFalse(writer.eof)
+
+
 class RequestTimeout(LimitCase):
     @classmethod
     def setUpClass(cls):
