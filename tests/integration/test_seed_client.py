@@ -327,7 +327,8 @@ class TestReaderOnly(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.stack = Stack()
-        cls.node = Node(cls.stack, conf=dict(FAST, server={"idle_timeout": cls.IDLE}))
+        cls.node = Node(cls.stack, conf=dict(FAST, server=dict(FAST["server"],
+                                                          idle_timeout=cls.IDLE)))
 
     @classmethod
     def tearDownClass(cls):
