@@ -65,7 +65,8 @@ struct chat_login {
 };
 
 struct assembly {
-    uv_timer_t timer;
+    uv_timer_t timer;    /* the part timeout, then the legacy pace */
+    uv_async_t wake;     /* see on_pace */
     uint64_t sid;
     int64_t uid;
     int proto;
@@ -80,6 +81,7 @@ struct assembly {
     int sent, closed_timer;
     int following;   /* the ack is queued; messages may follow; hold is on */
     int halted;      /* a message could not be queued: stop after this batch */
+    int has_wake;    /* wake is initialised */
 };
 
 static int part_timeout_ms = 2000;
@@ -111,13 +113,24 @@ static void assembly_closed(uv_handle_t *h)
     mem_free(a);
 }
 
+static void on_wake(uv_async_t *h) { (void)h; }
+
+static void wake_closed(uv_handle_t *h)
+{
+    struct assembly *a = container_of((uv_async_t *)h, struct assembly, wake);
+    uv_close((uv_handle_t *)&a->timer, assembly_closed);
+}
+
 /* Free when sent, followed up and every slot answered. */
 static void maybe_free(struct assembly *a)
 {
     if (!a->sent || a->unanswered || a->following || a->closed_timer)
         return;
     a->closed_timer = 1;
-    uv_close((uv_handle_t *)&a->timer, assembly_closed);
+    if (a->has_wake)
+        uv_close((uv_handle_t *)&a->wake, wake_closed);
+    else
+        uv_close((uv_handle_t *)&a->timer, assembly_closed);
 }
 
 /* The last word to a part: sent_fn(ok), or written_fn(written, last=1). */
@@ -333,9 +346,16 @@ static void add_parts(struct assembly *a, cJSON *obj)
 
 static void follow_next(struct assembly *a);
 
+/* The pace is over: queue the next message.  Output is flushed in the
+ * loop's check phase, after the poll, and a timer callback runs before the
+ * poll, which would block until some other event; the async wakes it at
+ * once, so the message leaves now and not when something else happens. */
 static void on_pace(uv_timer_t *t)
 {
-    follow_next(container_of(t, struct assembly, timer));
+    struct assembly *a = container_of(t, struct assembly, timer);
+
+    uv_async_send(&a->wake);
+    follow_next(a);
 }
 
 /* Nothing more follows: release the held deliveries, last word to the
@@ -371,7 +391,7 @@ static void on_written_out(int ok, void *ud)
     }
     if (!ok || a->halted)
         follow_done(a);
-    else if (a->proto != CHAT_PROTO_2)
+    else if (a->proto != CHAT_PROTO_2 && a->has_wake)
         uv_timer_start(&a->timer, on_pace, LEGACY_PACE_MS, 0);
     else
         follow_next(a);
@@ -521,8 +541,11 @@ void ack_part_set(struct chat_login *l, cJSON *value, void *state)
 static void on_timeout(uv_timer_t *t)
 {
     struct assembly *a = container_of(t, struct assembly, timer);
-    if (!a->sent)
-        send_ack(a);
+    if (a->sent)
+        return;
+    if (a->has_wake) /* the ack is queued in a timer callback: see on_pace */
+        uv_async_send(&a->wake);
+    send_ack(a);
 }
 
 /* Ask every part, on the loop iteration after ack_begin returned. */
@@ -578,6 +601,7 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
     }
     plug_ref(self);
     uv_timer_init(ack_loop, &a->timer);
+    a->has_wake = uv_async_init(ack_loop, &a->wake, on_wake) == 0;
     net_hold(s, 1);
     if (host_defer(start_parts, a) != CHAT_OK) {
         net_hold(s, 0);

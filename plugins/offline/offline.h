@@ -16,7 +16,7 @@
 
 /* Settings of [plugin.offline]. */
 struct off_conf {
-    size_t max_per_login;    /* messages in one login ack */
+    size_t max_per_login;    /* messages handed out per login */
     size_t batch_max;        /* rows per INSERT */
     size_t batch_bytes;      /* message bytes per INSERT (one row may exceed) */
     size_t queue_max_bytes;  /* memory of the insert queue */
