@@ -34,7 +34,8 @@ MAX_OUTPUT = 65536
 ACK_MAX = 4096
 CONF = {"plugin.login": {"hash_cost": 1},
         "server": {"max_output": MAX_OUTPUT, "login_ack_max": ACK_MAX},
-        "plugin.one2one": {"msg_max": 16384}}
+        "plugin.one2one": {"msg_max": 16384},
+        "plugin.offline": {"max_per_login": 2000}}
 
 
 def raw_line(c, timeout=10):
