@@ -42,11 +42,6 @@
 #include "core.h"
 
 #define LEGACY_ACK_MAX 1023
-/* A legacy session's messages that follow the ack go one per write, this
- * long apart (and the held deliveries this long after the last of them):
- * the seed client parses each read as one document, and a read right
- * after its ack must not find the next message glued to it. */
-#define LEGACY_PACE_MS 20
 
 struct assembly;
 
@@ -65,8 +60,8 @@ struct chat_login {
 };
 
 struct assembly {
-    uv_timer_t timer;    /* the part timeout, then the legacy pace */
-    uv_async_t wake;     /* see on_pace */
+    uv_timer_t timer;    /* the part timeout */
+    uv_async_t wake;     /* see wake() */
     uint64_t sid;
     int64_t uid;
     int proto;
@@ -114,6 +109,16 @@ static void assembly_closed(uv_handle_t *h)
 }
 
 static void on_wake(uv_async_t *h) { (void)h; }
+
+/* Output is flushed in the loop's check phase, after the poll.  What is
+ * queued from a timer callback (the part timeout, or net's pace timer
+ * reporting a write) would wait until the poll returns for some other
+ * reason; the async makes it return at once. */
+static void wake(struct assembly *a)
+{
+    if (a->has_wake)
+        uv_async_send(&a->wake);
+}
 
 static void wake_closed(uv_handle_t *h)
 {
@@ -346,17 +351,6 @@ static void add_parts(struct assembly *a, cJSON *obj)
 
 static void follow_next(struct assembly *a);
 
-/* The pace is over: queue the next message.  Output is flushed in the
- * loop's check phase, after the poll, and a timer callback runs before the
- * poll, which would block until some other event; the async wakes it at
- * once, so the message leaves now and not when something else happens. */
-static void on_pace(uv_timer_t *t)
-{
-    struct assembly *a = container_of(t, struct assembly, timer);
-
-    uv_async_send(&a->wake);
-    follow_next(a);
-}
 
 /* Nothing more follows: release the held deliveries, last word to the
  * parts of messages. */
@@ -364,8 +358,10 @@ static void follow_done(struct assembly *a)
 {
     struct chat_session *s = net_session_get(a->sid);
 
-    if (s && !net_session_closing(s))
+    if (s && !net_session_closing(s)) {
         net_hold(s, 0);
+        wake(a);
+    }
     a->following = 0;
     for (size_t i = 0; i < a->nslots; i++)
         if (a->slots[i].included)
@@ -391,14 +387,14 @@ static void on_written_out(int ok, void *ud)
     }
     if (!ok || a->halted)
         follow_done(a);
-    else if (a->proto != CHAT_PROTO_2 && a->has_wake)
-        uv_timer_start(&a->timer, on_pace, LEGACY_PACE_MS, 0);
     else
         follow_next(a);
 }
 
 /* Queue the next batch of messages that did not fit in the ack: at least
- * one, up to batch_max bytes (legacy: exactly one, one write each). */
+ * one, up to batch_max bytes.  Legacy: exactly one, so that net's pace
+ * (legacy_pace_ms) spaces them like any other messages to the seed
+ * client. */
 static void follow_next(struct assembly *a)
 {
     struct chat_session *s = net_session_get(a->sid);
@@ -438,8 +434,10 @@ static void follow_next(struct assembly *a)
         }
     }
 queued:
-    if (queued && net_on_flushed(s, on_written_out, a) == CHAT_OK)
+    if (queued && net_on_flushed(s, on_written_out, a) == CHAT_OK) {
+        wake(a);
         return;
+    }
     follow_done(a);
 }
 
@@ -543,8 +541,7 @@ static void on_timeout(uv_timer_t *t)
     struct assembly *a = container_of(t, struct assembly, timer);
     if (a->sent)
         return;
-    if (a->has_wake) /* the ack is queued in a timer callback: see on_pace */
-        uv_async_send(&a->wake);
+    wake(a); /* the ack is queued in a timer callback */
     send_ack(a);
 }
 
