@@ -6,7 +6,10 @@
  * max_per_login; the rest come with the next login).  A message that is
  * still in this node's insert queue would otherwise miss this login and
  * arrive after newer ones, so the part first waits (at most flush_wait_ms)
- * until the queue has stored everything reported for the user.
+ * until the queue has stored everything reported for the user.  It waits,
+ * too, for the deletions of messages an earlier login of the user on this
+ * node has delivered: a client that reconnects the moment it has read the
+ * last of them would otherwise be given them again.
  *
  * The part is a part of messages (register_login_messages): it hands the
  * host the stored texts themselves, the same for both protocols, and the
@@ -50,6 +53,7 @@ struct off_sent {
     size_t done;     /* rows deleted (or given up) */
     size_t busy;     /* rows of the DELETE in flight or waiting for a retry */
     int last;        /* the host is done with this state */
+    int counted;     /* counted in `pending` (deletions to come) */
     int64_t ids[];
 };
 struct off_select {
@@ -60,6 +64,9 @@ struct off_select {
 
 static struct off_wait *waiters;
 static struct off_sent *deleting; /* waiting for a retry timer */
+/* user id -> how many of its states have deletions to come (as a pointer:
+ * the map holds pointers, never NULL) */
+static struct chat_map *pending;
 
 #define DELETE_TRIES 6
 #define DELETE_HEAD "DELETE FROM offline_messages WHERE user_id = ? AND id IN (?"
@@ -67,6 +74,31 @@ static struct off_sent *deleting; /* waiting for a retry timer */
 
 /* ------------------------------------------------------------------------ */
 /* Reading the stored messages */
+
+/* Count st in `pending` while it has rows to delete; when a user's last
+ * deletion is done, logins waiting for it go on. */
+static void pending_update(struct off_sent *st)
+{
+    int now = st->busy || st->done < st->covered;
+    uintptr_t n;
+
+    if (now == st->counted || (!pending && !(pending = off_host->map_new())))
+        return; /* out of memory: not counted, a login does not wait */
+    n = (uintptr_t)off_host->map_get(pending, st->uid);
+    n = now ? n + 1 : n - 1;
+    if (n == 0)
+        off_host->map_del(pending, st->uid);
+    else if (off_host->map_put(pending, st->uid, (void *)n) != CHAT_OK)
+        return; /* out of memory: not counted, a login does not wait */
+    st->counted = now;
+    if (!now)
+        off_part_progress();
+}
+
+static int deleting_for(int64_t uid)
+{
+    return pending && off_host->map_get(pending, uid) != NULL;
+}
 
 static void sent_free(struct off_sent *st)
 {
@@ -209,9 +241,9 @@ static void wait_expired(struct chat_timer *t, void *ud)
     /* What is stored is older than what is still queued: send it now; the
      * queued rest comes with the next login. */
     chat_log(off_host, off_self, CHAT_LOG_WARN,
-             "login of user %" PRId64 ": offline messages still queued after %"
-             PRIu64 " ms; they come with the next login", w->uid,
-             off_cfg.flush_wait_ms);
+             "login of user %" PRId64 ": offline messages still queued (or "
+             "delivered ones not yet deleted) after %" PRIu64 " ms; they come "
+             "with the next login (or again)", w->uid, off_cfg.flush_wait_ms);
     select_messages(w->l, w->uid, w->proto);
     off_host->free(w);
 }
@@ -221,7 +253,7 @@ void off_part_progress(void)
     struct off_wait **pp = &waiters, *w;
 
     while ((w = *pp)) {
-        if (!off_store_done(w->seq)) {
+        if ((w->seq && !off_store_done(w->seq)) || deleting_for(w->uid)) {
             pp = &w->next;
             continue;
         }
@@ -238,7 +270,7 @@ void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud)
     struct off_wait *w;
 
     (void)ud;
-    if (!seq) {
+    if (!seq && !deleting_for(user_id)) {
         select_messages(l, user_id, proto);
         return;
     }
@@ -269,14 +301,14 @@ static void delete_run(struct off_sent *st);
  * is done with it and nothing is left to do. */
 static void delete_pump(struct off_sent *st)
 {
-    if (st->busy)
-        return;
-    if (st->done < st->covered) {
+    if (!st->busy && st->done < st->covered) {
         st->busy = st->covered - st->done;
+        pending_update(st);
         delete_run(st);
         return;
     }
-    if (st->last)
+    pending_update(st);
+    if (!st->busy && st->last)
         sent_free(st);
 }
 
@@ -392,4 +424,7 @@ void off_part_fini(void)
                  st->covered - st->done, st->uid);
         sent_free(st);
     }
+    if (pending)
+        off_host->map_free(pending);
+    pending = NULL;
 }
