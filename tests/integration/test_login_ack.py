@@ -44,7 +44,9 @@ def raw_line(c, timeout=10):
     deadline = time.monotonic() + timeout
     while b"\n" not in c.buf:
         left = deadline - time.monotonic()
-        if left <= 0 or c.eof:
+        if c.eof:
+            raise EOFError("server closed the connection (%d bytes)" % len(c.buf))
+        if left <= 0:
             raise TimeoutError("no complete message (%d bytes)" % len(c.buf))
         c._fill(left)
     return bytes(c.buf[:c.buf.index(b"\n") + 1])
