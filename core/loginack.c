@@ -18,7 +18,8 @@
  * base always goes.  Then the list parts (register_login_part) take what
  * fits, element by element in order, and are cut there: protocol 2 names
  * them in "truncated" (FRIEND_LIST and GROUP_LIST give the rest), legacy
- * keeps the seed's shape.  Lists go first because what is cut from them is
+ * keeps the seed's shape.  Protocol 2 also learns how many messages follow
+ * ("following").  Lists go first because what is cut from them is
  * gone for a legacy client, while messages are not: the parts of messages
  * (register_login_messages) take what is left, and the messages that did
  * not fit follow the ack in order as ordinary messages.  They are queued one
@@ -302,21 +303,23 @@ static void fit_messages(struct fit *f, struct chat_login *l)
 }
 
 /* Decide what of every included part goes into the ack.  Protocol 2
- * reserves its always-present keys and the "truncated" marker first. */
+ * reserves its always-present keys and the "truncated" and "following"
+ * markers first. */
 static void fit_parts(struct assembly *a, size_t base_len)
 {
     struct fit f = {base_len, a->max - 1, a->proto != CHAT_PROTO_2};
-    size_t i, marker = 15; /* ,"truncated":[] */
+    size_t i, key;
 
     if (!f.legacy) {
+        f.size += 15 + 15; /* ,"truncated":[] ,"following":{} */
         for (i = 0; i < a->nslots; i++) {
             if (!a->slots[i].included)
                 continue;
+            key = strlen(a->slots[i].part.key);
             f.size += key_len(a->slots[i].part.key);
-            if (!is_messages(&a->slots[i]))
-                marker += strlen(a->slots[i].part.key) + 3;
+            /* "key", in truncated; "key":N, in following */
+            f.size += is_messages(&a->slots[i]) ? key + 4 + 20 : key + 3;
         }
-        f.size += marker;
     }
     for (i = 0; i < a->nslots; i++)
         if (a->slots[i].included && !is_messages(&a->slots[i]))
@@ -326,17 +329,22 @@ static void fit_parts(struct assembly *a, size_t base_len)
             fit_messages(&f, &a->slots[i]);
 }
 
-/* The ack object: base, the parts in slot order, the marker. */
+/* The ack object: base, the parts in slot order, then for protocol 2 the
+ * lists that were cut ("truncated") and how many messages follow. */
 static void add_parts(struct assembly *a, cJSON *obj)
 {
-    cJSON *cut = NULL;
+    cJSON *cut = NULL, *follow = NULL;
+    int p2 = a->proto == CHAT_PROTO_2;
 
     for (size_t i = 0; i < a->nslots; i++) {
         struct chat_login *l = &a->slots[i];
         if (!l->included)
             continue;
-        if (l->cut && a->proto == CHAT_PROTO_2 && (cut || (cut = cJSON_CreateArray())))
+        if (l->cut && p2 && (cut || (cut = cJSON_CreateArray())))
             cJSON_AddItemToArray(cut, cJSON_CreateString(l->part.key));
+        if (is_messages(l) && l->total > l->in_ack && p2 &&
+            (follow || (follow = cJSON_CreateObject())))
+            cJSON_AddNumberToObject(follow, l->part.key, (double)(l->total - l->in_ack));
         if (!l->shown)
             continue;
         cJSON_DeleteItemFromObjectCaseSensitive(obj, l->part.key);
@@ -345,6 +353,8 @@ static void add_parts(struct assembly *a, cJSON *obj)
     }
     if (cut)
         cJSON_AddItemToObject(obj, "truncated", cut);
+    if (follow)
+        cJSON_AddItemToObject(obj, "following", follow);
 }
 
 /* ---- the messages that follow the ack -------------------------------- */

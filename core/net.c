@@ -691,8 +691,8 @@ static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
     pending = pending_bytes(s);
     if (pending >= net.max_output) {
         LOGW("session %llu (%s): %zu bytes still waiting to be written to it "
-             "(%zu of them held behind its login ack), max_output is %zu; "
-             "closing it instead of queueing %zu more",
+             "(%zu of them held behind its login ack), at or over max_output "
+             "(%zu); closing it instead of queueing %zu more",
              (unsigned long long)s->id, net_session_peer(s), pending,
              s->held ? s->held->len : (size_t)0, net.max_output, len + 1);
         begin_close(s, 0, NULL, 0);
