@@ -225,7 +225,7 @@ static void fit_list(struct fit *f, struct chat_login *l)
     if (!cJSON_IsArray(arr)) { /* not a list: all or nothing */
         size_t n = item_len(arr);
         if (n != SIZE_MAX)
-            n = f->legacy ? n + key_len(l->part.key) - 2 : n - 2;
+            n = f->legacy ? n + key_len(l->part.key) - 2 : n > 2 ? n - 2 : 0;
         if (take(f, n)) {
             l->shown = arr;
         } else {
@@ -504,11 +504,12 @@ static void send_ack(struct assembly *a)
     if (obj) {
         status = queue_ack(a, s, obj);
         cJSON_Delete(obj);
-        if (!a->following) {
+    }
+    if (!a->following) { /* nothing (more) to follow: deliveries go on */
+        if (s)
             net_hold(s, 0);
-            for (size_t i = 0; i < a->nslots; i++)
-                a->slots[i].included = 0;
-        }
+        for (size_t i = 0; i < a->nslots; i++)
+            a->slots[i].included = 0;
     }
     /* parts not included (or nothing sent) learn it now */
     for (size_t i = 0; i < a->nslots; i++) {
