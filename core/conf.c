@@ -227,6 +227,7 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
     INT_KEY("legacy_pace_ms", 0, 1000, c->legacy_pace_ms)
     INT_KEY("max_members", 8, JSON_SPAN_DUP_MAX, c->max_members)
     INT_KEY("login_part_timeout_ms", 1, 600000, c->login_part_timeout_ms)
+    INT_KEY("login_ack_max", 1024, 16777216, c->login_ack_max)
     INT_KEY("threadpool", 1, 1024, c->threadpool_size)
     INT_KEY("worker_nice", 0, 19, c->worker_nice)
     INT_KEY("workers", 1, 256, c->workers)
@@ -427,6 +428,7 @@ static void set_defaults(struct conf *c)
     c->legacy_pace_ms = 20;
     c->max_members = DISP_MAX_MEMBERS_DEF;
     c->login_part_timeout_ms = 2000;
+    c->login_ack_max = 65536;
     c->threadpool_size = 4;
     c->worker_nice = 10;
     c->workers = 1;

@@ -115,6 +115,7 @@ struct conf {
     size_t max_output;     /* bytes of unsent output per session */
     int legacy_pace_ms;    /* gap between two messages to a legacy session */
     int max_members;       /* top-level members of one request */
+    size_t login_ack_max;  /* bytes of one login ack (the rest follows) */
     int login_part_timeout_ms;
     int threadpool_size;
     int worker_nice;       /* nice of the worker threads (hashing) */
@@ -240,7 +241,8 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
 void net_session_unbind(struct chat_session *s);
 int net_session_closing(const struct chat_session *s);
 /* Queue json + '\n'.  CHAT_ERR_CLOSED on a closing session.  Enforces
- * max_output (closes the session, returns CHAT_ERR_BUSY). */
+ * max_output on what is already pending before this message (closes the
+ * session, returns CHAT_ERR_BUSY); one message alone never trips it. */
 int net_send(struct chat_session *s, const char *json, size_t len);
 /* Same, but for messages delivered from other users: held while the
  * session's login ack is pending. */
@@ -329,6 +331,9 @@ int plug_register_hook(struct chat_plugin *p, int event, chat_hook_fn fn, void *
 int plug_register_login_part(struct chat_plugin *p, const char *key,
                              chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,
                              void *ud);
+int plug_register_login_messages(struct chat_plugin *p, const char *key,
+                                 chat_login_part_fn part_fn,
+                                 chat_login_written_fn written_fn, void *ud);
 const struct conf_section *plug_conf(const struct chat_plugin *p);
 /* Timers owned by an instance. */
 struct chat_timer *plug_timer_start(struct chat_plugin *p, uint64_t timeout_ms,
@@ -340,6 +345,7 @@ struct plug_login_part {
     char *key;
     chat_login_part_fn part_fn;
     chat_login_sent_fn sent_fn;
+    chat_login_written_fn written_fn; /* non-NULL: a part of messages */
     void *ud;
 };
 size_t plug_login_parts(const struct plug_login_part **parts);
@@ -366,7 +372,8 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
               chat_login_done_fn done_fn, void *ud);
 void ack_part_set(struct chat_login *l, cJSON *value, void *state);
 int ack_proto(const struct chat_login *l);
-void ack_configure(int part_timeout_ms);
+/* [server] login_part_timeout_ms, login_ack_max and max_output. */
+void ack_configure(const struct conf *c);
 
 /* ---- db.c ------------------------------------------------------------- */
 struct db_stats {

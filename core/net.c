@@ -885,15 +885,26 @@ static void on_check(uv_check_t *h)
     }
 }
 
+/* The slow-reader rule looks at what is already pending before this
+ * message, never at the size of the message itself: one reply, however
+ * large (a long friend list, a big login ack), is always queued, and a
+ * session is closed only when max_output bytes or more that it has not yet
+ * taken are still waiting when the next one comes.  Memory per session is
+ * thus bounded by max_output plus one message. */
 static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
                      size_t len)
 {
+    size_t pending;
+
     if (s->closing)
         return CHAT_ERR_CLOSED;
-    if (pending_bytes(s) + len + 1 > net.max_output) {
-        LOGW("session %llu (%s): %zu bytes unsent, over max_output; "
-             "disconnecting a client that does not read",
-             (unsigned long long)s->id, net_session_peer(s), pending_bytes(s));
+    pending = pending_bytes(s);
+    if (pending >= net.max_output) {
+        LOGW("session %llu (%s): %zu bytes still waiting to be written to it "
+             "(%zu of them held behind its login ack), at or over max_output "
+             "(%zu); closing it instead of queueing %zu more",
+             (unsigned long long)s->id, net_session_peer(s), pending,
+             s->held ? s->held->len : (size_t)0, net.max_output, len + 1);
         begin_close(s, 0, NULL, 0);
         return CHAT_ERR_BUSY;
     }
