@@ -62,7 +62,6 @@ struct chat_login {
 
 struct assembly {
     uv_timer_t timer;    /* the part timeout */
-    uv_async_t wake;     /* see wake() */
     uint64_t sid;
     int64_t uid;
     int proto;
@@ -77,7 +76,6 @@ struct assembly {
     int sent, closed_timer;
     int following;   /* the ack is queued; messages may follow; hold is on */
     int halted;      /* a message could not be queued: stop after this batch */
-    int has_wake;    /* wake is initialised */
 };
 
 static int part_timeout_ms = 2000;
@@ -109,34 +107,13 @@ static void assembly_closed(uv_handle_t *h)
     mem_free(a);
 }
 
-static void on_wake(uv_async_t *h) { (void)h; }
-
-/* Output is flushed in the loop's check phase, after the poll.  What is
- * queued from a timer callback (the part timeout, or net's pace timer
- * reporting a write) would wait until the poll returns for some other
- * reason; the async makes it return at once. */
-static void wake(struct assembly *a)
-{
-    if (a->has_wake)
-        uv_async_send(&a->wake);
-}
-
-static void wake_closed(uv_handle_t *h)
-{
-    struct assembly *a = container_of((uv_async_t *)h, struct assembly, wake);
-    uv_close((uv_handle_t *)&a->timer, assembly_closed);
-}
-
 /* Free when sent, followed up and every slot answered. */
 static void maybe_free(struct assembly *a)
 {
     if (!a->sent || a->unanswered || a->following || a->closed_timer)
         return;
     a->closed_timer = 1;
-    if (a->has_wake)
-        uv_close((uv_handle_t *)&a->wake, wake_closed);
-    else
-        uv_close((uv_handle_t *)&a->timer, assembly_closed);
+    uv_close((uv_handle_t *)&a->timer, assembly_closed);
 }
 
 /* The last word to a part: sent_fn(ok), or written_fn(written, last=1). */
@@ -370,7 +347,6 @@ static void follow_done(struct assembly *a)
 
     if (s && !net_session_closing(s)) {
         net_hold(s, 0);
-        wake(a);
     }
     a->following = 0;
     for (size_t i = 0; i < a->nslots; i++)
@@ -444,10 +420,8 @@ static void follow_next(struct assembly *a)
         }
     }
 queued:
-    if (queued && net_on_flushed(s, on_written_out, a) == CHAT_OK) {
-        wake(a);
+    if (queued && net_on_flushed(s, on_written_out, a) == CHAT_OK)
         return;
-    }
     follow_done(a);
 }
 
@@ -552,7 +526,6 @@ static void on_timeout(uv_timer_t *t)
     struct assembly *a = container_of(t, struct assembly, timer);
     if (a->sent)
         return;
-    wake(a); /* the ack is queued in a timer callback */
     send_ack(a);
 }
 
@@ -609,7 +582,6 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
     }
     plug_ref(self);
     uv_timer_init(ack_loop, &a->timer);
-    a->has_wake = uv_async_init(ack_loop, &a->wake, on_wake) == 0;
     net_hold(s, 1);
     if (host_defer(start_parts, a) != CHAT_OK) {
         net_hold(s, 0);
