@@ -69,6 +69,14 @@ static int req_fail(struct adm_req *r, int status)
     return 1; /* http-parser: stop */
 }
 
+/* Bytes of URL and header names and values, whichever read they came in
+ * (a request that arrives whole is parsed in one call). */
+static int head_bytes(struct adm_req *r, size_t n)
+{
+    r->hbytes += n + 4; /* ": " and CRLF */
+    return r->hbytes > ADM_HEAD_MAX ? req_fail(r, 431) : 0;
+}
+
 static int on_url(http_parser *p, const char *at, size_t n)
 {
     struct adm_req *r = p->data;
@@ -83,6 +91,8 @@ static int on_url(http_parser *p, const char *at, size_t n)
 static int on_hfield(http_parser *p, const char *at, size_t n)
 {
     struct adm_req *r = p->data;
+    if (head_bytes(r, n))
+        return 1;
     if (r->in_value) { /* a new header starts */
         r->in_value = 0;
         r->field_len = 0;
@@ -97,6 +107,8 @@ static int on_hfield(http_parser *p, const char *at, size_t n)
 static int on_hvalue(http_parser *p, const char *at, size_t n)
 {
     struct adm_req *r = p->data;
+    if (head_bytes(r, n))
+        return 1;
     r->in_value = 1;
     if (r->field_len != 13 || strcmp(r->field, "authorization") != 0)
         return 0;

@@ -463,6 +463,7 @@ int admin_draining(void);  /* POST /drain was accepted */
 struct adm_req {
     http_parser hp;
     size_t head;           /* bytes before the end of the headers */
+    size_t hbytes;         /* bytes of header names and values (+4 each) */
     int status, complete, headers_done, in_value, have_auth, method;
     char url[2048 + 1];
     size_t url_len;
