@@ -185,6 +185,8 @@ int adm_req_feed(struct adm_req *r, const char *buf, size_t len)
         return r->status;
     if (r->complete)
         return 1;
+    if (len == 0) /* http-parser takes 0 bytes as the end of the stream */
+        return 0;
     used = http_parser_execute(&r->hp, &req_settings, buf, len);
     if (!r->headers_done) {
         r->head += used;
