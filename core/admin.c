@@ -219,7 +219,7 @@ static int64_t path_user(const char *p, size_t n, const char *what)
         memcmp(p + n - wl, what, wl) != 0 || p[n - wl - 1] != '/')
         return 0;
     for (; i < n - wl - 1; i++) {
-        if (p[i] < '0' || p[i] > '9' || id > (INT64_MAX - 9) / 10)
+        if (p[i] < '0' || p[i] > '9' || id > (INT64_MAX - (p[i] - '0')) / 10)
             return 0;
         id = id * 10 + (p[i] - '0');
     }
@@ -284,7 +284,7 @@ int adm_query_int(const char *q, size_t qlen, const char *key, int64_t lo,
             if (j == end)
                 return -1;
             for (; j < end; j++) {
-                if (q[j] < '0' || q[j] > '9' || v > (INT64_MAX - 9) / 10)
+                if (q[j] < '0' || q[j] > '9' || v > (INT64_MAX - (q[j] - '0')) / 10)
                     return -1;
                 v = v * 10 + (q[j] - '0');
             }
