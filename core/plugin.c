@@ -21,6 +21,9 @@
  *
  * The file work of a reload (reading chat.conf, stat, copying, dlopen) runs
  * on a worker thread; only init, the swap and fini run on the loop.
+ * plug_reload_ex() callers (the admin listener's POST /reload) are told the
+ * outcome when the job that starts after their call is done: "ok", the
+ * file's error, or the plugins that did not load.
  */
 #include <dlfcn.h>
 #include <errno.h>
