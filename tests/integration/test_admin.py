@@ -358,6 +358,38 @@ class AdminNoToken(unittest.TestCase):
                 self.assertEqual(st, 200)
 
 
+class AdminConf(unittest.TestCase):
+    """chatd -t checks [admin] like the other sections."""
+
+    def check(self, admin_lines):
+        import subprocess
+        import tempfile
+        from harness import CHATD, TEST_PLUGIN_DIR
+        d = tempfile.mkdtemp(prefix="chat-admin-conf-")
+        path = os.path.join(d, "chat.conf")
+        with open(path, "w") as f:
+            f.write("[server]\nlisten = 127.0.0.1:1\n[plugins]\ndir = %s\n"
+                    "enabled = echo\n[admin]\n%s\n"
+                    % (os.path.join(TEST_PLUGIN_DIR, "v1"), "\n".join(admin_lines)))
+        p = subprocess.run([CHATD, "-t", "-c", path], capture_output=True, text=True,
+                           timeout=30)
+        return p.returncode, p.stdout + p.stderr, path
+
+    def test_conf(self):
+        for good in (["listen = off"], ["listen = [::1]:6080", "token = abc"],
+                     ["listen = 127.0.0.1:6090"]):
+            rc, out, _ = self.check(good)
+            self.assertEqual(rc, 0, (good, out))
+        for bad, why in ((["listen = localhost:6080"], "expected IP:PORT or off"),
+                         (["listen = 127.0.0.1"], "expected IP:PORT or off"),
+                         (["listen = 127.0.0.1:70000"], "expected IP:PORT or off"),
+                         (["port = 1"], 'unknown key "port" in [admin]')):
+            rc, out, path = self.check(bad)
+            self.assertNotEqual(rc, 0, bad)
+            self.assertIn("%s:7: " % path, out)
+            self.assertIn(why, out)
+
+
 def _try(f, *a):
     try:
         return f(*a)
