@@ -17,7 +17,8 @@
  *   db_    db.c        MySQL pool on worker threads
  *   bus_   bus.c       Redis bus: node channel, presence, routing
  *   metrics_ metrics.c the node's metrics, Prometheus text format
- *   admin_/adm_ admin.c the admin listener (HTTP): metrics, health, actions
+ *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
+ *   adm_   admin_http.c its request parsing (http-parser) and routing
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -455,6 +456,7 @@ int admin_start(uv_loop_t *loop, const struct conf *c); /* -1: cannot listen */
 void admin_stop(void);     /* close the listener and every admin connection */
 int admin_draining(void);  /* POST /drain was accepted */
 
+/* ---- admin_http.c ----------------------------------------------------- */
 /* Request parsing and routing, apart from the sockets (the fuzz target
  * drives these).  adm_req_feed: 0 needs more, 1 complete (bytes after the
  * first request are ignored), else the HTTP status to answer (400, 413,

@@ -1,6 +1,6 @@
 /*
  * fuzz_admin.c - libFuzzer target for the admin listener's request glue
- * (core/admin.c): http-parser callbacks, the size bounds, routing and query
+ * (core/admin_http.c): http-parser callbacks, the size bounds, routing and query
  * parsing, without sockets.
  *
  * Input layout: byte 0 picks where the request is split in two reads (the
