@@ -122,7 +122,10 @@ STARTED_REDIS=1
 
 # ---- node configs ---------------------------------------------------------------
 # node_conf N PORT ADMIN_PORT: etc/chat.conf with this cluster's values;
-# absolute paths, since the generated file does not live next to etc/.
+# absolute paths, since the generated file does not live next to etc/.  nginx
+# reaches the nodes from 127.0.0.1, so that address is trusted: exempt from
+# the caps on connections per client address, which would otherwise apply to
+# nginx.
 node_conf() {
     awk -v listen="127.0.0.1:$2" -v node="node$1" -v admin="127.0.0.1:$3" \
         -v token="$ADMIN_TOKEN" \
@@ -132,6 +135,7 @@ node_conf() {
         /^\[/ { sec = $0 }
         sec == "[server]"  && /^listen[ \t]*=/      { set(listen) }
         sec == "[server]"  && /^node_id[ \t]*=/     { set(node) }
+        sec == "[server]"  && /^trusted[ \t]*=/     { set("127.0.0.1") }
         sec == "[plugins]" && /^dir[ \t]*=/         { set(plugdir) }
         sec == "[mysql]"   && /^host[ \t]*=/        { set("127.0.0.1") }
         sec == "[mysql]"   && /^port[ \t]*=/        { set(mport) }
