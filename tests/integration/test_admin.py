@@ -358,6 +358,31 @@ class AdminNoToken(unittest.TestCase):
                 self.assertEqual(st, 200)
 
 
+class AdminReadiness(unittest.TestCase):
+    """/readyz names the check that failed."""
+
+    def test_redis_down_then_back(self):
+        with Stack.private(redis=True) as st, Node(st) as n:
+            wait_for(lambda: n.admin("GET", "/readyz")[0] == 200, what="ready")
+            st.stop_redis()
+            code, _, body = wait_for(
+                lambda: (lambda r: r if r[0] == 503 else None)(n.admin("GET", "/readyz")),
+                timeout=15, what="readyz 503 with Redis down")
+            self.assertEqual(body["failed"], ["redis"])
+            self.assertEqual(body["checks"]["redis"], "down")
+            self.assertEqual(n.admin("GET", "/healthz")[0], 200)
+            st.start_redis()
+            wait_for(lambda: n.admin("GET", "/readyz")[0] == 200, timeout=20,
+                     what="ready again with Redis back")
+
+    def test_without_mysql_and_redis(self):
+        with Node(None, mysql=False, redis=False, plugins=("login",)) as n:
+            code, _, body = n.admin("GET", "/readyz")
+            self.assertEqual(code, 200, body)
+            self.assertEqual((body["checks"]["mysql"], body["checks"]["redis"]),
+                             ("off", "off"))
+
+
 class AdminConf(unittest.TestCase):
     """chatd -t checks [admin] like the other sections."""
 
