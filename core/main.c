@@ -10,7 +10,8 @@
  *
  * With workers = K (or -w K) the process forks K workers that share the
  * listen port through SO_REUSEPORT; each worker is a full node on the bus
- * (node id suffixed with its number).  The parent only supervises: it
+ * (node id suffixed with its number) with its own admin port (the
+ * configured one + its number).  The parent only supervises: it
  * forwards SIGHUP/SIGTERM/SIGINT and restarts a worker that died.
  */
 #include <errno.h>
@@ -91,6 +92,7 @@ static void on_signal(uv_signal_t *h, int signum)
         exit(1);
     }
     stopping = 1;
+    admin_stop();
     LOGI("%s: stopping gracefully (%zu sessions)",
          signum == SIGINT ? "SIGINT" : "SIGTERM", net_session_count());
     net_shutdown(after_sessions);
@@ -132,7 +134,8 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_hup, on_signal, SIGHUP);
     uv_signal_start(&sig_int, on_signal, SIGINT);
     uv_signal_start(&sig_term, on_signal, SIGTERM);
-    if (net_start(loop, c) != 0)
+    /* the admin endpoint first: once "listening on" is logged, both are up */
+    if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)
         return 1;
     uv_run(loop, UV_RUN_DEFAULT);
     plug_free_conf();
@@ -155,6 +158,8 @@ static pid_t spawn_worker(struct conf *c, int i, const char *base_id)
         mem_free(c->node_id);
         c->node_id = mem_strdup(id);
         c->workers = 1;
+        if (c->admin_port) /* worker i: the admin port + i */
+            c->admin_port = c->admin_port + i <= 65535 ? c->admin_port + i : 0;
         exit(run_node(c));
     }
     return pid;

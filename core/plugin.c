@@ -21,6 +21,9 @@
  *
  * The file work of a reload (reading chat.conf, stat, copying, dlopen) runs
  * on a worker thread; only init, the swap and fini run on the loop.
+ * plug_reload_ex() callers (the admin listener's POST /reload) are told the
+ * outcome when the job that starts after their call is done: "ok", the
+ * file's error, or the plugins that did not load.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -110,7 +113,24 @@ static struct {
     size_t nparts;
     int reloading, reload_again;
     size_t live; /* instances created and not yet freed */
+    /* plug_reload_ex: callers of the next job, and of the running one */
+    struct reload_waiter *waiting, *running;
+    char fails[512];         /* what apply() could not load, "; "-joined */
 } pl;
+
+struct reload_waiter {
+    struct reload_waiter *next;
+    void (*done)(int ok, const char *msg, void *ud);
+    void *ud;
+};
+
+static void note_fail(const char *name, const char *what)
+{
+    size_t n = strlen(pl.fails);
+    if (n < sizeof pl.fails - 1)
+        snprintf(pl.fails + n, sizeof pl.fails - n, "%splugin %s: %s",
+                 n ? "; " : "", name, what);
+}
 
 /* ---- references and teardown ------------------------------------------ */
 
@@ -691,11 +711,14 @@ static void apply(struct conf *c, struct opened *files, size_t nfiles)
         if (!o->dl) {
             LOGE("plugin %s: %s%s", o->name, o->err,
                  old ? "; the running instance stays" : "");
+            note_fail(o->name, o->err);
             if (old)
                 next[nnext++] = old;
             continue;
         }
         fresh[i] = instantiate(o, c, old);
+        if (!fresh[i])
+            note_fail(o->name, "init failed (see the log)");
         if (fresh[i])
             next[nnext++] = fresh[i];
         else if (old) {
@@ -878,14 +901,32 @@ static void reload_work(uv_work_t *req)
     j->nfiles = j->conf->nplugins;
 }
 
+/* Tell the callers of plug_reload_ex how the job went. */
+static void reload_tell(int ok, const char *msg)
+{
+    struct reload_waiter *w = pl.running, *next;
+    pl.running = NULL;
+    for (; w; w = next) {
+        next = w->next;
+        w->done(ok, msg, w->ud);
+        mem_free(w);
+    }
+}
+
 static void reload_done(uv_work_t *req, int status)
 {
     struct reload_job *j = container_of(req, struct reload_job, req);
+    char msg[sizeof j->err + sizeof pl.fails];
+    int ok = 0;
+
     if (status == 0 && j->conf && j->files) {
         struct conf *old = pl.conf;
         LOGI("reload: %s read; applying", j->path);
         log_level = j->conf->log_level;
+        pl.fails[0] = '\0';
         apply(j->conf, j->files, j->nfiles);
+        ok = !pl.fails[0];
+        snprintf(msg, sizeof msg, "%s", ok ? "ok" : pl.fails);
         pl.conf = j->conf;
         net_apply_conf(pl.conf);
         ack_configure(pl.conf);
@@ -894,6 +935,8 @@ static void reload_done(uv_work_t *req, int status)
         j->conf = NULL;
     } else {
         LOGE("reload: %s; nothing changed", j->err[0] ? j->err : "cancelled");
+        snprintf(msg, sizeof msg, "%s; nothing changed",
+                 j->err[0] ? j->err : "cancelled");
         if (j->files)
             for (size_t i = 0; i < j->nfiles; i++)
                 if (j->files[i].dl)
@@ -907,6 +950,7 @@ static void reload_done(uv_work_t *req, int status)
     mem_free(j->path);
     mem_free(j);
     pl.reloading = 0;
+    reload_tell(ok, msg);
     if (pl.reload_again) {
         pl.reload_again = 0;
         plug_reload();
@@ -934,9 +978,13 @@ void plug_reload(void)
     }
     j->nactive = pl.nactive;
     pl.reloading = 1;
+    pl.running = pl.waiting; /* they wait for this job */
+    pl.waiting = NULL;
     LOGI("reload: SIGHUP; reading %s", j->path);
     if (uv_queue_work(pl.loop, &j->req, reload_work, reload_done) != 0) {
         pl.reloading = 0;
+        pl.waiting = pl.running; /* for the next reload */
+        pl.running = NULL;
         for (size_t i = 0; i < j->nactive; i++)
             plug_unref(j->active[i]);
         mem_free(j->active);
@@ -944,6 +992,21 @@ void plug_reload(void)
         mem_free(j);
     }
 }
+
+int plug_reload_ex(void (*done)(int ok, const char *msg, void *ud), void *ud)
+{
+    struct reload_waiter *w = mem_calloc(1, sizeof *w);
+    if (!w)
+        return CHAT_ERR_NOMEM;
+    w->done = done;
+    w->ud = ud;
+    w->next = pl.waiting;
+    pl.waiting = w;
+    plug_reload();
+    return CHAT_OK;
+}
+
+size_t plug_active(void) { return pl.nactive; }
 
 const struct conf *plug_current_conf(void) { return pl.conf; }
 

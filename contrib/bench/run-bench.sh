@@ -157,6 +157,7 @@ redis_up=1
 bash contrib/stack/mariadb.sh createdb "$DIR/mysql" chat_bench
 
 CHATD_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 CONF=$DIR/chat.conf
 cat >"$CONF" <<EOF
 ; written by contrib/bench/run-bench.sh
@@ -187,6 +188,9 @@ pool_size = 4
 queue_max = 100000
 connect_timeout = 2
 migrations = $ROOT/sql
+
+[admin]
+listen = 127.0.0.1:$ADMIN_PORT
 
 [redis]
 host = 127.0.0.1
