@@ -396,6 +396,7 @@ struct plug_handler {
     void *ud;
     unsigned flags; /* CHAT_HANDLER_* */
     struct metrics_series *latency; /* chatd_handler_seconds{plugin} or NULL */
+    struct metrics_series *calls;   /* chatd_handler_calls_total{plugin} or NULL */
 };
 struct plug_hook {
     struct chat_plugin *inst;

@@ -274,6 +274,13 @@ static int refuse_members(struct chat_session *s)
     return 0;
 }
 
+/* Timing a handler takes two clock reads, which cost 65-120 ns each on
+ * our VMs (kvm-clock): more than the rest of the metrics together.  So one
+ * call in DISP_TIME_EVERY is timed (chatd_handler_seconds is a sample) and
+ * every call is counted (chatd_handler_calls_total). */
+#define DISP_TIME_EVERY 16
+static unsigned timed_tick;
+
 void disp_frame(struct chat_session *s, const char *buf, size_t len)
 {
     struct chat_ack ack = {0, 0, 0};
@@ -338,9 +345,14 @@ void disp_frame(struct chat_session *s, const char *buf, size_t len)
     req.msgid = ack.msgid;
     req.ack = ack;
     plug_ref(h->inst);
-    t0 = uv_hrtime();
-    h->fn(s, &req, h->ud);
-    metrics_series_observe(h->latency, (double)(uv_hrtime() - t0) / 1e9);
+    metrics_series_add(h->calls, 1);
+    if (++timed_tick % DISP_TIME_EVERY == 0) {
+        t0 = uv_hrtime();
+        h->fn(s, &req, h->ud);
+        metrics_series_observe(h->latency, (double)(uv_hrtime() - t0) / 1e9);
+    } else {
+        h->fn(s, &req, h->ud);
+    }
     plug_unref(h->inst);
 out:
     cur_req = NULL;

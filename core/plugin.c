@@ -287,15 +287,25 @@ static struct chat_plugin *msgid_owner(const struct chat_plugin *p, int msgid)
 
 /* ---- metrics ---------------------------------------------------------- */
 
-/* chatd_handler_seconds{plugin}: core-owned, shared by every instance of
+/* chatd_handler_seconds{plugin} and chatd_handler_calls_total{plugin}: core-owned, shared by every instance of
  * the plugin (so it survives reloads), never freed. */
 static struct metrics_series *handler_latency(const struct chat_plugin *p)
 {
     const char *labels[] = {"plugin", p->name, NULL};
 
     return metrics_series_get(METRICS_HISTOGRAM, "chatd_handler_seconds",
-                              "Time a plugin's msgid handler ran, by plugin.", labels,
+                              "Time a plugin's msgid handler ran, by plugin; one call "
+                              "in 16 is timed.", labels,
                               metrics_latency_bounds, METRICS_LATENCY_NB);
+}
+
+static struct metrics_series *handler_calls(const struct chat_plugin *p)
+{
+    const char *labels[] = {"plugin", p->name, NULL};
+
+    return metrics_series_get(METRICS_COUNTER, "chatd_handler_calls_total",
+                              "Calls of a plugin's msgid handlers, by plugin.", labels,
+                              NULL, 0);
 }
 
 /* Count a load event (family: loads, reloads, load_failures). */
@@ -361,7 +371,8 @@ int plug_register_handler_ex(struct chat_plugin *p, int msgid, chat_handler_fn f
         return CHAT_ERR_NOMEM;
     p->handlers = h;
     h[p->nhandlers].msgid = msgid;
-    h[p->nhandlers].h = (struct plug_handler){p, fn, ud, flags, handler_latency(p)};
+    h[p->nhandlers].h = (struct plug_handler){p, fn, ud, flags, handler_latency(p),
+                                              handler_calls(p)};
     p->nhandlers++;
     return CHAT_OK;
 }

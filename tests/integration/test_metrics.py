@@ -208,8 +208,8 @@ class MetricsScrapeTest(unittest.TestCase):
         self.assertEqual(moved("chatd_frames_total", msgid="6"), 1)
         self.assertEqual(moved("chatd_errors_total", msgid="1"), 1)
         self.assertEqual(moved("chatd_deliveries_total", route="local"), 1)
-        self.assertEqual(moved("chatd_handler_seconds_count", plugin="one2one"), 1)
-        self.assertEqual(moved("chatd_handler_seconds_count", plugin="login"), 5)
+        self.assertEqual(moved("chatd_handler_calls_total", plugin="one2one"), 1)
+        self.assertEqual(moved("chatd_handler_calls_total", plugin="login"), 5)
         self.assertEqual(moved("chatd_connections_accepted_total", transport="tcp"), 2)
         self.assertGreater(moved("chatd_bytes_received_total"), 200)
         self.assertGreater(moved("chatd_bytes_sent_total"), 200)
@@ -302,7 +302,7 @@ class PrometheusTest(unittest.TestCase):
             'sum(chatd_frames_total{msgid="6"})': 1,
             'sum(chatd_deliveries_total{route="local"})': 1,
             'sum(chatd_sessions{state="logged_in"})': 2,
-            'sum(chatd_handler_seconds_count{plugin="one2one"})': 1,
+            'sum(chatd_handler_calls_total{plugin="one2one"})': 1,
         }
         for q, v in expect.items():
             wait_for(lambda: self.scalar(q) == v, timeout=30,
