@@ -385,8 +385,16 @@ static int labels_render(const char *const *labels, int type, char **names, char
     out_put(&r, "", 0);
     if (n.oom || r.oom || !n.p || !r.p)
         goto bad;
-    *names = n.p;
-    *rendered = r.p;
+    /* kept for the series' life: the exact size, not the buffer's */
+    *names = mem_strdup(n.p);
+    *rendered = mem_strdup(r.p);
+    mem_free(n.p);
+    mem_free(r.p);
+    if (!*names || !*rendered) {
+        mem_free(*names);
+        mem_free(*rendered);
+        return CHAT_ERR_NOMEM;
+    }
     return CHAT_OK;
 bad:
     mem_free(n.p);
