@@ -308,23 +308,29 @@ static struct metrics_series *handler_calls(const struct chat_plugin *p)
                               NULL, 0);
 }
 
-/* Count a load event (family: loads, reloads, load_failures). */
+/* Add n to a load counter (family: loads, reloads, load_failures); n = 0
+ * only creates the series. */
 static void count_load(const char *family, const char *help, const char *name,
-                       const char *version)
+                       const char *version, double n)
 {
     char full[64];
     const char *labels[] = {"plugin", name, "version", version ? version : "", NULL};
 
     snprintf(full, sizeof full, "chatd_plugin_%s_total", family);
-    metrics_series_add(metrics_series_get(METRICS_COUNTER, full, help, labels, NULL, 0), 1);
+    metrics_series_add(metrics_series_get(METRICS_COUNTER, full, help, labels, NULL, 0), n);
 }
 
-static void count_failure(const char *name, const char *version)
+static void count_failures(const char *name, const char *version, double n)
 {
     count_load("load_failures",
                "Plugin loads and reloads that failed (the running instance, if "
                "any, stayed), by plugin and version (\"\" when unknown).",
-               name, version);
+               name, version, n);
+}
+
+static void count_failure(const char *name, const char *version)
+{
+    count_failures(name, version, 1);
 }
 
 static void plug_collect(struct metrics_out *o)
@@ -670,10 +676,12 @@ static struct chat_plugin *instantiate(struct opened *o, const struct conf *c,
     }
     pl.staging[pl.nstaging++] = p; /* visible to later plugins of this batch */
     count_load("loads", "Plugin instances initialised, by plugin and version.", p->name,
-               d->version);
-    if (replaces)
-        count_load("reloads", "Hot reloads that initialised a new instance, by plugin "
-                   "and the new version.", p->name, d->version);
+               d->version, 1);
+    /* reloads and failures exist from the first load on, at 0 until one
+     * happens, so that rate() and the dashboard see them */
+    count_load("reloads", "Hot reloads that initialised a new instance, by plugin "
+               "and the new version.", p->name, d->version, replaces ? 1 : 0);
+    count_failures(p->name, d->version, 0);
     LOGI("plugin %s %s (ABI %u.%u, load %u): initialised, %zu msgids, %zu hooks",
          p->name, d->version ? d->version : "", d->abi_major, d->abi_minor, p->gen,
          p->nhandlers, p->nhooks);

@@ -153,10 +153,10 @@ def traffic(port):
 class AdminNode:
     """A node with an admin listener; .scrape() -> the /metrics text."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, **kw):
         self.admin_port = free_port()
         conf = dict(FAST, admin={"listen": "127.0.0.1:%d" % self.admin_port})
-        self.node = Node(stack, conf=conf)
+        self.node = Node(stack, conf=conf, **kw)
         self.url = "http://127.0.0.1:%d/metrics" % self.admin_port
         self.text = None
         wait_for(self._answers, timeout=10, what="the admin listener to answer")
@@ -239,6 +239,54 @@ class MetricsScrapeTest(unittest.TestCase):
         _, names = dashboard_metrics()
         missing = sorted(names - exported)
         self.assertEqual(missing, [], "dashboard queries metrics /metrics lacks")
+
+
+@unittest.skipUnless(ADMIN, NO_ADMIN)
+class ReloadTest(unittest.TestCase):
+    """A hot reload of the login plugin: counted with its version, and the
+    new instance's metrics continue from the old one's values."""
+
+    PLUGINS = ("login", "friend", "one2one", "group", "offline")
+
+    def install(self, name):
+        tmp = os.path.join(self.plugdir, ".%s.so.tmp" % name)
+        shutil.copyfile(os.path.join(PLUGIN_DIR, name + ".so"), tmp)
+        os.replace(tmp, os.path.join(self.plugdir, name + ".so"))
+
+    def test_reload_counts_and_keeps_values(self):
+        self.plugdir = tempfile.mkdtemp(prefix="chatd-metrics-plugins-")
+        self.addCleanup(shutil.rmtree, self.plugdir, True)
+        for name in self.PLUGINS:
+            self.install(name)
+        n = AdminNode(Stack(), plugin_dir=self.plugdir)
+        self.addCleanup(n.node.stop)
+        a, b = traffic(n.node.port)
+        before = parse(n.scrape())
+        self.assertEqual(value(before, "chatd_plugin_reloads_total", plugin="login"), 0)
+        self.assertEqual(value(before, "chatd_plugin_loads_total", plugin="login"), 1)
+        mark = n.node.log_mark()
+        time.sleep(0.01)  # a new mtime even on a coarse clock
+        self.install("login")
+        n.node.sighup()
+        n.node.wait_log("plugin login (load 1): finalised and unloaded", timeout=30,
+                        since=mark)
+        after = parse(n.scrape())
+        self.assertEqual(value(after, "chatd_plugin_reloads_total", plugin="login"), 1)
+        self.assertEqual(value(after, "chatd_plugin_loads_total", plugin="login"), 2)
+        self.assertEqual(value(after, "chatd_plugin_load_failures_total", plugin="login"), 0)
+        self.assertEqual(value(after, "chatd_plugin_instances"), len(self.PLUGINS))
+        for name, labels in (("chatd_login_registrations_total", {"outcome": "ok"}),
+                             ("chatd_login_logins_total", {"outcome": "ok"})):
+            self.assertEqual(value(after, name, **labels), value(before, name, **labels),
+                             name)
+        # the new instance counts on
+        c = Client(n.node.port, proto=2)
+        self.assertEqual(c.request({"msgid": 4, "name": "mc%d" % os.getpid(),
+                                    "password": "pw123456"})["errno"], 0)
+        self.assertEqual(value(parse(n.scrape()), "chatd_login_registrations_total",
+                               outcome="ok"), 3)
+        for x in (a, b, c):
+            x.close()
 
 
 @unittest.skipUnless(ADMIN, NO_ADMIN)
