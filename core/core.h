@@ -142,8 +142,10 @@ void metrics_start(uv_loop_t *loop);
 void metrics_stop(void);
 /* The node id every sample is labelled with (node="..."). */
 void metrics_set_node(const char *node);
-/* The Prometheus text exposition of every metric; mem_malloc'd, the caller
- * frees it with mem_free; NULL when out of memory. */
+/* The Prometheus text exposition (format 0.0.4: serve it as "text/plain;
+ * version=0.0.4; charset=utf-8") of every metric, on the loop thread;
+ * mem_malloc'd and NUL-terminated, *len bytes; the caller frees it with
+ * mem_free; NULL when out of memory. */
 char *metrics_render(size_t *len);
 
 /* Collectors write a subsystem's figures at scrape time (loop thread). */
