@@ -505,13 +505,15 @@ static int h_req_int(const struct chat_request *req, const char *key, int64_t *o
 static struct chat_metric *h_metric_counter(struct chat_plugin *self, const char *name,
                                             const char *help, const char *const *labels)
 {
-    return metrics_plugin_register(self, plug_name(self), METRICS_COUNTER, name, help, labels, NULL, 0);
+    return metrics_plugin_register(self, plug_name(self), METRICS_COUNTER, name, help,
+                                   labels, NULL, 0);
 }
 
 static struct chat_metric *h_metric_gauge(struct chat_plugin *self, const char *name,
                                           const char *help, const char *const *labels)
 {
-    return metrics_plugin_register(self, plug_name(self), METRICS_GAUGE, name, help, labels, NULL, 0);
+    return metrics_plugin_register(self, plug_name(self), METRICS_GAUGE, name, help,
+                                   labels, NULL, 0);
 }
 
 static struct chat_metric *h_metric_histogram(struct chat_plugin *self,
@@ -519,8 +521,8 @@ static struct chat_metric *h_metric_histogram(struct chat_plugin *self,
                                               const char *const *labels,
                                               const double *bounds, size_t nbounds)
 {
-    return metrics_plugin_register(self, plug_name(self), METRICS_HISTOGRAM, name, help, labels, bounds,
-                                   nbounds);
+    return metrics_plugin_register(self, plug_name(self), METRICS_HISTOGRAM, name, help,
+                                   labels, bounds, nbounds);
 }
 
 static void h_metric_inc(struct chat_metric *m) { metrics_metric_add(m, 1); }

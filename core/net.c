@@ -1039,7 +1039,8 @@ static void net_collect(struct metrics_out *o)
                        METRICS_GAUGE);
     metrics_out_u64_labels(o, "chatd_sessions", un, open > in ? open - in : 0);
     metrics_out_u64_labels(o, "chatd_sessions", li, in);
-    metrics_out_u64_labels(o, "chatd_sessions", cl, net.count > open ? net.count - open : 0);
+    metrics_out_u64_labels(o, "chatd_sessions", cl,
+                           net.count > open ? net.count - open : 0);
     metrics_out_family(o, "chatd_max_connections", "The max_connections setting.",
                        METRICS_GAUGE);
     metrics_out_u64(o, "chatd_max_connections", NULL, NULL, (uint64_t)net.max_connections);

@@ -287,8 +287,9 @@ static struct chat_plugin *msgid_owner(const struct chat_plugin *p, int msgid)
 
 /* ---- metrics ---------------------------------------------------------- */
 
-/* chatd_handler_seconds{plugin} and chatd_handler_calls_total{plugin}: core-owned, shared by every instance of
- * the plugin (so it survives reloads), never freed. */
+/* chatd_handler_seconds{plugin} and chatd_handler_calls_total{plugin}:
+ * core-owned, shared by every instance of the plugin (so they survive
+ * reloads), never freed. */
 static struct metrics_series *handler_latency(const struct chat_plugin *p)
 {
     const char *labels[] = {"plugin", p->name, NULL};

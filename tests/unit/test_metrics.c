@@ -55,7 +55,8 @@ static void test_escaping(void)
     metrics_series_add(s, 3);
     metrics_series_add(s, -1); /* a counter never goes down */
     t = render();
-    CU_ASSERT_PTR_NOT_NULL(strstr(t, "# HELP t_escape_total Help with \\\\ and\\nnewline.\n"));
+    CU_ASSERT_PTR_NOT_NULL(
+        strstr(t, "# HELP t_escape_total Help with \\\\ and\\nnewline.\n"));
     CU_ASSERT_PTR_NOT_NULL(strstr(t, "# TYPE t_escape_total counter\n"));
     CU_ASSERT_EQUAL(sample(t, "t_escape_total{node=\"n\\\"1\",who=\"a\\\"b\\\\c\\nd\"}"), 3);
     mem_free(t);
