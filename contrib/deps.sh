@@ -17,7 +17,9 @@ set -euo pipefail
 
 # group name and its packages.  libclang-rt-14-dev holds libFuzzer and the
 # sanitizer runtimes; clang only recommends it, so it is listed on its own.
-GROUPS_ORDER=(build fuzz libs servers python cluster)
+# prometheus gives promtool (exposition checks) and the server the metrics
+# test scrapes chatd with.
+GROUPS_ORDER=(build fuzz libs servers python cluster monitoring)
 declare -A GROUP_PKGS=(
     [build]="build-essential cmake pkg-config"
     [fuzz]="clang libclang-rt-14-dev"
@@ -25,12 +27,14 @@ declare -A GROUP_PKGS=(
     [servers]="mariadb-server mariadb-client redis-server"
     [python]="python3"
     [cluster]="nginx-light libnginx-mod-stream"
+    [monitoring]="prometheus"
 )
 # Packages whose install would start a system service we do not want.
 declare -A SERVICE_OF_PKG=(
     [mariadb-server]=mariadb
     [redis-server]=redis-server
     [nginx-light]=nginx
+    [prometheus]=prometheus
 )
 
 if ! command -v dpkg-query >/dev/null 2>&1; then

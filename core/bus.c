@@ -195,6 +195,7 @@ struct bus_req {
     struct bus_req *prev, *next;
     uint64_t id;            /* in flight: a sequence number */
     uint64_t sent_ms;
+    uint64_t sent_ns;       /* uv_hrtime() when sent: the round trip */
     int kind;
     int idx;
     int64_t uid;
@@ -290,6 +291,7 @@ static void fly_add(struct bus_req *r)
 {
     r->id = ++bus.seq;
     r->sent_ms = uv_now(bus.loop);
+    r->sent_ns = uv_hrtime();
     r->next = NULL;
     r->prev = bus.fly_tail;
     if (bus.fly_tail != NULL)
@@ -472,6 +474,8 @@ static void req_done(struct bus_req *r, const redisReply *rp)
              net_deliver(s, r->data, r->len) == CHAT_OK) ||
             (rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer >= 1)) {
             /* a subscriber counted the PUBLISH: delivered (at most once) */
+            if (rp->integer >= 1)
+                metrics_loop.deliveries[METRICS_ROUTE_REMOTE]++;
             if (r->ticket != NULL)
                 host_delivery_done(r->ticket, CHAT_OK);
             break;
@@ -514,6 +518,9 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
     (void)ac;
     fly_del(r);
+    if (reply != NULL && r->kind >= 0 && r->kind < METRICS_BUS_N)
+        metrics_observe(&metrics_loop.bus_rtt[r->kind],
+                        (double)(uv_hrtime() - r->sent_ns) / 1e9);
     req_done(r, reply);
 }
 
@@ -638,6 +645,8 @@ static void maybe_up(void)
         return;
     bus.link = LINK_UP;
     bus.backoff_ms = BACKOFF_MIN_MS;
+    if (bus.ever_up)
+        metrics_loop.bus_reconnects++;
     if (send_sync("start") != 0) {
         link_down("cannot queue the sync");
         return;
@@ -872,6 +881,8 @@ static void link_down(const char *why)
     int was_up = bus.link == LINK_UP;
 
     bus.cmd = bus.sub = NULL;
+    if (!bus.stopping)
+        metrics_loop.bus_link_lost++;
     if (!bus.resolving)
         bus.link = LINK_DOWN;
     if (c != NULL)
@@ -958,6 +969,33 @@ static int make_node_id(const char *conf_id)
     return 0;
 }
 
+/* The round-trip histograms are indexed by request kind. */
+_Static_assert((int)REQ_SCRIPT == (int)METRICS_BUS_SCRIPT &&
+                   (int)REQ_HEARTBEAT == (int)METRICS_BUS_HEARTBEAT &&
+                   (int)REQ_SYNC == (int)METRICS_BUS_SYNC &&
+                   (int)REQ_DELIVER == (int)METRICS_BUS_DELIVER &&
+                   (int)REQ_CLAIM == (int)METRICS_BUS_CLAIM &&
+                   (int)REQ_RELEASE == (int)METRICS_BUS_RELEASE &&
+                   (int)REQ_PRESENCE == (int)METRICS_BUS_PRESENCE &&
+                   (int)REQ_PUBLISH == (int)METRICS_BUS_PUBLISH,
+               "enum req_kind and enum metrics_bus_cmd differ");
+
+static void bus_collect(struct metrics_out *o)
+{
+    size_t n = 0;
+
+    for (const struct bus_req *r = bus.fly_head; r != NULL; r = r->next)
+        n++;
+    metrics_out_family(o, "chatd_bus_up",
+                       "1 when the Redis link is up (or no [redis]: single node).",
+                       METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_bus_up", NULL, NULL,
+                    !bus.have_redis || bus.link == LINK_UP);
+    metrics_out_family(o, "chatd_bus_in_flight", "Redis commands awaiting a reply.",
+                       METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_bus_in_flight", NULL, NULL, n);
+}
+
 int bus_start(uv_loop_t *loop, const struct conf *c)
 {
     unsigned char addr[16];
@@ -972,6 +1010,8 @@ int bus_start(uv_loop_t *loop, const struct conf *c)
              NODE_ID_MAX);
         return CHAT_ERR_INVAL;
     }
+    metrics_set_node(bus.node);
+    metrics_add_collector(bus_collect);
     map_init(&bus.claims);
     map_init(&bus.routing);
     if (c->have_redis) {
@@ -1135,6 +1175,7 @@ int bus_deliver_t(int64_t uid, const char *json, size_t len,
     }
     routing_add(uid, +1);
     r->idx = 1;
+    metrics_loop.bus_publishes[METRICS_PUBLISH_DELIVER]++;
     return t != NULL ? CHAT_DELIVER_PENDING : CHAT_OK;
 }
 
@@ -1162,6 +1203,7 @@ int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
     r->pres_cb = cb;
     r->ud = ud;
     plug_ref(self);
+    metrics_loop.bus_presence[METRICS_PRESENCE_QUERY]++;
     if (n == 0 || bus.link != LINK_UP
         || send_eval(r, SC_PRESENCE, NULL, 0, uids, n) != 0)
         defer(r); /* local sessions only */
@@ -1187,6 +1229,7 @@ int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud
     r->uid = uid;
     r->claim_cb = cb;
     r->ud = ud;
+    metrics_loop.bus_presence[METRICS_PRESENCE_CLAIM]++;
     snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
     if (bus.link != LINK_UP
         || send_cmd(r, "EVALSHA %s 0 %s %s %s", bus.sha[SC_CLAIM], uidbuf,
@@ -1202,6 +1245,7 @@ void bus_release(int64_t uid)
 
     if (!bus.started || claims_get(uid) == 0 || claims_dec(uid) > 0)
         return;
+    metrics_loop.bus_presence[METRICS_PRESENCE_RELEASE]++;
     /* Down: the next sync drops the key (it is in our set). */
     if (bus.stopping || bus.link != LINK_UP
         || (r = req_new(REQ_RELEASE, 0)) == NULL)
@@ -1243,6 +1287,8 @@ int bus_broadcast(const char *plugin, const char *data, size_t len)
         pub->len += len;
         if (send_cmd(pub, "PUBLISH %s %b", K_ALL, pub->data, pub->len) != 0)
             req_free(pub); /* best effort: this node still gets it */
+        else
+            metrics_loop.bus_publishes[METRICS_PUBLISH_BROADCAST]++;
     }
     defer(r);
     return CHAT_OK;

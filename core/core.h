@@ -77,6 +77,127 @@ void *map_del(struct map *m, int64_t key);          /* returns old value */
 /* Iterate: for (size_t it = 0; map_next(m, &it, &k, &v);) */
 int map_next(const struct map *m, size_t *it, int64_t *key, void **val);
 
+/* ---- metrics.c -------------------------------------------------------- */
+/* Hot-path counters: plain fields of metrics_loop, touched only on the loop
+ * thread (no atomics, no locks); labels are these array indexes. */
+#define METRICS_MSGID_MAX 14 /* msgids 1..14 by number; slot 0: "other" */
+#define METRICS_BUCKETS_MAX 24
+#define METRICS_LATENCY_NB 15
+#define METRICS_LAG_INTERVAL_MS 100
+enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
+enum metrics_close {
+    METRICS_CLOSE_PEER, METRICS_CLOSE_READ_ERROR, METRICS_CLOSE_WRITE_ERROR,
+    METRICS_CLOSE_SLOW_READER, METRICS_CLOSE_FRAME_TOO_LARGE, METRICS_CLOSE_IDLE,
+    METRICS_CLOSE_SHUTDOWN, METRICS_CLOSE_REPLACED, METRICS_CLOSE_SERVER,
+    METRICS_CLOSE_ERROR, METRICS_CLOSE_N
+};
+enum metrics_refuse {
+    METRICS_REFUSE_MAX_CONN, METRICS_REFUSE_STOPPING, METRICS_REFUSE_PER_ADDR,
+    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_N
+};
+enum metrics_route {
+    METRICS_ROUTE_LOCAL, METRICS_ROUTE_REMOTE, METRICS_ROUTE_STORED,
+    METRICS_ROUTE_UNDELIVERABLE, METRICS_ROUTE_N
+};
+/* Redis commands, in the order of bus.c's request kinds. */
+enum metrics_bus_cmd {
+    METRICS_BUS_SCRIPT, METRICS_BUS_HEARTBEAT, METRICS_BUS_SYNC, METRICS_BUS_DELIVER,
+    METRICS_BUS_CLAIM, METRICS_BUS_RELEASE, METRICS_BUS_PRESENCE, METRICS_BUS_PUBLISH,
+    METRICS_BUS_N
+};
+enum metrics_presence { METRICS_PRESENCE_CLAIM, METRICS_PRESENCE_RELEASE,
+                        METRICS_PRESENCE_QUERY, METRICS_PRESENCE_N };
+enum metrics_publish { METRICS_PUBLISH_DELIVER, METRICS_PUBLISH_BROADCAST,
+                       METRICS_PUBLISH_N };
+/* A histogram: counts per bucket (not cumulative; the exposition adds them
+ * up), the last one past every bound (+Inf). */
+struct metrics_hist {
+    unsigned nb;
+    double bounds[METRICS_BUCKETS_MAX];
+    uint64_t counts[METRICS_BUCKETS_MAX + 1];
+    uint64_t count;
+    double sum;
+};
+struct metrics_loop {
+    uint64_t accepted;
+    uint64_t refused[METRICS_REFUSE_N];
+    uint64_t closed[METRICS_CLOSE_N];
+    uint64_t frames[METRICS_MSGID_MAX + 1];
+    uint64_t errors[METRICS_MSGID_MAX + 1];
+    uint64_t bytes_in, bytes_out;
+    uint64_t deliveries[METRICS_ROUTE_N];
+    uint64_t bus_publishes[METRICS_PUBLISH_N];
+    uint64_t bus_presence[METRICS_PRESENCE_N];
+    uint64_t bus_reconnects, bus_link_lost;
+    struct metrics_hist bus_rtt[METRICS_BUS_N];
+    struct metrics_hist loop_lag;
+};
+extern struct metrics_loop metrics_loop;
+extern const double metrics_latency_bounds[METRICS_LATENCY_NB];
+static inline unsigned metrics_msgid_slot(int msgid)
+{
+    return msgid >= 1 && msgid <= METRICS_MSGID_MAX ? (unsigned)msgid : 0;
+}
+void metrics_hist_init(struct metrics_hist *h, const double *bounds, size_t nb);
+void metrics_observe(struct metrics_hist *h, double v);
+
+/* Start the event-loop lag timer (unreferenced) and the uptime clock;
+ * metrics_stop closes the timer (shutdown).  loop NULL: no lag timer. */
+void metrics_start(uv_loop_t *loop);
+void metrics_stop(void);
+/* The node id every sample is labelled with (node="..."). */
+void metrics_set_node(const char *node);
+/* The Prometheus text exposition (format 0.0.4: serve it as "text/plain;
+ * version=0.0.4; charset=utf-8") of every metric, on the loop thread;
+ * mem_malloc'd and NUL-terminated, *len bytes; the caller frees it with
+ * mem_free; NULL when out of memory. */
+char *metrics_render(size_t *len);
+
+/* Collectors write a subsystem's figures at scrape time (loop thread). */
+struct metrics_out;
+typedef void (*metrics_collect_fn)(struct metrics_out *o);
+int metrics_add_collector(metrics_collect_fn fn); /* once per fn; CHAT_ERR_NOMEM */
+void metrics_out_family(struct metrics_out *o, const char *name, const char *help,
+                        int type);
+/* One sample with at most one label (lk NULL: none) besides node. */
+void metrics_out_u64(struct metrics_out *o, const char *name, const char *lk,
+                     const char *lv, uint64_t v);
+void metrics_out_double(struct metrics_out *o, const char *name, const char *lk,
+                        const char *lv, double v);
+/* One sample with labels: NULL-terminated name, value pairs. */
+void metrics_out_u64_labels(struct metrics_out *o, const char *name,
+                            const char *const *labels, uint64_t v);
+void metrics_out_hist(struct metrics_out *o, const char *name, const char *lk,
+                      const char *lv, const struct metrics_hist *h);
+
+/* The registry of labelled series.  labels: NULL-terminated name, value
+ * pairs (NULL: none), fixed for the series.  get: the series (created, or
+ * the existing one with its reference count raised); NULL when the name or
+ * a label is invalid, the family exists with another type, label names or
+ * buckets, or memory ran out.  put: drop a reference (the last frees it). */
+struct metrics_series;
+struct metrics_series *metrics_series_get(int type, const char *name, const char *help,
+                                          const char *const *labels,
+                                          const double *bounds, size_t nb);
+void metrics_series_put(struct metrics_series *s);
+void metrics_series_add(struct metrics_series *s, double v); /* NULL: no-op */
+void metrics_series_set(struct metrics_series *s, double v);
+void metrics_series_observe(struct metrics_series *s, double v);
+double metrics_series_value(const struct metrics_series *s); /* hist: count */
+
+/* chat_host metric_* (ABI 1.6): a plugin's series are named
+ * chatd_<plugin>_<name>; each registration is a handle owned by the
+ * instance, released by metrics_plugin_release when it is unloaded. */
+struct chat_metric *metrics_plugin_register(const struct chat_plugin *self,
+                                            const char *pname, int type,
+                                            const char *name, const char *help,
+                                            const char *const *labels,
+                                            const double *bounds, size_t nb);
+void metrics_plugin_release(const struct chat_plugin *self);
+void metrics_metric_add(struct chat_metric *m, double v);
+void metrics_metric_set(struct chat_metric *m, double v);
+void metrics_metric_observe(struct chat_metric *m, double v);
+
 /* ---- conf.c ----------------------------------------------------------- */
 struct conf_kv {
     char *key;
@@ -312,6 +433,8 @@ struct plug_handler {
     chat_handler_fn fn;
     void *ud;
     unsigned flags; /* CHAT_HANDLER_* */
+    struct metrics_series *latency; /* chatd_handler_seconds{plugin} or NULL */
+    struct metrics_series *calls;   /* chatd_handler_calls_total{plugin} or NULL */
 };
 struct plug_hook {
     struct chat_plugin *inst;
@@ -401,6 +524,13 @@ struct db_stats {
     uint64_t errors;      /* completed with an error */
     uint64_t latency_us_total; /* sum of queue+run time of completed jobs */
     uint64_t latency_us_max;
+    uint64_t accepted;    /* jobs accepted */
+    uint64_t refused;     /* db_query/db_txn calls refused: queue full */
+    uint64_t reconnects;  /* connections re-established after a loss */
+    uint64_t connect_failures; /* connect attempts that failed */
+    uint64_t conns;       /* pool size */
+    uint64_t conns_up;    /* connections up now */
+    struct metrics_hist latency; /* queue+run seconds of completed jobs */
 };
 /* Start the pool (no-op returning 0 when !c->have_mysql: every query then
  * fails with CHAT_ERR_UNAVAILABLE). */
@@ -469,12 +599,6 @@ int bus_broadcast(const char *plugin, const char *data, size_t len);
 void bus_on_core(void (*cb)(const char *data, size_t len));
 /* Redis is configured ([redis] present). */
 int bus_configured(void);
-
-/* ---- metrics.c -------------------------------------------------------- */
-void metrics_start(void); /* at start, before the loop runs */
-/* The Prometheus text exposition of every metric; mem_malloc'd, the caller
- * frees it with mem_free; NULL when out of memory. */
-char *metrics_render(size_t *len);
 
 /* ---- admin.c ---------------------------------------------------------- */
 /* The admin listener ([admin] listen; see the top of admin.c).  Top layer:

@@ -148,6 +148,8 @@ struct db_conn {
     uint64_t next_try_ms;        /* DOWN: when to retry; qlock */
     unsigned backoff_ms;         /* worker-only from here on */
     unsigned failures;           /* connect failures since last up */
+    uint64_t reconnects;         /* re-established after a loss; qlock */
+    uint64_t connect_failed;     /* failed connect attempts; qlock */
     unsigned last_errno;
     char last_err[256];
     struct db_cached *lru_head, *lru_tail;
@@ -176,7 +178,11 @@ struct db_pool {
     /* loop thread only */
     struct db_job *batch;      /* taken from dhead, callbacks not yet run */
     uint64_t accepted, done, errors, lat_total_us, lat_max_us, outstanding;
+    uint64_t refused;          /* queue full */
+    struct metrics_hist lat;   /* seconds from accept to completion */
 };
+
+static void db_collect(struct metrics_out *o);
 
 static struct db_pool *pool;   /* NULL: not started, no [mysql], or stopped */
 static int pool_stopped;       /* db_stop() ran: calls fail CHAT_ERR_CLOSED */
@@ -502,6 +508,8 @@ static void conn_set_up(struct db_conn *cn)
 
     if (cn->state == CONN_DOWN)
         p->n_down--;
+    if (cn->was_up)
+        cn->reconnects++;
     if (cn->was_up && cn->failures > 0)
         LOGI("db: connection %d re-established after %u failed attempt(s)",
              cn->id, cn->failures);
@@ -530,6 +538,7 @@ static void conn_set_down(struct db_conn *cn)
     enum db_conn_state prev = cn->state;
 
     cn->failures++;
+    cn->connect_failed++;
     cn->backoff_ms = cn->backoff_ms ? cn->backoff_ms * 2 : DB_BACKOFF_MIN_MS;
     if (cn->backoff_ms > DB_BACKOFF_MAX_MS)
         cn->backoff_ms = DB_BACKOFF_MAX_MS;
@@ -982,6 +991,7 @@ static void job_finish(struct db_pool *p, struct db_job *j)
     p->lat_total_us += lat;
     if (lat > p->lat_max_us)
         p->lat_max_us = lat;
+    metrics_observe(&p->lat, (double)lat / 1e6);
     if (j->cb)
         j->cb(&j->res, j->ud);
     job_free(j);
@@ -1112,6 +1122,7 @@ static int db_submit(struct chat_plugin *self, const struct chat_db_stmt *stmts,
     if (p->qlen >= p->qmax) {
         pthread_mutex_unlock(&p->qlock);
         job_free(j);
+        p->refused++;
         return CHAT_ERR_BUSY;
     }
     if (p->n_down == p->nconns) {
@@ -1250,6 +1261,8 @@ int db_start(uv_loop_t *loop, const struct conf *c)
     p = mem_calloc(1, sizeof *p);
     if (!p)
         return CHAT_ERR_NOMEM;
+    metrics_hist_init(&p->lat, metrics_latency_bounds, METRICS_LATENCY_NB);
+    metrics_add_collector(db_collect);
     rc = pool_init(p, c);
     if (rc == CHAT_OK && uv_async_init(loop, &p->async, pool_async_cb) != 0)
         rc = CHAT_ERR_IO;
@@ -1330,12 +1343,66 @@ void db_get_stats(struct db_stats *st)
         return;
     pthread_mutex_lock(&p->qlock);
     st->queued = p->qlen;
+    for (int i = 0; i < p->nconns; i++) {
+        const struct db_conn *cn = &p->conns[i];
+        st->reconnects += cn->reconnects;
+        st->connect_failures += cn->connect_failed;
+        st->conns_up += cn->state == CONN_UP;
+    }
     pthread_mutex_unlock(&p->qlock);
     st->in_flight = p->accepted - p->done - st->queued;
     st->done = p->done;
     st->errors = p->errors;
     st->latency_us_total = p->lat_total_us;
     st->latency_us_max = p->lat_max_us;
+    st->accepted = p->accepted;
+    st->refused = p->refused;
+    st->conns = (uint64_t)p->nconns;
+    st->latency = p->lat;
+}
+
+/* chatd_db_*: the pool's figures at scrape time. */
+static void db_collect(struct metrics_out *o)
+{
+    struct db_stats st;
+
+    if (!pool)
+        return;
+    db_get_stats(&st);
+    metrics_out_family(o, "chatd_db_queue_depth", "Database jobs waiting for a connection.",
+                       METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_db_queue_depth", NULL, NULL, st.queued);
+    metrics_out_family(o, "chatd_db_in_flight",
+                       "Database jobs running on a connection or completed and not "
+                       "yet called back.", METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_db_in_flight", NULL, NULL, st.in_flight);
+    metrics_out_family(o, "chatd_db_connections", "Pool connections, by state.",
+                       METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_db_connections", "state", "up", st.conns_up);
+    metrics_out_u64(o, "chatd_db_connections", "state", "down", st.conns - st.conns_up);
+    metrics_out_family(o, "chatd_db_queries_total",
+                       "Database jobs (queries and transactions) completed.",
+                       METRICS_COUNTER);
+    metrics_out_u64(o, "chatd_db_queries_total", NULL, NULL, st.done);
+    metrics_out_family(o, "chatd_db_errors_total",
+                       "Database jobs completed with an error (database down included).",
+                       METRICS_COUNTER);
+    metrics_out_u64(o, "chatd_db_errors_total", NULL, NULL, st.errors);
+    metrics_out_family(o, "chatd_db_refused_total",
+                       "Database calls refused because the queue was full.",
+                       METRICS_COUNTER);
+    metrics_out_u64(o, "chatd_db_refused_total", NULL, NULL, st.refused);
+    metrics_out_family(o, "chatd_db_reconnects_total",
+                       "Connections re-established after being lost.", METRICS_COUNTER);
+    metrics_out_u64(o, "chatd_db_reconnects_total", NULL, NULL, st.reconnects);
+    metrics_out_family(o, "chatd_db_connect_failures_total",
+                       "Connection attempts that failed.", METRICS_COUNTER);
+    metrics_out_u64(o, "chatd_db_connect_failures_total", NULL, NULL,
+                    st.connect_failures);
+    metrics_out_family(o, "chatd_db_query_seconds",
+                       "Database jobs from acceptance to completion (queue wait "
+                       "included).", METRICS_HISTOGRAM);
+    metrics_out_hist(o, "chatd_db_query_seconds", NULL, NULL, &st.latency);
 }
 
 int db_conns_up(void)

@@ -223,8 +223,11 @@ static struct chat_delivery *h_undeliverable_claim(const struct chat_ev_undelive
 
 static void h_delivery_done(struct chat_delivery *d, int status)
 {
-    if (d)
-        host_delivery_done(d, status);
+    if (!d)
+        return;
+    if (status == CHAT_OK)
+        metrics_loop.deliveries[METRICS_ROUTE_STORED]++;
+    host_delivery_done(d, status);
 }
 
 void host_undeliverable_t(int64_t uid, const char *json, size_t len,
@@ -235,6 +238,7 @@ void host_undeliverable_t(int64_t uid, const char *json, size_t len,
 
     if (d)
         ev.from = d->from;
+    metrics_loop.deliveries[METRICS_ROUTE_UNDELIVERABLE]++;
     n = plug_fire(CHAT_EV_UNDELIVERABLE, &ev);
     if (d && !d->claimed) {
         LOGD("message for user %lld is undeliverable and no plugin took it; "
@@ -496,6 +500,33 @@ static int h_req_int(const struct chat_request *req, const char *key, int64_t *o
     return disp_req_int(req, key, INT64_MIN, INT64_MAX, out);
 }
 
+/* ---- metrics (ABI 1.6) ------------------------------------------------ */
+
+static struct chat_metric *h_metric_counter(struct chat_plugin *self, const char *name,
+                                            const char *help, const char *const *labels)
+{
+    return metrics_plugin_register(self, plug_name(self), METRICS_COUNTER, name, help,
+                                   labels, NULL, 0);
+}
+
+static struct chat_metric *h_metric_gauge(struct chat_plugin *self, const char *name,
+                                          const char *help, const char *const *labels)
+{
+    return metrics_plugin_register(self, plug_name(self), METRICS_GAUGE, name, help,
+                                   labels, NULL, 0);
+}
+
+static struct chat_metric *h_metric_histogram(struct chat_plugin *self,
+                                              const char *name, const char *help,
+                                              const char *const *labels,
+                                              const double *bounds, size_t nbounds)
+{
+    return metrics_plugin_register(self, plug_name(self), METRICS_HISTOGRAM, name, help,
+                                   labels, bounds, nbounds);
+}
+
+static void h_metric_inc(struct chat_metric *m) { metrics_metric_add(m, 1); }
+
 const struct chat_host host_table = {
     .size = sizeof(struct chat_host),
     .abi_major = CHAT_ABI_MAJOR,
@@ -568,4 +599,11 @@ const struct chat_host host_table = {
     .delivery_done = h_delivery_done,
     /* ABI 1.5 (login ack) */
     .register_login_messages = plug_register_login_messages,
+    .metric_counter = h_metric_counter,
+    .metric_gauge = h_metric_gauge,
+    .metric_histogram = h_metric_histogram,
+    .metric_inc = h_metric_inc,
+    .metric_add = metrics_metric_add,
+    .metric_set = metrics_metric_set,
+    .metric_observe = metrics_metric_observe,
 };

@@ -63,6 +63,7 @@ static void on_stop_tick(uv_timer_t *t)
             LOGW("%zu plugin instances still busy after 10 s; stopping anyway",
                  plug_live());
         db_stop();
+        metrics_stop();
         uv_close((uv_handle_t *)&stop_timer, NULL);
         uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
@@ -119,7 +120,7 @@ static int run_node(struct conf *c)
     log_level = c->log_level;
     host_init(loop);
     host_set_work_nice(c->worker_nice);
-    metrics_start();
+    metrics_start(loop);
     ack_configure(c);
     disp_configure((size_t)c->max_members);
     LOGI("chatd %s starting (ABI %d.%d, config %s)", CHATD_VERSION, CHAT_ABI_MAJOR,

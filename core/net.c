@@ -117,6 +117,7 @@ struct chat_session {
     unsigned closing : 1, hold : 1, in_flush : 1, writing : 1, graceful : 1,
         garbage : 1, registered : 1, sink : 1, pacing : 1, unauth : 1;
     struct net_addr *addr;   /* its address's counts; NULL: not counted */
+    unsigned char why;       /* enum metrics_close + 1 when set by the cause */
     struct frame_scanner fs;
     char *part;              /* bytes of a frame that straddles reads */
     size_t part_len, part_cap;
@@ -708,6 +709,27 @@ static void finish_close(struct chat_session *s)
 
 static void flush_session(struct chat_session *s);
 
+/* The chatd_connections_closed_total reason of a close. */
+static unsigned close_reason(const struct chat_session *s, int errno_)
+{
+    if (s->why)
+        return s->why - 1u;
+    switch (errno_) {
+    case CHAT_E_IDLE: return METRICS_CLOSE_IDLE;
+    case CHAT_E_SHUTDOWN: return METRICS_CLOSE_SHUTDOWN;
+    case CHAT_E_REPLACED: return METRICS_CLOSE_REPLACED;
+    case CHAT_E_SLOW_READER: return METRICS_CLOSE_SLOW_READER;
+    default: return METRICS_CLOSE_SERVER;
+    }
+}
+
+/* Record why s is about to close (the first cause wins). */
+static void close_why(struct chat_session *s, unsigned reason)
+{
+    if (!s->why && !s->closing)
+        s->why = (unsigned char)(reason + 1);
+}
+
 static void begin_close(struct chat_session *s, int errno_, const char *why,
                         int graceful)
 {
@@ -715,6 +737,7 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
     if (s->closing)
         return;
     s->closing = 1;
+    metrics_loop.closed[close_reason(s, errno_)]++;
     s->graceful = graceful ? 1 : 0;
     uv_read_stop((uv_stream_t *)&s->tcp);
     tl_unlink(&net.idle, &s->idle);
@@ -784,10 +807,12 @@ static void on_written(uv_write_t *req, int status)
         if (!s->closing)
             LOGD("session %llu: write failed: %s", (unsigned long long)s->id,
                  uv_strerror(status));
+        close_why(s, METRICS_CLOSE_WRITE_ERROR);
         begin_close(s, 0, NULL, 0);
         return;
     }
     s->written_total += b->len - b->off;
+    metrics_loop.bytes_out += b->len - b->off;
     obuf_put(b);
     pace_sent(s);
     run_waits(s, 0);
@@ -823,8 +848,10 @@ static void flush_session(struct chat_session *s)
     if (n > 0) {
         b->off += (size_t)n;
         s->written_total += (uint64_t)n;
+        metrics_loop.bytes_out += (uint64_t)n;
     } else if (n < 0 && n != UV_EAGAIN) {
         LOGD("session %llu: write failed: %s", (unsigned long long)s->id, uv_strerror(n));
+        close_why(s, METRICS_CLOSE_WRITE_ERROR);
         begin_close(s, 0, NULL, 0);
         return;
     }
@@ -854,6 +881,7 @@ static void flush_session(struct chat_session *s)
         struct obuf *m = NULL;
         size_t done = n > 0 ? (size_t)n : 0;
         if (obuf_append(&m, b->data + b->off - done, done + take, 0)) {
+            close_why(s, METRICS_CLOSE_ERROR);
             begin_close(s, 0, NULL, 0);
             return;
         }
@@ -868,6 +896,7 @@ static void flush_session(struct chat_session *s)
     n = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &ub, 1, on_written);
     if (n < 0) {
         s->writing = 0;
+        close_why(s, METRICS_CLOSE_ERROR);
         begin_close(s, 0, NULL, 0);
         return;
     }
@@ -927,6 +956,7 @@ static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
              "(%zu); closing it instead of queueing %zu more",
              (unsigned long long)s->id, net_session_peer(s), pending,
              s->held ? s->held->len : (size_t)0, net.max_output, len + 1);
+        close_why(s, METRICS_CLOSE_SLOW_READER);
         begin_close(s, 0, NULL, 0);
         return CHAT_ERR_BUSY;
     }
@@ -948,8 +978,10 @@ int net_deliver(struct chat_session *s, const char *json, size_t len)
 {
     int rc = queue_out(s, s->hold ? &s->held : &s->out, json, len);
 
-    if (rc == CHAT_OK)
+    if (rc == CHAT_OK) {
         mark_add(s, len + 1);
+        metrics_loop.deliveries[METRICS_ROUTE_LOCAL]++;
+    }
     return rc;
 }
 
@@ -1029,6 +1061,7 @@ static void frame_too_large(struct chat_session *s)
         struct chat_ack ack = {0, 0, 0};
         disp_error(s, &ack, CHAT_E_FRAME_TOO_LARGE, "frame too large");
     }
+    close_why(s, METRICS_CLOSE_FRAME_TOO_LARGE);
     net_close(s, 0, NULL);
 }
 
@@ -1049,6 +1082,7 @@ static void process(struct chat_session *s, const char *buf, size_t n)
             } else {
                 size_t from = start >= 0 ? (size_t)start : 0;
                 if (part_append(s, buf + pos + from, used - from)) {
+                    close_why(s, METRICS_CLOSE_ERROR);
                     begin_close(s, 0, NULL, 0);
                     return;
                 }
@@ -1066,6 +1100,7 @@ static void process(struct chat_session *s, const char *buf, size_t n)
             if (mine > used)
                 mine = used;
             if (mine && part_append(s, buf + pos + used - mine, mine)) {
+                close_why(s, METRICS_CLOSE_ERROR);
                 begin_close(s, 0, NULL, 0);
                 return;
             }
@@ -1089,6 +1124,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (buf->base == net.rbuf)
         net.rbuf_busy = 0;
     if (nread > 0) {
+        metrics_loop.bytes_in += (uint64_t)nread;
         process(s, buf->base, (size_t)nread);
         req_track(s);
         return;
@@ -1097,6 +1133,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
         return;
     if (nread != UV_EOF)
         LOGD("session %llu: read: %s", (unsigned long long)s->id, uv_strerror((int)nread));
+    close_why(s, nread == UV_EOF ? METRICS_CLOSE_PEER : METRICS_CLOSE_READ_ERROR);
     /* the client is gone (or half-closed): flush what we have and close */
     begin_close(s, 0, NULL, nread == UV_EOF);
 }
@@ -1104,10 +1141,12 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 /* ---- accepting -------------------------------------------------------- */
 
 /* Close a connection a cap does not admit; one log line a second at most. */
-static void refuse(struct chat_session *s, const char *cap, int limit)
+static void refuse(struct chat_session *s, enum metrics_refuse why, const char *cap,
+                   int limit)
 {
     uint64_t now = uv_now(net.loop);
     net.refused++;
+    metrics_loop.refused[why]++;
     if (now - net.refused_logged_at >= 1000 || net.refused == 1) {
         LOGW("%s (%d) reached: refused %s (%llu refused so far)", cap, limit,
              net_session_peer(s), (unsigned long long)net.refused);
@@ -1132,11 +1171,12 @@ static int admit_addr(struct chat_session *s)
         return 0;
     /* a fresh entry (total 0) passes both tests, so none is left empty */
     if (net.max_per_addr > 0 && na->total >= (unsigned)net.max_per_addr) {
-        refuse(s, "max_connections_per_addr", net.max_per_addr);
+        refuse(s, METRICS_REFUSE_PER_ADDR, "max_connections_per_addr", net.max_per_addr);
         return -1;
     }
     if (net.max_unauth_per_addr > 0 && na->unauth >= (unsigned)net.max_unauth_per_addr) {
-        refuse(s, "max_unauth_per_addr", net.max_unauth_per_addr);
+        refuse(s, METRICS_REFUSE_UNAUTH_PER_ADDR, "max_unauth_per_addr",
+               net.max_unauth_per_addr);
         return -1;
     }
     s->addr = na;
@@ -1186,6 +1226,7 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     net.count++;
+    metrics_loop.accepted++;
     s->all_next = net.all_head;
     if (net.all_head)
         net.all_head->all_prev = s;
@@ -1195,7 +1236,8 @@ static void on_connection(uv_stream_t *server, int status)
     s->connected_at = uv_now(net.loop);
     frame_init(&s->fs, net.max_frame);
     if (net.count > (size_t)net.max_connections || net.shutdown_done) {
-        refuse(s, "max_connections", net.max_connections);
+        refuse(s, net.shutdown_done ? METRICS_REFUSE_STOPPING : METRICS_REFUSE_MAX_CONN,
+               "max_connections", net.max_connections);
         return;
     }
     if (admit_addr(s))
@@ -1210,6 +1252,7 @@ static void on_connection(uv_stream_t *server, int status)
     s->registered = 1;
     idle_refresh(s);
     if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
+        close_why(s, METRICS_CLOSE_ERROR);
         begin_close(s, 0, NULL, 0);
         return;
     }
@@ -1312,9 +1355,30 @@ void net_apply_conf(const struct conf *c)
     }
 }
 
+/* Sessions by state at scrape time: open ones are registered by id,
+ * logged-in ones also by user; the rest of net.count is closing. */
+static void net_collect(struct metrics_out *o)
+{
+    size_t open = net.by_id.len, in = net.by_user.len;
+    const char *un[] = {"transport", "tcp", "state", "unauthenticated", NULL};
+    const char *li[] = {"transport", "tcp", "state", "logged_in", NULL};
+    const char *cl[] = {"transport", "tcp", "state", "closing", NULL};
+
+    metrics_out_family(o, "chatd_sessions", "Client sessions now, by transport and state.",
+                       METRICS_GAUGE);
+    metrics_out_u64_labels(o, "chatd_sessions", un, open > in ? open - in : 0);
+    metrics_out_u64_labels(o, "chatd_sessions", li, in);
+    metrics_out_u64_labels(o, "chatd_sessions", cl,
+                           net.count > open ? net.count - open : 0);
+    metrics_out_family(o, "chatd_max_connections", "The max_connections setting.",
+                       METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_max_connections", NULL, NULL, (uint64_t)net.max_connections);
+}
+
 int net_start(uv_loop_t *loop, const struct conf *c)
 {
     net.loop = loop;
+    metrics_add_collector(net_collect);
     map_init(&net.by_id);
     map_init(&net.by_user);
     map_init(&net.addr4);
@@ -1430,6 +1494,7 @@ struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame)
     s->proto = CHAT_PROTO_LEGACY;
     frame_init(&s->fs, max_frame);
     net.count++;
+    metrics_loop.accepted++;
     s->all_next = net.all_head;
     if (net.all_head)
         net.all_head->all_prev = s;

@@ -183,6 +183,7 @@ static int section_equal(const struct conf_section *a, const struct conf_section
 static void inst_free(struct chat_plugin *p)
 {
     pl.live--;
+    metrics_plugin_release(p);
     for (size_t i = 0; i < p->nparts; i++)
         mem_free(p->parts[i].key);
     mem_free(p->parts);
@@ -304,6 +305,72 @@ static struct chat_plugin *msgid_owner(const struct chat_plugin *p, int msgid)
     return NULL;
 }
 
+/* ---- metrics ---------------------------------------------------------- */
+
+/* chatd_handler_seconds{plugin} and chatd_handler_calls_total{plugin}:
+ * core-owned, shared by every instance of the plugin (so they survive
+ * reloads), never freed. */
+static struct metrics_series *handler_latency(const struct chat_plugin *p)
+{
+    const char *labels[] = {"plugin", p->name, NULL};
+
+    return metrics_series_get(METRICS_HISTOGRAM, "chatd_handler_seconds",
+                              "Time a plugin's msgid handler ran, by plugin; one call "
+                              "in 16 is timed.", labels,
+                              metrics_latency_bounds, METRICS_LATENCY_NB);
+}
+
+static struct metrics_series *handler_calls(const struct chat_plugin *p)
+{
+    const char *labels[] = {"plugin", p->name, NULL};
+
+    return metrics_series_get(METRICS_COUNTER, "chatd_handler_calls_total",
+                              "Calls of a plugin's msgid handlers, by plugin.", labels,
+                              NULL, 0);
+}
+
+/* Add n to a load counter (family: loads, reloads, load_failures); n = 0
+ * only creates the series. */
+static void count_load(const char *family, const char *help, const char *name,
+                       const char *version, double n)
+{
+    char full[64];
+    const char *labels[] = {"plugin", name, "version", version ? version : "", NULL};
+
+    snprintf(full, sizeof full, "chatd_plugin_%s_total", family);
+    metrics_series_add(metrics_series_get(METRICS_COUNTER, full, help, labels, NULL, 0), n);
+}
+
+static void count_failures(const char *name, const char *version, double n)
+{
+    count_load("load_failures",
+               "Plugin loads and reloads that failed (the running instance, if "
+               "any, stayed), by plugin and version (\"\" when unknown).",
+               name, version, n);
+}
+
+static void count_failure(const char *name, const char *version)
+{
+    count_failures(name, version, 1);
+}
+
+static void plug_collect(struct metrics_out *o)
+{
+    metrics_out_family(o, "chatd_plugin_info",
+                       "The active plugins with their versions; always 1.",
+                       METRICS_GAUGE);
+    for (size_t i = 0; i < pl.nactive; i++) {
+        const struct chat_plugin *p = pl.active[i];
+        const char *labels[] = {"plugin", p->name, "version",
+                                p->desc->version ? p->desc->version : "", NULL};
+        metrics_out_u64_labels(o, "chatd_plugin_info", labels, 1);
+    }
+    metrics_out_family(o, "chatd_plugin_instances",
+                       "Plugin instances loaded: active and draining after a reload.",
+                       METRICS_GAUGE);
+    metrics_out_u64(o, "chatd_plugin_instances", NULL, NULL, pl.live);
+}
+
 int plug_register_handler(struct chat_plugin *p, int msgid, chat_handler_fn fn, void *ud)
 {
     return plug_register_handler_ex(p, msgid, fn, ud, 0);
@@ -331,7 +398,8 @@ int plug_register_handler_ex(struct chat_plugin *p, int msgid, chat_handler_fn f
         return CHAT_ERR_NOMEM;
     p->handlers = h;
     h[p->nhandlers].msgid = msgid;
-    h[p->nhandlers].h = (struct plug_handler){p, fn, ud, flags};
+    h[p->nhandlers].h = (struct plug_handler){p, fn, ud, flags, handler_latency(p),
+                                              handler_calls(p)};
     p->nhandlers++;
     return CHAT_OK;
 }
@@ -600,6 +668,7 @@ static struct chat_plugin *instantiate(struct opened *o, const struct conf *c,
 
     if (*bad) {
         LOGE("plugin %s: refused: %s", o->name, bad);
+        count_failure(o->name, NULL);
         dlclose(o->dl);
         return NULL;
     }
@@ -627,6 +696,7 @@ static struct chat_plugin *instantiate(struct opened *o, const struct conf *c,
     if (rc != CHAT_OK) {
         LOGE("plugin %s %s: init failed: %s", p->name, d->version ? d->version : "",
              host_table.strerror(rc));
+        count_failure(p->name, d->version);
         discard(p);
         return NULL;
     }
@@ -637,11 +707,19 @@ static struct chat_plugin *instantiate(struct opened *o, const struct conf *c,
         if (owner) {
             LOGE("plugin %s: msgid %d clashes with plugin %s; refused", p->name,
                  p->handlers[i].msgid, owner->name);
+            count_failure(p->name, d->version);
             discard(p);
             return NULL;
         }
     }
     pl.staging[pl.nstaging++] = p; /* visible to later plugins of this batch */
+    count_load("loads", "Plugin instances initialised, by plugin and version.", p->name,
+               d->version, 1);
+    /* reloads and failures exist from the first load on, at 0 until one
+     * happens, so that rate() and the dashboard see them */
+    count_load("reloads", "Hot reloads that initialised a new instance, by plugin "
+               "and the new version.", p->name, d->version, replaces ? 1 : 0);
+    count_failures(p->name, d->version, 0);
     LOGI("plugin %s %s (ABI %u.%u, load %u): initialised, %zu msgids, %zu hooks",
          p->name, d->version ? d->version : "", d->abi_major, d->abi_minor, p->gen,
          p->nhandlers, p->nhooks);
@@ -712,6 +790,7 @@ static void apply(struct conf *c, struct opened *files, size_t nfiles)
             LOGE("plugin %s: %s%s", o->name, o->err,
                  old ? "; the running instance stays" : "");
             note_fail(o->name, o->err);
+            count_failure(o->name, NULL);
             if (old)
                 next[nnext++] = old;
             continue;
@@ -811,6 +890,7 @@ int plug_start(uv_loop_t *loop, const struct conf *c)
 
     pl.loop = loop;
     map_init(&pl.registry);
+    metrics_add_collector(plug_collect);
     snprintf(pl.tmpdir, sizeof pl.tmpdir, "%s/chatd-plugins-XXXXXX",
              tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(pl.tmpdir)) {

@@ -30,6 +30,9 @@
  *        stores the message (undeliverable_claim, delivery_done)
  *        (login ack) register_login_messages: a login-ack part of
  *        messages, bounded in bytes, whose overflow follows the ack
+ *   1.6  (metrics) Prometheus counters, gauges and histograms of a plugin
+ *        (metric_counter, metric_gauge, metric_histogram, metric_inc/add/
+ *        set/observe), served with the core's on the admin listener
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -68,7 +71,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 5
+#define CHAT_ABI_MINOR 6
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -89,6 +92,7 @@ struct chat_db_result;/* the outcome of a query or transaction */
 struct chat_login;    /* a login acknowledgement being assembled */
 struct chat_map;      /* an int64 -> pointer hash map (ABI 1.3) */
 struct chat_delivery; /* the pending outcome of one deliver_ex (ABI 1.5) */
+struct chat_metric;   /* one registered metric series (ABI 1.6) */
 
 /* ------------------------------------------------------------------------ */
 /* Errors returned by host functions. 0 is success. host->strerror() names them. */
@@ -593,6 +597,47 @@ struct chat_host {
     int (*register_login_messages)(struct chat_plugin *self, const char *key,
                                    chat_login_part_fn part_fn,
                                    chat_login_written_fn written_fn, void *ud);
+    /* ===== ABI 1.6 (metrics) ===== */
+
+    /* Register one series of a Prometheus metric, exported as
+     * chatd_<plugin name>_<name> (name: [a-zA-Z_][a-zA-Z0-9_]*; a counter's
+     * name should end in _total, a duration's in _seconds).  labels is a
+     * NULL-terminated list of name, value pairs fixed for this series (NULL:
+     * none), e.g. {"kind", "password", "outcome", "ok", NULL}; the names
+     * must be valid and may not be "node" (the host adds node="<node id>"
+     * to every sample), "le" (histograms) or start with "__".  Every series
+     * of one name must have the same type, the same label names in the same
+     * order and (histograms) the same bounds.  help and the labels are
+     * copied.  bounds: nbounds (at most 24) strictly increasing finite upper
+     * bounds of the histogram's buckets; the +Inf bucket, _sum and _count
+     * are implied.
+     *
+     * Returns a handle, or NULL (logged) for a bad name, label or bound
+     * list or a clash with an earlier registration.  The update functions
+     * accept NULL and do nothing, so a plugin may ignore a failed
+     * registration.  Registration is allowed at any time on the loop
+     * thread; the handle is the instance's until it is unloaded (after
+     * fini), when the host drops it.  Registering the same name and labels
+     * again (also from a reloaded plugin's new instance) shares the series:
+     * its value continues.  A series no live instance registered any more
+     * disappears when its last instance is unloaded. */
+    struct chat_metric *(*metric_counter)(struct chat_plugin *self, const char *name,
+                                          const char *help,
+                                          const char *const *labels);
+    struct chat_metric *(*metric_gauge)(struct chat_plugin *self, const char *name,
+                                        const char *help, const char *const *labels);
+    struct chat_metric *(*metric_histogram)(struct chat_plugin *self, const char *name,
+                                            const char *help,
+                                            const char *const *labels,
+                                            const double *bounds, size_t nbounds);
+    /* Counters: inc adds 1, add adds v >= 0 (a negative v is ignored).
+     * Gauges: add adds v (any sign), set sets it.  Histograms: observe.
+     * A call that does not fit the metric's type does nothing.  Plain
+     * memory on the loop thread: cheap enough for any hot path. */
+    void (*metric_inc)(struct chat_metric *m);
+    void (*metric_add)(struct chat_metric *m, double v);
+    void (*metric_set)(struct chat_metric *m, double v);
+    void (*metric_observe)(struct chat_metric *m, double v);
 };
 
 #define CHAT_HANDLER_RAW 0x1u

@@ -117,6 +117,7 @@ static void job_end(struct auth_job *j, int revoke)
 static void job_fail(struct chat_session *s, struct auth_job *j, int p2_errno,
                      const char *errmsg, int legacy_errno, const char *legacy_msg)
 {
+    login_m_login(j->by_token, s ? p2_errno : CHAT_E_INTERNAL);
     if (s)
         login_fail(s, &j->ack, p2_errno, errmsg, legacy_errno, legacy_msg);
     job_end(j, 1);
@@ -203,6 +204,7 @@ static void bound(int status, uint64_t sid, void *ud)
     if (j->tc_store && j->token[0])
         login_tc_store(j->tc_generation, j->uid, j->token, j->name, j->name_len,
                        j->token_expires);
+    login_m_login(j->by_token, CHAT_E_OK);
     job_end(j, 0);
 }
 
@@ -436,12 +438,14 @@ static int parse_request(struct chat_session *s, const struct chat_request *req,
 
     j->uid = req_id(req);
     if (!j->uid) {
+        login_m_login(0, CHAT_E_BAD_FIELD);
         login_fail(s, &req->ack, CHAT_E_BAD_FIELD, "id must be a positive integer",
                    1, LOGIN_ERRMSG_INVALID);
         return -1;
     }
     if (login_is_p2(s) && cJSON_GetObjectItemCaseSensitive(req->json, "token")) {
         if (login_req_str(req, "token", &tok, &len) || !valid_token(tok, len)) {
+            login_m_login(1, CHAT_E_BAD_FIELD);
             login_fail(s, &req->ack, CHAT_E_BAD_FIELD,
                        "token must be a string of 64 hex digits", 1, NULL);
             return -1;
@@ -451,6 +455,7 @@ static int parse_request(struct chat_session *s, const struct chat_request *req,
         return 0;
     }
     if (login_req_str(req, "password", &pw, &len)) {
+        login_m_login(0, CHAT_E_BAD_FIELD);
         login_fail(s, &req->ack, CHAT_E_BAD_FIELD, "password must be a string",
                    1, LOGIN_ERRMSG_INVALID);
         return -1;
@@ -458,16 +463,19 @@ static int parse_request(struct chat_session *s, const struct chat_request *req,
     if (len > login_cfg.password_max) {
         snprintf(msg, sizeof(msg), "password is longer than %zu bytes",
                  login_cfg.password_max);
+        login_m_login(0, CHAT_E_TOO_LONG);
         login_fail(s, &req->ack, CHAT_E_TOO_LONG, msg, 1, LOGIN_ERRMSG_INVALID);
         return -1;
     }
     if (memchr(pw, '\0', len)) {
         /* crypt() would stop at the NUL: never let "pw\0junk" pass as "pw" */
+        login_m_login(0, 1);
         login_fail(s, &req->ack, 1, LOGIN_ERRMSG_INVALID, 1, LOGIN_ERRMSG_INVALID);
         return -1;
     }
     j->password = login_host->malloc(len + 1);
     if (!j->password) {
+        login_m_login(0, CHAT_E_INTERNAL);
         login_fail(s, &req->ack, CHAT_E_INTERNAL, MSG_INTERNAL, 1, MSG_INTERNAL);
         return -1;
     }
@@ -502,15 +510,19 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
     uint64_t sid = login_host->session_id(s);
     struct auth_job *j;
     struct chat_db_param p[2];
+    int by_token = login_is_p2(s) && req->json &&
+                   cJSON_GetObjectItemCaseSensitive(req->json, "token") != NULL;
     int rc;
 
     (void)ud;
     if (login_host->session_user(s) != 0) {
+        login_m_login(by_token, CHAT_E_ALREADY);
         login_fail(s, &req->ack, CHAT_E_ALREADY, "already logged in",
                    2, LOGIN_ERRMSG_IN_USE);
         return;
     }
     if (pend_find(sid)) {
+        login_m_login(by_token, CHAT_E_ALREADY);
         login_fail(s, &req->ack, CHAT_E_ALREADY,
                    "a login is already in progress on this connection",
                    2, LOGIN_ERRMSG_IN_USE);
@@ -518,6 +530,7 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
     }
     j = login_host->malloc(sizeof(*j));
     if (!j) {
+        login_m_login(by_token, CHAT_E_INTERNAL);
         login_fail(s, &req->ack, CHAT_E_INTERNAL, MSG_INTERNAL, 1, MSG_INTERNAL);
         return;
     }
@@ -529,9 +542,11 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
         return;
     }
     if (login_rate_admit() != CHAT_OK) {
+        login_m_admit(LOGIN_ADMIT_RATE);
         wipe_password(j);
         explicit_bzero(j->token, sizeof(j->token));
         login_host->free(j);
+        login_m_login(by_token, CHAT_E_UNAVAILABLE);
         login_fail(s, &req->ack, CHAT_E_UNAVAILABLE, MSG_BUSY, 1, MSG_BUSY);
         return;
     }

@@ -175,6 +175,7 @@ static void reg_legacy(struct chat_session *s, int64_t id)
 static void reg_fail(struct chat_session *s, const struct chat_ack *ack,
                      int p2_errno, const char *errmsg)
 {
+    login_m_reg(p2_errno);
     if (login_is_p2(s))
         login_host->reply(s, ack, p2_errno, errmsg, NULL);
     else
@@ -202,6 +203,7 @@ static void reg_inserted(const struct chat_db_result *r, void *ud)
         goto out;
     }
     id = (int64_t)login_host->db_insert_id(r);
+    login_m_reg(CHAT_E_OK);
     chat_log(login_host, login_self, CHAT_LOG_INFO, "registered user %" PRId64, id);
     if (!s)
         goto out;
@@ -529,6 +531,7 @@ static int login_init(const struct chat_host *host, struct chat_plugin *self,
     rc = load_conf();
     if (rc != CHAT_OK)
         return rc;
+    login_m_init();
     rc = login_auth_init();
     if (rc != CHAT_OK)
         return rc;

@@ -8,6 +8,7 @@
  *   auth.c    LOGIN_MSG: password and resume-token logins, session binding,
  *             the login ack
  *   pwhash.c  yescrypt hashing and verification on the host's worker threads
+ *   metrics.c the plugin's Prometheus metrics (host ABI 1.6)
  */
 #ifndef LOGIN_H
 #define LOGIN_H
@@ -141,5 +142,24 @@ int login_pw_admit(void);
 /* A "$y$" setting usable as a stand-in hash (for unknown user ids), written
  * to out; CHAT_OK or CHAT_ERR_IO.  Cheap (no hashing): call on the loop. */
 int login_pw_dummy(char *out, size_t outlen);
+
+/* ---- metrics.c --------------------------------------------------------- */
+enum login_outcome {
+    LOGIN_OUT_OK, LOGIN_OUT_INVALID, LOGIN_OUT_IN_USE, LOGIN_OUT_BUSY,
+    LOGIN_OUT_LIMIT, LOGIN_OUT_BAD_REQUEST, LOGIN_OUT_ERROR, LOGIN_OUT_N
+};
+enum login_admit {
+    LOGIN_ADMIT_RATE, LOGIN_ADMIT_BUDGET, LOGIN_ADMIT_ADDRESS, LOGIN_ADMIT_QUEUE,
+    LOGIN_ADMIT_PUSHED_OUT, LOGIN_ADMIT_N
+};
+/* Register the series (init; nothing on a host without ABI 1.6).  The rest
+ * count, each a no-op before init or on such a host.  p2_errno is the
+ * protocol-2 errno the request was answered with (0: success). */
+void login_m_init(void);
+void login_m_login(int by_token, int p2_errno);
+void login_m_reg(int p2_errno);
+void login_m_admit(int reason); /* enum login_admit */
+void login_m_queue(size_t queued, size_t running);
+void login_m_hash_time(int verify, double seconds);
 
 #endif /* LOGIN_H */

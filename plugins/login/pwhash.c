@@ -56,6 +56,7 @@ struct pw_job {
     char result[CRYPT_OUTPUT_SIZE];  /* the computed hash ("" on failure) */
     int match;
     double cpu_s;                    /* CPU seconds the hash took */
+    double wall_s;                   /* wall seconds it took (the metric) */
     login_pw_cb cb;
     void *ud;
     struct pw_addr *addr;            /* the client address it counts against */
@@ -221,6 +222,14 @@ static void pw_wait_unlink(struct pw_job *j)
         pw_rr_remove(a);
 }
 
+static double pw_wall_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static double pw_cpu_now(void)
 {
     struct timespec ts;
@@ -242,7 +251,10 @@ int login_pw_admit(void)
     burst = rate / 4;
     if (burst < (double)login_cfg.hash_threads)
         burst = (double)login_cfg.hash_threads;
-    return login_bucket_take(&pw_bucket, rate, burst) ? CHAT_OK : CHAT_ERR_BUSY;
+    if (login_bucket_take(&pw_bucket, rate, burst))
+        return CHAT_OK;
+    login_m_admit(LOGIN_ADMIT_BUDGET);
+    return CHAT_ERR_BUSY;
 }
 
 /* Constant-time equality of two NUL-terminated strings: the time depends on
@@ -268,7 +280,7 @@ static void pw_work(void *ud)
     char salt[CRYPT_GENSALT_OUTPUT_SIZE];
     const char *setting = j->setting;
     char *out;
-    double t0 = pw_cpu_now();
+    double t0 = pw_cpu_now(), w0 = pw_wall_now();
 
     j->result[0] = '\0';
     cd = login_host->malloc(sizeof(*cd));
@@ -289,6 +301,7 @@ static void pw_work(void *ud)
     }
 out:
     j->cpu_s = pw_cpu_now() - t0;
+    j->wall_s = pw_wall_now() - w0;
     explicit_bzero(j->password, j->password_len);
     if (cd) {
         explicit_bzero(cd, sizeof(*cd));
@@ -357,6 +370,8 @@ static void pw_done(int status, void *ud)
                  "crypt failed (%s)", j->mode == PW_HASH ? "hash" : "verify");
         status = CHAT_ERR_IO;
     }
+    if (status == CHAT_OK)
+        login_m_hash_time(j->mode == PW_VERIFY, j->wall_s);
     if (status == CHAT_OK && j->cpu_s > 0) /* weight 1/8: follows a cost change */
         pw_cpu_avg = pw_cpu_avg > 0 ? pw_cpu_avg + (j->cpu_s - pw_cpu_avg) / 8
                                     : j->cpu_s;
@@ -366,6 +381,7 @@ static void pw_done(int status, void *ud)
         j->cb(status, 0, NULL, j->ud);
     pw_free(j);
     pw_next();
+    login_m_queue(pw_queued, pw_running);
 }
 
 /* The queue is full: push out the newest waiting job of the address holding
@@ -384,6 +400,7 @@ static int pw_push_out(const struct pw_addr *mine)
     j = big->tail;
     pw_wait_unlink(j);
     pw_release(j);
+    login_m_admit(LOGIN_ADMIT_PUSHED_OUT);
     j->cb(CHAT_ERR_BUSY, 0, NULL, j->ud);
     pw_free(j);
     return 1;
@@ -427,6 +444,7 @@ static int pw_start(enum pw_mode mode, const char *password, size_t len,
     if (!(a = pw_addr_get(from)))
         return CHAT_ERR_NOMEM;
     if (login_cfg.hash_per_address && a->jobs >= login_cfg.hash_per_address) {
+        login_m_admit(LOGIN_ADMIT_ADDRESS);
         rc = LOGIN_ERR_LIMIT;
         goto out;
     }
@@ -436,6 +454,7 @@ static int pw_start(enum pw_mode mode, const char *password, size_t len,
     }
     if (login_cfg.hash_queue_max && pw_queued >= login_cfg.hash_queue_max &&
         !pw_push_out(a)) {
+        login_m_admit(LOGIN_ADMIT_QUEUE);
         rc = CHAT_ERR_BUSY;
         goto out;
     }
@@ -448,6 +467,7 @@ static int pw_start(enum pw_mode mode, const char *password, size_t len,
     }
     a->jobs++;
     pw_queued++;
+    login_m_queue(pw_queued, pw_running);
     j = NULL;
 out:
     if (j)

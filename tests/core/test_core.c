@@ -2,7 +2,9 @@
  * test_core.c - unit tests of the config parser and the plugin registry.
  *
  * No servers: the registry tests load the fixture plugins built under
- * tests/plugins into a loop that never listens.
+ * tests/plugins into a loop that never listens.  The metrics test feeds
+ * frames to a socketless session and reads what dispatch and the plugin
+ * loader counted in metrics_render()'s text.
  */
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -210,6 +212,72 @@ static void test_registry(void)
     plug_free_conf();
 }
 
+/* The value of the sample line starting with prefix, -1 when absent. */
+static double sample(const char *text, const char *prefix)
+{
+    const char *p = text;
+    size_t n = strlen(prefix);
+
+    while (p && *p) {
+        if (strncmp(p, prefix, n) == 0 && p[n] == ' ')
+            return strtod(p + n + 1, NULL);
+        p = strchr(p, '\n');
+        if (p)
+            p++;
+    }
+    return -1;
+}
+
+static void test_metrics_wiring(void)
+{
+    static const char frames[] = "{\"msgid\":1000,\"n\":1}\n{\"msgid\":1000,\"n\":2}\n"
+                                 "{\"msgid\":77}\n{\"msgid\":6,\"x\":1,\"x\":2}\n";
+    const char *loads = "chatd_plugin_loads_total{node=\"\",plugin=\"echo\","
+                        "version=\"echo-1\"}";
+    char err[1024], text[1024], *t;
+    struct conf *c;
+    struct chat_session *s;
+    double loads0;
+    size_t len;
+
+    snprintf(text, sizeof text,
+             "[plugins]\ndir = %s/v1\nenabled = echo\n", FIXTURES);
+    c = conf_load(write_conf("metrics.conf", text), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    metrics_start(NULL);
+    t = metrics_render(&len);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+    loads0 = sample(t, loads); /* the registry test loaded echo before */
+    mem_free(t);
+    host_init(uv_default_loop());
+    CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
+    s = net_test_session(uv_default_loop(), 65536);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    net_test_feed(s, frames, sizeof frames - 1);
+    net_close(s, 0, NULL);
+    t = metrics_render(&len);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+    /* 1000 and 77 are no known msgid: "other"; so is the last frame,
+     * refused (a key given twice) before its msgid was read.  Errors: the
+     * unknown msgid 77 and the refused frame */
+    CU_ASSERT_EQUAL(sample(t, "chatd_frames_total{node=\"\",msgid=\"other\"}"), 4);
+    CU_ASSERT_EQUAL(sample(t, "chatd_frames_total{node=\"\",msgid=\"6\"}"), 0);
+    CU_ASSERT_EQUAL(sample(t, "chatd_errors_total{node=\"\",msgid=\"other\"}"), 2);
+    CU_ASSERT_EQUAL(sample(t, "chatd_handler_calls_total{node=\"\",plugin=\"echo\"}"), 2);
+    CU_ASSERT_TRUE(sample(t, "chatd_handler_seconds_count{node=\"\",plugin=\"echo\"}") >= 0);
+    CU_ASSERT_EQUAL(sample(t, loads), (loads0 < 0 ? 0 : loads0) + 1);
+    CU_ASSERT_EQUAL(sample(t, "chatd_plugin_reloads_total{node=\"\",plugin=\"echo\","
+                              "version=\"echo-1\"}"), 0);
+    CU_ASSERT_EQUAL(sample(t, "chatd_plugin_info{node=\"\",plugin=\"echo\","
+                              "version=\"echo-1\"}"), 1);
+    CU_ASSERT_EQUAL(sample(t, "chatd_connections_closed_total{node=\"\",reason=\"server\"}"),
+                    1);
+    mem_free(t);
+    plug_stop();
+    uv_run(uv_default_loop(), UV_RUN_DEFAULT);
+    plug_free_conf();
+}
+
 int main(void)
 {
     CU_pSuite s;
@@ -230,6 +298,7 @@ int main(void)
     CU_add_test(s, "conf: host:port", test_hostport);
     CU_add_test(s, "conf: trusted, per-address caps, time limits", test_conf_net_limits);
     CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
+    CU_add_test(s, "metrics: frames, errors, handler calls, plugin loads", test_metrics_wiring);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     failed = CU_get_number_of_failures();
