@@ -220,7 +220,10 @@ class MetricsScrapeTest(unittest.TestCase):
         self.assertEqual(value(after, "chatd_db_connections", state="down"), 0)
         self.assertEqual(value(after, "chatd_plugin_info", plugin="login"), 1)
         self.assertGreater(value(after, "chatd_process_resident_memory_bytes"), 1e6)
-        self.assertGreater(value(after, "chatd_event_loop_lag_seconds_count"), 0)
+        # the lag timer ticks every 100 ms: the traffic may have been quicker
+        wait_for(lambda: value(parse(self.n.scrape()),
+                               "chatd_event_loop_lag_seconds_count") > 0,
+                 timeout=5, what="a loop-lag sample")
         # every sample carries this node's id
         nodes = {l.get("node") for _, l, _ in after}
         self.assertEqual(len(nodes), 1, nodes)
