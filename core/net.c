@@ -235,8 +235,7 @@ static void on_idle_timer(uv_timer_t *t)
     while (net.idle_head && net.idle_head->last_active + limit <= now) {
         struct chat_session *s = net.idle_head;
         idle_unlink(s);
-        LOGI("session %llu (%s): idle for %d s, closing",
-             (unsigned long long)s->id, net_session_peer(s), net.idle_timeout_s);
+        LOGSI(s, "idle for %d s, closing", net.idle_timeout_s);
         net_close(s, CHAT_E_IDLE, "idle timeout");
     }
 }
@@ -385,9 +384,8 @@ static void mark_add(struct chat_session *s, size_t n)
     if (s->mlen == s->mcap) {
         size_t cap = s->mcap ? s->mcap * 2 : 16;
         if (!(m = mem_realloc(s->marks, cap * sizeof *m))) {
-            LOGW("session %llu: out of memory tracking a delivery; it is not "
-                 "stored should the session close unwritten",
-                 (unsigned long long)s->id);
+            LOGSW(s, "out of memory tracking a delivery; it is not "
+                  "stored should the session close unwritten");
             return;
         }
         s->marks = m;
@@ -427,8 +425,8 @@ static void spill_unsent(struct chat_session *s)
         }
     }
     if (n)
-        LOGI("session %llu: %zu deliveries not written before it closed; "
-             "handed to the offline store", (unsigned long long)s->id, n);
+        LOGSI(s, "%zu deliveries not written before it closed; "
+              "handed to the offline store", n);
     s->mhead = s->mlen = 0;
 }
 
@@ -574,8 +572,7 @@ static void on_written(uv_write_t *req, int status)
         s->inflight = NULL;
         obuf_put(b);
         if (!s->closing)
-            LOGD("session %llu: write failed: %s", (unsigned long long)s->id,
-                 uv_strerror(status));
+            LOGSD(s, "write failed: %s", uv_strerror(status));
         begin_close(s, 0, NULL, 0);
         return;
     }
@@ -615,7 +612,7 @@ static void flush_session(struct chat_session *s)
         b->off += (size_t)n;
         s->written_total += (uint64_t)n;
     } else if (n < 0 && n != UV_EAGAIN) {
-        LOGD("session %llu: write failed: %s", (unsigned long long)s->id, uv_strerror(n));
+        LOGSD(s, "write failed: %s", uv_strerror(n));
         begin_close(s, 0, NULL, 0);
         return;
     }
@@ -681,9 +678,8 @@ static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
     if (s->closing)
         return CHAT_ERR_CLOSED;
     if (pending_bytes(s) + len + 1 > net.max_output) {
-        LOGW("session %llu (%s): %zu bytes unsent, over max_output; "
-             "disconnecting a client that does not read",
-             (unsigned long long)s->id, net_session_peer(s), pending_bytes(s));
+        LOGSW(s, "%zu bytes unsent, over max_output; "
+              "disconnecting a client that does not read", pending_bytes(s));
         begin_close(s, 0, NULL, 0);
         return CHAT_ERR_BUSY;
     }
@@ -788,8 +784,7 @@ static int part_append(struct chat_session *s, const char *p, size_t n)
 
 static void frame_too_large(struct chat_session *s)
 {
-    LOGW("session %llu (%s): frame over max_frame (%zu bytes), closing",
-         (unsigned long long)s->id, net_session_peer(s), net.max_frame);
+    LOGSW(s, "frame over max_frame (%zu bytes), closing", net.max_frame);
     if (s->proto == CHAT_PROTO_2) {
         struct chat_ack ack = {0, 0, 0};
         disp_error(s, &ack, CHAT_E_FRAME_TOO_LARGE, "frame too large");
@@ -859,7 +854,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0)
         return;
     if (nread != UV_EOF)
-        LOGD("session %llu: read: %s", (unsigned long long)s->id, uv_strerror((int)nread));
+        LOGSD(s, "read: %s", uv_strerror((int)nread));
     /* the client is gone (or half-closed): flush what we have and close */
     begin_close(s, 0, NULL, nread == UV_EOF);
 }
@@ -917,8 +912,7 @@ static void on_connection(uv_stream_t *server, int status)
         begin_close(s, 0, NULL, 0);
         return;
     }
-    LOGD("session %llu: connected from %s", (unsigned long long)s->id,
-         net_session_peer(s));
+    LOGSD(s, "connected");
     ev.size = sizeof ev;
     ev.session = s;
     ev.user_id = 0;
