@@ -11,7 +11,14 @@
  * With workers = K (or -w K) the process forks K workers that share the
  * listen port through SO_REUSEPORT; each worker is a full node on the bus
  * (node id suffixed with its number).  The parent only supervises: it
- * forwards SIGHUP/SIGTERM/SIGINT and restarts a worker that died.
+ * forwards SIGHUP/SIGTERM/SIGINT/SIGUSR1 and restarts a worker that died.
+ *
+ * Logs go where [server] log_file says (stderr by default), set before the
+ * node starts and again after each reload; SIGUSR1 reopens the file (for
+ * logrotate) on the loop thread.  Under systemd the node reports READY,
+ * RELOADING and STOPPING through sdnotify.c; with workers the supervisor
+ * reports for the lot (the workers' own notifications would be refused by
+ * NotifyAccess=main), so READY comes once they are forked.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -26,7 +33,7 @@
 
 #include "core.h"
 
-static uv_signal_t sig_hup, sig_int, sig_term;
+static uv_signal_t sig_hup, sig_int, sig_term, sig_usr1;
 static int stopping;
 
 static void usage(FILE *f)
@@ -66,6 +73,7 @@ static void on_stop_tick(uv_timer_t *t)
         uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
         uv_close((uv_handle_t *)&sig_term, NULL);
+        uv_close((uv_handle_t *)&sig_usr1, NULL);
     }
 }
 
@@ -81,9 +89,15 @@ static void after_sessions(void)
 static void on_signal(uv_signal_t *h, int signum)
 {
     (void)h;
+    if (signum == SIGUSR1) {
+        log_reopen();
+        return;
+    }
     if (signum == SIGHUP) {
-        if (!stopping)
+        if (!stopping) {
+            sdn_reloading();
             plug_reload();
+        }
         return;
     }
     if (stopping) {
@@ -91,9 +105,21 @@ static void on_signal(uv_signal_t *h, int signum)
         exit(1);
     }
     stopping = 1;
+    sdn_stopping();
     LOGI("%s: stopping gracefully (%zu sessions)",
          signum == SIGINT ? "SIGINT" : "SIGTERM", net_session_count());
     net_shutdown(after_sessions);
+}
+
+/* After every reload: the log settings may have changed; tell systemd. */
+static void on_reloaded(int ok, const char *result)
+{
+    const struct conf *c = plug_current_conf();
+    char err[600];
+    (void)ok;
+    if (c && log_open(c->log_file, c->log_format, err, sizeof err))
+        LOGE("reload: %s; logging as before", err);
+    sdn_reloaded(result);
 }
 
 static void raise_nofile(void)
@@ -132,8 +158,12 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_hup, on_signal, SIGHUP);
     uv_signal_start(&sig_int, on_signal, SIGINT);
     uv_signal_start(&sig_term, on_signal, SIGTERM);
+    uv_signal_init(loop, &sig_usr1);
+    uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
+    plug_on_reloaded(on_reloaded);
     if (net_start(loop, c) != 0)
         return 1;
+    sdn_ready(loop, "listening on %s:%d", c->listen_host, c->listen_port);
     uv_run(loop, UV_RUN_DEFAULT);
     plug_free_conf();
     uv_loop_close(loop);
@@ -152,6 +182,7 @@ static pid_t spawn_worker(struct conf *c, int i, const char *base_id)
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
         snprintf(id, sizeof id, "%s-w%d", base_id, i);
+        unsetenv("NOTIFY_SOCKET"); /* the supervisor speaks to systemd */
         mem_free(c->node_id);
         c->node_id = mem_strdup(id);
         c->workers = 1;
@@ -181,18 +212,24 @@ static int supervise(struct conf *c)
     sigaddset(&set, SIGHUP);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGUSR1);
     sigprocmask(SIG_BLOCK, &set, NULL);
     for (int i = 0; i < k; i++)
         if ((pids[i] = spawn_worker(c, i, base)) > 0)
             alive++;
     LOGI("supervisor %ld: %d workers on %s:%d", (long)getpid(), alive,
          c->listen_host, c->listen_port);
+    sdn_ready(NULL, "%d workers on %s:%d", alive, c->listen_host, c->listen_port);
     while (alive > 0) {
         int sig = sigwaitinfo(&set, NULL), st;
         pid_t pid;
-        if (sig == SIGHUP || sig == SIGINT || sig == SIGTERM) {
-            if (sig != SIGHUP)
+        if (sig == SIGHUP || sig == SIGINT || sig == SIGTERM || sig == SIGUSR1) {
+            if (sig == SIGUSR1)
+                log_reopen();
+            else if (sig != SIGHUP && !stopping) {
                 stopping = 1;
+                sdn_stopping();
+            }
             for (int i = 0; i < k; i++)
                 if (pids[i] > 0)
                     kill(pids[i], sig);
@@ -278,10 +315,15 @@ int main(int argc, char **argv)
         return rc ? 1 : 0;
     }
     log_level = c->log_level;
-    if (migrate) {
+    if (migrate) { /* a command run by hand: its output stays on stderr */
         rc = db_migrate(c);
         conf_free(c);
         return rc ? 1 : 0;
+    }
+    if (log_open(c->log_file, c->log_format, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        conf_free(c);
+        return 1;
     }
     if (c->workers > 1) {
         rc = supervise(c);

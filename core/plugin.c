@@ -109,6 +109,7 @@ static struct {
     struct plug_login_part *parts;
     size_t nparts;
     int reloading, reload_again;
+    void (*on_reloaded)(int ok, const char *result);
     size_t live; /* instances created and not yet freed */
 } pl;
 
@@ -649,12 +650,15 @@ static struct chat_plugin *find_active(const char *name)
 }
 
 /* Apply opened files for config c: the new active set is c's list; each
- * entry is the kept instance, a new instance, or (on failure) the old one. */
-static void apply(struct conf *c, struct opened *files, size_t nfiles)
+ * entry is the kept instance, a new instance, or (on failure) the old one.
+ * Returns how many plugins failed to load (-1: out of memory, nothing
+ * changed). */
+static int apply(struct conf *c, struct opened *files, size_t nfiles)
 {
     struct chat_plugin **next = mem_calloc(nfiles + 1, sizeof *next);
     struct chat_plugin **fresh = mem_calloc(nfiles + 1, sizeof *fresh);
     size_t nnext = 0;
+    int failed = -1;
 
     if (!next || !fresh || !(pl.staging = mem_calloc(nfiles + 1, sizeof *pl.staging))) {
         LOGE("reload: out of memory; nothing changed");
@@ -664,6 +668,7 @@ static void apply(struct conf *c, struct opened *files, size_t nfiles)
         goto out;
     }
     pl.nstaging = 0;
+    failed = 0;
     for (size_t i = 0; i < nfiles; i++) {
         struct opened *o = &files[i];
         struct chat_plugin *old = find_active(o->name);
@@ -672,6 +677,7 @@ static void apply(struct conf *c, struct opened *files, size_t nfiles)
             continue;
         }
         if (!o->dl) {
+            failed++;
             LOGE("plugin %s: %s%s", o->name, o->err,
                  old ? "; the running instance stays" : "");
             if (old)
@@ -679,6 +685,7 @@ static void apply(struct conf *c, struct opened *files, size_t nfiles)
             continue;
         }
         fresh[i] = instantiate(o, c, old);
+        failed += !fresh[i];
         if (fresh[i])
             next[nnext++] = fresh[i];
         else if (old) {
@@ -698,6 +705,7 @@ static void apply(struct conf *c, struct opened *files, size_t nfiles)
         next = NULL;
         if (rebuild() != 0) {
             LOGE("reload: out of memory while swapping; keeping the old set");
+            failed = -1;
             next = pl.active;
             pl.active = prev;
             pl.nactive = nprev;
@@ -748,6 +756,7 @@ out:
     pl.nstaging = 0;
     mem_free(next);
     mem_free(fresh);
+    return failed;
 }
 
 static struct opened *open_all(const struct conf *c, size_t *n)
@@ -864,19 +873,30 @@ static void reload_work(uv_work_t *req)
 static void reload_done(uv_work_t *req, int status)
 {
     struct reload_job *j = container_of(req, struct reload_job, req);
+    char result[600];
+    int failed = -1;
     if (status == 0 && j->conf && j->files) {
         struct conf *old = pl.conf;
         LOGI("reload: %s read; applying", j->path);
         log_level = j->conf->log_level;
-        apply(j->conf, j->files, j->nfiles);
+        failed = apply(j->conf, j->files, j->nfiles);
         pl.conf = j->conf;
         net_apply_conf(pl.conf);
         ack_configure(pl.conf->login_part_timeout_ms);
         disp_configure((size_t)pl.conf->max_members);
         conf_free(old);
         j->conf = NULL;
+        if (failed == 0)
+            snprintf(result, sizeof result, "reloaded: %zu plugins", pl.nactive);
+        else if (failed > 0)
+            snprintf(result, sizeof result, "reloaded: %zu plugins, %d failed to "
+                     "load (their running versions stay)", pl.nactive, failed);
+        else
+            snprintf(result, sizeof result, "reload: out of memory; plugins unchanged");
     } else {
-        LOGE("reload: %s; nothing changed", j->err[0] ? j->err : "cancelled");
+        snprintf(result, sizeof result, "reload failed: %s; nothing changed",
+                 j->err[0] ? j->err : "cancelled");
+        LOGE("%s", result);
         if (j->files)
             for (size_t i = 0; i < j->nfiles; i++)
                 if (j->files[i].dl)
@@ -890,6 +910,8 @@ static void reload_done(uv_work_t *req, int status)
     mem_free(j->path);
     mem_free(j);
     pl.reloading = 0;
+    if (pl.on_reloaded)
+        pl.on_reloaded(failed == 0, result);
     if (pl.reload_again) {
         pl.reload_again = 0;
         plug_reload();
@@ -909,6 +931,8 @@ void plug_reload(void)
         if (j)
             mem_free(j->path);
         mem_free(j);
+        if (pl.on_reloaded)
+            pl.on_reloaded(0, "reload: out of memory; nothing changed");
         return;
     }
     for (size_t i = 0; i < pl.nactive; i++) {
@@ -925,10 +949,14 @@ void plug_reload(void)
         mem_free(j->active);
         mem_free(j->path);
         mem_free(j);
+        if (pl.on_reloaded)
+            pl.on_reloaded(0, "reload: no worker thread; nothing changed");
     }
 }
 
 const struct conf *plug_current_conf(void) { return pl.conf; }
+
+void plug_on_reloaded(void (*cb)(int ok, const char *result)) { pl.on_reloaded = cb; }
 
 size_t plug_live(void) { return pl.live; }
 
