@@ -116,9 +116,10 @@ static void on_reloaded(int ok, const char *result)
 {
     const struct conf *c = plug_current_conf();
     char err[600];
-    (void)ok;
     if (c && log_open(c->log_file, c->log_format, err, sizeof err))
         LOGE("reload: %s; logging as before", err);
+    if (ok)
+        LOGI("%s", result); /* failures were logged as they happened */
     sdn_reloaded(result);
 }
 
@@ -315,7 +316,9 @@ int main(int argc, char **argv)
         return rc ? 1 : 0;
     }
     log_level = c->log_level;
-    if (migrate) { /* a command run by hand: its output stays on stderr */
+    if (migrate) { /* run by hand: stderr, in the configured format */
+        if (log_open(NULL, c->log_format, err, sizeof err))
+            fprintf(stderr, "%s\n", err);
         rc = db_migrate(c);
         conf_free(c);
         return rc ? 1 : 0;
