@@ -17,14 +17,15 @@ set -euo pipefail
 
 # group name and its packages.  libclang-rt-14-dev holds libFuzzer and the
 # sanitizer runtimes; clang only recommends it, so it is listed on its own.
-GROUPS_ORDER=(build fuzz libs servers python cluster)
+GROUPS_ORDER=(build fuzz libs servers python cluster package)
 declare -A GROUP_PKGS=(
     [build]="build-essential cmake pkg-config"
     [fuzz]="clang libclang-rt-14-dev"
-    [libs]="libuv1-dev libcjson-dev default-libmysqlclient-dev libhiredis-dev libcunit1-dev libinih-dev libcrypt-dev libedit-dev"
+    [libs]="libuv1-dev libcjson-dev default-libmysqlclient-dev libhiredis-dev libcunit1-dev libinih-dev libcrypt-dev libedit-dev libsystemd-dev"
     [servers]="mariadb-server mariadb-client redis-server"
     [python]="python3"
     [cluster]="nginx-light libnginx-mod-stream"
+    [package]="dpkg-dev lintian systemd"
 )
 # Packages whose install would start a system service we do not want.
 declare -A SERVICE_OF_PKG=(

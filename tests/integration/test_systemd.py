@@ -18,7 +18,6 @@ UNIT = os.path.join(CHAT_SRC, "contrib", "systemd", "chatd.service")
 
 
 class UnitFileTest(unittest.TestCase):
-    @unittest.skipUnless(shutil.which("systemd-analyze"), "systemd-analyze missing")
     def test_systemd_analyze_verify(self):
         d = tempfile.mkdtemp(prefix="chatd-unit-")
         self.addCleanup(shutil.rmtree, d, True)
