@@ -140,6 +140,7 @@ static int run_node(struct conf *c)
     snprintf(n, sizeof n, "%d", c->threadpool_size);
     setenv("UV_THREADPOOL_SIZE", n, 1);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGUSR1, SIG_IGN); /* until its handler is in place: never fatal */
     raise_nofile();
     log_level = c->log_level;
     host_init(loop);
