@@ -8,6 +8,7 @@
  * through the host table.  The result is an immutable struct conf; a reload
  * builds a new one and swaps it, so a bad file changes nothing.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -101,6 +102,71 @@ int conf_ip_ok(const char *host)
     return host && (uv_ip4_addr(host, 0, &a4) == 0 || uv_ip6_addr(host, 0, &a6) == 0);
 }
 
+int conf_parse_cidr(const char *s, struct conf_cidr *out)
+{
+    char ip[64];
+    const char *slash = strchr(s, '/');
+    size_t n = slash ? (size_t)(slash - s) : strlen(s);
+    long long bits;
+
+    if (n == 0 || n >= sizeof ip)
+        return CHAT_ERR_INVAL;
+    memcpy(ip, s, n);
+    ip[n] = '\0';
+    memset(out, 0, sizeof *out);
+    if (inet_pton(AF_INET, ip, out->addr) == 1)
+        out->family = AF_INET;
+    else if (inet_pton(AF_INET6, ip, out->addr) == 1)
+        out->family = AF_INET6;
+    else
+        return CHAT_ERR_INVAL;
+    out->bits = out->family == AF_INET ? 32 : 128;
+    if (slash) {
+        if (parse_int(slash + 1, 0, out->bits, &bits))
+            return CHAT_ERR_INVAL;
+        out->bits = (unsigned)bits;
+    }
+    return CHAT_OK;
+}
+
+int conf_cidr_match(const struct conf_cidr *c, int family, const unsigned char *addr)
+{
+    unsigned full = c->bits / 8, rest = c->bits % 8;
+
+    if (c->family != family || memcmp(c->addr, addr, full) != 0)
+        return 0;
+    if (rest == 0)
+        return 1;
+    return ((c->addr[full] ^ addr[full]) & (0xff00u >> rest)) == 0;
+}
+
+/* "trusted": addresses and networks separated by commas or blanks. */
+static int parse_trusted(struct conf *c, const char *v, char *bad, size_t badlen)
+{
+    char *copy = mem_strdup(v), *tok, *save = NULL;
+    int r = CHAT_OK;
+
+    if (!copy)
+        return CHAT_ERR_NOMEM;
+    c->ntrusted = 0;
+    for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save)) {
+        struct conf_cidr *t = mem_realloc(c->trusted, (c->ntrusted + 1) * sizeof *t);
+        if (!t) {
+            r = CHAT_ERR_NOMEM;
+            break;
+        }
+        c->trusted = t;
+        if (conf_parse_cidr(tok, &t[c->ntrusted])) {
+            snprintf(bad, badlen, "%s", tok);
+            r = CHAT_ERR_INVAL;
+            break;
+        }
+        c->ntrusted++;
+    }
+    mem_free(copy);
+    return r;
+}
+
 #define INT_KEY(k, lo, hi, field)                                        \
     if (strcmp(name, k) == 0) {                                          \
         long long x_;                                                    \
@@ -154,11 +220,29 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
     }
     INT_KEY("max_connections", 1, 10000000, c->max_connections)
     INT_KEY("max_frame", 64, 16777216, c->max_frame)
+    if (strcmp(name, "trusted") == 0) {
+        char bad[64] = "";
+        int r = parse_trusted(c, value, bad, sizeof bad);
+        if (r == CHAT_ERR_NOMEM)
+            return set_err(p, "%s%s", "out of memory", "");
+        if (r)
+            return set_err(p, "trusted: \"%s\" is not an IP address or "
+                           "ADDRESS/BITS network%s", bad, "");
+        return 1;
+    }
     INT_KEY("idle_timeout", 0, 86400 * 365, c->idle_timeout_s)
+    INT_KEY("request_timeout", 0, 86400, c->request_timeout_s)
+    INT_KEY("max_connections_per_addr", 0, 10000000, c->max_conns_per_addr)
+    INT_KEY("max_unauth_per_addr", 0, 10000000, c->max_unauth_per_addr)
+    INT_KEY("tcp_keepalive", 0, 86400, c->keepalive_idle_s)
+    INT_KEY("tcp_keepalive_interval", 1, 3600, c->keepalive_intvl_s)
+    INT_KEY("tcp_keepalive_count", 1, 127, c->keepalive_cnt)
+    INT_KEY("tcp_user_timeout", 0, 86400, c->user_timeout_s)
     INT_KEY("max_output", 1024, 1073741824, c->max_output)
     INT_KEY("legacy_pace_ms", 0, 1000, c->legacy_pace_ms)
     INT_KEY("max_members", 8, JSON_SPAN_DUP_MAX, c->max_members)
     INT_KEY("login_part_timeout_ms", 1, 600000, c->login_part_timeout_ms)
+    INT_KEY("login_ack_max", 1024, 16777216, c->login_ack_max)
     INT_KEY("threadpool", 1, 1024, c->threadpool_size)
     INT_KEY("worker_nice", 0, 19, c->worker_nice)
     INT_KEY("workers", 1, 256, c->workers)
@@ -349,10 +433,18 @@ static void set_defaults(struct conf *c)
     c->max_connections = 19500;
     c->max_frame = 65536;
     c->idle_timeout_s = 600;
+    c->request_timeout_s = 30;
+    c->max_conns_per_addr = 512;
+    c->max_unauth_per_addr = 64;
+    c->keepalive_idle_s = 60;
+    c->keepalive_intvl_s = 10;
+    c->keepalive_cnt = 6;
+    c->user_timeout_s = 120;
     c->max_output = 4u << 20;
     c->legacy_pace_ms = 20;
     c->max_members = DISP_MAX_MEMBERS_DEF;
     c->login_part_timeout_ms = 2000;
+    c->login_ack_max = 65536;
     c->threadpool_size = 4;
     c->worker_nice = 10;
     c->workers = 1;
@@ -443,6 +535,7 @@ void conf_free(struct conf *c)
     for (size_t i = 0; i < c->nplugins; i++)
         mem_free(c->plugins[i]);
     mem_free(c->plugins);
+    mem_free(c->trusted);
     for (size_t i = 0; i < c->nsections; i++) {
         for (size_t j = 0; j < c->sections[i].nkv; j++) {
             mem_free(c->sections[i].kv[j].key);

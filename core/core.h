@@ -126,6 +126,13 @@ struct conf_section {
     struct conf_kv *kv;
     size_t nkv;
 };
+/* An address or network of the [server] trusted list: family AF_INET or
+ * AF_INET6, the address in network order (4 or 16 bytes used), prefix bits. */
+struct conf_cidr {
+    int family;
+    unsigned char addr[16];
+    unsigned bits;
+};
 struct conf {
     char *path;            /* the file read */
     char *dir;             /* its directory, for relative paths */
@@ -138,9 +145,19 @@ struct conf {
     int max_connections;
     size_t max_frame;
     int idle_timeout_s;    /* 0: none */
+    int request_timeout_s; /* first byte to last of one request; 0: none */
+    int max_conns_per_addr;   /* per IPv4 address / IPv6 /64; 0: none */
+    int max_unauth_per_addr;  /* of those, not logged in; 0: none */
+    struct conf_cidr *trusted; /* exempt from the per-address caps */
+    size_t ntrusted;
+    int keepalive_idle_s;  /* TCP keepalive: idle before probing; 0: off */
+    int keepalive_intvl_s; /* between probes */
+    int keepalive_cnt;     /* unanswered probes (without a user timeout) */
+    int user_timeout_s;    /* TCP_USER_TIMEOUT; 0: the kernel's default */
     size_t max_output;     /* bytes of unsent output per session */
     int legacy_pace_ms;    /* gap between two messages to a legacy session */
     int max_members;       /* top-level members of one request */
+    size_t login_ack_max;  /* bytes of one login ack (the rest follows) */
     int login_part_timeout_ms;
     int threadpool_size;
     int worker_nice;       /* nice of the worker threads (hashing) */
@@ -175,6 +192,10 @@ const char *conf_section_get(const struct conf_section *sec, const char *key);
 int conf_parse_hostport(const char *s, char **host, int *port);
 /* A numeric IPv4 or IPv6 address (listen addresses are never resolved). */
 int conf_ip_ok(const char *host);
+/* Parse "ADDR" or "ADDR/BITS" (numeric IPv4 or IPv6); 0 or CHAT_ERR_INVAL. */
+int conf_parse_cidr(const char *s, struct conf_cidr *out);
+/* 1 when the address (family, bytes in network order) is inside c. */
+int conf_cidr_match(const struct conf_cidr *c, int family, const unsigned char *addr);
 
 /* ---- frame.c ---------------------------------------------------------- */
 /* Incremental splitter for a stream of JSON objects separated by optional
@@ -262,7 +283,8 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
 void net_session_unbind(struct chat_session *s);
 int net_session_closing(const struct chat_session *s);
 /* Queue json + '\n'.  CHAT_ERR_CLOSED on a closing session.  Enforces
- * max_output (closes the session, returns CHAT_ERR_BUSY). */
+ * max_output on what is already pending before this message (closes the
+ * session, returns CHAT_ERR_BUSY); one message alone never trips it. */
 int net_send(struct chat_session *s, const char *json, size_t len);
 /* Same, but for messages delivered from other users: held while the
  * session's login ack is pending. */
@@ -355,6 +377,9 @@ int plug_register_hook(struct chat_plugin *p, int event, chat_hook_fn fn, void *
 int plug_register_login_part(struct chat_plugin *p, const char *key,
                              chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,
                              void *ud);
+int plug_register_login_messages(struct chat_plugin *p, const char *key,
+                                 chat_login_part_fn part_fn,
+                                 chat_login_written_fn written_fn, void *ud);
 const struct conf_section *plug_conf(const struct chat_plugin *p);
 /* Timers owned by an instance. */
 struct chat_timer *plug_timer_start(struct chat_plugin *p, uint64_t timeout_ms,
@@ -366,6 +391,7 @@ struct plug_login_part {
     char *key;
     chat_login_part_fn part_fn;
     chat_login_sent_fn sent_fn;
+    chat_login_written_fn written_fn; /* non-NULL: a part of messages */
     void *ud;
 };
 size_t plug_login_parts(const struct plug_login_part **parts);
@@ -392,7 +418,8 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
               chat_login_done_fn done_fn, void *ud);
 void ack_part_set(struct chat_login *l, cJSON *value, void *state);
 int ack_proto(const struct chat_login *l);
-void ack_configure(int part_timeout_ms);
+/* [server] login_part_timeout_ms, login_ack_max and max_output. */
+void ack_configure(const struct conf *c);
 
 /* ---- db.c ------------------------------------------------------------- */
 struct db_stats {

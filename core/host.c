@@ -565,4 +565,6 @@ const struct chat_host host_table = {
     .deliver_ex = h_deliver_ex,
     .undeliverable_claim = h_undeliverable_claim,
     .delivery_done = h_delivery_done,
+    /* ABI 1.5 (login ack) */
+    .register_login_messages = plug_register_login_messages,
 };

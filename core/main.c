@@ -146,7 +146,7 @@ static int run_node(struct conf *c)
     host_init(loop);
     host_set_work_nice(c->worker_nice);
     metrics_start();
-    ack_configure(c->login_part_timeout_ms);
+    ack_configure(c);
     disp_configure((size_t)c->max_members);
     LOGI("chatd %s starting (ABI %d.%d, config %s)", CHATD_VERSION, CHAT_ABI_MAJOR,
          CHAT_ABI_MINOR, c->path);

@@ -29,8 +29,30 @@
  * unregisters the session (session_get() stops finding it), fires
  * CHAT_EV_SESSION_CLOSE with the user still bound, then drops the user's
  * binding and presence, flushes what is queued and shuts the socket down.
- * Idle sessions are found by one timer walking a list kept in order of last
- * activity (moving a session to the tail is O(1)), not one timer each.
+ *
+ * Time limits are per request, never per byte, and one timer enforces them
+ * all by walking two lists kept in time order (appending at the tail and
+ * unlinking are O(1)), not one timer per session:
+ *   - the request list holds the sessions with a frame under way, stamped
+ *     with the arrival of its first byte: a frame not complete within
+ *     request_timeout closes the session (slowloris);
+ *   - the idle list holds the sessions idle_timeout applies to, stamped
+ *     with their last complete request: a session that never logged in
+ *     (its login deadline), and a logged-in one only while its output waits
+ *     on a full kernel buffer (stamped when the wait began or last moved), so
+ *     a peer that neither sends nor drains is dropped.  A logged-in reader
+ *     is never idle: whether its peer is alive is the kernel's job, with TCP
+ *     keepalive and TCP_USER_TIMEOUT (tcp_keepalive*, tcp_user_timeout).
+ *
+ * Admission: besides max_connections, connections are counted per client
+ * address, all of them and those not logged in (a session counts as logged
+ * in from net_session_bind to net_session_unbind), in two hash maps keyed
+ * by the address, so accept and close cost O(1).  An IPv4 address is one
+ * key; IPv6 is counted per /64, since one host is routinely given a whole
+ * /64 and could otherwise take a fresh address per connection.  Addresses
+ * in the trusted list (a proxy, a load generator) are not counted.  Over a
+ * cap the connection is accepted and closed at once, with a log line at
+ * most once a second.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -69,6 +91,22 @@ struct dmark {
     int held;
 };
 
+/* A link of a time-ordered session list (idle, requests under way). */
+struct tlink {
+    struct tlink *prev, *next;
+    uint64_t at;             /* uv_now() when the session joined the list */
+};
+struct tlist {
+    struct tlink *head, *tail;
+};
+
+/* Connections from one IPv4 address or IPv6 /64; freed with the last one. */
+struct net_addr {
+    int64_t key;
+    int v6;
+    unsigned total, unauth;
+};
+
 struct chat_session {
     uv_tcp_t tcp;
     uint64_t id;
@@ -77,7 +115,8 @@ struct chat_session {
     size_t name_len;
     int proto;
     unsigned closing : 1, hold : 1, in_flush : 1, writing : 1, graceful : 1,
-        garbage : 1, registered : 1, sink : 1, pacing : 1;
+        garbage : 1, registered : 1, sink : 1, pacing : 1, unauth : 1;
+    struct net_addr *addr;   /* its address's counts; NULL: not counted */
     struct frame_scanner fs;
     char *part;              /* bytes of a frame that straddles reads */
     size_t part_len, part_cap;
@@ -89,9 +128,9 @@ struct chat_session {
     struct dmark *marks;     /* deliveries not known written: [mhead, mlen) */
     size_t mhead, mlen, mcap;
     struct chat_session *flush_next;
-    struct chat_session *idle_prev, *idle_next;
+    struct tlink idle;       /* on net.idle: see the top of the file */
+    struct tlink req;        /* on net.reqs while a frame is under way */
     struct chat_session *all_prev, *all_next; /* every session, for shutdown */
-    uint64_t last_active;    /* uv_now() of the last request */
     uint64_t pace_until;     /* legacy: no next message before this uv_now() */
     struct chat_session *pace_prev, *pace_next; /* waiting for pace_until */
     uv_write_t wreq;
@@ -103,15 +142,17 @@ static struct {
     uv_tcp_t listener;
     int listening;
     uv_check_t flusher;
+    uv_idle_t flush_idle;    /* active while sessions wait on the flush list */
     uv_timer_t idle_timer;
     uv_timer_t pace_timer;
     struct chat_session *pace_head, *pace_tail; /* in pace_until order */
     int legacy_pace_ms;      /* 0: legacy output is coalesced like protocol 2 */
     struct map by_id, by_user;
+    struct map addr4, addr6; /* int64 key -> struct net_addr */
     uint64_t next_id;
     size_t count;
     struct chat_session *flush_head;
-    struct chat_session *idle_head, *idle_tail;
+    struct tlist idle, reqs;
     struct chat_session *all_head;
     struct obuf *pool[OBUF_POOL_MAX];
     size_t npool;
@@ -119,8 +160,12 @@ static struct {
     int rbuf_busy;
     /* limits (reloadable) */
     size_t max_frame, max_output;
-    int max_connections, idle_timeout_s;
-    uint64_t refused;        /* connections over max_connections */
+    int max_connections, idle_timeout_s, request_timeout_s;
+    int max_per_addr, max_unauth_per_addr;
+    struct conf_cidr *trusted;
+    size_t ntrusted;
+    int ka_idle_s, ka_intvl_s, ka_cnt, user_timeout_s;
+    uint64_t refused;        /* connections refused by a cap */
     uint64_t refused_logged_at;
     void (*shutdown_done)(void);
     uv_timer_t shutdown_timer;
@@ -196,48 +241,205 @@ static size_t pending_bytes(const struct chat_session *s)
     return n;
 }
 
-/* ---- idle list -------------------------------------------------------- */
+/* ---- time limits ------------------------------------------------------ */
 
-static void idle_unlink(struct chat_session *s)
+static void begin_close(struct chat_session *s, int errno_, const char *why,
+                        int graceful);
+
+static int tl_linked(const struct tlist *l, const struct tlink *k)
 {
-    if (s->idle_prev)
-        s->idle_prev->idle_next = s->idle_next;
-    else if (net.idle_head == s)
-        net.idle_head = s->idle_next;
-    if (s->idle_next)
-        s->idle_next->idle_prev = s->idle_prev;
-    else if (net.idle_tail == s)
-        net.idle_tail = s->idle_prev;
-    s->idle_prev = s->idle_next = NULL;
+    return k->prev || l->head == k;
 }
 
-static void idle_touch(struct chat_session *s)
+static void tl_unlink(struct tlist *l, struct tlink *k)
 {
-    s->last_active = uv_now(net.loop);
-    if (net.idle_tail == s)
+    if (k->prev)
+        k->prev->next = k->next;
+    else if (l->head == k)
+        l->head = k->next;
+    if (k->next)
+        k->next->prev = k->prev;
+    else if (l->tail == k)
+        l->tail = k->prev;
+    k->prev = k->next = NULL;
+}
+
+/* (Re)join at the tail, stamped now: the list stays in time order. */
+static void tl_push(struct tlist *l, struct tlink *k)
+{
+    k->at = uv_now(net.loop);
+    if (l->tail == k)
         return;
-    idle_unlink(s);
-    s->idle_prev = net.idle_tail;
-    if (net.idle_tail)
-        net.idle_tail->idle_next = s;
+    tl_unlink(l, k);
+    k->prev = l->tail;
+    if (l->tail)
+        l->tail->next = k;
     else
-        net.idle_head = s;
-    net.idle_tail = s;
+        l->head = k;
+    l->tail = k;
+}
+
+/* Does idle_timeout apply to s now?  See the top of the file. */
+static int idle_applies(const struct chat_session *s)
+{
+    return !s->closing && !s->sink && (!s->uid || s->writing);
+}
+
+/* Activity (a complete request, a login, a logout): restart the clock, or
+ * leave the list when the timeout no longer applies. */
+static void idle_refresh(struct chat_session *s)
+{
+    if (idle_applies(s))
+        tl_push(&net.idle, &s->idle);
+    else
+        tl_unlink(&net.idle, &s->idle);
+}
+
+/* The kernel took some output, or stopped taking it: a logged-in session
+ * is on the idle list exactly while it waits on a full kernel buffer. */
+static void idle_output(struct chat_session *s)
+{
+    if (s->uid && !s->closing)
+        idle_refresh(s);
+}
+
+/* After a read: a frame left unfinished starts the request clock (its
+ * first byte came in this read); a finished one stopped it in process(). */
+static void req_track(struct chat_session *s)
+{
+    if (s->closing || s->fs.len == 0)
+        tl_unlink(&net.reqs, &s->req);
+    else if (!tl_linked(&net.reqs, &s->req))
+        tl_push(&net.reqs, &s->req);
+}
+
+/* Close for a time limit: a notice for protocol 2, unless the peer is not
+ * reading (a graceful close would wait on it forever). */
+static void close_timed_out(struct chat_session *s, const char *why)
+{
+    if (s->writing)
+        begin_close(s, 0, NULL, 0);
+    else
+        net_close(s, CHAT_E_IDLE, why);
 }
 
 static void on_idle_timer(uv_timer_t *t)
 {
     uint64_t now = uv_now(net.loop), limit;
     (void)t;
-    if (net.idle_timeout_s <= 0)
-        return;
-    limit = (uint64_t)net.idle_timeout_s * 1000;
-    while (net.idle_head && net.idle_head->last_active + limit <= now) {
-        struct chat_session *s = net.idle_head;
-        idle_unlink(s);
-        LOGSI(s, "idle for %d s, closing", net.idle_timeout_s);
-        net_close(s, CHAT_E_IDLE, "idle timeout");
+    limit = (uint64_t)net.request_timeout_s * 1000;
+    while (net.request_timeout_s > 0 && net.reqs.head &&
+           net.reqs.head->at + limit <= now) {
+        struct chat_session *s = container_of(net.reqs.head, struct chat_session, req);
+        tl_unlink(&net.reqs, &s->req);
+        LOGSI(s, "request not complete after %d s, closing", net.request_timeout_s);
+        close_timed_out(s, "request timeout");
     }
+    limit = (uint64_t)net.idle_timeout_s * 1000;
+    while (net.idle_timeout_s > 0 && net.idle.head &&
+           net.idle.head->at + limit <= now) {
+        struct chat_session *s = container_of(net.idle.head, struct chat_session, idle);
+        tl_unlink(&net.idle, &s->idle);
+        if (s->uid)
+            LOGSI(s, "output not drained and no request for %d s, closing",
+                  net.idle_timeout_s);
+        else
+            LOGSI(s, "not logged in and no request for %d s, closing",
+                  net.idle_timeout_s);
+        close_timed_out(s, "idle timeout");
+    }
+}
+
+/* ---- per-address counts ----------------------------------------------- */
+
+/* The peer's address, IPv4-mapped IPv6 taken as IPv4; 0 or -1. */
+static int peer_addr(const struct chat_session *s, int *family, unsigned char *addr)
+{
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+
+    if (uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len) != 0)
+        return -1;
+    if (ss.ss_family == AF_INET) {
+        *family = AF_INET;
+        memcpy(addr, &((struct sockaddr_in *)&ss)->sin_addr, 4);
+        return 0;
+    }
+    if (ss.ss_family != AF_INET6)
+        return -1;
+    const struct in6_addr *a6 = &((struct sockaddr_in6 *)&ss)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(a6)) {
+        *family = AF_INET;
+        memcpy(addr, a6->s6_addr + 12, 4);
+    } else {
+        *family = AF_INET6;
+        memcpy(addr, a6->s6_addr, 16);
+    }
+    return 0;
+}
+
+static int addr_trusted(int family, const unsigned char *addr)
+{
+    for (size_t i = 0; i < net.ntrusted; i++)
+        if (conf_cidr_match(&net.trusted[i], family, addr))
+            return 1;
+    return 0;
+}
+
+/* The counts of the peer's address, created when new; NULL (nothing
+ * counted) when it is trusted or unknown.  *err is set on no memory. */
+static struct net_addr *addr_lookup(const struct chat_session *s, int *err)
+{
+    unsigned char a[16];
+    int family, v6;
+    uint64_t key = 0;
+    struct net_addr *na;
+    struct map *m;
+
+    *err = 0;
+    if (peer_addr(s, &family, a) || addr_trusted(family, a))
+        return NULL;
+    v6 = family == AF_INET6;
+    for (int i = 0; i < (v6 ? 8 : 4); i++) /* IPv6: the /64 */
+        key = key << 8 | a[i];
+    m = v6 ? &net.addr6 : &net.addr4;
+    if ((na = map_get(m, (int64_t)key)))
+        return na;
+    if (!(na = mem_calloc(1, sizeof *na)) || map_put(m, (int64_t)key, na)) {
+        mem_free(na);
+        *err = 1;
+        return NULL;
+    }
+    na->key = (int64_t)key;
+    na->v6 = v6;
+    return na;
+}
+
+static void addr_release(struct chat_session *s)
+{
+    struct net_addr *na = s->addr;
+    if (!na)
+        return;
+    s->addr = NULL;
+    if (s->unauth)
+        na->unauth--;
+    s->unauth = 0;
+    if (--na->total == 0) {
+        map_del(na->v6 ? &net.addr6 : &net.addr4, na->key);
+        mem_free(na);
+    }
+}
+
+/* Counted as not logged in, or no longer. */
+static void addr_set_unauth(struct chat_session *s, int on)
+{
+    if (!s->addr || s->closing || s->unauth == (unsigned)!!on)
+        return;
+    s->unauth = on ? 1 : 0;
+    if (on)
+        s->addr->unauth++;
+    else
+        s->addr->unauth--;
 }
 
 static void flush_session(struct chat_session *s);
@@ -455,6 +657,9 @@ static void on_closed(uv_handle_t *h)
         net.all_head = s->all_next;
     if (s->all_next)
         s->all_next->all_prev = s->all_prev;
+    tl_unlink(&net.idle, &s->idle);
+    tl_unlink(&net.reqs, &s->req);
+    addr_release(s);
     run_waits(s, 1);
     pace_unlink(s);
     spill_unsent(s);
@@ -508,7 +713,8 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
     s->closing = 1;
     s->graceful = graceful ? 1 : 0;
     uv_read_stop((uv_stream_t *)&s->tcp);
-    idle_unlink(s);
+    tl_unlink(&net.idle, &s->idle);
+    tl_unlink(&net.reqs, &s->req);
     if (s->registered) {
         map_del(&net.by_id, (int64_t)s->id);
         s->registered = 0;
@@ -584,6 +790,7 @@ static void on_written(uv_write_t *req, int status)
         flush_session(s);
     else if (s->closing)
         finish_close(s);
+    idle_output(s); /* drained: off the idle list, or its clock restarted */
 }
 
 static void flush_session(struct chat_session *s)
@@ -657,7 +864,29 @@ static void flush_session(struct chat_session *s)
     if (n < 0) {
         s->writing = 0;
         begin_close(s, 0, NULL, 0);
+        return;
     }
+    if (!tl_linked(&net.idle, &s->idle))
+        idle_output(s); /* waiting on the peer from now */
+}
+
+static void on_flush_idle(uv_idle_t *h) { (void)h; }
+
+/* Put s on the flush list.  The check phase that drains it runs after the
+ * poll: an active idle handle makes that poll return at once, so output
+ * queued outside a read callback (a timer, a pace tick, a flush callback)
+ * leaves in this iteration instead of when some other event wakes the loop. */
+static void flush_later(struct chat_session *s)
+{
+    if (s->in_flush)
+        return;
+    s->in_flush = 1;
+    s->flush_next = net.flush_head;
+    net.flush_head = s;
+    /* (the test seam runs without the flusher and drains by hand) */
+    if (uv_is_active((uv_handle_t *)&net.flusher) &&
+        !uv_is_active((uv_handle_t *)&net.flush_idle))
+        uv_idle_start(&net.flush_idle, on_flush_idle);
 }
 
 static void on_check(uv_check_t *h)
@@ -670,16 +899,28 @@ static void on_check(uv_check_t *h)
         s->in_flush = 0;
         flush_session(s);
     }
+    uv_idle_stop(&net.flush_idle);
 }
 
+/* The slow-reader rule looks at what is already pending before this
+ * message, never at the size of the message itself: one reply, however
+ * large (a long friend list, a big login ack), is always queued, and a
+ * session is closed only when max_output bytes or more that it has not yet
+ * taken are still waiting when the next one comes.  Memory per session is
+ * thus bounded by max_output plus one message. */
 static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
                      size_t len)
 {
+    size_t pending;
+
     if (s->closing)
         return CHAT_ERR_CLOSED;
-    if (pending_bytes(s) + len + 1 > net.max_output) {
-        LOGSW(s, "%zu bytes unsent, over max_output; "
-              "disconnecting a client that does not read", pending_bytes(s));
+    pending = pending_bytes(s);
+    if (pending >= net.max_output) {
+        LOGSW(s, "%zu bytes still waiting to be written to it "
+              "(%zu of them held behind its login ack), at or over max_output "
+              "(%zu); closing it instead of queueing %zu more",
+              pending, s->held ? s->held->len : (size_t)0, net.max_output, len + 1);
         begin_close(s, 0, NULL, 0);
         return CHAT_ERR_BUSY;
     }
@@ -687,11 +928,7 @@ static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
         return CHAT_ERR_NOMEM;
     if (bp == &s->out) {
         s->queued_total += len + 1;
-        if (!s->in_flush) {
-            s->in_flush = 1;
-            s->flush_next = net.flush_head;
-            net.flush_head = s;
-        }
+        flush_later(s);
     }
     return CHAT_OK;
 }
@@ -724,11 +961,7 @@ void net_hold(struct chat_session *s, int on)
         if (obuf_append(&s->out, h->data, h->len, 0) == CHAT_OK) {
             marks_unhold(s, s->queued_total);
             s->queued_total += h->len;
-            if (!s->in_flush) {
-                s->in_flush = 1;
-                s->flush_next = net.flush_head;
-                net.flush_head = s;
-            }
+            flush_later(s);
         }
         obuf_put(h);
     }
@@ -802,6 +1035,8 @@ static void process(struct chat_session *s, const char *buf, size_t n)
         int r = frame_scan(&s->fs, buf + pos, n - pos, &used, &start);
         if (r == FRAME_COMPLETE) {
             s->garbage = 0;
+            tl_unlink(&net.reqs, &s->req);
+            idle_refresh(s);
             if (s->part_len == 0 && start >= 0) {
                 disp_frame(s, buf + pos + start, used - (size_t)start);
             } else {
@@ -847,8 +1082,8 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (buf->base == net.rbuf)
         net.rbuf_busy = 0;
     if (nread > 0) {
-        idle_touch(s);
         process(s, buf->base, (size_t)nread);
+        req_track(s);
         return;
     }
     if (nread == 0)
@@ -860,6 +1095,71 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 }
 
 /* ---- accepting -------------------------------------------------------- */
+
+/* Close a connection a cap does not admit; one log line a second at most. */
+static void refuse(struct chat_session *s, const char *cap, int limit)
+{
+    uint64_t now = uv_now(net.loop);
+    net.refused++;
+    if (now - net.refused_logged_at >= 1000 || net.refused == 1) {
+        LOGW("%s (%d) reached: refused %s (%llu refused so far)", cap, limit,
+             net_session_peer(s), (unsigned long long)net.refused);
+        net.refused_logged_at = now;
+    }
+    s->closing = 1;
+    close_now(s);
+}
+
+/* Count s against its address; 0, or -1 when refused (and closed). */
+static int admit_addr(struct chat_session *s)
+{
+    int err;
+    struct net_addr *na = addr_lookup(s, &err);
+
+    if (err) {
+        s->closing = 1;
+        close_now(s);
+        return -1;
+    }
+    if (!na)
+        return 0;
+    /* a fresh entry (total 0) passes both tests, so none is left empty */
+    if (net.max_per_addr > 0 && na->total >= (unsigned)net.max_per_addr) {
+        refuse(s, "max_connections_per_addr", net.max_per_addr);
+        return -1;
+    }
+    if (net.max_unauth_per_addr > 0 && na->unauth >= (unsigned)net.max_unauth_per_addr) {
+        refuse(s, "max_unauth_per_addr", net.max_unauth_per_addr);
+        return -1;
+    }
+    s->addr = na;
+    na->total++;
+    na->unauth++;
+    s->unauth = 1;
+    return 0;
+}
+
+/* TCP keepalive and TCP_USER_TIMEOUT: how a dead peer is found. */
+static void set_keepalive(struct chat_session *s)
+{
+    uv_os_fd_t fd;
+    int v;
+
+    if (net.ka_idle_s <= 0) {
+        uv_tcp_keepalive(&s->tcp, 0, 0);
+    } else if (uv_tcp_keepalive(&s->tcp, 1, (unsigned)net.ka_idle_s) == 0 &&
+               uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0) {
+        /* libuv 1.44 sets only the idle time; the rest is ours */
+        v = net.ka_intvl_s;
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof v);
+        v = net.ka_cnt;
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof v);
+    }
+    if (net.user_timeout_s > 0 && uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0) {
+        unsigned ms = (unsigned)net.user_timeout_s * 1000u;
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+    }
+}
 
 static void on_connection(uv_stream_t *server, int status)
 {
@@ -887,27 +1187,20 @@ static void on_connection(uv_stream_t *server, int status)
     s->proto = CHAT_PROTO_LEGACY;
     frame_init(&s->fs, net.max_frame);
     if (net.count > (size_t)net.max_connections || net.shutdown_done) {
-        uint64_t now = uv_now(net.loop);
-        net.refused++;
-        if (now - net.refused_logged_at >= 1000 || net.refused == 1) {
-            LOGW("max_connections (%d) reached: refused %s (%llu refused so far)",
-                 net.max_connections, net_session_peer(s),
-                 (unsigned long long)net.refused);
-            net.refused_logged_at = now;
-        }
-        s->closing = 1;
-        close_now(s);
+        refuse(s, "max_connections", net.max_connections);
         return;
     }
+    if (admit_addr(s))
+        return;
     uv_tcp_nodelay(&s->tcp, 1);
-    uv_tcp_keepalive(&s->tcp, 1, 60);
+    set_keepalive(s);
     if (map_put(&net.by_id, (int64_t)s->id, s)) {
         s->closing = 1;
         close_now(s);
         return;
     }
     s->registered = 1;
-    idle_touch(s);
+    idle_refresh(s);
     if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
         begin_close(s, 0, NULL, 0);
         return;
@@ -960,17 +1253,48 @@ static int open_listener(const char *host, int port)
     return 0;
 }
 
+/* A copy of the trusted list (the conf may be freed after a reload). */
+static void set_trusted(const struct conf *c)
+{
+    struct conf_cidr *t = NULL;
+
+    if (c->ntrusted && !(t = mem_malloc(c->ntrusted * sizeof *t))) {
+        LOGE("out of memory: the trusted list is unchanged");
+        return;
+    }
+    if (t)
+        memcpy(t, c->trusted, c->ntrusted * sizeof *t);
+    mem_free(net.trusted);
+    net.trusted = t;
+    net.ntrusted = c->ntrusted;
+}
+
 void net_apply_conf(const struct conf *c)
 {
+    int shortest = 0;
+
     net.max_frame = c->max_frame;
     net.max_output = c->max_output;
     net.max_connections = c->max_connections;
     net.idle_timeout_s = c->idle_timeout_s;
     net.legacy_pace_ms = c->legacy_pace_ms;
+    net.request_timeout_s = c->request_timeout_s;
+    net.max_per_addr = c->max_conns_per_addr;
+    net.max_unauth_per_addr = c->max_unauth_per_addr;
+    net.ka_idle_s = c->keepalive_idle_s;
+    net.ka_intvl_s = c->keepalive_intvl_s;
+    net.ka_cnt = c->keepalive_cnt;
+    net.user_timeout_s = c->user_timeout_s;
+    set_trusted(c);
     if (net.loop && uv_is_active((uv_handle_t *)&net.idle_timer))
         uv_timer_stop(&net.idle_timer);
-    if (net.loop && net.idle_timeout_s > 0) {
-        uint64_t every = (uint64_t)net.idle_timeout_s * 250;
+    if (net.idle_timeout_s > 0)
+        shortest = net.idle_timeout_s;
+    if (net.request_timeout_s > 0 && (!shortest || net.request_timeout_s < shortest))
+        shortest = net.request_timeout_s;
+    if (net.loop && shortest > 0) {
+        /* a quarter of the shortest limit: closed at most 25% late */
+        uint64_t every = (uint64_t)shortest * 250;
         if (every < 100)
             every = 100;
         if (every > 1000)
@@ -984,8 +1308,11 @@ int net_start(uv_loop_t *loop, const struct conf *c)
     net.loop = loop;
     map_init(&net.by_id);
     map_init(&net.by_user);
+    map_init(&net.addr4);
+    map_init(&net.addr6);
     uv_check_init(loop, &net.flusher);
     uv_check_start(&net.flusher, on_check);
+    uv_idle_init(loop, &net.flush_idle);
     uv_timer_init(loop, &net.idle_timer);
     uv_timer_init(loop, &net.pace_timer);
     uv_timer_init(loop, &net.shutdown_timer);
@@ -1021,6 +1348,7 @@ static void close_handles(void)
 {
     uv_check_stop(&net.flusher);
     uv_close((uv_handle_t *)&net.flusher, NULL);
+    uv_close((uv_handle_t *)&net.flush_idle, NULL);
     uv_close((uv_handle_t *)&net.idle_timer, NULL);
     uv_close((uv_handle_t *)&net.pace_timer, NULL);
     uv_close((uv_handle_t *)&net.shutdown_timer, NULL);
@@ -1029,6 +1357,11 @@ static void close_handles(void)
     net.npool = 0;
     map_free(&net.by_id);
     map_free(&net.by_user);
+    map_free(&net.addr4); /* empty: every session is closed */
+    map_free(&net.addr6);
+    mem_free(net.trusted);
+    net.trusted = NULL;
+    net.ntrusted = 0;
 }
 
 static void (*net_final_done)(void);
@@ -1168,6 +1501,8 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
     s->name = n;
     s->name_len = name ? name_len : 0;
     s->uid = uid;
+    addr_set_unauth(s, 0);
+    idle_refresh(s); /* logged in: idle only while not draining */
     return CHAT_OK;
 }
 
@@ -1181,4 +1516,6 @@ void net_session_unbind(struct chat_session *s)
     mem_free(s->name);
     s->name = NULL;
     s->name_len = 0;
+    addr_set_unauth(s, 1);
+    idle_refresh(s); /* logged out: the login deadline runs again */
 }

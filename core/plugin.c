@@ -334,9 +334,9 @@ int plug_register_hook(struct chat_plugin *p, int event, chat_hook_fn fn, void *
     return CHAT_OK;
 }
 
-int plug_register_login_part(struct chat_plugin *p, const char *key,
-                             chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,
-                             void *ud)
+static int add_login_part(struct chat_plugin *p, const char *key,
+                          chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,
+                          chat_login_written_fn written_fn, void *ud)
 {
     struct plug_login_part *lp;
     if (!p || !p->in_init)
@@ -353,9 +353,26 @@ int plug_register_login_part(struct chat_plugin *p, const char *key,
     lp->inst = p;
     lp->part_fn = part_fn;
     lp->sent_fn = sent_fn;
+    lp->written_fn = written_fn;
     lp->ud = ud;
     p->nparts++;
     return CHAT_OK;
+}
+
+int plug_register_login_part(struct chat_plugin *p, const char *key,
+                             chat_login_part_fn part_fn, chat_login_sent_fn sent_fn,
+                             void *ud)
+{
+    return add_login_part(p, key, part_fn, sent_fn, NULL, ud);
+}
+
+int plug_register_login_messages(struct chat_plugin *p, const char *key,
+                                 chat_login_part_fn part_fn,
+                                 chat_login_written_fn written_fn, void *ud)
+{
+    if (!written_fn)
+        return CHAT_ERR_INVAL;
+    return add_login_part(p, key, part_fn, NULL, written_fn, ud);
 }
 
 /* Rebuild the msgid registry, the hook lists and the login parts from the
@@ -882,7 +899,7 @@ static void reload_done(uv_work_t *req, int status)
         failed = apply(j->conf, j->files, j->nfiles);
         pl.conf = j->conf;
         net_apply_conf(pl.conf);
-        ack_configure(pl.conf->login_part_timeout_ms);
+        ack_configure(pl.conf);
         disp_configure((size_t)pl.conf->max_members);
         conf_free(old);
         j->conf = NULL;

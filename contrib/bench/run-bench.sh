@@ -157,6 +157,7 @@ cat >"$CONF" <<EOF
 listen = 127.0.0.1:$CHATD_PORT
 log_level = warn
 max_connections = 19800
+trusted = 127.0.0.0/8
 max_frame = 65536
 idle_timeout = 0
 max_output = 4194304

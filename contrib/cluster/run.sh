@@ -116,7 +116,9 @@ STARTED_REDIS=1
 
 # ---- node configs ---------------------------------------------------------------
 # node_conf N PORT: etc/chat.conf with this cluster's values; absolute paths,
-# since the generated file does not live next to etc/.
+# since the generated file does not live next to etc/.  nginx reaches the
+# nodes from 127.0.0.1, so that address is trusted: exempt from the caps on
+# connections per client address, which would otherwise apply to nginx.
 node_conf() {
     awk -v listen="127.0.0.1:$2" -v node="node$1" \
         -v plugdir="$BUILD/plugins" -v mig="$ROOT/sql" \
@@ -125,6 +127,7 @@ node_conf() {
         /^\[/ { sec = $0 }
         sec == "[server]"  && /^listen[ \t]*=/      { set(listen) }
         sec == "[server]"  && /^node_id[ \t]*=/     { set(node) }
+        sec == "[server]"  && /^trusted[ \t]*=/     { set("127.0.0.1") }
         sec == "[plugins]" && /^dir[ \t]*=/         { set(plugdir) }
         sec == "[mysql]"   && /^host[ \t]*=/        { set("127.0.0.1") }
         sec == "[mysql]"   && /^port[ \t]*=/        { set(mport) }

@@ -28,6 +28,8 @@
  *        (delivered, stored, or failed) instead of "handed over";
  *        chat_ev_undeliverable grows from/ticket, claimed by the plugin that
  *        stores the message (undeliverable_claim, delivery_done)
+ *        (login ack) register_login_messages: a login-ack part of
+ *        messages, bounded in bytes, whose overflow follows the ack
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -295,6 +297,13 @@ typedef void (*chat_login_part_fn)(struct chat_login *l, int64_t user_id,
                                    int proto, void *ud);
 typedef void (*chat_login_sent_fn)(int ok, int64_t user_id, void *state, void *ud);
 typedef void (*chat_login_done_fn)(int status, uint64_t session_id, void *ud);
+/* Progress of a login part of messages (ABI 1.5, register_login_messages):
+ * the first n messages of the part's array have been written to the
+ * client's socket.  Called with growing n; last=1 on the final call, after
+ * which the host no longer uses state (n is below the count when the
+ * session closed first or the part was left out). */
+typedef void (*chat_login_written_fn)(size_t n, int last, int64_t user_id,
+                                      void *state, void *ud);
 
 /* deliver_ex completion (ABI 1.5).  status: CHAT_OK delivered to a session
  * (on another node: the PUBLISH reached its subscriber) or stored for the
@@ -562,6 +571,26 @@ struct chat_host {
      * CHAT_OK once the message is stored) and free it.  Runs the sender's
      * callback inside this call.  Exactly once per claimed ticket. */
     void (*delivery_done)(struct chat_delivery *d, int status);
+
+    /* ===== ABI 1.5 (login ack) ===== */
+
+    /* Register a login-ack part whose value is an array of MESSAGES, each
+     * one complete message exactly as it would be delivered: a JSON object
+     * (a raw cJSON item is taken as its text), the same for both protocols.
+     * The host renders them in the ack for the session (legacy: each as a
+     * JSON string of its text, the seed's shape; protocol 2: the objects).
+     * Every login ack is bounded in bytes ([server] login_ack_max; for a
+     * legacy session also the seed client's one 1,024-byte read): the
+     * messages that do not fit are not dropped but follow the ack, in
+     * order, as ordinary messages, ahead of anything delivered to the
+     * session meanwhile.  (Elements of a part registered with
+     * register_login_part that do not fit are trimmed.)  written_fn reports
+     * how many of them have been written (see chat_login_written_fn); it is
+     * always called at least once, with last=1, for every answered part.
+     * Only in init(). */
+    int (*register_login_messages)(struct chat_plugin *self, const char *key,
+                                   chat_login_part_fn part_fn,
+                                   chat_login_written_fn written_fn, void *ud);
 };
 
 #define CHAT_HANDLER_RAW 0x1u

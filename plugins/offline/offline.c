@@ -73,13 +73,14 @@ static int off_init(const struct chat_host *host, struct chat_plugin *self,
     *state = NULL;
     CHAT_HOST_REQUIRE(host, self, login_part_set);
     CHAT_HOST_REQUIRE(host, self, delivery_done);
+    CHAT_HOST_REQUIRE(host, self, register_login_messages); /* ABI 1.5 (login ack) */
     load_conf();
     if ((rc = off_store_start()) != CHAT_OK)
         return rc;
     rc = host->register_hook(self, CHAT_EV_UNDELIVERABLE, on_undeliverable, NULL);
     if (rc == CHAT_OK)
-        rc = host->register_login_part(self, "offlinemsg", off_part_fn, off_sent_fn,
-                                       NULL);
+        rc = host->register_login_messages(self, "offlinemsg", off_part_fn,
+                                           off_written_fn, NULL);
     return rc;
 }
 

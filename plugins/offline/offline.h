@@ -3,8 +3,8 @@
  *
  *   offline.c  entry points, settings, the CHAT_EV_UNDELIVERABLE hook
  *   store.c    the ordered insert queue: one multi-row INSERT in flight
- *   part.c     the "offlinemsg" part of the login ack and the deletion of
- *              what was delivered
+ *   part.c     the "offlinemsg" part of the login ack (a part of messages)
+ *              and the deletion of what was delivered
  */
 #ifndef OFFLINE_H
 #define OFFLINE_H
@@ -16,7 +16,7 @@
 
 /* Settings of [plugin.offline]. */
 struct off_conf {
-    size_t max_per_login;    /* messages in one login ack */
+    size_t max_per_login;    /* messages handed out per login */
     size_t batch_max;        /* rows per INSERT */
     size_t batch_bytes;      /* message bytes per INSERT (one row may exceed) */
     size_t queue_max_bytes;  /* memory of the insert queue */
@@ -57,7 +57,8 @@ int off_store_restore(const void *blob, size_t len);
 
 /* ---- part.c ------------------------------------------------------------ */
 void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud);
-void off_sent_fn(int ok, int64_t user_id, void *state, void *ud);
+/* chat_login_written_fn: the first n messages reached the client. */
+void off_written_fn(size_t n, int last, int64_t user_id, void *state, void *ud);
 /* The store made progress: wake the logins that waited for it. */
 void off_part_progress(void);
 /* Free what waits for timers that will never run (shutdown). */

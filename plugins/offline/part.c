@@ -6,14 +6,23 @@
  * max_per_login; the rest come with the next login).  A message that is
  * still in this node's insert queue would otherwise miss this login and
  * arrive after newer ones, so the part first waits (at most flush_wait_ms)
- * until the queue has stored everything reported for the user.
+ * until the queue has stored everything reported for the user.  It waits,
+ * too, for the deletions of messages an earlier login of the user on this
+ * node has delivered: a client that reconnects the moment it has read the
+ * last of them would otherwise be given them again.
  *
- * Rows are deleted only when the host reports that the ack carrying them
- * was written to the client (sent_fn with ok=1), and exactly the rows that
- * were sent (by id): a row another node is still inserting for the same user
- * is never swept up unseen.  A failed deletion is retried; if it keeps
- * failing the messages come again at the next login (logged), which is
- * better than losing them.
+ * The part is a part of messages (register_login_messages): it hands the
+ * host the stored texts themselves, the same for both protocols, and the
+ * host puts into the ack what fits its byte bound (in the legacy shape, as
+ * JSON strings, for a legacy session) and sends the rest right after the
+ * ack as ordinary messages.  The host reports after each write how many of
+ * them have reached the socket; exactly those rows are deleted (by id), so
+ * a row another node is still inserting for the same user is never swept
+ * up unseen, and a client that leaves halfway gets the rest at its next
+ * login.  One DELETE is in flight per login at a time; what is written
+ * meanwhile goes into the next one.  A failed deletion is retried; if it
+ * keeps failing the messages come again at the next login (logged), which
+ * is better than losing them.
  */
 #include <inttypes.h>
 #include <string.h>
@@ -30,15 +39,23 @@ struct off_wait {
     struct chat_timer *timer;  /* gives up after flush_wait_ms */
 };
 
-/* What a login ack delivered: handed back to off_sent_fn. */
+/* The messages of one login: handed to the host as the part's state.
+ * ids[] are the rows read, in order; the host's element k is row
+ * ids[pos[k]] (a corrupt row has no element and goes with the next one). */
 struct off_sent {
     struct off_sent *next; /* in `deleting` while a retry timer waits */
     int64_t uid;
     unsigned attempts;
-    size_t n;
+    size_t n;        /* rows */
+    size_t nelem;    /* elements handed to the host */
+    size_t *pos;     /* nelem entries */
+    size_t covered;  /* rows whose messages are written (or corrupt) */
+    size_t done;     /* rows deleted (or given up) */
+    size_t busy;     /* rows of the DELETE in flight or waiting for a retry */
+    int last;        /* the host is done with this state */
+    int counted;     /* counted in `pending` (deletions to come) */
     int64_t ids[];
 };
-
 struct off_select {
     struct chat_login *l;
     int64_t uid;
@@ -47,6 +64,9 @@ struct off_select {
 
 static struct off_wait *waiters;
 static struct off_sent *deleting; /* waiting for a retry timer */
+/* user id -> how many of its states have deletions to come (as a pointer:
+ * the map holds pointers, never NULL) */
+static struct chat_map *pending;
 
 #define DELETE_TRIES 6
 #define DELETE_HEAD "DELETE FROM offline_messages WHERE user_id = ? AND id IN (?"
@@ -55,22 +75,47 @@ static struct off_sent *deleting; /* waiting for a retry timer */
 /* ------------------------------------------------------------------------ */
 /* Reading the stored messages */
 
-/* One stored message as an array element: legacy clients get the JSON text
- * as a string, protocol 2 the object itself (checked to be one).  NULL when
- * the row is unusable (logged) or memory ran out. */
-static cJSON *message_item(const char *text, size_t len, int proto, int64_t id)
+/* Count st in `pending` while it has rows to delete; when a user's last
+ * deletion is done, logins waiting for it go on. */
+static void pending_update(struct off_sent *st)
+{
+    int now = st->busy || st->done < st->covered;
+    uintptr_t n;
+
+    if (now == st->counted || (!pending && !(pending = off_host->map_new())))
+        return; /* out of memory: not counted, a login does not wait */
+    n = (uintptr_t)off_host->map_get(pending, st->uid);
+    n = now ? n + 1 : n - 1;
+    if (n == 0)
+        off_host->map_del(pending, st->uid);
+    else if (off_host->map_put(pending, st->uid, (void *)n) != CHAT_OK)
+        return; /* out of memory: not counted, a login does not wait */
+    st->counted = now;
+    if (!now)
+        off_part_progress();
+}
+
+static int deleting_for(int64_t uid)
+{
+    return pending && off_host->map_get(pending, uid) != NULL;
+}
+
+static void sent_free(struct off_sent *st)
+{
+    if (st) {
+        off_host->free(st->pos);
+        off_host->free(st);
+    }
+}
+
+/* One stored message as an element: its text, checked to be a JSON object
+ * (the host sends it as it is, or quotes it for a legacy ack).  NULL when
+ * the row is unusable (logged) or memory ran out (*nomem). */
+static cJSON *message_item(const char *text, size_t len, int64_t id, int *nomem)
 {
     const char *end = NULL;
-    cJSON *parsed;
-    char *q;
-    cJSON *item;
+    cJSON *parsed, *item;
 
-    if (proto != CHAT_PROTO_2) {
-        q = off_host->json_quote(text, len, &len);
-        item = q ? cJSON_CreateRaw(q) : NULL;
-        off_host->free(q);
-        return item;
-    }
     parsed = strlen(text) == len ? cJSON_ParseWithLengthOpts(text, len, &end, 0) : NULL;
     if (!cJSON_IsObject(parsed)) {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
@@ -80,7 +125,24 @@ static cJSON *message_item(const char *text, size_t len, int proto, int64_t id)
     }
     cJSON_Delete(parsed);
     /* Raw, not the parsed tree: cJSON would cut strings at "\u0000". */
-    return cJSON_CreateRaw(text);
+    if (!(item = cJSON_CreateRaw(text)))
+        *nomem = 1;
+    return item;
+}
+
+static struct off_sent *sent_new(int64_t uid, size_t n)
+{
+    struct off_sent *st = off_host->malloc(sizeof(*st) + n * sizeof(st->ids[0]));
+
+    if (!st)
+        return NULL;
+    memset(st, 0, sizeof(*st));
+    st->uid = uid;
+    if (!(st->pos = off_host->malloc(n * sizeof(st->pos[0])))) {
+        off_host->free(st);
+        return NULL;
+    }
+    return st;
 }
 
 static void selected(const struct chat_db_result *r, void *ud)
@@ -91,6 +153,7 @@ static void selected(const struct chat_db_result *r, void *ud)
     cJSON *arr = NULL, *item;
     const char *text;
     int64_t id;
+    int nomem = 0;
 
     if (off_host->db_error(r) != CHAT_OK) {
         chat_log(off_host, off_self, CHAT_LOG_ERROR,
@@ -102,21 +165,18 @@ static void selected(const struct chat_db_result *r, void *ud)
     if (n == 0)
         goto none;
     arr = cJSON_CreateArray();
-    st = off_host->malloc(sizeof(*st) + n * sizeof(st->ids[0]));
+    st = sent_new(sel->uid, n);
     if (!arr || !st)
         goto nomem;
-    st->next = NULL;
-    st->uid = sel->uid;
-    st->attempts = 0;
-    st->n = 0;
     for (i = 0; i < n; i++) {
         id = off_host->db_int(r, i, 0);
         text = off_host->db_str(r, i, 1, &len);
-        item = message_item(text, len, sel->proto, id);
-        if (item)
+        if ((item = message_item(text, len, id, &nomem)) != NULL) {
             cJSON_AddItemToArray(arr, item);
-        else if (sel->proto != CHAT_PROTO_2)
+            st->pos[st->nelem++] = st->n;
+        } else if (nomem) {
             goto nomem;
+        }
         /* a skipped (corrupt) row is deleted too: it can never be sent */
         st->ids[st->n++] = id;
     }
@@ -127,7 +187,7 @@ nomem:
     chat_log(off_host, off_self, CHAT_LOG_ERROR, "out of memory reading offline "
              "messages of user %" PRId64, sel->uid);
     cJSON_Delete(arr);
-    off_host->free(st);
+    sent_free(st);
 none:
     off_host->login_part_set(sel->l, NULL, NULL);
     off_host->free(sel);
@@ -181,9 +241,9 @@ static void wait_expired(struct chat_timer *t, void *ud)
     /* What is stored is older than what is still queued: send it now; the
      * queued rest comes with the next login. */
     chat_log(off_host, off_self, CHAT_LOG_WARN,
-             "login of user %" PRId64 ": offline messages still queued after %"
-             PRIu64 " ms; they come with the next login", w->uid,
-             off_cfg.flush_wait_ms);
+             "login of user %" PRId64 ": offline messages still queued (or "
+             "delivered ones not yet deleted) after %" PRIu64 " ms; they come "
+             "with the next login (or again)", w->uid, off_cfg.flush_wait_ms);
     select_messages(w->l, w->uid, w->proto);
     off_host->free(w);
 }
@@ -193,7 +253,7 @@ void off_part_progress(void)
     struct off_wait **pp = &waiters, *w;
 
     while ((w = *pp)) {
-        if (!off_store_done(w->seq)) {
+        if ((w->seq && !off_store_done(w->seq)) || deleting_for(w->uid)) {
             pp = &w->next;
             continue;
         }
@@ -210,7 +270,7 @@ void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud)
     struct off_wait *w;
 
     (void)ud;
-    if (!seq) {
+    if (!seq && !deleting_for(user_id)) {
         select_messages(l, user_id, proto);
         return;
     }
@@ -237,6 +297,21 @@ void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud)
 
 static void delete_run(struct off_sent *st);
 
+/* Delete what is written and not yet deleted; free the state once the host
+ * is done with it and nothing is left to do. */
+static void delete_pump(struct off_sent *st)
+{
+    if (!st->busy && st->done < st->covered) {
+        st->busy = st->covered - st->done;
+        pending_update(st);
+        delete_run(st);
+        return;
+    }
+    pending_update(st);
+    if (!st->busy && st->last)
+        sent_free(st);
+}
+
 static void delete_retry(struct chat_timer *t, void *ud)
 {
     struct off_sent **pp, *st = ud;
@@ -257,15 +332,18 @@ static void delete_failed(struct off_sent *st, const char *why, int closed)
         off_host->timer_start(off_self, 500u << st->attempts, 0, delete_retry, st)) {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "deleting %zu delivered offline messages of user %" PRId64
-                 " failed (%s); retrying", st->n, st->uid, why);
+                 " failed (%s); retrying", st->busy, st->uid, why);
         st->next = deleting;
         deleting = st;
         return;
     }
     chat_log(off_host, off_self, CHAT_LOG_ERROR,
              "deleting %zu delivered offline messages of user %" PRId64
-             " failed (%s); they will be delivered again", st->n, st->uid, why);
-    off_host->free(st);
+             " failed (%s); they will be delivered again", st->busy, st->uid, why);
+    st->attempts = 0;
+    st->done += st->busy;
+    st->busy = 0;
+    delete_pump(st);
 }
 
 static void deleted(const struct chat_db_result *r, void *ud)
@@ -276,26 +354,31 @@ static void deleted(const struct chat_db_result *r, void *ud)
         delete_failed(st, off_host->db_errmsg(r), off_host->db_error(r) == CHAT_ERR_CLOSED);
         return;
     }
-    off_host->free(st);
+    st->attempts = 0;
+    st->done += st->busy;
+    st->busy = 0;
+    delete_pump(st);
 }
 
+/* DELETE the rows ids[done .. done + busy). */
 static void delete_run(struct off_sent *st)
 {
-    size_t i, sqllen = sizeof(DELETE_HEAD) + (st->n - 1) * (sizeof(DELETE_ID) - 1) + 1;
+    size_t i, k = st->busy;
+    size_t sqllen = sizeof(DELETE_HEAD) + (k - 1) * (sizeof(DELETE_ID) - 1) + 1;
     char *sql = off_host->malloc(sqllen);
-    struct chat_db_param *p = off_host->malloc((st->n + 1) * sizeof(*p));
+    struct chat_db_param *p = off_host->malloc((k + 1) * sizeof(*p));
     int rc = CHAT_ERR_NOMEM;
 
     if (sql && p) {
         memcpy(sql, DELETE_HEAD, sizeof(DELETE_HEAD) - 1);
-        for (i = 1; i < st->n; i++)
+        for (i = 1; i < k; i++)
             memcpy(sql + sizeof(DELETE_HEAD) - 1 + (i - 1) * (sizeof(DELETE_ID) - 1),
                    DELETE_ID, sizeof(DELETE_ID) - 1);
         memcpy(sql + sqllen - 2, ")", 2);
         p[0] = CHAT_DB_P_INT(st->uid);
-        for (i = 0; i < st->n; i++)
-            p[i + 1] = CHAT_DB_P_INT(st->ids[i]);
-        rc = off_host->db_query(off_self, sql, p, st->n + 1, deleted, st);
+        for (i = 0; i < k; i++)
+            p[i + 1] = CHAT_DB_P_INT(st->ids[st->done + i]);
+        rc = off_host->db_query(off_self, sql, p, k + 1, deleted, st);
     }
     off_host->free(sql);
     off_host->free(p);
@@ -303,19 +386,24 @@ static void delete_run(struct off_sent *st)
         delete_failed(st, off_host->strerror(rc), rc == CHAT_ERR_CLOSED);
 }
 
-void off_sent_fn(int ok, int64_t user_id, void *state, void *ud)
+void off_written_fn(size_t n, int last, int64_t user_id, void *state, void *ud)
 {
     struct off_sent *st = state;
+    size_t covered;
 
     (void)user_id;
     (void)ud;
     if (!st)
         return;
-    if (!ok || st->n == 0) { /* not delivered: they come with the next login */
-        off_host->free(st);
-        return;
-    }
-    delete_run(st);
+    if (n > st->nelem)
+        n = st->nelem;
+    /* every row before the first unwritten element; all of them (trailing
+     * corrupt rows too) once every element is written */
+    covered = n == st->nelem ? st->n : st->pos[n];
+    if (covered > st->covered)
+        st->covered = covered;
+    st->last = st->last || last;
+    delete_pump(st);
 }
 
 void off_part_fini(void)
@@ -332,7 +420,11 @@ void off_part_fini(void)
         deleting = st->next;
         chat_log(off_host, off_self, CHAT_LOG_ERROR,
                  "stopping before %zu delivered offline messages of user %" PRId64
-                 " were deleted; they will be delivered again", st->n, st->uid);
-        off_host->free(st);
+                 " were deleted; they will be delivered again",
+                 st->covered - st->done, st->uid);
+        sent_free(st);
     }
+    if (pending)
+        off_host->map_free(pending);
+    pending = NULL;
 }

@@ -4,6 +4,8 @@
  * No servers: the registry tests load the fixture plugins built under
  * tests/plugins into a loop that never listens.
  */
+#include <sys/socket.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +100,58 @@ static void test_conf_errors(void)
     CU_ASSERT(strstr(err, "/nonexistent/chat.conf:0: cannot open") != NULL);
 }
 
+/* [server] trusted and the per-address and time-limit settings. */
+static void test_conf_net_limits(void)
+{
+    char err[1024];
+    struct conf_cidr c;
+    unsigned char a[16] = {10, 1, 2, 3};
+    const char *path = write_conf("limits.conf",
+        "[server]\nmax_connections_per_addr = 0\nmax_unauth_per_addr = 5\n"
+        "trusted = 10.0.0.0/8, 192.168.1.7 2001:db8::/32\nrequest_timeout = 0\n"
+        "tcp_keepalive = 0\ntcp_user_timeout = 30\n");
+    struct conf *cf = conf_load(path, err, sizeof err);
+
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cf);
+    CU_ASSERT_EQUAL(cf->max_conns_per_addr, 0);
+    CU_ASSERT_EQUAL(cf->max_unauth_per_addr, 5);
+    CU_ASSERT_EQUAL(cf->request_timeout_s, 0);
+    CU_ASSERT_EQUAL(cf->keepalive_idle_s, 0);
+    CU_ASSERT_EQUAL(cf->user_timeout_s, 30);
+    CU_ASSERT_EQUAL_FATAL(cf->ntrusted, 3);
+    CU_ASSERT(conf_cidr_match(&cf->trusted[0], AF_INET, a));
+    a[0] = 11;
+    CU_ASSERT(!conf_cidr_match(&cf->trusted[0], AF_INET, a));
+    CU_ASSERT_EQUAL(cf->trusted[1].bits, 32);
+    CU_ASSERT_EQUAL(cf->trusted[2].family, AF_INET6);
+    conf_free(cf);
+
+    /* a prefix that ends inside a byte */
+    CU_ASSERT_EQUAL(conf_parse_cidr("172.16.0.0/12", &c), CHAT_OK);
+    memcpy(a, (unsigned char[]){172, 31, 255, 1}, 4);
+    CU_ASSERT(conf_cidr_match(&c, AF_INET, a));
+    a[1] = 32;
+    CU_ASSERT(!conf_cidr_match(&c, AF_INET, a));
+    CU_ASSERT(!conf_cidr_match(&c, AF_INET6, a));
+    CU_ASSERT_EQUAL(conf_parse_cidr("::/0", &c), CHAT_OK);
+    CU_ASSERT(conf_cidr_match(&c, AF_INET6, a));
+    CU_ASSERT_EQUAL(conf_parse_cidr("1.2.3.4/33", &c), CHAT_ERR_INVAL);
+    CU_ASSERT_EQUAL(conf_parse_cidr("host/8", &c), CHAT_ERR_INVAL);
+    CU_ASSERT_EQUAL(conf_parse_cidr("/8", &c), CHAT_ERR_INVAL);
+
+    expect_error("[server]\ntrusted = 10.0.0.1, nginx\n", 2,
+                 "trusted: \"nginx\" is not an IP address");
+    expect_error("[server]\nmax_unauth_per_addr = -1\n", 2, "max_unauth_per_addr");
+
+    cf = conf_load(write_conf("empty2.conf", ""), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cf);
+    CU_ASSERT_EQUAL(cf->max_conns_per_addr, 512);
+    CU_ASSERT_EQUAL(cf->max_unauth_per_addr, 64);
+    CU_ASSERT_EQUAL(cf->request_timeout_s, 30);
+    CU_ASSERT_EQUAL(cf->ntrusted, 0);
+    conf_free(cf);
+}
+
 static void test_hostport(void)
 {
     char *h = NULL;
@@ -174,6 +228,7 @@ int main(void)
     CU_add_test(s, "conf: defaults", test_conf_defaults);
     CU_add_test(s, "conf: errors name file:line", test_conf_errors);
     CU_add_test(s, "conf: host:port", test_hostport);
+    CU_add_test(s, "conf: trusted, per-address caps, time limits", test_conf_net_limits);
     CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();

@@ -369,6 +369,9 @@ class OneToOne(ChatCase):
             self.expect_ack(a, a.one(bid, text))
         b = self.login(bid, bname)
         offline = [loads_maybe(s) for s in b.ack.get("offlinemsg", [])]
+        # a legacy ack holds what fits in 1,023 bytes; the rest follows it
+        while len(offline) < len(texts):
+            offline.append(b.c.recv())
         self.assertEqual([m["msg"] for m in offline], texts)
         for m in offline:
             self.assertEqual((m["msgid"], m["id"], m["name"], m["toid"]),

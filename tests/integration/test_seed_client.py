@@ -8,6 +8,7 @@ entries of the login ack are parsed a second time, as the client does.
 Two users drive a whole session: register, login, add a friend, create a
 group, log out and in again (the seed client learns group ids only from the
 login ack), join the group, chat, group chat, an offline message, logout.
+TestReaderOnly: a user who only reads is not dropped as idle (issue 13).
 """
 
 import json
@@ -19,7 +20,7 @@ import time
 import unittest
 import uuid
 
-from harness import Node, Stack
+from harness import Node, Stack, wait_for
 
 # chatd's own default for legacy_pace_ms (the harness turns pacing off)
 FAST = {"plugin.login": {"hash_cost": 1}, "server": {"legacy_pace_ms": None}}
@@ -51,6 +52,7 @@ class SeedClient:
         data = self.sock.recv(1024)
         if not data:
             raise EOFError("server closed the connection")
+        self.last_raw = data
         text = data.split(b"\0", 1)[0].decode()
         try:
             return json.loads(text)  # raises on a second document ("Extra data")
@@ -120,12 +122,19 @@ class SeedClient:
         self.send({"msgid": 3, "id": self.user[0]})
 
 
-class TestSeedClient(unittest.TestCase):
+class SeedCase(unittest.TestCase):
+    """One node per class with chatd's default pacing (FAST plus CONF);
+    prints the node's log when a test fails."""
+
+    CONF = None
 
     @classmethod
     def setUpClass(cls):
         cls.stack = Stack()
-        cls.node = Node(cls.stack, conf=FAST)
+        conf = {k: dict(v) for k, v in FAST.items()}
+        for sec, kv in (cls.CONF or {}).items():
+            conf.setdefault(sec, {}).update(kv)
+        cls.node = Node(cls.stack, conf=conf)
 
     @classmethod
     def tearDownClass(cls):
@@ -139,6 +148,10 @@ class TestSeedClient(unittest.TestCase):
         if result and len(result.failures) + len(result.errors) > before:
             sys.stderr.write("---- %s\n%s\n" % (self.node.log_path, self.node.log_tail(60)))
         return out
+
+
+class TestSeedClient(SeedCase):
+
 
     def client(self):
         c = SeedClient(self.node.port)
@@ -232,27 +245,10 @@ class TestSeedClient(unittest.TestCase):
         bob.nothing()
 
 
-class TestSeedClientBursts(unittest.TestCase):
+class TestSeedClientBursts(SeedCase):
     """Issue 13: bursts must reach the seed client one message per recv().
     chatd's default configuration paces legacy output (legacy_pace_ms)."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.stack = Stack()
-        cls.node = Node(cls.stack, conf=FAST)
-
-    @classmethod
-    def tearDownClass(cls):
-        rc = cls.node.stop()
-        if rc != 0:
-            raise AssertionError("chatd exited with %r" % rc)
-
-    def run(self, result=None):
-        before = len(result.failures) + len(result.errors) if result else 0
-        out = super().run(result)
-        if result and len(result.failures) + len(result.errors) > before:
-            sys.stderr.write("---- %s\n%s\n" % (self.node.log_path, self.node.log_tail(60)))
-        return out
 
     def user(self):
         c = SeedClient(self.node.port)
@@ -313,6 +309,109 @@ class TestSeedClientBursts(unittest.TestCase):
         self.assertEqual(errors, [])
         for u in (b, c):
             self.assertEqual([m["msg"] for m in got[u]], [m["msg"] for m in sent])
+
+
+class TestReaderOnly(SeedCase):
+    """Issue 13, part 3: a seed-client user who only reads is never dropped
+    as idle, whether messages keep arriving or nothing happens at all; a
+    client that never logs in still is (idle_timeout is its login
+    deadline).  idle_timeout = 2 s stands for the default 600 s."""
+
+    IDLE = 2
+
+    CONF = {"server": {"idle_timeout": IDLE}}
+
+    def user(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        name = "r" + uuid.uuid4().hex[:8]
+        uid = c.register(name, "pw")["id"]
+        r, _ = c.login(uid, "pw")
+        self.assertEqual(r["errno"], 0, r)
+        return c, uid
+
+    def test_reader_outlives_idle_timeout_while_receiving(self):
+        reader, reader_id = self.user()
+        writer, _ = self.user()
+        t0, n = time.monotonic(), 0
+        while time.monotonic() - t0 < 3 * self.IDLE:
+            sent = writer.chat(reader_id, "line %d" % n)
+            self.assertEqual(reader.recv(), sent)  # one message per recv
+            reader.nothing(0.4)                    # and paces the writer
+            n += 1
+        sent = writer.chat(reader_id, "still there?")
+        self.assertEqual(reader.recv(), sent)
+
+    def test_silent_logged_in_user_is_kept(self):
+        quiet, quiet_id = self.user()
+        writer, _ = self.user()
+        quiet.nothing(3 * self.IDLE)  # EOF would be data for select
+        sent = writer.chat(quiet_id, "wake up")
+        self.assertEqual(quiet.recv(), sent)
+
+    def test_never_logged_in_is_closed(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        t0 = time.monotonic()
+        c.sock.settimeout(3 * self.IDLE)
+        self.assertEqual(c.sock.recv(1024), b"")  # closed, nothing sent
+        self.assertGreater(time.monotonic() - t0, self.IDLE - 0.5)
+
+
+class TestSeedClientLoginAck(SeedCase):
+    """Issue 13 part 2: a login ack the seed client can read, and no offline
+    message lost.  Its reader is a char[1024] filled by one recv() and parsed
+    as a C string: an ack of 1,024 bytes or more has no NUL and crashes it.
+    The messages that do not fit in the ack follow it, each read on its own
+    (chatd paces legacy output at its default legacy_pace_ms)."""
+
+
+    def client(self):
+        c = SeedClient(self.node.port)
+        self.addCleanup(c.close)
+        return c
+
+    def rows(self, uid):
+        return int(self.stack.sql(self.node.db, "SELECT COUNT(*) FROM offline_messages "
+                                  "WHERE user_id = %d" % uid)[0][0])
+
+    def wait_rows(self, uid, n, timeout=30):
+        wait_for(lambda: self.rows(uid) == n, timeout=timeout,
+                 what="%d offline rows of user %d" % (n, uid))
+
+    def offline_login(self, n):
+        tag = uuid.uuid4().hex[:8]
+        alice, bob = self.client(), self.client()
+        alice_id = alice.register("alice" + tag, "pw")["id"]
+        bob_id = bob.register("bob" + tag, "pw")["id"]
+        self.assertEqual(alice.login(alice_id, "pw")[0]["errno"], 0)
+        sent = [alice.chat(bob_id, "offline %d of %d" % (i, n)) for i in range(n)]
+        self.wait_rows(bob_id, n)
+
+        r, view = bob.login(bob_id, "pw")  # one recv(), one document
+        self.assertEqual(r["errno"], 0, r)
+        self.assertLess(len(bob.last_raw), 1024, "no room for the seed client's NUL")
+        got = [m[4] for m in view["offlinemsg"]]
+        self.assertLess(len(got), n)
+        # the reader thread: each following message in one recv()
+        while len(got) < n:
+            m = bob.recv()
+            self.assertEqual(m["msgid"], 6, m)
+            got.append(m["msg"])
+        self.assertEqual(got, [m["msg"] for m in sent])
+        bob.nothing()
+        self.wait_rows(bob_id, 0)
+        bob.loginout()
+        bob.nothing()
+        r, view = bob.login(bob_id, "pw")
+        self.assertNotIn("offlinemsg", r)
+        bob.nothing()
+
+    def test_login_ack_with_12_offline_messages(self):
+        self.offline_login(12)
+
+    def test_login_ack_with_200_offline_messages(self):
+        self.offline_login(200)
 
 
 if __name__ == "__main__":
