@@ -185,15 +185,33 @@ static void putf(struct line *l, const char *fmt, ...)
         l->n += (size_t)r < room ? (size_t)r : room;
 }
 
-/* s as the body of a JSON string (json) or with control characters shown
- * as '?' (text: one event stays one line whatever a peer sent). */
+/* Length of the UTF-8 sequence at s (lead byte >= 0x80), or 0 when it is
+ * not one: a message cut mid-character, or bytes from a peer. */
+static size_t utf8_len(const unsigned char *s)
+{
+    size_t n = s[0] >= 0xf0 && s[0] < 0xf5 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 ? 2 : 0;
+    for (size_t i = 1; i < n; i++)
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+    return n;
+}
+
+/* s as the body of a JSON string (json: valid UTF-8 out, whatever came in)
+ * or with control characters shown as '?' (text: one event stays one line
+ * whatever a peer sent). */
 static void put_str(struct line *l, const char *s, int json)
 {
     char e[8];
     int r = 0;
     for (; *s && r == 0; s++) {
         unsigned char c = (unsigned char)*s;
-        if (c >= 0x20 && c != 0x7f && (!json || (c != '"' && c != '\\')))
+        size_t n;
+        if (json && c >= 0x80) {
+            if ((n = utf8_len((const unsigned char *)s)) == 0)
+                r = put_all(l, "\\ufffd", 6);
+            else if ((r = put_all(l, s, n)) == 0)
+                s += n - 1;
+        } else if (c >= 0x20 && c != 0x7f && (!json || (c != '"' && c != '\\')))
             r = put_all(l, (const char *)&c, 1);
         else if (!json)
             r = put_all(l, "?", 1);

@@ -80,6 +80,17 @@ static void test_json(void)
                                      "\"msg\":\"tab\\there \\\"quoted\\\"\"}\n"));
 }
 
+/* JSON lines are valid UTF-8: a character cut in half or a stray byte
+ * becomes U+FFFD; whole characters pass as they are. */
+static void test_json_utf8(void)
+{
+    fresh(LOG_FORMAT_JSON);
+    log_write(CHAT_LOG_INFO, "core", "ok \xc3\xa9\xe2\x82\xac|bad \xff\xc3|cut \xe2\x82");
+    const char *t = slurp(path);
+    CU_ASSERT_PTR_NOT_NULL(strstr(t, "\"msg\":\"ok \xc3\xa9\xe2\x82\xac|bad \\ufffd"
+                                     "\\ufffd|cut \\ufffd\\ufffd\"}\n"));
+}
+
 /* A message far over the line size: cut, and still one closed object. */
 static void test_json_long(void)
 {
@@ -206,6 +217,7 @@ int main(void)
     CU_add_test(s, "text lines, session context", test_text);
     CU_add_test(s, "JSON lines, escaping", test_json);
     CU_add_test(s, "a long JSON line is cut and closed", test_json_long);
+    CU_add_test(s, "JSON lines are valid UTF-8", test_json_utf8);
     CU_add_test(s, "journal: priorities, no timestamps", test_journal);
     CU_add_test(s, "reopen while threads log", test_reopen_under_threads);
     CU_basic_set_mode(CU_BRM_VERBOSE);
