@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # contrib/run.sh - `make run`: chatd on 127.0.0.1:6000 with its own MariaDB
-# and Redis, for trying it out by hand.
+# and Redis, for trying it out by hand (its admin listener, /metrics and
+# /healthz among others, on 127.0.0.1:6080: etc/chat.conf [admin]).
 #
 # Installs missing packages, builds build/, starts a private MariaDB
 # (var/mysql, port 13306) and Redis (var/redis, port 16379) - the ports

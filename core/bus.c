@@ -41,6 +41,9 @@
  * with CHAT_OK when the message went to a local session or a subscriber
  * counted the PUBLISH, else the ticket rides on the undeliverable event.  Broadcasts ("B <node>\n<plugin>\n<data>" on chatd:all)
  * fire on this node from a local queue and are skipped when they come back.
+ * The core's own broadcasts (plugin name BUS_CORE, "@core": the admin
+ * listener's kicks and notices) go to the one callback set with
+ * bus_on_core() instead of the plugins' hooks.
  *
  * Without Redis (down, or no [redis] section: single node) local delivery
  * works, remote delivery is undeliverable, claims succeed locally (and the
@@ -248,6 +251,19 @@ static struct {
      * too, even when the user is local by now, so it cannot overtake them */
     struct map routing;
 } bus;
+
+static void (*core_cb)(const char *data, size_t len);
+
+/* A broadcast, here or from another node: the core's own go to core_cb. */
+static void fire_broadcast(const struct chat_ev_broadcast *ev)
+{
+    if (strcmp(ev->plugin, BUS_CORE) == 0) {
+        if (core_cb != NULL)
+            core_cb(ev->data, ev->len);
+        return;
+    }
+    plug_fire(CHAT_EV_BROADCAST, ev);
+}
 
 static void link_down(const char *why);
 static void link_connect(void);
@@ -479,7 +495,7 @@ static void req_done(struct bus_req *r, const redisReply *rp)
         struct chat_ev_broadcast ev = {sizeof(ev), r->data,
                                        r->data + r->plen + 1,
                                        r->len - r->plen - 1};
-        plug_fire(CHAT_EV_BROADCAST, &ev);
+        fire_broadcast(&ev);
         break;
     }
     default: /* heartbeat, release, publish: nothing waits for them */
@@ -659,7 +675,7 @@ static void handle_message(const char *p, size_t len)
         ev.plugin = plugin;
         ev.data = nl2 + 1;
         ev.len = (size_t)(end - nl2 - 1);
-        plug_fire(CHAT_EV_BROADCAST, &ev);
+        fire_broadcast(&ev);
         mem_free(plugin);
         return;
     }
@@ -1065,6 +1081,10 @@ const char *bus_node_id(void) { return bus.node; }
 int bus_finished(void) { return !bus.started || bus.finished; }
 
 int bus_connected(void) { return bus.started && bus.link == LINK_UP; }
+
+int bus_configured(void) { return bus.have_redis; }
+
+void bus_on_core(void (*cb)(const char *data, size_t len)) { core_cb = cb; }
 
 static int bus_open(void) { return bus.started && !bus.stopping; }
 

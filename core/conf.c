@@ -1,7 +1,7 @@
 /*
  * conf.c - chat.conf: an INI file read with inih, checked strictly.
  *
- * Sections [server], [plugins], [mysql], [redis] have a fixed set of keys;
+ * Sections [server], [plugins], [mysql], [redis], [admin] have a fixed set of keys;
  * an unknown key, a bad number or an unknown section is an error reported as
  * "file:line: reason" (inih returns the first failing line).  [plugin.NAME]
  * sections are free-form: their keys belong to the plugin, which reads them
@@ -310,6 +310,30 @@ static int on_redis(struct parse_ctx *p, const char *name, const char *value)
     return set_err(p, "unknown key \"%s\" in [redis]%s", name, "");
 }
 
+static int on_admin(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    if (strcmp(name, "listen") == 0) {
+        char *h = NULL;
+        int port;
+        if (strcmp(value, "off") == 0) {
+            c->admin_port = 0;
+            return 1;
+        }
+        if (conf_parse_hostport(value, &h, &port) || !conf_ip_ok(h)) {
+            mem_free(h);
+            return set_err(p, "listen: expected IP:PORT or off, got \"%s\"%s",
+                           value, "");
+        }
+        mem_free(c->admin_host);
+        c->admin_host = h;
+        c->admin_port = port;
+        return 1;
+    }
+    STR_KEY("token", c->admin_token)
+    return set_err(p, "unknown key \"%s\" in [admin]%s", name, "");
+}
+
 static struct conf_section *get_section(struct conf *c, const char *name)
 {
     struct conf_section *s;
@@ -371,7 +395,9 @@ static int on_entry(void *user, const char *section, const char *name,
     } else if (strcmp(section, "redis") == 0) {
         p->seen_redis = 1;
         ok = name ? on_redis(p, name, value) : 1;
-    } else if (strncmp(section, "plugin.", 7) == 0 && section[7])
+    } else if (strcmp(section, "admin") == 0)
+        ok = name ? on_admin(p, name, value) : 1;
+    else if (strncmp(section, "plugin.", 7) == 0 && section[7])
         ok = on_plugin_section(p, section + 7, name, value);
     else
         ok = set_err(p, "unknown section [%s]%s", section, "");
@@ -407,7 +433,8 @@ static void check_header(struct parse_ctx *p, const char *s)
         p->seen_redis = 1;
     else if (strncmp(name, "plugin.", 7) == 0 && name[7])
         get_section(p->c, name + 7);
-    else if (strcmp(name, "server") && strcmp(name, "plugins")) {
+    else if (strcmp(name, "server") && strcmp(name, "plugins") &&
+             strcmp(name, "admin")) {
         set_err(p, "unknown section [%s]%s", name, "");
         if (!p->err_line)
             p->err_line = p->line;
@@ -454,15 +481,16 @@ static void set_defaults(struct conf *c)
     c->my_connect_timeout_s = 2;
     c->rd_port = 6379;
     c->rd_heartbeat_ttl_s = 10;
+    c->admin_port = 6080;
 }
 
 static int fill_missing(struct conf *c)
 {
     char **strs[] = {&c->listen_host, &c->node_id, &c->my_host, &c->my_user,
                      &c->my_password, &c->my_database, &c->my_socket, &c->rd_host,
-                     &c->log_file};
+                     &c->admin_host, &c->admin_token, &c->log_file};
     const char *defs[] = {"127.0.0.1", "", "127.0.0.1", "chat", "", "chat", "",
-                          "127.0.0.1", ""};
+                          "127.0.0.1", "127.0.0.1", "", ""};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if (!*strs[i] && !(*strs[i] = mem_strdup(defs[i])))
             return -1;
@@ -529,7 +557,8 @@ void conf_free(struct conf *c)
         return;
     char *strs[] = {c->path, c->dir, c->listen_host, c->node_id, c->plugin_dir,
                     c->my_host, c->my_user, c->my_password, c->my_database,
-                    c->my_socket, c->sql_dir, c->rd_host, c->log_file};
+                    c->my_socket, c->sql_dir, c->rd_host, c->admin_host,
+                    c->admin_token, c->log_file};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         mem_free(strs[i]);
     for (size_t i = 0; i < c->nplugins; i++)

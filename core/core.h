@@ -17,6 +17,8 @@
  *   db_    db.c        MySQL pool on worker threads
  *   bus_   bus.c       Redis bus: node channel, presence, routing
  *   metrics_ metrics.c the node's metrics, Prometheus text format
+ *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
+ *   adm_   admin_http.c its request parsing (http-parser) and routing
  *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
  */
 #ifndef CHAT_CORE_H
@@ -178,6 +180,10 @@ struct conf {
     char *rd_host;
     int rd_port;
     int rd_heartbeat_ttl_s;
+    /* [admin] (admin.c): listen address, port 0 when "off"; token "" none */
+    char *admin_host;
+    int admin_port;
+    char *admin_token;
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;
@@ -295,6 +301,11 @@ void net_hold(struct chat_session *s, int on); /* login ack pending */
 int net_on_flushed(struct chat_session *s, void (*cb)(int ok, void *ud), void *ud);
 void net_close(struct chat_session *s, int errno_, const char *why);
 size_t net_session_count(void);
+/* uv_now() when s was accepted. */
+uint64_t net_session_connected_at(const struct chat_session *s);
+/* Walk the sessions not closing, newest first: net_session_next(NULL) is
+ * the first.  Closing a session while walking: take its successor first. */
+struct chat_session *net_session_next(const struct chat_session *s);
 /* Test seam (fuzzer, unit tests): a session without a socket whose output
  * is dropped; net_test_feed() runs bytes through framing and dispatch. */
 struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame);
@@ -353,10 +364,13 @@ int plug_start(uv_loop_t *loop, const struct conf *c); /* load all; -1 on error 
 /* Check a config and its plugins without running them (chatd -t). */
 int plug_check(const struct conf *c, char *err, size_t errlen);
 void plug_reload(void);              /* SIGHUP: asynchronous */
-/* cb runs on the loop thread when a reload has finished, with ok (the new
- * config is in force and every plugin loaded) and a one-line result; a
- * failed reload (bad file) calls it too.  One observer (main.c: sd_notify). */
-void plug_on_reloaded(void (*cb)(int ok, const char *result));
+/* plug_reload, then done(ok, what, ud) once the reload that starts after
+ * this call has finished: ok 1 when the file was read and every plugin
+ * loaded, else 0 with what failed in msg (borrowed for the call).  Runs
+ * on a later loop turn, never inside this call.  CHAT_ERR_NOMEM: done
+ * never runs. */
+int plug_reload_ex(void (*done)(int ok, const char *msg, void *ud), void *ud);
+size_t plug_active(void);            /* instances in the active set */
 void plug_stop(void);                /* retire everything (shutdown) */
 size_t plug_live(void);              /* instances not yet unloaded */
 const struct plug_handler *plug_handler(int msgid);
@@ -454,6 +468,9 @@ uint64_t db_affected(const struct chat_db_result *r);
 uint64_t db_insert_id(const struct chat_db_result *r);
 const struct chat_db_result *db_sub(const struct chat_db_result *r, size_t i);
 void db_get_stats(struct db_stats *st);
+/* Connections of the pool that are up now; -1 without a pool ([mysql]
+ * absent, or stopped). */
+int db_conns_up(void);
 /* chatd --migrate: blocking; applies sql/NNN_*.sql not yet in
  * schema_version.  Returns 0 or -1 (logged). Never called on the loop. */
 int db_migrate(const struct conf *c);
@@ -487,12 +504,69 @@ void bus_release(int64_t uid);
 /* Publish to every node's CHAT_EV_BROADCAST hooks (plug_fire) for plugin
  * name, this node included (asynchronously: never inside this call). */
 int bus_broadcast(const char *plugin, const char *data, size_t len);
+/* The core's own broadcasts (admin actions): bus_broadcast(BUS_CORE, ...)
+ * reaches cb on every node instead of the plugins' hooks.  "@" is not a
+ * plugin name character, so no plugin can send or receive these. */
+#define BUS_CORE "@core"
+void bus_on_core(void (*cb)(const char *data, size_t len));
+/* Redis is configured ([redis] present). */
+int bus_configured(void);
 
 /* ---- metrics.c -------------------------------------------------------- */
 void metrics_start(void); /* at start, before the loop runs */
 /* The Prometheus text exposition of every metric; mem_malloc'd, the caller
  * frees it with mem_free; NULL when out of memory. */
 char *metrics_render(size_t *len);
+
+/* ---- admin.c ---------------------------------------------------------- */
+/* The admin listener ([admin] listen; see the top of admin.c).  Top layer:
+ * only main.c calls these. */
+int admin_start(uv_loop_t *loop, const struct conf *c); /* -1: cannot listen */
+void admin_stop(void);     /* close the listener and every admin connection */
+int admin_draining(void);  /* POST /drain was accepted */
+
+/* ---- admin_http.c ----------------------------------------------------- */
+/* Request parsing and routing, apart from the sockets (the fuzz target
+ * drives these).  adm_req_feed: 0 needs more, 1 complete (bytes after the
+ * first request are ignored), else the HTTP status to answer (400, 413,
+ * 414, 431, 500).  adm_req_free frees the body, not r. */
+#include <http_parser.h>
+struct adm_req {
+    http_parser hp;
+    size_t head;           /* bytes before the end of the headers */
+    size_t hbytes;         /* bytes of header names and values (+4 each) */
+    int status, complete, headers_done, in_value, have_auth, method;
+    char url[2048 + 1];
+    size_t url_len;
+    char field[32];        /* current header name, lower case, truncated */
+    size_t field_len;
+    char auth[512 + 1];    /* the Authorization value */
+    size_t auth_len;
+    char *body;            /* mem_malloc'd, NUL-terminated */
+    size_t body_len;
+};
+enum adm_ep {
+    ADM_EP_NONE, ADM_EP_METRICS, ADM_EP_HEALTHZ, ADM_EP_READYZ, ADM_EP_SESSIONS,
+    ADM_EP_PRESENCE,
+    /* from here on: POST, with the token */
+    ADM_EP_KICK, ADM_EP_NOTICE, ADM_EP_RELOAD, ADM_EP_DRAIN
+};
+struct adm_route {
+    enum adm_ep ep;
+    int post;              /* the endpoint needs POST and the token */
+    int64_t uid;           /* /users/<uid>/... */
+    const char *query;     /* borrowed from the request's url */
+    size_t qlen;
+};
+void adm_req_init(struct adm_req *r);
+int adm_req_feed(struct adm_req *r, const char *buf, size_t len);
+void adm_req_free(struct adm_req *r);
+/* 0 and *rt, or 400 (bad URL), 404 (no such path), 405 (wrong method). */
+int adm_route(const struct adm_req *r, struct adm_route *rt);
+/* key=value in the query q[0..qlen): 1 and *out in [lo, hi], 0 absent,
+ * -1 present but not a decimal integer in range. */
+int adm_query_int(const char *q, size_t qlen, const char *key, int64_t lo,
+                  int64_t hi, int64_t *out);
 
 /* ---- sdnotify.c ------------------------------------------------------- */
 /* No-ops unless systemd set NOTIFY_SOCKET; loop thread only.  sdn_ready

@@ -1338,6 +1338,20 @@ void db_get_stats(struct db_stats *st)
     st->latency_us_max = p->lat_max_us;
 }
 
+int db_conns_up(void)
+{
+    struct db_pool *p = pool;
+    int up = 0;
+
+    if (!p)
+        return -1;
+    pthread_mutex_lock(&p->qlock);
+    for (int i = 0; i < p->nconns; i++)
+        up += p->conns[i].state == CONN_UP;
+    pthread_mutex_unlock(&p->qlock);
+    return up;
+}
+
 /* ---- result accessors (loop thread, inside the callback) -------------- */
 
 int db_error(const struct chat_db_result *r)

@@ -10,15 +10,16 @@
  *
  * With workers = K (or -w K) the process forks K workers that share the
  * listen port through SO_REUSEPORT; each worker is a full node on the bus
- * (node id suffixed with its number).  The parent only supervises: it
+ * (node id suffixed with its number) with its own admin port (the
+ * configured one + its number).  The parent only supervises: it
  * forwards SIGHUP/SIGTERM/SIGINT/SIGUSR1 and restarts a worker that died.
  *
  * Logs go where [server] log_file says (stderr by default), set before the
- * node starts and again after each reload; SIGUSR1 reopens the file (for
- * logrotate) on the loop thread.  Under systemd the node reports READY,
- * RELOADING and STOPPING through sdnotify.c; with workers the supervisor
- * reports for the lot (the workers' own notifications would be refused by
- * NotifyAccess=main), so READY comes once they are forked.
+ * node starts (a reload applies a new one: plugin.c); SIGUSR1 reopens the
+ * file (for logrotate) on the loop thread.  Under systemd the node reports
+ * READY, RELOADING and STOPPING through sdnotify.c; with workers the
+ * supervisor reports for the lot (the workers' own notifications would be
+ * refused by NotifyAccess=main), so READY comes once they are forked.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -86,6 +87,19 @@ static void after_sessions(void)
     uv_timer_start(&stop_timer, on_stop_tick, 0, 10);
 }
 
+/* A SIGHUP reload has finished: log its result and tell systemd. */
+static void on_reloaded(int ok, const char *msg, void *ud)
+{
+    char status[700];
+    (void)ud;
+    if (ok) {
+        snprintf(status, sizeof status, "reloaded: %zu plugins", plug_active());
+        LOGI("%s", status); /* failures were logged as they happened */
+    } else
+        snprintf(status, sizeof status, "reload failed: %s", msg);
+    sdn_reloaded(status);
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     (void)h;
@@ -96,7 +110,8 @@ static void on_signal(uv_signal_t *h, int signum)
     if (signum == SIGHUP) {
         if (!stopping) {
             sdn_reloading();
-            plug_reload();
+            if (plug_reload_ex(on_reloaded, NULL) != CHAT_OK)
+                sdn_reloaded("reload failed: out of memory; nothing changed");
         }
         return;
     }
@@ -106,21 +121,10 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     stopping = 1;
     sdn_stopping();
+    admin_stop();
     LOGI("%s: stopping gracefully (%zu sessions)",
          signum == SIGINT ? "SIGINT" : "SIGTERM", net_session_count());
     net_shutdown(after_sessions);
-}
-
-/* After every reload: the log settings may have changed; tell systemd. */
-static void on_reloaded(int ok, const char *result)
-{
-    const struct conf *c = plug_current_conf();
-    char err[600];
-    if (c && log_open(c->log_file, c->log_format, err, sizeof err))
-        LOGE("reload: %s; logging as before", err);
-    if (ok)
-        LOGI("%s", result); /* failures were logged as they happened */
-    sdn_reloaded(result);
 }
 
 static void raise_nofile(void)
@@ -162,8 +166,8 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_init(loop, &sig_usr1);
     uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
-    plug_on_reloaded(on_reloaded);
-    if (net_start(loop, c) != 0)
+    /* the admin endpoint first: once "listening on" is logged, both are up */
+    if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)
         return 1;
     sdn_ready(loop, "listening on %s:%d", c->listen_host, c->listen_port);
     uv_run(loop, UV_RUN_DEFAULT);
@@ -188,6 +192,8 @@ static pid_t spawn_worker(struct conf *c, int i, const char *base_id)
         mem_free(c->node_id);
         c->node_id = mem_strdup(id);
         c->workers = 1;
+        if (c->admin_port) /* worker i: the admin port + i */
+            c->admin_port = c->admin_port + i <= 65535 ? c->admin_port + i : 0;
         exit(run_node(c));
     }
     return pid;

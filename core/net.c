@@ -131,6 +131,7 @@ struct chat_session {
     struct tlink idle;       /* on net.idle: see the top of the file */
     struct tlink req;        /* on net.reqs while a frame is under way */
     struct chat_session *all_prev, *all_next; /* every session, for shutdown */
+    uint64_t connected_at;   /* uv_now() at accept (admin: connected-for) */
     uint64_t pace_until;     /* legacy: no next message before this uv_now() */
     struct chat_session *pace_prev, *pace_next; /* waiting for pace_until */
     uv_write_t wreq;
@@ -1185,6 +1186,7 @@ static void on_connection(uv_stream_t *server, int status)
     net.all_head = s;
     s->id = ++net.next_id;
     s->proto = CHAT_PROTO_LEGACY;
+    s->connected_at = uv_now(net.loop);
     frame_init(&s->fs, net.max_frame);
     if (net.count > (size_t)net.max_connections || net.shutdown_done) {
         refuse(s, "max_connections", net.max_connections);
@@ -1459,6 +1461,15 @@ const char *net_session_name_len(const struct chat_session *s, size_t *len)
 }
 int net_session_closing(const struct chat_session *s) { return s->closing; }
 size_t net_session_count(void) { return net.count; }
+uint64_t net_session_connected_at(const struct chat_session *s) { return s->connected_at; }
+
+struct chat_session *net_session_next(const struct chat_session *s)
+{
+    struct chat_session *n = s ? s->all_next : net.all_head;
+    while (n && n->closing)
+        n = n->all_next;
+    return n;
+}
 
 const char *net_session_peer(const struct chat_session *s)
 {

@@ -21,6 +21,9 @@
  *
  * The file work of a reload (reading chat.conf, stat, copying, dlopen) runs
  * on a worker thread; only init, the swap and fini run on the loop.
+ * plug_reload_ex() callers (the admin listener's POST /reload) are told the
+ * outcome when the job that starts after their call is done: "ok", the
+ * file's error, or the plugins that did not load.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -109,9 +112,25 @@ static struct {
     struct plug_login_part *parts;
     size_t nparts;
     int reloading, reload_again;
-    void (*on_reloaded)(int ok, const char *result);
     size_t live; /* instances created and not yet freed */
+    /* plug_reload_ex: callers of the next job, and of the running one */
+    struct reload_waiter *waiting, *running;
+    char fails[512];         /* what apply() could not load, "; "-joined */
 } pl;
+
+struct reload_waiter {
+    struct reload_waiter *next;
+    void (*done)(int ok, const char *msg, void *ud);
+    void *ud;
+};
+
+static void note_fail(const char *name, const char *what)
+{
+    size_t n = strlen(pl.fails);
+    if (n < sizeof pl.fails - 1)
+        snprintf(pl.fails + n, sizeof pl.fails - n, "%splugin %s: %s",
+                 n ? "; " : "", name, what);
+}
 
 /* ---- references and teardown ------------------------------------------ */
 
@@ -667,15 +686,12 @@ static struct chat_plugin *find_active(const char *name)
 }
 
 /* Apply opened files for config c: the new active set is c's list; each
- * entry is the kept instance, a new instance, or (on failure) the old one.
- * Returns how many plugins failed to load (-1: out of memory, nothing
- * changed). */
-static int apply(struct conf *c, struct opened *files, size_t nfiles)
+ * entry is the kept instance, a new instance, or (on failure) the old one. */
+static void apply(struct conf *c, struct opened *files, size_t nfiles)
 {
     struct chat_plugin **next = mem_calloc(nfiles + 1, sizeof *next);
     struct chat_plugin **fresh = mem_calloc(nfiles + 1, sizeof *fresh);
     size_t nnext = 0;
-    int failed = -1;
 
     if (!next || !fresh || !(pl.staging = mem_calloc(nfiles + 1, sizeof *pl.staging))) {
         LOGE("reload: out of memory; nothing changed");
@@ -685,7 +701,6 @@ static int apply(struct conf *c, struct opened *files, size_t nfiles)
         goto out;
     }
     pl.nstaging = 0;
-    failed = 0;
     for (size_t i = 0; i < nfiles; i++) {
         struct opened *o = &files[i];
         struct chat_plugin *old = find_active(o->name);
@@ -694,15 +709,16 @@ static int apply(struct conf *c, struct opened *files, size_t nfiles)
             continue;
         }
         if (!o->dl) {
-            failed++;
             LOGE("plugin %s: %s%s", o->name, o->err,
                  old ? "; the running instance stays" : "");
+            note_fail(o->name, o->err);
             if (old)
                 next[nnext++] = old;
             continue;
         }
         fresh[i] = instantiate(o, c, old);
-        failed += !fresh[i];
+        if (!fresh[i])
+            note_fail(o->name, "init failed (see the log)");
         if (fresh[i])
             next[nnext++] = fresh[i];
         else if (old) {
@@ -722,7 +738,6 @@ static int apply(struct conf *c, struct opened *files, size_t nfiles)
         next = NULL;
         if (rebuild() != 0) {
             LOGE("reload: out of memory while swapping; keeping the old set");
-            failed = -1;
             next = pl.active;
             pl.active = prev;
             pl.nactive = nprev;
@@ -773,7 +788,6 @@ out:
     pl.nstaging = 0;
     mem_free(next);
     mem_free(fresh);
-    return failed;
 }
 
 static struct opened *open_all(const struct conf *c, size_t *n)
@@ -887,33 +901,44 @@ static void reload_work(uv_work_t *req)
     j->nfiles = j->conf->nplugins;
 }
 
+/* Tell the callers of plug_reload_ex how the job went. */
+static void reload_tell(int ok, const char *msg)
+{
+    struct reload_waiter *w = pl.running, *next;
+    pl.running = NULL;
+    for (; w; w = next) {
+        next = w->next;
+        w->done(ok, msg, w->ud);
+        mem_free(w);
+    }
+}
+
 static void reload_done(uv_work_t *req, int status)
 {
     struct reload_job *j = container_of(req, struct reload_job, req);
-    char result[600];
-    int failed = -1;
+    char msg[sizeof j->err + sizeof pl.fails];
+    int ok = 0;
+
     if (status == 0 && j->conf && j->files) {
         struct conf *old = pl.conf;
         LOGI("reload: %s read; applying", j->path);
         log_level = j->conf->log_level;
-        failed = apply(j->conf, j->files, j->nfiles);
+        if (log_open(j->conf->log_file, j->conf->log_format, msg, sizeof msg))
+            LOGE("reload: %s; logging as before", msg);
+        pl.fails[0] = '\0';
+        apply(j->conf, j->files, j->nfiles);
+        ok = !pl.fails[0];
+        snprintf(msg, sizeof msg, "%s", ok ? "ok" : pl.fails);
         pl.conf = j->conf;
         net_apply_conf(pl.conf);
         ack_configure(pl.conf);
         disp_configure((size_t)pl.conf->max_members);
         conf_free(old);
         j->conf = NULL;
-        if (failed == 0)
-            snprintf(result, sizeof result, "reloaded: %zu plugins", pl.nactive);
-        else if (failed > 0)
-            snprintf(result, sizeof result, "reloaded: %zu plugins, %d failed to "
-                     "load (their running versions stay)", pl.nactive, failed);
-        else
-            snprintf(result, sizeof result, "reload: out of memory; plugins unchanged");
     } else {
-        snprintf(result, sizeof result, "reload failed: %s; nothing changed",
+        LOGE("reload: %s; nothing changed", j->err[0] ? j->err : "cancelled");
+        snprintf(msg, sizeof msg, "%s; nothing changed",
                  j->err[0] ? j->err : "cancelled");
-        LOGE("%s", result);
         if (j->files)
             for (size_t i = 0; i < j->nfiles; i++)
                 if (j->files[i].dl)
@@ -927,8 +952,7 @@ static void reload_done(uv_work_t *req, int status)
     mem_free(j->path);
     mem_free(j);
     pl.reloading = 0;
-    if (pl.on_reloaded)
-        pl.on_reloaded(failed == 0, result);
+    reload_tell(ok, msg);
     if (pl.reload_again) {
         pl.reload_again = 0;
         plug_reload();
@@ -948,8 +972,6 @@ void plug_reload(void)
         if (j)
             mem_free(j->path);
         mem_free(j);
-        if (pl.on_reloaded)
-            pl.on_reloaded(0, "reload: out of memory; nothing changed");
         return;
     }
     for (size_t i = 0; i < pl.nactive; i++) {
@@ -958,22 +980,37 @@ void plug_reload(void)
     }
     j->nactive = pl.nactive;
     pl.reloading = 1;
+    pl.running = pl.waiting; /* they wait for this job */
+    pl.waiting = NULL;
     LOGI("reload: SIGHUP; reading %s", j->path);
     if (uv_queue_work(pl.loop, &j->req, reload_work, reload_done) != 0) {
         pl.reloading = 0;
+        pl.waiting = pl.running; /* for the next reload */
+        pl.running = NULL;
         for (size_t i = 0; i < j->nactive; i++)
             plug_unref(j->active[i]);
         mem_free(j->active);
         mem_free(j->path);
         mem_free(j);
-        if (pl.on_reloaded)
-            pl.on_reloaded(0, "reload: no worker thread; nothing changed");
     }
 }
 
-const struct conf *plug_current_conf(void) { return pl.conf; }
+int plug_reload_ex(void (*done)(int ok, const char *msg, void *ud), void *ud)
+{
+    struct reload_waiter *w = mem_calloc(1, sizeof *w);
+    if (!w)
+        return CHAT_ERR_NOMEM;
+    w->done = done;
+    w->ud = ud;
+    w->next = pl.waiting;
+    pl.waiting = w;
+    plug_reload();
+    return CHAT_OK;
+}
 
-void plug_on_reloaded(void (*cb)(int ok, const char *result)) { pl.on_reloaded = cb; }
+size_t plug_active(void) { return pl.nactive; }
+
+const struct conf *plug_current_conf(void) { return pl.conf; }
 
 size_t plug_live(void) { return pl.live; }
 

@@ -36,6 +36,13 @@
 #   pairs-rstorm  the same during a reconnect storm with resume tokens
 # and, not in the default set:
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
+#   seed-paced, seed-unpaced
+#                 pairs P=500 W=1 with chatd's legacy pacing on
+#                 (legacy_pace_ms = 20, the default) and off (0), switched by
+#                 SIGHUP before each run: what pacing costs the seed's shape
+#   calm-paced, calm-unpaced
+#                 the same pairs at a fixed 10,000 msgs/s (20 a second per
+#                 receiver, under the paced cap of 50): CPU and latency
 # Knobs: BENCH_RUNS (3), BENCH_WARMUP (5), BENCH_DURATION (10),
 # BENCH_CONNS (19000), BENCH_HASH_COST (1; 0 = libcrypt's default),
 # BENCH_HASH_BUDGET (the login plugin's hash_budget, 100 = none),
@@ -150,6 +157,7 @@ redis_up=1
 bash contrib/stack/mariadb.sh createdb "$DIR/mysql" chat_bench
 
 CHATD_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 CONF=$DIR/chat.conf
 cat >"$CONF" <<EOF
 ; written by contrib/bench/run-bench.sh
@@ -180,6 +188,9 @@ pool_size = 4
 queue_max = 100000
 connect_timeout = 2
 migrations = $ROOT/sql
+
+[admin]
+listen = 127.0.0.1:$ADMIN_PORT
 
 [redis]
 host = 127.0.0.1
@@ -283,6 +294,14 @@ bench() {
     fi
 }
 
+# set_pace MS: legacy_pace_ms in the config, applied by SIGHUP (a live key;
+# the reload is read off the loop in milliseconds, a second is plenty)
+set_pace() {
+    sed -i "s/^legacy_pace_ms = .*/legacy_pace_ms = $1/" "$CONF"
+    kill -HUP "$chatd_pid"
+    sleep 1
+}
+
 for ((run = 1; run <= RUNS; run++)); do
     echo "run-bench.sh: run $run of $RUNS"
     for s in $SET; do
@@ -314,6 +333,14 @@ for ((run = 1; run <= RUNS; run++)); do
         pairs-seed)
             bench "$s" "$run" pairs "${CHATD[@]}" -P 500 -W 1 --procs "$PROCS" \
                 --ids "$DIR/ids-seed-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        seed-paced|seed-unpaced|calm-paced|calm-unpaced)
+            pace=0 rate=()
+            [[ $s == *-paced ]] && pace=20
+            [[ $s == calm-* ]] && rate=(--rate 10000)
+            set_pace "$pace"
+            bench "$s" "$run" pairs "${CHATD[@]}" -P 500 -W 1 "${rate[@]}" --procs "$PROCS" \
+                --ids "$DIR/ids-seed-c$HASH_COST.txt" "${TIMING[@]}"
+            set_pace "$LEGACY_PACE_MS" ;;
         pairs-calm)
             bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --rate "$CALM_RATE" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;

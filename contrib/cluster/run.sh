@@ -5,6 +5,7 @@
 #   private MariaDB   127.0.0.1:$CLUSTER_MYSQL_PORT  (default 13316)
 #   private Redis     127.0.0.1:$CLUSTER_REDIS_PORT  (default 16389)
 #   chatd x3          127.0.0.1:6001, :6002, :6003   (node ids node1..node3)
+#   their admin APIs  127.0.0.1:6081, :6082, :6083   (token $CLUSTER_ADMIN_TOKEN)
 #   nginx (stream)    127.0.0.1:8000, balancing the three nodes
 #
 # Everything lives in var/cluster (CLUSTER_DIR): data, generated configs, pid
@@ -16,7 +17,10 @@
 #
 # Environment: BUILD (default ./build, must hold chatd and plugins/),
 # CLUSTER_DIR, CLUSTER_MYSQL_PORT, CLUSTER_REDIS_PORT, CLUSTER_NODE_PORTS
-# (default "6001 6002 6003"), CLUSTER_LB (default 127.0.0.1:8000).
+# (default "6001 6002 6003"), CLUSTER_ADMIN_PORTS (default "6081 6082 6083"),
+# CLUSTER_ADMIN_TOKEN (default cluster-admin), CLUSTER_LB (default
+# 127.0.0.1:8000).  A rolling restart: docs/operations.md, "Draining and
+# rolling upgrades".
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -25,6 +29,8 @@ DIR=${CLUSTER_DIR:-$ROOT/var/cluster}
 MYSQL_PORT=${CLUSTER_MYSQL_PORT:-13316}
 REDIS_PORT=${CLUSTER_REDIS_PORT:-16389}
 read -r -a NODE_PORTS <<<"${CLUSTER_NODE_PORTS:-6001 6002 6003}"
+read -r -a ADMIN_PORTS <<<"${CLUSTER_ADMIN_PORTS:-6081 6082 6083}"
+ADMIN_TOKEN=${CLUSTER_ADMIN_TOKEN:-cluster-admin}
 LB=${CLUSTER_LB:-127.0.0.1:8000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 DB_NAME=chat
@@ -115,12 +121,14 @@ STARTED_REDIS=1
 "$ROOT/contrib/stack/redis.sh" start "$DIR/redis" "$REDIS_PORT"
 
 # ---- node configs ---------------------------------------------------------------
-# node_conf N PORT: etc/chat.conf with this cluster's values; absolute paths,
-# since the generated file does not live next to etc/.  nginx reaches the
-# nodes from 127.0.0.1, so that address is trusted: exempt from the caps on
-# connections per client address, which would otherwise apply to nginx.
+# node_conf N PORT ADMIN_PORT: etc/chat.conf with this cluster's values;
+# absolute paths, since the generated file does not live next to etc/.  nginx
+# reaches the nodes from 127.0.0.1, so that address is trusted: exempt from
+# the caps on connections per client address, which would otherwise apply to
+# nginx.
 node_conf() {
-    awk -v listen="127.0.0.1:$2" -v node="node$1" \
+    awk -v listen="127.0.0.1:$2" -v node="node$1" -v admin="127.0.0.1:$3" \
+        -v token="$ADMIN_TOKEN" \
         -v plugdir="$BUILD/plugins" -v mig="$ROOT/sql" \
         -v mport="$MYSQL_PORT" -v rport="$REDIS_PORT" -v db="$DB_NAME" '
         function set(v) { sub(/=.*/, "= " v) }
@@ -136,12 +144,14 @@ node_conf() {
         sec == "[mysql]"   && /^migrations[ \t]*=/  { set(mig) }
         sec == "[redis]"   && /^host[ \t]*=/        { set("127.0.0.1") }
         sec == "[redis]"   && /^port[ \t]*=/        { set(rport) }
+        sec == "[admin]"   && /^listen[ \t]*=/      { set(admin) }
+        sec == "[admin]"   && /^token[ \t]*=/       { set(token) }
         { print }
     ' "$ROOT/etc/chat.conf"
 }
 
 for i in "${!NODE_PORTS[@]}"; do
-    node_conf $((i + 1)) "${NODE_PORTS[$i]}" >"$DIR/node$((i + 1)).conf"
+    node_conf $((i + 1)) "${NODE_PORTS[$i]}" "${ADMIN_PORTS[$i]}" >"$DIR/node$((i + 1)).conf"
 done
 
 say "running migrations"
@@ -193,7 +203,7 @@ cat <<EOF
 
     MariaDB  127.0.0.1:$MYSQL_PORT   database $DB_NAME, user chat/chat
     Redis    127.0.0.1:$REDIS_PORT
-$(for i in "${!NODE_PORTS[@]}"; do echo "    node$((i + 1))    127.0.0.1:${NODE_PORTS[$i]}   config $DIR/node$((i + 1)).conf"; done)
+$(for i in "${!NODE_PORTS[@]}"; do echo "    node$((i + 1))    127.0.0.1:${NODE_PORTS[$i]}   admin 127.0.0.1:${ADMIN_PORTS[$i]}   config $DIR/node$((i + 1)).conf"; done)
     nginx    $LB   config $NGX/nginx.conf, logs $NGX/logs/
 
   connect:   $BUILD/chat-cli $LB

@@ -160,7 +160,9 @@ enum chat_proto_errno {
     CHAT_E_SLOW_READER = 115,  /* (notice) output queue overflowed */
     CHAT_E_REPLACED = 116,     /* (notice) logged in elsewhere */
     CHAT_E_IDLE = 117,         /* (notice) idle timeout */
-    CHAT_E_SHUTDOWN = 118      /* (notice) server is stopping */
+    CHAT_E_SHUTDOWN = 118,     /* (notice) server is stopping */
+    CHAT_E_DRAINING = 119,     /* (notice) node draining: reconnect elsewhere */
+    CHAT_E_KICKED = 120        /* (notice) closed by an operator */
 };
 
 /* Protocol version of a session. A session starts as LEGACY and switches to 2

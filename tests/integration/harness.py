@@ -52,8 +52,12 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
     `CHATD -c CONF [args]` with stdout+stderr to a log file, and waits (20 s)
     until chatd logs "listening on"; on failure raises NodeError with the log
     tail.  stack may be None when neither mysql nor redis is used.  A
-    listen set through conf moves .port with it.
-    .port .pid .proc .conf_path .db .log_path .dir
+    listen set through conf moves .port with it.  [admin] listen is a free
+    port of its own (.admin_port; None when conf turns it off) with token
+    ADMIN_TOKEN.
+    .port .admin_port .pid .proc .conf_path .db .log_path .dir
+    .admin(method, path, body=None, token=ADMIN_TOKEN) -> (status, headers,
+                                body)   admin_request() to this node
     .log_text() -> str          the whole log
     .log_mark() -> int          the log's current length, for `since`
     .wait_log(substring, timeout=10, since=0) -> str   the log text once it
@@ -94,6 +98,10 @@ Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None)
 
 Utilities
     free_port() -> int
+    admin_request(port, method, path, body=None, token=ADMIN_TOKEN,
+                  timeout=10) -> (status, headers, body)   urllib.request to an
+        admin listener; HTTP errors come back as their status; a JSON body
+        parsed
     wait_for(pred, timeout=10, interval=0.02, what=None) -> pred's truthy value;
         TimeoutError otherwise
     plugin_path(name, variant=None) -> str   CHAT_PLUGIN_DIR/name.so, or
@@ -163,6 +171,35 @@ def wait_for(pred, timeout=10, interval=0.02, what=None):
             raise TimeoutError("timed out after %.1f s waiting for %s"
                                % (timeout, what or getattr(pred, "__name__", "a condition")))
         time.sleep(interval)
+
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def admin_request(port, method, path, body=None, token=ADMIN_TOKEN, timeout=10):
+    """An HTTP request to an admin listener on 127.0.0.1:port with
+    urllib.request: (status, headers, body), the body parsed as JSON when it
+    is JSON, else text.  HTTP errors are returned, not raised."""
+    import urllib.error
+    import urllib.request
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data,
+                                 method=method)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, headers, raw = r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        status, headers, raw = e.code, e.headers, e.read()
+    text = raw.decode("utf-8", "replace")
+    if headers.get("Content-Type", "").startswith("application/json") and text:
+        return status, headers, json.loads(text)
+    return status, headers, text
 
 
 def plugin_path(name, variant=None):
@@ -461,6 +498,11 @@ class Node:
         # tests of the defaults (friend mutual, group invite) override them.
         self._conf["plugin.friend"] = {"policy": "open"}
         self._conf["plugin.group"] = {"join": "open"}
+        # the admin listener on a free port of its own (its default, 6080,
+        # would collide between nodes), with a token for the actions
+        self.admin_port = free_port()
+        self._conf["admin"] = {"listen": "127.0.0.1:%d" % self.admin_port,
+                               "token": ADMIN_TOKEN}
         if node_id is not None:
             self._conf["server"]["node_id"] = node_id
         if mysql:
@@ -498,11 +540,20 @@ class Node:
         self._write()
 
     def _sync_port(self):
-        """.port follows a listen address set through conf."""
+        """.port (.admin_port) follows a listen address set through conf."""
         listen = str(self._conf.get("server", {}).get("listen", ""))
         port = listen.rpartition(":")[2]
         if port.isdigit():
             self.port = int(port)
+        listen = str((self._conf.get("admin") or {}).get("listen", ""))
+        port = listen.rpartition(":")[2]
+        self.admin_port = int(port) if port.isdigit() else None
+
+    def admin(self, method, path, body=None, token=ADMIN_TOKEN, timeout=10,
+              port=None):
+        """One request to the admin listener: (status, headers, parsed body)."""
+        return admin_request(port or self.admin_port, method, path, body, token,
+                             timeout)
 
     @property
     def conf(self):

@@ -235,7 +235,7 @@ class StuckReader(LimitCase):
         self.test_nodes.append(node)
         self.addCleanup(self.stopped_ok, node)
         ids = []
-        for name in ("stuck", "writer"):
+        for name in ("stuck", "writer", "primer"):
             c = self.client(node.port, proto=2)
             r = c.request({"msgid": 4, "name": "%s%d" % (name, time.time_ns()),
                            "password": "pw"})
@@ -245,6 +245,13 @@ class StuckReader(LimitCase):
         self.assertEqual(stuck.login(ids[0], "pw")["errno"], 0)
         writer = self.client(node.port)
         self.assertEqual(writer.login(ids[1], "pw")["errno"], 0)
+        # one acknowledged message first: the recipient is then known to
+        # exist, so the flood is delivered rather than refused as busy
+        # behind the existence check (one2one's lookup bound)
+        primer = self.client(node.port, proto=2)
+        self.assertEqual(primer.login(ids[2], "pw")["errno"], 0)
+        r = primer.request({"msgid": 6, "toid": ids[0], "msg": "first"})
+        self.assertEqual(r["errno"], 0, r)
         mark = node.log_mark()
         # 6 MB: more than the kernel buffers hold (tcp_wmem's 4 MB at most)
         msg = {"msgid": 6, "id": ids[1], "name": "w", "toid": ids[0], "msg": "x" * 4000}
