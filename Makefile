@@ -6,6 +6,8 @@
 #   make test       unit + integration tests (contrib/test.sh); with CI=true
 #                   also the ASan/UBSan build and the fuzzers
 #   make install    cmake --install build (PREFIX=/usr/local, DESTDIR honoured)
+#   make deb        the Debian package, built in build/deb/ (prefix /usr,
+#                   CHAT_DEB=ON, CPack): build/deb/package/chatd_*.deb
 #   make asan       the ASan + UBSan build in build-asan/
 #   make bench      contrib/bench/run-bench.sh
 #   make cluster    contrib/cluster/run.sh
@@ -26,7 +28,7 @@ endif
 
 CMAKE_FLAGS = -DCHAT_WERROR=$(WERROR) -DCMAKE_INSTALL_PREFIX=$(PREFIX)
 
-.PHONY: all deps build run test install asan bench cluster clean
+.PHONY: all deps build run test install deb asan bench cluster clean
 
 all: build
 
@@ -45,6 +47,16 @@ test:
 
 install: build
 	cmake --install $(BUILD)
+
+# Its own build folder under $(BUILD): the package needs prefix /usr compiled
+# in (the default chat.conf path, the multiarch plugin folder), and no tests.
+DEB_BUILD ?= $(BUILD)/deb
+deb: deps
+	cmake -S . -B $(DEB_BUILD) -DCHAT_WERROR=$(WERROR) -DCMAKE_INSTALL_PREFIX=/usr \
+	    -DCHAT_DEB=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(DEB_BUILD) -j$(JOBS)
+	cd $(DEB_BUILD) && cpack -G DEB
+	@ls $(DEB_BUILD)/package/*.deb
 
 asan: deps
 	cmake -S . -B $(ASAN_BUILD) $(CMAKE_FLAGS) -DCHAT_ASAN=ON -DCHAT_UBSAN=ON

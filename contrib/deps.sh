@@ -19,15 +19,16 @@ set -euo pipefail
 # sanitizer runtimes; clang only recommends it, so it is listed on its own.
 # prometheus gives promtool (exposition checks) and the server the metrics
 # test scrapes chatd with.
-GROUPS_ORDER=(build fuzz libs servers python cluster monitoring)
+GROUPS_ORDER=(build fuzz libs servers python cluster monitoring package)
 declare -A GROUP_PKGS=(
     [build]="build-essential cmake pkg-config"
     [fuzz]="clang libclang-rt-14-dev"
-    [libs]="libuv1-dev libcjson-dev default-libmysqlclient-dev libhiredis-dev libcunit1-dev libinih-dev libcrypt-dev libedit-dev libhttp-parser-dev"
+    [libs]="libuv1-dev libcjson-dev default-libmysqlclient-dev libhiredis-dev libcunit1-dev libinih-dev libcrypt-dev libedit-dev libhttp-parser-dev libsystemd-dev"
     [servers]="mariadb-server mariadb-client redis-server"
     [python]="python3"
     [cluster]="nginx-light libnginx-mod-stream"
     [monitoring]="prometheus"
+    [package]="dpkg-dev lintian systemd"
 )
 # Packages whose install would start a system service we do not want.
 declare -A SERVICE_OF_PKG=(

@@ -203,6 +203,21 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
         c->log_level = l;
         return 1;
     }
+    if (strcmp(name, "log_format") == 0) {
+        int f = log_parse_format(value);
+        if (f < 0)
+            return set_err(p, "log_format: \"%s\" is not text or json%s", value, "");
+        c->log_format = f;
+        return 1;
+    }
+    if (strcmp(name, "log_file") == 0) {
+        char *d = abs_path(c, value);
+        if (!d)
+            return set_err(p, "%s%s", "out of memory", "");
+        mem_free(c->log_file);
+        c->log_file = d;
+        return 1;
+    }
     INT_KEY("max_connections", 1, 10000000, c->max_connections)
     INT_KEY("max_frame", 64, 16777216, c->max_frame)
     if (strcmp(name, "trusted") == 0) {
@@ -441,6 +456,7 @@ static void set_defaults(struct conf *c)
 {
     c->listen_port = 6000;
     c->log_level = CHAT_LOG_INFO;
+    c->log_format = LOG_FORMAT_TEXT;
     c->max_connections = 19500;
     c->max_frame = 65536;
     c->idle_timeout_s = 600;
@@ -472,9 +488,9 @@ static int fill_missing(struct conf *c)
 {
     char **strs[] = {&c->listen_host, &c->node_id, &c->my_host, &c->my_user,
                      &c->my_password, &c->my_database, &c->my_socket, &c->rd_host,
-                     &c->admin_host, &c->admin_token};
+                     &c->admin_host, &c->admin_token, &c->log_file};
     const char *defs[] = {"127.0.0.1", "", "127.0.0.1", "chat", "", "chat", "",
-                          "127.0.0.1", "127.0.0.1", ""};
+                          "127.0.0.1", "127.0.0.1", "", ""};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if (!*strs[i] && !(*strs[i] = mem_strdup(defs[i])))
             return -1;
@@ -542,7 +558,7 @@ void conf_free(struct conf *c)
     char *strs[] = {c->path, c->dir, c->listen_host, c->node_id, c->plugin_dir,
                     c->my_host, c->my_user, c->my_password, c->my_database,
                     c->my_socket, c->sql_dir, c->rd_host, c->admin_host,
-                    c->admin_token};
+                    c->admin_token, c->log_file};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         mem_free(strs[i]);
     for (size_t i = 0; i < c->nplugins; i++)

@@ -4,7 +4,7 @@
  *
  * Subsystems and their prefixes:
  *   mem_   alloc.c     the one allocator (chat_host malloc/free), cJSON hooks
- *   log_   log.c       stderr logging with time and level
+ *   log_   log.c       logging: text or JSON, stderr/journal or a file
  *   conf_  conf.c      chat.conf parsing and validation (inih)
  *   map_   map.c       int64 -> pointer hash map
  *   frame_ frame.c     splitting a byte stream into JSON objects
@@ -19,6 +19,7 @@
  *   metrics_ metrics.c the node's metrics, Prometheus text format
  *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
  *   adm_   admin_http.c its request parsing (http-parser) and routing
+ *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -47,11 +48,35 @@ char *mem_strndup(const char *s, size_t n);
 void mem_init(void); /* routes cJSON and libuv through mem_*; call first */
 
 /* ---- log.c ------------------------------------------------------------ */
+/* Thread-safe: any thread may log.  log_open and log_reopen run on the loop
+ * thread (or before it starts). */
 extern int log_level;
+#define LOG_FORMAT_TEXT 0
+#define LOG_FORMAT_JSON 1
+/* What a line about a session carries (borrowed for the call). */
+struct log_ctx {
+    uint64_t session;
+    const char *peer;  /* "ip:port", or NULL */
+    int64_t user;      /* 0: not logged in */
+    const char *name;  /* the user's name, or NULL */
+};
 void log_write(int level, const char *who, const char *fmt, ...)
     CHAT_PRINTF(3, 4);
 void log_vwrite(int level, const char *who, const char *fmt, va_list ap);
-int log_parse_level(const char *s); /* -1 if unknown */
+void log_write_ctx(int level, const char *who, const struct log_ctx *ctx,
+                   const char *fmt, ...) CHAT_PRINTF(4, 5);
+void log_vwrite_ctx(int level, const char *who, const struct log_ctx *ctx,
+                    const char *fmt, va_list ap);
+int log_parse_level(const char *s);  /* -1 if unknown */
+int log_parse_format(const char *s); /* LOG_FORMAT_*, -1 if unknown */
+/* Log to path ("" or NULL: stderr) in format from now on; the same path
+ * again keeps its descriptor.  0, or -1 with err set (nothing changed). */
+int log_open(const char *path, int format, char *err, size_t errlen);
+/* SIGUSR1: open the log_file again (logrotate moved it); logs the outcome.
+ * 0 when writing to stderr. */
+int log_reopen(void);
+/* stderr is the stream systemd connected to the journal (JOURNAL_STREAM). */
+int log_stderr_is_journal(void);
 #define LOG(lvl, ...)                                  \
     do {                                               \
         if ((int)(lvl) <= log_level)                   \
@@ -61,6 +86,21 @@ int log_parse_level(const char *s); /* -1 if unknown */
 #define LOGW(...) LOG(CHAT_LOG_WARN, __VA_ARGS__)
 #define LOGI(...) LOG(CHAT_LOG_INFO, __VA_ARGS__)
 #define LOGD(...) LOG(CHAT_LOG_DEBUG, __VA_ARGS__)
+/* A line about session s (loop thread: it reads the session), with its id,
+ * peer, user and name as context. */
+#define LOGS(s, lvl, ...)                                               \
+    do {                                                                \
+        if ((int)(lvl) <= log_level) {                                  \
+            const struct chat_session *s_ = (s);                        \
+            struct log_ctx c_ = {net_session_id(s_), net_session_peer(s_), \
+                                 net_session_user(s_), net_session_name(s_)}; \
+            log_write_ctx((lvl), "core", &c_, __VA_ARGS__);             \
+        }                                                               \
+    } while (0)
+#define LOGSE(s, ...) LOGS(s, CHAT_LOG_ERROR, __VA_ARGS__)
+#define LOGSW(s, ...) LOGS(s, CHAT_LOG_WARN, __VA_ARGS__)
+#define LOGSI(s, ...) LOGS(s, CHAT_LOG_INFO, __VA_ARGS__)
+#define LOGSD(s, ...) LOGS(s, CHAT_LOG_DEBUG, __VA_ARGS__)
 
 /* ---- map.c ------------------------------------------------------------ */
 struct map_slot;
@@ -223,6 +263,8 @@ struct conf {
     char *listen_host;
     int listen_port;
     int log_level;
+    int log_format;        /* LOG_FORMAT_* */
+    char *log_file;        /* absolute; "" = stderr */
     int max_connections;
     size_t max_frame;
     int idle_timeout_s;    /* 0: none */
@@ -649,5 +691,15 @@ int adm_route(const struct adm_req *r, struct adm_route *rt);
  * -1 present but not a decimal integer in range. */
 int adm_query_int(const char *q, size_t qlen, const char *key, int64_t lo,
                   int64_t hi, int64_t *out);
+
+/* ---- sdnotify.c ------------------------------------------------------- */
+/* No-ops unless systemd set NOTIFY_SOCKET; loop thread only.  sdn_ready
+ * starts the watchdog pings on loop when WATCHDOG_USEC asks for them (loop
+ * NULL: the worker supervisor, no pings). */
+void sdn_ready(uv_loop_t *loop, const char *fmt, ...) CHAT_PRINTF(2, 3);
+void sdn_reloading(void);
+void sdn_reloaded(const char *result);
+void sdn_stopping(void);
+void sdn_status(const char *fmt, ...) CHAT_PRINTF(1, 2);
 
 #endif /* CHAT_CORE_H */

@@ -136,9 +136,7 @@ void disp_error(struct chat_session *s, const struct chat_ack *ack, int errno_,
             return;
         }
     }
-    LOGI("session %llu (%s): %s (msgid %d); ignored as the seed does",
-         (unsigned long long)net_session_id(s), net_session_peer(s), errmsg,
-         ack->msgid);
+    LOGSI(s, "%s (msgid %d); ignored as the seed does", errmsg, ack->msgid);
 }
 
 int disp_json_int(const cJSON *o, const char *key, int64_t lo, int64_t hi,

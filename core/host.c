@@ -178,9 +178,8 @@ static int64_t h_req_auth(struct chat_session *s, const struct chat_request *req
         return 0;
     }
     if (id != uid) {
-        LOGW("session %llu (%s): user %lld sent a request as user %lld; refused",
-             (unsigned long long)net_session_id(s), net_session_peer(s),
-             (long long)uid, (long long)id);
+        LOGSW(s, "user %lld sent a request as user %lld; refused", (long long)uid,
+              (long long)id);
         disp_error(s, &req->ack, CHAT_E_ID_MISMATCH, "id is not the logged-in user");
         return 0;
     }
@@ -434,8 +433,8 @@ static int h_session_login_len(struct chat_plugin *self, struct chat_session *s,
                 goto fail;
             return CHAT_OK;
         }
-        LOGI("user %lld: new login from %s replaces session %llu", (long long)uid,
-             net_session_peer(s), (unsigned long long)net_session_id(other));
+        LOGSI(s, "new login of user %lld replaces session %llu", (long long)uid,
+              (unsigned long long)net_session_id(other));
         net_close(other, CHAT_E_REPLACED, "logged in elsewhere");
     }
     if (bus_claim(uid, flags, login_claimed, c) != CHAT_OK)

@@ -12,7 +12,14 @@
  * listen port through SO_REUSEPORT; each worker is a full node on the bus
  * (node id suffixed with its number) with its own admin port (the
  * configured one + its number).  The parent only supervises: it
- * forwards SIGHUP/SIGTERM/SIGINT and restarts a worker that died.
+ * forwards SIGHUP/SIGTERM/SIGINT/SIGUSR1 and restarts a worker that died.
+ *
+ * Logs go where [server] log_file says (stderr by default), set before the
+ * node starts (a reload applies a new one: plugin.c); SIGUSR1 reopens the
+ * file (for logrotate) on the loop thread.  Under systemd the node reports
+ * READY, RELOADING and STOPPING through sdnotify.c; with workers the
+ * supervisor reports for the lot (the workers' own notifications would be
+ * refused by NotifyAccess=main), so READY comes once they are forked.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -27,7 +34,7 @@
 
 #include "core.h"
 
-static uv_signal_t sig_hup, sig_int, sig_term;
+static uv_signal_t sig_hup, sig_int, sig_term, sig_usr1;
 static int stopping;
 
 static void usage(FILE *f)
@@ -68,6 +75,7 @@ static void on_stop_tick(uv_timer_t *t)
         uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
         uv_close((uv_handle_t *)&sig_term, NULL);
+        uv_close((uv_handle_t *)&sig_usr1, NULL);
     }
 }
 
@@ -80,12 +88,32 @@ static void after_sessions(void)
     uv_timer_start(&stop_timer, on_stop_tick, 0, 10);
 }
 
+/* A SIGHUP reload has finished: log its result and tell systemd. */
+static void on_reloaded(int ok, const char *msg, void *ud)
+{
+    char status[700];
+    (void)ud;
+    if (ok) {
+        snprintf(status, sizeof status, "reloaded: %zu plugins", plug_active());
+        LOGI("%s", status); /* failures were logged as they happened */
+    } else
+        snprintf(status, sizeof status, "reload failed: %s", msg);
+    sdn_reloaded(status);
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     (void)h;
+    if (signum == SIGUSR1) {
+        log_reopen();
+        return;
+    }
     if (signum == SIGHUP) {
-        if (!stopping)
-            plug_reload();
+        if (!stopping) {
+            sdn_reloading();
+            if (plug_reload_ex(on_reloaded, NULL) != CHAT_OK)
+                sdn_reloaded("reload failed: out of memory; nothing changed");
+        }
         return;
     }
     if (stopping) {
@@ -93,6 +121,7 @@ static void on_signal(uv_signal_t *h, int signum)
         exit(1);
     }
     stopping = 1;
+    sdn_stopping();
     admin_stop();
     LOGI("%s: stopping gracefully (%zu sessions)",
          signum == SIGINT ? "SIGINT" : "SIGTERM", net_session_count());
@@ -116,6 +145,7 @@ static int run_node(struct conf *c)
     snprintf(n, sizeof n, "%d", c->threadpool_size);
     setenv("UV_THREADPOOL_SIZE", n, 1);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGUSR1, SIG_IGN); /* until its handler is in place: never fatal */
     raise_nofile();
     log_level = c->log_level;
     host_init(loop);
@@ -135,9 +165,12 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_hup, on_signal, SIGHUP);
     uv_signal_start(&sig_int, on_signal, SIGINT);
     uv_signal_start(&sig_term, on_signal, SIGTERM);
+    uv_signal_init(loop, &sig_usr1);
+    uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
     /* the admin endpoint first: once "listening on" is logged, both are up */
     if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)
         return 1;
+    sdn_ready(loop, "listening on %s:%d", c->listen_host, c->listen_port);
     uv_run(loop, UV_RUN_DEFAULT);
     plug_free_conf();
     uv_loop_close(loop);
@@ -156,6 +189,7 @@ static pid_t spawn_worker(struct conf *c, int i, const char *base_id)
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
         snprintf(id, sizeof id, "%s-w%d", base_id, i);
+        unsetenv("NOTIFY_SOCKET"); /* the supervisor speaks to systemd */
         mem_free(c->node_id);
         c->node_id = mem_strdup(id);
         c->workers = 1;
@@ -187,18 +221,24 @@ static int supervise(struct conf *c)
     sigaddset(&set, SIGHUP);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGUSR1);
     sigprocmask(SIG_BLOCK, &set, NULL);
     for (int i = 0; i < k; i++)
         if ((pids[i] = spawn_worker(c, i, base)) > 0)
             alive++;
     LOGI("supervisor %ld: %d workers on %s:%d", (long)getpid(), alive,
          c->listen_host, c->listen_port);
+    sdn_ready(NULL, "%d workers on %s:%d", alive, c->listen_host, c->listen_port);
     while (alive > 0) {
         int sig = sigwaitinfo(&set, NULL), st;
         pid_t pid;
-        if (sig == SIGHUP || sig == SIGINT || sig == SIGTERM) {
-            if (sig != SIGHUP)
+        if (sig == SIGHUP || sig == SIGINT || sig == SIGTERM || sig == SIGUSR1) {
+            if (sig == SIGUSR1)
+                log_reopen();
+            else if (sig != SIGHUP && !stopping) {
                 stopping = 1;
+                sdn_stopping();
+            }
             for (int i = 0; i < k; i++)
                 if (pids[i] > 0)
                     kill(pids[i], sig);
@@ -284,10 +324,17 @@ int main(int argc, char **argv)
         return rc ? 1 : 0;
     }
     log_level = c->log_level;
-    if (migrate) {
+    if (migrate) { /* run by hand: stderr, in the configured format */
+        if (log_open(NULL, c->log_format, err, sizeof err))
+            fprintf(stderr, "%s\n", err);
         rc = db_migrate(c);
         conf_free(c);
         return rc ? 1 : 0;
+    }
+    if (log_open(c->log_file, c->log_format, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        conf_free(c);
+        return 1;
     }
     if (c->workers > 1) {
         rc = supervise(c);

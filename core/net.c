@@ -334,8 +334,7 @@ static void on_idle_timer(uv_timer_t *t)
            net.reqs.head->at + limit <= now) {
         struct chat_session *s = container_of(net.reqs.head, struct chat_session, req);
         tl_unlink(&net.reqs, &s->req);
-        LOGI("session %llu (%s): request not complete after %d s, closing",
-             (unsigned long long)s->id, net_session_peer(s), net.request_timeout_s);
+        LOGSI(s, "request not complete after %d s, closing", net.request_timeout_s);
         close_timed_out(s, "request timeout");
     }
     limit = (uint64_t)net.idle_timeout_s * 1000;
@@ -344,12 +343,11 @@ static void on_idle_timer(uv_timer_t *t)
         struct chat_session *s = container_of(net.idle.head, struct chat_session, idle);
         tl_unlink(&net.idle, &s->idle);
         if (s->uid)
-            LOGI("session %llu (%s): output not drained and no request for %d s, "
-                 "closing", (unsigned long long)s->id, net_session_peer(s),
-                 net.idle_timeout_s);
+            LOGSI(s, "output not drained and no request for %d s, closing",
+                  net.idle_timeout_s);
         else
-            LOGI("session %llu (%s): not logged in and no request for %d s, closing",
-                 (unsigned long long)s->id, net_session_peer(s), net.idle_timeout_s);
+            LOGSI(s, "not logged in and no request for %d s, closing",
+                  net.idle_timeout_s);
         close_timed_out(s, "idle timeout");
     }
 }
@@ -590,9 +588,8 @@ static void mark_add(struct chat_session *s, size_t n)
     if (s->mlen == s->mcap) {
         size_t cap = s->mcap ? s->mcap * 2 : 16;
         if (!(m = mem_realloc(s->marks, cap * sizeof *m))) {
-            LOGW("session %llu: out of memory tracking a delivery; it is not "
-                 "stored should the session close unwritten",
-                 (unsigned long long)s->id);
+            LOGSW(s, "out of memory tracking a delivery; it is not "
+                  "stored should the session close unwritten");
             return;
         }
         s->marks = m;
@@ -632,8 +629,8 @@ static void spill_unsent(struct chat_session *s)
         }
     }
     if (n)
-        LOGI("session %llu: %zu deliveries not written before it closed; "
-             "handed to the offline store", (unsigned long long)s->id, n);
+        LOGSI(s, "%zu deliveries not written before it closed; "
+              "handed to the offline store", n);
     s->mhead = s->mlen = 0;
 }
 
@@ -805,8 +802,7 @@ static void on_written(uv_write_t *req, int status)
         s->inflight = NULL;
         obuf_put(b);
         if (!s->closing)
-            LOGD("session %llu: write failed: %s", (unsigned long long)s->id,
-                 uv_strerror(status));
+            LOGSD(s, "write failed: %s", uv_strerror(status));
         close_why(s, METRICS_CLOSE_WRITE_ERROR);
         begin_close(s, 0, NULL, 0);
         return;
@@ -850,7 +846,7 @@ static void flush_session(struct chat_session *s)
         s->written_total += (uint64_t)n;
         metrics_loop.bytes_out += (uint64_t)n;
     } else if (n < 0 && n != UV_EAGAIN) {
-        LOGD("session %llu: write failed: %s", (unsigned long long)s->id, uv_strerror(n));
+        LOGSD(s, "write failed: %s", uv_strerror(n));
         close_why(s, METRICS_CLOSE_WRITE_ERROR);
         begin_close(s, 0, NULL, 0);
         return;
@@ -951,11 +947,10 @@ static int queue_out(struct chat_session *s, struct obuf **bp, const char *json,
         return CHAT_ERR_CLOSED;
     pending = pending_bytes(s);
     if (pending >= net.max_output) {
-        LOGW("session %llu (%s): %zu bytes still waiting to be written to it "
-             "(%zu of them held behind its login ack), at or over max_output "
-             "(%zu); closing it instead of queueing %zu more",
-             (unsigned long long)s->id, net_session_peer(s), pending,
-             s->held ? s->held->len : (size_t)0, net.max_output, len + 1);
+        LOGSW(s, "%zu bytes still waiting to be written to it "
+              "(%zu of them held behind its login ack), at or over max_output "
+              "(%zu); closing it instead of queueing %zu more",
+              pending, s->held ? s->held->len : (size_t)0, net.max_output, len + 1);
         close_why(s, METRICS_CLOSE_SLOW_READER);
         begin_close(s, 0, NULL, 0);
         return CHAT_ERR_BUSY;
@@ -1055,8 +1050,7 @@ static int part_append(struct chat_session *s, const char *p, size_t n)
 
 static void frame_too_large(struct chat_session *s)
 {
-    LOGW("session %llu (%s): frame over max_frame (%zu bytes), closing",
-         (unsigned long long)s->id, net_session_peer(s), net.max_frame);
+    LOGSW(s, "frame over max_frame (%zu bytes), closing", net.max_frame);
     if (s->proto == CHAT_PROTO_2) {
         struct chat_ack ack = {0, 0, 0};
         disp_error(s, &ack, CHAT_E_FRAME_TOO_LARGE, "frame too large");
@@ -1132,7 +1126,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0)
         return;
     if (nread != UV_EOF)
-        LOGD("session %llu: read: %s", (unsigned long long)s->id, uv_strerror((int)nread));
+        LOGSD(s, "read: %s", uv_strerror((int)nread));
     close_why(s, nread == UV_EOF ? METRICS_CLOSE_PEER : METRICS_CLOSE_READ_ERROR);
     /* the client is gone (or half-closed): flush what we have and close */
     begin_close(s, 0, NULL, nread == UV_EOF);
@@ -1256,8 +1250,7 @@ static void on_connection(uv_stream_t *server, int status)
         begin_close(s, 0, NULL, 0);
         return;
     }
-    LOGD("session %llu: connected from %s", (unsigned long long)s->id,
-         net_session_peer(s));
+    LOGSD(s, "connected");
     ev.size = sizeof ev;
     ev.session = s;
     ev.user_id = 0;

@@ -1003,6 +1003,8 @@ static void reload_done(uv_work_t *req, int status)
         struct conf *old = pl.conf;
         LOGI("reload: %s read; applying", j->path);
         log_level = j->conf->log_level;
+        if (log_open(j->conf->log_file, j->conf->log_format, msg, sizeof msg))
+            LOGE("reload: %s; logging as before", msg);
         pl.fails[0] = '\0';
         apply(j->conf, j->files, j->nfiles);
         ok = !pl.fails[0];

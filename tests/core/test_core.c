@@ -102,6 +102,25 @@ static void test_conf_errors(void)
     CU_ASSERT(strstr(err, "/nonexistent/chat.conf:0: cannot open") != NULL);
 }
 
+/* [server] log_format and log_file. */
+static void test_conf_log(void)
+{
+    char err[1024];
+    struct conf *c = conf_load(write_conf("log.conf", "[server]\nlog_format = JSON\n"
+                                          "log_file = logs/chatd.log\n"), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_EQUAL(c->log_format, LOG_FORMAT_JSON);
+    CU_ASSERT(strncmp(c->log_file, dir, strlen(dir)) == 0); /* relative to the file */
+    CU_ASSERT(strstr(c->log_file, "/logs/chatd.log") != NULL);
+    conf_free(c);
+    c = conf_load(write_conf("log2.conf", "[server]\nlog_file =\n"), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_EQUAL(c->log_format, LOG_FORMAT_TEXT);
+    CU_ASSERT_STRING_EQUAL(c->log_file, ""); /* stderr */
+    conf_free(c);
+    expect_error("[server]\nlog_format = xml\n", 2, "log_format: \"xml\" is not text or json");
+}
+
 /* [server] trusted and the per-address and time-limit settings. */
 static void test_conf_net_limits(void)
 {
@@ -297,6 +316,7 @@ int main(void)
     CU_add_test(s, "conf: errors name file:line", test_conf_errors);
     CU_add_test(s, "conf: host:port", test_hostport);
     CU_add_test(s, "conf: trusted, per-address caps, time limits", test_conf_net_limits);
+    CU_add_test(s, "conf: log_format, log_file", test_conf_log);
     CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
     CU_add_test(s, "metrics: frames, errors, handler calls, plugin loads", test_metrics_wiring);
     CU_basic_set_mode(CU_BRM_VERBOSE);
