@@ -255,8 +255,17 @@ static void refuse_frame(struct chat_session *s, const char *buf, size_t len, lo
 static int refuse_members(struct chat_session *s)
 {
     struct chat_ack ack = {0, 0, 0};
+    size_t rec = (size_t)nmembers < max_members ? (size_t)nmembers : max_members;
+    const struct json_span *seq = json_span_find(spans, rec, "seq");
     char msg[96];
+    int64_t v;
     long d;
+
+    /* the client matches the error by its seq (the first one, if twice) */
+    if (seq && span_int(seq, -DISP_SEQ_MAX, DISP_SEQ_MAX, &v) == 1) {
+        ack.has_seq = 1;
+        ack.seq = v;
+    }
 
     if ((size_t)nmembers > max_members) {
         snprintf(msg, sizeof msg, "too many members (%ld, at most %zu)", nmembers,

@@ -44,7 +44,7 @@ class StrictFrames(ChatCase):
                  '"i\\u0064":1}' % (a.id, b.id))
         self.raw_frame(a, frame)
         r = a.c.recv()
-        self.assertEqual((r["msgid"], r["errno"]), (11, 104), r)
+        self.assertEqual((r["msgid"], r["errno"], r.get("seq")), (11, 104, 41), r)
         self.assertIn("repeats", r["errmsg"])
         b.c.expect_nothing(0.3)
 
