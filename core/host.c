@@ -190,13 +190,14 @@ static int64_t h_req_auth(struct chat_session *s, const struct chat_request *req
  * A ticket exists only while an outcome is pending: the hot path (a live
  * local session) never allocates one.  It is owned by the bus while the
  * message is routed, then by whichever plugin claims it from the
- * undeliverable event, and freed by host_delivery_done. */
+ * undeliverable event, and freed by host_delivery_done.  A claimer may
+ * complete the ticket inside its hook (refused at once), so whether it was
+ * claimed is remembered outside the ticket, for the event being fired. */
 
 struct chat_delivery {
     struct chat_plugin *inst; /* referenced until cb has run */
     chat_deliver_cb cb;
     int64_t uid, from;
-    int claimed;
     union {
         max_align_t align;
         unsigned char b[CHAT_DELIVER_CTX_MAX];
@@ -210,13 +211,19 @@ void host_delivery_done(struct chat_delivery *d, int status)
     mem_free(d);
 }
 
+/* The ticket of the undeliverable event being fired, and whether a hook
+ * took it (events nest only through a hook delivering again). */
+static struct chat_delivery *firing;
+static int firing_claimed;
+
 static struct chat_delivery *h_undeliverable_claim(const struct chat_ev_undeliverable *ev)
 {
     struct chat_delivery *d;
 
-    if (!ev || ev->size < sizeof *ev || !(d = ev->ticket) || d->claimed)
+    if (!ev || ev->size < sizeof *ev || !(d = ev->ticket) || d != firing ||
+        firing_claimed)
         return NULL;
-    d->claimed = 1;
+    firing_claimed = 1;
     return d;
 }
 
@@ -233,13 +240,19 @@ void host_undeliverable_t(int64_t uid, const char *json, size_t len,
                           struct chat_delivery *d)
 {
     struct chat_ev_undeliverable ev = {sizeof ev, uid, json, len, 0, d};
-    int n;
+    struct chat_delivery *outer = firing;
+    int outer_claimed = firing_claimed, claimed, n;
 
     if (d)
         ev.from = d->from;
     metrics_loop.deliveries[METRICS_ROUTE_UNDELIVERABLE]++;
-    n = plug_fire(CHAT_EV_UNDELIVERABLE, &ev);
-    if (d && !d->claimed) {
+    firing = d;
+    firing_claimed = 0;
+    n = plug_fire(CHAT_EV_UNDELIVERABLE, &ev); /* d may be freed by now */
+    claimed = firing_claimed;
+    firing = outer;
+    firing_claimed = outer_claimed;
+    if (d && !claimed) {
         LOGD("message for user %lld is undeliverable and no plugin took it; "
              "its sender is told", (long long)uid);
         host_delivery_done(d, CHAT_ERR_UNAVAILABLE);
