@@ -96,6 +96,11 @@ Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None)
     .register(name, password) -> id     REG_MSG (4); asserts errno 0
     .login(id, password) -> dict        LOGIN_MSG (1); the LOGIN_MSG_ACK (2)
 
+NodeCase(unittest.TestCase)
+    One node per test class: Stack() and Node(conf=cls.conf()) (CONF unless
+    conf() is overridden) as cls.stack/cls.node; a failed test prints the
+    node's log tail; tearDownClass requires the node to exit 0.
+
 Utilities
     free_port() -> int
     admin_request(port, method, path, body=None, token=ADMIN_TOKEN,
@@ -126,6 +131,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -838,6 +844,37 @@ class Client:
 
 # --------------------------------------------------------------------------
 # teardown at exit: nodes first, then private stacks, then our shared servers
+
+class NodeCase(unittest.TestCase):
+    """A test class with one node of its own: Stack() and Node(conf=conf()),
+    where conf() is CONF unless a subclass says otherwise.  A failed test
+    prints the node's log tail; the node must exit 0 when the class ends."""
+
+    CONF = None
+
+    @classmethod
+    def conf(cls):
+        return cls.CONF
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, conf=cls.conf())
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.node.stop()
+        if rc != 0:
+            raise AssertionError("chatd exited with %r\n%s" % (rc, cls.node.log_tail()))
+
+    def run(self, result=None):
+        before = len(result.failures) + len(result.errors) if result else 0
+        out = super().run(result)
+        if result and len(result.failures) + len(result.errors) > before:
+            sys.stderr.write("---- %s (tail)\n%s\n" % (self.node.log_path,
+                                                      self.node.log_tail(60)))
+        return out
+
 
 def _cleanup():
     for node in _nodes:

@@ -22,13 +22,12 @@ are crossed in a fraction of the time.
 
 import json
 import os
-import re
 import sys
 import time
 import unittest
 import uuid
 
-from harness import Client, Node, Stack, TEST_PLUGIN_DIR, wait_for
+from harness import Client, Node, NodeCase, TEST_PLUGIN_DIR, wait_for
 
 MAX_OUTPUT = 65536
 ACK_MAX = 4096
@@ -52,25 +51,8 @@ def raw_line(c, timeout=10):
     return bytes(c.buf[:c.buf.index(b"\n") + 1])
 
 
-class AckCase(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.stack = Stack()
-        cls.node = Node(cls.stack, conf=CONF)
-
-    @classmethod
-    def tearDownClass(cls):
-        rc = cls.node.stop()
-        if rc != 0:
-            raise AssertionError("chatd exited with %r" % rc)
-
-    def run(self, result=None):
-        before = len(result.failures) + len(result.errors) if result else 0
-        out = super().run(result)
-        if result and len(result.failures) + len(result.errors) > before:
-            sys.stderr.write("---- %s (tail)\n%s\n" % (self.node.log_path,
-                                                      self.node.log_tail(60)))
-        return out
+class AckCase(NodeCase):
+    CONF = CONF
 
     def client(self, **kw):
         c = Client(self.node.port, **kw)

@@ -14,13 +14,12 @@ TestReaderOnly: a user who only reads is not dropped as idle (issue 13).
 import json
 import select
 import socket
-import sys
 import threading
 import time
 import unittest
 import uuid
 
-from harness import Node, Stack, wait_for
+from harness import NodeCase, wait_for
 
 # chatd's own default for legacy_pace_ms (the harness turns pacing off)
 FAST = {"plugin.login": {"hash_cost": 1}, "server": {"legacy_pace_ms": None}}
@@ -122,32 +121,15 @@ class SeedClient:
         self.send({"msgid": 3, "id": self.user[0]})
 
 
-class SeedCase(unittest.TestCase):
-    """One node per class with chatd's default pacing (FAST plus CONF);
-    prints the node's log when a test fails."""
-
-    CONF = None
+class SeedCase(NodeCase):
+    """One node per class with chatd's default pacing: FAST plus CONF."""
 
     @classmethod
-    def setUpClass(cls):
-        cls.stack = Stack()
+    def conf(cls):
         conf = {k: dict(v) for k, v in FAST.items()}
         for sec, kv in (cls.CONF or {}).items():
             conf.setdefault(sec, {}).update(kv)
-        cls.node = Node(cls.stack, conf=conf)
-
-    @classmethod
-    def tearDownClass(cls):
-        rc = cls.node.stop()
-        if rc != 0:
-            raise AssertionError("chatd exited with %r" % rc)
-
-    def run(self, result=None):
-        before = len(result.failures) + len(result.errors) if result else 0
-        out = super().run(result)
-        if result and len(result.failures) + len(result.errors) > before:
-            sys.stderr.write("---- %s\n%s\n" % (self.node.log_path, self.node.log_tail(60)))
-        return out
+        return conf
 
 
 class TestSeedClient(SeedCase):
