@@ -578,6 +578,7 @@ static void on_reloaded(int ok, const char *msg, void *ud)
 {
     struct adm_conn *c = ud;
     cJSON *o;
+    sdn_reload_result(ok, msg, plug_active()); /* systemd sees it as SIGHUP's */
     if (!wait_end(c))
         return;
     o = cJSON_CreateObject();
@@ -589,7 +590,9 @@ static void on_reloaded(int ok, const char *msg, void *ud)
 static void ep_reload(struct adm_conn *c)
 {
     wait_begin(c);
+    sdn_reloading();
     if (plug_reload_ex(on_reloaded, c) != CHAT_OK) {
+        sdn_reloaded("reload failed: out of memory; nothing changed");
         wait_end(c);
         respond_error(c, 500, "out of memory", NULL);
     }

@@ -699,6 +699,10 @@ int adm_query_int(const char *q, size_t qlen, const char *key, int64_t lo,
 void sdn_ready(uv_loop_t *loop, const char *fmt, ...) CHAT_PRINTF(2, 3);
 void sdn_reloading(void);
 void sdn_reloaded(const char *result);
+/* A reload (SIGHUP or POST /reload) has finished: log it when it succeeded
+ * and tell systemd READY=1 with "reloaded: N plugins" or "reload failed:
+ * msg" as its STATUS. */
+void sdn_reload_result(int ok, const char *msg, size_t nplugins);
 void sdn_stopping(void);
 void sdn_status(const char *fmt, ...) CHAT_PRINTF(1, 2);
 

@@ -91,14 +91,8 @@ static void after_sessions(void)
 /* A SIGHUP reload has finished: log its result and tell systemd. */
 static void on_reloaded(int ok, const char *msg, void *ud)
 {
-    char status[700];
     (void)ud;
-    if (ok) {
-        snprintf(status, sizeof status, "reloaded: %zu plugins", plug_active());
-        LOGI("%s", status); /* failures were logged as they happened */
-    } else
-        snprintf(status, sizeof status, "reload failed: %s", msg);
-    sdn_reloaded(status);
+    sdn_reload_result(ok, msg, plug_active());
 }
 
 static void on_signal(uv_signal_t *h, int signum)

@@ -72,6 +72,17 @@ void sdn_reloaded(const char *result)
     sd_notifyf(0, "READY=1\nSTATUS=%s", result);
 }
 
+void sdn_reload_result(int ok, const char *msg, size_t nplugins)
+{
+    char status[700];
+    if (ok) {
+        snprintf(status, sizeof status, "reloaded: %zu plugins", nplugins);
+        LOGI("%s", status); /* failures were logged as they happened */
+    } else
+        snprintf(status, sizeof status, "reload failed: %s", msg);
+    sdn_reloaded(status);
+}
+
 void sdn_stopping(void)
 {
     sd_notify(0, "STOPPING=1\nSTATUS=stopping");

@@ -1,7 +1,8 @@
 """systemd: contrib/systemd/chatd.service passes `systemd-analyze verify`
 (pointed at the built chatd), and chatd speaks sd_notify to a NOTIFY_SOCKET
 that this test binds: READY=1 once listening, RELOADING=1 then READY=1 with
-the reload's result in STATUS= around SIGHUP (a bad file too), WATCHDOG=1
+the reload's result in STATUS= around SIGHUP (a bad file too) and around
+POST /reload on the admin listener, WATCHDOG=1
 pings when WATCHDOG_USEC is set, and STOPPING=1 at SIGTERM."""
 import os
 import shutil
@@ -12,7 +13,7 @@ import tempfile
 import time
 import unittest
 
-from harness import CHATD, CHAT_SRC, Client, Node, Stack, wait_for
+from harness import CHATD, CHAT_SRC, Client, Node, Stack, admin_request, wait_for
 
 UNIT = os.path.join(CHAT_SRC, "contrib", "systemd", "chatd.service")
 
@@ -133,6 +134,18 @@ class NotifyTest(unittest.TestCase):
         n.wait("STOPPING", "1", since=j + 1)
         self.assertEqual(p.wait(30), 0)
         self.assertNotIn("WATCHDOG", [k for m in n.got for k in m], "no watchdog asked")
+
+    def test_admin_reload_notifies_like_sighup(self):
+        n = Notifications(self)
+        p = self.start({"NOTIFY_SOCKET": n.path})
+        i = n.wait("READY", "1")
+        status, _, body = admin_request(self.node.admin_port, "POST", "/reload")
+        self.assertEqual((status, body.get("ok")), (200, True), body)
+        r = n.wait("RELOADING", "1", since=i + 1)
+        j = n.wait("READY", "1", since=r + 1)
+        self.assertEqual(n.got[j]["STATUS"], "reloaded: 5 plugins")
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(30), 0)
 
     def test_watchdog_pings(self):
         n = Notifications(self)
