@@ -149,8 +149,13 @@ class ReloadTest(unittest.TestCase):
             c.send({"msgid": 1000, "n": n})
             if n % 300 == 150:
                 install(self.plugdir, "v2" if swaps % 2 == 0 else "v1")
+                mark = self.node.log_mark()
                 self.node.sighup()
                 swaps += 1
+                # the requests already sent are handled while the reload
+                # runs; the next ones go after it has swapped (on a slow
+                # build all 3000 could otherwise be answered before it)
+                self.node.wait_log("reloaded:", since=mark)
         t.join(60)
         self.assertTrue(done.is_set(), "answers missing: got %d" % len(answers))
         self.assertEqual([a["n"] for a in answers], list(range(total)))
