@@ -29,28 +29,6 @@ from test_net import NodeCase, echo, echo_reply, echoed, is_echo, log_has
 FAST = {"plugin.login": {"hash_cost": 1}}
 
 
-class BoundClient(Client):
-    """harness.Client whose socket is bound to a source address first."""
-
-    def __init__(self, port, source, host="127.0.0.1", proto=1, timeout=5):
-        import collections
-        self.term, self.proto = b"\0", proto
-        self.buf = bytearray()
-        self.queue = collections.deque()
-        self.eof = False
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.bind((source, 0))
-            self.sock.connect((host, port))
-        except BaseException:
-            self.sock.close()
-            raise
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.setblocking(False)
-
-
 def served(c, n):
     """The echo plugin answers c (its connection was admitted)."""
     c.send(echo(n))
@@ -59,7 +37,7 @@ def served(c, n):
 
 class LimitCase(NodeCase):
     def bound(self, port, source, **kw):
-        c = BoundClient(port, source, **kw)
+        c = Client(port, source=source, **kw)
         self.addCleanup(c.close)
         return c
 
@@ -96,7 +74,7 @@ class AddressCaps(LimitCase):
 
     @staticmethod
     def _admitted(port, source=None):
-        c = BoundClient(port, source) if source else Client(port)
+        c = Client(port, source=source)
         try:
             return served(c, 99)
         except (EOFError, OSError, TimeoutError):
