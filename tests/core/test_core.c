@@ -16,6 +16,7 @@
 #include <CUnit/Basic.h>
 
 #include "core.h"
+#include "../prom_sample.h"
 
 static char dir[256];
 
@@ -231,22 +232,6 @@ static void test_registry(void)
     plug_free_conf();
 }
 
-/* The value of the sample line starting with prefix, -1 when absent. */
-static double sample(const char *text, const char *prefix)
-{
-    const char *p = text;
-    size_t n = strlen(prefix);
-
-    while (p && *p) {
-        if (strncmp(p, prefix, n) == 0 && p[n] == ' ')
-            return strtod(p + n + 1, NULL);
-        p = strchr(p, '\n');
-        if (p)
-            p++;
-    }
-    return -1;
-}
-
 static void test_metrics_wiring(void)
 {
     static const char frames[] = "{\"msgid\":1000,\"n\":1}\n{\"msgid\":1000,\"n\":2}\n"
@@ -266,7 +251,7 @@ static void test_metrics_wiring(void)
     metrics_start(NULL);
     t = metrics_render(&len);
     CU_ASSERT_PTR_NOT_NULL_FATAL(t);
-    loads0 = sample(t, loads); /* the registry test loaded echo before */
+    loads0 = prom_sample(t, loads); /* the registry test loaded echo before */
     mem_free(t);
     host_init(uv_default_loop());
     CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
@@ -279,17 +264,17 @@ static void test_metrics_wiring(void)
     /* 1000 and 77 are no known msgid: "other"; so is the last frame,
      * refused (a key given twice) before its msgid was read.  Errors: the
      * unknown msgid 77 and the refused frame */
-    CU_ASSERT_EQUAL(sample(t, "chatd_frames_total{node=\"\",msgid=\"other\"}"), 4);
-    CU_ASSERT_EQUAL(sample(t, "chatd_frames_total{node=\"\",msgid=\"6\"}"), 0);
-    CU_ASSERT_EQUAL(sample(t, "chatd_errors_total{node=\"\",msgid=\"other\"}"), 2);
-    CU_ASSERT_EQUAL(sample(t, "chatd_handler_calls_total{node=\"\",plugin=\"echo\"}"), 2);
-    CU_ASSERT_TRUE(sample(t, "chatd_handler_seconds_count{node=\"\",plugin=\"echo\"}") >= 0);
-    CU_ASSERT_EQUAL(sample(t, loads), (loads0 < 0 ? 0 : loads0) + 1);
-    CU_ASSERT_EQUAL(sample(t, "chatd_plugin_reloads_total{node=\"\",plugin=\"echo\","
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"\",msgid=\"other\"}"), 4);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"\",msgid=\"6\"}"), 0);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_errors_total{node=\"\",msgid=\"other\"}"), 2);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_handler_calls_total{node=\"\",plugin=\"echo\"}"), 2);
+    CU_ASSERT_TRUE(prom_sample(t, "chatd_handler_seconds_count{node=\"\",plugin=\"echo\"}") >= 0);
+    CU_ASSERT_EQUAL(prom_sample(t, loads), (loads0 < 0 ? 0 : loads0) + 1);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_plugin_reloads_total{node=\"\",plugin=\"echo\","
                               "version=\"echo-1\"}"), 0);
-    CU_ASSERT_EQUAL(sample(t, "chatd_plugin_info{node=\"\",plugin=\"echo\","
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_plugin_info{node=\"\",plugin=\"echo\","
                               "version=\"echo-1\"}"), 1);
-    CU_ASSERT_EQUAL(sample(t, "chatd_connections_closed_total{node=\"\",reason=\"server\"}"),
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_connections_closed_total{node=\"\",reason=\"server\"}"),
                     1);
     mem_free(t);
     plug_stop();

@@ -16,6 +16,7 @@
 #include <CUnit/Basic.h>
 
 #include "core.h"
+#include "../prom_sample.h"
 
 static char *render(void)
 {
@@ -25,22 +26,6 @@ static char *render(void)
     CU_ASSERT_PTR_NOT_NULL_FATAL(t);
     CU_ASSERT_EQUAL(strlen(t), len);
     return t;
-}
-
-/* The value of the sample line that starts with prefix (-1: none). */
-static double sample(const char *text, const char *prefix)
-{
-    const char *p = text;
-    size_t n = strlen(prefix);
-
-    while (p && *p) {
-        if (strncmp(p, prefix, n) == 0 && p[n] == ' ')
-            return strtod(p + n + 1, NULL);
-        p = strchr(p, '\n');
-        if (p)
-            p++;
-    }
-    return -1;
 }
 
 static void test_escaping(void)
@@ -58,7 +43,7 @@ static void test_escaping(void)
     CU_ASSERT_PTR_NOT_NULL(
         strstr(t, "# HELP t_escape_total Help with \\\\ and\\nnewline.\n"));
     CU_ASSERT_PTR_NOT_NULL(strstr(t, "# TYPE t_escape_total counter\n"));
-    CU_ASSERT_EQUAL(sample(t, "t_escape_total{node=\"n\\\"1\",who=\"a\\\"b\\\\c\\nd\"}"), 3);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_escape_total{node=\"n\\\"1\",who=\"a\\\"b\\\\c\\nd\"}"), 3);
     mem_free(t);
     metrics_series_put(s);
 }
@@ -77,12 +62,12 @@ static void test_histogram(void)
         metrics_series_observe(s, obs[i]);
     t = render();
     /* le is "less or equal": 0.1 falls in the first bucket */
-    CU_ASSERT_EQUAL(sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"0.1\"}"), 2);
-    CU_ASSERT_EQUAL(sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"1\"}"), 3);
-    CU_ASSERT_EQUAL(sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"10\"}"), 4);
-    CU_ASSERT_EQUAL(sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"+Inf\"}"), 6);
-    CU_ASSERT_EQUAL(sample(t, "t_lat_seconds_count{node=\"n\\\"1\",op=\"x\"}"), 6);
-    CU_ASSERT_DOUBLE_EQUAL(sample(t, "t_lat_seconds_sum{node=\"n\\\"1\",op=\"x\"}"), 105.65,
+    CU_ASSERT_EQUAL(prom_sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"0.1\"}"), 2);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"1\"}"), 3);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"10\"}"), 4);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_lat_seconds_bucket{node=\"n\\\"1\",op=\"x\",le=\"+Inf\"}"), 6);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_lat_seconds_count{node=\"n\\\"1\",op=\"x\"}"), 6);
+    CU_ASSERT_DOUBLE_EQUAL(prom_sample(t, "t_lat_seconds_sum{node=\"n\\\"1\",op=\"x\"}"), 105.65,
                            1e-9);
     CU_ASSERT_PTR_NOT_NULL(strstr(t, "# TYPE t_lat_seconds histogram\n"));
     mem_free(t);
@@ -146,12 +131,12 @@ static void test_sharing_and_clashes(void)
     }
     metrics_series_put(a);
     t = render(); /* b still holds it */
-    CU_ASSERT_EQUAL(sample(t, "t_g{node=\"n\\\"1\",k=\"v\"}"), 5);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_g{node=\"n\\\"1\",k=\"v\"}"), 5);
     mem_free(t);
     metrics_series_put(b);
     t = render();
-    CU_ASSERT_EQUAL(sample(t, "t_g{node=\"n\\\"1\",k=\"v\"}"), -1);
-    CU_ASSERT_EQUAL(sample(t, "t_g{node=\"n\\\"1\",k=\"w\"}"), 0);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_g{node=\"n\\\"1\",k=\"v\"}"), -1);
+    CU_ASSERT_EQUAL(prom_sample(t, "t_g{node=\"n\\\"1\",k=\"w\"}"), 0);
     mem_free(t);
     metrics_series_put(c);
     t = render(); /* an empty family is not rendered at all */
@@ -184,7 +169,7 @@ static void test_plugin_handles(void)
     metrics_metric_add(m2, 1);
     metrics_plugin_release(old);
     t = render();
-    CU_ASSERT_EQUAL(sample(t, "chatd_demo_hits_total{node=\"n\\\"1\",outcome=\"ok\"}"), 3);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_demo_hits_total{node=\"n\\\"1\",outcome=\"ok\"}"), 3);
     CU_ASSERT_PTR_NULL(strstr(t, "chatd_demo_old_only{"));
     mem_free(t);
     metrics_plugin_release(nw);
@@ -212,15 +197,15 @@ static void test_core_families(void)
     metrics_add_collector(collect);
     metrics_add_collector(collect); /* once */
     t = render();
-    CU_ASSERT_EQUAL(sample(t, "chatd_frames_total{node=\"n\\\"1\",msgid=\"6\"}"), 5);
-    CU_ASSERT_EQUAL(sample(t, "chatd_frames_total{node=\"n\\\"1\",msgid=\"other\"}"), 3);
-    CU_ASSERT_EQUAL(sample(t, "chatd_connections_closed_total{node=\"n\\\"1\",reason=\"idle\"}"),
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"n\\\"1\",msgid=\"6\"}"), 5);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"n\\\"1\",msgid=\"other\"}"), 3);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_connections_closed_total{node=\"n\\\"1\",reason=\"idle\"}"),
                     1);
-    CU_ASSERT_EQUAL(sample(t, "chatd_sessions{node=\"n\\\"1\",transport=\"tcp\",state=\"logged_in\"}"),
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_sessions{node=\"n\\\"1\",transport=\"tcp\",state=\"logged_in\"}"),
                     42);
     CU_ASSERT_PTR_NOT_NULL(strstr(t, "chatd_build_info{node=\"n\\\"1\",version=\""));
-    CU_ASSERT_TRUE(sample(t, "chatd_process_resident_memory_bytes{node=\"n\\\"1\"}") > 0);
-    CU_ASSERT_TRUE(sample(t, "chatd_process_open_fds{node=\"n\\\"1\"}") >= 3);
+    CU_ASSERT_TRUE(prom_sample(t, "chatd_process_resident_memory_bytes{node=\"n\\\"1\"}") > 0);
+    CU_ASSERT_TRUE(prom_sample(t, "chatd_process_open_fds{node=\"n\\\"1\"}") >= 3);
     /* one TYPE line per family */
     {
         const char *p = t;
