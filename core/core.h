@@ -391,6 +391,10 @@ char *json_quote(const char *s, size_t len, size_t *outlen);
 struct net_session;                 /* == struct chat_session */
 int net_start(uv_loop_t *loop, const struct conf *c);
 void net_apply_conf(const struct conf *c); /* limits on reload */
+/* Where a closing session's unwritten deliveries go (user, message text);
+ * main.c registers host_undeliverable before net_start. */
+typedef void (*net_unsent_fn)(int64_t uid, const char *json, size_t len);
+void net_on_unsent(net_unsent_fn cb);
 void net_stop_accepting(void);
 /* Close every session gracefully (flush, notice for protocol 2); calls
  * done when all are closed. */

@@ -161,6 +161,7 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_init(loop, &sig_usr1);
     uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
+    net_on_unsent(host_undeliverable);
     /* the admin endpoint first: once "listening on" is logged, both are up */
     if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)
         return 1;

@@ -22,8 +22,9 @@
  * (a small array per session, trimmed as bytes are written).  When a session
  * closes with some of them unwritten (cut as a slow reader, a write error,
  * the shutdown timeout, a login ack never sent) each unsent one goes to
- * host_undeliverable() before its buffer is freed, so the offline store
- * keeps it; a frame the kernel took only in part counts as unsent.
+ * the callback registered with net_on_unsent() (host_undeliverable, set by
+ * main.c: net calls no layer above it directly) before its buffer is
+ * freed, so the offline store keeps it; a frame the kernel took only in part counts as unsent.
  *
  * Sessions are freed only in their uv_close callback.  Closing first
  * unregisters the session (session_get() stops finding it), fires
@@ -145,6 +146,7 @@ static struct {
     int listening;
     uv_check_t flusher;
     uv_idle_t flush_idle;    /* active while sessions wait on the flush list */
+    net_unsent_fn unsent_cb; /* a closed session's unwritten deliveries */
     uv_timer_t idle_timer;
     uv_timer_t pace_timer;
     struct chat_session *pace_head, *pace_tail; /* in pace_until order */
@@ -624,7 +626,8 @@ static void spill_unsent(struct chat_session *s)
         const char *p = mark_bytes(s, m);
 
         if (p && m->uid > 0 && m->end - m->start > 1) {
-            host_undeliverable(m->uid, p, (size_t)(m->end - m->start - 1));
+            if (net.unsent_cb)
+                net.unsent_cb(m->uid, p, (size_t)(m->end - m->start - 1));
             n++;
         }
     }
@@ -1313,6 +1316,8 @@ static void set_trusted(const struct conf *c)
     net.trusted = t;
     net.ntrusted = c->ntrusted;
 }
+
+void net_on_unsent(net_unsent_fn cb) { net.unsent_cb = cb; }
 
 void net_apply_conf(const struct conf *c)
 {
