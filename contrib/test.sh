@@ -64,11 +64,18 @@ skip_failed() { # NAME WHY: a stage that cannot run counts as failed
     echo "==> $1: FAILED (not run: $2)"
 }
 
-free_port() {
-    /usr/bin/python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
+free_port() { # below the ephemeral range, so no outgoing connection takes it first
+    /usr/bin/python3 -c 'import random, socket
+lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(2000):
+    p = random.randint(10000, max(10001, lo - 1))
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    print(p)
+    break'
 }
 
 # ---- the stack --------------------------------------------------------------

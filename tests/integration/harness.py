@@ -123,6 +123,7 @@ import itertools
 import json
 import os
 import pwd
+import random
 import select
 import shutil
 import signal
@@ -159,11 +160,44 @@ class SanitizerError(AssertionError):
 # --------------------------------------------------------------------------
 # utilities
 
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_handed_out = set()
+
+
+def _local_port_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(count=1):
+    """A TCP port on 127.0.0.1 that was free a moment ago (with count > 1,
+    the first of count consecutive free ports).
+
+    Ports come from below the kernel's ephemeral range: a port picked by
+    binding to 0 can be taken, before chatd binds it, by the local end of
+    any outgoing connection (chatd's own MariaDB and Redis connections),
+    which once made a worker's admin listener fail to start.  A port is
+    never handed out twice by one test process."""
+    lo_eph, hi_eph = _local_port_range()
+    lo, hi = (10000, lo_eph - 1) if lo_eph > 12000 else (hi_eph + 1, 65535 - count)
+    rng = random.Random(os.getpid() ^ int(time.monotonic() * 1e6))
+    for _ in range(2000):
+        base = rng.randint(lo, hi - count)
+        ports = range(base, base + count)
+        if any(p in _handed_out for p in ports):
+            continue
+        try:
+            for p in ports:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        _handed_out.update(ports)
+        return base
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_for(pred, timeout=10, interval=0.02, what=None):
@@ -506,7 +540,7 @@ class Node:
         self._conf["plugin.group"] = {"join": "open"}
         # the admin listener on a free port of its own (its default, 6080,
         # would collide between nodes), with a token for the actions
-        self.admin_port = free_port()
+        self.admin_port = free_port(4)  # workers add their number to it
         self._conf["admin"] = {"listen": "127.0.0.1:%d" % self.admin_port,
                                "token": ADMIN_TOKEN}
         if node_id is not None:

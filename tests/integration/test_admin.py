@@ -352,9 +352,12 @@ class AdminNoToken(unittest.TestCase):
         with Node(Stack(), args=("-w", "2")) as n:
             for i in range(2):
                 port = n.admin_port + i
-                st, _, body = wait_for(
-                    lambda: _try(admin_request, port, "GET", "/healthz"),
-                    what="worker %d admin port" % i)
+                try:
+                    st, _, body = wait_for(
+                        lambda: _try(admin_request, port, "GET", "/healthz"),
+                        timeout=30, what="worker %d admin port" % i)
+                except TimeoutError as e:
+                    raise AssertionError("%s\n%s" % (e, n.log_text())) from None
                 self.assertEqual(st, 200)
 
 
