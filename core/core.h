@@ -645,6 +645,13 @@ int bus_broadcast(const char *plugin, const char *data, size_t len);
 void bus_on_core(void (*cb)(const char *data, size_t len));
 /* Redis is configured ([redis] present). */
 int bus_configured(void);
+/* The plugins' key-value store (host kv_get/kv_set/kv_del, ABI 1.7, auth
+ * cache): plugin is the caller's name, the key's namespace. */
+int bus_kv_get(struct chat_plugin *self, const char *plugin, const char *key,
+               chat_kv_cb cb, void *ud);
+int bus_kv_set(const char *plugin, const char *key, const char *val, size_t len,
+               uint64_t ttl_ms);
+int bus_kv_del(const char *plugin, const char *key);
 
 /* ---- admin.c ---------------------------------------------------------- */
 /* The admin listener ([admin] listen; see the top of admin.c).  Top layer:

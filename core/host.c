@@ -475,6 +475,25 @@ static int h_broadcast(struct chat_plugin *self, const char *data, size_t len)
     return bus_broadcast(plug_name(self), data, len);
 }
 
+/* ---- the key-value store (ABI 1.7, auth cache): bus.c, keyed by plugin */
+
+static int h_kv_get(struct chat_plugin *self, const char *key, chat_kv_cb cb,
+                    void *ud)
+{
+    return self ? bus_kv_get(self, plug_name(self), key, cb, ud) : CHAT_ERR_INVAL;
+}
+
+static int h_kv_set(struct chat_plugin *self, const char *key, const char *val,
+                    size_t len, uint64_t ttl_ms)
+{
+    return self ? bus_kv_set(plug_name(self), key, val, len, ttl_ms) : CHAT_ERR_INVAL;
+}
+
+static int h_kv_del(struct chat_plugin *self, const char *key)
+{
+    return self ? bus_kv_del(plug_name(self), key) : CHAT_ERR_INVAL;
+}
+
 /* ---- maps and integers for plugins ------------------------------------ */
 
 struct chat_map {
@@ -618,4 +637,8 @@ const struct chat_host host_table = {
     .metric_add = metrics_metric_add,
     .metric_set = metrics_metric_set,
     .metric_observe = metrics_metric_observe,
+    /* ABI 1.7 (auth cache) */
+    .kv_get = h_kv_get,
+    .kv_set = h_kv_set,
+    .kv_del = h_kv_del,
 };

@@ -33,6 +33,8 @@
  *   1.6  (metrics) Prometheus counters, gauges and histograms of a plugin
  *        (metric_counter, metric_gauge, metric_histogram, metric_inc/add/
  *        set/observe), served with the core's on the admin listener
+ *   1.7  (auth cache) kv_get/kv_set/kv_del: a cluster-wide key-value
+ *        store with expiry, in the bus's Redis
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -320,6 +322,8 @@ typedef void (*chat_login_written_fn)(size_t n, int last, int64_t user_id,
  * ctx given to deliver_ex (aligned for any type, writable), borrowed for the
  * call. */
 typedef void (*chat_deliver_cb)(int status, int64_t user_id, void *ctx);
+/* kv_get's answer (ABI 1.7, auth cache): val borrowed for the call. */
+typedef void (*chat_kv_cb)(int status, const char *val, size_t len, void *ud);
 #define CHAT_DELIVER_CTX_MAX 64
 /* deliver_ex's positive return: the outcome comes later through cb. */
 #define CHAT_DELIVER_PENDING 1
@@ -638,6 +642,28 @@ struct chat_host {
     void (*metric_add)(struct chat_metric *m, double v);
     void (*metric_set)(struct chat_metric *m, double v);
     void (*metric_observe)(struct chat_metric *m, double v);
+
+    /* ===== ABI 1.7 (auth cache): a small cluster-wide key-value store =====
+     * Short-lived values shared by every node, kept in the bus's Redis under
+     * "chatd:kv:<plugin name>:<key>", so two plugins never share a key.
+     * key: a NUL-terminated string without '\0' (at most 200 bytes); values
+     * are bytes (at most 4096).  Without Redis (none configured, or down)
+     * nothing is kept: a plugin must treat the store as a cache that may
+     * forget anything at any time.
+     *
+     * kv_get: CHAT_OK and later, never inside the call, cb(status, val, len,
+     * ud) once: CHAT_OK with the value (borrowed for the call) or val NULL
+     * when the key is absent; CHAT_ERR_UNAVAILABLE when Redis could not be
+     * asked.  Or an error (CHAT_ERR_INVAL, CHAT_ERR_NOMEM, CHAT_ERR_CLOSED
+     * while stopping) and cb never runs.
+     * kv_set: store val[0..len) for ttl_ms (>= 1) milliseconds; kv_del:
+     * delete the key.  Both are fire and forget: CHAT_OK when the command
+     * was sent, CHAT_ERR_UNAVAILABLE when Redis is not reachable now (the
+     * command is dropped), CHAT_ERR_INVAL or CHAT_ERR_NOMEM. */
+    int (*kv_get)(struct chat_plugin *self, const char *key, chat_kv_cb cb, void *ud);
+    int (*kv_set)(struct chat_plugin *self, const char *key, const char *val,
+                  size_t len, uint64_t ttl_ms);
+    int (*kv_del)(struct chat_plugin *self, const char *key);
 };
 
 #define CHAT_HANDLER_RAW 0x1u
