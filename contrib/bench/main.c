@@ -55,6 +55,8 @@ int bm_users_needed(void)
         return bench.conns;
     case SC_LOGIN:
         return bench.login_conns;
+    case SC_FAILOVER:
+        return bench.conns + 2 * bench.pairs;
     }
     return 0;
 }
@@ -69,6 +71,10 @@ static void usage(FILE *f)
 "  conns   K logged-in idle connections (logins/s, server RSS per connection)\n"
 "  login   L connections doing LOGINOUT+LOGIN (with --resume: reconnect and\n"
 "          log in with a protocol-2 resume token)\n"
+"  failover  K users log in on the first target (--victim-pid), which is\n"
+"          killed; they come back through the second (nginx); P pairs chat\n"
+"          on the others at --rate (200) msg/s (see failover.c; options\n"
+"          --victim-pid PID, --hook CMD, --calm SEC (10), --storm-max SEC (120))\n"
 "options:\n"
 "  -t, --target HOST:PORT  server (repeat for several; users round-robin)\n"
 "  -P, --pairs N           pairs (50)          -W, --window N  in flight (8)\n"
@@ -144,7 +150,8 @@ static double sec_arg(const char *opt, const char *v)
 static void parse_args(int argc, char **argv)
 {
     enum { O_RESUME = 256, O_SIZE, O_WARMUP, O_DURATION, O_DRAIN, O_PROCS,
-           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE };
+           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE,
+           O_VICTIM, O_HOOK, O_CALM, O_STORM_MAX };
     static const struct option opts[] = {
         {"target", required_argument, NULL, 't'},
         {"pairs", required_argument, NULL, 'P'},
@@ -167,6 +174,10 @@ static void parse_args(int argc, char **argv)
         {"prefix", required_argument, NULL, O_PREFIX},
         {"password", required_argument, NULL, O_PASS},
         {"src-ips", required_argument, NULL, O_SRC},
+        {"victim-pid", required_argument, NULL, O_VICTIM},
+        {"hook", required_argument, NULL, O_HOOK},
+        {"calm", required_argument, NULL, O_CALM},
+        {"storm-max", required_argument, NULL, O_STORM_MAX},
         {"quiet", no_argument, NULL, 'q'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -187,6 +198,8 @@ static void parse_args(int argc, char **argv)
     bench.reg_conns = 16;
     bench.src_ips = 16;
     bench.password = "benchpw1";
+    bench.calm_s = 10;
+    bench.storm_max_s = 120;
     snprintf(prefix, sizeof prefix, "cb%lx%x_", (unsigned long)time(NULL),
              (unsigned)getpid());
     bench.prefix = prefix;
@@ -215,6 +228,10 @@ static void parse_args(int argc, char **argv)
         case O_PREFIX: bench.prefix = optarg; break;
         case O_PASS: bench.password = optarg; break;
         case O_SRC: bench.src_ips = (int)num_arg("--src-ips", optarg, 1, 254); break;
+        case O_VICTIM: bench.victim_pid = (pid_t)num_arg("--victim-pid", optarg, 1, 1 << 30); break;
+        case O_HOOK: bench.hook = optarg; break;
+        case O_CALM: bench.calm_s = sec_arg("--calm", optarg); break;
+        case O_STORM_MAX: bench.storm_max_s = sec_arg("--storm-max", optarg); break;
         case 'q': bench.quiet = 1; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(2);
@@ -233,6 +250,8 @@ static void parse_args(int argc, char **argv)
         bench.scenario = SC_CONNS;
     else if (!strcmp(sc, "login"))
         bench.scenario = SC_LOGIN;
+    else if (!strcmp(sc, "failover"))
+        bench.scenario = SC_FAILOVER;
     else
         bx_die("unknown scenario '%s'", sc);
     bench.scenario_name = sc;
@@ -627,6 +646,12 @@ int main(int argc, char **argv)
     parse_args(argc, argv);
     raise_nofile();
     bs_setup();
+    if (bench.scenario == SC_FAILOVER) {
+        if (bench.rate == 0)
+            bench.rate = 200;
+        bf_run();
+        return 0;
+    }
     start_workers();
     if (!bench.quiet)
         fprintf(stderr, "chat-bench: %s, %d worker process(es), %d target(s)\n",

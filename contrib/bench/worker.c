@@ -838,6 +838,8 @@ void bw_main(int index, int count, int cmd_fd, int rec_fd)
     case SC_LOGIN:
         build_plain(bench.login_conns);
         break;
+    case SC_FAILOVER: /* runs in the parent (failover.c), never here */
+        break;
     }
     for (int i = 0; i < W.nconns; i++)
         W.conns[i].w = &W;
