@@ -27,7 +27,12 @@
  * client would, on the same connection.  At most --concurrency connects
  * and logins are in progress at once.
  *
- * Output: a progress line per second, the re-login curve (logins per second
+ * The pairs run in a child process with a loop of their own: the storm's
+ * thousands of connects and login replies in this process would otherwise
+ * delay the pairs' deliveries and count as server latency.
+ *
+ * Output: a progress line per second (the chat child's with that second's
+ * p99), the re-login curve (logins per second
  * since the kill), and one RESULT line with the time until all users were
  * back, the sustained rate (N over first to last re-login) and the chat
  * p50/p99 of the pairs, calm and during the storm.
@@ -38,6 +43,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "bench.h"
 
@@ -60,7 +68,7 @@ struct fo_user {
     unsigned tries;        /* failed attempts in a row (backoff) */
     uint64_t retry_at;     /* FS_WAIT: connect then; FS_LOGIN: resend then */
     int resend;            /* FS_LOGIN: the login is to be sent again */
-    int storm;             /* counted in the storm (went down at the kill) */
+    int storm;             /* on the victim at the kill, not back yet */
 };
 
 /* One connection; freed in its close callback, so a user reconnects on a
@@ -77,17 +85,31 @@ static struct {
     struct fo_user *users; /* N storm users, then 2P pair members */
     int n, np;
     int inflight, up, pairs_up, gave_up;
+    int storm_users;       /* logged in on the victim when it was killed */
     enum fo_phase phase;
     uint64_t t0, t_phase, t_kill, t_first, t_last, t_fill;
     uint64_t busy, in_use, conn_err, invalid, relogins;
     uint32_t per_sec[FO_MAX_SEC];
     struct bst_hist calm, storm;
+    struct bst_hist sec;   /* this second's chat latency (progress lines) */
     double credit;
     uint64_t t_credit;
     int next_sender;
     uint64_t sent, recv, last_prog;
     uint64_t rng;
+    /* the chat pairs run in a child process of their own, so that the
+     * storm's client work never delays their deliveries: */
+    int chat_child;        /* this process is that child */
+    pid_t child;           /* the parent: the child's pid (0: no pairs) */
+    int to_fd, from_fd;    /* commands to / replies from the other process */
+    int child_ready;
 } F;
+
+/* The chat child's results, written to the parent at the end. */
+struct fo_chat_res {
+    uint64_t sent, recv;
+    struct bst_hist calm, storm;
+};
 
 static uint64_t fo_rand(void)
 {
@@ -149,11 +171,8 @@ static void fo_drop(struct fo_user *u, uint64_t delay)
         bn_close(&u->link->c, fo_link_closed);
         u->link = NULL;
     }
-    if (!fo_is_pair(u) && F.phase >= PH_STORM) {
+    if (!fo_is_pair(u) && F.phase >= PH_STORM)
         u->target = 1;
-        if (!u->storm && u->st == FS_UP)
-            u->storm = 1;
-    }
     u->st = FS_WAIT;
     u->retry_at = bst_now_ns() + delay;
 }
@@ -202,8 +221,9 @@ static void fo_logged_in(struct fo_user *u)
         return;
     }
     F.up++;
-    if (F.phase == PH_STORM && u->storm) {
+    if (F.phase == PH_STORM && u->storm) { /* back for the first time */
         uint64_t s = (now - F.t_kill) / NS;
+        u->storm = 0;
         F.relogins++;
         F.per_sec[s < FO_MAX_SEC ? s : FO_MAX_SEC - 1]++;
         if (!F.t_first)
@@ -247,6 +267,7 @@ static void fo_delivery(const struct bn_fields *f)
     if (!t || t > now)
         return;
     F.recv++;
+    bst_hist_add(&F.sec, now - t);
     if (F.phase == PH_CALM)
         bst_hist_add(&F.calm, now - t);
     else if (F.phase == PH_STORM)
@@ -309,11 +330,11 @@ static void fo_send_chat(uint64_t now)
     double dt = (double)(now - F.t_credit) / 1e9;
 
     F.t_credit = now;
-    if (bench.pairs == 0 || F.phase < PH_CALM || F.phase > PH_STORM)
+    if (F.np == 0 || F.phase < PH_CALM || F.phase > PH_STORM)
         return;
     F.credit += bench.rate * dt;
-    for (int tries = 0; F.credit >= 1 && tries < 2 * bench.pairs; tries++) {
-        int p = F.next_sender++ % bench.pairs;
+    for (int tries = 0; F.credit >= 1 && tries < F.np; tries++) {
+        int p = F.next_sender++ % (F.np / 2);
         struct fo_user *s = &F.users[F.n + 2 * p], *r = s + 1;
         const struct bench_user *su = &bench.users[s->slot];
         struct bn_buf *b;
@@ -347,18 +368,130 @@ static void fo_progress(uint64_t now)
     if (bench.quiet || now - F.last_prog < NS)
         return;
     F.last_prog = now;
+    if (F.chat_child) {
+        fprintf(stderr, "failover: t=%.0fs chat sent=%" PRIu64 " recv=%" PRIu64
+                " p99=%.1fms max=%.1fms\n", (double)(now - F.t0) / 1e9, F.sent,
+                F.recv, fo_ms(&F.sec, 99), (double)F.sec.max / 1e6);
+        memset(&F.sec, 0, sizeof(F.sec));
+        return;
+    }
     fprintf(stderr, "failover: t=%.0fs phase=%s up=%d/%d pairs=%d/%d inflight=%d "
-            "busy=%" PRIu64 " in_use=%" PRIu64 " conn_err=%" PRIu64 " chat sent=%"
-            PRIu64 " recv=%" PRIu64 "\n", (double)(now - F.t0) / 1e9,
+            "busy=%" PRIu64 " in_use=%" PRIu64 " conn_err=%" PRIu64 "\n",
+            (double)(now - F.t0) / 1e9,
             (const char *[]){"pairs", "fill", "calm", "storm", "end"}[F.phase],
-            F.up, F.n, F.pairs_up, 2 * bench.pairs, F.inflight, F.busy, F.in_use,
-            F.conn_err, F.sent, F.recv);
+            F.up, F.n, F.child_ready ? 2 * bench.pairs : 0, 2 * bench.pairs,
+            F.inflight, F.busy, F.in_use, F.conn_err);
+}
+
+static void fo_write_all(int fd, const void *p, size_t n)
+{
+    const char *c = p;
+
+    while (n > 0) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            bx_die("failover: pipe write: %s", strerror(errno));
+        c += w;
+        n -= (size_t)w;
+    }
+}
+
+static void fo_read_all(int fd, void *p, size_t n)
+{
+    char *c = p;
+
+    while (n > 0) {
+        ssize_t r = read(fd, c, n);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (r <= 0)
+            bx_die("failover: the chat process is gone");
+        c += r;
+        n -= (size_t)r;
+    }
+}
+
+/* The parent tells the chat child about a phase ('C' calm, 'S' storm, 'E'
+ * end); the child answers 'R' (pairs logged in) and, after 'E', its
+ * results. */
+static void fo_tell(char cmd)
+{
+    if (F.child)
+        fo_write_all(F.to_fd, &cmd, 1);
 }
 
 static void fo_enter(enum fo_phase ph, uint64_t now)
 {
     F.phase = ph;
     F.t_phase = now;
+    if (ph == PH_CALM)
+        fo_tell('C');
+    else if (ph == PH_STORM)
+        fo_tell('S');
+}
+
+/* One tick of the chat child: follow the parent's commands. */
+static void fo_chat_tick(uint64_t now)
+{
+    char cmd;
+    struct fo_chat_res r;
+
+    if (F.phase == PH_PAIRS && F.pairs_up == F.np) {
+        fo_write_all(F.to_fd, "R", 1);
+        F.phase = PH_FILL;
+    }
+    while (read(F.from_fd, &cmd, 1) == 1) {
+        if (cmd == 'C') {
+            F.phase = PH_CALM;
+            F.t_credit = now;
+        } else if (cmd == 'S') {
+            F.phase = PH_STORM;
+        } else if (cmd == 'E') {
+            memset(&r, 0, sizeof(r));
+            r.sent = F.sent;
+            r.recv = F.recv;
+            r.calm = F.calm;
+            r.storm = F.storm;
+            fprintf(stderr, "failover: chat sent=%" PRIu64 " recv=%" PRIu64
+                    " calm_n=%" PRIu64 " storm_n=%" PRIu64 "\n", F.sent, F.recv,
+                    F.calm.count, F.storm.count);
+            fo_write_all(F.to_fd, &r, sizeof(r));
+            F.phase = PH_END;
+            uv_stop(&F.loop);
+        }
+    }
+}
+
+/* The parent, at the end: the child's results into F. */
+static void fo_chat_collect(void)
+{
+    struct fo_chat_res *r;
+    int fl;
+
+    if (!F.child)
+        return;
+    r = bx_calloc(1, sizeof(*r));
+    fo_tell('E');
+    fl = fcntl(F.from_fd, F_GETFL);
+    fcntl(F.from_fd, F_SETFL, fl & ~O_NONBLOCK);
+    fo_read_all(F.from_fd, r, sizeof(*r));
+    F.sent = r->sent;
+    F.recv = r->recv;
+    F.calm = r->calm;
+    F.storm = r->storm;
+    free(r);
+    waitpid(F.child, NULL, 0);
+}
+
+static int fo_child_ready(void)
+{
+    char c;
+
+    if (!F.child_ready && read(F.from_fd, &c, 1) == 1 && c == 'R')
+        F.child_ready = 1;
+    return F.child_ready;
 }
 
 static void fo_kill(uint64_t now)
@@ -366,8 +499,11 @@ static void fo_kill(uint64_t now)
     if (kill(bench.victim_pid, SIGKILL) < 0)
         bx_die("kill %d: %s", (int)bench.victim_pid, strerror(errno));
     F.t_kill = now;
-    for (int i = 0; i < F.n; i++)
+    for (int i = 0; i < F.n; i++) { /* all of them were on the victim */
         F.users[i].target = 1;
+        F.users[i].storm = F.users[i].st == FS_UP;
+        F.storm_users += F.users[i].storm;
+    }
     fprintf(stderr, "failover: killed pid %d with %d users logged in on it\n",
             (int)bench.victim_pid, F.up);
     fo_enter(PH_STORM, now);
@@ -383,9 +519,13 @@ static void fo_tick(uv_timer_t *t)
         fo_pump(0, F.n, now);
     fo_send_chat(now);
     fo_progress(now);
+    if (F.chat_child) {
+        fo_chat_tick(now);
+        return;
+    }
     switch (F.phase) {
     case PH_PAIRS:
-        if (F.pairs_up == F.np)
+        if (F.child ? fo_child_ready() : F.pairs_up == F.np)
             fo_enter(PH_FILL, now);
         break;
     case PH_FILL:
@@ -409,7 +549,7 @@ static void fo_tick(uv_timer_t *t)
             fo_kill(now);
         break;
     case PH_STORM:
-        if (F.up + F.gave_up >= F.n ||
+        if (F.relogins + F.gave_up >= (uint64_t)F.storm_users ||
             now - F.t_kill >= (uint64_t)(bench.storm_max_s * 1e9)) {
             fo_enter(PH_END, now);
             uv_stop(&F.loop);
@@ -437,7 +577,7 @@ static void fo_report(void)
            " invalid=%" PRIu64 " pairs=%d rate=%.0f calm_p50_ms=%.2f "
            "calm_p99_ms=%.2f calm_n=%" PRIu64 " storm_p50_ms=%.2f storm_p99_ms=%.2f "
            "storm_max_ms=%.1f storm_n=%" PRIu64 "\n",
-           F.n, F.relogins, F.up == F.n ? "yes" : "no", all,
+           F.n, F.relogins, F.relogins == (uint64_t)F.storm_users ? "yes" : "no", all,
            F.t_first ? (double)(F.t_first - F.t_kill) / 1e9 : 0,
            span > 0 ? (double)F.relogins / span : 0, (double)F.t_fill / 1e9,
            F.busy, F.in_use, F.conn_err, F.invalid, bench.pairs, bench.rate,
@@ -453,6 +593,37 @@ static void fo_walk_close(uv_handle_t *h, void *arg)
         uv_close(h, h->type == UV_TCP ? fo_link_closed : NULL);
 }
 
+/* Split: the child keeps the pairs (F.n = 0), the parent the storm users
+ * (F.np = 0); two pipes between them, non-blocking on the reading ends. */
+static void fo_fork(void)
+{
+    int down[2], up[2];
+    pid_t pid;
+
+    if (pipe(down) < 0 || pipe(up) < 0)
+        bx_die("pipe: %s", strerror(errno));
+    fflush(NULL);
+    pid = fork();
+    if (pid < 0)
+        bx_die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        close(down[1]);
+        close(up[0]);
+        F.chat_child = 1;
+        F.from_fd = down[0];
+        F.to_fd = up[1];
+        F.n = 0;
+    } else {
+        close(down[0]);
+        close(up[1]);
+        F.child = pid;
+        F.to_fd = down[1];
+        F.from_fd = up[0];
+        F.np = 0;
+    }
+    fcntl(F.from_fd, F_SETFL, fcntl(F.from_fd, F_GETFL) | O_NONBLOCK);
+}
+
 void bf_run(void)
 {
     int ns = bench.ntargets - 2;
@@ -465,12 +636,14 @@ void bf_run(void)
     F.rng = bst_now_ns() | 1;
     F.n = bench.conns;
     F.np = 2 * bench.pairs;
+    if (F.np)
+        fo_fork();
     F.users = bx_calloc((size_t)(F.n + F.np), sizeof(*F.users));
     for (int i = 0; i < F.n + F.np; i++) {
-        F.users[i].slot = i;
+        F.users[i].slot = F.chat_child ? bench.conns + i : i;
         F.users[i].st = FS_WAIT;
     }
-    for (int p = 0; p < bench.pairs; p++) { /* sender and receiver on two survivors */
+    for (int p = 0; p < F.np / 2; p++) { /* sender and receiver on two survivors */
         F.users[F.n + 2 * p].target = 2 + p % ns;
         F.users[F.n + 2 * p + 1].target = 2 + (p + 1) % ns;
     }
@@ -479,9 +652,12 @@ void bf_run(void)
     F.net.src_ips = bench.src_ips;
     uv_timer_init(&F.loop, &F.tick);
     F.t0 = F.t_credit = bst_now_ns();
-    fo_enter(F.np ? PH_PAIRS : PH_FILL, F.t0);
+    fo_enter(F.np || F.child ? PH_PAIRS : PH_FILL, F.t0);
     uv_timer_start(&F.tick, fo_tick, FO_TICK_MS, FO_TICK_MS);
     uv_run(&F.loop, UV_RUN_DEFAULT);
+    if (F.chat_child)
+        _exit(0);
+    fo_chat_collect();
     fo_report();
     uv_walk(&F.loop, fo_walk_close, NULL);
     uv_run(&F.loop, UV_RUN_DEFAULT);
