@@ -23,7 +23,7 @@
 # Environment: BUILD (./build), FO_DIR (var/failover), FO_N (10000 users),
 # FO_PAIRS (20), FO_RATE (200 msg/s), FO_RUNS (3), FO_STORM_MAX (120 s),
 # FO_CALM (10 s), FO_LOGIN_RATE (each node's [plugin.login] login_rate;
-# default etc/chat.conf's), FO_COLD (1: no warm_cache, the fill hashes), FO_BASE_PORT (26000: MariaDB +1, Redis +2, nodes +11..13,
+# default etc/chat.conf's), FO_HEARTBEAT_TTL ([redis] heartbeat_ttl), FO_COLD (1: no warm_cache, the fill hashes), FO_BASE_PORT (26000: MariaDB +1, Redis +2, nodes +11..13,
 # admin +21..23, nginx +30).  Output: FO_DIR/results.txt (RESULT lines) and
 # one log per run.  Stops, by pid, everything it started.
 set -euo pipefail
@@ -110,7 +110,8 @@ node_conf() {
     awk -v listen="127.0.0.1:${NODE_PORTS[$1 - 1]}" -v node="node$1" \
         -v admin="127.0.0.1:${ADMIN_PORTS[$1 - 1]}" -v plugdir="$BUILD/plugins" \
         -v mig="$ROOT/sql" -v mport="$MYSQL_PORT" -v rport="$REDIS_PORT" \
-        -v secret="$([ "$2" = on ] && echo "$DIR/secret")" -v lrate="${FO_LOGIN_RATE:-}" '
+        -v secret="$([ "$2" = on ] && echo "$DIR/secret")" -v lrate="${FO_LOGIN_RATE:-}" \
+        -v hbttl="${FO_HEARTBEAT_TTL:-}" '
         function set(v) { sub(/=.*/, "= " v) }
         /^\[/ { sec = $0 }
         sec == "[server]"  && /^listen[ \t]*=/      { set(listen) }
@@ -122,6 +123,7 @@ node_conf() {
         sec == "[redis]"   && /^port[ \t]*=/        { set(rport) }
         sec == "[admin]"   && /^listen[ \t]*=/      { set(admin) }
         sec == "[plugin.login]" && /^login_rate[ \t]*=/ && lrate != "" { set(lrate) }
+        sec == "[redis]"   && /^heartbeat_ttl[ \t]*=/ && hbttl != "" { set(hbttl) }
         { print }
         sec == "[plugin.login]" && /^auth_cache_ttl/ && secret != "" {
             print "auth_cache_secret_file = " secret }
