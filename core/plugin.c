@@ -1011,6 +1011,7 @@ static void reload_done(uv_work_t *req, int status)
         snprintf(msg, sizeof msg, "%s", ok ? "ok" : pl.fails);
         pl.conf = j->conf;
         net_apply_conf(pl.conf);
+        rl_apply_conf(pl.conf);
         ack_configure(pl.conf);
         disp_configure((size_t)pl.conf->max_members);
         conf_free(old);
