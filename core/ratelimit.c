@@ -25,7 +25,7 @@
  * bucket lives on the node holding the session; what crosses nodes is its
  * state when the user moves: once the bucket is below half, the wall-clock
  * time at which it will be full again is written to Redis (at most once a
- * second per user, with that expiry), and a session that starts sending as
+ * quarter second per user, with that expiry), and a session that starts sending as
  * a user reads it back and starts no fuller than that.  A reconnect to
  * another node so finds the bucket as it left it, one round trip late.
  * Without Redis the bucket is per node.
@@ -288,7 +288,7 @@ static void user_push(int64_t uid, struct rl_user *u, uint64_t now)
     const struct rl_rate *r = &rl.c.user_msgs;
     double ms;
 
-    if (u->msgs.tokens >= r->burst / 2 || (u->pushed_at && now - u->pushed_at < 1000))
+    if (u->msgs.tokens >= r->burst / 2 || (u->pushed_at && now - u->pushed_at < 250))
         return;
     u->pushed_at = now;
     ms = (r->burst - u->msgs.tokens) * 1000.0 / r->rate;
