@@ -24,8 +24,9 @@
  * A user has one session in the cluster at a time (bus_claim), so the user
  * bucket lives on the node holding the session; what crosses nodes is its
  * state when the user moves: once the bucket is below half, the wall-clock
- * time at which it will be full again is written to Redis (at most once a
- * quarter second per user, with that expiry), and a session that starts sending as
+ * time at which it will be full again is written to Redis (with that
+ * expiry; at most every 250 ms per user until the bucket is empty, then on
+ * every request it pays for), and a session that starts sending as
  * a user reads it back and starts no fuller than that.  A reconnect to
  * another node so finds the bucket as it left it, one round trip late.
  * Without Redis the bucket is per node.
@@ -274,6 +275,7 @@ static void on_user_state(int64_t uid, int64_t full_at, void *ud)
     double tokens;
 
     (void)ud;
+    LOGD("user %lld: bucket full again in %lld ms (Redis)", (long long)uid, (long long)left);
     if (!u || left <= 0 || r->rate <= 0)
         return;
     refill(&u->msgs, r, uv_now(rl.loop));
@@ -288,7 +290,8 @@ static void user_push(int64_t uid, struct rl_user *u, uint64_t now)
     const struct rl_rate *r = &rl.c.user_msgs;
     double ms;
 
-    if (u->msgs.tokens >= r->burst / 2 || (u->pushed_at && now - u->pushed_at < 250))
+    if (!u || u->msgs.tokens >= r->burst / 2 ||
+        (u->pushed_at && now - u->pushed_at < 250 && u->msgs.tokens >= 1))
         return;
     u->pushed_at = now;
     ms = (r->burst - u->msgs.tokens) * 1000.0 / r->rate;
