@@ -20,6 +20,7 @@
  *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
  *   adm_   admin_http.c its request parsing (http-parser) and routing
  *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
+ *   ws_    ws.c        WebSocket engine: upgrade + frames over bytes (ws.h)
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
