@@ -306,6 +306,13 @@ struct conf {
     char *admin_host;
     int admin_port;
     char *admin_token;
+    /* [ws] (the WebSocket transport, core/ws.c) */
+    char **ws_origins;     /* allowed Origin values; none: no check */
+    size_t nws_origins;
+    size_t ws_max_message; /* bytes of one message; default [server] max_frame */
+    int ws_ping_interval_s;     /* 0: no pings */
+    int ws_pong_timeout_s;
+    int ws_handshake_timeout_s; /* accept to the end of the upgrade request */
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;
