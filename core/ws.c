@@ -2,9 +2,10 @@
  * ws.c - the WebSocket engine: an RFC 6455 server connection over bytes.
  *
  * Two libraries do the parsing: http-parser reads the upgrade request (the
- * callbacks record the few headers that matter, within WS_HEAD_MAX, the way
- * admin_http.c does), and wslay's event API reads and writes frames.  The
- * engine only feeds them: wslay's recv callback hands over the bytes given
+ * callbacks record the few headers that matter, the way admin_http.c does;
+ * the head is bounded by WS_HEAD_MAX counted in bytes the parser consumed,
+ * so the outcome does not depend on how the reads were split), and wslay's
+ * event API reads and writes frames.  The engine only feeds them: wslay's recv callback hands over the bytes given
  * to ws_conn_feed and then says WOULDBLOCK, its send callback appends to an
  * output buffer the transport drains with ws_conn_pending/ws_conn_consume.
  * Nothing here reads a clock or a socket, so the transport owns every
@@ -52,7 +53,6 @@ struct ws_hval {
 struct ws_hs {
     http_parser hp;
     size_t head;   /* bytes of the head consumed by the parser so far */
-    size_t hbytes; /* URL and header bytes seen by the callbacks */
     char field[24];
     size_t field_len;
     int in_value;
@@ -173,17 +173,9 @@ static int hs_fail(struct ws_hs *h, int status)
     return 1; /* http-parser: stop */
 }
 
-static int hs_bytes(struct ws_hs *h, size_t n)
-{
-    h->hbytes += n + 4; /* ": " and CRLF */
-    return h->hbytes > WS_HEAD_MAX ? hs_fail(h, 431) : 0;
-}
-
 static int on_url(http_parser *p, const char *at, size_t n)
 {
     struct ws_hs *h = p->data;
-    if (hs_bytes(h, n))
-        return 1;
     if (n > WS_URL_MAX - 1 - h->url_len)
         return hs_fail(h, 414);
     memcpy(h->url + h->url_len, at, n);
@@ -195,8 +187,6 @@ static int on_url(http_parser *p, const char *at, size_t n)
 static int on_hfield(http_parser *p, const char *at, size_t n)
 {
     struct ws_hs *h = p->data;
-    if (hs_bytes(h, n))
-        return 1;
     if (h->in_value) { /* a new header starts */
         h->in_value = 0;
         h->field_len = 0;
@@ -224,8 +214,6 @@ static int on_hvalue(http_parser *p, const char *at, size_t n)
 {
     struct ws_hs *h = p->data;
     struct ws_hval *v;
-    if (hs_bytes(h, n))
-        return 1;
     if (!h->in_value) { /* the first piece of this value */
         h->in_value = 1;
         h->cur = header_id(h);
@@ -521,11 +509,11 @@ static int hs_feed(struct ws_conn *w, const char *in, size_t n)
     enum http_errno e = HTTP_PARSER_ERRNO(&h->hp);
     int st;
 
-    if (!h->done) {
-        h->head += used;
-        if (h->head > WS_HEAD_MAX)
-            hs_fail(h, 431);
-    }
+    /* the parser stops after the head (an upgrade) or the request (it
+     * pauses), so this counts the head's bytes whatever the reads were */
+    h->head += used;
+    if (h->head > WS_HEAD_MAX)
+        hs_fail(h, 431);
     if (!h->status && e != HPE_OK && e != HPE_PAUSED)
         h->status = e == HPE_HEADER_OVERFLOW ? 431 : 400;
     if (h->status) {
