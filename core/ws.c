@@ -78,7 +78,6 @@ struct ws_conn {
     struct ws_out out;
     const char *in;             /* ws_conn_feed's bytes, for recv_cb */
     size_t in_len;
-    int in_recv;   /* inside wslay_event_recv: queue, do not send */
     int closing;   /* a close frame was queued (by anyone) */
     int reported;  /* on_error or on_close was called */
     int closed;    /* refused, or closed before the handshake */
@@ -395,6 +394,17 @@ static void fail(struct ws_conn *w, int code, const char *why)
         w->cb->on_error(w->ud, code, why);
 }
 
+/* Frames queued go to the output at once, from inside wslay_event_recv
+ * too (its send and receive sides share no state): a reply to a message
+ * is out before a close that a later frame of the same read causes, however
+ * the reads were split. */
+static void flush(struct ws_conn *w)
+{
+    if (w->ev && !w->fatal &&
+        wslay_event_send(w->ev) == WSLAY_ERR_NOMEM)
+        w->fatal = 1;
+}
+
 static void on_msg(wslay_event_context_ptr ev,
                    const struct wslay_event_on_msg_recv_arg *a, void *ud)
 {
@@ -403,8 +413,10 @@ static void on_msg(wslay_event_context_ptr ev,
 
     switch (a->opcode) {
     case WSLAY_TEXT_FRAME:
-        if (!w->closing && w->cb->on_message)
+        if (!w->closing && w->cb->on_message) {
             w->cb->on_message(w->ud, (const char *)a->msg, a->msg_length);
+            flush(w);
+        }
         break;
     case WSLAY_BINARY_FRAME:
         if (w->closing)
@@ -441,21 +453,13 @@ static const struct wslay_event_callbacks ev_callbacks = {
     .on_msg_recv_callback = on_msg,
 };
 
-static void flush(struct ws_conn *w)
-{
-    if (w->ev && !w->in_recv && !w->fatal &&
-        wslay_event_send(w->ev) == WSLAY_ERR_NOMEM)
-        w->fatal = 1;
-}
 
 static int frames_feed(struct ws_conn *w, const char *in, size_t n)
 {
     int r;
     w->in = in;
     w->in_len = n;
-    w->in_recv = 1;
     r = wslay_event_recv(w->ev);
-    w->in_recv = 0;
     w->in = NULL;
     w->in_len = 0;
     if (r == WSLAY_ERR_NOMEM)

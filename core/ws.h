@@ -41,8 +41,8 @@ struct ws_conf {
 
 /* Events, all optional (NULL), called from inside ws_conn_feed on the
  * caller's stack with the ud given to ws_conn_new.  A callback may call
- * ws_conn_send_text, ws_conn_close and ws_conn_ping (their frames are
- * written out before ws_conn_feed returns) but never ws_conn_free; free
+ * ws_conn_send_text, ws_conn_close and ws_conn_ping (their frames go to
+ * the output at once, before what later frames cause) but never ws_conn_free; free
  * after ws_conn_feed has returned.  Pointers passed are valid for the call
  * only. */
 struct ws_cb {
