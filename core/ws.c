@@ -396,8 +396,9 @@ static void fail(struct ws_conn *w, int code, const char *why)
 
 /* Frames queued go to the output at once, from inside wslay_event_recv
  * too (its send and receive sides share no state): a reply to a message
- * is out before a close that a later frame of the same read causes, however
- * the reads were split. */
+ * or the pong to a ping is out before a close that a later frame of the
+ * same read causes (wslay sends nothing but the close once one is queued),
+ * however the reads were split. */
 static void flush(struct ws_conn *w)
 {
     if (w->ev && !w->fatal &&
@@ -413,10 +414,8 @@ static void on_msg(wslay_event_context_ptr ev,
 
     switch (a->opcode) {
     case WSLAY_TEXT_FRAME:
-        if (!w->closing && w->cb->on_message) {
+        if (!w->closing && w->cb->on_message)
             w->cb->on_message(w->ud, (const char *)a->msg, a->msg_length);
-            flush(w);
-        }
         break;
     case WSLAY_BINARY_FRAME:
         if (w->closing)
@@ -445,6 +444,7 @@ static void on_msg(wslay_event_context_ptr ev,
     default: /* a ping: wslay has queued the pong */
         break;
     }
+    flush(w);
 }
 
 static const struct wslay_event_callbacks ev_callbacks = {

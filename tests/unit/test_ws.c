@@ -307,6 +307,23 @@ static void test_unmasked(void)
     CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
     CU_ASSERT_EQUAL(ws_conn_feed(w, "x", 1), CHAT_ERR_CLOSED);
     ws_conn_free(w);
+    /* what earlier frames of the same read earned still goes out first
+     * (wslay sends only the close once one is queued) */
+    {
+        const unsigned char *pl;
+        size_t off, pn, n;
+        w = opened();
+        ev.reply = 1;
+        off = frames_start();
+        n = frame(buf, 1, 0x9, 1, "p", 1);
+        n += frame(buf + n, 1, 0x1, 1, "{}", 2);
+        n += frame(buf + n, 1, 0x1, 0, "{}", 2);
+        CU_ASSERT_EQUAL(feed(w, buf, n), 0);
+        CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0xA);
+        CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0x1);
+        CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0x8);
+        ws_conn_free(w);
+    }
 }
 
 /* Frame-level errors wslay answers with a close without a code. */
