@@ -19,7 +19,12 @@
  *
  * Policy: a binary message is refused with 1003; wslay itself closes with
  * 1002 (an unmasked or malformed frame), 1007 (text that is not UTF-8) and
- * 1009 (a message over max_message, checked before it is buffered).  When
+ * 1009 (a message over max_message, checked before it is buffered).  One
+ * wslay quirk (1.1.1, still in its HEAD): it checks the UTF-8 of a close
+ * frame's reason per chunk and skips two bytes of every chunk, not only
+ * the code's, so whether a bad reason is answered with 1007 depends on how
+ * the frame was split between reads; harmless (the reason is only logged),
+ * and the one place where the engine's outcome depends on the split.  When
  * the engine or wslay fails the connection it stops reading: the state is
  * WS_CLOSED as soon as the close frame is in the output.  A close started
  * by the transport (ws_conn_close) waits in WS_CLOSING for the peer's.

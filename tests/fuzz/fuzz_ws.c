@@ -10,9 +10,10 @@
  * max_message (64), bit 3 answers each message from inside on_message,
  * bit 4 pings and bit 5 starts a close after the first read.  The rest is
  * the peer's bytes.  Invariants, checked with abort():
- *   - the one-read and two-read runs agree on the state, the events, the
- *     messages delivered and (unless the upgrade was refused, where a split
- *     may meet the head bound elsewhere) the bytes written;
+ *   - the one-read and two-read runs agree on the messages delivered, and
+ *     on the state, the events and the bytes written unless the upgrade
+ *     was refused (both must be refusals) or either run closed with 1007
+ *     (wslay's check of a close reason depends on the reads, see ws.c);
  *   - a message is at most max_message bytes; nothing is delivered before
  *     on_open or after a close;
  *   - a refusal writes an HTTP 4xx status line and ends in WS_CLOSED, an
@@ -195,10 +196,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s = data[0] * n / 255;
     run(&a, &c, opts, buf, n, k, n);
     run(&b, &c, opts, buf, n, k, s);
-    if (a.state != b.state || a.opened != b.opened || a.closes != b.closes ||
-        a.pongs != b.pongs || a.nmsg != b.nmsg || a.digest != b.digest)
+    if (a.opened != b.opened || a.nmsg != b.nmsg || a.digest != b.digest)
         abort();
-    if (http_refusal(a.err) || http_refusal(b.err)) {
+    if (a.err == WS_CLOSE_BAD_DATA || b.err == WS_CLOSE_BAD_DATA) {
+        /* wslay checks a close reason's UTF-8 per chunk, skipping two
+         * bytes of every chunk (not only the code's): whether a bad
+         * reason is seen depends on the reads (see ws.c) */
+    } else if (a.state != b.state || a.closes != b.closes || a.pongs != b.pongs) {
+        abort();
+    } else if (http_refusal(a.err) || http_refusal(b.err)) {
         if (!http_refusal(a.err) || !http_refusal(b.err))
             abort();
     } else if (a.err != b.err || a.outlen != b.outlen ||
