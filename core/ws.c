@@ -475,8 +475,11 @@ static int frames_feed(struct ws_conn *w, const char *in, size_t n)
     if (!wslay_event_get_read_enabled(w->ev) && !w->reported) {
         /* wslay failed the connection and queued the close (now sent);
          * a frame-level error (a control frame over 125 bytes, a bad
-         * length) gets a close without a code from wslay */
-        uint16_t code = wslay_event_get_status_code_sent(w->ev);
+         * length) gets a close without a code from wslay.  After a close
+         * of ours it could queue nothing: the code sent is ours, and the
+         * peer broke the protocol while closing. */
+        uint16_t code = w->closing ? WS_CLOSE_PROTOCOL
+                                   : wslay_event_get_status_code_sent(w->ev);
         w->closing = 1;
         if (code == WS_CLOSE_NO_STATUS || code == 1006 || code == 0)
             code = WS_CLOSE_PROTOCOL;

@@ -474,6 +474,14 @@ static void test_close_by_server(void)
     CU_ASSERT_EQUAL(ev.close_code, 1001);
     CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
     ws_conn_free(w);
+    /* a peer that breaks the protocol while we close: done, and 1002 is
+     * reported (not the code of our close) */
+    w = opened();
+    CU_ASSERT_EQUAL(ws_conn_close(w, WS_CLOSE_GOING_AWAY, NULL), 0);
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x1, 0, "{}", 2)), 0);
+    CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_PROTOCOL);
+    CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+    ws_conn_free(w);
     /* before the handshake there is nothing to say */
     w = conn();
     CU_ASSERT_EQUAL(ws_conn_close(w, 1001, "x"), 0);
