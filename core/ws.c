@@ -458,7 +458,6 @@ static const struct wslay_event_callbacks ev_callbacks = {
     .on_msg_recv_callback = on_msg,
 };
 
-
 static int frames_feed(struct ws_conn *w, const char *in, size_t n)
 {
     int r;
