@@ -42,9 +42,9 @@ struct ws_conf {
 /* Events, all optional (NULL), called from inside ws_conn_feed on the
  * caller's stack with the ud given to ws_conn_new.  A callback may call
  * ws_conn_send_text, ws_conn_close and ws_conn_ping (their frames go to
- * the output at once, before what later frames cause) but never ws_conn_free; free
- * after ws_conn_feed has returned.  Pointers passed are valid for the call
- * only. */
+ * the output at once, before what later frames cause) but never
+ * ws_conn_free: free after ws_conn_feed has returned.  Pointers passed are
+ * valid for the call only. */
 struct ws_cb {
     /* The upgrade request was accepted; the 101 is in the output. */
     void (*on_open)(void *ud);
@@ -112,7 +112,8 @@ void ws_conn_consume(struct ws_conn *w, size_t n);
 enum ws_state ws_conn_state(const struct ws_conn *w);
 
 /* Sec-WebSocket-Accept for a key: base64(SHA-1(key GUID)), 28 characters
- * and a NUL into out[29].  0, or CHAT_ERR_NOMEM (OpenSSL failed). */
+ * and a NUL into out[29].  0; CHAT_ERR_INVAL (a key over 256 bytes);
+ * CHAT_ERR_NOMEM (OpenSSL failed). */
 int ws_accept_key(const char *key, size_t len, char out[29]);
 
 #endif
