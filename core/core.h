@@ -21,6 +21,7 @@
  *   adm_   admin_http.c its request parsing (http-parser) and routing
  *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
  *   rl_    ratelimit.c token-bucket rate limits ([limits])
+ *   ws_    ws.c        WebSocket engine: upgrade + frames over bytes (ws.h)
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -365,6 +366,13 @@ struct conf {
     char *admin_token;
     /* [limits] (ratelimit.c) */
     struct rl_conf limits;
+    /* [ws] (the WebSocket transport, core/ws.c) */
+    char **ws_origins;     /* allowed Origin values; none: no check */
+    size_t nws_origins;
+    size_t ws_max_message; /* bytes of one message; default [server] max_frame */
+    int ws_ping_interval_s;     /* 0: no pings */
+    int ws_pong_timeout_s;
+    int ws_handshake_timeout_s; /* accept to the end of the upgrade request */
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;
