@@ -2,24 +2,35 @@
  * core.h - declarations shared between the core's subsystems.  Never
  * installed; plugins see only include/chat/plugin.h.
  *
- * Subsystems and their prefixes:
+ * Subsystems and their prefixes, by layer from the bottom up (see
+ * docs/architecture.md, "Layers"; tests/check_layers.py holds the same
+ * table).  A file calls its own layer or the ones below; what goes up goes
+ * through a callback main.c registers at start (wire.c).
+ *
+ * 1 leaf utilities
  *   mem_   alloc.c     the one allocator (chat_host malloc/free), cJSON hooks
  *   log_   log.c       logging: text or JSON, stderr/journal or a file
- *   conf_  conf.c      chat.conf parsing and validation (inih)
  *   map_   map.c       int64 -> pointer hash map
  *   frame_ frame.c     splitting a byte stream into JSON objects
  *   json_  jsonstr.c   JSON string literals with their length (NUL-safe)
- *   net_   net.c       listener, sessions, buffered output, limits
- *   disp_  dispatch.c  frame -> cJSON -> msgid handler; protocol errors
- *   plug_  plugin.c    loading, versions, instances, reference counts, reload
- *   host_  host.c      the struct chat_host table handed to plugins
- *   ack_   loginack.c  login acknowledgements assembled from plugin parts
- *   db_    db.c        MySQL pool on worker threads
- *   bus_   bus.c       Redis bus: node channel, presence, routing
+ *   conf_  conf.c      chat.conf parsing and validation (inih)
  *   metrics_ metrics.c the node's metrics, Prometheus text format
- *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
- *   adm_   admin_http.c its request parsing (http-parser) and routing
  *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
+ *   defer_ defer.c     the one deferral queue: fn on a later loop turn
+ *   adm_   admin_http.c the admin listener's request parsing (http-parser)
+ * 2 net, db and bus (they never call each other)
+ *   net_   net.c       listener, sessions, buffered output, limits
+ *   db_    db.c        MySQL pool on worker threads (migrate.c: --migrate)
+ *   bus_   bus.c       Redis bus: node channel, presence, routing
+ * 3 sessions, dispatch and the login ack
+ *   sess_  session.c   login, logout, open/close, delivery outcomes, work
+ *   disp_  dispatch.c  frame -> cJSON -> msgid handler; protocol errors
+ *   ack_   loginack.c  login acknowledgements assembled from plugin parts
+ * 4 plug_  plugin.c    loading, versions, instances, reference counts, reload
+ * 5 host_  host.c      the struct chat_host table handed to plugins
+ * 6 main.c             start-up, signals, shutdown, reload and live settings
+ *   wire_  wire.c      every upward callback, registered at start
+ *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H

@@ -11,11 +11,16 @@ the files may not use each other either: they meet only through the
 callbacks main.c registers (wire.c).  An object missing from the table
 fails too, so a new core file has to be given its place, and so does a
 reference to uv_default_loop() from anything but main.c (the loop is
-injected everywhere else).
+injected everywhere else).  The subsystem map atop core/core.h must list
+each file under the same layer number (1 = the bottom).
 """
 import os
+import re
 import subprocess
 import sys
+
+CORE_H = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "core",
+                      "core.h")
 
 # (layer, isolated, {file: prefix}) from the bottom up.
 LAYERS = [
@@ -58,9 +63,30 @@ def nm(path, *flags):
     return [line.split()[-1] for line in out.splitlines() if line.strip()]
 
 
+def check_map(where):
+    """The map atop core.h: ' * N ...' starts layer N; every x.c after it
+    belongs to that layer."""
+    text = open(CORE_H, encoding="utf-8").read()
+    head = text[: text.index("#ifndef")]
+    layer, seen, errors = None, {}, []
+    for line in head.splitlines():
+        m = re.match(r"^ \* (\d) ", line)
+        if m:
+            layer = int(m.group(1)) - 1
+        for f in re.findall(r"\b([a-z_]+)\.c\b", line):
+            if layer is not None:
+                seen.setdefault(f, layer)
+    for f, (i, _) in sorted(where.items()):
+        if seen.get(f) != i:
+            errors.append(f"core/core.h: the map puts {f}.c in layer "
+                          f"{'none' if f not in seen else seen[f] + 1}, "
+                          f"the table in layer {i + 1} ({LAYERS[i][0]})")
+    return errors
+
+
 def main(objs):
     where = layer_of()
-    defined, used, errors = {}, {}, []
+    defined, used, errors = {}, {}, check_map(where)
     for o in objs:
         u = unit(o)
         if u not in where:
