@@ -24,6 +24,13 @@
  * plug_reload_ex() callers (the admin listener's POST /reload) are told the
  * outcome when the job that starts after their call is done: "ok", the
  * file's error, or the plugins that did not load.
+ *
+ * The registry sits below the host table and main.c: the table it hands to
+ * init (plug_set_host) and what applies a reloaded config's limits to net,
+ * dispatch and the login ack (plug_on_conf) are registered by main.c, and
+ * the layers below reach handlers, hooks and references only through the
+ * callbacks main.c wires to plug_handler, plug_run_handler, plug_fire and
+ * plug_ref/plug_unref.
  */
 #include <dlfcn.h>
 #include <errno.h>
