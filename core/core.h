@@ -140,7 +140,9 @@ struct defer_item {
     int queued;
 };
 void defer_init(uv_loop_t *loop); /* main.c (wire.c), before anything defers */
-void defer_stop(void);            /* shutdown: close the handle; later adds fail */
+/* Shutdown: what is queued (and what it queues) still runs, then the
+ * handle closes; adds after that fail. */
+void defer_stop(void);
 void defer_item_init(struct defer_item *it, void (*fn)(struct defer_item *it));
 /* Queue it (already queued: nothing changes).  CHAT_ERR_CLOSED after
  * defer_stop: fn never runs. */

@@ -19,22 +19,33 @@
 static struct {
     uv_loop_t *loop;
     uv_idle_t idle;
-    int ready;   /* defer_init ran and defer_stop did not */
-    struct defer_item *head, *tail;
+    int ready;   /* defer_init ran and the handle is not closed */
+    int stopping; /* defer_stop: close once the queue is empty */
+    struct defer_item *head, *tail; /* queued for the next drain */
+    struct defer_item *run;         /* the drain under way: still to run */
 } dq;
+
+static void close_handle(void)
+{
+    dq.ready = 0;
+    uv_close((uv_handle_t *)&dq.idle, NULL);
+}
 
 static void on_idle(uv_idle_t *h)
 {
-    struct defer_item *it = dq.head, *next;
+    struct defer_item *it;
 
     uv_idle_stop(h);
+    dq.run = dq.head; /* a callback may cancel one of these: see defer_cancel */
     dq.head = dq.tail = NULL;
-    for (; it != NULL; it = next) {
-        next = it->next;
+    while ((it = dq.run) != NULL) {
+        dq.run = it->next;
         it->next = NULL;
         it->queued = 0;
         it->fn(it);
     }
+    if (dq.stopping && dq.ready && dq.head == NULL)
+        close_handle();
 }
 
 void defer_init(uv_loop_t *loop)
@@ -42,17 +53,21 @@ void defer_init(uv_loop_t *loop)
     if (dq.ready && dq.loop == loop) /* wired again (tests): keep the queue */
         return;
     dq.loop = loop;
+    dq.stopping = 0;
     dq.head = dq.tail = NULL;
     uv_idle_init(loop, &dq.idle);
     dq.ready = 1;
 }
 
+/* What is queued still runs on the next turn (as it would have without a
+ * shutdown); the handle closes once the queue is empty. */
 void defer_stop(void)
 {
-    if (!dq.ready)
+    if (!dq.ready || dq.stopping)
         return;
-    dq.ready = 0;
-    uv_close((uv_handle_t *)&dq.idle, NULL);
+    dq.stopping = 1;
+    if (dq.head == NULL)
+        close_handle();
 }
 
 void defer_item_init(struct defer_item *it, void (*fn)(struct defer_item *it))
@@ -86,14 +101,21 @@ void defer_cancel(struct defer_item *it)
 
     if (!it->queued)
         return;
-    for (pp = &dq.head; *pp != NULL; prev = *pp, pp = &(*pp)->next) {
-        if (*pp != it)
-            continue;
-        *pp = it->next;
-        if (dq.tail == it)
-            dq.tail = prev;
-        break;
+    for (pp = &dq.run; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == it) {
+            *pp = it->next;
+            goto out;
+        }
     }
+    for (pp = &dq.head; *pp != NULL; prev = *pp, pp = &(*pp)->next) {
+        if (*pp == it) {
+            *pp = it->next;
+            if (dq.tail == it)
+                dq.tail = prev;
+            break;
+        }
+    }
+out:
     it->next = NULL;
     it->queued = 0;
 }
