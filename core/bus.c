@@ -1097,11 +1097,9 @@ static void maybe_finish(void)
         bus.started = 0; /* no handles to wait for: bus_start may run again */
         return;
     }
-    {
-        uv_close((uv_handle_t *)&bus.tick, on_handle_closed);
-        uv_close((uv_handle_t *)&bus.retry, on_handle_closed);
-        uv_close((uv_handle_t *)&bus.stop_timer, on_handle_closed);
-    }
+    uv_close((uv_handle_t *)&bus.tick, on_handle_closed);
+    uv_close((uv_handle_t *)&bus.retry, on_handle_closed);
+    uv_close((uv_handle_t *)&bus.stop_timer, on_handle_closed);
 }
 
 static void on_stop_timeout(uv_timer_t *t)
