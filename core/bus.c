@@ -1319,3 +1319,50 @@ int bus_broadcast(const char *plugin, const char *data, size_t len)
     defer(r);
     return CHAT_OK;
 }
+
+/* ---- rate limits (ratelimit.c): a user's bucket between nodes ----------- */
+/* Plain GET / SET PX on the command connection, outside the request
+ * machinery above: nothing waits on them, and a lost reply only means a
+ * fresh bucket.  Key chatd:rl:u:<uid>, value the wall time (ms) at which
+ * the user's bucket is full again. */
+#define K_RL_USER "chatd:rl:u:"
+
+struct bus_rl_get {
+    int64_t uid;
+    void (*cb)(int64_t uid, int64_t full_at, void *ud);
+    void *ud;
+};
+
+void bus_rl_user_set(int64_t uid, int64_t full_at, int64_t px)
+{
+    if (bus.link != LINK_UP || !bus.cmd || px <= 0)
+        return;
+    redisAsyncCommand(bus.cmd, NULL, NULL, "SET " K_RL_USER "%lld %lld PX %lld",
+                      (long long)uid, (long long)full_at, (long long)px);
+}
+
+static void on_rl_user_get(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct bus_rl_get *g = privdata;
+    const redisReply *rp = reply;
+
+    (void)ac;
+    if (rp && rp->type == REDIS_REPLY_STRING)
+        g->cb(g->uid, strtoll(rp->str, NULL, 10), g->ud);
+    mem_free(g);
+}
+
+void bus_rl_user_get(int64_t uid, void (*cb)(int64_t uid, int64_t full_at, void *ud),
+                     void *ud)
+{
+    struct bus_rl_get *g;
+
+    if (bus.link != LINK_UP || !bus.cmd || !(g = mem_malloc(sizeof *g)))
+        return;
+    g->uid = uid;
+    g->cb = cb;
+    g->ud = ud;
+    if (redisAsyncCommand(bus.cmd, on_rl_user_get, g, "GET " K_RL_USER "%lld",
+                          (long long)uid) != REDIS_OK)
+        mem_free(g);
+}

@@ -1,7 +1,8 @@
 /*
  * conf.c - chat.conf: an INI file read with inih, checked strictly.
  *
- * Sections [server], [plugins], [mysql], [redis], [admin] have a fixed set of keys;
+ * Sections [server], [plugins], [mysql], [redis], [admin], [limits] have a
+ * fixed set of keys ([limits] also class.NAME, ratelimit.c parses the values);
  * an unknown key, a bad number or an unknown section is an error reported as
  * "file:line: reason" (inih returns the first failing line).  [plugin.NAME]
  * sections are free-form: their keys belong to the plugin, which reads them
@@ -378,6 +379,39 @@ static int on_plugin_section(struct parse_ctx *p, const char *plugin,
     return 1;
 }
 
+/* [limits]: rates parsed by ratelimit.c (docs/operations.md). */
+static int on_limits(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct rl_conf *l = &p->c->limits;
+    struct { const char *key; struct rl_rate *r; } keys[] = {
+        {"session_msgs", &l->session_msgs}, {"session_bytes", &l->session_bytes},
+        {"user_msgs", &l->user_msgs}, {"addr_conns", &l->addr_conns},
+        {"addr_regs", &l->addr_regs}, {"addr_login_failures", &l->addr_fails}};
+    struct rl_class cl;
+    size_t i;
+
+    for (i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if (strcmp(name, keys[i].key) == 0) {
+            if (rl_parse_rate(value, keys[i].r))
+                return set_err(p, "%s: expected RATE/s|m|h [burst N] or off, got \"%s\"",
+                               name, value);
+            return 1;
+        }
+    if (strncmp(name, "class.", 6) != 0)
+        return set_err(p, "unknown key \"%s\" in [limits]%s", name, "");
+    if (rl_parse_class(name + 6, value, &cl))
+        return set_err(p, "%s: expected MSGID[,MSGID...] RATE/s|m|h [burst N] (a name "
+                       "of a-z0-9_), got \"%s\"", name, value);
+    for (i = 0; i < l->ncls && strcmp(l->cls[i].name, cl.name); i++)
+        ;
+    if (i == RL_CLASS_MAX)
+        return set_err(p, "%s: more than 8 classes%s", name, "");
+    l->cls[i] = cl;
+    if (i == l->ncls)
+        l->ncls++;
+    return 1;
+}
+
 /* inih handler.  inih (as Debian builds it) does not pass the line number,
  * so on_line() counts lines through a reader callback. */
 static int on_entry(void *user, const char *section, const char *name,
@@ -397,6 +431,8 @@ static int on_entry(void *user, const char *section, const char *name,
         ok = name ? on_redis(p, name, value) : 1;
     } else if (strcmp(section, "admin") == 0)
         ok = name ? on_admin(p, name, value) : 1;
+    else if (strcmp(section, "limits") == 0)
+        ok = name ? on_limits(p, name, value) : 1;
     else if (strncmp(section, "plugin.", 7) == 0 && section[7])
         ok = on_plugin_section(p, section + 7, name, value);
     else
@@ -434,7 +470,7 @@ static void check_header(struct parse_ctx *p, const char *s)
     else if (strncmp(name, "plugin.", 7) == 0 && name[7])
         get_section(p->c, name + 7);
     else if (strcmp(name, "server") && strcmp(name, "plugins") &&
-             strcmp(name, "admin")) {
+             strcmp(name, "admin") && strcmp(name, "limits")) {
         set_err(p, "unknown section [%s]%s", name, "");
         if (!p->err_line)
             p->err_line = p->line;
@@ -517,6 +553,7 @@ struct conf *conf_load(const char *path, char *err, size_t errlen)
     }
     p.c = c;
     set_defaults(c);
+    rl_conf_defaults(&c->limits);
     c->path = mem_strdup(path);
     slash = strrchr(path, '/');
     if (!slash)

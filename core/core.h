@@ -17,6 +17,7 @@
  *   metrics_ metrics.c the node's metrics, Prometheus text format
  *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
  *   defer_ defer.c     the one deferral queue: fn on a later loop turn
+ *   rl_    rlbucket.c  [limits] syntax and the token bucket arithmetic
  *   adm_   admin_http.c the admin listener's request parsing (http-parser)
  * 2 net, db and bus (they never call each other)
  *   net_   net.c       listener, sessions, buffered output, limits
@@ -24,6 +25,8 @@
  *   bus_   bus.c       Redis bus: node channel, presence, routing
  * 3 sessions, dispatch and the login ack
  *   sess_  session.c   login, logout, open/close, delivery outcomes, work
+ *   rl_    ratelimit.c token-bucket rate limits ([limits]), per session,
+ *                      user and address
  *   disp_  dispatch.c  frame -> cJSON -> msgid handler; protocol errors
  *   ack_   loginack.c  login acknowledgements assembled from plugin parts
  * 4 plug_  plugin.c    loading, versions, instances, reference counts, reload
@@ -167,7 +170,7 @@ enum metrics_close {
 };
 enum metrics_refuse {
     METRICS_REFUSE_MAX_CONN, METRICS_REFUSE_STOPPING, METRICS_REFUSE_PER_ADDR,
-    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_N
+    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_ADDR_RATE, METRICS_REFUSE_N
 };
 enum metrics_route {
     METRICS_ROUTE_LOCAL, METRICS_ROUTE_REMOTE, METRICS_ROUTE_STORED,
@@ -272,6 +275,68 @@ void metrics_metric_add(struct chat_metric *m, double v);
 void metrics_metric_set(struct chat_metric *m, double v);
 void metrics_metric_observe(struct chat_metric *m, double v);
 
+/* ---- rlbucket.c, ratelimit.c (types: struct conf holds them) -------- */
+/* A token bucket's setting: rate tokens a second (0: off), burst at most. */
+struct rl_rate {
+    double rate;
+    double burst;
+};
+#define RL_CLASS_MAX 8
+#define RL_CLASS_MSGIDS 16
+#define RL_NAME_MAX 32
+/* class.NAME = MSGID[,MSGID...] RATE: a per-session bucket for those msgids. */
+struct rl_class {
+    char name[RL_NAME_MAX];
+    int msgids[RL_CLASS_MSGIDS];
+    size_t nmsgids;
+    struct rl_rate r;
+};
+struct rl_conf {
+    struct rl_rate session_msgs, session_bytes, user_msgs;
+    struct rl_rate addr_conns, addr_regs, addr_fails;
+    struct rl_class cls[RL_CLASS_MAX];
+    size_t ncls;
+};
+struct rl_bucket {
+    double tokens;
+    uint64_t at;  /* uv_now() of the last refill; 0: never used (full) */
+};
+/* The defaults of every key (docs/operations.md). */
+void rl_conf_defaults(struct rl_conf *c);
+/* "RATE/UNIT [burst N]" (UNIT s, m or h; k and m suffixes: 1024, 1024^2;
+ * burst defaults to one second's worth, at least 1), or "off" / "0".
+ * 0, or -1 (out untouched in part). */
+int rl_parse_rate(const char *s, struct rl_rate *out);
+/* "MSGID[,MSGID...] RATE/UNIT [burst N]" for class name; 0 or -1. */
+int rl_parse_class(const char *name, const char *s, struct rl_class *out);
+/* Milliseconds until b holds cost tokens (capped at the burst), refilled to
+ * now (ms); 0 when it does now or the rate is off. */
+uint64_t rl_bucket_wait(struct rl_bucket *b, const struct rl_rate *r, uint64_t now,
+                        double cost);
+/* Take cost tokens (capped at the burst), going into debt if need be. */
+void rl_bucket_take(struct rl_bucket *b, const struct rl_rate *r, uint64_t now,
+                    double cost);
+int rl_bucket_full(struct rl_bucket *b, const struct rl_rate *r, uint64_t now);
+/* Refill b to now; milliseconds until b holds want tokens (already
+ * refilled; the rate must be on). */
+void rl_bucket_refill(struct rl_bucket *b, const struct rl_rate *r, uint64_t now);
+uint64_t rl_bucket_need(const struct rl_bucket *b, const struct rl_rate *r, double want);
+/* The above: rlbucket.c (leaf); what follows: ratelimit.c (sessions layer). */
+struct conf;
+/* Start (sweep timer, metrics collector) with c's [limits]; stop frees
+ * everything (shutdown).  apply_conf: a reload's [limits]. */
+void rl_start(uv_loop_t *loop, const struct conf *c);
+void rl_apply_conf(const struct conf *c);
+void rl_stop(void);
+/* Before the handler of a request of len bytes: 0 run it (a legacy session
+ * over a limit runs it and its reads pause); 1 refused (protocol 2: answered
+ * 125 with retry_after_ms). */
+int rl_check(struct chat_session *s, const struct chat_ack *ack, size_t len);
+/* A new connection from the address key (v6: an IPv6 /64): 1 over addr_conns. */
+int rl_conn(int v6, int64_t key);
+/* A failed login from s's address (host table, ABI 1.7). */
+void rl_login_failed(struct chat_session *s);
+
 /* ---- conf.c ----------------------------------------------------------- */
 struct conf_kv {
     char *key;
@@ -339,6 +404,8 @@ struct conf {
     char *admin_host;
     int admin_port;
     char *admin_token;
+    /* [limits] (ratelimit.c) */
+    struct rl_conf limits;
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;
@@ -443,11 +510,15 @@ typedef void (*net_error_fn)(struct chat_session *s, int errno_, const char *err
 typedef void (*net_session_fn)(struct chat_session *s);
 typedef void (*net_closing_fn)(struct chat_session *s, int errno_, const char *why,
                                int graceful);
+/* - admit: a new connection from the address (v6, key: as net counts them)
+ *   is over a rate and is refused when this returns non-zero (rl_conn). */
+typedef int (*net_admit_fn)(int v6, int64_t key);
 void net_on_unsent(net_unsent_fn cb);
 void net_on_frame(net_frame_fn cb);
 void net_on_error(net_error_fn cb);
 void net_on_open(net_session_fn cb);
 void net_on_closing(net_closing_fn cb);
+void net_on_admit(net_admit_fn cb);
 /* Only from the closing callback: queue json + '\n' after the deliveries
  * held for a pending login ack, on a session already closing (its last
  * words).  CHAT_ERR_NOMEM. */
@@ -488,6 +559,12 @@ uint64_t net_session_connected_at(const struct chat_session *s);
 /* Walk the sessions not closing, newest first: net_session_next(NULL) is
  * the first.  Closing a session while walking: take its successor first. */
 struct chat_session *net_session_next(const struct chat_session *s);
+/* Rate limits (ratelimit.c): stop (pause 1) or restart reading from s;
+ * 0, or -1 when s is closing or reading cannot start (then it closes). */
+int net_read_pause(struct chat_session *s, int pause);
+/* The key s's address is counted under (IPv4 whole, *v6 set for an IPv6
+ * /64): 0, or -1 when it is not counted (trusted, or unknown). */
+int net_session_addr_key(const struct chat_session *s, int *v6, int64_t *key);
 /* Test seam (fuzzer, unit tests): a session without a socket whose output
  * is dropped; net_test_feed() runs bytes through framing and dispatch. */
 struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame);
@@ -787,6 +864,13 @@ int bus_broadcast(const char *plugin, const char *data, size_t len);
 void bus_on_core(void (*cb)(const char *data, size_t len));
 /* Redis is configured ([redis] present). */
 int bus_configured(void);
+/* Rate limits (ratelimit.c): a user's bucket between nodes, as the wall
+ * time (ms) at which it is full again.  set: SET with an expiry of px ms,
+ * fire and forget.  get: cb(uid, full_at, ud) later when the key exists
+ * (never when Redis is down or the key is absent; never inside the call). */
+void bus_rl_user_set(int64_t uid, int64_t full_at, int64_t px);
+void bus_rl_user_get(int64_t uid, void (*cb)(int64_t uid, int64_t full_at, void *ud),
+                     void *ud);
 
 /* ---- host.c ----------------------------------------------------------- */
 /* The table handed to plugins: pointers into the layers below, nothing
@@ -798,8 +882,9 @@ extern const struct chat_host host_table;
  * bus, dispatch, the login ack, the sessions layer, the plugin registry)
  * and start the deferral queue on loop.  Call first, before any *_start. */
 void wire_core(uv_loop_t *loop);
-/* A config's live settings, applied to net, the login ack and dispatch
- * (after a reload; at start net_start applies net's). */
+/* A config's live settings, applied to net, the rate limits, the login ack
+ * and dispatch (after a reload; at start net_start and rl_start apply
+ * theirs). */
 void wire_apply_conf(const struct conf *c);
 
 /* ---- admin.c ---------------------------------------------------------- */

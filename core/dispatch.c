@@ -341,6 +341,8 @@ void disp_frame(struct chat_session *s, const char *buf, size_t len)
     }
     ack.msgid = (int)v;
     metrics_loop.frames[metrics_msgid_slot(ack.msgid)]++;
+    if (rl_check(s, &ack, len)) /* [limits]: answered 125, not executed */
+        goto out;
     if (!find_handler || !(h = find_handler(ack.msgid))) {
         disp_error(s, &ack, CHAT_E_UNKNOWN_MSGID, "unknown msgid");
         goto out;

@@ -236,4 +236,6 @@ const struct chat_host host_table = {
     .metric_add = metrics_metric_add,
     .metric_set = metrics_metric_set,
     .metric_observe = metrics_metric_observe,
+    /* ABI 1.7 (abuse limits) */
+    .login_failed = rl_login_failed,
 };

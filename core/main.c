@@ -76,6 +76,7 @@ static void on_stop_tick(uv_timer_t *t)
                  plug_live());
         db_stop();
         metrics_stop();
+        rl_stop();
         defer_stop();
         uv_close((uv_handle_t *)&stop_timer, NULL);
         uv_close((uv_handle_t *)&sig_hup, NULL);
@@ -167,6 +168,7 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_init(loop, &sig_usr1);
     uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
+    rl_start(loop, c);
     /* the admin endpoint first: once "listening on" is logged, both are up */
     if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)
         return 1;

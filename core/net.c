@@ -155,6 +155,7 @@ static struct {
     net_error_fn error_cb;   /* a framing error to report (dispatch) */
     net_session_fn open_cb;  /* a session accepted */
     net_closing_fn closing_cb; /* a session begins to close */
+    net_admit_fn admit_cb;   /* a new connection over a rate: refused */
     uv_timer_t idle_timer;
     uv_timer_t pace_timer;
     struct chat_session *pace_head, *pace_tail; /* in pace_until order */
@@ -1172,6 +1173,14 @@ static int admit_addr(struct chat_session *s)
                net.max_unauth_per_addr);
         return -1;
     }
+    if (net.admit_cb && net.admit_cb(na->v6, na->key)) { /* [limits] addr_conns */
+        if (na->total == 0) {
+            map_del(na->v6 ? &net.addr6 : &net.addr4, na->key);
+            mem_free(na);
+        }
+        refuse(s, METRICS_REFUSE_ADDR_RATE, "[limits] addr_conns", 0);
+        return -1;
+    }
     s->addr = na;
     na->total++;
     na->unauth++;
@@ -1315,6 +1324,7 @@ void net_on_frame(net_frame_fn cb) { net.frame_cb = cb; }
 void net_on_error(net_error_fn cb) { net.error_cb = cb; }
 void net_on_open(net_session_fn cb) { net.open_cb = cb; }
 void net_on_closing(net_closing_fn cb) { net.closing_cb = cb; }
+void net_on_admit(net_admit_fn cb) { net.admit_cb = cb; }
 
 void net_apply_conf(const struct conf *c)
 {
@@ -1596,4 +1606,36 @@ void net_session_unbind(struct chat_session *s)
     s->name_len = 0;
     addr_set_unauth(s, 1);
     idle_refresh(s); /* logged out: the login deadline runs again */
+}
+
+/* ---- rate limits (ratelimit.c) ---------------------------------------- */
+/* Kept apart from the read path above: ratelimit.c stops a session's reads
+ * while it is over a limit (its TCP window closes) and starts them again.
+ * The request clock of a frame under way does not run while the server
+ * holds the client: each call restamps it (ratelimit.c calls pause again
+ * every second while a session waits). */
+
+int net_read_pause(struct chat_session *s, int pause)
+{
+    if (s->closing || s->sink)
+        return -1;
+    if (tl_linked(&net.reqs, &s->req))
+        tl_push(&net.reqs, &s->req);
+    if (pause)
+        return uv_read_stop((uv_stream_t *)&s->tcp) ? -1 : 0;
+    if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
+        close_why(s, METRICS_CLOSE_ERROR);
+        begin_close(s, 0, NULL, 0);
+        return -1;
+    }
+    return 0;
+}
+
+int net_session_addr_key(const struct chat_session *s, int *v6, int64_t *key)
+{
+    if (!s->addr)
+        return -1;
+    *v6 = s->addr->v6;
+    *key = s->addr->key;
+    return 0;
 }

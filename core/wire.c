@@ -45,6 +45,7 @@ void wire_core(uv_loop_t *loop)
     net_on_error(sess_proto_error);
     net_on_open(sess_open);
     net_on_closing(sess_closing);
+    net_on_admit(rl_conn);
     db_on_ref(plug_ref, plug_unref);
     bus_on(&bus_calls);
     disp_on_handlers(plug_handler, plug_run_handler);
@@ -56,6 +57,7 @@ void wire_core(uv_loop_t *loop)
 void wire_apply_conf(const struct conf *c)
 {
     net_apply_conf(c);
+    rl_apply_conf(c);
     ack_configure(c);
     disp_configure((size_t)c->max_members);
 }

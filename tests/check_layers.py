@@ -27,11 +27,13 @@ LAYERS = [
     ("leaf utilities", False, {
         "alloc": "mem_", "log": "log_", "map": "map_", "frame": "frame_",
         "jsonstr": "json_", "conf": "conf_", "metrics": "metrics_",
-        "sdnotify": "sdn_", "defer": "defer_", "admin_http": "adm_"}),
+        "sdnotify": "sdn_", "defer": "defer_", "admin_http": "adm_",
+        "rlbucket": "rl_"}),
     ("net, db and bus", True, {
         "net": "net_", "db": "db_", "migrate": "db_", "bus": "bus_"}),
     ("sessions, dispatch and the login ack", False, {
-        "session": "sess_", "dispatch": "disp_", "loginack": "ack_"}),
+        "session": "sess_", "dispatch": "disp_", "loginack": "ack_",
+        "ratelimit": "rl_"}),
     ("the plugin registry", False, {"plugin": "plug_"}),
     ("the host table", False, {"host": "host_"}),
     ("main, its wiring and the admin listener", False, {

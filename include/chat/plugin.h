@@ -166,7 +166,12 @@ enum chat_proto_errno {
     CHAT_E_IDLE = 117,         /* (notice) idle timeout */
     CHAT_E_SHUTDOWN = 118,     /* (notice) server is stopping */
     CHAT_E_DRAINING = 119,     /* (notice) node draining: reconnect elsewhere */
-    CHAT_E_KICKED = 120        /* (notice) closed by an operator */
+    CHAT_E_KICKED = 120,       /* (notice) closed by an operator */
+    /* abuse limits (issue 12; see docs/protocol.md) */
+    CHAT_E_RATE_LIMITED = 125, /* over a rate limit: not executed; the reply
+                                * carries retry_after_ms */
+    CHAT_E_QUOTA = 126         /* a stored quota is full (undelivered
+                                * messages, friends): not executed */
 };
 
 /* Protocol version of a session. A session starts as LEGACY and switches to 2
@@ -638,6 +643,14 @@ struct chat_host {
     void (*metric_add)(struct chat_metric *m, double v);
     void (*metric_set)(struct chat_metric *m, double v);
     void (*metric_observe)(struct chat_metric *m, double v);
+
+    /* ===== ABI 1.7 (abuse limits, issue 12; renumbered at merge) ===== */
+
+    /* A login from session s failed for a wrong id or password: counted
+     * against s's client address ([limits] addr_login_failures); when that
+     * bucket is empty the address's next logins get errno 125 (legacy: its
+     * reads pause).  Nothing happens for a trusted address.  Loop thread. */
+    void (*login_failed)(struct chat_session *s);
 };
 
 #define CHAT_HANDLER_RAW 0x1u
