@@ -233,7 +233,7 @@ static void test_registry(void)
              "[plugins]\ndir = %s/v1\nenabled = echo\n", FIXTURES);
     c = conf_load(write_conf("reg.conf", text), err, sizeof err);
     CU_ASSERT_PTR_NOT_NULL_FATAL(c);
-    host_init(uv_default_loop());
+    wire_core(uv_default_loop());
     CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
     h = plug_handler(1000);
     CU_ASSERT_PTR_NOT_NULL_FATAL(h);
@@ -285,7 +285,7 @@ static void test_metrics_wiring(void)
     CU_ASSERT_PTR_NOT_NULL_FATAL(t);
     loads0 = prom_sample(t, loads); /* the registry test loaded echo before */
     mem_free(t);
-    host_init(uv_default_loop());
+    wire_core(uv_default_loop());
     CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
     s = net_test_session(uv_default_loop(), 65536);
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
