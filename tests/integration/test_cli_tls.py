@@ -13,7 +13,9 @@ written to the node's TCP port, each line the node writes is sent back as
 one text message.  The relay pings every 0.2 s and closes a client that
 does not answer within 1 s, so a chat that outlives that proves chat-cli
 answers pings.  It runs as ws:// and as wss:// (with the same certificate),
-records the Origin header, and answers 404 off its path.
+records the Origin header, and answers 404 off its path.  Behind nginx's
+WebSocket proxy (the template's http server) it shows that the Upgrade, the
+frames and the pings pass nginx.
 
 Skipped only when nginx with its stream module or python3-websockets is not
 installed (contrib/deps.sh installs both).
@@ -277,6 +279,19 @@ class CliWebSocket(ChatOver):
         c = self.cli("ws-404", "ws://127.0.0.1:%d/nope" % r.port, connected=False, timeout=1)
         ev = c.expect("connect-failed")
         self.assertIn("HTTP 404", ev["reason"])
+
+    @unittest.skipIf(NGINX is None, LOAD_MODULE)
+    def test_through_nginx(self):
+        """nginx's WebSocket proxy (the template's http server) in front of
+        the relay: the Upgrade passes, and pings and frames flow through."""
+        r = self.relay()
+        ngx = Nginx(free_port(), [self.node.port], ws_ports=[r.port])
+        self.addCleanup(ngx.stop)
+        c = self.cli("ws-nginx", "ws://127.0.0.1:%d/chat" % ngx.ws_port,
+                     ["--origin", "https://chat.example"])
+        self.chat_with_tcp(c, "ws-nginx", linger=1.5)
+        self.assertIn("https://chat.example", r.origins)
+        self.assertIn("GET /chat HTTP/1.1\" 101", ngx.log("http.log"))
 
     def test_bad_urls(self):
         for url, why in (("http://127.0.0.1:1", b"unknown scheme"),
