@@ -70,7 +70,12 @@ static void usage(FILE *f)
 "  login   L connections doing LOGINOUT+LOGIN (with --resume: reconnect and\n"
 "          log in with a protocol-2 resume token)\n"
 "options:\n"
-"  -t, --target HOST:PORT  server (repeat for several; users round-robin)\n"
+"  -t, --target URL       server (repeat for several; users round-robin):\n"
+"                          HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT,\n"
+"                          ws://HOST:PORT/PATH or wss://HOST:PORT/PATH\n"
+"                          (numeric addresses or localhost)\n"
+"      --ca FILE           tls/wss: check the server's certificate against\n"
+"                          the CAs in FILE (default: not checked)\n"
 "  -P, --pairs N           pairs (50)          -W, --window N  in flight (8)\n"
 "  -G, --group-size N      members (50)        -S, --senders N  senders (5)\n"
 "  -K, --conns N           connections (1000)  -L, --logins N  storm conns (50)\n"
@@ -91,14 +96,45 @@ static void usage(FILE *f)
 "  -q, --quiet             no progress lines\n");
 }
 
-static void parse_target(const char *s)
+/* Strip the scheme and the path of a target URL into t; the HOST:PORT part
+ * is copied to hp. */
+static void parse_scheme(const char *url, struct bn_target *t, char *hp, size_t hpsz)
+{
+    static const struct { const char *p; enum bt_scheme s; } sc[] = {
+        {"tcp://", BT_TCP}, {"tls://", BT_TLS}, {"ws://", BT_WS}, {"wss://", BT_WSS},
+    };
+    const char *s = url;
+    memset(t, 0, sizeof *t);
+    for (size_t i = 0; i < sizeof sc / sizeof sc[0]; i++)
+        if (!strncmp(url, sc[i].p, strlen(sc[i].p))) {
+            t->scheme = sc[i].s;
+            s = url + strlen(sc[i].p);
+        }
+    if (s == url && strstr(url, "://"))
+        bx_die("bad target '%s' (tcp, tls, ws or wss)", url);
+    size_t n = strcspn(s, "/");
+    if (s[n] && t->scheme != BT_WS && t->scheme != BT_WSS)
+        bx_die("bad target '%s' (a path is only for ws:// and wss://)", url);
+    if (n >= hpsz || n >= sizeof t->hostport)
+        bx_die("bad target '%s' (too long)", url);
+    memcpy(hp, s, n);
+    hp[n] = '\0';
+    memcpy(t->hostport, s, n + 1);
+    snprintf(t->path, sizeof t->path, "%s", s[n] ? s + n : "/");
+}
+
+static void parse_target(const char *url)
 {
     if (bench.ntargets == BENCH_MAX_TARGETS)
         bx_die("at most %d targets", BENCH_MAX_TARGETS);
+    struct bn_target *t = &bench.target_xp[bench.ntargets];
+    char hp[80];
+    parse_scheme(url, t, hp, sizeof hp);
+    const char *s = hp;
     char host[64];
     const char *colon = strrchr(s, ':');
     if (!colon || colon == s || (size_t)(colon - s) >= sizeof host)
-        bx_die("bad target '%s' (HOST:PORT)", s);
+        bx_die("bad target '%s' (HOST:PORT)", url);
     memcpy(host, s, (size_t)(colon - s));
     host[colon - s] = '\0';
     int port = atoi(colon + 1);
@@ -118,7 +154,8 @@ static void parse_target(const char *s)
     }
     if (r < 0)
         bx_die("bad address in '%s' (numeric IP expected)", s);
-    snprintf(bench.target_str[bench.ntargets], sizeof bench.target_str[0], "%s", s);
+    snprintf(t->host, sizeof t->host, "%s", host[0] == '[' ? host + 1 : host);
+    snprintf(bench.target_str[bench.ntargets], sizeof bench.target_str[0], "%s", url);
     bench.ntargets++;
 }
 
@@ -144,7 +181,7 @@ static double sec_arg(const char *opt, const char *v)
 static void parse_args(int argc, char **argv)
 {
     enum { O_RESUME = 256, O_SIZE, O_WARMUP, O_DURATION, O_DRAIN, O_PROCS,
-           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE };
+           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE, O_CA };
     static const struct option opts[] = {
         {"target", required_argument, NULL, 't'},
         {"pairs", required_argument, NULL, 'P'},
@@ -167,6 +204,7 @@ static void parse_args(int argc, char **argv)
         {"prefix", required_argument, NULL, O_PREFIX},
         {"password", required_argument, NULL, O_PASS},
         {"src-ips", required_argument, NULL, O_SRC},
+        {"ca", required_argument, NULL, O_CA},
         {"quiet", no_argument, NULL, 'q'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -215,6 +253,7 @@ static void parse_args(int argc, char **argv)
         case O_PREFIX: bench.prefix = optarg; break;
         case O_PASS: bench.password = optarg; break;
         case O_SRC: bench.src_ips = (int)num_arg("--src-ips", optarg, 1, 254); break;
+        case O_CA: bench.ca_file = optarg; break;
         case 'q': bench.quiet = 1; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(2);

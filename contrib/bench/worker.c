@@ -536,7 +536,8 @@ static void conn_start(struct wconn *wc)
         W.pending++;
     }
     int r = bn_connect(&W.net, &wc->c,
-                       (const struct sockaddr *)&bench.targets[bm_target_of(wc->slot)]);
+                       (const struct sockaddr *)&bench.targets[bm_target_of(wc->slot)],
+                       &bench.target_xp[bm_target_of(wc->slot)]);
     if (r < 0)
         conn_dead(wc, "connect", r);
 }
