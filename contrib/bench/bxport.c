@@ -13,8 +13,10 @@
  *   - TLS has no buffers of its own here: OpenSSL's BIO is a custom one
  *     whose read side reads the loop's shared read buffer in place and
  *     whose write side appends to the connection's output buffer, and
- *     SSL_MODE_RELEASE_BUFFERS gives OpenSSL's record buffers back while a
- *     connection is idle.  What stays is the SSL object.
+ *     OpenSSL's record buffers are given back after every read and write
+ *     (SSL_MODE_RELEASE_BUFFERS, and SSL_free_buffers for the read buffer
+ *     the last SSL_read allocates before it finds nothing to read).  What
+ *     stays is the SSL object and its session.
  *   - WebSocket keeps a partial frame, if any, in bn_conn.in (like a
  *     partial line on tcp) and a fragmented message, if any, in a buffer
  *     freed once the message is complete.
@@ -406,6 +408,7 @@ static void tls_step(struct bn_conn *c)
     int r = SSL_do_handshake(x->ssl);
 
     if (r == 1) {
+        SSL_free_buffers(x->ssl);
         lower_ready(c);
         return;
     }
@@ -479,7 +482,12 @@ void bt_input(struct bn_conn *c, const char *p, size_t n)
     if (r != SSL_ERROR_WANT_READ) {
         ERR_clear_error();
         bn_fail(c, r == SSL_ERROR_ZERO_RETURN ? UV_EOF : UV_EPROTO);
+        return;
     }
+    /* The SSL_read that found nothing more allocated a fresh 16 KiB record
+     * buffer first; RELEASE_BUFFERS does not see that one.  Unless it holds
+     * part of a record, give it back now. */
+    SSL_free_buffers(x->ssl);
 }
 
 /* Move the ready requests from app into c->out as wire bytes. */
@@ -506,11 +514,14 @@ int bt_encode(struct bn_conn *c)
         x->app.len = 0;
         if (x->ssl && SSL_write(x->ssl, scratch.p, (int)scratch.len) <= 0)
             return -1;
+        if (x->ssl)
+            SSL_free_buffers(x->ssl);
         return 0;
     }
     if (SSL_write(x->ssl, x->app.p, (int)x->app.len) <= 0)
         return -1;
     x->app.len = 0;
+    SSL_free_buffers(x->ssl);
     return 0;
 }
 
