@@ -137,13 +137,15 @@ STARTED_REDIS=1
 
 # ---- node configs ---------------------------------------------------------------
 # node_conf N LISTEN ADMIN_PORT: etc/chat.conf with this cluster's values;
-# absolute paths, since the generated file does not live next to etc/.  nginx
+# absolute paths, since the generated file does not live next to etc/ ([tls]
+# points at this cluster's certificate, should etc/chat.conf have that
+# section: the nodes have no tls:// listener, nginx ends TLS).  nginx
 # reaches the nodes from 127.0.0.1, so that address is trusted: exempt from
 # the caps on connections per client address, which would otherwise apply to
 # nginx.
 node_conf() {
     awk -v listen="$2" -v node="node$1" -v admin="127.0.0.1:$3" \
-        -v token="$ADMIN_TOKEN" \
+        -v token="$ADMIN_TOKEN" -v tlsdir="$DIR/tls" \
         -v plugdir="$BUILD/plugins" -v mig="$ROOT/sql" \
         -v mport="$MYSQL_PORT" -v rport="$REDIS_PORT" -v db="$DB_NAME" '
         function set(v) { sub(/=.*/, "= " v) }
@@ -161,6 +163,8 @@ node_conf() {
         sec == "[redis]"   && /^port[ \t]*=/        { set(rport) }
         sec == "[admin]"   && /^listen[ \t]*=/      { set(admin) }
         sec == "[admin]"   && /^token[ \t]*=/       { set(token) }
+        sec == "[tls]"     && /^cert[ \t]*=/        { set(tlsdir "/cert.pem") }
+        sec == "[tls]"     && /^key[ \t]*=/         { set(tlsdir "/key.pem") }
         { print }
     ' "$ROOT/etc/chat.conf"
 }
