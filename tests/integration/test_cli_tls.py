@@ -17,6 +17,8 @@ records the Origin header, and answers 404 off its path.  Behind nginx's
 WebSocket proxy (the template's http server) it shows that the Upgrade, the
 frames and the pings pass nginx.
 
+A server that accepts and never speaks is given up after the reply timeout.
+
 Skipped only when nginx with its stream module or python3-websockets is not
 installed (contrib/deps.sh installs both).
 """
@@ -301,6 +303,28 @@ class CliWebSocket(ChatOver):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
             self.assertEqual(r.returncode, 2, url)
             self.assertIn(why, r.stderr, url)
+
+
+class CliHandshake(unittest.TestCase):
+    """A server that accepts and never answers the TLS or WebSocket
+    handshake: chat-cli gives up after its reply timeout and retries."""
+
+    def test_silent_server(self):
+        clidrv.cli_or_skip(self)
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)  # the kernel accepts; nobody ever speaks
+        self.addCleanup(lsock.close)
+        port = lsock.getsockname()[1]
+        for url, why in (("tls://127.0.0.1:%d" % port, "the TLS handshake timed out"),
+                         ("ws://127.0.0.1:%d/chat" % port, "the handshake timed out")):
+            c = clidrv.Cli(port, name="silent", url=url, args=["--insecure"], reply_timeout=1)
+            self.addCleanup(c.stop)
+            t0 = time.monotonic()
+            ev = c.expect("connect-failed", timeout=10)
+            self.assertEqual(ev["reason"], why)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.9)
+            c.stop()
 
 
 if __name__ == "__main__":
