@@ -18,6 +18,7 @@ WebSocket proxy (the template's http server) it shows that the Upgrade, the
 frames and the pings pass nginx.
 
 A server that accepts and never speaks is given up after the reply timeout.
+chat-bench runs a short pairs load over each of the four schemes.
 
 Skipped only when nginx with its stream module or python3-websockets is not
 installed (contrib/deps.sh installs both).
@@ -303,6 +304,50 @@ class CliWebSocket(ChatOver):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
             self.assertEqual(r.returncode, 2, url)
             self.assertIn(why, r.stderr, url)
+
+
+BENCH = os.path.join(os.path.dirname(harness.CHATD), "chat-bench")
+
+
+@unittest.skipIf(NGINX is None or websockets is None, "needs nginx's stream module and python3-websockets")
+class BenchSchemes(ChatOver):
+    """chat-bench pairs over each scheme: everything sent arrives once."""
+
+    def bench(self, target, *args):
+        r = subprocess.run([BENCH, "pairs", "-t", target, "-P", "2", "-W", "2", "--warmup", "0.5",
+                            "--duration", "1", "--drain", "5", "--ids", self.ids, "-q"] + list(args),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        out = r.stdout.decode()
+        self.assertEqual(r.returncode, 0, "%s\n%s" % (out, r.stderr.decode()))
+        kv = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        self.assertGreater(int(kv["received"]), 0, out)
+        for k in ("lost", "dup", "corrupt", "errors"):
+            self.assertEqual(kv[k], "0", "%s: %s" % (k, out))
+        return kv
+
+    def test_every_scheme(self):
+        if not os.access(BENCH, os.X_OK):
+            self.fail("chat-bench not built at %s" % BENCH)
+        self.ids = os.path.join(tempfile.mkdtemp(prefix="chat-bench-ids-"), "ids.txt")
+        self.bench("127.0.0.1:%d" % self.node.port)           # registers the users
+        ngx = Nginx(free_port(), [self.node.port])
+        self.addCleanup(ngx.stop)
+        self.bench("tls://127.0.0.1:%d" % ngx.tls_port, "--ca", ngx.cert)
+        self.bench("tls://localhost:%d" % ngx.tls_port)        # unchecked without --ca
+        ws = Relay(self.node.port)
+        self.addCleanup(ws.stop)
+        self.bench("ws://127.0.0.1:%d/chat" % ws.port)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(ngx.cert, os.path.join(os.path.dirname(ngx.cert), "key.pem"))
+        wss = Relay(self.node.port, ctx)
+        self.addCleanup(wss.stop)
+        self.bench("wss://localhost:%d/chat" % wss.port, "--ca", ngx.cert)
+        # a wrong CA: the handshake fails and says why
+        r = subprocess.run([BENCH, "pairs", "-t", "tls://127.0.0.1:%d" % ngx.tls_port, "--ca", other_ca(),
+                            "-P", "2", "--warmup", "0", "--duration", "1", "--ids", self.ids, "-q"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn(b"certificate", r.stderr)
 
 
 class CliHandshake(unittest.TestCase):
