@@ -53,6 +53,8 @@ struct xp {
     wslay_event_context_ptr ws;
     http_parser hp;
     int hdr;                  /* H_*: the header whose value comes next */
+    int in_value;             /* http-parser's last callback was a value */
+    struct sbuf name;         /* the header name being read */
     int hdrs_done, ws_up;
     char key[32];             /* Sec-WebSocket-Key we sent */
     struct sbuf upgrade, accept;
@@ -209,27 +211,36 @@ static void ws_request(struct cli_conn *k)
     sb_free(&b);
 }
 
+/* http-parser may hand a name or a value over in pieces (when a read
+ * splits it): a name is complete once its value starts. */
 static int on_hfield(http_parser *hp, const char *at, size_t n)
 {
     struct xp *x = hp->data;
 
-    /* http-parser calls this once per header unless a read splits the
-     * name, which the 20-odd bytes of a response's names make unlikely;
-     * a split name is then simply not recognised and the check fails */
-    if (n == 7 && !strncasecmp(at, "upgrade", 7))
-        x->hdr = H_UPGRADE;
-    else if (n == 20 && !strncasecmp(at, "sec-websocket-accept", 20))
-        x->hdr = H_ACCEPT;
-    else
-        x->hdr = H_NONE;
+    if (x->in_value || !x->name.data) {
+        x->in_value = 0;
+        x->name.len = 0;
+        if (x->name.data)
+            x->name.data[0] = '\0';
+    }
+    if (x->name.len + n < HDR_MAX)
+        sb_add(&x->name, at, n);
     return 0;
 }
 
 static int on_hvalue(http_parser *hp, const char *at, size_t n)
 {
     struct xp *x = hp->data;
-    struct sbuf *b = x->hdr == H_UPGRADE ? &x->upgrade
-                   : x->hdr == H_ACCEPT ? &x->accept : NULL;
+    struct sbuf *b;
+
+    if (!x->in_value) {
+        const char *name = x->name.data ? x->name.data : "";
+
+        x->in_value = 1;
+        x->hdr = !strcasecmp(name, "upgrade") ? H_UPGRADE
+               : !strcasecmp(name, "sec-websocket-accept") ? H_ACCEPT : H_NONE;
+    }
+    b = x->hdr == H_UPGRADE ? &x->upgrade : x->hdr == H_ACCEPT ? &x->accept : NULL;
 
     if (b && b->len + n < HDR_MAX)
         sb_add(b, at, n);
@@ -532,6 +543,7 @@ void xp_free(struct cli_conn *k)
     SSL_free(x->ssl);
     sb_free(&x->upgrade);
     sb_free(&x->accept);
+    sb_free(&x->name);
     free(x);
     k->xp = NULL;
 }

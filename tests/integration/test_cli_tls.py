@@ -25,6 +25,8 @@ installed (contrib/deps.sh installs both).
 """
 
 import asyncio
+import base64
+import hashlib
 import http
 import os
 import socket
@@ -351,8 +353,42 @@ class BenchSchemes(ChatOver):
 
 
 class CliHandshake(unittest.TestCase):
-    """A server that accepts and never answers the TLS or WebSocket
-    handshake: chat-cli gives up after its reply timeout and retries."""
+    """Handshakes from hand-made servers: one that never answers (chat-cli
+    gives up after its reply timeout and retries), one that sends the
+    upgrade response a byte at a time."""
+
+    def test_upgrade_in_pieces(self):
+        clidrv.cli_or_skip(self)
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        self.addCleanup(lsock.close)
+
+        def serve():
+            s, _ = lsock.accept()
+            with s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                req = b""
+                while b"\r\n\r\n" not in req:
+                    req += s.recv(4096)
+                key = [l.split(b":", 1)[1].strip() for l in req.split(b"\r\n")
+                       if l.lower().startswith(b"sec-websocket-key:")][0]
+                acc = base64.b64encode(hashlib.sha1(
+                    key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + acc + b"\r\n\r\n")
+                msg = b'{"msgid":12,"errno":0,"errmsg":"in pieces"}'
+                frame = bytes([0x81, len(msg)]) + msg
+                for i in range(len(resp + frame)):
+                    s.sendall((resp + frame)[i:i + 1])
+                    time.sleep(0.002)
+                s.recv(1)  # until chat-cli goes
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        c = clidrv.Cli(0, name="pieces", url="ws://127.0.0.1:%d/chat" % lsock.getsockname()[1])
+        self.addCleanup(c.stop)
+        c.expect("connected")
+        self.assertEqual(c.expect("notice")["errmsg"], "in pieces")
 
     def test_silent_server(self):
         clidrv.cli_or_skip(self)
