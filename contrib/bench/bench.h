@@ -71,6 +71,7 @@ struct bench_conf {
     int conns;          /* -K */
     int login_conns;    /* -L */
     int resume;         /* --resume: protocol-2 logins with resume tokens */
+    int handshakes;     /* --handshakes: login storm of bare reconnects */
     int payload;        /* --size: payload bytes in each message */
     double rate;        /* --rate: messages/s offered in total; 0 = closed loop */
     double warmup_s;    /* --warmup */

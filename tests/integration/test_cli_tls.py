@@ -344,6 +344,17 @@ class BenchSchemes(ChatOver):
         wss = Relay(self.node.port, ctx)
         self.addCleanup(wss.stop)
         self.bench("wss://localhost:%d/chat" % wss.port, "--ca", ngx.cert)
+        # the handshake storm: new TLS connections, no logins
+        r = subprocess.run([BENCH, "login", "--handshakes", "-L", "2", "-t",
+                            "tls://127.0.0.1:%d" % ngx.tls_port, "--ca", ngx.cert,
+                            "--warmup", "0.5", "--duration", "1", "--ids", self.ids, "-q"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        out = r.stdout.decode()
+        self.assertEqual(r.returncode, 0, "%s\n%s" % (out, r.stderr.decode()))
+        kv = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        self.assertEqual(kv["scenario"], "login-handshakes", out)
+        self.assertGreater(int(kv["count"]), 0, out)
+        self.assertEqual(kv["errors"], "0", out)
         # a wrong CA: the handshake fails and says why
         r = subprocess.run([BENCH, "pairs", "-t", "tls://127.0.0.1:%d" % ngx.tls_port, "--ca", other_ca(),
                             "-P", "2", "--warmup", "0", "--duration", "1", "--ids", self.ids, "-q"],
