@@ -41,6 +41,7 @@
 #                 not take them (chatd -t)
 # and, not in the default set:
 #   tls-conns     conns K=BENCH_CONNS idle over tls: RSS per TLS connection
+#   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -351,6 +352,13 @@ for ((run = 1; run <= RUNS; run++)); do
             esac
             bench "$s" "$run" pairs "${target[@]}" -P 50 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-handshakes)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no tls listener in this chatd)"
+                continue
+            fi
+            bench "$s" "$run" login --handshakes "${XTLS[@]}" -L 50 --procs "$PROCS" \
+                --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
         tls-conns)
             if ((!XP)); then
                 echo "  $s #$run: skipped (no tls listener in this chatd)"
@@ -436,7 +444,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:
