@@ -34,7 +34,14 @@
 #                 itself, so any second load "degrades" it whatever the server
 #                 does; at a fixed rate p99 shows the loop's responsiveness
 #   pairs-rstorm  the same during a reconnect storm with resume tokens
+#   tls-pairs, ws-pairs, wss-pairs
+#                 pairs P=50 W=8 against chatd's own tls://, ws:// and wss://
+#                 listeners (certificate: contrib/stack/tls-cert.sh in
+#                 BENCH_DIR/tls); skipped, with a note, when this chatd does
+#                 not take them (chatd -t)
 # and, not in the default set:
+#   tls-conns     conns K=BENCH_CONNS idle over tls: RSS per TLS connection
+#   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -79,7 +86,7 @@ PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
 LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
-SET=${BENCH_SET:-relay-pairs pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
+SET=${BENCH_SET:-relay-pairs pairs tls-pairs ws-pairs wss-pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
 read -r -a PERF_ARGS <<<"${BENCH_PERF_ARGS:--F 499 -g}"
@@ -158,11 +165,17 @@ bash contrib/stack/mariadb.sh createdb "$DIR/mysql" chat_bench
 
 CHATD_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
+TLS_PORT=$(free_port)
+WS_PORT=$(free_port)
+WSS_PORT=$(free_port)
+bash contrib/stack/tls-cert.sh "$DIR/tls" >/dev/null
 CONF=$DIR/chat.conf
+# write_conf LISTEN [TLS]: the config, with a [tls] section when TLS is 1
+write_conf() {
 cat >"$CONF" <<EOF
 ; written by contrib/bench/run-bench.sh
 [server]
-listen = 127.0.0.1:$CHATD_PORT
+listen = $1
 log_level = warn
 max_connections = 19800
 trusted = 127.0.0.0/8
@@ -226,6 +239,19 @@ groups_per_user_max = 200
 [plugin.offline]
 max_per_login = 1000
 EOF
+if [[ "${2:-0}" == 1 ]]; then
+    printf '\n[tls]\ncert = %s\nkey = %s\n' "$DIR/tls/cert.pem" "$DIR/tls/key.pem" >>"$CONF"
+fi
+}
+
+# tls, ws and wss beside tcp when this chatd has them; tcp alone otherwise
+XP=1
+write_conf "tcp://127.0.0.1:$CHATD_PORT, tls://127.0.0.1:$TLS_PORT, ws://127.0.0.1:$WS_PORT/chat, wss://127.0.0.1:$WSS_PORT/chat" 1
+if ! "$BUILD/chatd" -t -c "$CONF" >"$LOG/check.log" 2>&1; then
+    XP=0
+    echo "run-bench.sh: this chatd has no tls/ws/wss listeners ($(tail -n 1 "$LOG/check.log")): those scenarios are skipped"
+    write_conf "127.0.0.1:$CHATD_PORT"
+fi
 
 "$BUILD/chatd" --migrate -c "$CONF" >"$LOG/migrate.log" 2>&1 ||
     { cat "$LOG/migrate.log" >&2; exit 1; }
@@ -239,6 +265,9 @@ start_chatd() {
     chatd_pid=$!
     wait_port "$CHATD_PORT" "$chatd_pid" || { tail -n 30 "$LOG/chatd.log" >&2; exit 1; }
     CHATD=(-t "127.0.0.1:$CHATD_PORT" --server-pid "$chatd_pid")
+    XTLS=(-t "tls://127.0.0.1:$TLS_PORT" --ca "$DIR/tls/cert.pem" --server-pid "$chatd_pid")
+    XWS=(-t "ws://127.0.0.1:$WS_PORT/chat" --server-pid "$chatd_pid")
+    XWSS=(-t "wss://127.0.0.1:$WSS_PORT/chat" --ca "$DIR/tls/cert.pem" --server-pid "$chatd_pid")
 }
 # A fresh chatd: its RSS before the conns scenario must not hold memory
 # that an earlier scenario freed but malloc kept.
@@ -311,6 +340,33 @@ for ((run = 1; run <= RUNS; run++)); do
         pairs)
             bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-pairs|ws-pairs|wss-pairs)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no such listener in this chatd)"
+                continue
+            fi
+            case $s in
+            tls-*) target=("${XTLS[@]}") ;;
+            ws-*) target=("${XWS[@]}") ;;
+            *) target=("${XWSS[@]}") ;;
+            esac
+            bench "$s" "$run" pairs "${target[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-handshakes)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no tls listener in this chatd)"
+                continue
+            fi
+            bench "$s" "$run" login --handshakes "${XTLS[@]}" -L 50 --procs "$PROCS" \
+                --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-conns)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no tls listener in this chatd)"
+                continue
+            fi
+            restart_chatd
+            bench "$s" "$run" conns "${XTLS[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
+                --ids "$DIR/ids-conns-c$HASH_COST.txt" --duration 3 -q ;;
         group)
             bench "$s" "$run" group "${CHATD[@]}" -G 50 -S 5 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
@@ -388,7 +444,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:
@@ -408,4 +464,12 @@ for r in rows.get("pairs", []):
 if ratios:
     print(f"\nchatd pairs / relay pairs (same run): median {statistics.median(ratios):.2f}"
           f" (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+# each transport's pairs as a fraction of tcp pairs in the same run
+tcp = {r["run"]: float(r["rate"]) for r in rows.get("pairs", [])}
+for name in ("tls-pairs", "ws-pairs", "wss-pairs"):
+    rs = [float(r["rate"]) / tcp[r["run"]] for r in rows.get(name, [])
+          if tcp.get(r["run"], 0) > 0]
+    if rs:
+        print(f"{name} / pairs (same run): median {statistics.median(rs):.2f}"
+              f" (runs: {', '.join(f'{x:.2f}' for x in rs)})")
 EOF

@@ -16,6 +16,10 @@
  *      (at most --drain seconds, and until nothing arrived for 300 ms),
  *      send RESULT and exit.
  *
+ * The login storm with --handshakes logs in no more: each cycle is a new
+ * connection (tcp connect, then the target's TLS and WebSocket handshakes)
+ * closed once the transport is up, so its rate is handshakes per second.
+ *
  * Flow control is closed-loop: a sender starts with W credits and gets one
  * back each time a message of its own is delivered (pairs: to its receiver;
  * group: to every member of the group in the same process).  Without
@@ -487,6 +491,18 @@ static void on_connect(struct bn_conn *c, int status)
         conn_dead(wc, "connect failed", status);
         return;
     }
+    if (wc->storm && bench.handshakes) {
+        /* --handshakes: the cycle ends when the transport is up */
+        uint64_t now = bst_now_ns();
+        W.tk.logins++;
+        if (now >= W.t_ms && now < W.t_me) {
+            W.res.logins_ok++;
+            bst_hist_add(&W.res.hist, now - wc->t_req);
+        }
+        wc->st = CS_READY;
+        storm_next(wc);
+        return;
+    }
     send_login(wc);
 }
 
@@ -536,7 +552,8 @@ static void conn_start(struct wconn *wc)
         W.pending++;
     }
     int r = bn_connect(&W.net, &wc->c,
-                       (const struct sockaddr *)&bench.targets[bm_target_of(wc->slot)]);
+                       (const struct sockaddr *)&bench.targets[bm_target_of(wc->slot)],
+                       &bench.target_xp[bm_target_of(wc->slot)]);
     if (r < 0)
         conn_dead(wc, "connect", r);
 }
@@ -568,7 +585,7 @@ static void storm_next(struct wconn *wc)
     if (W.stopped)
         return;
     wc->t_req = bst_now_ns();
-    if (bench.resume) {
+    if (bench.resume || bench.handshakes) {
         wc->st = CS_CONNECTING;
         bn_close(&wc->c, storm_closed);
         return;
