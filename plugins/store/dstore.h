@@ -17,6 +17,11 @@
 
 #include "chat/plugin.h"
 
+/* ---- wire numbers (docs/protocol.md, "Durable messages") ----------------- */
+#define DS_MSG_SYNC 15        /* protocol 2: what the device missed */
+#define DS_MSG_HISTORY 16     /* protocol 2: a conversation's earlier messages */
+#define DS_E_NOT_PARTICIPANT 121 /* not a participant of the conversation */
+
 /* ---- conversation ids --------------------------------------------------- */
 /* Pair conversation of users a and b (any order): (min << 32) | max, > 0.
  * Group g: -g.  User ids must be below 2^31 (DS_UID_MAX). */

@@ -1,0 +1,567 @@
+/*
+ * store.c - the store plugin: SYNC (15) and HISTORY (16), reading the
+ * durable messages that the one2one and group plugins write (writer.c).
+ * docs/architecture.md, "Durable messaging", is the design;
+ * docs/protocol.md, "Durable messages", the wire.
+ *
+ * SYNC.  The device says where it is: the last cseq it holds per
+ * conversation (a conversation it does not name is at 0).  One query lists
+ * the user's conversations with their heads (pairs from conv_heads.user_a /
+ * user_b, groups from group_members joined to conv_heads); then, for the
+ * conversations behind, in conv_id order, the missing range is read in one
+ * statement each (cseq > pos ORDER BY cseq LIMIT allot), the allotments
+ * adding up to at most `limit` messages.  The reply lists every
+ * conversation's head, the messages conversation by conversation in cseq
+ * order, and "more" when some conversation is still behind.  Nothing is
+ * kept per device: the position is the device's, so any node answers and a
+ * lost reply costs a repeat.  Rows are never past the head read first (the
+ * LIMIT stops at it), so after a reply without "more" the device is at
+ * every head it was given.
+ *
+ * HISTORY.  One conversation, the `limit` messages before `before`,
+ * participants only (a pair: one of its two users; a group: a member).
+ * Under group_history = joined (the default) a member sees a group's
+ * messages from when it joined (created_at >= group_members.joined_at,
+ * both stamped by the MariaDB server); SYNC applies the same rule.
+ *
+ * Everything goes through the pool (db_query); the loop never waits.  A
+ * request holds its answer state until its last query returns; the session
+ * is looked up again by id then (it may be gone).
+ */
+#include <stdlib.h>
+
+#include "dstore.h"
+
+#define ST_SYNC_LIMIT_DEF 500
+#define ST_HISTORY_LIMIT_DEF 50
+
+static const struct chat_host *host;
+static struct chat_plugin *self;
+static size_t sync_limit_max = ST_SYNC_LIMIT_DEF;
+static size_t history_limit_max = 200;
+static int history_all; /* group_history = all */
+
+static void answer(struct chat_session *s, const struct chat_ack *ack, int err,
+                   const char *why, const cJSON *body)
+{
+    host->reply(s, ack, err, err ? why : NULL, body);
+}
+
+static int db_proto_errno(int rc)
+{
+    return rc == CHAT_ERR_BUSY || rc == CHAT_ERR_UNAVAILABLE || rc == CHAT_ERR_CLOSED
+               ? CHAT_E_UNAVAILABLE
+               : CHAT_E_INTERNAL;
+}
+
+/* A row (cseq, id, body) of conv as its delivered text, into arr.  0, or
+ * -1 when out of memory. */
+static int add_message(cJSON *arr, const struct chat_db_result *r, size_t row,
+                       int64_t conv)
+{
+    size_t len, n;
+    const char *body = host->db_str(r, row, 2, &len);
+    char *text = ds_render(host, conv, host->db_int(r, row, 1), host->db_int(r, row, 0),
+                           body, len, &n);
+    cJSON *item;
+
+    if (!text)
+        return -1;
+    item = cJSON_CreateRaw(text);
+    host->free(text);
+    if (!item)
+        return -1;
+    cJSON_AddItemToArray(arr, item);
+    return 0;
+}
+
+/* The messages of conv after pos (SYNC: ascending, "after") or before it
+ * (HISTORY: descending).  joined: the member's joined_at, or NULL. */
+static int read_range(int64_t conv, int64_t pos, int after, const char *joined,
+                      size_t limit, chat_db_cb cb, void *ud)
+{
+    static const char *const sql[2][2] = {
+        {"SELECT cseq, id, body FROM messages WHERE conv_id = ? AND cseq < ?"
+         " ORDER BY cseq DESC LIMIT ?",
+         "SELECT cseq, id, body FROM messages WHERE conv_id = ? AND cseq < ?"
+         " AND created_at >= ? ORDER BY cseq DESC LIMIT ?"},
+        {"SELECT cseq, id, body FROM messages WHERE conv_id = ? AND cseq > ?"
+         " ORDER BY cseq LIMIT ?",
+         "SELECT cseq, id, body FROM messages WHERE conv_id = ? AND cseq > ?"
+         " AND created_at >= ? ORDER BY cseq LIMIT ?"}};
+    struct chat_db_param p[4];
+    size_t n = 0;
+    int j = joined && !history_all;
+
+    p[n++] = CHAT_DB_P_INT(conv);
+    p[n++] = CHAT_DB_P_INT(pos);
+    if (j)
+        p[n++] = CHAT_DB_P_STR(joined, strlen(joined));
+    p[n++] = CHAT_DB_P_INT(limit);
+    return host->db_query(self, sql[after][j], p, n, cb, ud);
+}
+
+/* ------------------------------------------------------------------------ */
+/* SYNC */
+
+struct sync_conv {
+    int64_t conv, head, pos;
+    size_t allot, got;
+    char joined[32];  /* group: joined_at as text; "" for pairs */
+    cJSON *msgs;      /* its rows, once read */
+};
+
+struct sync_req {
+    uint64_t sid;
+    int64_t uid;
+    struct chat_ack ack;
+    size_t limit;
+    struct chat_map *pos;     /* conv -> (uintptr_t)(pos + 1) */
+    struct sync_conv *convs;
+    size_t nconvs;
+    size_t pending;
+    int err;                  /* first failure: a protocol errno */
+};
+
+struct sync_part {
+    struct sync_req *q;
+    size_t idx;
+};
+
+static void sync_free(struct sync_req *q)
+{
+    size_t i;
+
+    for (i = 0; i < q->nconvs; i++)
+        cJSON_Delete(q->convs[i].msgs);
+    host->free(q->convs);
+    host->map_free(q->pos);
+    host->free(q);
+}
+
+static void sync_reply(struct sync_req *q)
+{
+    struct chat_session *s = host->session_get(q->sid);
+    cJSON *body = NULL, *convs, *msgs, *c;
+    char name[DS_CONV_STR];
+    size_t i;
+    int more = 0;
+
+    if (!s)
+        goto out;
+    if (q->err) {
+        answer(s, &q->ack, q->err, q->err == CHAT_E_UNAVAILABLE
+               ? "database unavailable, try again" : "cannot read the messages", NULL);
+        goto out;
+    }
+    if (!(body = cJSON_CreateObject()) ||
+        !(convs = cJSON_AddArrayToObject(body, "convs")) ||
+        !(msgs = cJSON_AddArrayToObject(body, "msgs")))
+        goto nomem;
+    for (i = 0; i < q->nconvs; i++) {
+        struct sync_conv *sc = &q->convs[i];
+
+        ds_conv_format(sc->conv, name, sizeof(name));
+        if (!(c = cJSON_CreateObject()))
+            goto nomem;
+        cJSON_AddItemToArray(convs, c);
+        cJSON_AddStringToObject(c, "conv", name);
+        cJSON_AddNumberToObject(c, "head", (double)sc->head);
+        /* behind and not all read: a full allotment, or none given */
+        if (sc->head > sc->pos && (size_t)(sc->head - sc->pos) > sc->allot &&
+            sc->got == sc->allot)
+            more = 1;
+        while (sc->msgs && cJSON_GetArraySize(sc->msgs) > 0)
+            cJSON_AddItemToArray(msgs, cJSON_DetachItemFromArray(sc->msgs, 0));
+    }
+    cJSON_AddBoolToObject(body, "more", more);
+    answer(s, &q->ack, 0, NULL, body);
+    goto out;
+nomem:
+    answer(s, &q->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+out:
+    cJSON_Delete(body);
+    sync_free(q);
+}
+
+static void sync_part_done(struct sync_req *q)
+{
+    if (--q->pending == 0)
+        sync_reply(q);
+}
+
+static void range_read(const struct chat_db_result *r, void *ud)
+{
+    struct sync_part *part = ud;
+    struct sync_req *q = part->q;
+    struct sync_conv *sc = &q->convs[part->idx];
+    size_t i, n;
+    int rc;
+
+    host->free(part);
+    if ((rc = host->db_error(r)) != CHAT_OK) {
+        if (!q->err)
+            q->err = db_proto_errno(rc);
+    } else if (!(sc->msgs = cJSON_CreateArray())) {
+        q->err = CHAT_E_INTERNAL;
+    } else {
+        n = host->db_nrows(r);
+        for (i = 0; i < n && !q->err; i++)
+            if (add_message(sc->msgs, r, i, sc->conv) != 0)
+                q->err = CHAT_E_INTERNAL;
+        sc->got = n;
+    }
+    sync_part_done(q);
+}
+
+static int conv_cmp(const void *a, const void *b)
+{
+    const struct sync_conv *x = a, *y = b;
+
+    return (x->conv > y->conv) - (x->conv < y->conv);
+}
+
+/* The user's conversations and heads are known: read what is missing. */
+static void heads_read(const struct chat_db_result *r, void *ud)
+{
+    struct sync_req *q = ud;
+    size_t i, n, left = q->limit;
+    int rc;
+
+    q->pending = 1; /* this function's own share */
+    if ((rc = host->db_error(r)) != CHAT_OK) {
+        q->err = db_proto_errno(rc);
+        goto out;
+    }
+    n = host->db_nrows(r);
+    if (n && !(q->convs = host->malloc(n * sizeof(*q->convs)))) {
+        q->err = CHAT_E_INTERNAL;
+        goto out;
+    }
+    for (i = 0; i < n; i++) {
+        struct sync_conv *sc = &q->convs[q->nconvs++];
+        uintptr_t p;
+        size_t len;
+        const char *j;
+
+        memset(sc, 0, sizeof(*sc));
+        sc->conv = host->db_int(r, i, 0);
+        sc->head = host->db_int(r, i, 1);
+        p = (uintptr_t)host->map_get(q->pos, sc->conv);
+        sc->pos = p ? (int64_t)(p - 1) : 0;
+        if (!host->db_is_null(r, i, 2) && (j = host->db_str(r, i, 2, &len)) &&
+            len < sizeof(sc->joined))
+            memcpy(sc->joined, j, len + 1);
+    }
+    qsort(q->convs, q->nconvs, sizeof(*q->convs), conv_cmp);
+    for (i = 0; i < q->nconvs && left > 0; i++) {
+        struct sync_conv *sc = &q->convs[i];
+        struct sync_part *part;
+
+        if (sc->head <= sc->pos)
+            continue;
+        sc->allot = (size_t)(sc->head - sc->pos) < left ? (size_t)(sc->head - sc->pos)
+                                                        : left;
+        left -= sc->allot;
+        if (!(part = host->malloc(sizeof(*part)))) {
+            q->err = CHAT_E_INTERNAL;
+            break;
+        }
+        part->q = q;
+        part->idx = i;
+        rc = read_range(sc->conv, sc->pos, 1, sc->joined[0] ? sc->joined : NULL,
+                        sc->allot, range_read, part);
+        if (rc != CHAT_OK) {
+            host->free(part);
+            q->err = db_proto_errno(rc);
+            break;
+        }
+        q->pending++;
+    }
+out:
+    sync_part_done(q);
+}
+
+/* "convs": [{"conv":"p1:2","cseq":12}, ...] into q->pos.  0, or an errmsg. */
+static const char *sync_positions(struct sync_req *q, const cJSON *convs)
+{
+    const cJSON *e;
+
+    if (!convs)
+        return NULL;
+    if (!cJSON_IsArray(convs))
+        return "convs must be an array of {conv, cseq}";
+    cJSON_ArrayForEach(e, convs) {
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(e, "conv");
+        const cJSON *n = cJSON_GetObjectItemCaseSensitive(e, "cseq");
+        int64_t conv;
+
+        if (!cJSON_IsString(c) || !cJSON_IsNumber(n) || n->valuedouble < 0 ||
+            n->valuedouble > 9007199254740991.0 ||
+            n->valuedouble != (double)(int64_t)n->valuedouble ||
+            !(conv = ds_conv_parse(c->valuestring, strlen(c->valuestring))))
+            return "convs must be an array of {conv, cseq}";
+        if (host->map_put(q->pos, conv, (void *)(uintptr_t)((int64_t)n->valuedouble + 1)) !=
+            CHAT_OK)
+            return "out of memory";
+    }
+    return NULL;
+}
+
+/* 1..max, def when absent; -1 when present and not such an integer. */
+static int64_t req_limit(const struct chat_request *req, int64_t def, int64_t max)
+{
+    int64_t v;
+    int rc = host->req_int(req, "limit", &v);
+
+    if (rc == 0)
+        return def;
+    return rc == 1 && v >= 1 && v <= max ? v : -1;
+}
+
+static void on_sync(struct chat_session *s, const struct chat_request *req, void *ud)
+{
+    static const char sql[] =
+        "SELECT conv_id, head, NULL FROM conv_heads WHERE user_a = ?"
+        " UNION ALL SELECT conv_id, head, NULL FROM conv_heads"
+        " WHERE user_b = ? AND user_a <> ?"
+        " UNION ALL SELECT h.conv_id, h.head, m.joined_at FROM group_members m"
+        " JOIN conv_heads h ON h.conv_id = -m.group_id WHERE m.user_id = ?";
+    struct chat_db_param p[4];
+    struct sync_req *q;
+    const char *why;
+    int64_t uid, limit;
+    int rc;
+
+    (void)ud;
+    if (!(uid = host->req_auth(s, req)))
+        return;
+    if ((limit = req_limit(req, (int64_t)sync_limit_max, (int64_t)sync_limit_max)) < 0) {
+        answer(s, &req->ack, CHAT_E_BAD_FIELD, "limit must be an integer in 1..max", NULL);
+        return;
+    }
+    if (!(q = host->malloc(sizeof(*q)))) {
+        answer(s, &req->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    memset(q, 0, sizeof(*q));
+    q->sid = host->session_id(s);
+    q->uid = uid;
+    q->ack = req->ack;
+    q->limit = (size_t)limit;
+    if (!(q->pos = host->map_new())) {
+        host->free(q);
+        answer(s, &req->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    if ((why = sync_positions(q, cJSON_GetObjectItemCaseSensitive(req->json, "convs")))) {
+        answer(s, &req->ack, why[0] == 'o' ? CHAT_E_INTERNAL : CHAT_E_BAD_FIELD, why, NULL);
+        sync_free(q);
+        return;
+    }
+    p[0] = p[1] = p[2] = p[3] = CHAT_DB_P_INT(uid);
+    if ((rc = host->db_query(self, sql, p, 4, heads_read, q)) != CHAT_OK) {
+        answer(s, &req->ack, db_proto_errno(rc), "database unavailable, try again", NULL);
+        sync_free(q);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* HISTORY */
+
+struct hist_req {
+    uint64_t sid;
+    struct chat_ack ack;
+    int64_t conv, before;
+    size_t limit;
+};
+
+static void history_read(const struct chat_db_result *r, void *ud)
+{
+    struct hist_req *h = ud;
+    struct chat_session *s = host->session_get(h->sid);
+    cJSON *body = NULL, *msgs;
+    char name[DS_CONV_STR];
+    size_t n, i;
+    int rc;
+
+    if (!s)
+        goto out;
+    if ((rc = host->db_error(r)) != CHAT_OK) {
+        answer(s, &h->ack, db_proto_errno(rc), "database unavailable, try again", NULL);
+        goto out;
+    }
+    n = host->db_nrows(r);
+    ds_conv_format(h->conv, name, sizeof(name));
+    if (!(body = cJSON_CreateObject()) || !cJSON_AddStringToObject(body, "conv", name) ||
+        !(msgs = cJSON_AddArrayToObject(body, "msgs")))
+        goto nomem;
+    /* read newest first, one more than asked (to tell "more"); sent oldest first */
+    for (i = n > h->limit ? h->limit : n; i-- > 0;)
+        if (add_message(msgs, r, i, h->conv) != 0)
+            goto nomem;
+    cJSON_AddBoolToObject(body, "more", n > h->limit);
+    answer(s, &h->ack, 0, NULL, body);
+    goto out;
+nomem:
+    answer(s, &h->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+out:
+    cJSON_Delete(body);
+    host->free(h);
+}
+
+static void history_start(struct chat_session *s, struct hist_req *h, const char *joined)
+{
+    int rc = read_range(h->conv, h->before, 0, joined, h->limit + 1, history_read, h);
+
+    if (rc != CHAT_OK) {
+        if (s)
+            answer(s, &h->ack, db_proto_errno(rc), "database unavailable, try again",
+                   NULL);
+        host->free(h);
+    }
+}
+
+static void member_read(const struct chat_db_result *r, void *ud)
+{
+    struct hist_req *h = ud;
+    struct chat_session *s = host->session_get(h->sid);
+    char joined[32];
+    const char *j;
+    size_t len;
+    int rc;
+
+    if (!s) {
+        host->free(h);
+        return;
+    }
+    if ((rc = host->db_error(r)) != CHAT_OK) {
+        answer(s, &h->ack, db_proto_errno(rc), "database unavailable, try again", NULL);
+        host->free(h);
+        return;
+    }
+    if (host->db_nrows(r) == 0) {
+        answer(s, &h->ack, DS_E_NOT_PARTICIPANT, "not a participant of the conversation",
+               NULL);
+        host->free(h);
+        return;
+    }
+    j = host->db_str(r, 0, 0, &len);
+    if (len >= sizeof(joined))
+        len = 0;
+    memcpy(joined, j, len);
+    joined[len] = '\0';
+    history_start(s, h, joined);
+}
+
+static void on_history(struct chat_session *s, const struct chat_request *req, void *ud)
+{
+    struct hist_req *h;
+    const char *c;
+    size_t len;
+    int64_t uid, a, b, limit, before = INT64_MAX;
+    int rc;
+
+    (void)ud;
+    if (!(uid = host->req_auth(s, req)))
+        return;
+    c = host->req_field_str(req, "conv", &len);
+    if (!c || !(a = ds_conv_parse(c, len))) {
+        answer(s, &req->ack, CHAT_E_BAD_FIELD, "conv must be a conversation (\"pA:B\" or "
+               "\"gG\")", NULL);
+        return;
+    }
+    if ((rc = host->req_int(req, "before", &before)) < 0 || (rc == 1 && before < 1)) {
+        answer(s, &req->ack, CHAT_E_BAD_FIELD, "before must be a positive integer", NULL);
+        return;
+    }
+    if ((limit = req_limit(req, ST_HISTORY_LIMIT_DEF, (int64_t)history_limit_max)) < 0) {
+        answer(s, &req->ack, CHAT_E_BAD_FIELD, "limit must be an integer in 1..max", NULL);
+        return;
+    }
+    if (!(h = host->malloc(sizeof(*h)))) {
+        answer(s, &req->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    h->sid = host->session_id(s);
+    h->ack = req->ack;
+    h->conv = a;
+    h->before = before;
+    h->limit = (size_t)limit;
+    if (a > 0) { /* a pair: its users are in its id */
+        ds_conv_users(a, &a, &b);
+        if (uid != a && uid != b) {
+            answer(s, &req->ack, DS_E_NOT_PARTICIPANT,
+                   "not a participant of the conversation", NULL);
+            host->free(h);
+            return;
+        }
+        history_start(s, h, NULL);
+        return;
+    } else {
+        struct chat_db_param p[2] = {CHAT_DB_P_INT(-a), CHAT_DB_P_INT(uid)};
+
+        rc = host->db_query(self, "SELECT joined_at FROM group_members"
+                            " WHERE group_id = ? AND user_id = ?", p, 2, member_read, h);
+        if (rc != CHAT_OK) {
+            answer(s, &req->ack, db_proto_errno(rc), "database unavailable, try again",
+                   NULL);
+            host->free(h);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+
+static int read_conf(void)
+{
+    const char *g = host->conf_get(self, "group_history", "joined");
+
+    sync_limit_max = (size_t)chat_conf_range(host, self, "sync_limit_max",
+                                             ST_SYNC_LIMIT_DEF, 1, 10000);
+    history_limit_max = (size_t)chat_conf_range(host, self, "history_limit_max", 200, 1,
+                                                10000);
+    if (strcmp(g, "joined") != 0 && strcmp(g, "all") != 0) {
+        chat_log(host, self, CHAT_LOG_ERROR, "group_history = %s: must be joined or all",
+                 g);
+        return CHAT_ERR_INVAL;
+    }
+    history_all = strcmp(g, "all") == 0;
+    return CHAT_OK;
+}
+
+static int store_init(const struct chat_host *h, struct chat_plugin *p, void **state)
+{
+    int rc;
+
+    host = h;
+    self = p;
+    *state = NULL;
+    CHAT_HOST_REQUIRE(h, p, req_int);
+    if ((rc = read_conf()) != CHAT_OK)
+        return rc;
+    if ((rc = h->register_handler(p, DS_MSG_SYNC, on_sync, NULL)) != CHAT_OK ||
+        (rc = h->register_handler(p, DS_MSG_HISTORY, on_history, NULL)) != CHAT_OK)
+        return rc;
+    return CHAT_OK;
+}
+
+static void store_fini(void *state)
+{
+    (void)state;
+}
+
+static int store_reconfigure(void *state)
+{
+    (void)state;
+    return read_conf();
+}
+
+static const struct chat_plugin_desc store_desc = {
+    CHAT_PLUGIN_DESC_INIT("store", "1.0.0"),
+    .init = store_init,
+    .fini = store_fini,
+    .reconfigure = store_reconfigure,
+};
+
+CHAT_PLUGIN_DECLARE(store_desc)
