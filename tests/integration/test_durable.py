@@ -1,0 +1,467 @@
+"""Durable messages (issue 8) against a real chatd, MariaDB and Redis.
+
+A protocol-2 chat message with a client message id "cid" is stored before
+it is acknowledged: the ACK carries its id ("mid"), its conversation
+("conv") and its number there ("cseq"); the recipient gets it with the
+same three members.  These tests check: numbers in order and ids unique;
+an ACK only after COMMIT (MariaDB stopped: 113, and every message ever
+acknowledged is in the table); a retry with the same cid is answered with
+the original numbers and delivered once; SYNC after being offline, paged,
+without gaps or duplicates; HISTORY paging and who may read it (group
+members from when they joined); legacy offline messages unchanged; and a
+node killed with SIGKILL mid-traffic while the receiver is offline for the
+whole run: a sender that resends unacknowledged messages with their cid
+and a receiver that syncs end with every message exactly once, in order.
+"""
+
+import json
+import signal
+import time
+import unittest
+import uuid
+
+from harness import Client, Node, Stack, wait_for
+
+PLUGINS = ("login", "friend", "one2one", "group", "offline", "store")
+FAST = {"plugin.login": {"hash_cost": 1}}
+
+
+def client2(node):
+    return Client(node.port, term=b"\n", proto=2)
+
+
+def login2(node, uid, pw="pw", timeout=15):
+    """A protocol-2 client logged in as uid (retries errno 2 while a killed
+    node's presence lingers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = client2(node)
+        ack = c.login(uid, pw)
+        if ack["errno"] == 0:
+            return c
+        c.close()
+        if time.monotonic() > deadline:
+            raise AssertionError("login %d: %r" % (uid, ack))
+        time.sleep(0.2)
+
+
+def sync_all(c, positions=None, limit=None, max_pages=1000):
+    """SYNC until "more" is false; returns (messages in order, heads, pages)."""
+    pos = dict(positions or {})
+    msgs, pages = [], 0
+    while True:
+        req = {"msgid": 15, "convs": [{"conv": k, "cseq": v} for k, v in pos.items()]}
+        if limit:
+            req["limit"] = limit
+        r = c.request(req, timeout=20)
+        assert r["errno"] == 0, r
+        pages += 1
+        for m in r["msgs"]:
+            assert m["cseq"] > pos.get(m["conv"], 0), (m, pos)
+            pos[m["conv"]] = m["cseq"]
+            msgs.append(m)
+        heads = {h["conv"]: h["head"] for h in r["convs"]}
+        if not r["more"]:
+            return msgs, heads, pages
+        assert pages < max_pages
+
+
+def per_conv(msgs):
+    out = {}
+    for m in msgs:
+        out.setdefault(m["conv"], []).append(m["cseq"])
+    return out
+
+
+class DurableCase(unittest.TestCase):
+    stack = None
+    node = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, plugins=PLUGINS, conf=FAST)
+        cls.users = {}
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.node:
+            assert cls.node.stop() == 0
+
+    def run(self, result=None):
+        res = super().run(result)
+        if result is not None and not result.wasSuccessful() and self.node:
+            print("---- chatd log tail ----\n" + self.node.log_tail(60))
+        return res
+
+    def user(self, name):
+        c = client2(self.node)
+        uid = c.register("%s-%s" % (name, uuid.uuid4().hex[:8]), "pw")
+        c.close()
+        return uid
+
+    def test_ids_and_cseq_in_order(self):
+        a, b = self.user("a"), self.user("b")
+        ca, cb = login2(self.node, a), login2(self.node, b)
+        acks = [ca.request({"msgid": 6, "toid": b, "msg": "m%d" % i, "cid": "o%d" % i})
+                for i in range(20)]
+        conv = "p%d:%d" % (min(a, b), max(a, b))
+        for i, r in enumerate(acks):
+            self.assertEqual((r["errno"], r["conv"], r["cseq"]), (0, conv, i + 1), r)
+            self.assertNotIn("dup", r)
+        self.assertEqual(len({r["mid"] for r in acks}), 20)
+        got = [cb.recv() for _ in range(20)]
+        self.assertEqual([m["msg"] for m in got], ["m%d" % i for i in range(20)])
+        self.assertEqual([(m["mid"], m["cseq"], m["conv"]) for m in got],
+                         [(r["mid"], r["cseq"], r["conv"]) for r in acks])
+        self.assertEqual(got[0]["id"], a)
+        # the other direction continues the same conversation
+        r = cb.request({"msgid": 6, "toid": a, "msg": "back", "cid": "x"})
+        self.assertEqual((r["conv"], r["cseq"]), (conv, 21))
+        m = ca.recv()
+        self.assertEqual((m["msg"], m["cseq"]), ("back", 21))
+        # no cid: today's path, nothing stored, no numbers
+        r = ca.request({"msgid": 6, "toid": b, "msg": "plain"})
+        self.assertEqual(r["errno"], 0)
+        self.assertNotIn("mid", r)
+        self.assertNotIn("mid", cb.recv())
+        # a bad cid
+        for bad in ("", 5, "x" * 65):
+            r = ca.request({"msgid": 6, "toid": b, "msg": "m", "cid": bad})
+            self.assertEqual(r["errno"], 104, r)
+        ca.close()
+        cb.close()
+
+    def test_idempotent_retry(self):
+        a, b = self.user("a"), self.user("b")
+        ca, cb = login2(self.node, a), login2(self.node, b)
+        first = ca.request({"msgid": 6, "toid": b, "msg": "once", "cid": "same"})
+        again = ca.request({"msgid": 6, "toid": b, "msg": "once", "cid": "same"})
+        self.assertEqual(first["errno"], 0)
+        self.assertEqual((again["mid"], again["cseq"], again.get("dup")),
+                         (first["mid"], first["cseq"], True))
+        # two sends of one cid back to back: the second joins the first
+        ca.send({"msgid": 6, "toid": b, "msg": "twice", "cid": "pair", "seq": 9001})
+        ca.send({"msgid": 6, "toid": b, "msg": "twice", "cid": "pair", "seq": 9002})
+        r1 = ca.recv_until(lambda m: m.get("seq") == 9001)
+        r2 = ca.recv_until(lambda m: m.get("seq") == 9002)
+        self.assertEqual((r1["mid"], r1["cseq"]), (r2["mid"], r2["cseq"]))
+        self.assertTrue(r2.get("dup"))
+        self.assertEqual(r1["cseq"], 2)
+        got = [cb.recv(), cb.recv()]
+        self.assertEqual([m["msg"] for m in got], ["once", "twice"])
+        cb.expect_nothing(0.5)
+        rows = self.stack.sql(self.node.db, "SELECT COUNT(*) FROM messages WHERE "
+                              "sender_id = %d" % a)
+        self.assertEqual(rows, [("2",)])
+        # a cid is the sender's: another sender may use the same one
+        r = cb.request({"msgid": 6, "toid": a, "msg": "mine", "cid": "same"})
+        self.assertEqual((r["errno"], r["cseq"]), (0, 3))
+        self.assertNotIn("dup", r)
+        ca.close()
+        cb.close()
+
+    def test_sync_after_offline_paged(self):
+        a, b, c = self.user("a"), self.user("b"), self.user("c")
+        ca, cc = login2(self.node, a), login2(self.node, c)
+        g = ca.request({"msgid": 8, "groupname": "g-%s" % uuid.uuid4().hex[:8]})["groupid"]
+        for u in (b, c):
+            self.assertEqual(ca.request({"msgid": 9, "groupid": g, "userid": u})["errno"], 0)
+        sent = {}
+        for i in range(23):  # b is offline for all of it
+            r = ca.request({"msgid": 6, "toid": b, "msg": "a%d" % i, "cid": "a%d" % i})
+            sent.setdefault(r["conv"], []).append(r["mid"])
+            r = cc.request({"msgid": 10, "groupid": g, "msg": "g%d" % i, "cid": "g%d" % i})
+            sent.setdefault(r["conv"], []).append(r["mid"])
+            if i % 5 == 0:
+                r = cc.request({"msgid": 6, "toid": b, "msg": "c%d" % i, "cid": "c%d" % i})
+                sent.setdefault(r["conv"], []).append(r["mid"])
+        cb = client2(self.node)
+        ack = cb.login(b, "pw")
+        self.assertEqual(ack["offlinemsg"], [])  # durable: by SYNC, not offlinemsg
+        msgs, heads, pages = sync_all(cb, limit=7)
+        self.assertGreaterEqual(pages, 8)
+        conv = per_conv(msgs)
+        self.assertEqual(set(conv), set(sent))
+        for k, mids in sent.items():
+            self.assertEqual(conv[k], list(range(1, len(mids) + 1)), k)
+            self.assertEqual([m["mid"] for m in msgs if m["conv"] == k], mids)
+            self.assertEqual(heads[k], len(mids))
+        # from a position: only what is newer
+        r = cc.request({"msgid": 10, "groupid": g, "msg": "late", "cid": "late"})
+        more, heads2, _ = sync_all(cb, positions=heads)
+        self.assertEqual([(m["conv"], m["cseq"], m["msg"]) for m in more],
+                         [(r["conv"], r["cseq"], "late")])
+        # live: c's next message arrives with its number
+        r = cc.request({"msgid": 6, "toid": b, "msg": "live", "cid": "live"})
+        m = cb.recv_until(lambda m: m.get("msgid") == 6)
+        self.assertEqual((m["msg"], m["cseq"], m["mid"]), ("live", r["cseq"], r["mid"]))
+        for x in (ca, cb, cc):
+            x.close()
+
+    def test_history_and_membership(self):
+        a, b, c, d = (self.user(n) for n in "abcd")
+        ca, cb, cc, cd = (login2(self.node, u) for u in (a, b, c, d))
+        conv = None
+        for i in range(10):
+            conv = ca.request({"msgid": 6, "toid": b, "msg": "h%d" % i, "cid": "h%d" % i})["conv"]
+        got, before = [], None
+        while True:
+            req = {"msgid": 16, "conv": conv, "limit": 3}
+            if before:
+                req["before"] = before
+            r = cb.request(req)
+            self.assertEqual(r["errno"], 0, r)
+            got = r["msgs"] + got
+            if not r["more"]:
+                break
+            before = r["msgs"][0]["cseq"]
+        self.assertEqual([m["msg"] for m in got], ["h%d" % i for i in range(10)])
+        self.assertEqual([m["cseq"] for m in got], list(range(1, 11)))
+        # not a participant
+        r = cc.request({"msgid": 16, "conv": conv})
+        self.assertEqual(r["errno"], 121, r)
+        for bad in ("x", "p2:1", "p1", "g0", 5):
+            self.assertEqual(cc.request({"msgid": 16, "conv": bad})["errno"], 104, bad)
+        self.assertEqual(ca.request({"msgid": 16, "conv": conv, "limit": 100000})["errno"], 104)
+        # a group: c sees it from when c joined; d, never a member, not at all
+        g = ca.request({"msgid": 8, "groupname": "h-%s" % uuid.uuid4().hex[:8]})["groupid"]
+        ca.request({"msgid": 9, "groupid": g, "userid": b})
+        for i in range(3):
+            ca.request({"msgid": 10, "groupid": g, "msg": "old%d" % i, "cid": "old%d" % i})
+        time.sleep(0.01)  # joined_at is stamped in ms after the last commit
+        ca.request({"msgid": 9, "groupid": g, "userid": c})
+        for i in range(2):
+            ca.request({"msgid": 10, "groupid": g, "msg": "new%d" % i, "cid": "new%d" % i})
+        hb = cb.request({"msgid": 16, "conv": "g%d" % g})
+        hc = cc.request({"msgid": 16, "conv": "g%d" % g})
+        self.assertEqual([m["msg"] for m in hb["msgs"]], ["old0", "old1", "old2", "new0", "new1"])
+        self.assertEqual([m["msg"] for m in hc["msgs"]], ["new0", "new1"])
+        self.assertEqual(cd.request({"msgid": 16, "conv": "g%d" % g})["errno"], 121)
+        msgs, heads, _ = sync_all(cc)
+        self.assertEqual([m["msg"] for m in msgs if m["conv"] == "g%d" % g], ["new0", "new1"])
+        self.assertEqual(heads["g%d" % g], 5)
+        # a non-member cannot send to the group
+        r = cd.request({"msgid": 10, "groupid": g, "msg": "x", "cid": "x"})
+        self.assertEqual(r["errno"], 109)
+        for x in (ca, cb, cc, cd):
+            x.close()
+
+    def test_legacy_offline_unchanged(self):
+        a, b, c = self.user("a"), self.user("b"), self.user("c")
+        # legacy to legacy, offline: byte for byte as before
+        la = Client(self.node.port)
+        la.login(a, "pw")
+        name = self.stack.sql(self.node.db, "SELECT name FROM users WHERE id=%d" % a)[0][0]
+        frame = '{"msgid":6,"id":%d,"name":"%s","toid":%d,"msg":"legacy","time":"t"}' % (a, name, b)
+        la.send_raw(frame.encode() + b"\0")
+        ca = login2(self.node, c)
+        r = ca.request({"msgid": 6, "toid": b, "msg": "durable", "cid": "d1"})
+        self.assertEqual(r["errno"], 0)
+        wait_for(lambda: self.stack.sql(self.node.db, "SELECT COUNT(*) FROM offline_messages "
+                                        "WHERE user_id=%d" % b) == [("2",)])
+        lb = Client(self.node.port)
+        ack = lb.login(b, "pw")
+        self.assertEqual(ack["offlinemsg"][0], frame)  # the seed's shape, unchanged
+        d = json.loads(ack["offlinemsg"][1])
+        self.assertEqual((d["msg"], d["mid"], d["cseq"], d["conv"]),
+                         ("durable", r["mid"], r["cseq"], r["conv"]))
+        lb.close()
+        # a protocol-2 recipient: the non-durable one in offlinemsg, the
+        # durable one only by SYNC
+        e = self.user("e")
+        la.send_raw(('{"msgid":6,"id":%d,"name":"%s","toid":%d,"msg":"legacy2"}' % (
+            a, name, e)).encode() + b"\0")
+        r = ca.request({"msgid": 6, "toid": e, "msg": "durable2", "cid": "d2"})
+        wait_for(lambda: self.stack.sql(self.node.db, "SELECT COUNT(*) FROM offline_messages "
+                                        "WHERE user_id=%d" % e) == [("2",)])
+        ce = client2(self.node)
+        ack = ce.login(e, "pw")
+        self.assertEqual([m["msg"] for m in ack["offlinemsg"]], ["legacy2"])
+        msgs, _, _ = sync_all(ce)
+        self.assertEqual([m["msg"] for m in msgs], ["durable2"])
+        wait_for(lambda: self.stack.sql(self.node.db, "SELECT COUNT(*) FROM offline_messages "
+                                        "WHERE user_id=%d" % e) == [("0",)])
+        for x in (la, ca, ce):
+            x.close()
+
+
+def pump(c, msgs, window=16, timeout=10):
+    """Send msgs [(seq, obj)] keeping `window` unanswered; returns {seq: reply}
+    for those answered before the connection broke (or all)."""
+    replies, todo, inflight = {}, list(msgs), set()
+    try:
+        while todo or inflight:
+            while todo and len(inflight) < window:
+                seq, obj = todo.pop(0)
+                o = dict(obj)
+                o["seq"] = seq
+                c.send(o)
+                inflight.add(seq)
+            r = c.recv(timeout=timeout)
+            if r.get("msgid") == 11 and r.get("seq") in inflight:
+                inflight.discard(r["seq"])
+                replies[r["seq"]] = r
+    except (EOFError, ConnectionError, OSError, TimeoutError):
+        pass
+    return replies
+
+
+class DatabaseDown(unittest.TestCase):
+    """MariaDB stopped mid-traffic: sends get 113, never an ACK for a
+    message that is not stored; resent with the same cid after the restart,
+    every message is stored exactly once, numbers dense."""
+
+    def test_ack_only_after_commit(self):
+        with Stack.private(redis=False, mysql=True) as st:
+            node = Node(st, plugins=PLUGINS, conf=FAST)
+            try:
+                self._run(st, node)
+            except Exception:
+                print(node.log_tail(60))
+                raise
+            finally:
+                node.stop()
+
+    def _run(self, st, node):
+        c = client2(node)
+        a = c.register("a", "pw")
+        b = c.register("b", "pw")
+        c.close()
+        ca = login2(node, a)
+        acked = {}
+        for i in range(10):
+            r = ca.request({"msgid": 6, "toid": b, "msg": "m%d" % i, "cid": "m%d" % i})
+            self.assertEqual(r["errno"], 0)
+            acked["m%d" % i] = (r["mid"], r["cseq"])
+        st.stop_mysql()
+        refused = []
+        for i in range(10, 20):
+            cid = "m%d" % i
+            r = ca.request({"msgid": 6, "toid": b, "msg": cid, "cid": cid}, timeout=40)
+            if r["errno"] == 0:
+                acked[cid] = (r["mid"], r["cseq"])
+            else:
+                self.assertEqual(r["errno"], 113, r)
+                refused.append(cid)
+        self.assertEqual(len(refused), 10)  # the database is down: none stored
+        st.start_mysql()
+        # resend each refused message with its cid until it is acknowledged
+        deadline = time.monotonic() + 60
+        for cid in refused:
+            while True:
+                r = ca.request({"msgid": 6, "toid": b, "msg": cid, "cid": cid}, timeout=40)
+                if r["errno"] == 0:
+                    acked[cid] = (r["mid"], r["cseq"])
+                    break
+                self.assertEqual(r["errno"], 113, r)
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.2)
+        rows = st.sql(node.db, "SELECT cid, id, cseq FROM messages ORDER BY cseq")
+        self.assertEqual({r[0]: (int(r[1]), int(r[2])) for r in rows}, acked)
+        self.assertEqual([int(r[2]) for r in rows], list(range(1, 21)))
+        ca.close()
+
+
+class NodeKilled(unittest.TestCase):
+    """Two nodes; the receiver is offline for the whole run; the sender's
+    node is killed with SIGKILL mid-traffic; the sender resends what was not
+    acknowledged, with the same cid, on the other node; the receiver then
+    syncs: every message exactly once, in order, per conversation."""
+
+    def test_sigkill_resend_sync(self):
+        st = Stack()
+        conf = dict(FAST)
+        n1 = Node(st, plugins=PLUGINS, conf=conf)
+        n2 = Node(st, db=n1.db, plugins=PLUGINS, conf=conf, migrate=False)
+        try:
+            self._run(st, n1, n2)
+        except Exception:
+            print(n1.log_tail(40))
+            print(n2.log_tail(40))
+            raise
+        finally:
+            n2.stop()
+            if n1.proc.poll() is None:
+                n1.stop()
+
+    def _run(self, st, n1, n2):
+        c = client2(n2)
+        s, r1, r2 = (c.register("%s-%s" % (x, uuid.uuid4().hex[:6]), "pw") for x in "srq")
+        g = None
+        c.login(r2, "pw")
+        g = c.request({"msgid": 8, "groupname": "k-%s" % uuid.uuid4().hex[:6]})["groupid"]
+        for u in (s, r1):
+            c.request({"msgid": 9, "groupid": g, "userid": u})
+        c.close()
+        total = 600
+        msgs = []
+        for i in range(total):
+            cid = "k%04d" % i
+            if i % 3 == 2:
+                msgs.append((i + 1, {"msgid": 10, "groupid": g, "msg": cid, "cid": cid}))
+            else:
+                msgs.append((i + 1, {"msgid": 6, "toid": r1, "msg": cid, "cid": cid}))
+        cs = login2(n1, s)
+        # kill n1 once about a third is acknowledged
+        acked = {}
+        first = pump(cs, msgs[:200])
+        for seq, r in first.items():
+            self.assertEqual(r["errno"], 0, r)
+            acked[msgs[seq - 1][1]["cid"]] = r
+        cs_rest = msgs[200:]
+        for seq, obj in cs_rest[:100]:
+            o = dict(obj)
+            o["seq"] = seq
+            cs.send(o)
+        n1.kill(signal.SIGKILL)
+        n1.wait()
+        try:  # what came back before the kill
+            while True:
+                r = cs.recv(timeout=1)
+                if r.get("msgid") == 11 and r.get("errno") == 0:
+                    acked[msgs[r["seq"] - 1][1]["cid"]] = r
+        except (EOFError, ConnectionError, OSError, TimeoutError):
+            pass
+        cs.close()
+        self.assertGreater(len(acked), 0)
+        # fail over: resend everything not acknowledged, same cid
+        cs = login2(n2, s)
+        before_kill, dups = len(acked), 0
+        todo = [(seq, o) for seq, o in msgs if o["cid"] not in acked]
+        for _ in range(5):
+            got = pump(cs, todo)
+            for seq, r in got.items():
+                if r["errno"] == 0:
+                    acked[msgs[seq - 1][1]["cid"]] = r
+                    dups += bool(r.get("dup"))
+            todo = [(seq, o) for seq, o in msgs if o["cid"] not in acked]
+            if not todo:
+                break
+        self.assertEqual(todo, [])
+        cs.close()
+        print("\n%d acknowledged before the kill; %d resent, of which %d had been "
+              "stored already (dup)" % (before_kill, total - before_kill, dups))
+        # the receiver, offline all along, syncs on n2
+        cr = login2(n2, r1)
+        got, heads, _ = sync_all(cr, limit=100)
+        conv = per_conv(got)
+        for k, seqs in conv.items():
+            self.assertEqual(seqs, list(range(1, heads[k] + 1)), k)  # no gap, no dup
+        by_cid = {}
+        for m in got:
+            self.assertNotIn(m["cid"], by_cid)  # exactly once
+            by_cid[m["cid"]] = m
+        self.assertEqual(set(by_cid), set(acked))
+        for cid, r in acked.items():
+            self.assertEqual((by_cid[cid]["mid"], by_cid[cid]["cseq"], by_cid[cid]["conv"]),
+                             (r["mid"], r["cseq"], r["conv"]), cid)
+        # in order per conversation: the sender's order
+        for k in conv:
+            cids = [m["cid"] for m in got if m["conv"] == k]
+            self.assertEqual(cids, sorted(cids), k)
+        cr.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
