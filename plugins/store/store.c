@@ -334,6 +334,10 @@ static void on_sync(struct chat_session *s, const struct chat_request *req, void
     int rc;
 
     (void)ud;
+    if (host->session_proto(s) != CHAT_PROTO_2) { /* as 13 and 14: ignored */
+        chat_log(host, self, CHAT_LOG_INFO, "SYNC from a legacy session: ignored");
+        return;
+    }
     if (!(uid = host->req_auth(s, req)))
         return;
     if ((limit = req_limit(req, (int64_t)sync_limit_max, (int64_t)sync_limit_max)) < 0) {
@@ -463,6 +467,10 @@ static void on_history(struct chat_session *s, const struct chat_request *req, v
     int rc;
 
     (void)ud;
+    if (host->session_proto(s) != CHAT_PROTO_2) {
+        chat_log(host, self, CHAT_LOG_INFO, "HISTORY from a legacy session: ignored");
+        return;
+    }
     if (!(uid = host->req_auth(s, req)))
         return;
     c = host->req_field_str(req, "conv", &len);
