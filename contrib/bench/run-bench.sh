@@ -35,6 +35,8 @@
 #                 does; at a fixed rate p99 shows the loop's responsiveness
 #   pairs-rstorm  the same during a reconnect storm with resume tokens
 # and, not in the default set:
+#   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
+#                 messages with a cid, counted and timed send-to-ACK
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -324,6 +326,12 @@ for ((run = 1; run <= RUNS; run++)); do
         resume)
             bench "$s" "$run" login --resume "${CHATD[@]}" -L 50 \
                 --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-durable)
+            # issue 8: protocol-2 durable messages, count and latency
+            # send-to-ACK (the ACK comes after the COMMIT); run it beside
+            # "pairs" in one BENCH_SET for the side-by-side figures
+            bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
         relay-pairs-150k)
             bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
                 "${TIMING[@]}" ;;
@@ -388,7 +396,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:
