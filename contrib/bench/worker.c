@@ -31,7 +31,8 @@
  * workers by the parent.
  *
  * --durable (pairs): every connection speaks protocol 2 and each message
- * carries "seq" and "cid" (both the sender's sequence number).  A sender's
+ * carries "seq" (the sender's sequence number) and "cid" (the run's
+ * prefix and that number).  A sender's
  * credit comes back with its ACK, which the server sends only once the
  * message is committed; the count and the latency are send-to-ACK.  An
  * ACK with errno 113 makes the sender send the same message again (same
@@ -364,12 +365,15 @@ static void on_delivery(struct wconn *wc, const struct bn_fields *f)
 
 /* ---- --durable: protocol-2 durable messages ----------------------------- */
 
-/* ,"seq":N,"cid":"N" inside the message, before "time". */
+/* ,"seq":N,"cid":"PREFIX N" inside the message, before "time".  The
+ * run's user-name prefix makes the cid unique per run (users are reused
+ * with --ids, and a cid is unique per sender for good). */
 static void durable_tail(struct bn_buf *b, uint64_t seq)
 {
     bn_buf_add(b, "\",\"seq\":", 8);
     bn_buf_addu(b, seq);
     bn_buf_add(b, ",\"cid\":\"", 8);
+    bn_buf_add(b, bench.prefix, strlen(bench.prefix));
     bn_buf_addu(b, seq);
 }
 

@@ -5,19 +5,29 @@
  * modulo the lanes), and each lane has one transaction in flight: what
  * arrives meanwhile waits and goes into the next one, up to batch_max
  * messages.  So under load a transaction carries hundreds of messages from
- * many sessions (three statements and one COMMIT), and per conversation
- * the numbers follow the order this node received the messages.  The
- * transaction (db_txn, on the pool's worker threads):
- *   1. INSERT INTO conv_heads ... ON DUPLICATE KEY UPDATE head = head + k
- *      (one row per conversation, in conv_id order: the row locks that
- *      serialise writers of one conversation on every node);
- *   2. INSERT INTO messages ... SELECT ..., h.head - t.k + t.i ... JOIN
- *      conv_heads h: MariaDB numbers the messages from the head it holds;
- *   3. SELECT conv_id, head ...: the new heads, from which the same
- *      numbers are computed here for the replies.
- * Statements are padded to 1, 8, 64 or 512 rows so that each pool
- * connection prepares at most a few shapes (padding: NULL conversation rows,
- * which the JOIN drops; head rows repeating the first with k = 0).
+ * many sessions, and per conversation the numbers follow the order this
+ * node received the messages.
+ *
+ * Numbering.  The writer keeps each conversation's head (its newest cseq)
+ * in memory and numbers a batch itself: the i-th message of conversation c
+ * gets head(c) + i.  The transaction (db_txn, on the pool's threads) is
+ *   1. UPDATE conv_heads SET head = CASE conv_id WHEN c THEN new ... END
+ *      WHERE conv_id IN (...): the row locks that serialise every writer of
+ *      a conversation on every node (taken in conv_id order, record locks
+ *      only: a primary-key IN list);
+ *   2. INSERT INTO messages ... VALUES (...), ...: plain multi-row INSERTs
+ *      of power-of-two sizes (so each pool connection prepares few shapes).
+ * A head this writer does not know is read first ("prime": INSERT IGNORE
+ * the row, then SELECT the heads, one small transaction).  Another node
+ * (or a reloaded instance) may have written the conversation since: the
+ * cached head is then behind, and the INSERT collides with the other
+ * writer's row on PRIMARY (conv_id, cseq) (error 1062), which rolls the
+ * whole transaction back; the writer forgets the heads of the batch, primes
+ * them again and runs the batch again.  The primary key is what makes a
+ * number impossible to hand out twice; the cache only makes the common
+ * case (one writer per conversation at a time) a single transaction of two
+ * statements.  Statements of the UPDATE are padded to 1, 8, 64 or 512
+ * conversations (repeating the first).
  *
  * Message ids are reserved in blocks (id_blocks, LAST_INSERT_ID(next_id +
  * block)) in a transaction of their own, the next block fetched when half
@@ -27,12 +37,13 @@
  * Idempotency.  (sender_id, cid) is a unique key.  A retry whose original
  * is still queued or in flight here joins it and gets the same outcome.  A
  * retry of a message already stored (here or on another node) makes the
- * INSERT fail with 1062: the writer then reads which of its messages exist
- * already, answers those with the stored numbers (dup) and runs the rest
- * again.  Deadlock (1213) and lock wait timeout (1205) run the batch again
- * (at most DS_ATTEMPTS times).  Any other failure answers every message of
- * the batch with the error (the database being down: CHAT_ERR_UNAVAILABLE):
- * an answer of CHAT_OK is only ever given after COMMIT.
+ * INSERT fail with 1062 on uq_messages_cid: the writer then reads which of
+ * its messages exist already, answers those with the stored numbers (dup)
+ * and runs the rest again.  Deadlock (1213) and lock wait timeout (1205)
+ * run the batch again; at most DS_ATTEMPTS runs in all.  Any other failure
+ * answers every message of the batch with the error (the database being
+ * down: CHAT_ERR_UNAVAILABLE): an answer of CHAT_OK is only ever given
+ * after COMMIT.
  */
 #include <stdlib.h>
 
@@ -41,6 +52,8 @@
 #define DS_ATTEMPTS 5
 #define DS_LANES_MAX 16
 #define DS_NBUCKETS 4
+#define DS_INS_SHAPES 10         /* INSERT of 1, 2, 4, ..., 512 rows */
+#define DS_HEADS_MAX (1u << 20)  /* cached heads; cleared when full */
 
 static const size_t buckets[DS_NBUCKETS] = {1, 8, 64, 512};
 
@@ -48,7 +61,6 @@ struct ds_pend {
     struct ds_pend *next;    /* lane queue, then the batch */
     struct ds_pend *joined;  /* retries waiting for this one's outcome */
     int64_t conv, sender, mid, cseq;
-    int64_t k, i;            /* messages of its conversation in the batch; its rank */
     uint64_t key;            /* hash of (sender, cid) */
     int in_map;              /* it is the inflight map's entry for key */
     ds_done_fn fn;
@@ -60,11 +72,19 @@ struct ds_pend {
     char data[];             /* cid, then body */
 };
 
+/* A conversation of the batch: its head before and after. */
+struct ds_head {
+    int64_t conv, old, new_;
+};
+
 struct ds_lane {
     struct ds_writer *w;
     struct ds_pend *head, **tail;
+    size_t queued;           /* in head..tail */
     struct ds_pend *batch;   /* in flight */
     size_t nbatch;
+    struct ds_head *heads;   /* the batch's conversations */
+    size_t nheads;
     int busy;
     int attempts;
 };
@@ -76,15 +96,17 @@ struct ds_writer {
     struct ds_lane lanes[DS_LANES_MAX];
     size_t queued;                /* messages not yet answered */
     struct chat_map *inflight;    /* key -> struct ds_pend * */
+    struct chat_map *heads;       /* conv -> (uintptr_t)(head + 1) */
     int64_t id_next, id_end;      /* the block in use */
     int64_t spare_next, spare_end;/* the next block */
     int fetching;
-    char *sql[4][DS_NBUCKETS];    /* heads, msgs, select, dedup */
+    char *sql_upd[DS_NBUCKETS], *sql_prime_ins[DS_NBUCKETS];
+    char *sql_prime_sel[DS_NBUCKETS], *sql_dedup[DS_NBUCKETS];
+    char *sql_ins[DS_INS_SHAPES];
 };
 
-enum { SQL_HEADS, SQL_MSGS, SQL_SEL, SQL_DEDUP };
-
 static void lane_pump(struct ds_lane *l);
+static void batch_start(struct ds_lane *l);
 
 /* ------------------------------------------------------------------------ */
 /* SQL text per shape, built once. */
@@ -116,6 +138,27 @@ static void sb_add(const struct chat_host *h, struct ds_sb *b, const char *s)
     b->len += n;
 }
 
+/* pre, then `item` n times joined by `sep`, then post. */
+static char *sql_build(const struct chat_host *h, const char *pre, const char *item,
+                       const char *sep, size_t n, const char *post)
+{
+    struct ds_sb b = {0};
+    size_t i;
+
+    sb_add(h, &b, pre);
+    for (i = 0; i < n; i++) {
+        if (i)
+            sb_add(h, &b, sep);
+        sb_add(h, &b, item);
+    }
+    sb_add(h, &b, post);
+    if (b.err) {
+        h->free(b.p);
+        return NULL;
+    }
+    return b.p;
+}
+
 static size_t bucket_of(size_t n)
 {
     size_t i;
@@ -125,50 +168,87 @@ static size_t bucket_of(size_t n)
     return i;
 }
 
+enum { SQL_UPD, SQL_PRIME_INS, SQL_PRIME_SEL, SQL_DEDUP };
+
 static const char *sql_get(struct ds_writer *w, int kind, size_t bi)
 {
-    struct ds_sb b = {0};
-    size_t i, n = buckets[bi];
+    const struct chat_host *h = w->h;
+    size_t n = buckets[bi];
+    char **slot, *upd_case, *upd_in;
 
-    if (w->sql[kind][bi])
-        return w->sql[kind][bi];
     switch (kind) {
-    case SQL_HEADS:
-        sb_add(w->h, &b, "INSERT INTO conv_heads (conv_id, head, user_a, user_b) VALUES ");
-        for (i = 0; i < n; i++)
-            sb_add(w->h, &b, i ? ",(?,?,?,?)" : "(?,?,?,?)");
-        sb_add(w->h, &b, " ON DUPLICATE KEY UPDATE head = head + VALUES(head)");
-        break;
-    case SQL_MSGS:
-        sb_add(w->h, &b, "INSERT INTO messages (conv_id, cseq, id, sender_id, cid, body) "
-                         "SELECT t.c, h.head - t.k + t.i, t.m, t.s, t.d, t.b FROM ("
-                         "SELECT ? AS c, ? AS k, ? AS i, ? AS m, ? AS s, ? AS d, ? AS b");
-        for (i = 1; i < n; i++)
-            sb_add(w->h, &b, " UNION ALL SELECT ?,?,?,?,?,?,?");
-        sb_add(w->h, &b, ") AS t JOIN conv_heads h ON h.conv_id = t.c");
-        break;
-    case SQL_SEL:
-        sb_add(w->h, &b, "SELECT conv_id, head FROM conv_heads WHERE conv_id IN (");
-        for (i = 0; i < n; i++)
-            sb_add(w->h, &b, i ? ",?" : "?");
-        sb_add(w->h, &b, ")");
-        break;
+    case SQL_UPD:
+        if (!*(slot = &w->sql_upd[bi])) {
+            upd_case = sql_build(h, "UPDATE conv_heads SET head = CASE conv_id ",
+                                 "WHEN ? THEN ?", " ", n, " END WHERE conv_id IN (");
+            upd_in = upd_case ? sql_build(h, upd_case, "?", ",", n, ")") : NULL;
+            h->free(upd_case);
+            *slot = upd_in;
+        }
+        return *slot;
+    case SQL_PRIME_INS:
+        if (!*(slot = &w->sql_prime_ins[bi]))
+            *slot = sql_build(h, "INSERT IGNORE INTO conv_heads (conv_id, head, user_a, "
+                              "user_b) VALUES ", "(?,0,?,?)", ",", n, "");
+        return *slot;
+    case SQL_PRIME_SEL:
+        if (!*(slot = &w->sql_prime_sel[bi]))
+            *slot = sql_build(h, "SELECT conv_id, head FROM conv_heads WHERE conv_id IN (",
+                              "?", ",", n, ")");
+        return *slot;
     default:
-        sb_add(w->h, &b, "SELECT sender_id, cid, id, conv_id, cseq FROM messages "
-                         "WHERE sender_id IN (");
-        for (i = 0; i < n; i++)
-            sb_add(w->h, &b, i ? ",?" : "?");
-        sb_add(w->h, &b, ") AND cid IN (");
-        for (i = 0; i < n; i++)
-            sb_add(w->h, &b, i ? ",?" : "?");
-        sb_add(w->h, &b, ")");
-        break;
+        if (!*(slot = &w->sql_dedup[bi])) {
+            upd_case = sql_build(h, "SELECT sender_id, cid, id, conv_id, cseq FROM "
+                                 "messages WHERE sender_id IN (", "?", ",", n,
+                                 ") AND cid IN (");
+            *slot = upd_case ? sql_build(h, upd_case, "?", ",", n, ")") : NULL;
+            h->free(upd_case);
+        }
+        return *slot;
     }
-    if (b.err) {
-        w->h->free(b.p);
-        return NULL;
+}
+
+/* INSERT INTO messages of exactly 2^shift rows. */
+static const char *sql_ins(struct ds_writer *w, size_t shift)
+{
+    if (!w->sql_ins[shift])
+        w->sql_ins[shift] = sql_build(w->h, "INSERT INTO messages (conv_id, cseq, id, "
+                                      "sender_id, cid, body) VALUES ", "(?,?,?,?,?,?)",
+                                      ",", (size_t)1 << shift, "");
+    return w->sql_ins[shift];
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cached heads. */
+
+static int head_get(const struct ds_writer *w, int64_t conv, int64_t *head)
+{
+    uintptr_t v = (uintptr_t)w->h->map_get(w->heads, conv);
+
+    *head = (int64_t)v - 1;
+    return v != 0;
+}
+
+static void head_put(struct ds_writer *w, int64_t conv, int64_t head)
+{
+    if (w->h->map_len(w->heads) >= DS_HEADS_MAX && !w->h->map_get(w->heads, conv)) {
+        struct chat_map *m = w->h->map_new();
+
+        if (!m)
+            return;
+        w->h->map_free(w->heads);
+        w->heads = m;
     }
-    return w->sql[kind][bi] = b.p;
+    w->h->map_put(w->heads, conv, (void *)(uintptr_t)(head + 1));
+}
+
+/* Forget the heads of the lane's batch (they may be stale). */
+static void heads_forget(struct ds_lane *l)
+{
+    struct ds_pend *p;
+
+    for (p = l->batch; p; p = p->next)
+        l->w->h->map_del(l->w->heads, p->conv);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -202,6 +282,7 @@ static void batch_fail(struct ds_lane *l, int status)
 {
     struct ds_pend *p, *next;
 
+    heads_forget(l);
     for (p = l->batch; p; p = next) {
         next = p->next;
         pend_answer(l->w, p, status, 0);
@@ -222,11 +303,19 @@ static void queues_fail(struct ds_writer *w, int status)
         p = l->head;
         l->head = NULL;
         l->tail = &l->head;
+        l->queued = 0;
         for (; p; p = next) {
             next = p->next;
             pend_answer(w, p, status, 0);
         }
     }
+}
+
+static int fail_status(int rc)
+{
+    return rc == CHAT_ERR_BUSY || rc == CHAT_ERR_CLOSED || rc == CHAT_ERR_DB
+               ? rc
+               : CHAT_ERR_UNAVAILABLE;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -251,8 +340,7 @@ static void ids_done(const struct chat_db_result *r, void *ud)
         chat_log(w->h, w->self, CHAT_LOG_WARN, "reserving message ids failed: %s",
                  rc ? w->h->db_errmsg(r) : "no row");
         if (ids_left(w) == 0)
-            queues_fail(w, rc == CHAT_ERR_BUSY || rc == CHAT_ERR_CLOSED ? rc
-                                                                      : CHAT_ERR_UNAVAILABLE);
+            queues_fail(w, rc == CHAT_ERR_DB ? CHAT_ERR_UNAVAILABLE : fail_status(rc));
         return;
     }
     top = w->h->db_int(sub, 0, 0);
@@ -295,106 +383,176 @@ static int64_t id_take(struct ds_writer *w)
 }
 
 /* ------------------------------------------------------------------------ */
-/* A batch. */
+/* Priming: the heads this writer does not know. */
 
-struct ds_head {
-    int64_t conv, k;
-};
-
-static int head_cmp(const void *a, const void *b)
+static void prime_done(const struct chat_db_result *r, void *ud)
 {
-    const struct ds_head *x = a, *y = b;
+    struct ds_lane *l = ud;
+    const struct chat_host *h = l->w->h;
+    const struct chat_db_result *sel;
+    size_t i, n;
+    int rc;
 
-    return (x->conv > y->conv) - (x->conv < y->conv);
+    l->busy = 0;
+    if ((rc = h->db_error(r)) != CHAT_OK || !(sel = h->db_sub(r, 1))) {
+        chat_log(h, l->w->self, CHAT_LOG_WARN, "reading conversation heads: %s",
+                 h->db_errmsg(r));
+        batch_fail(l, rc == CHAT_ERR_DB ? CHAT_ERR_UNAVAILABLE : fail_status(rc));
+        lane_pump(l);
+        return;
+    }
+    n = h->db_nrows(sel);
+    for (i = 0; i < n; i++)
+        head_put(l->w, h->db_int(sel, i, 0), h->db_int(sel, i, 1));
+    batch_start(l);
+    if (!l->busy)
+        lane_pump(l);
 }
+
+/* Read the heads of the batch's conversations that are not cached.
+ * 1: a prime is in flight; 0: nothing to read; -1: failed (batch answered). */
+static int prime(struct ds_lane *l)
+{
+    struct ds_writer *w = l->w;
+    const struct chat_host *h = w->h;
+    int64_t *miss, v;
+    size_t n = 0, i, bi, nb;
+    struct chat_db_param *pr = NULL;
+    struct chat_db_stmt st[2];
+    struct ds_pend *p;
+    int rc = CHAT_ERR_NOMEM;
+
+    if (!(miss = h->malloc(l->nbatch * sizeof(*miss))))
+        goto out;
+    for (p = l->batch; p; p = p->next) {
+        if (head_get(w, p->conv, &v))
+            continue;
+        for (i = 0; i < n && miss[i] != p->conv; i++)
+            ;
+        if (i == n)
+            miss[n++] = p->conv;
+    }
+    if (n == 0) {
+        h->free(miss);
+        return 0;
+    }
+    if (n > buckets[DS_NBUCKETS - 1])
+        n = buckets[DS_NBUCKETS - 1]; /* the rest in the next prime */
+    bi = bucket_of(n);
+    nb = buckets[bi];
+    st[0].sql = sql_get(w, SQL_PRIME_INS, bi);
+    st[1].sql = sql_get(w, SQL_PRIME_SEL, bi);
+    if (!st[0].sql || !st[1].sql || !(pr = h->malloc(4 * nb * sizeof(*pr))))
+        goto out;
+    for (i = 0; i < nb; i++) {
+        int64_t c = miss[i < n ? i : 0], a, b;
+
+        ds_conv_users(c, &a, &b);
+        pr[3 * i] = CHAT_DB_P_INT(c);
+        pr[3 * i + 1] = a ? CHAT_DB_P_INT(a) : CHAT_DB_P_NULL;
+        pr[3 * i + 2] = b ? CHAT_DB_P_INT(b) : CHAT_DB_P_NULL;
+        pr[3 * nb + i] = CHAT_DB_P_INT(c);
+    }
+    st[0].params = pr;
+    st[0].nparams = 3 * nb;
+    st[1].params = pr + 3 * nb;
+    st[1].nparams = nb;
+    rc = h->db_txn(w->self, st, 2, prime_done, l);
+out:
+    h->free(pr);
+    h->free(miss);
+    if (rc == CHAT_OK) {
+        l->busy = 1;
+        return 1;
+    }
+    batch_fail(l, rc == CHAT_ERR_BUSY ? CHAT_ERR_BUSY : CHAT_ERR_UNAVAILABLE);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* A batch. */
 
 static void batch_done(const struct chat_db_result *r, void *ud);
 
-/* Number the batch's messages per conversation and build the three
- * statements.  Returns CHAT_OK once db_txn took them. */
+/* Number the batch from the cached heads and build its statements: the
+ * heads' UPDATE, then INSERTs of power-of-two sizes.  CHAT_OK once
+ * db_txn took them. */
 static int batch_run(struct ds_lane *l)
 {
     struct ds_writer *w = l->w;
     const struct chat_host *h = w->h;
-    size_t n = l->nbatch, nh = 0, i, bh, bm, np = 0;
-    struct ds_head *heads = NULL;
+    size_t n = l->nbatch, nh = 0, i, bh, np = 0, ns = 0, left, shift;
+    struct ds_head *hd;
     struct chat_db_param *pr = NULL;
-    struct chat_db_stmt st[3];
+    struct chat_db_stmt st[1 + DS_INS_SHAPES];
     struct ds_pend *p;
     int rc = CHAT_ERR_NOMEM;
 
-    if (!(heads = h->malloc(n * sizeof(*heads))))
+    h->free(l->heads);
+    if (!(l->heads = hd = h->malloc(n * sizeof(*hd))))
         goto out;
     for (p = l->batch; p; p = p->next) { /* batches are small: a linear scan */
-        for (i = 0; i < nh && heads[i].conv != p->conv; i++)
+        for (i = 0; i < nh && hd[i].conv != p->conv; i++)
             ;
         if (i == nh) {
-            heads[nh].conv = p->conv;
-            heads[nh++].k = 0;
+            hd[nh].conv = p->conv;
+            if (!head_get(w, p->conv, &hd[nh].old))
+                goto out; /* primed just before: cannot happen */
+            hd[nh++].new_ = hd[i].old;
         }
-        p->i = ++heads[i].k;
+        p->cseq = ++hd[i].new_;
     }
-    for (p = l->batch; p; p = p->next)
-        for (i = 0; i < nh; i++)
-            if (heads[i].conv == p->conv)
-                p->k = heads[i].k;
-    qsort(heads, nh, sizeof(*heads), head_cmp);
+    l->nheads = nh;
     bh = bucket_of(nh);
-    bm = bucket_of(n);
-    st[0].sql = sql_get(w, SQL_HEADS, bh);
-    st[1].sql = sql_get(w, SQL_MSGS, bm);
-    st[2].sql = sql_get(w, SQL_SEL, bh);
-    if (!st[0].sql || !st[1].sql || !st[2].sql)
+    if (nh > buckets[DS_NBUCKETS - 1] || !(st[0].sql = sql_get(w, SQL_UPD, bh)))
         goto out;
-    if (!(pr = h->malloc((buckets[bh] * 5 + buckets[bm] * 7) * sizeof(*pr))))
+    if (!(pr = h->malloc((3 * buckets[bh] + 6 * n) * sizeof(*pr))))
         goto out;
     st[0].params = pr;
-    for (i = 0; i < buckets[bh]; i++) {
-        const struct ds_head *hd = &heads[i < nh ? i : 0];
-        int64_t a, b;
+    for (i = 0; i < buckets[bh]; i++) { /* in conv_id order: sorted by the IN scan */
+        const struct ds_head *x = &hd[i < nh ? i : 0];
 
-        ds_conv_users(hd->conv, &a, &b);
-        pr[np++] = CHAT_DB_P_INT(hd->conv);
-        pr[np++] = CHAT_DB_P_INT(i < nh ? hd->k : 0);
-        pr[np++] = a ? CHAT_DB_P_INT(a) : CHAT_DB_P_NULL;
-        pr[np++] = b ? CHAT_DB_P_INT(b) : CHAT_DB_P_NULL;
+        pr[np++] = CHAT_DB_P_INT(x->conv);
+        pr[np++] = CHAT_DB_P_INT(x->new_);
     }
+    for (i = 0; i < buckets[bh]; i++)
+        pr[np++] = CHAT_DB_P_INT(hd[i < nh ? i : 0].conv);
     st[0].nparams = np;
-    st[1].params = pr + np;
-    for (p = l->batch, i = 0; i < buckets[bm]; i++) {
-        if (p) {
+    ns = 1;
+    p = l->batch;
+    for (left = n, shift = DS_INS_SHAPES; left > 0;) { /* 2^shift rows at a time */
+        while (((size_t)1 << --shift) > left)
+            ;
+        if (!(st[ns].sql = sql_ins(w, shift)))
+            goto out;
+        st[ns].params = pr + np;
+        st[ns].nparams = 6 * ((size_t)1 << shift);
+        for (i = 0; i < ((size_t)1 << shift); i++, p = p->next) {
             pr[np++] = CHAT_DB_P_INT(p->conv);
-            pr[np++] = CHAT_DB_P_INT(p->k);
-            pr[np++] = CHAT_DB_P_INT(p->i);
+            pr[np++] = CHAT_DB_P_INT(p->cseq);
             pr[np++] = CHAT_DB_P_INT(p->mid);
             pr[np++] = CHAT_DB_P_INT(p->sender);
             pr[np++] = CHAT_DB_P_STR(p->data, p->cid_len);
             pr[np++] = CHAT_DB_P_STR(p->data + p->cid_len, p->body_len);
-            p = p->next;
-        } else {
-            size_t k;
-
-            for (k = 0; k < 7; k++)
-                pr[np++] = CHAT_DB_P_NULL;
         }
+        left -= (size_t)1 << shift;
+        ns++;
+        shift++; /* the next chunk is at most as large */
     }
-    st[1].nparams = np - st[0].nparams;
-    st[2].params = pr + np;
-    for (i = 0; i < buckets[bh]; i++)
-        pr[np++] = CHAT_DB_P_INT(heads[i < nh ? i : 0].conv);
-    st[2].nparams = buckets[bh];
-    rc = h->db_txn(w->self, st, 3, batch_done, l);
+    rc = h->db_txn(w->self, st, ns, batch_done, l);
 out:
     h->free(pr);
-    h->free(heads);
     return rc;
 }
 
+/* Prime the heads if needed, then run the batch. */
 static void batch_start(struct ds_lane *l)
 {
-    int rc = batch_run(l);
+    int rc;
 
-    if (rc == CHAT_OK) {
+    if (prime(l) != 0)
+        return; /* in flight (busy), or failed and answered */
+    if ((rc = batch_run(l)) == CHAT_OK) {
         l->busy = 1;
         return;
     }
@@ -403,21 +561,15 @@ static void batch_start(struct ds_lane *l)
     batch_fail(l, rc == CHAT_ERR_BUSY ? CHAT_ERR_BUSY : CHAT_ERR_UNAVAILABLE);
 }
 
-static void batch_stored(struct ds_lane *l, const struct chat_db_result *sel)
+static void batch_stored(struct ds_lane *l)
 {
-    const struct chat_host *h = l->w->h;
-    size_t i, n = sel ? h->db_nrows(sel) : 0;
     struct ds_pend *p, *next;
+    size_t i;
 
+    for (i = 0; i < l->nheads; i++)
+        head_put(l->w, l->heads[i].conv, l->heads[i].new_);
     for (p = l->batch; p; p = next) {
         next = p->next;
-        for (i = 0; i < n && h->db_int(sel, i, 0) != p->conv; i++)
-            ;
-        if (i == n) { /* cannot happen: the head row was written */
-            pend_answer(l->w, p, CHAT_ERR_DB, 0);
-            continue;
-        }
-        p->cseq = h->db_int(sel, i, 1) - p->k + p->i;
         pend_answer(l->w, p, CHAT_OK, 0);
     }
     l->batch = NULL;
@@ -509,45 +661,53 @@ static void batch_done(const struct chat_db_result *r, void *ud)
     struct ds_lane *l = ud;
     const struct chat_host *h = l->w->h;
     int rc = h->db_error(r), my = h->db_errno(r);
+    const char *msg = rc ? h->db_errmsg(r) : NULL;
 
     l->busy = 0;
     if (rc == CHAT_OK) {
         l->attempts = 0;
-        batch_stored(l, h->db_sub(r, 2));
-    } else if (my == 1062) {
-        dedup_start(l);
-    } else if ((my == 1213 || my == 1205) && ++l->attempts < DS_ATTEMPTS) {
+        batch_stored(l);
+    } else if (my == 1062 && msg && strstr(msg, "uq_messages_cid")) {
+        dedup_start(l); /* retries of stored messages */
+    } else if ((my == 1062 || my == 1213 || my == 1205) && ++l->attempts < DS_ATTEMPTS) {
+        /* 1062 on PRIMARY: a head was stale (another writer); deadlock or
+         * lock wait: run again.  Either way the heads are read again. */
         chat_log(h, l->w->self, CHAT_LOG_INFO, "storing %zu messages: %s; again",
-                 l->nbatch, h->db_errmsg(r));
+                 l->nbatch, msg);
+        heads_forget(l);
         batch_start(l);
     } else {
         l->attempts = 0;
         chat_log(h, l->w->self, CHAT_LOG_WARN, "storing %zu messages failed: %s",
-                 l->nbatch, h->db_errmsg(r));
-        batch_fail(l, rc == CHAT_ERR_DB ? CHAT_ERR_DB
-                      : rc == CHAT_ERR_CLOSED ? CHAT_ERR_CLOSED : CHAT_ERR_UNAVAILABLE);
+                 l->nbatch, msg);
+        batch_fail(l, fail_status(rc));
     }
     if (!l->busy)
         lane_pump(l);
 }
 
-/* Start the next batch when the lane is idle and ids are at hand. */
+/* Start the next batch when the lane is idle and ids are at hand.  A
+ * batch takes the largest power of two of the waiting messages (at most
+ * batch_max): one INSERT statement. */
 static void lane_pump(struct ds_lane *l)
 {
     struct ds_writer *w = l->w;
 
     while (!l->busy && l->head) {
         struct ds_pend **tailp = &l->batch, *p;
-        size_t n = 0;
+        size_t n = 0, want = 1;
 
         if (ids_left(w) < w->conf.id_block / 2)
             ids_fetch(w); /* the next block, before this one runs out */
         if (ids_left(w) == 0)
             return; /* ids_done pumps again (or failed the queues) */
-        while (l->head && n < w->conf.batch_max && ids_left(w) > 0) {
+        while (want * 2 <= l->queued && want * 2 <= w->conf.batch_max)
+            want *= 2;
+        while (l->head && n < want && ids_left(w) > 0) {
             p = l->head;
             if (!(l->head = p->next))
                 l->tail = &l->head;
+            l->queued--;
             p->next = NULL;
             p->mid = id_take(w);
             *tailp = p;
@@ -632,6 +792,7 @@ int ds_submit(struct ds_writer *w, const struct ds_msg *m, ds_done_fn fn,
     }
     *l->tail = p;
     l->tail = &p->next;
+    l->queued++;
     w->queued++;
     return CHAT_OK;
 }
@@ -679,7 +840,8 @@ struct ds_writer *ds_writer_new(const struct chat_host *h, struct chat_plugin *s
         w->lanes[i].w = w;
         w->lanes[i].tail = &w->lanes[i].head;
     }
-    if (!(w->inflight = h->map_new())) {
+    if (!(w->inflight = h->map_new()) || !(w->heads = h->map_new())) {
+        h->map_free(w->inflight);
         h->free(w);
         return NULL;
     }
@@ -701,14 +863,22 @@ void ds_writer_reconf(struct ds_writer *w, const struct ds_conf *conf)
 
 void ds_writer_free(struct ds_writer *w)
 {
-    size_t i, k;
+    size_t i;
 
     if (!w)
         return;
     queues_fail(w, CHAT_ERR_CLOSED); /* nothing is left once drained */
-    for (k = 0; k < 4; k++)
-        for (i = 0; i < DS_NBUCKETS; i++)
-            w->h->free(w->sql[k][i]);
+    for (i = 0; i < DS_NBUCKETS; i++) {
+        w->h->free(w->sql_upd[i]);
+        w->h->free(w->sql_prime_ins[i]);
+        w->h->free(w->sql_prime_sel[i]);
+        w->h->free(w->sql_dedup[i]);
+    }
+    for (i = 0; i < DS_INS_SHAPES; i++)
+        w->h->free(w->sql_ins[i]);
+    for (i = 0; i < DS_LANES_MAX; i++)
+        w->h->free(w->lanes[i].heads);
+    w->h->map_free(w->heads);
     w->h->map_free(w->inflight);
     w->h->free(w);
 }
