@@ -55,7 +55,8 @@
 # BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
 # BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
 # generator's legacy sessions read whole segments and opt out of pacing),
-# BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
+# BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
+# in flight for pairs-durable; 2), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
 # write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
 # perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
 # The conns scenario restarts chatd first, so that the RSS it reads is that
@@ -81,6 +82,7 @@ PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
 LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
+DURABLE_LANES=${BENCH_DURABLE_LANES:-2}
 SET=${BENCH_SET:-relay-pairs pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
@@ -216,6 +218,7 @@ policy = open
 
 [plugin.one2one]
 msg_max = 4096
+durable_lanes = $DURABLE_LANES
 
 [plugin.group]
 join = open
