@@ -43,3 +43,13 @@ CREATE TABLE IF NOT EXISTS id_blocks (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 INSERT IGNORE INTO id_blocks (name, next_id) VALUES ('message', 1);
+
+-- Receipts: how far each participant has received ("delivered") and read
+-- a conversation, as cseq values that only grow (READ, msgid 17).
+CREATE TABLE IF NOT EXISTS conv_marks (
+  conv_id   BIGINT NOT NULL,
+  user_id   BIGINT NOT NULL,
+  delivered BIGINT NOT NULL DEFAULT 0,
+  read_seq  BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (conv_id, user_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

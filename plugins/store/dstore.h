@@ -20,6 +20,7 @@
 /* ---- wire numbers (docs/protocol.md, "Durable messages") ----------------- */
 #define DS_MSG_SYNC 15        /* protocol 2: what the device missed */
 #define DS_MSG_HISTORY 16     /* protocol 2: a conversation's earlier messages */
+#define DS_MSG_READ 17        /* protocol 2: delivered/read markers (receipts) */
 #define DS_E_NOT_PARTICIPANT 121 /* not a participant of the conversation */
 
 /* ---- conversation ids --------------------------------------------------- */

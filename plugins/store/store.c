@@ -24,6 +24,17 @@
  * messages from when it joined (created_at >= group_members.joined_at,
  * both stamped by the MariaDB server); SYNC applies the same rule.
  *
+ * READ (receipts).  A participant says how far it has received
+ * ("delivered") and read a conversation; conv_marks keeps the larger
+ * values (they only grow, capped at the head) in one small transaction
+ * that also checks the participant (a group: its membership).  The ACK
+ * returns the stored marks; in a pair the other user's devices are told
+ * live (protocol 2 only) through host->broadcast to this plugin on every
+ * node, which hands it to a local session of that user: deliver() would
+ * send it to a legacy client or the offline store.  SYNC returns the marks
+ * with the heads (the user's own, and in a pair the other user's), so a
+ * device that was away clears its unread counts.
+ *
  * Everything goes through the pool (db_query); the loop never waits.  A
  * request holds its answer state until its last query returns; the session
  * is looked up again by id then (it may be gone).
@@ -106,6 +117,7 @@ static int read_range(int64_t conv, int64_t pos, int after, const char *joined,
 
 struct sync_conv {
     int64_t conv, head, pos;
+    int64_t mark[4];  /* own delivered, own read, peer's delivered, read; -1: none */
     size_t allot, got;
     char joined[32];  /* group: joined_at as text; "" for pairs */
     cJSON *msgs;      /* its rows, once read */
@@ -139,6 +151,17 @@ static void sync_free(struct sync_req *q)
     host->free(q);
 }
 
+static void add_marks(cJSON *c, const int64_t *mark)
+{
+    static const char *const keys[4] = {"delivered", "read", "peer_delivered",
+                                        "peer_read"};
+    size_t i;
+
+    for (i = 0; i < 4; i++)
+        if (mark[i] >= 0)
+            cJSON_AddNumberToObject(c, keys[i], (double)mark[i]);
+}
+
 static void sync_reply(struct sync_req *q)
 {
     struct chat_session *s = host->session_get(q->sid);
@@ -167,6 +190,7 @@ static void sync_reply(struct sync_req *q)
         cJSON_AddItemToArray(convs, c);
         cJSON_AddStringToObject(c, "conv", name);
         cJSON_AddNumberToObject(c, "head", (double)sc->head);
+        add_marks(c, sc->mark);
         /* behind and not all read: a full allotment, or none given */
         if (sc->head > sc->pos && (size_t)(sc->head - sc->pos) > sc->allot &&
             sc->got == sc->allot)
@@ -244,9 +268,13 @@ static void heads_read(const struct chat_db_result *r, void *ud)
         size_t len;
         const char *j;
 
+        size_t k;
+
         memset(sc, 0, sizeof(*sc));
         sc->conv = host->db_int(r, i, 0);
         sc->head = host->db_int(r, i, 1);
+        for (k = 0; k < 4; k++)
+            sc->mark[k] = host->db_is_null(r, i, 3 + k) ? -1 : host->db_int(r, i, 3 + k);
         p = (uintptr_t)host->map_get(q->pos, sc->conv);
         sc->pos = p ? (int64_t)(p - 1) : 0;
         if (!host->db_is_null(r, i, 2) && (j = host->db_str(r, i, 2, &len)) &&
@@ -321,12 +349,23 @@ static int64_t req_limit(const struct chat_request *req, int64_t def, int64_t ma
 
 static void on_sync(struct chat_session *s, const struct chat_request *req, void *ud)
 {
+    /* the user's conversations, heads and marks (own; a pair: the peer's) */
     static const char sql[] =
-        "SELECT conv_id, head, NULL FROM conv_heads WHERE user_a = ?"
-        " UNION ALL SELECT conv_id, head, NULL FROM conv_heads"
-        " WHERE user_b = ? AND user_a <> ?"
-        " UNION ALL SELECT h.conv_id, h.head, m.joined_at FROM group_members m"
-        " JOIN conv_heads h ON h.conv_id = -m.group_id WHERE m.user_id = ?";
+        "SELECT h.conv_id, h.head, NULL, o.delivered, o.read_seq, p.delivered,"
+        " p.read_seq FROM conv_heads h"
+        " LEFT JOIN conv_marks o ON o.conv_id = h.conv_id AND o.user_id = h.user_a"
+        " LEFT JOIN conv_marks p ON p.conv_id = h.conv_id AND p.user_id = h.user_b"
+        " WHERE h.user_a = ?"
+        " UNION ALL SELECT h.conv_id, h.head, NULL, o.delivered, o.read_seq,"
+        " p.delivered, p.read_seq FROM conv_heads h"
+        " LEFT JOIN conv_marks o ON o.conv_id = h.conv_id AND o.user_id = h.user_b"
+        " LEFT JOIN conv_marks p ON p.conv_id = h.conv_id AND p.user_id = h.user_a"
+        " WHERE h.user_b = ? AND h.user_a <> ?"
+        " UNION ALL SELECT h.conv_id, h.head, m.joined_at, o.delivered, o.read_seq,"
+        " NULL, NULL FROM group_members m"
+        " JOIN conv_heads h ON h.conv_id = -m.group_id"
+        " LEFT JOIN conv_marks o ON o.conv_id = h.conv_id AND o.user_id = m.user_id"
+        " WHERE m.user_id = ?";
     struct chat_db_param p[4];
     struct sync_req *q;
     const char *why;
@@ -520,6 +559,181 @@ static void on_history(struct chat_session *s, const struct chat_request *req, v
 }
 
 /* ------------------------------------------------------------------------ */
+/* READ (receipts) */
+
+struct mark_req {
+    uint64_t sid;
+    struct chat_ack ack;
+    int64_t uid, conv;
+};
+
+/* Tell the peer's protocol-2 sessions on this node (broadcast hook). */
+static void on_broadcast(int event, const void *arg, void *ud)
+{
+    const struct chat_ev_broadcast *ev = arg;
+    long long peer, conv, reader, dl, rd;
+    char buf[128], name[DS_CONV_STR];
+    struct chat_session *s;
+    cJSON *o;
+
+    (void)ud;
+    if (event != CHAT_EV_BROADCAST || ev->len >= sizeof(buf))
+        return;
+    memcpy(buf, ev->data, ev->len);
+    buf[ev->len] = '\0';
+    if (sscanf(buf, "mark %lld %lld %lld %lld %lld", &peer, &conv, &reader, &dl, &rd) != 5)
+        return;
+    if (!(s = host->session_by_user(peer)) || host->session_proto(s) != CHAT_PROTO_2 ||
+        !(o = cJSON_CreateObject()))
+        return;
+    ds_conv_format(conv, name, sizeof(name));
+    cJSON_AddNumberToObject(o, "msgid", DS_MSG_READ);
+    cJSON_AddStringToObject(o, "conv", name);
+    cJSON_AddNumberToObject(o, "id", (double)reader);
+    cJSON_AddNumberToObject(o, "delivered", (double)dl);
+    cJSON_AddNumberToObject(o, "read", (double)rd);
+    host->send_json(s, o);
+    cJSON_Delete(o);
+}
+
+static void mark_done(const struct chat_db_result *r, void *ud)
+{
+    struct mark_req *m = ud;
+    struct chat_session *s = host->session_get(m->sid);
+    const struct chat_db_result *sel = host->db_sub(r, 1);
+    char name[DS_CONV_STR], note[128];
+    int64_t dl, rd, a, b;
+    cJSON *body;
+    int rc, n;
+
+    if ((rc = host->db_error(r)) != CHAT_OK || !sel) {
+        if (s)
+            answer(s, &m->ack, db_proto_errno(rc), rc == CHAT_ERR_UNAVAILABLE ||
+                   rc == CHAT_ERR_BUSY ? "database unavailable, try again"
+                                       : "cannot store the marks", NULL);
+        goto out;
+    }
+    if (host->db_nrows(sel) == 0) {
+        if (s)
+            answer(s, &m->ack, DS_E_NOT_PARTICIPANT,
+                   "not a participant of the conversation", NULL);
+        goto out;
+    }
+    dl = host->db_int(sel, 0, 0);
+    rd = host->db_int(sel, 0, 1);
+    if (m->conv > 0) { /* a pair: tell the other user, wherever it is */
+        ds_conv_users(m->conv, &a, &b);
+        n = snprintf(note, sizeof(note), "mark %lld %lld %lld %lld %lld",
+                     (long long)(a == m->uid ? b : a), (long long)m->conv,
+                     (long long)m->uid, (long long)dl, (long long)rd);
+        if (n > 0 && (size_t)n < sizeof(note))
+            host->broadcast(self, note, (size_t)n);
+    }
+    if (s && (body = cJSON_CreateObject())) {
+        ds_conv_format(m->conv, name, sizeof(name));
+        cJSON_AddStringToObject(body, "conv", name);
+        cJSON_AddNumberToObject(body, "delivered", (double)dl);
+        cJSON_AddNumberToObject(body, "read", (double)rd);
+        answer(s, &m->ack, 0, NULL, body);
+        cJSON_Delete(body);
+    } else if (s) {
+        answer(s, &m->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+    }
+out:
+    host->free(m);
+}
+
+/* "read"/"delivered": absent (0), or an integer >= 0.  -1 when bad. */
+static int mark_field(const struct chat_request *req, const char *key, int64_t *v)
+{
+    int rc = host->req_int(req, key, v);
+
+    if (rc == 0)
+        *v = 0;
+    return rc < 0 || *v < 0 ? -1 : rc;
+}
+
+static void on_read(struct chat_session *s, const struct chat_request *req, void *ud)
+{
+    static const char pair_sql[] =
+        "INSERT INTO conv_marks (conv_id, user_id, delivered, read_seq)"
+        " SELECT h.conv_id, ?, LEAST(?, h.head), LEAST(?, h.head) FROM conv_heads h"
+        " WHERE h.conv_id = ? ON DUPLICATE KEY UPDATE"
+        " delivered = GREATEST(delivered, VALUES(delivered)),"
+        " read_seq = GREATEST(read_seq, VALUES(read_seq))";
+    static const char group_sql[] =
+        "INSERT INTO conv_marks (conv_id, user_id, delivered, read_seq)"
+        " SELECT h.conv_id, ?, LEAST(?, h.head), LEAST(?, h.head) FROM conv_heads h"
+        " JOIN group_members m ON m.group_id = -h.conv_id AND m.user_id = ?"
+        " WHERE h.conv_id = ? ON DUPLICATE KEY UPDATE"
+        " delivered = GREATEST(delivered, VALUES(delivered)),"
+        " read_seq = GREATEST(read_seq, VALUES(read_seq))";
+    static const char sel_sql[] =
+        "SELECT delivered, read_seq FROM conv_marks WHERE conv_id = ? AND user_id = ?";
+    struct chat_db_param p[5], q[2];
+    struct chat_db_stmt st[2];
+    struct mark_req *m;
+    const char *c;
+    size_t len, np = 0;
+    int64_t uid, conv, a, b, dl, rd;
+    int hd, hr, rc;
+
+    (void)ud;
+    if (host->session_proto(s) != CHAT_PROTO_2) {
+        chat_log(host, self, CHAT_LOG_INFO, "READ from a legacy session: ignored");
+        return;
+    }
+    if (!(uid = host->req_auth(s, req)))
+        return;
+    c = host->req_field_str(req, "conv", &len);
+    if (!c || !(conv = ds_conv_parse(c, len))) {
+        answer(s, &req->ack, CHAT_E_BAD_FIELD, "conv must be a conversation (\"pA:B\" or "
+               "\"gG\")", NULL);
+        return;
+    }
+    if ((hd = mark_field(req, "delivered", &dl)) < 0 || (hr = mark_field(req, "read", &rd)) < 0 ||
+        !(hd || hr)) {
+        answer(s, &req->ack, CHAT_E_BAD_FIELD,
+               "read and/or delivered must be an integer >= 0", NULL);
+        return;
+    }
+    if (conv > 0) {
+        ds_conv_users(conv, &a, &b);
+        if (uid != a && uid != b) {
+            answer(s, &req->ack, DS_E_NOT_PARTICIPANT,
+                   "not a participant of the conversation", NULL);
+            return;
+        }
+    }
+    if (!(m = host->malloc(sizeof(*m)))) {
+        answer(s, &req->ack, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    m->sid = host->session_id(s);
+    m->ack = req->ack;
+    m->uid = uid;
+    m->conv = conv;
+    p[np++] = CHAT_DB_P_INT(uid);
+    p[np++] = CHAT_DB_P_INT(dl > rd ? dl : rd); /* what is read was delivered */
+    p[np++] = CHAT_DB_P_INT(rd);
+    if (conv < 0)
+        p[np++] = CHAT_DB_P_INT(uid);
+    p[np++] = CHAT_DB_P_INT(conv);
+    q[0] = CHAT_DB_P_INT(conv);
+    q[1] = CHAT_DB_P_INT(uid);
+    st[0].sql = conv > 0 ? pair_sql : group_sql;
+    st[0].params = p;
+    st[0].nparams = np;
+    st[1].sql = sel_sql;
+    st[1].params = q;
+    st[1].nparams = 2;
+    if ((rc = host->db_txn(self, st, 2, mark_done, m)) != CHAT_OK) {
+        answer(s, &req->ack, db_proto_errno(rc), "database unavailable, try again", NULL);
+        host->free(m);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
 
 static int read_conf(void)
 {
@@ -549,7 +763,9 @@ static int store_init(const struct chat_host *h, struct chat_plugin *p, void **s
     if ((rc = read_conf()) != CHAT_OK)
         return rc;
     if ((rc = h->register_handler(p, DS_MSG_SYNC, on_sync, NULL)) != CHAT_OK ||
-        (rc = h->register_handler(p, DS_MSG_HISTORY, on_history, NULL)) != CHAT_OK)
+        (rc = h->register_handler(p, DS_MSG_HISTORY, on_history, NULL)) != CHAT_OK ||
+        (rc = h->register_handler(p, DS_MSG_READ, on_read, NULL)) != CHAT_OK ||
+        (rc = h->register_hook(p, CHAT_EV_BROADCAST, on_broadcast, NULL)) != CHAT_OK)
         return rc;
     return CHAT_OK;
 }

@@ -247,6 +247,44 @@ class DurableCase(unittest.TestCase):
         for x in (ca, cb, cc, cd):
             x.close()
 
+    def test_receipts(self):
+        a, b, c = self.user("a"), self.user("b"), self.user("c")
+        ca, cb, cc = (login2(self.node, u) for u in (a, b, c))
+        for i in range(5):
+            conv = ca.request({"msgid": 6, "toid": b, "msg": "r%d" % i, "cid": "r%d" % i})["conv"]
+        for _ in range(5):
+            cb.recv()
+        r = cb.request({"msgid": 17, "conv": conv, "read": 3})
+        self.assertEqual((r["errno"], r["delivered"], r["read"]), (0, 3, 3), r)
+        m = ca.recv_until(lambda m: m.get("msgid") == 17)  # live, to the other user
+        self.assertEqual((m["conv"], m["id"], m["delivered"], m["read"]), (conv, b, 3, 3))
+        r = cb.request({"msgid": 17, "conv": conv, "read": 2, "delivered": 5})
+        self.assertEqual((r["delivered"], r["read"]), (5, 3))  # marks only grow
+        r = cb.request({"msgid": 17, "conv": conv, "read": 100})
+        self.assertEqual((r["delivered"], r["read"]), (5, 5))  # capped at the head
+        self.assertEqual(cc.request({"msgid": 17, "conv": conv, "read": 1})["errno"], 121)
+        self.assertEqual(cb.request({"msgid": 17, "conv": conv})["errno"], 104)
+        self.assertEqual(cb.request({"msgid": 17, "conv": conv, "read": -1})["errno"], 104)
+        # part of SYNC: the reader's own marks, and the other user's
+        _, heads_b, _ = sync_all(cb)
+        r = cb.request({"msgid": 15, "convs": [{"conv": conv, "cseq": 5}]})
+        e = [x for x in r["convs"] if x["conv"] == conv][0]
+        self.assertEqual((e["read"], e["delivered"]), (5, 5))
+        self.assertNotIn("peer_read", e)
+        r = ca.request({"msgid": 15, "convs": [{"conv": conv, "cseq": 5}]})
+        e = [x for x in r["convs"] if x["conv"] == conv][0]
+        self.assertEqual((e["peer_read"], e["peer_delivered"]), (5, 5))
+        self.assertNotIn("read", e)
+        # a group: members only
+        g = ca.request({"msgid": 8, "groupname": "r-%s" % uuid.uuid4().hex[:8]})["groupid"]
+        ca.request({"msgid": 9, "groupid": g, "userid": b})
+        ca.request({"msgid": 10, "groupid": g, "msg": "x", "cid": "gx"})
+        r = cb.request({"msgid": 17, "conv": "g%d" % g, "read": 1})
+        self.assertEqual((r["errno"], r["read"]), (0, 1))
+        self.assertEqual(cc.request({"msgid": 17, "conv": "g%d" % g, "read": 1})["errno"], 121)
+        for x in (ca, cb, cc):
+            x.close()
+
     def test_legacy_offline_unchanged(self):
         a, b, c = self.user("a"), self.user("b"), self.user("c")
         # legacy to legacy, offline: byte for byte as before
