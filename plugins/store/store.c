@@ -1,5 +1,5 @@
 /*
- * store.c - the store plugin: SYNC (15) and HISTORY (16), reading the
+ * store.c - the store plugin: SYNC (15), HISTORY (16) and READ (17) over the
  * durable messages that the one2one and group plugins write (writer.c).
  * docs/architecture.md, "Durable messaging", is the design;
  * docs/protocol.md, "Durable messages", the wire.
