@@ -8,19 +8,27 @@ an ACK only after COMMIT (MariaDB stopped: 113, and every message ever
 acknowledged is in the table); a retry with the same cid is answered with
 the original numbers and delivered once; SYNC after being offline, paged,
 without gaps or duplicates; HISTORY paging and who may read it (group
-members from when they joined); legacy offline messages unchanged; and a
-node killed with SIGKILL mid-traffic while the receiver is offline for the
-whole run: a sender that resends unacknowledged messages with their cid
-and a receiver that syncs end with every message exactly once, in order.
+members from when they joined); receipts; legacy offline messages
+unchanged; one conversation written from two nodes in turn; and faults
+while the receiver is offline for the whole run - MariaDB restarted
+mid-traffic, the one2one and group plugins hot-reloaded mid-traffic, a node
+killed with SIGKILL mid-traffic: a sender that resends unacknowledged
+messages with their cid and a receiver that syncs end with every message
+exactly once, in order per conversation.
 """
 
 import json
+import os
+import re
+import shutil
 import signal
+import tempfile
+import threading
 import time
 import unittest
 import uuid
 
-from harness import Client, Node, Stack, wait_for
+from harness import PLUGIN_DIR, Client, Node, Stack, wait_for
 
 PLUGINS = ("login", "friend", "one2one", "group", "offline", "store")
 FAST = {"plugin.login": {"hash_cost": 1}}
@@ -399,6 +407,136 @@ class DatabaseDown(unittest.TestCase):
         self.assertEqual({r[0]: (int(r[1]), int(r[2])) for r in rows}, acked)
         self.assertEqual([int(r[2]) for r in rows], list(range(1, 21)))
         ca.close()
+
+
+def send_until_acked(node, uid, msgs, deadline_s=90):
+    """The durable client: send msgs [(seq, obj)], resend every one not
+    acknowledged (same cid) until each is, reconnecting when the connection
+    breaks.  Returns ({cid: ack}, number of 113 answers)."""
+    acked, deadline, busy = {}, time.monotonic() + deadline_s, 0
+    while True:
+        todo = [(seq, o) for seq, o in msgs if o["cid"] not in acked]
+        if not todo:
+            return acked, busy
+        assert time.monotonic() < deadline, "%d never acknowledged" % len(todo)
+        try:
+            c = login2(node, uid)
+        except (OSError, EOFError, TimeoutError, AssertionError):
+            time.sleep(0.2)
+            continue
+        for seq, r in pump(c, todo, timeout=40).items():
+            assert r["errno"] in (0, 113), r
+            if r["errno"] == 0:
+                acked[msgs[seq - 1][1]["cid"]] = r
+            else:
+                busy += 1
+        c.close()
+
+
+def check_exactly_once(test, node, uid, acked):
+    """The receiver syncs: every acknowledged message once, numbers dense,
+    in the sender's order."""
+    c = login2(node, uid)
+    got, heads, _ = sync_all(c, limit=200)
+    c.close()
+    conv = per_conv(got)
+    for k, seqs in conv.items():
+        test.assertEqual(seqs, list(range(1, heads[k] + 1)), k)
+    by_cid = {}
+    for m in got:
+        test.assertNotIn(m["cid"], by_cid)
+        by_cid[m["cid"]] = m
+    test.assertEqual(set(by_cid), set(acked))
+    for cid, r in acked.items():
+        test.assertEqual((by_cid[cid]["mid"], by_cid[cid]["cseq"]), (r["mid"], r["cseq"]))
+    for k in conv:
+        cids = [m["cid"] for m in got if m["conv"] == k]
+        test.assertEqual(cids, sorted(cids), k)
+
+
+def traffic(uid_to, gid, total, tag):
+    msgs = []
+    for i in range(total):
+        cid = "%s%04d" % (tag, i)
+        if gid and i % 3 == 2:
+            msgs.append((i + 1, {"msgid": 10, "groupid": gid, "msg": cid, "cid": cid}))
+        else:
+            msgs.append((i + 1, {"msgid": 6, "toid": uid_to, "msg": cid, "cid": cid}))
+    return msgs
+
+
+class MidTraffic(unittest.TestCase):
+    """Faults while a durable client sends (the receiver offline throughout):
+    MariaDB restarted, the one2one and group plugins hot-reloaded.  The
+    client resends what was not acknowledged; the receiver then syncs and
+    has every acknowledged message exactly once, in order."""
+
+    def setup_users(self, node):
+        c = client2(node)
+        s, r = c.register("s", "pw"), c.register("r", "pw")
+        c.login(s, "pw")
+        g = c.request({"msgid": 8, "groupname": "m-%s" % uuid.uuid4().hex[:6]})["groupid"]
+        c.request({"msgid": 9, "groupid": g, "userid": r})
+        c.close()
+        return s, r, g
+
+    def test_mariadb_restart(self):
+        with Stack.private(redis=False, mysql=True) as st:
+            node = Node(st, plugins=PLUGINS, conf=FAST)
+            try:
+                s, r, g = self.setup_users(node)
+                msgs = traffic(r, g, 3000, "m")
+
+                def outage():
+                    time.sleep(0.3)
+                    st.stop_mysql()
+                    time.sleep(1)
+                    st.start_mysql()
+                t = threading.Thread(target=outage)
+                t.start()
+                acked, busy = send_until_acked(node, s, msgs)
+                t.join()
+                self.assertGreater(busy, 0)  # sends during the outage got 113
+                check_exactly_once(self, node, r, acked)
+            except Exception:
+                print(node.log_tail(40))
+                raise
+            finally:
+                node.stop()
+
+    def test_plugin_reload(self):
+        plugdir = tempfile.mkdtemp(prefix="chatd-plugins-")
+        self.addCleanup(shutil.rmtree, plugdir, True)
+
+        def install(name):
+            tmp = os.path.join(plugdir, ".%s.so.tmp" % name)
+            shutil.copyfile(os.path.join(PLUGIN_DIR, name + ".so"), tmp)
+            os.replace(tmp, os.path.join(plugdir, name + ".so"))
+        for name in PLUGINS:
+            install(name)
+        node = Node(Stack(), plugins=PLUGINS, conf=FAST, plugin_dir=plugdir)
+        try:
+            s, r, g = self.setup_users(node)
+            msgs = traffic(r, g, 4000, "h")
+
+            def reload():
+                for _ in range(2):
+                    time.sleep(0.2)
+                    install("one2one")
+                    install("group")
+                    node.sighup()
+            t = threading.Thread(target=reload)
+            t.start()
+            acked, _ = send_until_acked(node, s, msgs)
+            t.join()
+            wait_for(lambda: len(re.findall(r"plugin one2one \(load \d+\): finalised",
+                                            node.log_text())) >= 2, timeout=30)
+            check_exactly_once(self, node, r, acked)
+        except Exception:
+            print(node.log_tail(40))
+            raise
+        finally:
+            node.stop()
 
 
 class TwoWriters(unittest.TestCase):
