@@ -11,7 +11,7 @@ without gaps or duplicates; HISTORY paging and who may read it (group
 members from when they joined); receipts; legacy offline messages
 unchanged; one conversation written from two nodes in turn; and faults
 while the receiver is offline for the whole run - MariaDB restarted
-mid-traffic, the one2one and group plugins hot-reloaded mid-traffic, a node
+mid-traffic, Redis restarted mid-traffic, the one2one and group plugins hot-reloaded mid-traffic, a node
 killed with SIGKILL mid-traffic: a sender that resends unacknowledged
 messages with their cid and a receiver that syncs end with every message
 exactly once, in order per conversation.
@@ -467,7 +467,8 @@ def traffic(uid_to, gid, total, tag):
 
 class MidTraffic(unittest.TestCase):
     """Faults while a durable client sends (the receiver offline throughout):
-    MariaDB restarted, the one2one and group plugins hot-reloaded.  The
+    MariaDB restarted, Redis restarted, the one2one and group plugins
+    hot-reloaded.  The
     client resends what was not acknowledged; the receiver then syncs and
     has every acknowledged message exactly once, in order."""
 
@@ -503,6 +504,34 @@ class MidTraffic(unittest.TestCase):
                 raise
             finally:
                 node.stop()
+
+    def test_redis_restart(self):
+        """Two nodes; Redis restarted mid-traffic (presence and the bus go,
+        the store does not): the receiver, on the other node, syncs."""
+        with Stack.private(redis=True, mysql=False) as st:
+            n1 = Node(st, plugins=PLUGINS, conf=FAST)
+            n2 = Node(st, db=n1.db, plugins=PLUGINS, conf=FAST, migrate=False)
+            try:
+                s, r, g = self.setup_users(n1)
+                msgs = traffic(r, g, 3000, "r")
+
+                def outage():
+                    time.sleep(0.3)
+                    st.stop_redis()
+                    time.sleep(1)
+                    st.start_redis()
+                t = threading.Thread(target=outage)
+                t.start()
+                acked, _ = send_until_acked(n1, s, msgs)
+                t.join()
+                check_exactly_once(self, n2, r, acked)
+            except Exception:
+                print(n1.log_tail(30))
+                print(n2.log_tail(30))
+                raise
+            finally:
+                n1.stop()
+                n2.stop()
 
     def test_plugin_reload(self):
         plugdir = tempfile.mkdtemp(prefix="chatd-plugins-")
