@@ -178,9 +178,9 @@ static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
         return;
     }
     ds_conv_format(r->conv, conv, sizeof(conv));
-    cJSON_AddNumberToObject(body, "mid", (double)r->mid);
+    ds_add_int(body, "mid", r->mid);
     cJSON_AddStringToObject(body, "conv", conv);
-    cJSON_AddNumberToObject(body, "cseq", (double)r->cseq);
+    ds_add_int(body, "cseq", r->cseq);
     if (r->dup)
         cJSON_AddTrueToObject(body, "dup");
     host->reply(s, &c->ack, 0, NULL, body);

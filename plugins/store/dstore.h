@@ -125,6 +125,17 @@ static inline char *ds_render(const struct chat_host *h, int64_t conv, int64_t m
     return out;
 }
 
+/* An integer member written as its digits (cJSON_AddNumberToObject prints
+ * a double with printf and reads it back with sscanf: the hot path's ACK
+ * would spend more there than on the rest of its work). */
+static inline void ds_add_int(cJSON *o, const char *key, int64_t v)
+{
+    char buf[24];
+
+    snprintf(buf, sizeof(buf), "%" PRId64, v);
+    cJSON_AddRawToObject(o, key, buf);
+}
+
 /* ---- the writer (writer.c) ---------------------------------------------- */
 struct ds_writer;
 
