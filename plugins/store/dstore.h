@@ -70,16 +70,17 @@ static inline int64_t ds_parse_id(const char **p, const char *end, int64_t max)
     if (s >= end || *s < '1' || *s > '9')
         return 0;
     while (s < end && *s >= '0' && *s <= '9') {
-        v = v * 10 + (*s - '0');
-        if (v > max)
+        if (v > (max - (*s - '0')) / 10) /* v * 10 + digit would pass max */
             return 0;
+        v = v * 10 + (*s - '0');
         s++;
     }
     *p = s;
     return v;
 }
 
-/* Parse a wire name; 0 when it is not one (a pair must name a < b). */
+/* Parse a wire name; 0 when it is not one (a pair names its smaller user
+ * first; "pA:A" is a user's conversation with itself). */
 static inline int64_t ds_conv_parse(const char *s, size_t len)
 {
     const char *p = s + 1, *end = s + len;
@@ -94,7 +95,7 @@ static inline int64_t ds_conv_parse(const char *s, size_t len)
     if (s[0] != 'p' || !(a = ds_parse_id(&p, end, DS_UID_MAX)) || p >= end || *p != ':')
         return 0;
     p++;
-    if (!(b = ds_parse_id(&p, end, DS_UID_MAX)) || p != end || a >= b)
+    if (!(b = ds_parse_id(&p, end, DS_UID_MAX)) || p != end || a > b)
         return 0;
     return ds_conv_pair(a, b);
 }

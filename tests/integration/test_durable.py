@@ -133,6 +133,12 @@ class DurableCase(unittest.TestCase):
         self.assertEqual(r["errno"], 0)
         self.assertNotIn("mid", r)
         self.assertNotIn("mid", cb.recv())
+        # to oneself: conversation "pA:A", which SYNC names and takes back
+        r = ca.request({"msgid": 6, "toid": a, "msg": "note", "cid": "self"})
+        self.assertEqual((r["conv"], r["cseq"]), ("p%d:%d" % (a, a), 1))
+        ca.recv()
+        msgs, heads, _ = sync_all(ca, positions={r["conv"]: 0})
+        self.assertEqual(heads[r["conv"]], 1)
         # a bad cid
         for bad in ("", 5, "x" * 65):
             r = ca.request({"msgid": 6, "toid": b, "msg": "m", "cid": bad})
