@@ -35,6 +35,14 @@
  * with the heads (the user's own, and in a pair the other user's), so a
  * device that was away clears its unread counts.
  *
+ * Retention.  With retention_count (keep the newest N messages of each
+ * conversation) and/or retention_seconds (keep what is younger), a timer
+ * walks conv_heads in pages of 64 conversations (a cursor on conv_id) and
+ * deletes each conversation's expired prefix in DELETEs of at most
+ * purge_batch rows, one statement in flight at a time, so the purge never
+ * competes with the writers for more than one pool connection.  Messages go
+ * oldest first, so what is kept is always a contiguous run up to the head.
+ *
  * Everything goes through the pool (db_query); the loop never waits.  A
  * request holds its answer state until its last query returns; the session
  * is looked up again by id then (it may be gone).
@@ -51,6 +59,10 @@ static struct chat_plugin *self;
 static size_t sync_limit_max = ST_SYNC_LIMIT_DEF;
 static size_t history_limit_max = 200;
 static int history_all; /* group_history = all */
+static int64_t retention_count;   /* 0: keep all */
+static int64_t retention_seconds; /* 0: forever */
+static int64_t purge_batch = 500;
+static int64_t purge_interval_ms = 1000;
 
 static void answer(struct chat_session *s, const struct chat_ack *ack, int err,
                    const char *why, const cJSON *body)
@@ -734,6 +746,133 @@ static void on_read(struct chat_session *s, const struct chat_request *req, void
 }
 
 /* ------------------------------------------------------------------------ */
+/* Retention */
+
+#define PURGE_PAGE 64
+
+static struct {
+    struct chat_timer *timer;
+    int busy;
+    int64_t cursor;               /* the last conv_id of the page done */
+    int64_t conv[PURGE_PAGE], head[PURGE_PAGE];
+    size_t n, i;
+    int64_t bound;                /* delete cseq <= bound of conv[i] */
+} pg;
+
+static void purge_next(void);
+
+static void purge_fail(const struct chat_db_result *r)
+{
+    chat_log(host, self, CHAT_LOG_WARN, "retention: %s; again later", host->db_errmsg(r));
+    pg.busy = 0; /* the next tick starts this page again */
+}
+
+static void purge_deleted(const struct chat_db_result *r, void *ud)
+{
+    (void)ud;
+    if (host->db_error(r) != CHAT_OK) {
+        purge_fail(r);
+        return;
+    }
+    if ((int64_t)host->db_affected(r) < purge_batch)
+        pg.i++; /* this conversation is done */
+    purge_next();
+}
+
+static void purge_delete(void)
+{
+    struct chat_db_param p[3] = {CHAT_DB_P_INT(pg.conv[pg.i]), CHAT_DB_P_INT(pg.bound),
+                                 CHAT_DB_P_INT(purge_batch)};
+
+    if (host->db_query(self, "DELETE FROM messages WHERE conv_id = ? AND cseq <= ?"
+                       " ORDER BY cseq LIMIT ?", p, 3, purge_deleted, NULL) != CHAT_OK)
+        pg.busy = 0;
+}
+
+/* The first message young enough to keep: everything before it expires. */
+static void purge_aged(const struct chat_db_result *r, void *ud)
+{
+    int64_t keep_from;
+
+    (void)ud;
+    if (host->db_error(r) != CHAT_OK) {
+        purge_fail(r);
+        return;
+    }
+    keep_from = host->db_nrows(r) ? host->db_int(r, 0, 0) : pg.head[pg.i] + 1;
+    if (keep_from - 1 > pg.bound)
+        pg.bound = keep_from - 1;
+    if (pg.bound < 1) {
+        pg.i++;
+        purge_next();
+        return;
+    }
+    purge_delete();
+}
+
+/* Work on conv[i]: its bound from the count, then (with an age) the age. */
+static void purge_next(void)
+{
+    struct chat_db_param p[2];
+
+    for (;;) {
+        if (pg.i >= pg.n) {
+            pg.busy = 0;
+            return;
+        }
+        pg.bound = retention_count ? pg.head[pg.i] - retention_count : 0;
+        if (retention_seconds)
+            break;
+        if (pg.bound >= 1) {
+            purge_delete();
+            return;
+        }
+        pg.i++;
+    }
+    p[0] = CHAT_DB_P_INT(pg.conv[pg.i]);
+    p[1] = CHAT_DB_P_INT(retention_seconds);
+    if (host->db_query(self, "SELECT cseq FROM messages WHERE conv_id = ? AND"
+                       " created_at >= NOW(3) - INTERVAL ? SECOND ORDER BY cseq LIMIT 1",
+                       p, 2, purge_aged, NULL) != CHAT_OK)
+        pg.busy = 0;
+}
+
+static void purge_page(const struct chat_db_result *r, void *ud)
+{
+    size_t i;
+
+    (void)ud;
+    if (host->db_error(r) != CHAT_OK) {
+        purge_fail(r);
+        return;
+    }
+    pg.n = host->db_nrows(r);
+    for (i = 0; i < pg.n; i++) {
+        pg.conv[i] = host->db_int(r, i, 0);
+        pg.head[i] = host->db_int(r, i, 1);
+    }
+    pg.i = 0;
+    /* the next page starts after this one; after the last, from the start */
+    pg.cursor = pg.n == PURGE_PAGE ? pg.conv[pg.n - 1] : INT64_MIN;
+    purge_next();
+}
+
+static void purge_tick(struct chat_timer *t, void *ud)
+{
+    struct chat_db_param p[2];
+
+    (void)t;
+    (void)ud;
+    if (pg.busy || (!retention_count && !retention_seconds))
+        return;
+    p[0] = CHAT_DB_P_INT(pg.cursor);
+    p[1] = CHAT_DB_P_INT(PURGE_PAGE);
+    if (host->db_query(self, "SELECT conv_id, head FROM conv_heads WHERE conv_id > ?"
+                       " ORDER BY conv_id LIMIT ?", p, 2, purge_page, NULL) == CHAT_OK)
+        pg.busy = 1;
+}
+
+/* ------------------------------------------------------------------------ */
 
 static int read_conf(void)
 {
@@ -749,6 +888,11 @@ static int read_conf(void)
         return CHAT_ERR_INVAL;
     }
     history_all = strcmp(g, "all") == 0;
+    retention_count = chat_conf_range(host, self, "retention_count", 0, 0, INT64_MAX);
+    retention_seconds = chat_conf_range(host, self, "retention_seconds", 0, 0,
+                                        INT64_C(1) << 40);
+    purge_batch = chat_conf_range(host, self, "purge_batch", 500, 1, 100000);
+    purge_interval_ms = chat_conf_range(host, self, "purge_interval_ms", 1000, 10, 3600000);
     return CHAT_OK;
 }
 
@@ -767,6 +911,10 @@ static int store_init(const struct chat_host *h, struct chat_plugin *p, void **s
         (rc = h->register_handler(p, DS_MSG_READ, on_read, NULL)) != CHAT_OK ||
         (rc = h->register_hook(p, CHAT_EV_BROADCAST, on_broadcast, NULL)) != CHAT_OK)
         return rc;
+    pg.cursor = INT64_MIN;
+    if (!(pg.timer = h->timer_start(p, (uint64_t)purge_interval_ms,
+                                    (uint64_t)purge_interval_ms, purge_tick, NULL)))
+        return CHAT_ERR_NOMEM;
     return CHAT_OK;
 }
 
@@ -777,8 +925,20 @@ static void store_fini(void *state)
 
 static int store_reconfigure(void *state)
 {
+    int64_t was = purge_interval_ms;
+    int rc;
+
     (void)state;
-    return read_conf();
+    if ((rc = read_conf()) != CHAT_OK)
+        return rc;
+    if (purge_interval_ms != was && pg.timer) {
+        host->timer_stop(pg.timer);
+        pg.timer = host->timer_start(self, (uint64_t)purge_interval_ms,
+                                     (uint64_t)purge_interval_ms, purge_tick, NULL);
+        if (!pg.timer)
+            chat_log(host, self, CHAT_LOG_ERROR, "retention: no timer, out of memory");
+    }
+    return CHAT_OK;
 }
 
 static const struct chat_plugin_desc store_desc = {

@@ -8,7 +8,8 @@ an ACK only after COMMIT (MariaDB stopped: 113, and every message ever
 acknowledged is in the table); a retry with the same cid is answered with
 the original numbers and delivered once; SYNC after being offline, paged,
 without gaps or duplicates; HISTORY paging and who may read it (group
-members from when they joined); receipts; legacy offline messages
+members from when they joined); receipts; retention by count and by
+age; legacy offline messages
 unchanged; one conversation written from two nodes in turn; and faults
 while the receiver is offline for the whole run - MariaDB restarted
 mid-traffic, Redis restarted mid-traffic, the one2one and group plugins hot-reloaded mid-traffic, a node
@@ -357,6 +358,52 @@ def pump(c, msgs, window=16, timeout=10):
     except (EOFError, ConnectionError, OSError, TimeoutError):
         pass
     return replies
+
+
+class Retention(unittest.TestCase):
+    """[plugin.store] retention_count / retention_seconds: the expired prefix
+    of each conversation is purged in small batches; what is kept is the
+    newest run up to the head, and SYNC and HISTORY serve it without a gap
+    report."""
+
+    def test_count_and_age(self):
+        conf = dict(FAST)
+        conf["plugin.store"] = {"retention_count": 5, "purge_interval_ms": 50,
+                                "purge_batch": 2}
+        st = Stack()
+        node = Node(st, plugins=PLUGINS, conf=conf)
+        try:
+            c = client2(node)
+            a, b = c.register("a", "pw"), c.register("b", "pw")
+            c.close()
+            ca, cb = login2(node, a), login2(node, b)
+            for i in range(12):
+                conv = ca.request({"msgid": 6, "toid": b, "msg": "k%d" % i,
+                                   "cid": "k%d" % i})["conv"]
+            count = "SELECT MIN(cseq), COUNT(*) FROM messages"
+            wait_for(lambda: st.sql(node.db, count) == [("8", "5")], timeout=20)
+            msgs, heads, _ = sync_all(cb)
+            self.assertEqual([m["cseq"] for m in msgs if m["conv"] == conv],
+                             [8, 9, 10, 11, 12])
+            self.assertEqual(heads[conv], 12)
+            r = cb.request({"msgid": 16, "conv": conv, "limit": 10})
+            self.assertEqual(([m["msg"] for m in r["msgs"]], r["more"]),
+                             (["k7", "k8", "k9", "k10", "k11"], False))
+            # by age: everything older than 1 s goes, whatever the count
+            node.write_conf({"plugin.store": {"retention_count": None,
+                                              "retention_seconds": 1}})
+            node.sighup()
+            wait_for(lambda: st.sql(node.db, "SELECT COUNT(*) FROM messages")
+                     == [("0",)], timeout=20)
+            r = ca.request({"msgid": 6, "toid": b, "msg": "new", "cid": "new"})
+            self.assertEqual(r["cseq"], 13)  # numbering goes on from the head
+            ca.close()
+            cb.close()
+        except Exception:
+            print(node.log_tail(30))
+            raise
+        finally:
+            node.stop()
 
 
 class DatabaseDown(unittest.TestCase):
