@@ -5,7 +5,8 @@ Starts a chatd (and MariaDB and Redis) with tests/integration/harness.py,
 registers two users, sends N protocol-2 messages with a cid from one to the
 other while the other is offline (a window of 200 in flight), then logs the
 receiver in three times and times SYNC until "more" is false, checking that
-every message came once, in order.
+every message came once, in order.  Last, what the messages take on disk
+(InnoDB's data and index lengths of `messages` after ANALYZE TABLE).
 
     /usr/bin/python3 contrib/bench/sync-catchup.py [N [SYNC_LIMIT_MAX]]
 
@@ -29,7 +30,8 @@ def main():
     limit = int(sys.argv[2]) if len(sys.argv) > 2 else 500
     conf = dict(FAST)
     conf["plugin.store"] = {"sync_limit_max": limit}
-    node = Node(Stack(), plugins=PLUGINS, conf=conf)
+    st = Stack()
+    node = Node(st, plugins=PLUGINS, conf=conf)
     c = client2(node)
     a, b = c.register("a", "pw"), c.register("b", "pw")
     c.close()
@@ -49,6 +51,14 @@ def main():
         print("sync of %d missed messages: %.3f s in %d pages (limit %d)"
               % (n_msgs, dt, pages, limit))
         cb.close()
+    st.sql(node.db, "ANALYZE TABLE messages")
+    (body, n), = st.sql(node.db, "SELECT AVG(LENGTH(body)), COUNT(*) FROM messages")
+    (data, index), = st.sql(node.db, "SELECT data_length, index_length FROM "
+                            "information_schema.tables WHERE table_schema = DATABASE() "
+                            "AND table_name = 'messages'")
+    print("disk: %s messages, body %.0f bytes on average: data %s bytes, index %s "
+          "bytes, %.0f bytes a message" % (n, float(body), data, index,
+                                           (int(data) + int(index)) / int(n)))
     node.stop()
 
 
