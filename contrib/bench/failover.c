@@ -297,7 +297,8 @@ static void fo_connect(struct fo_user *u)
     l->c.on_frame = fo_on_frame;
     l->c.on_connect = fo_on_connect;
     l->c.on_error = fo_on_error;
-    r = bn_connect(&F.net, &l->c, (const struct sockaddr *)&bench.targets[u->target]);
+    r = bn_connect(&F.net, &l->c, (const struct sockaddr *)&bench.targets[u->target],
+                   &bench.target_xp[u->target]);
     if (r < 0) { /* bnet closed the handle without a callback: l stays */
         F.conn_err++;
         u->retry_at = bst_now_ns() + fo_backoff(u);

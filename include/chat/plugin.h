@@ -33,7 +33,7 @@
  *   1.6  (metrics) Prometheus counters, gauges and histograms of a plugin
  *        (metric_counter, metric_gauge, metric_histogram, metric_inc/add/
  *        set/observe), served with the core's on the admin listener
- *   1.7  (auth cache) kv_get/kv_set/kv_del: a cluster-wide key-value
+ *   1.8  (auth cache) kv_get/kv_set/kv_del: a cluster-wide key-value
  *        store with expiry, in the bus's Redis
  *
  * Threads.  Every function in the table must be called on the loop thread,
@@ -168,7 +168,12 @@ enum chat_proto_errno {
     CHAT_E_IDLE = 117,         /* (notice) idle timeout */
     CHAT_E_SHUTDOWN = 118,     /* (notice) server is stopping */
     CHAT_E_DRAINING = 119,     /* (notice) node draining: reconnect elsewhere */
-    CHAT_E_KICKED = 120        /* (notice) closed by an operator */
+    CHAT_E_KICKED = 120,       /* (notice) closed by an operator */
+    /* abuse limits (issue 12; see docs/protocol.md) */
+    CHAT_E_RATE_LIMITED = 125, /* over a rate limit: not executed; the reply
+                                * carries retry_after_ms */
+    CHAT_E_QUOTA = 126         /* a stored quota is full (undelivered
+                                * messages, friends): not executed */
 };
 
 /* Protocol version of a session. A session starts as LEGACY and switches to 2
@@ -322,7 +327,7 @@ typedef void (*chat_login_written_fn)(size_t n, int last, int64_t user_id,
  * ctx given to deliver_ex (aligned for any type, writable), borrowed for the
  * call. */
 typedef void (*chat_deliver_cb)(int status, int64_t user_id, void *ctx);
-/* kv_get's answer (ABI 1.7, auth cache): val borrowed for the call. */
+/* kv_get's answer (ABI 1.8, auth cache): val borrowed for the call. */
 typedef void (*chat_kv_cb)(int status, const char *val, size_t len, void *ud);
 #define CHAT_DELIVER_CTX_MAX 64
 /* deliver_ex's positive return: the outcome comes later through cb. */
@@ -643,7 +648,15 @@ struct chat_host {
     void (*metric_set)(struct chat_metric *m, double v);
     void (*metric_observe)(struct chat_metric *m, double v);
 
-    /* ===== ABI 1.7 (auth cache): a small cluster-wide key-value store =====
+    /* ===== ABI 1.7 (abuse limits, issue 12; renumbered at merge) ===== */
+
+    /* A login from session s failed for a wrong id or password: counted
+     * against s's client address ([limits] addr_login_failures); when that
+     * bucket is empty the address's next logins get errno 125 (legacy: its
+     * reads pause).  Nothing happens for a trusted address.  Loop thread. */
+    void (*login_failed)(struct chat_session *s);
+
+    /* ===== ABI 1.8 (auth cache): a small cluster-wide key-value store =====
      * Short-lived values shared by every node, kept in the bus's Redis under
      * "chatd:kv:<plugin name>:<key>", so two plugins never share a key.
      * key: a NUL-terminated string without '\0' (at most 200 bytes); values

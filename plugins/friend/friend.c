@@ -140,14 +140,26 @@ static void add_answer(struct chat_session *s, struct add_req *a)
     host->free(a);
 }
 
+/* friends_max (quota, issue 12): the row goes in only while the user has
+ * fewer rows, in the same one statement (no row: 126).  Two adds of one
+ * user racing on two connections may both pass at the bound: it can be
+ * passed by the adds in flight at once, never more. */
+static int64_t friends_max;
+
 static int add_start(struct add_req *a)
 {
-    struct chat_db_param p[2];
+    struct chat_db_param p[4];
 
     p[0] = CHAT_DB_P_INT(a->uid);
     p[1] = CHAT_DB_P_INT(a->fid);
-    return host->db_query(self, "INSERT INTO friends (user_id, friend_id) VALUES (?, ?)",
-                          p, 2, add_done, a);
+    if (friends_max <= 0)
+        return host->db_query(self, "INSERT INTO friends (user_id, friend_id) "
+                              "VALUES (?, ?)", p, 2, add_done, a);
+    p[2] = CHAT_DB_P_INT(a->uid);
+    p[3] = CHAT_DB_P_INT(friends_max);
+    return host->db_query(self, "INSERT INTO friends (user_id, friend_id) SELECT ?, ? "
+                          "FROM DUAL WHERE (SELECT COUNT(*) FROM friends WHERE "
+                          "user_id = ?) < ?", p, 4, add_done, a);
 }
 
 static void add_done(const struct chat_db_result *r, void *ud)
@@ -178,6 +190,10 @@ static void add_done(const struct chat_db_result *r, void *ud)
             chat_log(host, self, CHAT_LOG_WARN, "add friend %lld -> %lld: %s",
                      (long long)a->uid, (long long)a->fid, host->db_errmsg(r));
         }
+    }
+    if (!err && host->db_affected(r) == 0) {
+        err = CHAT_E_QUOTA;
+        why = "too many friends";
     }
     s = host->session_get(a->sid);
     if (!err) {
@@ -701,6 +717,7 @@ static int read_conf(void)
     chat_log(host, self, CHAT_LOG_INFO, "policy=%s", np == POLICY_MUTUAL ? "mutual" : "open");
     ttl_ms = (uint64_t)conf_range("list_cache_ttl", 60, 0, 86400) * 1000u;
     cache_max = (size_t)conf_range("list_cache_max", 100000, 1, INT32_MAX);
+    friends_max = conf_range("friends_max", 1000, 0, INT32_MAX);
     period = ttl_ms < 1000 ? 1000 : ttl_ms;
     if (!ttl_ms)
         cache_drop(1);

@@ -318,6 +318,8 @@ static void verified(int status, int match, const char *hash, void *ud)
         chat_log(login_host, login_self, CHAT_LOG_INFO,
                  "login of user %" PRId64 " from %s: wrong id or password",
                  j->uid, login_host->session_peer(s));
+        if (CHAT_HOST_HAS(login_host, login_failed)) /* [limits] (ABI 1.7) */
+            login_host->login_failed(s);
         job_fail(s, j, 1, LOGIN_ERRMSG_INVALID, 1, LOGIN_ERRMSG_INVALID);
         return;
     }
@@ -444,6 +446,8 @@ static void token_checked(const struct chat_db_result *r, void *ud)
         chat_log(login_host, login_self, CHAT_LOG_INFO,
                  "login of user %" PRId64 " from %s: invalid or expired token",
                  j->uid, login_host->session_peer(s));
+        if (CHAT_HOST_HAS(login_host, login_failed)) /* [limits] (ABI 1.7) */
+            login_host->login_failed(s);
         job_fail(s, j, 1, MSG_TOKEN_INVALID, 1, MSG_TOKEN_INVALID);
         return;
     }

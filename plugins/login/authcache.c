@@ -25,7 +25,7 @@
  * trade-off docs/operations.md spells out.
  *
  * No secret (auth_cache_secret / auth_cache_secret_file), auth_cache_ttl 0,
- * or a host without kv_get (ABI < 1.7): the cache is off and every login
+ * or a host without kv_get (ABI < 1.8): the cache is off and every login
  * hashes.  Redis down: every lookup misses (counted as "error").  The HMAC
  * takes microseconds, so it runs on the loop.
  */
@@ -91,7 +91,7 @@ int login_ac_configure(int64_t ttl)
     }
     if (!CHAT_HOST_HAS(login_host, kv_del)) {
         chat_log(login_host, login_self, CHAT_LOG_WARN,
-                 "auth cache needs host ABI 1.7 (kv_get): off");
+                 "auth cache needs host ABI 1.8 (kv_get): off");
         ac_wipe_secret();
         return CHAT_OK;
     }

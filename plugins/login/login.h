@@ -9,7 +9,7 @@
  *             the login ack
  *   pwhash.c  yescrypt hashing and verification on the host's worker threads
  *   metrics.c the plugin's Prometheus metrics (host ABI 1.6)
- *   authcache.c the cluster-wide authentication cache (host ABI 1.7 kv_*)
+ *   authcache.c the cluster-wide authentication cache (host ABI 1.8 kv_*)
  */
 #ifndef LOGIN_H
 #define LOGIN_H

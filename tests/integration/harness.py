@@ -43,6 +43,7 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
     pacing removes the key) (node_id when given); [plugins] dir = plugin_dir
     or CHAT_PLUGIN_DIR, enabled = plugins; [plugin.friend] policy = open and
     [plugin.group] join = open (the seed's behaviour, as etc/chat.conf);
+    [limits] every rate off (LIMIT_KEYS = "off": tests flood from 127.0.0.1);
     [mysql] (when mysql) the stack's
     MariaDB over TCP as chat/chat, database db (a fresh one when None),
     migrations CHAT_SRC/sql; [redis] (when redis) the stack's Redis,
@@ -147,6 +148,11 @@ START_TIMEOUT = 20.0
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
                    "runtime error:", "ERROR: ThreadSanitizer",
                    "WARNING: ThreadSanitizer")
+
+
+# The [limits] rate keys; the harness turns them all off (see Node).
+LIMIT_KEYS = ("session_msgs", "session_bytes", "user_msgs", "addr_conns",
+              "addr_regs", "addr_login_failures")
 
 
 class NodeError(Exception):
@@ -538,6 +544,9 @@ class Node:
         # tests of the defaults (friend mutual, group invite) override them.
         self._conf["plugin.friend"] = {"policy": "open"}
         self._conf["plugin.group"] = {"join": "open"}
+        # [limits] off: tests send as fast as they can from 127.0.0.1 (not
+        # trusted here); test_ratelimit/test_quota turn on what they test
+        self._conf["limits"] = {k: "off" for k in LIMIT_KEYS}
         # the admin listener on a free port of its own (its default, 6080,
         # would collide between nodes), with a token for the actions
         self.admin_port = free_port(4)  # workers add their number to it
