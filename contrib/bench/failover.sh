@@ -203,18 +203,33 @@ SERVERS=""
 for p in "${NODE_PORTS[@]}"; do
     SERVERS+="        server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"$'\n'
 done
-while IFS= read -r line; do
-    case $line in
-    @SERVERS@) printf '%s' "$SERVERS" ;;
-    *)
-        line=${line//@STREAM_MODULE@/$LOAD}
-        line=${line//@LISTEN@/127.0.0.1:$LB_PORT}
-        line=${line//@WORKER_CONNECTIONS@/$((NOFILE - 100))}
-        line=${line//@NOFILE@/$NOFILE}
-        printf '%s\n' "$line"
-        ;;
-    esac
-done <"$ROOT/contrib/nginx/nginx.conf.in" >"$DIR/nginx/nginx.conf"
+# the tcp part of contrib/nginx/nginx.conf.in (the same balancing and
+# failover settings; no TLS or WebSocket ports)
+cat >"$DIR/nginx/nginx.conf" <<EOF
+$LOAD
+worker_processes auto;
+worker_rlimit_nofile $NOFILE;
+pid nginx.pid;
+error_log logs/error.log notice;
+events { worker_connections $((NOFILE - 100)); }
+stream {
+    upstream chatd {
+        zone chatd 64k;
+        least_conn;
+$SERVERS    }
+    server {
+        listen 127.0.0.1:$LB_PORT;
+        proxy_pass chatd;
+        proxy_connect_timeout 1s;
+        proxy_next_upstream on;
+        proxy_next_upstream_tries 3;
+        proxy_next_upstream_timeout 5s;
+        proxy_timeout 1h;
+        proxy_socket_keepalive on;
+        tcp_nodelay on;
+    }
+}
+EOF
 nginx -e "$DIR/nginx/logs/error.log" -p "$DIR/nginx/" -c "$DIR/nginx/nginx.conf" \
     -g 'daemon off;' &
 PID[nginx]=$!
