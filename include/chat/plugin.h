@@ -33,6 +33,8 @@
  *   1.6  (metrics) Prometheus counters, gauges and histograms of a plugin
  *        (metric_counter, metric_gauge, metric_histogram, metric_inc/add/
  *        set/observe), served with the core's on the admin listener
+ *   1.7  (abuse limits) login_failed: a failed login counted against the
+ *        client's address ([limits] addr_login_failures)
  *   1.8  (auth cache) kv_get/kv_set/kv_del: a cluster-wide key-value
  *        store with expiry, in the bus's Redis
  *
@@ -73,7 +75,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 6
+#define CHAT_ABI_MINOR 8
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -648,7 +650,7 @@ struct chat_host {
     void (*metric_set)(struct chat_metric *m, double v);
     void (*metric_observe)(struct chat_metric *m, double v);
 
-    /* ===== ABI 1.7 (abuse limits, issue 12; renumbered at merge) ===== */
+    /* ===== ABI 1.7 (abuse limits) ===== */
 
     /* A login from session s failed for a wrong id or password: counted
      * against s's client address ([limits] addr_login_failures); when that
