@@ -183,22 +183,124 @@ static int parse_trusted(struct conf *c, const char *v, char *bad, size_t badlen
     if (strcmp(name, k) == 0)                                            \
         return replace_str(&(field), value) ? set_err(p, "%s%s", "out of memory", "") : 1;
 
+/* ---- listen endpoints ------------------------------------------------- */
+
+void conf_listen_free(struct conf_listen *l, size_t n)
+{
+    for (size_t i = 0; l && i < n; i++) {
+        mem_free(l[i].host);
+        mem_free(l[i].path);
+    }
+    mem_free(l);
+}
+
+/* One endpoint, tok (trimmed, NUL-terminated); 0 or CHAT_ERR_*. */
+static int parse_endpoint(char *tok, struct conf_listen *e)
+{
+    static const char *const schemes[] = {"tcp", "tls", "ws", "wss"};
+    char *rest = strstr(tok, "://"), *slash;
+    int web;
+
+    memset(e, 0, sizeof *e);
+    snprintf(e->scheme, sizeof e->scheme, "tcp");
+    if (rest) {
+        size_t k;
+        *rest = '\0';
+        for (k = 0; k < sizeof schemes / sizeof schemes[0]; k++)
+            if (strcmp(tok, schemes[k]) == 0)
+                break;
+        if (k == sizeof schemes / sizeof schemes[0])
+            return CHAT_ERR_INVAL;
+        snprintf(e->scheme, sizeof e->scheme, "%s", schemes[k]);
+        tok = rest + 3;
+    }
+    web = e->scheme[0] == 'w';
+    /* the path starts at the first '/' after the host ("[::1]" has none) */
+    slash = strchr(tok[0] == '[' && strchr(tok, ']') ? strchr(tok, ']') : tok, '/');
+    if (slash && !web)
+        return CHAT_ERR_INVAL;
+    if (web && !(e->path = mem_strdup(slash ? slash : "/")))
+        return CHAT_ERR_NOMEM;
+    if (slash)
+        *slash = '\0';
+    if (conf_parse_hostport(tok, &e->host, &e->port) || !conf_ip_ok(e->host)) {
+        mem_free(e->host);
+        mem_free(e->path);
+        e->host = e->path = NULL;
+        return CHAT_ERR_INVAL;
+    }
+    return CHAT_OK;
+}
+
+int conf_parse_listen(const char *v, struct conf_listen **out, size_t *n, char *bad,
+                      size_t badlen)
+{
+    char *copy = mem_strdup(v), *tok, *next;
+    struct conf_listen *l = NULL;
+    size_t k = 0;
+    int r = CHAT_OK;
+
+    if (!copy)
+        return CHAT_ERR_NOMEM;
+    for (tok = copy; tok; tok = next) { /* an empty endpoint is an error */
+        struct conf_listen *nl;
+        char *end;
+        if ((next = strchr(tok, ',')))
+            *next++ = '\0';
+        end = tok + strlen(tok);
+        while (*tok == ' ' || *tok == '\t')
+            tok++;
+        while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
+            *--end = '\0';
+        if (!(nl = mem_realloc(l, (k + 1) * sizeof *l))) {
+            r = CHAT_ERR_NOMEM;
+            break;
+        }
+        l = nl;
+        snprintf(bad, badlen, "%s", tok);
+        if ((r = parse_endpoint(tok, &l[k])) != CHAT_OK)
+            break;
+        k++;
+    }
+    if (r == CHAT_OK && k == 0) {
+        snprintf(bad, badlen, "%s", v);
+        r = CHAT_ERR_INVAL;
+    }
+    mem_free(copy);
+    if (r != CHAT_OK) {
+        conf_listen_free(l, k);
+        return r;
+    }
+    *out = l;
+    *n = k;
+    return CHAT_OK;
+}
+
+static int set_listen(struct parse_ctx *p, const char *value)
+{
+    struct conf *c = p->c;
+    struct conf_listen *l;
+    size_t n;
+    char bad[128] = "";
+    int r = conf_parse_listen(value, &l, &n, bad, sizeof bad);
+
+    if (r == CHAT_ERR_NOMEM)
+        return set_err(p, "%s%s", "out of memory", "");
+    if (r)
+        return set_err(p, "listen: expected IP:PORT or SCHEME://IP:PORT[/PATH] (scheme "
+                       "tcp, tls, ws or wss; a numeric IPv4 or [IPv6] address; a path "
+                       "only for ws and wss), got \"%s\"%s", bad, "");
+    conf_listen_free(c->listens, c->nlistens);
+    c->listens = l;
+    c->nlistens = n;
+    return 1;
+}
+
 static int on_server(struct parse_ctx *p, const char *name, const char *value)
 {
     struct conf *c = p->c;
-    if (strcmp(name, "listen") == 0) {
-        char *h = NULL;
-        int port;
-        if (conf_parse_hostport(value, &h, &port) || !conf_ip_ok(h)) {
-            mem_free(h);
-            return set_err(p, "listen: expected IP:PORT (a numeric IPv4 or "
-                           "[IPv6] address), got \"%s\"%s", value, "");
-        }
-        mem_free(c->listen_host);
-        c->listen_host = h;
-        c->listen_port = port;
-        return 1;
-    }
+    if (strcmp(name, "listen") == 0)
+        return set_listen(p, value);
     if (strcmp(name, "log_level") == 0) {
         int l = log_parse_level(value);
         if (l < 0)
@@ -479,6 +581,48 @@ static int on_ws(struct parse_ctx *p, const char *name, const char *value)
     return set_err(p, "unknown key \"%s\" in [ws]%s", name, "");
 }
 
+/* [tls]: the certificate and key of the tls (and wss) endpoints. */
+static int on_tls(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    char **file = strcmp(name, "cert") == 0  ? &c->tls_cert
+                  : strcmp(name, "key") == 0 ? &c->tls_key
+                  : strcmp(name, "ca") == 0  ? &c->tls_ca
+                                             : NULL;
+    if (file) {
+        char *d = abs_path(c, value);
+        if (!d)
+            return set_err(p, "%s%s", "out of memory", "");
+        mem_free(*file);
+        *file = d;
+        return 1;
+    }
+    if (strcmp(name, "min_version") == 0) {
+        if (strcmp(value, "1.2") && strcmp(value, "1.3"))
+            return set_err(p, "min_version: \"%s\" is not 1.2 or 1.3%s", value, "");
+        c->tls_min_version = value[2] == '3' ? 0x0304 : 0x0303;
+        return 1;
+    }
+    STR_KEY("ciphers", c->tls_ciphers)
+    STR_KEY("groups", c->tls_groups)
+    INT_KEY("handshake_timeout", 1, 3600, c->tls_handshake_timeout_s)
+    return set_err(p, "unknown key \"%s\" in [tls]%s", name, "");
+}
+
+/* tls and wss endpoints need [tls] cert and key. */
+static int check_tls(const struct conf *c, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < c->nlistens; i++) {
+        const char *sch = c->listens[i].scheme;
+        if ((strcmp(sch, "tls") == 0 || strcmp(sch, "wss") == 0) &&
+            (!c->tls_cert[0] || !c->tls_key[0])) {
+            snprintf(err, errlen, "listen: %s://%s:%d needs [tls] cert and key", sch,
+                     c->listens[i].host, c->listens[i].port);
+            return -1;
+        }
+    }
+    return 0;
+}
 
 /* inih handler.  inih (as Debian builds it) does not pass the line number,
  * so on_line() counts lines through a reader callback. */
@@ -503,6 +647,8 @@ static int on_entry(void *user, const char *section, const char *name,
         ok = name ? on_limits(p, name, value) : 1;
     else if (strcmp(section, "ws") == 0)
         ok = name ? on_ws(p, name, value) : 1;
+    else if (strcmp(section, "tls") == 0)
+        ok = name ? on_tls(p, name, value) : 1;
     else if (strncmp(section, "plugin.", 7) == 0 && section[7])
         ok = on_plugin_section(p, section + 7, name, value);
     else
@@ -541,7 +687,7 @@ static void check_header(struct parse_ctx *p, const char *s)
         get_section(p->c, name + 7);
     else if (strcmp(name, "server") && strcmp(name, "plugins") &&
              strcmp(name, "admin") && strcmp(name, "limits") &&
-             strcmp(name, "ws")) {
+             strcmp(name, "ws") && strcmp(name, "tls")) {
         set_err(p, "unknown section [%s]%s", name, "");
         if (!p->err_line)
             p->err_line = p->line;
@@ -592,18 +738,34 @@ static void set_defaults(struct conf *c)
     c->ws_ping_interval_s = 30;
     c->ws_pong_timeout_s = 10;
     c->ws_handshake_timeout_s = 10;
+    c->tls_min_version = 0x0303;
+    c->tls_handshake_timeout_s = 10;
 }
 
 static int fill_missing(struct conf *c)
 {
     char **strs[] = {&c->listen_host, &c->node_id, &c->my_host, &c->my_user,
                      &c->my_password, &c->my_database, &c->my_socket, &c->rd_host,
-                     &c->admin_host, &c->admin_token, &c->log_file};
+                     &c->admin_host, &c->admin_token, &c->log_file,
+                     &c->tls_cert, &c->tls_key, &c->tls_ca, &c->tls_ciphers,
+                     &c->tls_groups};
+    /* ciphers (TLS 1.2; 1.3 keeps OpenSSL's suites): forward secret AEADs */
     const char *defs[] = {"127.0.0.1", "", "127.0.0.1", "chat", "", "chat", "",
-                          "127.0.0.1", "127.0.0.1", "", ""};
+                          "127.0.0.1", "127.0.0.1", "", "", "", "", "",
+                          "ECDHE+AESGCM:ECDHE+CHACHA20", "X25519:P-256:P-384"};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if (!*strs[i] && !(*strs[i] = mem_strdup(defs[i])))
             return -1;
+    if (!c->listens) {
+        char bad[8];
+        if (conf_parse_listen("127.0.0.1:6000", &c->listens, &c->nlistens, bad,
+                              sizeof bad))
+            return -1;
+    }
+    mem_free(c->listen_host);
+    if (!(c->listen_host = mem_strdup(c->listens[0].host)))
+        return -1;
+    c->listen_port = c->listens[0].port;
     if (!c->plugin_dir && !(c->plugin_dir = abs_path(c, "plugins")))
         return -1;
     if (!c->sql_dir && !(c->sql_dir = abs_path(c, "../sql")))
@@ -656,6 +818,10 @@ struct conf *conf_load(const char *path, char *err, size_t errlen)
     c->have_redis = p.seen_redis;
     if (fill_missing(c))
         goto nomem;
+    if (check_tls(c, p.err, sizeof p.err)) {
+        snprintf(err, errlen, "%s: %s", path, p.err);
+        goto fail;
+    }
     return c;
 nomem:
     snprintf(err, errlen, "%s: out of memory", path);
@@ -671,9 +837,11 @@ void conf_free(struct conf *c)
     char *strs[] = {c->path, c->dir, c->listen_host, c->node_id, c->plugin_dir,
                     c->my_host, c->my_user, c->my_password, c->my_database,
                     c->my_socket, c->sql_dir, c->rd_host, c->admin_host,
-                    c->admin_token, c->log_file};
+                    c->admin_token, c->log_file, c->tls_cert, c->tls_key,
+                    c->tls_ca, c->tls_ciphers, c->tls_groups};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         mem_free(strs[i]);
+    conf_listen_free(c->listens, c->nlistens);
     for (size_t i = 0; i < c->nplugins; i++)
         mem_free(c->plugins[i]);
     mem_free(c->plugins);

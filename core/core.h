@@ -22,6 +22,8 @@
  *   adm_   admin_http.c the admin listener's request parsing (http-parser)
  * 2 net, db and bus (they never call each other)
  *   net_   net.c       listener, sessions, buffered output, limits
+ *          transport.h the transport seam (net_transport table, net_tr_*)
+ *   tls_   tls.c       the tls transport (OpenSSL 3 on the loop)
  *   db_    db.c        MySQL pool on worker threads (migrate.c: --migrate)
  *   bus_   bus.c       Redis bus: node channel, presence, routing
  * 3 sessions, dispatch and the login ack
@@ -356,6 +358,14 @@ struct conf_cidr {
     unsigned char addr[16];
     unsigned bits;
 };
+/* One [server] listen endpoint (SCHEME://HOST:PORT[/PATH]; a bare
+ * HOST:PORT is tcp).  The scheme names a transport (net.c's table). */
+struct conf_listen {
+    char scheme[8];    /* "tcp", "tls", "ws", "wss" */
+    char *host;        /* numeric IPv4 or IPv6, without brackets */
+    int port;
+    char *path;        /* ws, wss: the request path ("/chat"); else NULL */
+};
 struct conf {
     char *path;            /* the file read */
     char *dir;             /* its directory, for relative paths */
@@ -414,6 +424,14 @@ struct conf {
     int ws_ping_interval_s;     /* 0: no pings */
     int ws_pong_timeout_s;
     int ws_handshake_timeout_s; /* accept to the end of the upgrade request */
+    /* [server] listen, every endpoint (listen_host/port: the first one) */
+    struct conf_listen *listens;
+    size_t nlistens;
+    /* [tls] (tls.c): files absolute, "" when unset */
+    char *tls_cert, *tls_key, *tls_ca;
+    char *tls_ciphers, *tls_groups;
+    int tls_min_version;   /* 0x0303 (TLS 1.2) or 0x0304 (TLS 1.3) */
+    int tls_handshake_timeout_s;
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;
@@ -428,6 +446,15 @@ const char *conf_section_get(const struct conf_section *sec, const char *key);
 int conf_parse_hostport(const char *s, char **host, int *port);
 /* A numeric IPv4 or IPv6 address (listen addresses are never resolved). */
 int conf_ip_ok(const char *host);
+/* Parse a listen value: endpoints separated by commas, each
+ * [SCHEME://]HOST:PORT[/PATH] (scheme tcp, tls, ws or wss; HOST numeric,
+ * IPv6 in brackets; a path only for ws/wss, "/" when absent).  On success
+ * *out (mem_malloc'd, n entries) replaces nothing: free it with
+ * conf_listen_free.  CHAT_ERR_INVAL with the bad endpoint in bad, or
+ * CHAT_ERR_NOMEM. */
+int conf_parse_listen(const char *v, struct conf_listen **out, size_t *n, char *bad,
+                      size_t badlen);
+void conf_listen_free(struct conf_listen *l, size_t n);
 /* Parse "ADDR" or "ADDR/BITS" (numeric IPv4 or IPv6); 0 or CHAT_ERR_INVAL. */
 int conf_parse_cidr(const char *s, struct conf_cidr *out);
 /* 1 when the address (family, bytes in network order) is inside c. */
@@ -532,6 +559,9 @@ void net_on_admit(net_admit_fn cb);
  * words).  CHAT_ERR_NOMEM. */
 int net_send_last(struct chat_session *s, const char *json, size_t len);
 void net_stop_accepting(void);
+/* SIGHUP (main.c): every tls endpoint loads [tls] cert and key again for
+ * new handshakes; a pair that does not load keeps the old one (logged). */
+void net_reload_tls(const struct conf *c);
 /* Close every session gracefully (flush, notice for protocol 2); calls
  * done when all are closed. */
 void net_shutdown(void (*done)(void));

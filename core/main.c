@@ -99,6 +99,8 @@ static void after_sessions(void)
 static void on_reloaded(int ok, const char *msg, void *ud)
 {
     (void)ud;
+    /* certificates: new handshakes get the [tls] files as they are now */
+    net_reload_tls(plug_current_conf());
     sdn_reload_result(ok, msg, plug_active());
 }
 
@@ -302,17 +304,21 @@ int main(int argc, char **argv)
         return 1;
     }
     if (listen) {
+        struct conf_listen *l;
+        size_t n;
         char *h = NULL;
-        int port;
-        if (conf_parse_hostport(listen, &h, &port) || !conf_ip_ok(h)) {
-            mem_free(h);
-            fprintf(stderr, "-l %s: expected IP:PORT\n", listen);
+        if (conf_parse_listen(listen, &l, &n, err, sizeof err) ||
+            !(h = mem_strdup(l[0].host))) {
+            fprintf(stderr, "-l %s: expected [SCHEME://]IP:PORT[,...]\n", listen);
             conf_free(c);
             return 2;
         }
+        conf_listen_free(c->listens, c->nlistens);
+        c->listens = l;
+        c->nlistens = n;
         mem_free(c->listen_host);
         c->listen_host = h;
-        c->listen_port = port;
+        c->listen_port = l[0].port;
     }
     if (workers > 0)
         c->workers = workers;

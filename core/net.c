@@ -68,6 +68,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "transport.h"
 
 #define OBUF_SMALL 4096      /* capacity of a pooled buffer */
 #define OBUF_POOL_MAX 1024   /* pooled buffers kept */
@@ -105,6 +106,20 @@ struct tlist {
     struct tlink *head, *tail;
 };
 
+/* One listen endpoint: its socket and its transport chain, bottom first
+ * (empty for tcp: net.c's own path).  See transport.h. */
+#define NET_CHAIN_MAX 3
+struct net_endpoint {
+    uv_tcp_t tcp;
+    int open;
+    const struct net_transport *chain[NET_CHAIN_MAX];
+    void *ctx[NET_CHAIN_MAX];
+    int nchain;
+    int handshake_ms;        /* 0: no handshake deadline */
+    struct tlist hands;      /* sessions in their handshake, oldest first */
+    char name[80];           /* "tls://127.0.0.1:6443", for logs */
+};
+
 /* Connections from one IPv4 address or IPv6 /64; freed with the last one. */
 struct net_addr {
     int64_t key;
@@ -115,6 +130,14 @@ struct net_addr {
 struct chat_session {
     uv_tcp_t tcp;
     uint64_t id;
+    /* transport (NULL top: tcp, net.c writes out itself): see transport.h */
+    struct net_endpoint *ep;
+    struct net_tconn *top, *bottom;
+    struct obuf *wire;       /* encoded bytes not yet handed to the kernel */
+    struct obuf *wire_inflight; /* owned by the pending uv_write */
+    struct tlink hand;       /* on ep->hands until the handshake is done */
+    int close_errno;         /* net_close's errno, for the transport's close */
+    unsigned tr_ready : 1, tr_closed : 1;
     int64_t uid;
     char *name;              /* NUL-terminated copy; may hold NUL itself */
     size_t name_len;
@@ -146,8 +169,8 @@ struct chat_session {
 
 static struct {
     uv_loop_t *loop;
-    uv_tcp_t listener;
-    int listening;
+    struct net_endpoint *eps;
+    size_t neps;
     uv_check_t flusher;
     uv_idle_t flush_idle;    /* active while sessions wait on the flush list */
     net_unsent_fn unsent_cb; /* a closed session's unwritten deliveries */
@@ -251,6 +274,15 @@ static size_t pending_bytes(const struct chat_session *s)
         n += s->inflight->len - s->inflight->off;
     if (s->held)
         n += s->held->len;
+    if (s->top) { /* what the transport encoded or holds is output too */
+        if (s->wire)
+            n += s->wire->len - s->wire->off;
+        if (s->wire_inflight)
+            n += s->wire_inflight->len - s->wire_inflight->off;
+        for (const struct net_tconn *t = s->top; t; t = t->below)
+            if (t->type->pending)
+                n += t->type->pending(t);
+    }
     return n;
 }
 
@@ -258,6 +290,7 @@ static size_t pending_bytes(const struct chat_session *s)
 
 static void begin_close(struct chat_session *s, int errno_, const char *why,
                         int graceful);
+static void close_why(struct chat_session *s, unsigned reason);
 
 static int tl_linked(const struct tlist *l, const struct tlink *k)
 {
@@ -360,6 +393,22 @@ static void on_idle_timer(uv_timer_t *t)
             LOGSI(s, "not logged in and no request for %d s, closing",
                   net.idle_timeout_s);
         close_timed_out(s, "idle timeout");
+    }
+    for (size_t i = 0; i < net.neps; i++) {
+        struct net_endpoint *ep = &net.eps[i];
+        while (ep->handshake_ms > 0 && ep->hands.head &&
+               ep->hands.head->at + (uint64_t)ep->handshake_ms <= now) {
+            struct chat_session *s =
+                container_of(ep->hands.head, struct chat_session, hand);
+            tl_unlink(&ep->hands, &s->hand);
+            LOGSI(s, "%s: handshake not done after %d ms, closing", ep->name,
+                  ep->handshake_ms);
+            close_why(s, METRICS_CLOSE_IDLE);
+            begin_close(s, 0, NULL, 0);
+        }
+        for (int k = 0; k < ep->nchain; k++)
+            if (ep->chain[k]->tick)
+                ep->chain[k]->tick(ep->ctx[k], now);
     }
 }
 
@@ -673,10 +722,20 @@ static void on_closed(uv_handle_t *h)
         s->all_next->all_prev = s->all_prev;
     tl_unlink(&net.idle, &s->idle);
     tl_unlink(&net.reqs, &s->req);
+    if (s->ep)
+        tl_unlink(&s->ep->hands, &s->hand);
     addr_release(s);
     run_waits(s, 1);
     pace_unlink(s);
     spill_unsent(s);
+    while (s->top) {
+        struct net_tconn *t = s->top;
+        s->top = t->below;
+        t->type->free(t);
+    }
+    s->bottom = NULL;
+    obuf_put(s->wire);
+    obuf_put(s->wire_inflight);
     mem_free(s->marks);
     obuf_put(s->out);
     obuf_put(s->inflight);
@@ -706,11 +765,31 @@ static void on_shutdown(uv_shutdown_t *req, int status)
     close_now(s);
 }
 
-/* Called when a closing session has nothing left to write. */
+static int wire_busy(const struct chat_session *s)
+{
+    return s->writing || (s->wire && s->wire->len > s->wire->off);
+}
+
+static void wire_write(struct chat_session *s);
+
+/* Called when a closing session has nothing left to write.  A transport
+ * says goodbye first (close frame, close_notify), top layer first. */
 static void finish_close(struct chat_session *s)
 {
     if (uv_is_closing((uv_handle_t *)&s->tcp))
         return;
+    if (s->top && s->graceful) {
+        if (!s->tr_closed) {
+            s->tr_closed = 1;
+            for (struct net_tconn *t = s->top; t; t = t->below)
+                t->type->close(t, s->close_errno, NULL);
+            if (wire_busy(s)) {
+                wire_write(s); /* comes back here once drained */
+                return;
+            }
+        } else if (wire_busy(s))
+            return;
+    }
     if (s->graceful && uv_shutdown(&s->sreq, (uv_stream_t *)&s->tcp, on_shutdown) == 0)
         return;
     close_now(s);
@@ -747,9 +826,12 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
     s->closing = 1;
     metrics_loop.closed[close_reason(s, errno_)]++;
     s->graceful = graceful ? 1 : 0;
+    s->close_errno = errno_;
     uv_read_stop((uv_stream_t *)&s->tcp);
     tl_unlink(&net.idle, &s->idle);
     tl_unlink(&net.reqs, &s->req);
+    if (s->ep)
+        tl_unlink(&s->ep->hands, &s->hand);
     if (s->registered) {
         map_del(&net.by_id, (int64_t)s->id);
         s->registered = 0;
@@ -764,7 +846,7 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
     }
     if (s->out && s->out->len > s->out->off)
         flush_session(s);
-    if (!s->inflight && !(s->out && s->out->len > s->out->off))
+    if (!s->inflight && !(s->out && s->out->len > s->out->off) && !wire_busy(s))
         finish_close(s);
 }
 
@@ -821,6 +903,8 @@ static void on_written(uv_write_t *req, int status)
     idle_output(s); /* drained: off the idle list, or its clock restarted */
 }
 
+static void flush_filtered(struct chat_session *s);
+
 static void flush_session(struct chat_session *s)
 {
     struct obuf *b = s->out;
@@ -828,6 +912,10 @@ static void flush_session(struct chat_session *s)
     size_t take;
     int n;
 
+    if (s->top) {
+        flush_filtered(s);
+        return;
+    }
     if (s->writing || !b || b->len == b->off || uv_is_closing((uv_handle_t *)&s->tcp))
         return;
     if (s->sink) { /* test session without a socket: output is dropped */
@@ -901,6 +989,201 @@ static void flush_session(struct chat_session *s)
     if (!tl_linked(&net.idle, &s->idle))
         idle_output(s); /* waiting on the peer from now */
 }
+
+/* ---- writing through a transport ---------------------------------------
+ * The session's output (out) is encoded by the transport chain into the
+ * wire buffer, one batch at a time: the batch moves to inflight, as the
+ * unwritten part of a plain write does, and counts as written (delivery
+ * marks, flush waits, pacing) only when the wire buffer has drained to the
+ * kernel, since only then did every byte that carries it get there.  A
+ * layer's own bytes (handshake, alerts, pings) join the wire in order. */
+
+static void wire_drained(struct chat_session *s);
+static void flush_later(struct chat_session *s);
+
+static void on_wire_written(uv_write_t *req, int status)
+{
+    struct chat_session *s = container_of(req, struct chat_session, wreq);
+    struct obuf *w = s->wire_inflight;
+
+    s->writing = 0;
+    s->wire_inflight = NULL;
+    if (status < 0) {
+        obuf_put(w); /* inflight stays: its deliveries go to the store */
+        if (!s->closing)
+            LOGSD(s, "write failed: %s", uv_strerror(status));
+        close_why(s, METRICS_CLOSE_WRITE_ERROR);
+        begin_close(s, 0, NULL, 0);
+        return;
+    }
+    metrics_loop.bytes_out += w->len - w->off;
+    obuf_put(w);
+    wire_write(s);
+    idle_output(s);
+}
+
+/* Hand the wire buffer to the kernel: uv_try_write, the rest by uv_write. */
+static void wire_write(struct chat_session *s)
+{
+    struct obuf *w = s->wire;
+    uv_buf_t ub;
+    int n;
+
+    if (s->writing || uv_is_closing((uv_handle_t *)&s->tcp))
+        return;
+    if (!w || w->len == w->off) {
+        wire_drained(s);
+        return;
+    }
+    ub = uv_buf_init(w->data + w->off, (unsigned)(w->len - w->off));
+    n = uv_try_write((uv_stream_t *)&s->tcp, &ub, 1);
+    if (n < 0 && n != UV_EAGAIN) {
+        LOGSD(s, "write failed: %s", uv_strerror(n));
+        close_why(s, METRICS_CLOSE_WRITE_ERROR);
+        begin_close(s, 0, NULL, 0);
+        return;
+    }
+    if (n > 0) {
+        w->off += (size_t)n;
+        metrics_loop.bytes_out += (uint64_t)n;
+    }
+    s->wire = NULL;
+    if (w->off == w->len) {
+        obuf_put(w);
+        wire_drained(s);
+        return;
+    }
+    s->wire_inflight = w; /* later layer bytes go to a fresh wire buffer */
+    s->writing = 1;
+    ub = uv_buf_init(w->data + w->off, (unsigned)(w->len - w->off));
+    if (uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &ub, 1, on_wire_written) < 0) {
+        s->writing = 0;
+        close_why(s, METRICS_CLOSE_ERROR);
+        begin_close(s, 0, NULL, 0);
+        return;
+    }
+    if (!tl_linked(&net.idle, &s->idle))
+        idle_output(s); /* waiting on the peer from now */
+}
+
+/* Everything encoded so far reached the kernel. */
+static void wire_drained(struct chat_session *s)
+{
+    struct obuf *b = s->inflight;
+
+    if (b) {
+        s->inflight = NULL;
+        s->written_total += b->len - b->off;
+        obuf_put(b);
+        pace_sent(s);
+        if (s->waits)
+            run_waits(s, 0);
+    }
+    if (s->out && s->out->len > s->out->off && s->tr_ready && !s->tr_closed &&
+        !s->pacing) {
+        if (b) /* a batch went out: the next one (at most once per drain) */
+            flush_filtered(s);
+        else
+            flush_later(s);
+        return;
+    }
+    if (s->closing) {
+        finish_close(s);
+        return;
+    }
+    for (struct net_tconn *t = s->top; t; t = t->below)
+        if (t->type->idle)
+            t->type->idle(t);
+}
+
+/* Encode the next batch of out (when the previous one is written and the
+ * handshake is done), then write the wire. */
+static void flush_filtered(struct chat_session *s)
+{
+    struct obuf *b = s->out;
+    size_t take;
+
+    if (uv_is_closing((uv_handle_t *)&s->tcp))
+        return;
+    if (s->closing && !s->tr_ready && b && b->len > b->off) {
+        close_now(s); /* nothing can be said before the handshake */
+        return;
+    }
+    if (s->tr_ready && !s->tr_closed && !s->inflight && b && b->len > b->off &&
+        (take = pace_take(s, b)) > 0) {
+        if (s->top->type->output(s->top, b->data + b->off, take)) {
+            close_why(s, METRICS_CLOSE_ERROR);
+            begin_close(s, 0, NULL, 0);
+            return;
+        }
+        if (take == b->len - b->off) {
+            s->inflight = b;
+            s->out = NULL;
+        } else { /* paced: one message; inflight then out stay contiguous */
+            struct obuf *m = NULL;
+            if (obuf_append(&m, b->data + b->off, take, 0)) {
+                close_why(s, METRICS_CLOSE_ERROR);
+                begin_close(s, 0, NULL, 0);
+                return;
+            }
+            b->off += take;
+            s->inflight = m;
+        }
+    }
+    wire_write(s);
+}
+
+/* ---- the transport seam (transport.h) ---------------------------------- */
+
+static void process(struct chat_session *s, const char *buf, size_t n);
+static void process_message(struct chat_session *s, const char *buf, size_t n);
+
+int net_tr_up(struct net_tconn *t, const char *buf, size_t n)
+{
+    if (t->s->closing || n == 0)
+        return 0;
+    if (t->above)
+        return t->above->type->input(t->above, buf, n);
+    if (t->type->flags & NET_TR_MESSAGES)
+        process_message(t->s, buf, n);
+    else
+        process(t->s, buf, n);
+    return 0;
+}
+
+int net_tr_down(struct net_tconn *t, const char *buf, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (t->below)
+        return t->below->type->output(t->below, buf, n);
+    if (obuf_append(&t->s->wire, buf, n, 0))
+        return -1;
+    flush_later(t->s);
+    return 0;
+}
+
+void net_tr_ready(struct net_tconn *t)
+{
+    struct chat_session *s = t->s;
+
+    t->ready = 1;
+    for (const struct net_tconn *k = s->top; k; k = k->below)
+        if (!k->ready)
+            return;
+    s->tr_ready = 1;
+    tl_unlink(&s->ep->hands, &s->hand);
+    if (s->out && s->out->len > s->out->off)
+        flush_later(s);
+}
+
+void net_tr_close(struct net_tconn *t, int error)
+{
+    close_why(t->s, error ? METRICS_CLOSE_READ_ERROR : METRICS_CLOSE_PEER);
+    begin_close(t->s, 0, NULL, 1);
+}
+
+uv_loop_t *net_tr_loop(void) { return net.loop; }
 
 static void on_flush_idle(uv_idle_t *h) { (void)h; }
 
@@ -1112,6 +1395,37 @@ static void process(struct chat_session *s, const char *buf, size_t n)
     }
 }
 
+/* One whole message from a message transport (transport.h): exactly one
+ * JSON object, blanks around it allowed; anything else is a protocol
+ * error, as bytes outside an object are on a stream. */
+static void process_message(struct chat_session *s, const char *buf, size_t n)
+{
+    struct frame_scanner fs;
+    size_t used = 0, i;
+    long start = -1;
+    int r;
+
+    if (n > net.max_frame) {
+        frame_too_large(s);
+        return;
+    }
+    frame_init(&fs, net.max_frame);
+    r = frame_scan(&fs, buf, n, &used, &start);
+    for (i = used; r == FRAME_COMPLETE && i < n; i++)
+        if (buf[i] != ' ' && buf[i] != '\t' && buf[i] != '\r' && buf[i] != '\n')
+            break;
+    if (r == FRAME_COMPLETE && start >= 0 && i == n) {
+        s->garbage = 0;
+        idle_refresh(s);
+        disp_frame(s, buf + start, used - (size_t)start);
+        return;
+    }
+    {
+        struct chat_ack ack = {0, 0, 0};
+        disp_error(s, &ack, CHAT_E_BAD_JSON, "a message must hold exactly one JSON object");
+    }
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 {
     struct chat_session *s = container_of((uv_tcp_t *)st, struct chat_session, tcp);
@@ -1119,7 +1433,13 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
         net.rbuf_busy = 0;
     if (nread > 0) {
         metrics_loop.bytes_in += (uint64_t)nread;
-        process(s, buf->base, (size_t)nread);
+        if (!s->bottom)
+            process(s, buf->base, (size_t)nread);
+        else if (s->bottom->type->input(s->bottom, buf->base, (size_t)nread)) {
+            close_why(s, METRICS_CLOSE_READ_ERROR);
+            begin_close(s, 0, NULL, 0);
+            return;
+        }
         req_track(s);
         return;
     }
@@ -1210,9 +1530,36 @@ static void set_keepalive(struct chat_session *s)
     }
 }
 
+/* Stack the endpoint's transport layers on s, bottom first; 0 or -1. */
+static int open_chain(struct chat_session *s, struct net_endpoint *ep)
+{
+    s->ep = ep;
+    if (ep->nchain == 0) {
+        s->tr_ready = 1;
+        return 0;
+    }
+    for (int k = 0; k < ep->nchain; k++) {
+        struct net_tconn *t = ep->chain[k]->open(ep->ctx[k], s, s->top);
+        if (!t)
+            return -1;
+        t->type = ep->chain[k];
+        t->s = s;
+        t->below = s->top;
+        t->above = NULL;
+        if (s->top)
+            s->top->above = t;
+        else
+            s->bottom = t;
+        s->top = t;
+    }
+    tl_push(&ep->hands, &s->hand);
+    return 0;
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct chat_session *s;
+    struct net_endpoint *ep = server->data;
 
     if (status < 0) {
         LOGW("accept: %s", uv_strerror(status));
@@ -1250,6 +1597,13 @@ static void on_connection(uv_stream_t *server, int status)
         close_now(s);
         return;
     }
+    if (open_chain(s, ep)) {
+        LOGE("accept: out of memory for the %s transport", ep->chain[0]->name);
+        map_del(&net.by_id, (int64_t)s->id);
+        s->closing = 1;
+        close_now(s);
+        return;
+    }
     s->registered = 1;
     idle_refresh(s);
     if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
@@ -1262,9 +1616,61 @@ static void on_connection(uv_stream_t *server, int status)
         net.open_cb(s);
 }
 
+/* ---- endpoints -------------------------------------------------------- */
+
+/* The transports, by scheme.  tcp is net.c's own path (no functions); ws
+ * and wss are listed when their file lands. */
+static const struct net_transport tcp_transport = {.name = "tcp"};
+static const struct net_transport *const transports[] = {&tcp_transport,
+                                                         &tls_transport};
+
+static const struct net_transport *transport_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof transports / sizeof transports[0]; i++)
+        if (strcmp(transports[i]->name, name) == 0)
+            return transports[i];
+    return NULL;
+}
+
+/* The chain of l's transport, bottom first, and each layer's endpoint
+ * state; 0 or -1 (logged). */
+static int endpoint_chain(struct net_endpoint *ep, const struct conf *c,
+                          const struct conf_listen *l)
+{
+    const struct net_transport *top = transport_find(l->scheme), *t;
+    const struct net_transport *up[NET_CHAIN_MAX];
+    int n = 0;
+    char err[256];
+
+    if (!top) {
+        LOGE("listen %s: the %s transport is not built yet", ep->name, l->scheme);
+        return -1;
+    }
+    for (t = top; t && t != &tcp_transport; t = t->below ? transport_find(t->below) : NULL) {
+        if (n == NET_CHAIN_MAX) {
+            LOGE("listen %s: transports stacked too deep", ep->name);
+            return -1;
+        }
+        up[n++] = t;
+    }
+    for (int k = 0; k < n; k++) { /* bottom first */
+        int hs = 0;
+        ep->chain[k] = up[n - 1 - k];
+        err[0] = '\0';
+        if (ep->chain[k]->ep_start(c, l, &ep->ctx[k], &hs, err, sizeof err)) {
+            LOGE("listen %s: %s", ep->name, err);
+            return -1;
+        }
+        ep->nchain = k + 1;
+        if (hs > 0 && (!ep->handshake_ms || hs < ep->handshake_ms))
+            ep->handshake_ms = hs;
+    }
+    return 0;
+}
+
 /* A listening socket with SO_REUSEPORT, so that several worker processes
  * can share the port (libuv 1.44 has no flag for it). */
-static int open_listener(const char *host, int port)
+static int open_listener(struct net_endpoint *ep, const char *host, int port)
 {
     struct sockaddr_storage ss;
     int fd, one = 1, r;
@@ -1290,17 +1696,59 @@ static int open_listener(const char *host, int port)
         close(fd);
         return -1;
     }
-    if (uv_tcp_init(net.loop, &net.listener) || uv_tcp_open(&net.listener, fd)) {
+    if (uv_tcp_init(net.loop, &ep->tcp) || uv_tcp_open(&ep->tcp, fd)) {
         close(fd);
         return -1;
     }
-    if ((r = uv_listen((uv_stream_t *)&net.listener, 4096, on_connection)) < 0) {
+    ep->tcp.data = ep;
+    ep->open = 1;
+    if ((r = uv_listen((uv_stream_t *)&ep->tcp, 4096, on_connection)) < 0) {
         LOGE("listen %s:%d: %s", host, port, uv_strerror(r));
-        uv_close((uv_handle_t *)&net.listener, NULL);
+        uv_close((uv_handle_t *)&ep->tcp, NULL);
+        ep->open = 0;
         return -1;
     }
-    net.listening = 1;
     return 0;
+}
+
+static int open_endpoints(const struct conf *c)
+{
+    if (!(net.eps = mem_calloc(c->nlistens, sizeof *net.eps))) {
+        LOGE("listen: out of memory");
+        return -1;
+    }
+    net.neps = c->nlistens;
+    for (size_t i = 0; i < c->nlistens; i++) {
+        const struct conf_listen *l = &c->listens[i];
+        struct net_endpoint *ep = &net.eps[i];
+        int v6 = strchr(l->host, ':') != NULL;
+        snprintf(ep->name, sizeof ep->name, "%s://%s%s%s:%d%s", l->scheme, v6 ? "[" : "",
+                 l->host, v6 ? "]" : "", l->port, l->path ? l->path : "");
+        if (endpoint_chain(ep, c, l) || open_listener(ep, l->host, l->port))
+            return -1;
+    }
+    return 0;
+}
+
+/* "listening on ..." once every endpoint is open (tests wait for it). */
+static void log_endpoints(void)
+{
+    char line[1024];
+    size_t off = 0;
+
+    line[0] = '\0';
+    for (size_t i = 0; i < net.neps && off < sizeof line; i++)
+        off += (size_t)snprintf(line + off, sizeof line - off, "%s%s", i ? ", " : "",
+                                net.eps[i].name);
+    LOGI("listening on %s", line);
+}
+
+void net_reload_tls(const struct conf *c)
+{
+    for (size_t i = 0; c && i < net.neps; i++)
+        for (int k = 0; k < net.eps[i].nchain; k++)
+            if (net.eps[i].chain[k]->ep_reload)
+                net.eps[i].chain[k]->ep_reload(net.eps[i].ctx[k], c);
 }
 
 /* A copy of the trusted list (the conf may be freed after a reload). */
@@ -1349,6 +1797,11 @@ void net_apply_conf(const struct conf *c)
         shortest = net.idle_timeout_s;
     if (net.request_timeout_s > 0 && (!shortest || net.request_timeout_s < shortest))
         shortest = net.request_timeout_s;
+    for (size_t i = 0; i < net.neps; i++) { /* handshakes, transport ticks */
+        int hs = net.eps[i].handshake_ms > 0 ? (net.eps[i].handshake_ms + 999) / 1000 : 4;
+        if (net.eps[i].nchain && (!shortest || hs < shortest))
+            shortest = hs;
+    }
     if (net.loop && shortest > 0) {
         /* a quarter of the shortest limit: closed at most 25% late */
         uint64_t every = (uint64_t)shortest * 250;
@@ -1394,19 +1847,20 @@ int net_start(uv_loop_t *loop, const struct conf *c)
     uv_timer_init(loop, &net.idle_timer);
     uv_timer_init(loop, &net.pace_timer);
     uv_timer_init(loop, &net.shutdown_timer);
-    net_apply_conf(c);
-    if (open_listener(c->listen_host, c->listen_port))
+    if (open_endpoints(c))
         return -1;
-    LOGI("listening on %s:%d", c->listen_host, c->listen_port);
+    net_apply_conf(c); /* after the endpoints: their handshake deadlines */
+    log_endpoints();
     return 0;
 }
 
 void net_stop_accepting(void)
 {
-    if (net.listening) {
-        uv_close((uv_handle_t *)&net.listener, NULL);
-        net.listening = 0;
-    }
+    for (size_t i = 0; i < net.neps; i++)
+        if (net.eps[i].open) {
+            uv_close((uv_handle_t *)&net.eps[i].tcp, NULL);
+            net.eps[i].open = 0;
+        }
 }
 
 static void on_shutdown_timeout(uv_timer_t *t)
@@ -1440,6 +1894,10 @@ static void close_handles(void)
     mem_free(net.trusted);
     net.trusted = NULL;
     net.ntrusted = 0;
+    for (size_t i = 0; i < net.neps; i++) /* every session is freed */
+        for (int k = 0; k < net.eps[i].nchain; k++)
+            net.eps[i].chain[k]->ep_stop(net.eps[i].ctx[k]);
+    /* net.eps stays: a listener closed just now is still closing */
 }
 
 static void (*net_final_done)(void);
@@ -1494,6 +1952,7 @@ struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame)
     }
     uv_tcp_init(loop, &s->tcp);
     s->sink = 1;
+    s->tr_ready = 1;
     s->graceful = 0;
     s->id = ++net.next_id;
     s->proto = CHAT_PROTO_LEGACY;

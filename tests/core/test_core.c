@@ -154,6 +154,59 @@ static void test_conf_ws(void)
     expect_error("[ws]\npath = /chat\n", 2, "unknown key \"path\" in [ws]");
 }
 
+/* [server] listen with several endpoints and schemes; [tls]. */
+static void test_conf_listen(void)
+{
+    char err[1024], bad[128];
+    struct conf_listen *l;
+    size_t n;
+    struct conf *c;
+
+    CU_ASSERT_EQUAL_FATAL(conf_parse_listen(" tcp://127.0.0.1:6000, tls://127.0.0.1:6443 ,"
+                                            "ws://127.0.0.1:8080/chat,wss://[::1]:8443,"
+                                            "10.0.0.1:7", &l, &n, bad, sizeof bad), 0);
+    CU_ASSERT_EQUAL_FATAL(n, 5);
+    CU_ASSERT_STRING_EQUAL(l[0].scheme, "tcp");
+    CU_ASSERT_STRING_EQUAL(l[0].host, "127.0.0.1");
+    CU_ASSERT_EQUAL(l[0].port, 6000);
+    CU_ASSERT_PTR_NULL(l[0].path);
+    CU_ASSERT_STRING_EQUAL(l[1].scheme, "tls");
+    CU_ASSERT_EQUAL(l[1].port, 6443);
+    CU_ASSERT_STRING_EQUAL(l[2].scheme, "ws");
+    CU_ASSERT_STRING_EQUAL(l[2].path, "/chat");
+    CU_ASSERT_STRING_EQUAL(l[3].scheme, "wss");
+    CU_ASSERT_STRING_EQUAL(l[3].host, "::1");
+    CU_ASSERT_STRING_EQUAL(l[3].path, "/");
+    CU_ASSERT_STRING_EQUAL(l[4].scheme, "tcp");
+    CU_ASSERT_EQUAL(l[4].port, 7);
+    conf_listen_free(l, n);
+    const char *bads[] = {"", ",", "udp://1.2.3.4:5", "tcp://1.2.3.4:5/x", "tls://host:5",
+                          "1.2.3.4", "tcp://[::1:5", "1.2.3.4:5,,", "ws://1.2.3.4:0/"};
+    for (size_t i = 0; i < sizeof bads / sizeof bads[0]; i++)
+        CU_ASSERT_EQUAL(conf_parse_listen(bads[i], &l, &n, bad, sizeof bad), CHAT_ERR_INVAL);
+    c = conf_load(write_conf("tls.conf", "[server]\nlisten = tls://[::1]:7443, 127.0.0.1:7000\n"
+                                         "[tls]\ncert = c.pem\nkey = /k.pem\nmin_version = 1.3\n"),
+                  err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_EQUAL(c->nlistens, 2);
+    CU_ASSERT_STRING_EQUAL(c->listen_host, "::1"); /* the first endpoint */
+    CU_ASSERT_EQUAL(c->listen_port, 7443);
+    CU_ASSERT(strncmp(c->tls_cert, dir, strlen(dir)) == 0);
+    CU_ASSERT_STRING_EQUAL(c->tls_key, "/k.pem");
+    CU_ASSERT_EQUAL(c->tls_min_version, 0x0304);
+    CU_ASSERT_EQUAL(c->tls_handshake_timeout_s, 10);
+    conf_free(c);
+    expect_error("[server]\nlisten = tcp://1.2.3.4:5, ftp://1.2.3.4:6\n", 2,
+                 "got \"ftp://1.2.3.4:6\"");
+    expect_error("[tls]\nmin_version = 1.1\n", 2, "min_version: \"1.1\" is not 1.2 or 1.3");
+    expect_error("[tls]\nhandshake_timeout = 0\n", 2, "handshake_timeout");
+    expect_error("[tls]\nvery = 1\n", 2, "unknown key \"very\" in [tls]");
+    c = conf_load(write_conf("tls2.conf", "[server]\nlisten = tls://127.0.0.1:7443\n"), err,
+                  sizeof err);
+    CU_ASSERT_PTR_NULL(c);
+    CU_ASSERT(strstr(err, "needs [tls] cert and key") != NULL);
+}
+
 /* [server] trusted and the per-address and time-limit settings. */
 static void test_conf_net_limits(void)
 {
@@ -335,6 +388,7 @@ int main(void)
     CU_add_test(s, "conf: trusted, per-address caps, time limits", test_conf_net_limits);
     CU_add_test(s, "conf: log_format, log_file", test_conf_log);
     CU_add_test(s, "conf: [ws]", test_conf_ws);
+    CU_add_test(s, "conf: listen endpoints, [tls]", test_conf_listen);
     CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
     CU_add_test(s, "metrics: frames, errors, handler calls, plugin loads", test_metrics_wiring);
     CU_basic_set_mode(CU_BRM_VERBOSE);
