@@ -1001,6 +1001,17 @@ static void flush_session(struct chat_session *s)
 static void wire_drained(struct chat_session *s);
 static void flush_later(struct chat_session *s);
 
+/* The socket cannot be written: close now (a closing session too, which
+ * would otherwise wait forever on its goodbye). */
+static void wire_failed(struct chat_session *s, unsigned reason)
+{
+    close_why(s, reason);
+    if (s->closing)
+        close_now(s);
+    else
+        begin_close(s, 0, NULL, 0);
+}
+
 static void on_wire_written(uv_write_t *req, int status)
 {
     struct chat_session *s = container_of(req, struct chat_session, wreq);
@@ -1012,8 +1023,7 @@ static void on_wire_written(uv_write_t *req, int status)
         obuf_put(w); /* inflight stays: its deliveries go to the store */
         if (!s->closing)
             LOGSD(s, "write failed: %s", uv_strerror(status));
-        close_why(s, METRICS_CLOSE_WRITE_ERROR);
-        begin_close(s, 0, NULL, 0);
+        wire_failed(s, METRICS_CLOSE_WRITE_ERROR);
         return;
     }
     metrics_loop.bytes_out += w->len - w->off;
@@ -1039,8 +1049,7 @@ static void wire_write(struct chat_session *s)
     n = uv_try_write((uv_stream_t *)&s->tcp, &ub, 1);
     if (n < 0 && n != UV_EAGAIN) {
         LOGSD(s, "write failed: %s", uv_strerror(n));
-        close_why(s, METRICS_CLOSE_WRITE_ERROR);
-        begin_close(s, 0, NULL, 0);
+        wire_failed(s, METRICS_CLOSE_WRITE_ERROR);
         return;
     }
     if (n > 0) {
@@ -1058,8 +1067,7 @@ static void wire_write(struct chat_session *s)
     ub = uv_buf_init(w->data + w->off, (unsigned)(w->len - w->off));
     if (uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &ub, 1, on_wire_written) < 0) {
         s->writing = 0;
-        close_why(s, METRICS_CLOSE_ERROR);
-        begin_close(s, 0, NULL, 0);
+        wire_failed(s, METRICS_CLOSE_ERROR);
         return;
     }
     if (!tl_linked(&net.idle, &s->idle))
@@ -1112,8 +1120,7 @@ static void flush_filtered(struct chat_session *s)
     if (s->tr_ready && !s->tr_closed && !s->inflight && b && b->len > b->off &&
         (take = pace_take(s, b)) > 0) {
         if (s->top->type->output(s->top, b->data + b->off, take)) {
-            close_why(s, METRICS_CLOSE_ERROR);
-            begin_close(s, 0, NULL, 0);
+            wire_failed(s, METRICS_CLOSE_ERROR);
             return;
         }
         if (take == b->len - b->off) {
@@ -1122,8 +1129,7 @@ static void flush_filtered(struct chat_session *s)
         } else { /* paced: one message; inflight then out stay contiguous */
             struct obuf *m = NULL;
             if (obuf_append(&m, b->data + b->off, take, 0)) {
-                close_why(s, METRICS_CLOSE_ERROR);
-                begin_close(s, 0, NULL, 0);
+                wire_failed(s, METRICS_CLOSE_ERROR);
                 return;
             }
             b->off += take;

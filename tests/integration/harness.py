@@ -37,7 +37,7 @@ Stack() -- the run's MariaDB + Redis
 
 Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
      plugin_dir=None, conf=None, node_id=None, redis=True, mysql=True,
-     migrate=True, args=())
+     migrate=True, args=(), tls=False)
     Writes a config in a temp dir: [server] listen 127.0.0.1:<free port>,
     log_level debug, legacy_pace_ms 0 (Client splits lines; a test of
     pacing removes the key) (node_id when given); [plugins] dir = plugin_dir
@@ -56,6 +56,11 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
     listen set through conf moves .port with it.  [admin] listen is a free
     port of its own (.admin_port; None when conf turns it off) with token
     ADMIN_TOKEN.
+    tls=True adds a tls endpoint: listen = "127.0.0.1:<port>,
+    tls://127.0.0.1:<tls_port>" and [tls] cert/key, a self-signed pair for
+    localhost/127.0.0.1 made by make_cert() in the node's dir.
+    .tls_port .tls_cert .tls_key (None without tls)
+    .tls_context(cafile=None) -> ssl.SSLContext trusting the node's cert
     .port .admin_port .pid .proc .conf_path .db .log_path .dir
     .admin(method, path, body=None, token=ADMIN_TOKEN) -> (status, headers,
                                 body)   admin_request() to this node
@@ -74,8 +79,10 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
                                 and config, no migration
     A context manager (stop on exit); every Node is stopped at exit.
 
-Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None)
-    A TCP client.  term ends each message sent (b"\\0" as the seed client
+Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None,
+       tls=None)
+    A TCP client (over TLS when tls is an ssl.SSLContext: the handshake
+    runs in the constructor, verifying the name host).  term ends each message sent (b"\\0" as the seed client
     does, b"\\n", or b"").  proto=2 adds "proto":2 to every object sent that
     lacks it.  rcvbuf sets SO_RCVBUF before connecting (slow-reader tests).
     .send(obj)          compact JSON + term
@@ -104,6 +111,7 @@ NodeCase(unittest.TestCase)
 
 Utilities
     free_port() -> int
+    make_cert(cert, key, cn="localhost")   a self-signed pair (openssl CLI)
     admin_request(port, method, path, body=None, token=ADMIN_TOKEN,
                   timeout=10) -> (status, headers, body)   urllib.request to an
         admin listener; HTTP errors come back as their status; a JSON body
@@ -129,6 +137,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -246,6 +255,15 @@ def admin_request(port, method, path, body=None, token=ADMIN_TOKEN, timeout=10):
     if headers.get("Content-Type", "").startswith("application/json") and text:
         return status, headers, json.loads(text)
     return status, headers, text
+
+
+def make_cert(cert, key, cn="localhost"):
+    """A self-signed P-256 certificate for localhost and 127.0.0.1 (openssl
+    CLI), valid two days, written to cert and key (PEM)."""
+    _run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+          "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=" + cn,
+          "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+          "-keyout", key, "-out", cert], timeout=60)
 
 
 def plugin_path(name, variant=None):
@@ -517,7 +535,7 @@ class Node:
     def __init__(self, stack=None, db=None,
                  plugins=("login", "friend", "one2one", "group", "offline"),
                  plugin_dir=None, conf=None, node_id=None, redis=True, mysql=True,
-                 migrate=True, args=()):
+                 migrate=True, args=(), tls=False):
         if stack is None and (redis or mysql):
             stack = Stack()
         self.stack = stack
@@ -533,6 +551,7 @@ class Node:
         self.log_path = os.path.join(self.dir, "chatd.log")
         self.proc = None
         self._start_mark = 0
+        self.tls_port = self.tls_cert = self.tls_key = None
 
         # legacy_pace_ms 0: Client splits lines itself, like the load
         # generator; the seed-client tests remove it to get chatd's default
@@ -552,6 +571,14 @@ class Node:
         self.admin_port = free_port(4)  # workers add their number to it
         self._conf["admin"] = {"listen": "127.0.0.1:%d" % self.admin_port,
                                "token": ADMIN_TOKEN}
+        if tls:  # a second endpoint, tls, with a fresh self-signed pair
+            self.tls_port = free_port()
+            self.tls_cert = os.path.join(self.dir, "cert.pem")
+            self.tls_key = os.path.join(self.dir, "key.pem")
+            make_cert(self.tls_cert, self.tls_key)
+            self._conf["server"]["listen"] = "127.0.0.1:%d, tls://127.0.0.1:%d" % (
+                self.port, self.tls_port)
+            self._conf["tls"] = {"cert": self.tls_cert, "key": self.tls_key}
         if node_id is not None:
             self._conf["server"]["node_id"] = node_id
         if mysql:
@@ -591,12 +618,23 @@ class Node:
     def _sync_port(self):
         """.port (.admin_port) follows a listen address set through conf."""
         listen = str(self._conf.get("server", {}).get("listen", ""))
-        port = listen.rpartition(":")[2]
-        if port.isdigit():
-            self.port = int(port)
+        for i, ep in enumerate(listen.split(",")):  # SCHEME://HOST:PORT[/PATH]
+            scheme, _, rest = ep.strip().rpartition("://")
+            port = rest.split("/")[0].rpartition(":")[2]
+            if not port.isdigit():
+                continue
+            if i == 0:
+                self.port = int(port)
+            if scheme == "tls":
+                self.tls_port = int(port)
         listen = str((self._conf.get("admin") or {}).get("listen", ""))
         port = listen.rpartition(":")[2]
         self.admin_port = int(port) if port.isdigit() else None
+
+    def tls_context(self, cafile=None):
+        """A client ssl.SSLContext that trusts this node's certificate."""
+        import ssl
+        return ssl.create_default_context(cafile=cafile or self.tls_cert)
 
     def admin(self, method, path, body=None, token=ADMIN_TOKEN, timeout=10,
               port=None):
@@ -724,7 +762,7 @@ class Client:
     _seqs = itertools.count(1)
 
     def __init__(self, port, host="127.0.0.1", term=b"\0", proto=1, rcvbuf=None,
-                 timeout=5, source=None):
+                 timeout=5, source=None, tls=None):
         self.term, self.proto = term, proto
         self.buf = bytearray()
         self.queue = collections.deque()
@@ -742,6 +780,12 @@ class Client:
             self.sock.close()
             raise
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:  # an ssl.SSLContext: the handshake, blocking
+            try:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=host)
+            except BaseException:
+                self.sock.close()
+                raise
         self.sock.setblocking(False)
 
     # sending
@@ -767,13 +811,17 @@ class Client:
         Sets .eof when the server closed the connection."""
         if self.eof:
             return False
-        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
-        if not r:
-            return False
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted, unread
+        if not (pending and pending()):
+            r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+            if not r:
+                return False
         try:
             data = self.sock.recv(1 << 16)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return True
+        except ssl.SSLError:  # a TLS alert or a cut record: the end
+            data = b""
         except (ConnectionResetError, ConnectionAbortedError):
             data = b""
         if not data:

@@ -1,0 +1,241 @@
+"""The tls transport (issue 9): a node listening on tcp and tls at once,
+driven by Python's ssl module and `openssl s_client`.
+
+Covers the seed flows and protocol 2 over TLS against a plain tcp client
+both ways, a login through s_client, TLS 1.0/1.1 refused, plaintext sent to
+the TLS port closed cleanly, the handshake timeout, and the certificate
+reload on SIGHUP: existing connections kept, the new pair served to new
+handshakes, a bad file keeping the old pair (logged).
+"""
+import os
+import select
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import unittest
+
+from harness import Client, Stack, free_port, make_cert, wait_for
+from test_one2one import PASSWORD, ChatCase, User, is_msg
+
+HANDSHAKE_TIMEOUT = 2
+
+
+class Tls(ChatCase):
+    CONF = {"tls": {"handshake_timeout": HANDSHAKE_TIMEOUT}}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.class_nodes = []
+        cls.node = cls.start_node(tls=True)
+
+    # helpers
+    def tls_client(self, proto=1, ctx=None):
+        c = Client(self.node.tls_port, proto=proto, tls=ctx or self.node.tls_context())
+        self.addCleanup(c.close)
+        return c
+
+    def tls_user(self, proto=1, ctx=None):
+        uid, name = self.register()
+        c = self.tls_client(proto, ctx)
+        ack = wait_for(lambda: (lambda a: a if a.get("errno") != 2 else None)(
+            c.login(uid, PASSWORD)), 10, what="login over tls")
+        self.assertEqual(ack.get("errno"), 0, ack)
+        return User(c, uid, name, ack, proto)
+
+    def chat_both_ways(self, a, b):
+        """a and b (any transports, any protocols) chat both ways."""
+        if a.proto == 2:
+            self.expect_ack(a, a.one(b.id, "a->b over " + str(a.c.sock.__class__.__name__)))
+        else:
+            a.c.send(a.one(b.id, "a->b"))
+        self.assertEqual(b.c.recv_until(is_msg(6))["id"], a.id)
+        if b.proto == 2:
+            self.expect_ack(b, b.one(a.id, "b->a"))
+        else:
+            b.c.send(b.one(a.id, "b->a"))
+        got = a.c.recv_until(is_msg(6))
+        self.assertEqual((got["id"], got["msg"]), (b.id, "b->a"))
+
+    def peer_cert(self, ctx=None):
+        with Client(self.node.tls_port, tls=ctx or self.node.tls_context()) as c:
+            return c.sock.getpeercert(binary_form=True)
+
+    def pem_der(self, path):
+        with open(path) as f:
+            return ssl.PEM_cert_to_DER_cert(f.read())
+
+    def reload(self, expect):
+        mark = self.node.log_mark()
+        self.node.sighup()
+        self.node.wait_log(expect, since=mark)
+
+    # --- the seed flows and protocol 2 -----------------------------------
+    def test_seed_protocol_over_tls_with_a_tcp_peer(self):
+        a, b = self.tls_user(), self.user()
+        self.assertIsInstance(a.c.sock, ssl.SSLSocket)
+        self.chat_both_ways(a, b)
+
+    def test_protocol_2_over_tls_with_a_tcp_peer(self):
+        a, b = self.tls_user(proto=2), self.user(proto=2)
+        self.chat_both_ways(a, b)
+        self.chat_both_ways(b, a)
+        r = a.c.request({"msgid": 6, "id": a.id, "name": a.name, "toid": 999999,
+                         "msg": "to nobody", "time": "t"})
+        self.assertEqual(r.get("msgid"), 11, r)
+
+    def test_many_messages_in_both_directions_stay_whole(self):
+        a, b = self.tls_user(proto=2), self.user()
+        texts = ["m%d " % i + "x" * (i * 97 % 3000) for i in range(60)]
+        for t in texts:
+            a.c.send(a.one(b.id, t))
+        got = [b.c.recv_until(is_msg(6))["msg"] for _ in texts]
+        self.assertEqual(got, texts)
+        for t in texts:
+            b.c.send(b.one(a.id, t))
+        got = [a.c.recv_until(is_msg(6))["msg"] for _ in texts]
+        self.assertEqual(got, texts)
+
+    def test_openssl_s_client_logs_in(self):
+        uid, _ = self.register()
+        p = subprocess.Popen(["openssl", "s_client", "-connect",
+                              "127.0.0.1:%d" % self.node.tls_port, "-quiet",
+                              "-CAfile", self.node.tls_cert, "-verify_return_error"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+        self.addCleanup(p.wait, 10)
+        self.addCleanup(p.kill)
+        p.stdin.write(b'{"msgid":1,"id":%d,"password":"%s"}\n' % (uid, PASSWORD.encode()))
+        p.stdin.flush()
+        out = b""
+        deadline = time.monotonic() + 10
+        while b"\n" not in out and time.monotonic() < deadline:
+            r, _, _ = select.select([p.stdout], [], [], 0.2)
+            if r:
+                chunk = os.read(p.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+        self.assertIn(b'"msgid":2', out)
+        self.assertIn(b'"errno":0', out)
+
+    # --- refusals ----------------------------------------------------------
+    def test_tls_1_0_and_1_1_refused(self):
+        for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+            ctx.minimum_version = ctx.maximum_version = version
+            mark = self.node.log_mark()
+            with self.assertRaises((ssl.SSLError, ConnectionError)):
+                Client(self.node.tls_port, tls=ctx).close()
+            # the server saw the hello and refused it (not only our client)
+            self.node.wait_log("tls handshake failed", since=mark)
+        self.tls_user()  # and it still serves TLS 1.2+
+
+    def test_plaintext_to_the_tls_port_is_closed(self):
+        uid, _ = self.register()
+        with Client(self.node.tls_port) as c:
+            c.send({"msgid": 1, "id": uid, "password": PASSWORD})
+            self.assertTrue(c.closed(5))
+        with Client(self.node.tls_port, term=b"") as c:  # HTTP, say
+            c.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(c.closed(5))
+        self.assertTrue(self.node.running())
+        self.tls_user()
+
+    def test_handshake_timeout(self):
+        started = time.monotonic()
+        with Client(self.node.tls_port) as silent, Client(self.node.tls_port) as half:
+            half.send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a hello, cut
+            half.expect_nothing(0.5)
+            self.assertTrue(silent.closed(HANDSHAKE_TIMEOUT + 5))
+            self.assertTrue(half.closed(5))
+        took = time.monotonic() - started
+        self.assertGreaterEqual(took, HANDSHAKE_TIMEOUT - 0.2)
+        self.assertIn("handshake not done after", self.node.log_text())
+
+    # --- reload ------------------------------------------------------------
+    def test_sighup_reloads_the_pair_and_keeps_connections(self):
+        a, b = self.tls_user(proto=2), self.user()
+        before = a.c.sock.getpeercert(binary_form=True)
+        self.assertEqual(before, self.pem_der(self.node.tls_cert))
+        tmp = os.path.join(self.node.dir, "next")
+        os.makedirs(tmp, exist_ok=True)
+        make_cert(os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem"), cn="next")
+        os.replace(os.path.join(tmp, "key.pem"), self.node.tls_key)
+        os.replace(os.path.join(tmp, "cert.pem"), self.node.tls_cert)
+        self.reload("certificate and key reloaded")
+        after = self.peer_cert()
+        self.assertNotEqual(after, before)
+        self.assertEqual(after, self.pem_der(self.node.tls_cert))
+        self.chat_both_ways(a, b)  # the connection made before the reload
+
+    def test_bad_files_on_reload_keep_the_old_pair(self):
+        a, b = self.tls_user(), self.user()
+        good = self.pem_der(self.node.tls_cert)
+        saved = os.path.join(self.node.dir, "saved")
+        os.makedirs(saved, exist_ok=True)
+        shutil.copy(self.node.tls_cert, saved)
+        shutil.copy(self.node.tls_key, saved)
+        trust_old = self.node.tls_context(cafile=os.path.join(saved, "cert.pem"))
+        try:
+            with open(self.node.tls_cert, "w") as f:
+                f.write("not a certificate\n")
+            self.reload("reload failed")
+            self.assertEqual(self.peer_cert(trust_old), good)
+            # a valid certificate whose key is another one's
+            other = os.path.join(self.node.dir, "other")
+            os.makedirs(other, exist_ok=True)
+            make_cert(os.path.join(other, "cert.pem"), os.path.join(other, "key.pem"))
+            shutil.copy(os.path.join(other, "cert.pem"), self.node.tls_cert)
+            self.reload("reload failed: key")
+            self.assertIn("mismatch", self.node.log_text())
+            self.assertEqual(self.peer_cert(trust_old), good)
+            os.unlink(self.node.tls_key)  # unreadable
+            self.reload("reload failed")
+            self.assertEqual(self.peer_cert(trust_old), good)
+            self.assertIn("keeping the old certificate", self.node.log_text())
+        finally:
+            shutil.copy(os.path.join(saved, "cert.pem"), self.node.tls_cert)
+            shutil.copy(os.path.join(saved, "key.pem"), self.node.tls_key)
+        self.chat_both_ways(a, b)
+
+
+class TlsOnly(ChatCase):
+    """A node whose only endpoint is tls, on IPv4 and IPv6 loopback."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        n = cls.node
+        n.tls_cert = os.path.join(n.dir, "cert.pem")
+        n.tls_key = os.path.join(n.dir, "key.pem")
+        make_cert(n.tls_cert, n.tls_key)
+        cls.has_v6 = socket.has_ipv6 and os.path.exists("/proc/net/if_inet6")
+        listen = "tls://127.0.0.1:%d" % n.port
+        if cls.has_v6:
+            cls.v6_port = free_port()
+            listen += ", tcp://[::1]:%d" % cls.v6_port
+        n.write_conf({"server": {"listen": listen},
+                      "tls": {"cert": n.tls_cert, "key": n.tls_key, "min_version": "1.3"}})
+        n.restart()
+
+    def test_tls_1_3_minimum_and_ipv6_tcp(self):
+        ctx = self.node.tls_context()
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        with self.assertRaises((ssl.SSLError, ConnectionError)):
+            Client(self.node.port, tls=ctx).close()
+        with Client(self.node.port, tls=self.node.tls_context()) as c:
+            self.assertEqual(c.sock.version(), "TLSv1.3")
+        if self.has_v6:
+            with Client(self.v6_port, host="::1") as c:
+                c.send({"msgid": 1, "id": 1, "password": "x"})
+                self.assertEqual(c.recv().get("msgid"), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
