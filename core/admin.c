@@ -579,6 +579,7 @@ static void on_reloaded(int ok, const char *msg, void *ud)
     struct adm_conn *c = ud;
     cJSON *o;
     sdn_reload_result(ok, msg, plug_active()); /* systemd sees it as SIGHUP's */
+    net_reload_tls(plug_current_conf());          /* as SIGHUP does (main.c) */
     if (!wait_end(c))
         return;
     o = cJSON_CreateObject();

@@ -607,6 +607,9 @@ int net_session_addr_key(const struct chat_session *s, int *v6, int64_t *key);
  * is dropped; net_test_feed() runs bytes through framing and dispatch. */
 struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame);
 void net_test_feed(struct chat_session *s, const char *buf, size_t n);
+/* As a message transport (NET_TR_MESSAGES, transport.h) hands net one
+ * whole message: exactly one JSON object, else a protocol error. */
+void net_test_message(struct chat_session *s, const char *buf, size_t n);
 
 /* ---- dispatch.c ------------------------------------------------------- */
 /* Handle one complete frame of session s (net's frame callback). */

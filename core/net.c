@@ -109,6 +109,7 @@ struct tlist {
 /* One listen endpoint: its socket and its transport chain, bottom first
  * (empty for tcp: net.c's own path).  See transport.h. */
 #define NET_CHAIN_MAX 3
+#define NET_TR_MAX 8      /* entries of transports[] */
 struct net_endpoint {
     uv_tcp_t tcp;
     int open;
@@ -116,6 +117,7 @@ struct net_endpoint {
     void *ctx[NET_CHAIN_MAX];
     int nchain;
     int handshake_ms;        /* 0: no handshake deadline */
+    unsigned char tri;       /* its transport's index in transports[] */
     struct tlist hands;      /* sessions in their handshake, oldest first */
     char name[80];           /* "tls://127.0.0.1:6443", for logs */
 };
@@ -138,6 +140,7 @@ struct chat_session {
     struct tlink hand;       /* on ep->hands until the handshake is done */
     int close_errno;         /* net_close's errno, for the transport's close */
     unsigned tr_ready : 1, tr_closed : 1;
+    unsigned char tri;       /* index in transports[] (metrics) */
     int64_t uid;
     char *name;              /* NUL-terminated copy; may hold NUL itself */
     size_t name_len;
@@ -201,6 +204,8 @@ static struct {
     struct conf_cidr *trusted;
     size_t ntrusted;
     int ka_idle_s, ka_intvl_s, ka_cnt, user_timeout_s;
+    /* sessions by transport (transports[] index): all, registered, logged in */
+    size_t tr_all[NET_TR_MAX], tr_open[NET_TR_MAX], tr_in[NET_TR_MAX];
     uint64_t refused;        /* connections refused by a cap */
     uint64_t refused_logged_at;
     void (*shutdown_done)(void);
@@ -744,6 +749,7 @@ static void on_closed(uv_handle_t *h)
     mem_free(s->name);
     mem_free(s);
     net.count--;
+    net.tr_all[s->tri]--;
     if (net.shutdown_done && net.count == 0) {
         void (*done)(void) = net.shutdown_done;
         net.shutdown_done = NULL;
@@ -835,6 +841,7 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
     if (s->registered) {
         map_del(&net.by_id, (int64_t)s->id);
         s->registered = 0;
+        net.tr_open[s->tri]--;
     }
     if (net.closing_cb)
         net.closing_cb(s, errno_, why, graceful);
@@ -1580,6 +1587,8 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     net.count++;
+    s->tri = ep->tri;
+    net.tr_all[s->tri]++;
     metrics_loop.accepted++;
     s->all_next = net.all_head;
     if (net.all_head)
@@ -1611,6 +1620,7 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     s->registered = 1;
+    net.tr_open[s->tri]++;
     idle_refresh(s);
     if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
         close_why(s, METRICS_CLOSE_ERROR);
@@ -1630,9 +1640,12 @@ static const struct net_transport tcp_transport = {.name = "tcp"};
 static const struct net_transport *const transports[] = {&tcp_transport,
                                                          &tls_transport};
 
+#define NET_NTR (sizeof transports / sizeof transports[0])
+_Static_assert(NET_NTR <= NET_TR_MAX, "NET_TR_MAX: room for every transport");
+
 static const struct net_transport *transport_find(const char *name)
 {
-    for (size_t i = 0; i < sizeof transports / sizeof transports[0]; i++)
+    for (size_t i = 0; i < NET_NTR; i++)
         if (strcmp(transports[i]->name, name) == 0)
             return transports[i];
     return NULL;
@@ -1652,6 +1665,9 @@ static int endpoint_chain(struct net_endpoint *ep, const struct conf *c,
         LOGE("listen %s: the %s transport is not built yet", ep->name, l->scheme);
         return -1;
     }
+    for (size_t i = 0; i < NET_NTR; i++)
+        if (transports[i] == top)
+            ep->tri = (unsigned char)i;
     for (t = top; t && t != &tcp_transport; t = t->below ? transport_find(t->below) : NULL) {
         if (n == NET_CHAIN_MAX) {
             LOGE("listen %s: transports stacked too deep", ep->name);
@@ -1823,17 +1839,24 @@ void net_apply_conf(const struct conf *c)
  * logged-in ones also by user; the rest of net.count is closing. */
 static void net_collect(struct metrics_out *o)
 {
-    size_t open = net.by_id.len, in = net.by_user.len;
-    const char *un[] = {"transport", "tcp", "state", "unauthenticated", NULL};
-    const char *li[] = {"transport", "tcp", "state", "logged_in", NULL};
-    const char *cl[] = {"transport", "tcp", "state", "closing", NULL};
-
     metrics_out_family(o, "chatd_sessions", "Client sessions now, by transport and state.",
                        METRICS_GAUGE);
-    metrics_out_u64_labels(o, "chatd_sessions", un, open > in ? open - in : 0);
-    metrics_out_u64_labels(o, "chatd_sessions", li, in);
-    metrics_out_u64_labels(o, "chatd_sessions", cl,
-                           net.count > open ? net.count - open : 0);
+    for (size_t i = 0; i < NET_NTR; i++) {
+        const char *name = transports[i]->name;
+        const char *un[] = {"transport", name, "state", "unauthenticated", NULL};
+        const char *li[] = {"transport", name, "state", "logged_in", NULL};
+        const char *cl[] = {"transport", name, "state", "closing", NULL};
+        size_t all = net.tr_all[i], open = net.tr_open[i], in = net.tr_in[i];
+        int used = i == 0 || all;
+
+        for (size_t k = 0; !used && k < net.neps; k++)
+            used = net.eps[k].tri == i;
+        if (!used) /* a transport no endpoint uses: no series */
+            continue;
+        metrics_out_u64_labels(o, "chatd_sessions", un, open > in ? open - in : 0);
+        metrics_out_u64_labels(o, "chatd_sessions", li, in);
+        metrics_out_u64_labels(o, "chatd_sessions", cl, all > open ? all - open : 0);
+    }
     metrics_out_family(o, "chatd_max_connections", "The max_connections setting.",
                        METRICS_GAUGE);
     metrics_out_u64(o, "chatd_max_connections", NULL, NULL, (uint64_t)net.max_connections);
@@ -1971,12 +1994,20 @@ struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame)
     net.all_head = s;
     map_put(&net.by_id, (int64_t)s->id, s);
     s->registered = 1;
+    net.tr_all[0]++;
+    net.tr_open[0]++;
     return s;
 }
 
 void net_test_feed(struct chat_session *s, const char *buf, size_t n)
 {
     process(s, buf, n);
+    on_check(NULL);
+}
+
+void net_test_message(struct chat_session *s, const char *buf, size_t n)
+{
+    process_message(s, buf, n);
     on_check(NULL);
 }
 
@@ -2054,6 +2085,7 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
     s->name = n;
     s->name_len = name ? name_len : 0;
     s->uid = uid;
+    net.tr_in[s->tri]++;
     addr_set_unauth(s, 0);
     idle_refresh(s); /* logged in: idle only while not draining */
     return CHAT_OK;
@@ -2066,6 +2098,7 @@ void net_session_unbind(struct chat_session *s)
     if (map_get(&net.by_user, s->uid) == s)
         map_del(&net.by_user, s->uid);
     s->uid = 0;
+    net.tr_in[s->tri]--;
     mem_free(s->name);
     s->name = NULL;
     s->name_len = 0;

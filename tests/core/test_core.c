@@ -343,16 +343,24 @@ static void test_metrics_wiring(void)
     s = net_test_session(uv_default_loop(), 65536);
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     net_test_feed(s, frames, sizeof frames - 1);
+    /* whole messages (a message transport): exactly one object each */
+#define MSG(lit) net_test_message(s, lit, sizeof lit - 1)
+    MSG("{\"msgid\":1000,\"n\":3}");          /* handled */
+    MSG(" {\"msgid\":77}\r\n");                /* unknown msgid */
+    MSG("{\"msgid\":1000}{\"msgid\":1000}");   /* two: refused */
+    MSG("{\"msgid\":1000");                     /* cut: refused */
+    MSG("x{\"msgid\":1000}");                   /* garbage: refused */
+#undef MSG
     net_close(s, 0, NULL);
     t = metrics_render(&len);
     CU_ASSERT_PTR_NOT_NULL_FATAL(t);
     /* 1000 and 77 are no known msgid: "other"; so is the last frame,
      * refused (a key given twice) before its msgid was read.  Errors: the
      * unknown msgid 77 and the refused frame */
-    CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"\",msgid=\"other\"}"), 4);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"\",msgid=\"other\"}"), 4 + 2);
     CU_ASSERT_EQUAL(prom_sample(t, "chatd_frames_total{node=\"\",msgid=\"6\"}"), 0);
-    CU_ASSERT_EQUAL(prom_sample(t, "chatd_errors_total{node=\"\",msgid=\"other\"}"), 2);
-    CU_ASSERT_EQUAL(prom_sample(t, "chatd_handler_calls_total{node=\"\",plugin=\"echo\"}"), 2);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_errors_total{node=\"\",msgid=\"other\"}"), 2 + 4);
+    CU_ASSERT_EQUAL(prom_sample(t, "chatd_handler_calls_total{node=\"\",plugin=\"echo\"}"), 3);
     CU_ASSERT_TRUE(prom_sample(t, "chatd_handler_seconds_count{node=\"\",plugin=\"echo\"}") >= 0);
     CU_ASSERT_EQUAL(prom_sample(t, loads), (loads0 < 0 ? 0 : loads0) + 1);
     CU_ASSERT_EQUAL(prom_sample(t, "chatd_plugin_reloads_total{node=\"\",plugin=\"echo\","

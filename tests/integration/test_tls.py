@@ -78,6 +78,22 @@ class Tls(ChatCase):
         self.assertIsInstance(a.c.sock, ssl.SSLSocket)
         self.chat_both_ways(a, b)
 
+    def test_sessions_gauge_by_transport(self):
+        a, b = self.tls_user(), self.user()
+
+        def sample(body, transport):
+            key = 'chatd_sessions{node="%s",transport="%s",state="logged_in"}'
+            for line in body.splitlines():
+                if line.startswith("chatd_sessions{") and \
+                        'transport="%s"' % transport in line and "logged_in" in line:
+                    return float(line.split()[-1])
+            raise AssertionError("no %s in\n%s" % (key % ("*", transport), body))
+        status, _, body = self.node.admin("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertGreaterEqual(sample(body, "tls"), 1)
+        self.assertGreaterEqual(sample(body, "tcp"), 1)
+        self.chat_both_ways(a, b)
+
     def test_protocol_2_over_tls_with_a_tcp_peer(self):
         a, b = self.tls_user(proto=2), self.user(proto=2)
         self.chat_both_ways(a, b)
