@@ -747,9 +747,9 @@ static void on_closed(uv_handle_t *h)
     obuf_put(s->held);
     mem_free(s->part);
     mem_free(s->name);
+    net.tr_all[s->tri]--;
     mem_free(s);
     net.count--;
-    net.tr_all[s->tri]--;
     if (net.shutdown_done && net.count == 0) {
         void (*done)(void) = net.shutdown_done;
         net.shutdown_done = NULL;
