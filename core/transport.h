@@ -11,8 +11,11 @@
  *
  * Layers.  Each connection has a chain of layers, one struct net_tconn per
  * transport, bottom (next to the socket) to top (next to net): tls alone,
- * or ws over tls for wss (a transport names the one it stacks on in
- * `below`).  Bytes move through two functions of net.c:
+ * or ws over tls for wss.  A table entry names the transport it stacks on
+ * in `below`, and net builds the chain from the endpoint's scheme down: the
+ * WebSocket file exports two entries with the same functions, ws (below
+ * NULL) and wss (below "tls"), and each layer gets ep_start/open calls of
+ * its own, so tls neither knows nor cares what runs above it.  Bytes move through two functions of net.c:
  *   net_tr_up(t, buf, n)    t decoded these bytes: they go to the layer
  *                           above, or to net (framing, dispatch) at the top;
  *   net_tr_down(t, buf, n)  t encoded these bytes: they go to the layer

@@ -16,7 +16,7 @@ import subprocess
 import time
 import unittest
 
-from harness import Client, Stack, free_port, make_cert, wait_for
+from harness import Client, Node, NodeError, Stack, free_port, make_cert, wait_for
 from test_one2one import PASSWORD, ChatCase, User, is_msg
 
 HANDSHAKE_TIMEOUT = 2
@@ -251,6 +251,41 @@ class TlsOnly(ChatCase):
             with Client(self.v6_port, host="::1") as c:
                 c.send({"msgid": 1, "id": 1, "password": "x"})
                 self.assertEqual(c.recv().get("msgid"), 2)
+
+
+class TlsStart(unittest.TestCase):
+    """Endpoints that cannot start stop chatd with the reason; workers share
+    every endpoint (SO_REUSEPORT)."""
+
+    def start_fails(self, conf, why):
+        with self.assertRaises(NodeError) as e:
+            Node(None, redis=False, mysql=False, plugins=("login",), conf=conf)
+        self.assertIn(why, str(e.exception))
+
+    def test_ws_endpoints_are_refused_until_built(self):
+        for scheme in ("ws", "wss"):
+            self.start_fails({"server": {"listen": "127.0.0.1:%d, %s://127.0.0.1:%d/chat"
+                                         % (free_port(), scheme, free_port())},
+                              "tls": {"cert": "/nonexistent", "key": "/nonexistent"}},
+                             "transport is not built yet")
+
+    def test_unreadable_certificate_stops_the_start(self):
+        self.start_fails({"server": {"listen": "tls://127.0.0.1:%d" % free_port()},
+                          "tls": {"cert": "/nonexistent/cert.pem", "key": "/nonexistent/k"}},
+                         "cert /nonexistent/cert.pem")
+
+    def test_workers_share_the_tls_endpoint(self):
+        node = Node(None, redis=False, mysql=False, plugins=("login",), tls=True,
+                    args=("-w", "2"))
+        try:
+            for _ in range(20):
+                with Client(node.tls_port, tls=node.tls_context()) as c:
+                    c.send({"msgid": 1, "id": 1, "password": "x"})
+                    self.assertEqual(c.recv().get("msgid"), 2)
+            self.assertEqual(node.stop(), 0)
+        finally:
+            if node.running():
+                node.stop()
 
 
 if __name__ == "__main__":
