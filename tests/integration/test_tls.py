@@ -17,6 +17,7 @@ import time
 import unittest
 
 from harness import Client, Node, NodeError, Stack, free_port, make_cert, wait_for
+import test_delivery
 from test_one2one import PASSWORD, ChatCase, User, is_msg
 
 HANDSHAKE_TIMEOUT = 2
@@ -251,6 +252,23 @@ class TlsOnly(ChatCase):
             with Client(self.v6_port, host="::1") as c:
                 c.send({"msgid": 1, "id": 1, "password": "x"})
                 self.assertEqual(c.recv().get("msgid"), 2)
+
+
+class TlsSlowReader(test_delivery.TestSlowReader):
+    """test_delivery's 3c with the reader over TLS: a reader cut at
+    max_output loses nothing acknowledged, though part of its output was
+    already encrypted (a delivery counts as written only once its records
+    reached the kernel; the rest goes to the offline store)."""
+
+    def node(self, stack, conf=None, **kw):
+        return super().node(stack, conf, tls=True, **kw)
+
+    def client(self, node, **kw):
+        if kw.get("rcvbuf") is None:
+            return super().client(node, **kw)
+        c = Client(node.tls_port, tls=node.tls_context(), **kw)  # the reader
+        self.addCleanup(c.close)
+        return c
 
 
 class TlsStart(unittest.TestCase):
