@@ -1744,15 +1744,18 @@ static int open_endpoints(const struct conf *c)
         const struct conf_listen *l = &c->listens[i];
         struct net_endpoint *ep = &net.eps[i];
         int v6 = strchr(l->host, ':') != NULL;
-        snprintf(ep->name, sizeof ep->name, "%s://%s%s%s:%d%s", l->scheme, v6 ? "[" : "",
-                 l->host, v6 ? "]" : "", l->port, l->path ? l->path : "");
+        int tcp = strcmp(l->scheme, "tcp") == 0; /* plain HOST:PORT, as always */
+        snprintf(ep->name, sizeof ep->name, "%s%s%s%s%s:%d%s", tcp ? "" : l->scheme,
+                 tcp ? "" : "://", v6 ? "[" : "", l->host, v6 ? "]" : "", l->port,
+                 l->path ? l->path : "");
         if (endpoint_chain(ep, c, l) || open_listener(ep, l->host, l->port))
             return -1;
     }
     return 0;
 }
 
-/* "listening on ..." once every endpoint is open (tests wait for it). */
+/* "listening on 127.0.0.1:6000, tls://127.0.0.1:6443" once every endpoint
+ * is open (tests and scripts wait for it; tcp keeps its bare HOST:PORT). */
 static void log_endpoints(void)
 {
     char line[1024];
