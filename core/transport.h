@@ -15,7 +15,8 @@
  * in `below`, and net builds the chain from the endpoint's scheme down: the
  * WebSocket file exports two entries with the same functions, ws (below
  * NULL) and wss (below "tls"), and each layer gets ep_start/open calls of
- * its own, so tls neither knows nor cares what runs above it.  Bytes move through two functions of net.c:
+ * its own, so tls neither knows nor cares what runs above it.  Bytes move
+ * through two functions of net.c:
  *   net_tr_up(t, buf, n)    t decoded these bytes: they go to the layer
  *                           above, or to net (framing, dispatch) at the top;
  *   net_tr_down(t, buf, n)  t encoded these bytes: they go to the layer
@@ -48,18 +49,23 @@
  * after the lower one's.  The handshake must end within the endpoint's
  * handshake_ms (set by ep_start) or net closes the connection.
  *
- * Closing.  A layer that must end the connection (a protocol error, a
- * close frame, an alert) calls net_tr_close(t, graceful): net then closes
- * the session as it would for a read error (graceful: flush first).  When
- * net closes a session gracefully, it first writes the queued output, then
- * calls close(t, code, reason) on each layer top down (a WebSocket close
- * frame, a TLS close_notify; code is the CHAT_E_* errno net_close was given,
- * 0 for a plain close, reason its text or NULL, both borrowed), writes what
- * they produced and shuts the socket down.
+ * Closing.  A layer that must end the connection calls net_tr_close(t,
+ * error): error 0 when the peer said goodbye (a close frame, a TLS
+ * close_notify), 1 for a protocol error (after writing its own alert or
+ * close frame with net_tr_down, e.g. WebSocket 1002/1003/1009).  net then
+ * closes the session gracefully: it writes the queued output, then calls
+ * close(t, code, reason) on each layer top down, writes what they produced
+ * and shuts the socket down.  code is the CHAT_E_* errno net_close was
+ * given (0 for a plain close: a peer EOF, a server-side close), reason is
+ * NULL for now (borrowed when set).  A layer that already sent its own
+ * goodbye must not send another from close().  A non-graceful close (a
+ * socket error, an input() returning -1, the handshake deadline) calls no
+ * close() at all.
  *
- * Time.  tick(ep_ctx, now) runs about once a second (net's limits timer)
- * for the endpoint; a transport with keepalive (WebSocket ping/pong) walks
- * its own connections there rather than arming a timer per connection.
+ * Time.  tick(ep_ctx, now) runs with net's limits timer, at most a second
+ * apart, for each endpoint; a transport with keepalive (WebSocket
+ * ping/pong, its pong timeout) walks its own connections there rather than
+ * arming a timer per connection.
  *
  * Memory.  A layer's state is allocated by open() and freed by free(),
  * which net calls from the socket's close callback (never earlier).  idle()
@@ -95,8 +101,10 @@ struct net_transport {
     void (*ep_reload)(void *ep_ctx, const struct conf *c);
     void (*ep_stop)(void *ep_ctx); /* after the last connection is freed */
     void (*tick)(void *ep_ctx, uint64_t now_ms); /* optional */
-    /* A layer for session s, the layer below already linked by net (or
-     * NULL).  NULL when out of memory.  May call net_tr_down. */
+    /* A layer for session s over below (NULL: the socket), allocated here
+     * with the struct net_tconn first; NULL when out of memory.  net fills
+     * in type, s, above and below after it returns, so it must not call
+     * net_tr_* (the peer speaks first in tls and ws). */
     struct net_tconn *(*open)(void *ep_ctx, struct chat_session *s,
                               struct net_tconn *below);
     /* Bytes from below (socket or lower layer); 0, or -1: net closes the
@@ -111,10 +119,18 @@ struct net_transport {
 };
 
 /* ---- provided by net.c to transports ----------------------------------- */
+/* Decoded bytes up (see the top); 0, or what the layer above's input()
+ * returned.  Nothing happens once the session is closing. */
 int net_tr_up(struct net_tconn *t, const char *buf, size_t n);
+/* Encoded bytes down; 0, or -1 (out of memory, or the layer below failed):
+ * the caller fails its own call. */
 int net_tr_down(struct net_tconn *t, const char *buf, size_t n);
+/* t's handshake is done; the session is ready once every layer is. */
 void net_tr_ready(struct net_tconn *t);
-void net_tr_close(struct net_tconn *t, int graceful);
+/* End the connection (see Closing); the session stays until its close
+ * callback, so t may still be called (closing: input no longer comes). */
+void net_tr_close(struct net_tconn *t, int error);
+/* The loop the endpoints run on, for uv_queue_work and the like. */
 uv_loop_t *net_tr_loop(void);
 
 /* ---- tls.c ------------------------------------------------------------ */
