@@ -7,9 +7,11 @@ the TLS port closed cleanly, the handshake timeout, and the certificate
 reload on SIGHUP: existing connections kept, the new pair served to new
 handshakes, a bad file keeping the old pair (logged).
 """
+import json
 import os
 import select
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -291,6 +293,33 @@ class TlsStart(unittest.TestCase):
         self.start_fails({"server": {"listen": "tls://127.0.0.1:%d" % free_port()},
                           "tls": {"cert": "/nonexistent/cert.pem", "key": "/nonexistent/k"}},
                          "cert /nonexistent/cert.pem")
+
+    def test_sigterm_notice_and_close_notify_over_tls(self):
+        node = Node(None, redis=False, mysql=False, plugins=("login",), tls=True)
+        try:
+            raw = socket.create_connection(("127.0.0.1", node.tls_port), timeout=10)
+            # a cut stream raises instead of reading as a clean end
+            ctx = node.tls_context()
+            ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+            c = ctx.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+            self.addCleanup(c.close)
+            c.sendall(b'{"msgid":1,"id":1,"password":"x","proto":2}\n')
+            data = b""
+            while b"\n" not in data:
+                data += c.recv(4096)
+            node.kill(signal.SIGTERM)
+            while True:
+                chunk = c.recv(4096)  # SSLEOFError without a close_notify
+                if not chunk:
+                    break
+                data += chunk
+            lines = [json.loads(x) for x in data.split(b"\n") if x.strip()]
+            self.assertEqual(lines[0].get("msgid"), 2)
+            self.assertEqual([(m["msgid"], m["errno"]) for m in lines[1:]], [(12, 118)])
+            self.assertEqual(node.wait(30), 0)
+        finally:
+            if node.running():
+                node.stop()
 
     def test_workers_share_the_tls_endpoint(self):
         node = Node(None, redis=False, mysql=False, plugins=("login",), tls=True,
