@@ -26,6 +26,17 @@
  * main.c: net calls no layer above it directly) before its buffer is
  * freed, so the offline store keeps it; a frame the kernel took only in part counts as unsent.
  *
+ * Transports (transport.h): every listen endpoint has a scheme.  A tcp
+ * session takes the paths above as they are; a tls (later ws, wss) session
+ * also has a chain of transport layers between its socket and its JSON
+ * stream: reads go to the bottom layer, which hands decoded bytes up to
+ * the frame scanner (or, for a message transport, one whole message to
+ * process_message), and its output is encoded batch by batch into a wire
+ * buffer that is written the same way; a batch counts as written, for the
+ * delivery marks and flush waits, only once the wire has drained to the
+ * kernel.  Sessions in a handshake are on their endpoint's time-ordered
+ * list, expired by the same timer as the other limits.
+ *
  * Sessions are freed only in their uv_close callback.  Closing first
  * unregisters the session (session_get() stops finding it), calls the
  * closing callback (net_on_closing: sess_closing, which queues the
