@@ -1441,13 +1441,11 @@ static void process_message(struct chat_session *s, const char *buf, size_t n)
     if (r == FRAME_COMPLETE && start >= 0 && i == n) {
         s->garbage = 0;
         idle_refresh(s);
-        disp_frame(s, buf + start, used - (size_t)start);
+        net.frame_cb(s, buf + start, used - (size_t)start);
         return;
     }
-    {
-        struct chat_ack ack = {0, 0, 0};
-        disp_error(s, &ack, CHAT_E_BAD_JSON, "a message must hold exactly one JSON object");
-    }
+    if (net.error_cb)
+        net.error_cb(s, CHAT_E_BAD_JSON, "a message must hold exactly one JSON object");
 }
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
