@@ -562,6 +562,9 @@ void net_stop_accepting(void);
 /* SIGHUP (main.c): every tls endpoint loads [tls] cert and key again for
  * new handshakes; a pair that does not load keeps the old one (logged). */
 void net_reload_tls(const struct conf *c);
+/* chatd -t: every listen scheme has a transport in this build; 0, or -1
+ * with "listen ws://...: the ws transport is not built yet" in err. */
+int net_check_conf(const struct conf *c, char *err, size_t errlen);
 /* Close every session gracefully (flush, notice for protocol 2); calls
  * done when all are closed. */
 void net_shutdown(void (*done)(void));

@@ -323,7 +323,9 @@ int main(int argc, char **argv)
     if (workers > 0)
         c->workers = workers;
     if (check) {
-        rc = plug_check(c, err, sizeof err);
+        rc = net_check_conf(c, err, sizeof err);
+        if (!rc)
+            rc = plug_check(c, err, sizeof err);
         if (rc)
             fprintf(stderr, "%s\n", err);
         else

@@ -1777,6 +1777,18 @@ static void log_endpoints(void)
     LOGI("listening on %s", line);
 }
 
+int net_check_conf(const struct conf *c, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < c->nlistens; i++)
+        if (!transport_find(c->listens[i].scheme)) {
+            snprintf(err, errlen, "%s: listen %s://%s:%d: the %s transport is not built yet",
+                     c->path, c->listens[i].scheme, c->listens[i].host, c->listens[i].port,
+                     c->listens[i].scheme);
+            return -1;
+        }
+    return 0;
+}
+
 void net_reload_tls(const struct conf *c)
 {
     for (size_t i = 0; c && i < net.neps; i++)

@@ -289,6 +289,17 @@ class TlsStart(unittest.TestCase):
                               "tls": {"cert": "/nonexistent", "key": "/nonexistent"}},
                              "transport is not built yet")
 
+    def test_check_flag_refuses_ws_until_built(self):
+        node = Node(None, redis=False, mysql=False, plugins=("login",), tls=True)
+        node.stop()
+        node.write_conf({"server": {"listen": "127.0.0.1:%d, ws://127.0.0.1:%d/chat"
+                                    % (node.port, free_port())}})
+        import harness
+        p = subprocess.run([harness.CHATD, "-t", "-c", node.conf_path],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("the ws transport is not built yet", p.stderr)
+
     def test_unreadable_certificate_stops_the_start(self):
         self.start_fails({"server": {"listen": "tls://127.0.0.1:%d" % free_port()},
                           "tls": {"cert": "/nonexistent/cert.pem", "key": "/nonexistent/k"}},
