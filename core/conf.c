@@ -1,8 +1,8 @@
 /*
  * conf.c - chat.conf: an INI file read with inih, checked strictly.
  *
- * Sections [server], [plugins], [mysql], [redis], [admin], [limits], [ws]
- * have a fixed set of keys ([limits] also class.NAME, ratelimit.c parses the
+ * Sections [server], [plugins], [mysql], [redis], [admin], [limits], [ws],
+ * [web] have a fixed set of keys ([limits] also class.NAME, ratelimit.c parses the
  * values);
  * an unknown key, a bad number or an unknown section is an error reported as
  * "file:line: reason" (inih returns the first failing line).  [plugin.NAME]
@@ -479,6 +479,24 @@ static int on_ws(struct parse_ctx *p, const char *name, const char *value)
     return set_err(p, "unknown key \"%s\" in [ws]%s", name, "");
 }
 
+/* ---- [web] (webfiles.c) ---------------------------------------------------- */
+
+/* root: a folder, relative to the config file's; "" (the default) is off. */
+static int on_web(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    if (strcmp(name, "root") == 0) {
+        char *d = abs_path(c, value);
+        if (!d)
+            return set_err(p, "%s%s", "out of memory", "");
+        mem_free(c->web_root);
+        c->web_root = d;
+        return 1;
+    }
+    INT_KEY("max_bytes", 1024, 268435456, c->web_max_bytes)
+    INT_KEY("max_files", 1, 100000, c->web_max_files)
+    return set_err(p, "unknown key \"%s\" in [web]%s", name, "");
+}
 
 /* inih handler.  inih (as Debian builds it) does not pass the line number,
  * so on_line() counts lines through a reader callback. */
@@ -503,6 +521,8 @@ static int on_entry(void *user, const char *section, const char *name,
         ok = name ? on_limits(p, name, value) : 1;
     else if (strcmp(section, "ws") == 0)
         ok = name ? on_ws(p, name, value) : 1;
+    else if (strcmp(section, "web") == 0)
+        ok = name ? on_web(p, name, value) : 1;
     else if (strncmp(section, "plugin.", 7) == 0 && section[7])
         ok = on_plugin_section(p, section + 7, name, value);
     else
@@ -541,7 +561,7 @@ static void check_header(struct parse_ctx *p, const char *s)
         get_section(p->c, name + 7);
     else if (strcmp(name, "server") && strcmp(name, "plugins") &&
              strcmp(name, "admin") && strcmp(name, "limits") &&
-             strcmp(name, "ws")) {
+             strcmp(name, "ws") && strcmp(name, "web")) {
         set_err(p, "unknown section [%s]%s", name, "");
         if (!p->err_line)
             p->err_line = p->line;
@@ -592,15 +612,17 @@ static void set_defaults(struct conf *c)
     c->ws_ping_interval_s = 30;
     c->ws_pong_timeout_s = 10;
     c->ws_handshake_timeout_s = 10;
+    c->web_max_bytes = 16u << 20;
+    c->web_max_files = 1024;
 }
 
 static int fill_missing(struct conf *c)
 {
     char **strs[] = {&c->listen_host, &c->node_id, &c->my_host, &c->my_user,
                      &c->my_password, &c->my_database, &c->my_socket, &c->rd_host,
-                     &c->admin_host, &c->admin_token, &c->log_file};
+                     &c->admin_host, &c->admin_token, &c->log_file, &c->web_root};
     const char *defs[] = {"127.0.0.1", "", "127.0.0.1", "chat", "", "chat", "",
-                          "127.0.0.1", "127.0.0.1", "", ""};
+                          "127.0.0.1", "127.0.0.1", "", "", ""};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if (!*strs[i] && !(*strs[i] = mem_strdup(defs[i])))
             return -1;
@@ -671,7 +693,7 @@ void conf_free(struct conf *c)
     char *strs[] = {c->path, c->dir, c->listen_host, c->node_id, c->plugin_dir,
                     c->my_host, c->my_user, c->my_password, c->my_database,
                     c->my_socket, c->sql_dir, c->rd_host, c->admin_host,
-                    c->admin_token, c->log_file};
+                    c->admin_token, c->log_file, c->web_root};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         mem_free(strs[i]);
     for (size_t i = 0; i < c->nplugins; i++)
