@@ -90,6 +90,7 @@ struct bench_conf {
     struct bench_user *users;
     int nusers;
     int64_t group_id;
+    int durable;        /* --durable: pairs as durable protocol-2 clients */
 };
 
 extern struct bench_conf bench;
@@ -214,6 +215,8 @@ void bt_free(struct bn_conn *c);
 struct bn_fields {
     int64_t msgid, errno_, id, groupid, req;
     int has_msgid, has_errno, has_id, has_groupid, has_req;
+    int64_t seq;        /* protocol-2 replies (--durable) */
+    int has_seq;
     const char *msg, *token, *name, *errmsg;
     size_t msg_len, token_len, name_len, errmsg_len;
 };

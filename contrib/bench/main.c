@@ -83,6 +83,9 @@ static void usage(FILE *f)
 "      --handshakes        login storm without logins: each cycle is a new\n"
 "                          connection and its tls/ws handshakes (rate =\n"
 "                          handshakes/s; latency from connect to ready)\n"
+"      --durable           pairs: protocol-2 durable messages (a cid each);\n"
+"                          count and latency are send-to-ACK, a message\n"
+"                          answered 113 is sent again with its cid\n"
 "      --size N            payload bytes per message (32)\n"
 "      --rate N            pairs/group: offer N messages/s in total (paced;\n"
 "                          default: closed loop, as fast as W allows)\n"
@@ -184,7 +187,8 @@ static double sec_arg(const char *opt, const char *v)
 static void parse_args(int argc, char **argv)
 {
     enum { O_RESUME = 256, O_SIZE, O_WARMUP, O_DURATION, O_DRAIN, O_PROCS,
-           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE, O_CA, O_HANDSHAKES };
+           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE, O_CA, O_HANDSHAKES,
+           O_DURABLE };
     static const struct option opts[] = {
         {"target", required_argument, NULL, 't'},
         {"pairs", required_argument, NULL, 'P'},
@@ -195,6 +199,7 @@ static void parse_args(int argc, char **argv)
         {"logins", required_argument, NULL, 'L'},
         {"resume", no_argument, NULL, O_RESUME},
         {"handshakes", no_argument, NULL, O_HANDSHAKES},
+        {"durable", no_argument, NULL, O_DURABLE},
         {"size", required_argument, NULL, O_SIZE},
         {"rate", required_argument, NULL, O_RATE},
         {"warmup", required_argument, NULL, O_WARMUP},
@@ -245,6 +250,7 @@ static void parse_args(int argc, char **argv)
         case 'L': bench.login_conns = (int)num_arg("-L", optarg, 1, 1000000); break;
         case O_RESUME: bench.resume = 1; break;
         case O_HANDSHAKES: bench.handshakes = 1; break;
+        case O_DURABLE: bench.durable = 1; break;
         case O_SIZE: bench.payload = (int)num_arg("--size", optarg, 0, 60000); break;
         case O_RATE: bench.rate = (double)num_arg("--rate", optarg, 1, 100000000); break;
         case O_WARMUP: bench.warmup_s = sec_arg("--warmup", optarg); break;
@@ -280,6 +286,8 @@ static void parse_args(int argc, char **argv)
     else
         bx_die("unknown scenario '%s'", sc);
     bench.scenario_name = sc;
+    if (bench.durable && bench.scenario != SC_PAIRS)
+        bx_die("--durable: only the pairs scenario");
     if (bench.ntargets == 0)
         parse_target("127.0.0.1:6000");
     if (strlen(bench.prefix) > 40 || strlen(bench.password) >= BENCH_PASS_MAX ||
@@ -630,7 +638,8 @@ static void report(const struct run_out *o)
         "RESULT scenario=%s%s targets=%d procs=%d rate=%.0f count=%" PRIu64
         " secs=%.2f p50_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f",
         bench.scenario_name,
-        bench.handshakes ? "-handshakes" : bench.resume ? "-resume" : "", bench.ntargets,
+        bench.handshakes ? "-handshakes" : bench.resume ? "-resume" :
+        bench.durable ? "-durable" : "", bench.ntargets,
         bench.procs, rate, count, secs, us(bst_hist_pct(&r.hist, 50)),
         us(bst_hist_pct(&r.hist, 99)), us(bst_hist_pct(&r.hist, 99.9)),
         us(r.hist.max));
