@@ -10,7 +10,7 @@
 // there.  docs/web.md describes the structure.
 
 import { Transport, defaultUrl } from './transport.js';
-import { Protocol, ChatError } from './protocol.js';
+import { Protocol, ChatError, newCid } from './protocol.js';
 
 const SESSION_KEY = 'chatd.session';
 const KEEP_PER_CONV = 200; // messages kept per conversation in localStorage
@@ -35,7 +35,8 @@ const state = {
   convs: new Map(),       // "u:ID" | "g:ID" -> {kind, id, title, messages, unread}
   requests: [],           // friend requests (policy = mutual)
   current: null,          // key of the open conversation
-  retryTimer: null,
+  durable: null,          // the store answers SYNC (null: not known yet)
+  syncing: null,          // the SYNC loop running (a promise)
 };
 
 function convKey(kind, id) { return kind + ':' + id; }
@@ -58,10 +59,12 @@ function loadConvs() {
   if (!saved || !Array.isArray(saved.convs)) return;
   for (const c of saved.convs) {
     if (!c || (c.kind !== 'u' && c.kind !== 'g')) continue;
-    state.convs.set(convKey(c.kind, c.id), {
-      kind: c.kind, id: c.id, title: String(c.title || ''), unread: c.unread | 0,
+    state.convs.set(convKey(c.kind, c.id), Object.assign(newConv(c.kind, c.id, String(c.title || '')), {
+      unread: c.unread | 0, pos: c.pos | 0, read: c.read | 0,
+      peerRead: c.peerRead | 0, peerDelivered: c.peerDelivered | 0,
+      older: c.older !== false,
       messages: Array.isArray(c.messages) ? c.messages : [],
-    });
+    }));
   }
   state.current = saved.current && state.convs.has(saved.current) ? saved.current : null;
 }
@@ -72,8 +75,10 @@ function saveConvs() {
   clearTimeout(saveTimer);
   saveTimer = setTimeout(() => {
     const convs = [...state.convs.values()].map((c) => ({
-      kind: c.kind, id: c.id, title: c.title, unread: c.unread,
-      messages: c.messages.slice(-KEEP_PER_CONV).map((m) => Object.assign({}, m, { pending: false })),
+      kind: c.kind, id: c.id, title: c.title, unread: c.unread, pos: c.pos, read: c.read,
+      peerRead: c.peerRead, peerDelivered: c.peerDelivered,
+      older: c.older || c.messages.length > KEEP_PER_CONV,
+      messages: c.messages.slice(-KEEP_PER_CONV).map((m) => Object.assign({}, m, { inflight: false })),
     }));
     try {
       localStorage.setItem(convStoreKey(), JSON.stringify({ convs, current: state.current }));
@@ -81,11 +86,37 @@ function saveConvs() {
   }, 50);
 }
 
+function newConv(kind, id, title) {
+  return {
+    kind, id, title: title || (kind === 'u' ? 'user ' + id : 'group ' + id), messages: [], unread: 0,
+    // durable messaging: pos = the last cseq held with none missing below
+    // it (the SYNC position), read = our read mark, peer* = the other
+    // user's marks (pairs), older = HISTORY may have earlier messages
+    pos: 0, read: 0, peerRead: 0, peerDelivered: 0, older: true,
+  };
+}
+
+// The store's name of a conversation: "pA:B" (A < B) or "gG".
+function storeName(c) {
+  if (c.kind === 'g') return 'g' + c.id;
+  const a = Math.min(state.me.id, c.id), b = Math.max(state.me.id, c.id);
+  return 'p' + a + ':' + b;
+}
+
+function convOfStoreName(name, title) {
+  let m = /^g([0-9]+)$/.exec(name);
+  if (m) return conv('g', Number(m[1]), title);
+  m = /^p([0-9]+):([0-9]+)$/.exec(name);
+  if (!m) return null;
+  const a = Number(m[1]), b = Number(m[2]);
+  return conv('u', a === state.me.id ? b : a, title);
+}
+
 function conv(kind, id, title) {
   const key = convKey(kind, id);
   let c = state.convs.get(key);
   if (!c) {
-    c = { kind, id, title: title || (kind === 'u' ? 'user ' + id : 'group ' + id), messages: [], unread: 0 };
+    c = newConv(kind, id, title);
     state.convs.set(key, c);
   } else if (title) {
     c.title = title;
@@ -111,6 +142,7 @@ transport.addEventListener('connecting', () => setConn('connecting'));
 
 proto.addEventListener('chat', (e) => onChat(e.detail, false));
 proto.addEventListener('notice', (e) => onNotice(e.detail));
+proto.addEventListener('receipt', (e) => onReceipt(e.detail));
 
 async function resume() {
   try {
@@ -142,11 +174,131 @@ function afterLogin(ack) {
   setFriends(ack.friends || []);
   setGroups(ack.groups || []);
   for (const m of ack.offlinemsg || []) onChat(m, true);
-  // DURABLE (issue 8): sync from the stored position here (one request per
-  // reconnect, no duplicates), then apply read markers to the unread counts.
   if (ack.truncated) refreshLists();
   showChat();
   setConn('online');
+  // what this device missed, from its stored positions; then our unsent
+  Promise.resolve(sync()).then(resendUnacked);
+}
+
+// ---- durable messaging: SYNC, HISTORY, READ (docs/protocol.md) -------------
+
+// SYNC until "more" is false: every message after our positions, once.
+function sync() {
+  if (state.syncing || state.durable === false) return state.syncing;
+  state.syncing = (async () => {
+    try {
+      for (let round = 0; round < 100 && state.loggedIn; round++) {
+        const positions = [...state.convs.values()].filter((c) => c.pos > 0)
+          .map((c) => ({ conv: storeName(c), cseq: c.pos }));
+        const r = await proto.sync(positions);
+        state.durable = true;
+        for (const m of r.msgs || []) {
+          const c = convOfStoreName(m.conv);
+          // a run after position 0 starts where the conversation starts
+          // for us (a group joined late, a purge): not a gap
+          if (c && !c.pos && m.cseq > 1) c.pos = m.cseq - 1;
+          onChat(m, true);
+        }
+        for (const h of r.convs || []) applyMarks(h);
+        if (!r.more) { // our position in each conversation is now its head
+          for (const h of r.convs || []) {
+            const c = convOfStoreName(h.conv);
+            if (c && h.head > c.pos) c.pos = h.head;
+          }
+          break;
+        }
+      }
+      recountUnread();
+      markDelivered();
+    } catch (err) {
+      if (err.errno === 103) state.durable = false; // no store plugin
+    } finally {
+      state.syncing = null;
+      saveConvs();
+      render();
+    }
+  })();
+  return state.syncing;
+}
+
+function applyMarks(h) {
+  const c = convOfStoreName(h.conv);
+  if (!c) return;
+  if (h.read > c.read) c.read = h.read;
+  if (h.peer_read > c.peerRead) c.peerRead = h.peer_read;
+  if (h.peer_delivered > c.peerDelivered) c.peerDelivered = h.peer_delivered;
+  c.head = h.head;
+}
+
+// Unread = messages of others above our read mark (the mark is shared by
+// every tab and device of the user); messages without a cseq (no store)
+// keep the count kept as they came.
+function recountUnread() {
+  for (const c of state.convs.values()) {
+    if (!c.pos) continue;
+    if (convKey(c.kind, c.id) === state.current && !document.hidden) {
+      c.unread = 0;
+      continue;
+    }
+    c.unread = c.messages.filter((m) => !m.mine && (m.cseq ? m.cseq > c.read : false)).length;
+  }
+}
+
+let deliveredTimer = null;
+// Tell the store what reached this device (debounced): the peer's ticks.
+function markDelivered() {
+  clearTimeout(deliveredTimer);
+  deliveredTimer = setTimeout(() => {
+    for (const c of state.convs.values()) {
+      if (c.pos > (c.sentDelivered || 0)) {
+        c.sentDelivered = c.pos;
+        proto.markRead(storeName(c), { delivered: c.pos }).catch(() => { c.sentDelivered = 0; });
+      }
+    }
+  }, 300);
+}
+
+function markRead(c) {
+  if (!state.durable || !c.pos || c.read >= c.pos || !state.loggedIn) return;
+  const upto = c.pos;
+  proto.markRead(storeName(c), { read: upto }).then((r) => {
+    if (r.read > c.read) c.read = r.read;
+    saveConvs();
+  }).catch(() => {});
+}
+
+// A peer's marks, live (msgid 17): ticks on our messages.
+function onReceipt(m) {
+  if (m.id === state.me.id) return;
+  const c = convOfStoreName(m.conv);
+  if (!c) return;
+  if (m.read > c.peerRead) c.peerRead = m.read;
+  if (m.delivered > c.peerDelivered) c.peerDelivered = m.delivered;
+  saveConvs();
+  render();
+}
+
+// HISTORY: the page of messages before the oldest we hold.
+async function loadOlder(c) {
+  if (!state.durable || !c.older || c.loadingOlder || !state.loggedIn) return;
+  const first = c.messages.find((m) => m.cseq);
+  if (first && first.cseq <= 1) { c.older = false; return; }
+  c.loadingOlder = true;
+  try {
+    const r = await proto.history(storeName(c), first ? first.cseq : 0, 50);
+    const ol = $('messages');
+    const fromBottom = ol.scrollHeight - ol.scrollTop;
+    for (const m of r.msgs || []) onChat(m, true, true);
+    c.older = !!r.more;
+    render();
+    ol.scrollTop = ol.scrollHeight - fromBottom; // keep what was in view
+  } catch (err) {
+    if (err.errno === 121 || err.errno === 103) c.older = false;
+  } finally {
+    c.loadingOlder = false;
+    saveConvs();
+  }
 }
 
 async function refreshLists() {
@@ -187,8 +339,21 @@ function fmtTime(ts) {
   return d.toDateString() === today.toDateString() ? t : d.toLocaleDateString() + ' ' + t;
 }
 
-// msgid 6 or 10 from someone else (live, or from the login ack's offlinemsg)
-function onChat(m, offline) {
+// msgid 6 or 10 (live; the login ack's offlinemsg; SYNC; HISTORY).  With
+// the store, a message carries mid/conv/cseq: it is kept once (by mid, or
+// by cid for our own), in cseq order, and a cseq that skips asks SYNC.
+function onChat(m, offline, old) {
+  if (m.conv) {
+    const c = convOfStoreName(m.conv, m.msgid === 6 && m.id !== state.me.id ? m.name : null);
+    if (c && addDurable(c, m, offline, old)) {
+      if (!offline) {
+        if (convKey(c.kind, c.id) === state.current && !document.hidden) markRead(c);
+        saveConvs();
+      }
+      render();
+    }
+    return;
+  }
   let c;
   if (m.msgid === 10) {
     const g = state.groups.get(m.groupid);
@@ -199,12 +364,56 @@ function onChat(m, offline) {
     const f = state.friends.get(m.id);
     if (f) f.state = 'online';
   }
-  const parsed = Date.parse(m.time);
-  const ts = Number.isFinite(parsed) ? parsed : Date.now();
-  c.messages.push({ from: m.id, name: String(m.name || ''), text: String(m.msg), ts, mine: false });
+  c.messages.push({ from: m.id, name: String(m.name || ''), text: String(m.msg), ts: msgTime(m), mine: false });
   if (state.current !== convKey(c.kind, c.id) || document.hidden) c.unread++;
   if (!offline) saveConvs();
   render();
+}
+
+function msgTime(m) {
+  const parsed = Date.parse(m.time);
+  return Number.isFinite(parsed) ? parsed : Date.now();
+}
+
+// A stored message into its conversation; false when it was there already.
+function addDurable(c, m, offline, old) {
+  const mine = m.id === state.me.id;
+  if (c.messages.some((x) => x.mid === m.mid)) return false;
+  if (mine && m.cid) { // our own, sent from this device: the ACK may be lost
+    const own = c.messages.find((x) => x.cid === m.cid);
+    if (own) {
+      Object.assign(own, { mid: m.mid, cseq: m.cseq, pending: false });
+      advance(c);
+      return true;
+    }
+  }
+  const rec = { from: m.id, name: String(m.name || ''), text: String(m.msg), ts: msgTime(m),
+    mine, mid: m.mid, cseq: m.cseq, cid: m.cid };
+  // in cseq order among the stored messages: live ones go last; what
+  // SYNC or HISTORY fills in goes before the first with a higher cseq.
+  // Messages without a cseq (ours unacknowledged, a peer without the
+  // store) stay where they arrived.
+  const at = c.messages.findIndex((x) => x.cseq > m.cseq);
+  if (at < 0) c.messages.push(rec);
+  else c.messages.splice(at, 0, rec);
+  if (!mine && !old && (state.current !== convKey(c.kind, c.id) || document.hidden) && m.cseq > c.read) c.unread++;
+  const before = c.pos;
+  advance(c);
+  if (!old && !offline) {
+    if (m.cseq > before + 1 && state.durable) sync(); // a gap while live
+    markDelivered();
+  }
+  return true;
+}
+
+// pos: the SYNC position, the highest cseq held with nothing missing
+// between the position SYNC started from and it.  HISTORY pages lie below.
+function advance(c) {
+  const held = new Set();
+  for (const x of c.messages) if (x.cseq) held.add(x.cseq);
+  let p = c.pos;
+  while (held.has(p + 1)) p++;
+  c.pos = p;
 }
 
 function onNotice(n) {
@@ -227,30 +436,60 @@ function onNotice(n) {
 async function send(text) {
   const c = state.convs.get(state.current);
   if (!c || !text) return;
-  const ts = Date.now();
-  const msg = { from: state.me.id, name: state.me.name, text, ts, mine: true, pending: true };
+  const msg = { from: state.me.id, name: state.me.name, text, ts: Date.now(), mine: true,
+    pending: true, cid: newCid() };
   c.messages.push(msg);
   render();
-  const time = new Date(ts).toISOString();
-  const go = () => (c.kind === 'u' ? proto.sendTo(c.id, text, time) : proto.sendGroup(c.id, text, time));
-  try {
+  await deliver(c, msg);
+}
+
+// Send until an answer that is final.  With the store (durable), 113, a
+// lost connection and a timeout are retried with the same cid: the server
+// stores and delivers it once whatever happened.  125 waits retry_after_ms.
+async function deliver(c, msg) {
+  const time = new Date(msg.ts).toISOString();
+  msg.inflight = true;
+  msg.pending = true;
+  msg.failed = null;
+  for (let attempt = 0; ; attempt++) {
     try {
-      await go();
+      if (!state.loggedIn) throw new ChatError({ errno: -1, errmsg: 'not connected' });
+      const ack = c.kind === 'u' ? await proto.sendTo(c.id, msg.text, time, msg.cid)
+        : await proto.sendGroup(c.id, msg.text, time, msg.cid);
+      msg.pending = false;
+      if (ack.mid) {
+        Object.assign(msg, { mid: ack.mid, cseq: ack.cseq });
+        addDurable(c, { msgid: 0, id: state.me.id, cid: msg.cid, mid: ack.mid, cseq: ack.cseq,
+          conv: ack.conv, msg: msg.text }, true, false);
+      }
+      showError('send-error', '');
+      break;
     } catch (err) {
-      if (!(err instanceof ChatError) || err.errno !== 125) throw err;
+      const transient = err.errno === 125 || err.errno === 113 ||
+        (state.durable && (err.errno === -1 || err.errno === -2));
+      if (!(err instanceof ChatError) || !transient || attempt >= 8) {
+        msg.pending = false;
+        msg.failed = err.text || String(err);
+        showError('send-error', msg.failed);
+        break;
+      }
       showError('send-error', err.text + ' (retrying)');
-      await new Promise((r) => setTimeout(r, err.retryAfterMs || 1000));
-      await go();
+      const wait = err.errno === 125 ? (err.retryAfterMs || 1000) : Math.min(8000, 500 * 2 ** attempt);
+      await new Promise((r) => setTimeout(r, wait));
     }
-    msg.pending = false;
-    showError('send-error', '');
-  } catch (err) {
-    msg.pending = false;
-    msg.failed = err.text || String(err);
-    showError('send-error', msg.failed);
   }
+  msg.inflight = false;
   saveConvs();
   render();
+}
+
+// After a (re)login: what we sent and never saw acknowledged, again with
+// its cid (SYNC has already matched those the server had stored).
+function resendUnacked() {
+  if (!state.durable) return;
+  for (const c of state.convs.values())
+    for (const m of c.messages)
+      if (m.mine && m.cid && !m.mid && !m.failed && !m.inflight) deliver(c, m);
 }
 
 // ---- rendering --------------------------------------------------------------
@@ -367,11 +606,22 @@ function renderConv() {
   const ol = $('messages');
   const atBottom = ol.scrollHeight - ol.scrollTop - ol.clientHeight < 40;
   ol.replaceChildren();
-  // DURABLE (issue 8): a "load older" sentinel at the top pages history
-  // backwards (IntersectionObserver on scroll up); ticks show receipts and
-  // a typing line sits below the last message.
+  // older pages (HISTORY) load when the list is scrolled to its top, or
+  // with this button (keyboard users)
+  if (state.durable && c.older && c.messages.some((m) => m.cseq > 1)) {
+    const li = el('li', 'older');
+    const b = el('button', 'secondary', c.loadingOlder ? 'Loading…' : 'Load older messages');
+    b.type = 'button';
+    b.id = 'load-older';
+    b.addEventListener('click', () => loadOlder(c));
+    li.append(b);
+    ol.append(li);
+  }
+  // DURABLE (issue 8): a typing line goes below the last message once the
+  // protocol has typing events.
   for (const m of c.messages) {
     const li = el('li', 'msg' + (m.mine ? ' mine' : '') + (m.pending ? ' pending' : '') + (m.failed ? ' failed' : ''));
+    if (m.cseq) li.dataset.cseq = m.cseq;
     if (c.kind === 'g' && !m.mine) li.append(el('span', 'msg-from', m.name || '#' + m.from));
     li.append(el('span', 'msg-text', m.text));
     const meta = el('span', 'msg-meta');
@@ -380,6 +630,16 @@ function renderConv() {
     meta.append(t);
     if (m.pending) meta.append(el('span', 'msg-state', ' · sending'));
     if (m.failed) meta.append(el('span', 'msg-state', ' · not sent: ' + m.failed));
+    if (m.mine && !m.pending && !m.failed && c.kind === 'u') {
+      // ✓ stored/sent, ✓✓ delivered to a device of the peer, blue ✓✓ read
+      const read = m.cseq && m.cseq <= c.peerRead;
+      const delivered = read || (m.cseq && m.cseq <= c.peerDelivered);
+      const tick = el('span', 'tick' + (read ? ' read' : delivered ? ' delivered' : ' sent'),
+        delivered ? ' ✓✓' : ' ✓');
+      tick.title = read ? 'read' : delivered ? 'delivered' : 'sent';
+      tick.setAttribute('aria-label', tick.title);
+      meta.append(tick);
+    }
     li.append(meta);
     ol.append(li);
   }
@@ -399,13 +659,16 @@ function render() {
 function openConv(key) {
   state.current = key;
   const c = state.convs.get(key);
-  if (c) c.unread = 0;
-  // DURABLE (issue 8): send a read marker up to the last seq here.
+  if (c) {
+    c.unread = 0;
+    markRead(c); // the read mark: other tabs and devices clear it too
+  }
   saveConvs();
   render();
   const ol = $('messages');
   ol.scrollTop = ol.scrollHeight;
   $('message-input').focus();
+  if (c && c.messages.length < 20) loadOlder(c);
 }
 
 // ---- forms ------------------------------------------------------------------
@@ -546,8 +809,13 @@ function bindForms() {
   document.addEventListener('visibilitychange', () => {
     if (!document.hidden && state.current) {
       const c = state.convs.get(state.current);
+      if (c) markRead(c);
       if (c && c.unread) { c.unread = 0; saveConvs(); render(); }
     }
+  });
+  $('messages').addEventListener('scroll', () => {
+    const c = state.convs.get(state.current);
+    if (c && $('messages').scrollTop < 30) loadOlder(c);
   });
 }
 
@@ -567,6 +835,11 @@ function start() {
     showLogin();
   }
   transport.start();
+  // Leaving the page ends the session at once (the server logs the user
+  // out on close), so the next page load or tab resumes without "online
+  // elsewhere"; a page restored from the back/forward cache connects again.
+  window.addEventListener('pagehide', () => transport.stop());
+  window.addEventListener('pageshow', (e) => { if (e.persisted) transport.start(); });
 }
 
 start();

@@ -13,8 +13,10 @@ export const MSG = Object.freeze({
   LOGIN: 1, LOGIN_ACK: 2, LOGOUT: 3, REG: 4, REG_ACK: 5, ONE_CHAT: 6,
   ADD_FRIEND: 7, CREATE_GROUP: 8, ADD_GROUP: 9, GROUP_CHAT: 10, ACK: 11,
   NOTICE: 12, FRIEND_LIST: 13, GROUP_LIST: 14,
-  // DURABLE (issue 8): msgids 15..24 for sync, history, receipts, typing
-  // and presence events go here once docs/protocol.md has them.
+  // durable messaging (issue 8, docs/protocol.md "Durable messages")
+  SYNC: 15, HISTORY: 16, READ: 17,
+  // DURABLE (issue 8, not yet in the protocol): typing and presence
+  // events get their msgids here when they land.
 });
 
 const ERRORS = {
@@ -28,6 +30,7 @@ const ERRORS = {
   110: 'already done',
   111: 'a limit is reached',
   112: 'server error, try again',
+  121: 'not a participant of the conversation',
   113: 'the server is busy, try again',
   125: 'rate limited',
   126: 'quota exceeded',
@@ -101,8 +104,11 @@ export class Protocol extends EventTarget {
       case MSG.NOTICE:
         this.emit('notice', m);
         break;
-      // DURABLE (issue 8): receipts, typing and presence events arrive
-      // here; emit them as 'receipt', 'typing', 'presence'.
+      case MSG.READ: // the other user of a pair: delivered/read marks
+        this.emit('receipt', m);
+        break;
+      // DURABLE (issue 8): typing and presence events arrive here once
+      // they exist; emit them as 'typing', 'presence'.
       default:
         if (m.msgid === MSG.ACK && m.errno) this.emit('protoerror', m);
     }
@@ -125,8 +131,9 @@ export class Protocol extends EventTarget {
   login(id, password) { return this.request(MSG.LOGIN, { id, password }); }
   resume(id, token) { return this.request(MSG.LOGIN, { id, token }); }
   logout() { return this.request(MSG.LOGOUT, {}); }
-  sendTo(toid, msg, time) { return this.request(MSG.ONE_CHAT, { toid, msg, time }); }
-  sendGroup(groupid, msg, time) { return this.request(MSG.GROUP_CHAT, { groupid, msg, time }); }
+  // cid: the client's message id; the same cid again never stores twice
+  sendTo(toid, msg, time, cid) { return this.request(MSG.ONE_CHAT, { toid, msg, time, cid }); }
+  sendGroup(groupid, msg, time, cid) { return this.request(MSG.GROUP_CHAT, { groupid, msg, time, cid }); }
   addFriend(friendid) { return this.request(MSG.ADD_FRIEND, { friendid }); }
   createGroup(groupname, groupdesc) { return this.request(MSG.CREATE_GROUP, { groupname, groupdesc }); }
   // userid: add that user (a member's invite); without: join yourself
@@ -136,7 +143,27 @@ export class Protocol extends EventTarget {
   friendList() { return this.request(MSG.FRIEND_LIST, {}); }
   groupList() { return this.request(MSG.GROUP_LIST, {}); }
 
-  // DURABLE (issue 8): sync(position), history(conv, beforeSeq, limit),
-  // markRead(conv, seq), typing(conv) go here; sendTo/sendGroup then carry
-  // a client message id so a resend after a reconnect is not a duplicate.
+  // positions: [{conv, cseq}], the last cseq held of each conversation
+  sync(positions, limit) {
+    const f = { convs: positions };
+    if (limit) f.limit = limit;
+    return this.request(MSG.SYNC, f);
+  }
+  history(conv, before, limit = 50) {
+    const f = { conv, limit };
+    if (before) f.before = before;
+    return this.request(MSG.HISTORY, f);
+  }
+  // marks: {delivered: N} and/or {read: N}
+  markRead(conv, marks) { return this.request(MSG.READ, Object.assign({ conv }, marks)); }
+
+  // DURABLE (issue 8): typing(conv) goes here once the protocol has it.
+}
+
+// A client message id: 128 random bits in hex (crypto.randomUUID needs a
+// secure context; getRandomValues does not).
+export function newCid() {
+  const b = new Uint8Array(16);
+  crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
 }

@@ -11,7 +11,10 @@ has its own localStorage: http://127.0.0.1:PORT and http://localhost:PORT):
   3. a group with a third member who is a plain TCP client (the harness's
      Client, protocol 2), so messages cross transports both ways;
   4. a reload keeps the session (resume token) and the unread counts;
-  5. XSS payloads in a user name, a group name and a message render as
+  5. with the store plugin (durable messages): read ticks, and SYNC after
+     a tab was away, or from a browser that kept nothing, shows every
+     message once;
+  6. XSS payloads in a user name, a group name and a message render as
      those characters; no alert fires and no <img> is created;
 and screenshots of the login, conversation list, one-to-one and group
 screens at phone (390x844) and desktop (1280x800) widths into
@@ -30,7 +33,7 @@ import time
 import unittest
 import uuid
 
-from harness import CHAT_SRC, Client, Node, NodeError, Stack, free_port
+from harness import CHAT_SRC, PLUGIN_DIR, Client, Node, NodeError, Stack, free_port
 
 try:
     from selenium import webdriver
@@ -49,6 +52,9 @@ XSS = "<img src=x onerror=alert(1)>"
 OUT = os.environ.get("CHAT_TEST_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "out")
 PHONE, DESKTOP = (390, 844), (1280, 800)
+# the store plugin (durable messages: SYNC, HISTORY, READ) when it is built
+PLUGINS = ("login", "friend", "one2one", "group", "offline") + \
+    (("store",) if os.path.exists(os.path.join(PLUGIN_DIR, "store.so")) else ())
 
 
 def uname(base):
@@ -93,7 +99,7 @@ class TestWebClient(unittest.TestCase):
                 "web": {"root": os.path.join(CHAT_SRC, "contrib", "web")},
                 "plugin.login": {"hash_cost": 1}}
         try:
-            cls.node = Node(cls.stack, conf=conf)
+            cls.node = Node(cls.stack, conf=conf, plugins=PLUGINS)
         except NodeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
             raise unittest.SkipTest("this chatd has no ws:// listener yet (the issue 9 "
@@ -301,6 +307,10 @@ class TestWebClient(unittest.TestCase):
         self.open_conv("u:%d" % alice)
         self.wait(lambda: "hello bob" in self.messages(), what="bob sees the message")
         self.assertEqual(self.unread("u:%d" % alice), 0)
+        if "store" in PLUGINS:  # bob read it: alice's message gets the read ticks
+            self.use("alice")
+            self.wait(lambda: self.qs("#messages .msg.mine .tick.read"), what="the read tick")
+            self.use("bob")
         self.say("hello alice")
         self.say(XSS)
         self.no_alert()
@@ -397,6 +407,46 @@ class TestWebClient(unittest.TestCase):
         self.driver.set_window_size(*DESKTOP)
         self.open_conv(key)
         self.wait(lambda: self.messages()[-3:] == ["one", "two", "three"], what="history kept")
+        self.no_alert()
+
+    # ---- 5. sync after reconnect: nothing missed, nothing twice -------------------
+    @unittest.skipUnless("store" in PLUGINS, "the store plugin is not built")
+    def test_5_sync_without_duplicates(self):
+        if "bob" not in self.users:
+            self.skipTest("needs test_2's users")
+        alice, bob = self.users["alice"][0], self.users["bob"][0]
+        key = "u:%d" % alice
+        self.use("bob")
+        self.driver.set_window_size(*DESKTOP)
+        self.open_conv(key)
+        before = self.messages()
+        self.driver.set_window_size(*PHONE)
+        self.q("#back").click()  # the list: what comes counts as unread
+        # bob's tab goes away; alice writes meanwhile; bob comes back
+        self.driver.get("about:blank")
+        self.use("alice")
+        self.open_conv("u:%d" % bob)
+        for t in ("while away 1", "while away 2"):
+            self.say(t)
+        self.use("bob")
+        self.driver.get(self.url("localhost"))
+        self.wait(lambda: self.unread(key) == 2, what="bob's unread 2 after the sync")
+        self.open_conv(key)
+        self.wait(lambda: self.messages()[-2:] == ["while away 1", "while away 2"],
+                  what="the messages sent while away")
+        self.assertEqual(self.messages(), before + ["while away 1", "while away 2"])
+        # a device with nothing stored (localStorage cleared, the token kept)
+        # gets the whole conversation from SYNC, each message once
+        self.driver.execute_script(
+            "for (const k of Object.keys(localStorage))"
+            " if (k !== 'chatd.session') localStorage.removeItem(k);")
+        self.driver.refresh()
+        self.wait(lambda: self.text("#conn") == "online", what="bob online again")
+        self.open_conv(key)
+        self.wait(lambda: self.messages()[-2:] == ["while away 1", "while away 2"],
+                  what="the conversation from SYNC")
+        msgs = self.messages()
+        self.assertEqual(msgs, before + ["while away 1", "while away 2"])
         self.no_alert()
 
 
