@@ -215,14 +215,22 @@ class TestWebClient(unittest.TestCase):
         return self.q('.conv-item[data-key="%s"]' % key)
 
     def unread(self, key):
-        els = self.qs('.conv-item[data-key="%s"] .unread' % key)
-        return int(els[0].get_attribute("textContent")) if els else 0
+        for _ in range(20):  # the list may be rendered anew between two calls
+            try:
+                els = self.qs('.conv-item[data-key="%s"] .unread' % key)
+                return int(els[0].get_attribute("textContent")) if els else 0
+            except WebDriverException:
+                time.sleep(0.05)
+        return 0
 
     def open_conv(self, key):
         self.wait(lambda: self.qs('.conv-item[data-key="%s"]' % key), what="conversation " + key)
         self.driver.set_window_size(*DESKTOP)
-        self.conv_item(key).click()
-        self.wait(lambda: self.visible("#message-input"), what="the composer")
+        # the list is rendered anew on every change: click until it takes
+        self.wait(lambda: self.conv_item(key).click() or True, what="a click on " + key)
+        self.wait(lambda: self.visible("#message-input") and
+                  self.q(".conv-item[aria-current=true]").get_attribute("data-key") == key,
+                  what="conversation %s open" % key)
 
     def say(self, text):
         box = self.q("#message-input")
@@ -233,7 +241,12 @@ class TestWebClient(unittest.TestCase):
                   what="%r acknowledged" % text)
 
     def messages(self):
-        return [m.get_attribute("textContent") for m in self.qs("#messages .msg-text")]
+        for _ in range(20):  # rendered anew on every change
+            try:
+                return [m.get_attribute("textContent") for m in self.qs("#messages .msg-text")]
+            except WebDriverException:
+                time.sleep(0.05)
+        return []
 
     def tcp_user(self):
         c = Client(self.tcp_port, proto=2, term=b"\n")
