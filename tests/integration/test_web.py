@@ -80,6 +80,7 @@ def start_browser():
         opts.add_argument(a)
     if os.geteuid() == 0:
         opts.add_argument("--no-sandbox")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP reports
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
@@ -172,6 +173,16 @@ class TestWebClient(unittest.TestCase):
     def visible(self, css):
         els = self.qs(css)
         return bool(els) and els[0].is_displayed()
+
+    def no_csp_violation(self):
+        """The page needs nothing the Content-Security-Policy forbids."""
+        try:
+            logs = self.driver.get_log("browser")
+        except WebDriverException:  # a driver without the log endpoint
+            return
+        bad = [e["message"] for e in logs if "Content Security Policy" in e["message"]
+               or "Refused to" in e["message"]]
+        self.assertEqual(bad, [], "the page broke its CSP")
 
     def no_alert(self):
         try:
@@ -333,6 +344,7 @@ class TestWebClient(unittest.TestCase):
         self.assertEqual(self.text("#conv-title"), self.users["bob"][1])
         self.wait(lambda: self.qs("#messages time"), what="message times")
         self.no_alert()
+        self.no_csp_violation()
         self.shots("one2one")
 
     # ---- 3. a group across transports ----------------------------------------
