@@ -4,6 +4,9 @@ python3-selenium, the `browser` group of contrib/deps.sh), against a chatd
 that serves the client from `[web] root` and carries it over its ws://
 listener.
 
+Forms are submitted, conversations opened and messages sent from the
+keyboard (Enter), as a keyboard-only user would.
+
 Covered, in order (one browser, two windows, each its own origin so each
 has its own localStorage: http://127.0.0.1:PORT and http://localhost:PORT):
   1. the files: the CSP and the other headers, 304, HEAD, 405, traversal;
@@ -215,7 +218,7 @@ class TestWebClient(unittest.TestCase):
         self.wait(lambda: self.visible("#register-form"), what="the login screen")
         self.fill("#register-name", name)
         self.fill("#register-password", PASSWORD)
-        self.q("#register-form button[type=submit]").click()
+        self.q("#register-password").send_keys(Keys.ENTER)  # the keyboard submits
         self.wait(lambda: self.visible("#chat-screen") and self.text("#me-id"),
                   what="%s logged in" % who)
         uid = int(self.text("#me-id"))
@@ -237,8 +240,10 @@ class TestWebClient(unittest.TestCase):
     def open_conv(self, key):
         self.wait(lambda: self.qs('.conv-item[data-key="%s"]' % key), what="conversation " + key)
         self.driver.set_window_size(*DESKTOP)
-        # the list is rendered anew on every change: click until it takes
-        self.wait(lambda: self.conv_item(key).click() or True, what="a click on " + key)
+        # from the keyboard (a conversation is a button); the list is
+        # rendered anew on every change: press until it takes
+        self.wait(lambda: self.conv_item(key).send_keys(Keys.ENTER) or True,
+                  what="Enter on " + key)
         self.wait(lambda: self.visible("#message-input") and
                   self.q(".conv-item[aria-current=true]").get_attribute("data-key") == key,
                   what="conversation %s open" % key)
