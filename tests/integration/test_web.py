@@ -17,7 +17,9 @@ has its own localStorage: http://127.0.0.1:PORT and http://localhost:PORT):
   5. with the store plugin (durable messages): read ticks, and SYNC after
      a tab was away, or from a browser that kept nothing, shows every
      message once;
-  6. XSS payloads in a user name, a group name and a message render as
+  6. an error (105, a message over msg_max) shown beside the composer and
+     on the message;
+  7. XSS payloads in a user name, a group name and a message render as
      those characters; no alert fires and no <img> is created;
 and screenshots of the login, conversation list, one-to-one and group
 screens at phone (390x844) and desktop (1280x800) widths into
@@ -478,6 +480,21 @@ class TestWebClient(unittest.TestCase):
         msgs = self.messages()
         self.assertEqual(msgs, before + ["while away 1", "while away 2"])
         self.no_alert()
+
+
+    # ---- 6. an error in the UI ------------------------------------------------------
+    def test_6_error_shown(self):
+        if "bob" not in self.users:
+            self.skipTest("needs test_2's users")
+        self.use("alice")
+        self.open_conv("u:%d" % self.users["bob"][0])
+        box = self.q("#message-input")
+        # over [plugin.one2one] msg_max (4096): 105, shown beside the composer
+        self.driver.execute_script("arguments[0].value = 'x'.repeat(5000)", box)
+        box.send_keys(Keys.ENTER)
+        self.wait(lambda: self.qs("#messages .msg.failed"), what="the message marked not sent")
+        self.assertIn("Too long", self.text("#send-error"))
+        self.assertIn("not sent", self.text("#messages .msg.failed .msg-meta"))
 
 
 if __name__ == "__main__":
