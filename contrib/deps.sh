@@ -18,14 +18,16 @@ set -euo pipefail
 # group name and its packages.  libclang-rt-14-dev holds libFuzzer and the
 # sanitizer runtimes; clang only recommends it, so it is listed on its own.
 # prometheus gives promtool (exposition checks) and the server the metrics
-# test scrapes chatd with.
-GROUPS_ORDER=(build fuzz libs servers python cluster monitoring package)
+# test scrapes chatd with.  browser: headless Chromium driven by Selenium for
+# the web client's tests (tests/integration/test_web.py).
+GROUPS_ORDER=(build fuzz libs servers python browser cluster monitoring package)
 declare -A GROUP_PKGS=(
     [build]="build-essential cmake pkg-config"
     [fuzz]="clang libclang-rt-14-dev"
     [libs]="libuv1-dev libcjson-dev default-libmysqlclient-dev libhiredis-dev libcunit1-dev libinih-dev libcrypt-dev libedit-dev libhttp-parser-dev libsystemd-dev libssl-dev libwslay-dev openssl"
     [servers]="mariadb-server mariadb-client redis-server"
     [python]="python3 python3-websockets"
+    [browser]="chromium chromium-driver python3-selenium"
     [cluster]="nginx-light libnginx-mod-stream"
     [monitoring]="prometheus"
     [package]="dpkg-dev lintian systemd"

@@ -1,8 +1,8 @@
 /*
  * conf.c - chat.conf: an INI file read with inih, checked strictly.
  *
- * Sections [server], [plugins], [mysql], [redis], [admin], [limits], [ws]
- * have a fixed set of keys ([limits] also class.NAME, ratelimit.c parses the
+ * Sections [server], [plugins], [mysql], [redis], [admin], [limits], [ws],
+ * [web] have a fixed set of keys ([limits] also class.NAME, ratelimit.c parses the
  * values);
  * an unknown key, a bad number or an unknown section is an error reported as
  * "file:line: reason" (inih returns the first failing line).  [plugin.NAME]
@@ -622,6 +622,23 @@ static int check_tls(const struct conf *c, char *err, size_t errlen)
         }
     }
     return 0;
+/* ---- [web] (webfiles.c) ---------------------------------------------------- */
+
+/* root: a folder, relative to the config file's; "" (the default) is off. */
+static int on_web(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    if (strcmp(name, "root") == 0) {
+        char *d = abs_path(c, value);
+        if (!d)
+            return set_err(p, "%s%s", "out of memory", "");
+        mem_free(c->web_root);
+        c->web_root = d;
+        return 1;
+    }
+    INT_KEY("max_bytes", 1024, 268435456, c->web_max_bytes)
+    INT_KEY("max_files", 1, 100000, c->web_max_files)
+    return set_err(p, "unknown key \"%s\" in [web]%s", name, "");
 }
 
 /* inih handler.  inih (as Debian builds it) does not pass the line number,
@@ -649,6 +666,8 @@ static int on_entry(void *user, const char *section, const char *name,
         ok = name ? on_ws(p, name, value) : 1;
     else if (strcmp(section, "tls") == 0)
         ok = name ? on_tls(p, name, value) : 1;
+    else if (strcmp(section, "web") == 0)
+        ok = name ? on_web(p, name, value) : 1;
     else if (strncmp(section, "plugin.", 7) == 0 && section[7])
         ok = on_plugin_section(p, section + 7, name, value);
     else
@@ -687,7 +706,8 @@ static void check_header(struct parse_ctx *p, const char *s)
         get_section(p->c, name + 7);
     else if (strcmp(name, "server") && strcmp(name, "plugins") &&
              strcmp(name, "admin") && strcmp(name, "limits") &&
-             strcmp(name, "ws") && strcmp(name, "tls")) {
+             strcmp(name, "ws") && strcmp(name, "tls") &&
+             strcmp(name, "web")) {
         set_err(p, "unknown section [%s]%s", name, "");
         if (!p->err_line)
             p->err_line = p->line;
@@ -740,6 +760,8 @@ static void set_defaults(struct conf *c)
     c->ws_handshake_timeout_s = 10;
     c->tls_min_version = 0x0303;
     c->tls_handshake_timeout_s = 10;
+    c->web_max_bytes = 16u << 20;
+    c->web_max_files = 1024;
 }
 
 static int fill_missing(struct conf *c)
@@ -748,11 +770,11 @@ static int fill_missing(struct conf *c)
                      &c->my_password, &c->my_database, &c->my_socket, &c->rd_host,
                      &c->admin_host, &c->admin_token, &c->log_file,
                      &c->tls_cert, &c->tls_key, &c->tls_ca, &c->tls_ciphers,
-                     &c->tls_groups};
+                     &c->tls_groups, &c->web_root};
     /* ciphers (TLS 1.2; 1.3 keeps OpenSSL's suites): forward secret AEADs */
     const char *defs[] = {"127.0.0.1", "", "127.0.0.1", "chat", "", "chat", "",
                           "127.0.0.1", "127.0.0.1", "", "", "", "", "",
-                          "ECDHE+AESGCM:ECDHE+CHACHA20", "X25519:P-256:P-384"};
+                          "ECDHE+AESGCM:ECDHE+CHACHA20", "X25519:P-256:P-384", ""};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if (!*strs[i] && !(*strs[i] = mem_strdup(defs[i])))
             return -1;
@@ -838,7 +860,7 @@ void conf_free(struct conf *c)
                     c->my_host, c->my_user, c->my_password, c->my_database,
                     c->my_socket, c->sql_dir, c->rd_host, c->admin_host,
                     c->admin_token, c->log_file, c->tls_cert, c->tls_key,
-                    c->tls_ca, c->tls_ciphers, c->tls_groups};
+                    c->tls_ca, c->tls_ciphers, c->tls_groups, c->web_root};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         mem_free(strs[i]);
     conf_listen_free(c->listens, c->nlistens);

@@ -20,6 +20,7 @@
  *   rl_    rlbucket.c  [limits] syntax and the token bucket arithmetic
  *   ws_    ws.c        WebSocket engine: upgrade + frames over bytes (ws.h)
  *   adm_   admin_http.c the admin listener's request parsing (http-parser)
+ *   web_   webfiles.c  the web client's static files, in memory ([web] root)
  * 2 net, db and bus (they never call each other)
  *   net_   net.c       listener, sessions, buffered output, limits
  *          transport.h the transport seam (net_transport table, net_tr_*)
@@ -278,6 +279,53 @@ void metrics_metric_add(struct chat_metric *m, double v);
 void metrics_metric_set(struct chat_metric *m, double v);
 void metrics_metric_observe(struct chat_metric *m, double v);
 
+/* ---- webfiles.c (the web client's static files; issue 10) ----------- */
+/* A set of files read whole from a folder, immutable, reference-counted
+ * (loop thread only).  ws.c answers a plain GET/HEAD with it. */
+#define WEB_NAME_MAX 1024 /* bytes of a decoded request path */
+struct web_files;
+/* What web_answer decided: head[0, head_len) then body[0, body_len) are
+ * the bytes to write.  body is borrowed from the set (NULL when none):
+ * copy it before the set can go (web_files_unref). */
+struct web_reply {
+    int status;         /* 200, 304, 404, 405 */
+    char head[1024];
+    size_t head_len;
+    const char *body;
+    size_t body_len;
+};
+/* Read every regular file under root (see webfiles.c for what is skipped)
+ * into a new set with one reference.  CHAT_OK; CHAT_ERR_INVAL (root is no
+ * folder, a file unreadable, over max_bytes or max_files: err says which)
+ * or CHAT_ERR_NOMEM, *out NULL.  Blocking I/O: start or reload only. */
+int web_load(const char *root, size_t max_bytes, size_t max_files,
+             struct web_files **out, char *err, size_t errlen);
+struct web_files *web_files_ref(struct web_files *s); /* NULL is fine */
+void web_files_unref(struct web_files *s);            /* frees at zero */
+size_t web_files_count(const struct web_files *s);
+size_t web_files_bytes(const struct web_files *s);
+/* The node's current set (NULL: [web] root off); borrowed until the next
+ * web_set_current, which takes the caller's reference to s (NULL: off)
+ * and drops the old one's.  Listeners read it when they build a ws_conf. */
+const struct web_files *web_current(void);
+void web_set_current(struct web_files *s);
+/* Start and SIGHUP: load c's [web] root (timed and logged) and make it
+ * current; root "" drops the current set.  CHAT_OK, or the web_load error
+ * (logged; the current set is kept). */
+struct conf;
+int web_configure(const struct conf *c);
+/* The answer to METHOD TARGET (the request target's path; a query or
+ * fragment is ignored) with an If-None-Match value (NULL: none).  s NULL
+ * answers 404.  Never fails: r always holds a complete response. */
+void web_answer(const struct web_files *s, const char *method, const char *target,
+                size_t len, const char *if_none_match, struct web_reply *r);
+/* The request path decoded into the file name to look up: percent-decoded,
+ * no leading '/', "index.html" appended to "" and "dir/".  CHAT_OK;
+ * CHAT_ERR_INVAL for NUL, '\\', "//", a "." or ".." segment, a dot-name,
+ * a bad escape, or over outlen. */
+int web_path(const char *target, size_t len, char *out, size_t outlen);
+const char *web_mime(const char *name); /* by extension; static string */
+
 /* ---- rlbucket.c, ratelimit.c (types: struct conf holds them) -------- */
 /* A token bucket's setting: rate tokens a second (0: off), burst at most. */
 struct rl_rate {
@@ -432,6 +480,10 @@ struct conf {
     char *tls_ciphers, *tls_groups;
     int tls_min_version;   /* 0x0303 (TLS 1.2) or 0x0304 (TLS 1.3) */
     int tls_handshake_timeout_s;
+    /* [web] (webfiles.c): the web client's files; root "" = off */
+    char *web_root;        /* absolute */
+    size_t web_max_bytes;
+    int web_max_files;
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;

@@ -171,11 +171,14 @@ static int run_node(struct conf *c)
     uv_signal_init(loop, &sig_usr1);
     uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
     rl_start(loop, c);
+    if (web_configure(c) != CHAT_OK) /* [web] root: the web client's files */
+        return 1;
     /* the admin endpoint first: once "listening on" is logged, both are up */
     if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)
         return 1;
     sdn_ready(loop, "listening on %s:%d", c->listen_host, c->listen_port);
     uv_run(loop, UV_RUN_DEFAULT);
+    web_set_current(NULL);
     plug_free_conf();
     uv_loop_close(loop);
     LOGI("stopped");

@@ -60,4 +60,5 @@ void wire_apply_conf(const struct conf *c)
     rl_apply_conf(c);
     ack_configure(c);
     disp_configure((size_t)c->max_members);
+    web_configure(c); /* [web] root: read again (a failure keeps the old set) */
 }

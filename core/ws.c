@@ -28,6 +28,13 @@
  * the engine or wslay fails the connection it stops reading: the state is
  * WS_CLOSED as soon as the close frame is in the output.  A close started
  * by the transport (ws_conn_close) waits in WS_CLOSING for the peer's.
+ *
+ * With ws_conf.files set, the listener is also the web client's HTTP
+ * server: a request whose path is not the WebSocket path is decided once
+ * its head is complete (no body is read) and answered from the in-memory
+ * file set (webfiles.c), then the connection ends; no keep-alive, so the
+ * engine stays one request per connection and the transport needs no HTTP
+ * state of its own.
  */
 #include <strings.h>
 #include <string.h>
@@ -45,7 +52,8 @@
 #define WS_HVAL_MAX 256   /* a recorded header value; longer is invalid */
 #define WS_OUT_KEEP 16384 /* an output buffer above this is freed when drained */
 
-enum { H_HOST, H_UPGRADE, H_KEY, H_VERSION, H_ORIGIN, H_COUNT, H_OTHER = H_COUNT };
+enum { H_HOST, H_UPGRADE, H_KEY, H_VERSION, H_ORIGIN, H_INM, H_COUNT,
+       H_OTHER = H_COUNT };
 
 struct ws_hval {
     char v[WS_HVAL_MAX];
@@ -67,6 +75,8 @@ struct ws_hs {
     size_t url_len;
     int status;  /* an HTTP status decided while parsing */
     int done;    /* the head is complete */
+    int web;     /* a request for the web client's files (conf->files) */
+    const struct ws_conf *conf;
 };
 
 struct ws_out {
@@ -205,7 +215,8 @@ static int on_hfield(http_parser *p, const char *at, size_t n)
 static int header_id(const struct ws_hs *h)
 {
     static const char *const names[H_COUNT] = {
-        "host", "upgrade", "sec-websocket-key", "sec-websocket-version", "origin"};
+        "host", "upgrade", "sec-websocket-key", "sec-websocket-version", "origin",
+        "if-none-match"};
     if (h->field_len >= sizeof h->field)
         return H_OTHER;
     for (int i = 0; i < H_COUNT; i++)
@@ -237,10 +248,17 @@ static int on_hvalue(http_parser *p, const char *at, size_t n)
     return 0;
 }
 
+static int path_ok(const struct ws_hs *h, const char *want);
+
 static int on_headers_done(http_parser *p)
 {
     struct ws_hs *h = p->data;
     h->done = 1;
+    if (h->conf->files && !path_ok(h, h->conf->path ? h->conf->path : "/")) {
+        h->web = 1;               /* answered from the files, whatever the */
+        http_parser_pause(p, 1);  /* method: no body is read */
+        return 0;
+    }
     if ((p->flags & F_CHUNKED) ||
         ((p->flags & F_CONTENTLENGTH) && p->content_length > 0)) {
         hs_fail(h, 400); /* an upgrade request has no body */
@@ -356,6 +374,38 @@ static void refuse(struct ws_conn *w, int status, const char *why)
     w->reported = 1;
     if (w->cb->on_error)
         w->cb->on_error(w->ud, status, why);
+}
+
+/* A request for the web client's files: the answer, then WS_CLOSED. */
+static void web_reply(struct ws_conn *w)
+{
+    struct ws_hs *h = w->hs;
+    struct http_parser_url u;
+    struct web_reply r;
+    const struct ws_hval *inm = &h->h[H_INM];
+    const char *path = "";
+    size_t plen = 0;
+
+    hval_trim(&h->h[H_INM]);
+    http_parser_url_init(&u);
+    if (http_parser_parse_url(h->url, h->url_len, 0, &u) == 0 &&
+        (u.field_set & (1 << UF_PATH))) {
+        path = h->url + u.field_data[UF_PATH].off;
+        plen = u.field_data[UF_PATH].len;
+    }
+    web_answer(w->conf->files, http_method_str((enum http_method)h->hp.method), path,
+               plen, inm->count == 1 && !inm->over ? inm->v : NULL, &r);
+    mem_free(w->hs);
+    w->hs = NULL;
+    w->closed = 1;
+    w->reported = 1;
+    if (out_append(&w->out, r.head, r.head_len) ||
+        (r.body_len && out_append(&w->out, r.body, r.body_len)))
+        w->fatal = 1;
+    if (w->cb->on_http)
+        w->cb->on_http(w->ud, r.status);
+    else if (w->cb->on_error)
+        w->cb->on_error(w->ud, r.status, "http");
 }
 
 /* ---- frames (wslay callbacks) -------------------------------------------- */
@@ -531,6 +581,10 @@ static int hs_feed(struct ws_conn *w, const char *in, size_t n)
         refuse(w, h->status, h->status == 431 ? "request head too large" : why);
         return w->fatal ? CHAT_ERR_NOMEM : 0;
     }
+    if (h->web && h->done) {
+        web_reply(w);
+        return w->fatal ? CHAT_ERR_NOMEM : 0;
+    }
     if (!h->done || (!h->hp.upgrade && e != HPE_PAUSED))
         return 0; /* more to come */
     if ((st = hs_check(w, &why)) != 0) {
@@ -559,6 +613,7 @@ struct ws_conn *ws_conn_new(const struct ws_conf *c, const struct ws_cb *cb,
     w->ud = ud;
     http_parser_init(&w->hs->hp, HTTP_REQUEST);
     w->hs->hp.data = w->hs;
+    w->hs->conf = c;
     return w;
 }
 

@@ -37,6 +37,12 @@ struct ws_conf {
     const char *path;     /* request path to accept, e.g. "/chat" (else 404) */
     char *const *origins; /* allowed Origin values; none: no check */
     size_t norigins;
+    /* The web client's files (webfiles.c), borrowed like the rest: a GET
+     * or HEAD of any other path than `path` (or any other method there)
+     * is answered from them and the connection ends (WS_CLOSED after the
+     * answer; no keep-alive).  NULL: such requests are refused (404, 405)
+     * as before. */
+    const struct web_files *files;
 };
 
 /* Events, all optional (NULL), called from inside ws_conn_feed on the
@@ -62,6 +68,12 @@ struct ws_cb {
      * code it sent (1002, 1003, 1007, 1009); why is a short text for the
      * log.  state is WS_CLOSED: write the output, then close the socket. */
     void (*on_error)(void *ud, int code, const char *why);
+    /* A plain HTTP request was answered from ws_conf.files with status
+     * (200, 304, 404, 405); state is WS_CLOSED: write the output, then
+     * close the socket.  When NULL, on_error is called instead (with the
+     * status and "http"), so a transport that knows only on_error still
+     * closes. */
+    void (*on_http)(void *ud, int status);
 };
 
 enum ws_state {

@@ -205,6 +205,27 @@ static void test_conf_listen(void)
                   sizeof err);
     CU_ASSERT_PTR_NULL(c);
     CU_ASSERT(strstr(err, "needs [tls] cert and key") != NULL);
+/* [web]: root relative to the config's folder, off by default, bounds. */
+static void test_conf_web(void)
+{
+    char err[1024], want[600];
+    struct conf *c = conf_load(write_conf("web0.conf", "[server]\n"), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_STRING_EQUAL(c->web_root, ""); /* off */
+    CU_ASSERT_EQUAL(c->web_max_bytes, 16u << 20);
+    CU_ASSERT_EQUAL(c->web_max_files, 1024);
+    conf_free(c);
+    c = conf_load(write_conf("web.conf", "[web]\nroot = ../contrib/web\nmax_bytes = 4096\n"
+                             "max_files = 7\n"), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    snprintf(want, sizeof want, "%s/../contrib/web", dir);
+    CU_ASSERT_STRING_EQUAL(c->web_root, want);
+    CU_ASSERT_EQUAL(c->web_max_bytes, 4096);
+    CU_ASSERT_EQUAL(c->web_max_files, 7);
+    conf_free(c);
+    expect_error("[web]\nmax_files = 0\n", 2, "max_files");
+    expect_error("[web]\nmax_bytes = 1\n", 2, "max_bytes");
+    expect_error("[web]\nindex = a.html\n", 2, "unknown key \"index\" in [web]");
 }
 
 /* [server] trusted and the per-address and time-limit settings. */
@@ -397,6 +418,7 @@ int main(void)
     CU_add_test(s, "conf: log_format, log_file", test_conf_log);
     CU_add_test(s, "conf: [ws]", test_conf_ws);
     CU_add_test(s, "conf: listen endpoints, [tls]", test_conf_listen);
+    CU_add_test(s, "conf: [web]", test_conf_web);
     CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
     CU_add_test(s, "metrics: frames, errors, handler calls, plugin loads", test_metrics_wiring);
     CU_basic_set_mode(CU_BRM_VERBOSE);

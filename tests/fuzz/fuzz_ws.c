@@ -89,7 +89,7 @@ static void on_error(void *ud, int code, const char *why)
     r->err = code;
 }
 
-static const struct ws_cb cbs = {on_open, on_message, on_pong, on_close, on_error};
+static const struct ws_cb cbs = {on_open, on_message, on_pong, on_close, on_error, NULL};
 static char *origins[] = {"https://chat.example"};
 
 static void drain(struct run *r)
@@ -201,7 +201,7 @@ static int has_close_frame(const uint8_t *p, size_t n)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static struct run a, b;
-    struct ws_conf c = {65536, "/chat", NULL, 0};
+    struct ws_conf c = {65536, "/chat", NULL, 0, NULL};
     uint8_t opts;
     uint8_t *buf;
     size_t n, k, s, hl;

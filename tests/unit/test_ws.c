@@ -60,9 +60,9 @@ static void on_error(void *ud, int code, const char *why)
     ev.err_code = code;
 }
 
-static const struct ws_cb cbs = {on_open, on_message, on_pong, on_close, on_error};
+static const struct ws_cb cbs = {on_open, on_message, on_pong, on_close, on_error, NULL};
 static char *allowed[] = {"https://chat.example", "http://localhost:8000"};
-static struct ws_conf conf = {65536, "/chat", NULL, 0};
+static struct ws_conf conf = {65536, "/chat", NULL, 0, NULL};
 
 static void drain(struct ws_conn *w)
 {
