@@ -622,6 +622,8 @@ static int check_tls(const struct conf *c, char *err, size_t errlen)
         }
     }
     return 0;
+}
+
 /* ---- [web] (webfiles.c) ---------------------------------------------------- */
 
 /* root: a folder, relative to the config file's; "" (the default) is off. */

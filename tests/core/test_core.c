@@ -205,6 +205,8 @@ static void test_conf_listen(void)
                   sizeof err);
     CU_ASSERT_PTR_NULL(c);
     CU_ASSERT(strstr(err, "needs [tls] cert and key") != NULL);
+}
+
 /* [web]: root relative to the config's folder, off by default, bounds. */
 static void test_conf_web(void)
 {
