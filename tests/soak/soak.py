@@ -755,6 +755,8 @@ class Soak:
             self.problem("final login of %s:\n%s" % (u.name, traceback.format_exc()))
 
     def shutdown(self):
+        if not hasattr(self, "proxy"):
+            return      # the stack did not come up: run() raised already
         for i, n in enumerate(self.nodes):
             try:
                 rc = n.stop()
@@ -1030,7 +1032,6 @@ def main():
         print("soak: %s" % ngx.LOAD_MODULE)
         return 77 if os.environ.get("SOAK_SKIP_OK") else 1
     soak = Soak()
-    ok = False
     try:
         soak.run()
     finally:
