@@ -34,6 +34,9 @@ crash (a node that exited without our SIGKILL, a sanitizer report), an
 error/warn kind in the chatd logs that docs/reliability.md does not explain,
 or no acknowledged message at all.  Never on throughput or growth (those
 are reported).  SOAK_STRICT=1 also fails on in-flight losses.
+SOAK_SELFTEST=1 checks the checker: one client forgets one message and
+counts another twice; the verdict must be FAIL with 1 lost (or 1 in
+flight) and 1 duplicated, and the exit status is 0 when it is.
 
 Environment: SOAK_MINUTES (30), SOAK_RATE (messages/s over all users, 8),
 SOAK_USERS (12), SOAK_SAMPLE_S (5), SOAK_FAULT_EVERY (seconds between
@@ -283,8 +286,13 @@ class User:
                 parts = text.split("|")
                 try:
                     key = (int(parts[1]), int(parts[2]))
-                    self.got[key].append((int(parts[3]), time.monotonic()))
                     self.stats["received"] += 1
+                    if self.soak.selftest and self.idx == 0:
+                        if self.stats["received"] == 5:
+                            return      # the self-test's loss
+                        if self.stats["received"] == 6:
+                            self.got[key].append((int(parts[3]), time.monotonic()))
+                    self.got[key].append((int(parts[3]), time.monotonic()))
                 except (IndexError, ValueError):
                     self.stats["garbled"] += 1
         elif m.get("msgid") == 12:
@@ -452,6 +460,9 @@ class Soak:
         self.fault_every = env_float("SOAK_FAULT_EVERY", 20)
         self.seed = int(env_float("SOAK_SEED", int(time.time()) % 100000))
         self.strict = os.environ.get("SOAK_STRICT") == "1"
+        # SOAK_SELFTEST=1: user 0 forgets its 5th message and counts its 6th
+        # twice, so the report must show 1 lost and 1 duplicated and fail
+        self.selftest = os.environ.get("SOAK_SELFTEST") == "1"
         out = os.environ.get("SOAK_OUT")
         if not out:
             out = os.path.join(harness.CHAT_SRC, "var", "soak",
@@ -1024,6 +1035,12 @@ def report(soak):
     text = "\n".join(L) + "\n"
     with open(os.path.join(soak.out, "report.md"), "w") as f:
         f.write(text)
+    if soak.selftest:   # the checker must have seen exactly what was planted
+        planted = (len(lost) + len(inflight) == 1 and r["duplicated"] == 1
+                   and not soak.crashes and not unexplained and r["acked"])
+        text += "\nSelf-test: the planted loss and duplicate were %s.\n" % (
+            "found" if planted else "NOT found as planted")
+        return text, planted
     return text, not fails
 
 
