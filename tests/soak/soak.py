@@ -841,7 +841,8 @@ def load_explanations(path):
     for line in sec[1].splitlines():
         m = re.match(r"\|\s*`([^`]+)`\s*\|([^|]*)\|([^|]*)\|", line)
         if m:
-            rows.append((re.compile(m.group(1)), m.group(2).strip(), m.group(3).strip()))
+            rx = m.group(1).replace("\\|", "|")   # a pipe is escaped in a table
+            rows.append((re.compile(rx), m.group(2).strip(), m.group(3).strip()))
         elif line.startswith("## "):
             break
     return rows
