@@ -43,6 +43,9 @@ SOAK_USERS (12), SOAK_SAMPLE_S (5), SOAK_FAULT_EVERY (seconds between
 faults, 20), SOAK_SEED, SOAK_OUT (the output folder; default
 var/soak/<UTC timestamp>/ in the source tree), SOAK_STRICT; CHATD and
 CHAT_PLUGIN_DIR as for the harness.
+
+`soak.py --errors DIR` classifies the error kinds of a finished run's logs
+(DIR/chatd-n*.log) again, against today's table in docs/reliability.md.
 """
 
 import collections
@@ -854,11 +857,13 @@ NORMALISE = [(re.compile(r"\b[0-9a-f]{16,}\b"), "H"),
              (re.compile(r"\d+"), "N")]
 
 
-def error_kinds(soak):
+def error_kinds(texts):
+    """Count the error/warn lines of the node logs (a list of their texts)
+    by kind; also the first line of each kind."""
     kinds = collections.Counter()
     first = {}
-    for i, n in enumerate(soak.nodes):
-        for line in n.log_text().splitlines():
+    for i, text in enumerate(texts):
+        for line in text.splitlines():
             if '"level":"error"' not in line and '"level":"warn"' not in line:
                 if line.startswith("{") or not line.strip():
                     continue
@@ -918,14 +923,48 @@ def growth(soak):
     return out
 
 
+EXPLANATIONS = os.path.join(harness.CHAT_SRC, "docs", "reliability.md")
+
+
+def kinds_table(L, kinds, first):
+    """Append the error-kind table to the lines L; the unexplained kinds."""
+    expl = load_explanations(EXPLANATIONS)
+    unexplained = []
+    L.append("| count | kind | explanation (docs/reliability.md) |")
+    L.append("|---|---|---|")
+    for kind, count in kinds.most_common():
+        why = next(("%s (%s)" % (c, f) for rx, c, f in expl if rx.search(kind)), None)
+        if why is None:
+            unexplained.append(kind)
+            why = "**UNEXPLAINED** — e.g. `%s`" % first[kind].replace("|", "\\|")[:240]
+        L.append("| %d | `%s` | %s |" % (count, kind.replace("|", "\\|"), why))
+    L.append("")
+    return unexplained
+
+
+def recheck_errors(out):
+    """soak.py --errors DIR: the error kinds of a finished run's logs
+    (DIR/chatd-n*.log) against today's table; 1 if any is unexplained."""
+    texts = []
+    for i in range(1, 4):
+        with open(os.path.join(out, "chatd-n%d.log" % i), encoding="utf-8",
+                  errors="replace") as f:
+            texts.append(f.read())
+    kinds, first = error_kinds(texts)
+    L = []
+    unexplained = kinds_table(L, kinds, first)
+    print("\n".join(L))
+    print("%d kinds, %d unexplained" % (len(kinds), len(unexplained)))
+    return 1 if unexplained else 0
+
+
 def pct(x):
     return "—" if x is None else "%+.1f%%" % (100 * x)
 
 
 def report(soak):
     r, lost, inflight = analyse_messages(soak)
-    kinds, first = error_kinds(soak)
-    expl = load_explanations(os.path.join(harness.CHAT_SRC, "docs", "reliability.md"))
+    kinds, first = error_kinds([n.log_text() for n in soak.nodes])
     res = growth(soak)
     stats = collections.Counter()
     for u in soak.users:
@@ -1002,15 +1041,7 @@ def report(soak):
     L.append("")
     L.append("## Errors and warnings logged by chatd, by kind")
     L.append("")
-    L.append("| count | kind | explanation (docs/reliability.md) |")
-    L.append("|---|---|---|")
-    for kind, count in kinds.most_common():
-        why = next(("%s (%s)" % (c, f) for rx, c, f in expl if rx.search(kind)), None)
-        if why is None:
-            unexplained.append(kind)
-            why = "**UNEXPLAINED** — e.g. `%s`" % first[kind].replace("|", "\\|")[:240]
-        L.append("| %d | `%s` | %s |" % (count, kind.replace("|", "\\|"), why))
-    L.append("")
+    unexplained = kinds_table(L, kinds, first)
     fails = []
     if lost:
         fails.append("%d acknowledged messages lost (unexplained)" % len(lost))
@@ -1055,6 +1086,8 @@ def report(soak):
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--errors":
+        return recheck_errors(sys.argv[2])
     if ngx.NGINX is None:
         print("soak: %s" % ngx.LOAD_MODULE)
         return 77 if os.environ.get("SOAK_SKIP_OK") else 1
