@@ -1059,6 +1059,9 @@ def report(soak):
         fails.append("%d unexplained error kinds" % len(unexplained))
     if not r["acked"]:
         fails.append("no message was acknowledged")
+    broken = [p for p in soak.problems if p.startswith(("user ", "final login", "fault ", "shutdown"))]
+    if broken:  # the soak itself went wrong: its counts cannot be trusted
+        fails.append("%d soak problems (%s)" % (len(broken), broken[0].splitlines()[0]))
     growth_flags = [g for g in res if g["verdict"] == "GROWTH"]
     L.append("## Verdict")
     L.append("")
