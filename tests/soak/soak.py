@@ -26,7 +26,7 @@ and drains its offline messages; then
                 whose first ACK was lost: counted, not a fault);
 and a lost message is "in flight" when its recipient's connection was cut,
 or ended with its node, within a few seconds of the ACK: pub/sub delivery is
-at most once until issue 8 (docs/protocol.md), so such a loss is the known
+at most once without a `cid` (docs/protocol.md), so such a loss is the known
 limit, reported apart from unexplained ones.
 
 Exit status non-zero (the CI check) on: an unexplained loss, a duplicate, a
@@ -994,7 +994,7 @@ def report(soak):
             ("distinct (message, recipient) received", r["received_distinct"]),
             ("copies from a resend (first ACK lost)", r["resend_copies"]),
             ("**lost, unexplained**", len(lost)),
-            ("lost in flight at a cut/kill of the recipient (at most once, issue 8)", len(inflight)),
+            ("lost in flight at a cut/kill of the recipient (at most once without cid)", len(inflight)),
             ("**duplicated** (same message and attempt twice)", r["duplicated"]),
             ("phantom or garbled", r["phantom"] + r["garbled"])]
     L += ["| %s | %d |" % row for row in rows]
