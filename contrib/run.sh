@@ -7,6 +7,10 @@
 # (var/mysql, port 13306) and Redis (var/redis, port 16379) - the ports
 # etc/chat.conf points at - creates the database "chat" if missing, applies
 # the migrations and runs `build/chatd -c etc/chat.conf` in the foreground.
+# A self-signed certificate for localhost is created in var/tls/ (cert.pem,
+# key.pem: contrib/stack/tls-cert.sh) unless one is there: etc/chat.conf's
+# [tls] section points at it for the tls:// listener; clients trust it with
+# `chat-cli --ca var/tls/cert.pem tls://127.0.0.1:6443`.
 # A MariaDB or Redis still up from an earlier run is reused; var/ keeps the
 # data across runs.
 #
@@ -68,6 +72,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir -p "$VAR"
+# etc/chat.conf [tls] reads ../var/tls/{cert,key}.pem: a CHAT_VAR elsewhere
+# needs a CHAT_CONF that says so.
+bash contrib/stack/tls-cert.sh "$VAR/tls"
 # The servers get a session of their own: Ctrl-C must not reach them before
 # chatd has stopped.  A server of an earlier run that is still up is reused
 # (and stopped with this run).
@@ -92,6 +99,10 @@ bash contrib/stack/mariadb.sh createdb "$MYSQL_DIR" chat
 setsid "$BUILD/chatd" -c "$CONF" &
 chatd_pid=$!
 echo "run.sh: chatd running (pid $chatd_pid); Ctrl-C stops it and the servers"
+# the first listen line is [server]'s
+listen=$(sed -n 's/^listen[[:space:]]*=[[:space:]]*\([^;]*[^;[:space:]]\).*/\1/p' "$CONF" | head -n 1)
+echo "run.sh: listening on $listen; connect with $BUILD/chat-cli URL, e.g."
+echo "run.sh:   $BUILD/chat-cli --ca $VAR/tls/cert.pem tls://127.0.0.1:6443"
 set +e
 wait "$chatd_pid"
 rc=$?

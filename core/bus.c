@@ -17,6 +17,8 @@
  *   chatd:held:<node>  the set of uids the node announced
  * A user is online only while its key names a node whose heartbeat exists,
  * so the users of a crashed node go offline within the TTL with no cleanup.
+ *   chatd:kv:<plugin>:<key>  the plugins' key-value store (host kv_*, ABI
+ *                      1.8): plain GET, SET PX, DEL; Redis expires them
  *
  * Scripts.  Each operation is one Lua script (SCRIPT LOAD on every connect,
  * then EVALSHA): atomic, one round trip.  claim: when the key names another
@@ -35,7 +37,8 @@
  * Nothing is dropped silently: no live holder, a PUBLISH that reached
  * nobody, an error, Redis down, the link dropping with the command in
  * flight (hiredis runs each pending callback with a NULL reply), or a
- * receiving node without the session - each ends in host_undeliverable().
+ * receiving node without the session - each ends in the undeliverable
+ * callback (struct bus_calls).
  * Pub/sub is at most once: a node dying after PUBLISH counted it loses what
  * it had received.  A delivery with a ticket (host deliver_ex) completes
  * with CHAT_OK when the message went to a local session or a subscriber
@@ -49,11 +52,17 @@
  * works, remote delivery is undeliverable, claims succeed locally (and the
  * next sync announces them), presence answers from local sessions and
  * broadcasts stay local.  Callbacks and events that do not come from a
- * reply run from a queue on the next loop turn (uv_idle), never inside the
- * call.  Claims are counted per uid: every claim not refused must be
+ * reply run from a queue on the next loop turn (one item of defer.c drains
+ * it), never inside the call.  Claims are counted per uid: every claim not refused must be
  * matched by one bus_release, so a same-node re-login survives the release
  * of the older session.  bus_claim arbitrates between nodes only; a local
  * session of the same user is the caller's to check.
+ *
+ * Upward calls.  The bus calls nothing above it: local sessions, the
+ * undeliverable path, delivery outcomes, broadcasts to the plugins and the
+ * references that keep a plugin's presence callback loaded are the
+ * function pointers of struct bus_calls, registered by main.c (wire.c)
+ * with bus_on(); its unit test registers its own.
  *
  * Key names are built inside the scripts, so this needs one Redis (not
  * Redis Cluster).  hiredis 0.14 has no allocator hooks (hiredisSetAllocators
@@ -81,6 +90,9 @@
 #define K_HELD "chatd:held:"
 #define K_CHAN "chatd:node:"
 #define K_ALL "chatd:all"
+#define K_KV "chatd:kv:"
+#define KV_KEY_MAX 200
+#define KV_VAL_MAX 4096
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
@@ -185,7 +197,9 @@ enum req_kind {
     REQ_RELEASE,
     REQ_PRESENCE,   /* NULL reply -> answer from local sessions */
     REQ_PUBLISH,    /* broadcast to the other nodes */
-    REQ_LOCAL_BCAST /* data: plugin NUL data; fire here */
+    REQ_LOCAL_BCAST, /* data: plugin NUL data; fire here */
+    REQ_KV_GET,     /* plugin kv_get: NULL reply -> CHAT_ERR_UNAVAILABLE */
+    REQ_KV_SET      /* kv_set, kv_del: nothing waits */
 };
 
 /* One command in flight on the cmd connection (doubly linked, oldest
@@ -204,6 +218,7 @@ struct bus_req {
     struct chat_plugin *plug;
     struct chat_delivery *ticket; /* REQ_DELIVER: a sender waits (or NULL) */
     chat_presence_cb pres_cb;
+    chat_kv_cb kv_cb;
     int64_t *uids;          /* REQ_PRESENCE: n uids, then n online bytes */
     size_t n;
     size_t plen;            /* REQ_LOCAL_BCAST: length of the plugin name */
@@ -240,7 +255,7 @@ static struct {
     char sha[SC_N][41];
     /* handles */
     uv_timer_t tick, retry, stop_timer;
-    uv_idle_t idle;
+    struct defer_item drain; /* runs the completion queue on the next turn */
     int open_handles;
     /* requests */
     struct bus_req *fly_head, *fly_tail;
@@ -254,6 +269,28 @@ static struct {
 } bus;
 
 static void (*core_cb)(const char *data, size_t len);
+static struct bus_calls up;
+
+void bus_on(const struct bus_calls *calls) { up = *calls; }
+
+static void up_ref(struct chat_plugin *p)
+{
+    if (up.ref)
+        up.ref(p);
+}
+
+static void up_unref(struct chat_plugin *p)
+{
+    if (up.unref)
+        up.unref(p);
+}
+
+static void up_undeliverable(int64_t uid, const char *json, size_t len,
+                             struct chat_delivery *d)
+{
+    if (up.undeliverable)
+        up.undeliverable(uid, json, len, d);
+}
 
 /* A broadcast, here or from another node: the core's own go to core_cb. */
 static void fire_broadcast(const struct chat_ev_broadcast *ev)
@@ -263,7 +300,8 @@ static void fire_broadcast(const struct chat_ev_broadcast *ev)
             core_cb(ev->data, ev->len);
         return;
     }
-    plug_fire(CHAT_EV_BROADCAST, ev);
+    if (up.broadcast != NULL)
+        up.broadcast(ev);
 }
 
 static void link_down(const char *why);
@@ -314,8 +352,6 @@ static void fly_del(struct bus_req *r)
     r->prev = r->next = NULL;
 }
 
-static void on_idle(uv_idle_t *h);
-
 /* Queue r to complete (as with a NULL reply) on the next loop turn. */
 static void defer(struct bus_req *r)
 {
@@ -325,8 +361,7 @@ static void defer(struct bus_req *r)
     else
         bus.dq_head = r;
     bus.dq_tail = r;
-    if (!uv_is_active((uv_handle_t *)&bus.idle))
-        uv_idle_start(&bus.idle, on_idle);
+    defer_add(&bus.drain);
 }
 
 /* ---- claims ------------------------------------------------------------- */
@@ -358,9 +393,7 @@ static uintptr_t claims_dec(int64_t uid)
 
 static struct chat_session *live_session(int64_t uid)
 {
-    struct chat_session *s = net_session_by_user(uid);
-
-    return s != NULL && !net_session_closing(s) ? s : NULL;
+    return up.live != NULL ? up.live(uid) : NULL;
 }
 
 static void deliver_local_or_undeliverable(int64_t uid, const char *json,
@@ -368,9 +401,9 @@ static void deliver_local_or_undeliverable(int64_t uid, const char *json,
 {
     struct chat_session *s = live_session(uid);
 
-    if (s != NULL && net_deliver(s, json, len) == CHAT_OK)
+    if (s != NULL && up.deliver(s, json, len) == CHAT_OK)
         return;
-    host_undeliverable(uid, json, len);
+    up_undeliverable(uid, json, len, NULL);
 }
 
 static int is_error(const redisReply *rp)
@@ -390,7 +423,18 @@ static void done_presence(struct bus_req *r, const redisReply *rp)
             online[i] = 1;
     }
     r->pres_cb(CHAT_OK, r->uids, online, r->n, r->ud);
-    plug_unref(r->plug);
+    up_unref(r->plug);
+}
+
+static void done_kv_get(struct bus_req *r, const redisReply *rp)
+{
+    if (rp != NULL && rp->type == REDIS_REPLY_STRING)
+        r->kv_cb(CHAT_OK, rp->str, rp->len, r->ud);
+    else if (rp != NULL && rp->type == REDIS_REPLY_NIL)
+        r->kv_cb(CHAT_OK, NULL, 0, r->ud);
+    else
+        r->kv_cb(CHAT_ERR_UNAVAILABLE, NULL, 0, r->ud);
+    up_unref(r->plug);
 }
 
 static void done_sync(const redisReply *rp)
@@ -409,7 +453,7 @@ static void done_sync(const redisReply *rp)
              "link was down; closing it here", uid);
         s = live_session(uid);
         if (s != NULL)
-            net_close(s, CHAT_E_REPLACED, "logged in elsewhere");
+            up.close(s, CHAT_E_REPLACED, "logged in elsewhere");
     }
 }
 
@@ -471,16 +515,16 @@ static void req_done(struct bus_req *r, const redisReply *rp)
             routing_add(r->uid, -1);
         if ((rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer == -2 &&
              (s = live_session(r->uid)) != NULL &&
-             net_deliver(s, r->data, r->len) == CHAT_OK) ||
+             up.deliver(s, r->data, r->len) == CHAT_OK) ||
             (rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer >= 1)) {
             /* a subscriber counted the PUBLISH: delivered (at most once) */
             if (rp->integer >= 1)
                 metrics_loop.deliveries[METRICS_ROUTE_REMOTE]++;
-            if (r->ticket != NULL)
-                host_delivery_done(r->ticket, CHAT_OK);
+            if (r->ticket != NULL && up.delivered != NULL)
+                up.delivered(r->ticket, CHAT_OK);
             break;
         }
-        host_undeliverable_t(r->uid, r->data, r->len, r->ticket);
+        up_undeliverable(r->uid, r->data, r->len, r->ticket);
         break;
     }
     case REQ_CLAIM:
@@ -494,6 +538,9 @@ static void req_done(struct bus_req *r, const redisReply *rp)
         break;
     case REQ_PRESENCE:
         done_presence(r, rp);
+        break;
+    case REQ_KV_GET:
+        done_kv_get(r, rp);
         break;
     case REQ_LOCAL_BCAST: {
         struct chat_ev_broadcast ev = {sizeof(ev), r->data,
@@ -535,9 +582,9 @@ static void defer_run(void)
     }
 }
 
-static void on_idle(uv_idle_t *h)
+static void on_drain(struct defer_item *it)
 {
-    uv_idle_stop(h);
+    (void)it;
     defer_run(); /* what these queue runs on the next turn */
 }
 
@@ -692,7 +739,7 @@ static void handle_message(const char *p, size_t len)
     if (p[0] == 'K') {
         struct chat_session *s = live_session(uid);
         if (s != NULL)
-            net_close(s, CHAT_E_REPLACED, "logged in elsewhere");
+            up.close(s, CHAT_E_REPLACED, "logged in elsewhere");
         return;
     }
     if (p[0] == 'D' && (sp = memchr(p + 2, ' ', len - 2)) != NULL) {
@@ -1019,8 +1066,7 @@ int bus_start(uv_loop_t *loop, const struct conf *c)
         if (bus.host == NULL)
             return CHAT_ERR_NOMEM;
     }
-    uv_idle_init(loop, &bus.idle);
-    bus.open_handles = 1;
+    defer_item_init(&bus.drain, on_drain);
     bus.started = 1;
     if (!c->have_redis) {
         LOGI("bus: no [redis]: single node %s", bus.node);
@@ -1064,16 +1110,18 @@ static void maybe_finish(void)
     bus.finished = 1;
     while (bus.dq_head != NULL)
         defer_run();
+    defer_cancel(&bus.drain);
     map_free(&bus.claims);
     map_free(&bus.routing);
     mem_free(bus.host);
     bus.host = NULL;
-    uv_close((uv_handle_t *)&bus.idle, on_handle_closed);
-    if (bus.have_redis) {
-        uv_close((uv_handle_t *)&bus.tick, on_handle_closed);
-        uv_close((uv_handle_t *)&bus.retry, on_handle_closed);
-        uv_close((uv_handle_t *)&bus.stop_timer, on_handle_closed);
+    if (!bus.have_redis) {
+        bus.started = 0; /* no handles to wait for: bus_start may run again */
+        return;
     }
+    uv_close((uv_handle_t *)&bus.tick, on_handle_closed);
+    uv_close((uv_handle_t *)&bus.retry, on_handle_closed);
+    uv_close((uv_handle_t *)&bus.stop_timer, on_handle_closed);
 }
 
 static void on_stop_timeout(uv_timer_t *t)
@@ -1136,7 +1184,7 @@ int bus_deliver_local(int64_t uid, const char *json, size_t len)
         return CHAT_ERR_NOTFOUND;
     s = live_session(uid);
     if (s != NULL && (bus.link != LINK_UP || routing_count(uid) == 0) &&
-        net_deliver(s, json, len) == CHAT_OK)
+        up.deliver(s, json, len) == CHAT_OK)
         return CHAT_OK;
     return CHAT_ERR_NOTFOUND;
 }
@@ -1202,7 +1250,7 @@ int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
     r->plug = self;
     r->pres_cb = cb;
     r->ud = ud;
-    plug_ref(self);
+    up_ref(self);
     metrics_loop.bus_presence[METRICS_PRESENCE_QUERY]++;
     if (n == 0 || bus.link != LINK_UP
         || send_eval(r, SC_PRESENCE, NULL, 0, uids, n) != 0)
@@ -1339,4 +1387,87 @@ void bus_rl_user_get(int64_t uid, void (*cb)(int64_t uid, int64_t full_at, void 
     if (redisAsyncCommand(bus.cmd, on_rl_user_get, g, "GET " K_RL_USER "%lld",
                           (long long)uid) != REDIS_OK)
         mem_free(g);
+}
+
+/* ---- the plugins' key-value store (host ABI 1.8, auth cache) ------------
+ * Plain GET / SET PX / DEL on the cmd connection under
+ * "chatd:kv:<plugin>:<key>".  A get that cannot be sent completes with
+ * CHAT_ERR_UNAVAILABLE on the next loop turn, like a presence query. */
+
+/* A request of kind whose data is the full key; NULL on a bad key or OOM
+ * (*rc says which). */
+static struct bus_req *kv_req(int kind, const char *plugin, const char *key, int *rc)
+{
+    size_t plen, klen;
+    struct bus_req *r;
+
+    *rc = CHAT_ERR_INVAL;
+    if (plugin == NULL || key == NULL || strchr(plugin, ':') != NULL)
+        return NULL;
+    plen = strlen(plugin);
+    klen = strlen(key);
+    if (klen == 0 || klen > KV_KEY_MAX)
+        return NULL;
+    *rc = CHAT_ERR_NOMEM;
+    r = req_new(kind, sizeof(K_KV) + plen + 1 + klen);
+    if (r == NULL)
+        return NULL;
+    r->len = (size_t)sprintf(r->data, K_KV "%s:%s", plugin, key);
+    *rc = CHAT_OK;
+    return r;
+}
+
+int bus_kv_get(struct chat_plugin *self, const char *plugin, const char *key,
+               chat_kv_cb cb, void *ud)
+{
+    struct bus_req *r;
+    int rc;
+
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (cb == NULL)
+        return CHAT_ERR_INVAL;
+    if ((r = kv_req(REQ_KV_GET, plugin, key, &rc)) == NULL)
+        return rc;
+    r->plug = self;
+    r->kv_cb = cb;
+    r->ud = ud;
+    up_ref(self);
+    if (bus.link != LINK_UP || send_cmd(r, "GET %b", r->data, r->len) != 0)
+        defer(r); /* CHAT_ERR_UNAVAILABLE on the next turn */
+    return CHAT_OK;
+}
+
+int bus_kv_set(const char *plugin, const char *key, const char *val, size_t len,
+               uint64_t ttl_ms)
+{
+    struct bus_req *r;
+    int rc;
+
+    if ((val == NULL && len > 0) || len > KV_VAL_MAX || ttl_ms == 0)
+        return CHAT_ERR_INVAL;
+    if ((r = kv_req(REQ_KV_SET, plugin, key, &rc)) == NULL)
+        return rc;
+    if (!bus_open() || bus.link != LINK_UP ||
+        send_cmd(r, "SET %b %b PX %llu", r->data, r->len, val ? val : "", len,
+                 (unsigned long long)ttl_ms) != 0) {
+        req_free(r);
+        return CHAT_ERR_UNAVAILABLE;
+    }
+    return CHAT_OK;
+}
+
+int bus_kv_del(const char *plugin, const char *key)
+{
+    struct bus_req *r;
+    int rc;
+
+    if ((r = kv_req(REQ_KV_SET, plugin, key, &rc)) == NULL)
+        return rc;
+    if (!bus_open() || bus.link != LINK_UP ||
+        send_cmd(r, "DEL %b", r->data, r->len) != 0) {
+        req_free(r);
+        return CHAT_ERR_UNAVAILABLE;
+    }
+    return CHAT_OK;
 }

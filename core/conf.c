@@ -1,8 +1,9 @@
 /*
  * conf.c - chat.conf: an INI file read with inih, checked strictly.
  *
- * Sections [server], [plugins], [mysql], [redis], [admin], [limits] have a
- * fixed set of keys ([limits] also class.NAME, ratelimit.c parses the values);
+ * Sections [server], [plugins], [mysql], [redis], [admin], [limits], [ws]
+ * have a fixed set of keys ([limits] also class.NAME, ratelimit.c parses the
+ * values);
  * an unknown key, a bad number or an unknown section is an error reported as
  * "file:line: reason" (inih returns the first failing line).  [plugin.NAME]
  * sections are free-form: their keys belong to the plugin, which reads them
@@ -26,6 +27,7 @@ struct parse_ctx {
     char err[512];     /* first error, without the "file:line: " prefix */
     int err_line;
     int seen_mysql, seen_redis;
+    int ws_max_message_set; /* else [server] max_frame, whatever the order */
 };
 
 static int set_err(struct parse_ctx *p, const char *fmt, const char *a,
@@ -412,6 +414,72 @@ static int on_limits(struct parse_ctx *p, const char *name, const char *value)
     return 1;
 }
 
+/* ---- [ws] ---------------------------------------------------------------- */
+
+/* An origin as browsers send it: http(s)://host[:port], no path. */
+static int ws_origin_ok(const char *o)
+{
+    const char *h = strncmp(o, "https://", 8) == 0 ? o + 8
+                    : strncmp(o, "http://", 7) == 0 ? o + 7 : NULL;
+    return h && *h && !strchr(h, '/');
+}
+
+/* "origins": origins separated by commas or blanks; replaces the list. */
+static int ws_parse_origins(struct conf *c, const char *v, char *bad, size_t badlen)
+{
+    char *copy = mem_strdup(v), *tok, *save = NULL;
+    int r = CHAT_OK;
+
+    if (!copy)
+        return CHAT_ERR_NOMEM;
+    for (size_t i = 0; i < c->nws_origins; i++)
+        mem_free(c->ws_origins[i]);
+    c->nws_origins = 0;
+    for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save)) {
+        char **o = mem_realloc(c->ws_origins, (c->nws_origins + 1) * sizeof *o);
+        if (!o) {
+            r = CHAT_ERR_NOMEM;
+            break;
+        }
+        c->ws_origins = o;
+        if (!ws_origin_ok(tok)) {
+            snprintf(bad, badlen, "%s", tok);
+            r = CHAT_ERR_INVAL;
+            break;
+        }
+        if (!(o[c->nws_origins] = mem_strdup(tok))) {
+            r = CHAT_ERR_NOMEM;
+            break;
+        }
+        c->nws_origins++;
+    }
+    mem_free(copy);
+    return r;
+}
+
+static int on_ws(struct parse_ctx *p, const char *name, const char *value)
+{
+    struct conf *c = p->c;
+    if (strcmp(name, "origins") == 0) {
+        char bad[128] = "";
+        int r = ws_parse_origins(c, value, bad, sizeof bad);
+        if (r == CHAT_ERR_NOMEM)
+            return set_err(p, "%s%s", "out of memory", "");
+        if (r)
+            return set_err(p, "origins: \"%s\" is not http://HOST[:PORT] or "
+                           "https://HOST[:PORT]%s", bad, "");
+        return 1;
+    }
+    if (strcmp(name, "max_message") == 0)
+        p->ws_max_message_set = 1;
+    INT_KEY("max_message", 64, 16777216, c->ws_max_message)
+    INT_KEY("ping_interval", 0, 86400, c->ws_ping_interval_s)
+    INT_KEY("pong_timeout", 1, 3600, c->ws_pong_timeout_s)
+    INT_KEY("handshake_timeout", 1, 3600, c->ws_handshake_timeout_s)
+    return set_err(p, "unknown key \"%s\" in [ws]%s", name, "");
+}
+
+
 /* inih handler.  inih (as Debian builds it) does not pass the line number,
  * so on_line() counts lines through a reader callback. */
 static int on_entry(void *user, const char *section, const char *name,
@@ -433,6 +501,8 @@ static int on_entry(void *user, const char *section, const char *name,
         ok = name ? on_admin(p, name, value) : 1;
     else if (strcmp(section, "limits") == 0)
         ok = name ? on_limits(p, name, value) : 1;
+    else if (strcmp(section, "ws") == 0)
+        ok = name ? on_ws(p, name, value) : 1;
     else if (strncmp(section, "plugin.", 7) == 0 && section[7])
         ok = on_plugin_section(p, section + 7, name, value);
     else
@@ -470,7 +540,8 @@ static void check_header(struct parse_ctx *p, const char *s)
     else if (strncmp(name, "plugin.", 7) == 0 && name[7])
         get_section(p->c, name + 7);
     else if (strcmp(name, "server") && strcmp(name, "plugins") &&
-             strcmp(name, "admin") && strcmp(name, "limits")) {
+             strcmp(name, "admin") && strcmp(name, "limits") &&
+             strcmp(name, "ws")) {
         set_err(p, "unknown section [%s]%s", name, "");
         if (!p->err_line)
             p->err_line = p->line;
@@ -518,6 +589,9 @@ static void set_defaults(struct conf *c)
     c->rd_port = 6379;
     c->rd_heartbeat_ttl_s = 10;
     c->admin_port = 6080;
+    c->ws_ping_interval_s = 30;
+    c->ws_pong_timeout_s = 10;
+    c->ws_handshake_timeout_s = 10;
 }
 
 static int fill_missing(struct conf *c)
@@ -576,6 +650,8 @@ struct conf *conf_load(const char *path, char *err, size_t errlen)
                  p.err[0] ? p.err : "syntax error");
         goto fail;
     }
+    if (!p.ws_max_message_set)
+        c->ws_max_message = c->max_frame;
     c->have_mysql = p.seen_mysql;
     c->have_redis = p.seen_redis;
     if (fill_missing(c))
@@ -602,6 +678,9 @@ void conf_free(struct conf *c)
         mem_free(c->plugins[i]);
     mem_free(c->plugins);
     mem_free(c->trusted);
+    for (size_t i = 0; i < c->nws_origins; i++)
+        mem_free(c->ws_origins[i]);
+    mem_free(c->ws_origins);
     for (size_t i = 0; i < c->nsections; i++) {
         for (size_t j = 0; j < c->sections[i].nkv; j++) {
             mem_free(c->sections[i].kv[j].key);

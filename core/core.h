@@ -2,25 +2,39 @@
  * core.h - declarations shared between the core's subsystems.  Never
  * installed; plugins see only include/chat/plugin.h.
  *
- * Subsystems and their prefixes:
+ * Subsystems and their prefixes, by layer from the bottom up (see
+ * docs/architecture.md, "Layers"; tests/check_layers.py holds the same
+ * table).  A file calls its own layer or the ones below; what goes up goes
+ * through a callback main.c registers at start (wire.c).
+ *
+ * 1 leaf utilities
  *   mem_   alloc.c     the one allocator (chat_host malloc/free), cJSON hooks
  *   log_   log.c       logging: text or JSON, stderr/journal or a file
- *   conf_  conf.c      chat.conf parsing and validation (inih)
  *   map_   map.c       int64 -> pointer hash map
  *   frame_ frame.c     splitting a byte stream into JSON objects
  *   json_  jsonstr.c   JSON string literals with their length (NUL-safe)
- *   net_   net.c       listener, sessions, buffered output, limits
- *   disp_  dispatch.c  frame -> cJSON -> msgid handler; protocol errors
- *   plug_  plugin.c    loading, versions, instances, reference counts, reload
- *   host_  host.c      the struct chat_host table handed to plugins
- *   ack_   loginack.c  login acknowledgements assembled from plugin parts
- *   db_    db.c        MySQL pool on worker threads
- *   bus_   bus.c       Redis bus: node channel, presence, routing
+ *   conf_  conf.c      chat.conf parsing and validation (inih)
  *   metrics_ metrics.c the node's metrics, Prometheus text format
- *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
- *   adm_   admin_http.c its request parsing (http-parser) and routing
  *   sdn_   sdnotify.c  systemd readiness, reload, stop and watchdog (sd_notify)
- *   rl_    ratelimit.c token-bucket rate limits ([limits])
+ *   defer_ defer.c     the one deferral queue: fn on a later loop turn
+ *   rl_    rlbucket.c  [limits] syntax and the token bucket arithmetic
+ *   ws_    ws.c        WebSocket engine: upgrade + frames over bytes (ws.h)
+ *   adm_   admin_http.c the admin listener's request parsing (http-parser)
+ * 2 net, db and bus (they never call each other)
+ *   net_   net.c       listener, sessions, buffered output, limits
+ *   db_    db.c        MySQL pool on worker threads (migrate.c: --migrate)
+ *   bus_   bus.c       Redis bus: node channel, presence, routing
+ * 3 sessions, dispatch and the login ack
+ *   sess_  session.c   login, logout, open/close, delivery outcomes, work
+ *   rl_    ratelimit.c token-bucket rate limits ([limits]), per session,
+ *                      user and address
+ *   disp_  dispatch.c  frame -> cJSON -> msgid handler; protocol errors
+ *   ack_   loginack.c  login acknowledgements assembled from plugin parts
+ * 4 plug_  plugin.c    loading, versions, instances, reference counts, reload
+ * 5 host_  host.c      the struct chat_host table handed to plugins
+ * 6 main.c             start-up, signals, shutdown, reload and live settings
+ *   wire_  wire.c      every upward callback, registered at start
+ *   admin_ admin.c     the admin listener (HTTP): metrics, health, actions
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -78,6 +92,8 @@ int log_open(const char *path, int format, char *err, size_t errlen);
 int log_reopen(void);
 /* stderr is the stream systemd connected to the journal (JOURNAL_STREAM). */
 int log_stderr_is_journal(void);
+/* The name of a CHAT_ERR_* code (host->strerror). */
+const char *log_strerror(int err);
 #define LOG(lvl, ...)                                  \
     do {                                               \
         if ((int)(lvl) <= log_level)                   \
@@ -117,6 +133,27 @@ int map_put(struct map *m, int64_t key, void *val); /* replaces; CHAT_ERR_NOMEM 
 void *map_del(struct map *m, int64_t key);          /* returns old value */
 /* Iterate: for (size_t it = 0; map_next(m, &it, &k, &v);) */
 int map_next(const struct map *m, size_t *it, int64_t *key, void **val);
+
+/* ---- defer.c ---------------------------------------------------------- */
+/* The one deferral mechanism: run something on a later loop turn, never
+ * inside the caller.  An item is embedded in its owner (no allocation) and
+ * queued at most once; fn runs with it unqueued. */
+struct defer_item {
+    struct defer_item *next;
+    void (*fn)(struct defer_item *it);
+    int queued;
+};
+void defer_init(uv_loop_t *loop); /* main.c (wire.c), before anything defers */
+/* Shutdown: what is queued (and what it queues) still runs, then the
+ * handle closes; adds after that fail. */
+void defer_stop(void);
+void defer_item_init(struct defer_item *it, void (*fn)(struct defer_item *it));
+/* Queue it (already queued: nothing changes).  CHAT_ERR_CLOSED after
+ * defer_stop: fn never runs. */
+int defer_add(struct defer_item *it);
+void defer_cancel(struct defer_item *it); /* not queued: nothing */
+/* fn(arg) on a later turn.  CHAT_ERR_NOMEM or CHAT_ERR_CLOSED: it never runs. */
+int defer_call(void (*fn)(void *arg), void *arg);
 
 /* ---- metrics.c -------------------------------------------------------- */
 /* Hot-path counters: plain fields of metrics_loop, touched only on the loop
@@ -239,7 +276,7 @@ void metrics_metric_add(struct chat_metric *m, double v);
 void metrics_metric_set(struct chat_metric *m, double v);
 void metrics_metric_observe(struct chat_metric *m, double v);
 
-/* ---- ratelimit.c (types: struct conf holds them) -------------------- */
+/* ---- rlbucket.c, ratelimit.c (types: struct conf holds them) -------- */
 /* A token bucket's setting: rate tokens a second (0: off), burst at most. */
 struct rl_rate {
     double rate;
@@ -281,6 +318,11 @@ uint64_t rl_bucket_wait(struct rl_bucket *b, const struct rl_rate *r, uint64_t n
 void rl_bucket_take(struct rl_bucket *b, const struct rl_rate *r, uint64_t now,
                     double cost);
 int rl_bucket_full(struct rl_bucket *b, const struct rl_rate *r, uint64_t now);
+/* Refill b to now; milliseconds until b holds want tokens (already
+ * refilled; the rate must be on). */
+void rl_bucket_refill(struct rl_bucket *b, const struct rl_rate *r, uint64_t now);
+uint64_t rl_bucket_need(const struct rl_bucket *b, const struct rl_rate *r, double want);
+/* The above: rlbucket.c (leaf); what follows: ratelimit.c (sessions layer). */
 struct conf;
 /* Start (sweep timer, metrics collector) with c's [limits]; stop frees
  * everything (shutdown).  apply_conf: a reload's [limits]. */
@@ -365,6 +407,13 @@ struct conf {
     char *admin_token;
     /* [limits] (ratelimit.c) */
     struct rl_conf limits;
+    /* [ws] (the WebSocket transport, core/ws.c) */
+    char **ws_origins;     /* allowed Origin values; none: no check */
+    size_t nws_origins;
+    size_t ws_max_message; /* bytes of one message; default [server] max_frame */
+    int ws_ping_interval_s;     /* 0: no pings */
+    int ws_pong_timeout_s;
+    int ws_handshake_timeout_s; /* accept to the end of the upgrade request */
     /* [plugin.NAME] sections */
     struct conf_section *sections;
     size_t nsections;
@@ -451,10 +500,37 @@ char *json_quote(const char *s, size_t len, size_t *outlen);
 struct net_session;                 /* == struct chat_session */
 int net_start(uv_loop_t *loop, const struct conf *c);
 void net_apply_conf(const struct conf *c); /* limits on reload */
-/* Where a closing session's unwritten deliveries go (user, message text);
- * main.c registers host_undeliverable before net_start. */
+/* What net reports upward, through callbacks main.c (wire.c) registers
+ * before net_start: net calls no layer above it.
+ * - unsent: a closing session's unwritten deliveries (user, message text);
+ *   sess_undeliverable.
+ * - frame: one complete frame of s (disp_frame); required.
+ * - error: a framing error net found itself, for a client to be told
+ *   (sess_proto_error).
+ * - open: a session was accepted (sess_open).
+ * - closing: s begins to close, still registered to its user, which net
+ *   unbinds after the call; graceful 0 means no more output reaches the
+ *   peer (sess_closing: the NOTICE through net_send_last, the close event,
+ *   the presence release). */
 typedef void (*net_unsent_fn)(int64_t uid, const char *json, size_t len);
+typedef void (*net_frame_fn)(struct chat_session *s, const char *buf, size_t len);
+typedef void (*net_error_fn)(struct chat_session *s, int errno_, const char *errmsg);
+typedef void (*net_session_fn)(struct chat_session *s);
+typedef void (*net_closing_fn)(struct chat_session *s, int errno_, const char *why,
+                               int graceful);
+/* - admit: a new connection from the address (v6, key: as net counts them)
+ *   is over a rate and is refused when this returns non-zero (rl_conn). */
+typedef int (*net_admit_fn)(int v6, int64_t key);
 void net_on_unsent(net_unsent_fn cb);
+void net_on_frame(net_frame_fn cb);
+void net_on_error(net_error_fn cb);
+void net_on_open(net_session_fn cb);
+void net_on_closing(net_closing_fn cb);
+void net_on_admit(net_admit_fn cb);
+/* Only from the closing callback: queue json + '\n' after the deliveries
+ * held for a pending login ack, on a session already closing (its last
+ * words).  CHAT_ERR_NOMEM. */
+int net_send_last(struct chat_session *s, const char *json, size_t len);
 void net_stop_accepting(void);
 /* Close every session gracefully (flush, notice for protocol 2); calls
  * done when all are closed. */
@@ -503,8 +579,16 @@ struct chat_session *net_test_session(uv_loop_t *loop, size_t max_frame);
 void net_test_feed(struct chat_session *s, const char *buf, size_t n);
 
 /* ---- dispatch.c ------------------------------------------------------- */
-/* Handle one complete frame of session s. */
+/* Handle one complete frame of session s (net's frame callback). */
 void disp_frame(struct chat_session *s, const char *buf, size_t len);
+/* The handlers, registered by main.c (wire.c) before the first frame:
+ * find msgid's (NULL: none; plug_handler), run one for a request with its
+ * instance referenced, counted and timed (plug_run_handler). */
+struct plug_handler;
+typedef const struct plug_handler *(*disp_find_fn)(int msgid);
+typedef void (*disp_run_fn)(const struct plug_handler *h, struct chat_session *s,
+                            const struct chat_request *req);
+void disp_on_handlers(disp_find_fn find, disp_run_fn run);
 /* [server] max_members: top-level members a request may have (the strict
  * scan refuses more, and refuses a key that appears twice). */
 #define DISP_MAX_MEMBERS_DEF 128
@@ -567,6 +651,16 @@ size_t plug_active(void);            /* instances in the active set */
 void plug_stop(void);                /* retire everything (shutdown) */
 size_t plug_live(void);              /* instances not yet unloaded */
 const struct plug_handler *plug_handler(int msgid);
+/* Run h for one request (dispatch's run callback): h's instance stays
+ * referenced for the call, which is counted and, one in 16, timed. */
+void plug_run_handler(const struct plug_handler *h, struct chat_session *s,
+                      const struct chat_request *req);
+/* The table handed to every plugin's init (&host_table, set by main.c
+ * before plug_start; unset, init is refused with CHAT_ERR_STATE). */
+void plug_set_host(const struct chat_host *h);
+/* After a reload has swapped in its config: apply it to the layers below
+ * (main.c: net limits, login ack bounds, max_members). */
+void plug_on_conf(void (*apply)(const struct conf *c));
 /* Fire an event to every hook, in load order; returns how many ran. */
 int plug_fire(int event, const void *arg);
 /* The config in force (owned by plugin.c once plug_start took it). */
@@ -603,23 +697,64 @@ struct plug_login_part {
 };
 size_t plug_login_parts(const struct plug_login_part **parts);
 
-/* ---- host.c ----------------------------------------------------------- */
-extern const struct chat_host host_table;
-/* Fire CHAT_EV_UNDELIVERABLE for uid (no ticket: nobody waits). */
-void host_undeliverable(int64_t uid, const char *json, size_t len);
-/* The same with the pending outcome d of a deliver_ex (may be NULL): a
- * ticket no hook claims completes with CHAT_ERR_UNAVAILABLE. */
-void host_undeliverable_t(int64_t uid, const char *json, size_t len,
-                          struct chat_delivery *d);
-/* Complete d: run its callback, drop its reference, free it. */
-void host_delivery_done(struct chat_delivery *d, int status);
-void host_init(uv_loop_t *loop);
+/* ---- session.c -------------------------------------------------------- */
+/* The sessions layer: login, logout, opening and closing, delivery with an
+ * outcome, worker jobs.  It reaches the plugins only through what main.c
+ * registers with sess_on_plugins (fire: plug_fire; ref/unref: plug_ref,
+ * plug_unref); unset, events reach nobody and nothing is referenced. */
+void sess_init(uv_loop_t *loop); /* the loop worker jobs are queued on */
+void sess_on_plugins(int (*fire)(int event, const void *arg),
+                     void (*ref)(struct chat_plugin *p),
+                     void (*unref)(struct chat_plugin *p));
+/* uid's session unless it is closing, or NULL (host->session_by_user). */
+struct chat_session *sess_live(int64_t uid);
+/* net's callbacks: CHAT_EV_SESSION_OPEN; the closing session's NOTICE,
+ * CHAT_EV_SESSION_CLOSE and presence release; a framing error. */
+void sess_open(struct chat_session *s);
+void sess_closing(struct chat_session *s, int errno_, const char *why, int graceful);
+void sess_proto_error(struct chat_session *s, int errno_, const char *errmsg);
+/* host->session_logout, req_auth, work, session_login(_len), deliver_ex,
+ * undeliverable_claim and delivery_done (sess_delivery_stored). */
+int sess_logout(struct chat_session *s);
+int64_t sess_req_auth(struct chat_session *s, const struct chat_request *req);
+int sess_work(struct chat_plugin *self, chat_work_fn fn, chat_done_fn done, void *ud);
 /* Nice value worker threads take before their first job (0: unchanged). */
-void host_set_work_nice(int nice);
-/* Run fn(arg) on a later loop iteration (never inside the caller). */
-int host_defer(void (*fn)(void *arg), void *arg);
+void sess_set_work_nice(int nice);
+int sess_login(struct chat_plugin *self, struct chat_session *s, int64_t uid,
+               const char *name, int flags, chat_login_cb cb, void *ud);
+int sess_login_len(struct chat_plugin *self, struct chat_session *s, int64_t uid,
+                   const char *name, size_t name_len, int flags, chat_login_cb cb,
+                   void *ud);
+int sess_deliver_ex(struct chat_plugin *self, int64_t from, int64_t uid,
+                    const char *json, size_t len, chat_deliver_cb cb,
+                    const void *ctx, size_t ctx_len);
+struct chat_delivery *sess_undeliverable_claim(const struct chat_ev_undeliverable *ev);
+void sess_delivery_stored(struct chat_delivery *d, int status);
+/* Fire CHAT_EV_UNDELIVERABLE for uid (no ticket: nobody waits; net's
+ * unsent callback). */
+void sess_undeliverable(int64_t uid, const char *json, size_t len);
+/* The same with the pending outcome d of a deliver_ex (may be NULL): a
+ * ticket no hook claims completes with CHAT_ERR_UNAVAILABLE.  The bus's
+ * undeliverable callback. */
+void sess_undeliverable_t(int64_t uid, const char *json, size_t len,
+                          struct chat_delivery *d);
+/* Complete d: run its callback, drop its reference, free it (the bus's
+ * delivered callback). */
+void sess_delivery_done(struct chat_delivery *d, int status);
 
 /* ---- loginack.c ------------------------------------------------------- */
+/* What the login ack needs of the plugin registry, registered by main.c
+ * (wire.c) with ack_init before the first login (all four set):
+ * plug_login_parts, plug_name, plug_ref, plug_unref.  loop: the part
+ * timers'. */
+struct plug_login_part;
+struct ack_plugins {
+    size_t (*parts)(const struct plug_login_part **parts);
+    const char *(*name)(const struct chat_plugin *p);
+    void (*ref)(struct chat_plugin *p);
+    void (*unref)(struct chat_plugin *p);
+};
+void ack_init(uv_loop_t *loop, const struct ack_plugins *plugins);
 int ack_begin(struct chat_plugin *self, struct chat_session *s,
               const struct chat_ack *ack, const cJSON *base,
               chat_login_done_fn done_fn, void *ud);
@@ -647,6 +782,9 @@ struct db_stats {
 /* Start the pool (no-op returning 0 when !c->have_mysql: every query then
  * fails with CHAT_ERR_UNAVAILABLE). */
 int db_start(uv_loop_t *loop, const struct conf *c);
+/* How a query keeps its plugin's code loaded until its callback has run:
+ * plug_ref and plug_unref, registered by main.c (wire.c) before db_start. */
+void db_on_ref(void (*ref)(struct chat_plugin *p), void (*unref)(struct chat_plugin *p));
 /* Shutdown, on the loop thread: refuse new calls, fail what is queued with
  * CHAT_ERR_CLOSED, let running jobs finish, join the threads, then run every
  * outstanding callback before returning (so none is lost). */
@@ -676,6 +814,29 @@ int db_conns_up(void);
 int db_migrate(const struct conf *c);
 
 /* ---- bus.c ------------------------------------------------------------ */
+/* What the bus reports upward: function pointers main.c (wire.c) registers
+ * with bus_on() before bus_start (copied; any left NULL does nothing, but
+ * deliver and close must be set with live).
+ * - live: uid's local session unless it is closing, or NULL (sess_live);
+ * - deliver, close: net_deliver, net_close on such a session;
+ * - undeliverable: a message no session took, with its pending outcome d
+ *   or NULL (sess_undeliverable_t);
+ * - delivered: d's message went out (sess_delivery_done(d, CHAT_OK));
+ * - broadcast: a plugin broadcast to fire here (CHAT_EV_BROADCAST);
+ * - ref, unref: keep the instance behind a presence query loaded until its
+ *   callback has run (plug_ref, plug_unref). */
+struct bus_calls {
+    struct chat_session *(*live)(int64_t uid);
+    int (*deliver)(struct chat_session *s, const char *json, size_t len);
+    void (*close)(struct chat_session *s, int errno_, const char *why);
+    void (*undeliverable)(int64_t uid, const char *json, size_t len,
+                          struct chat_delivery *d);
+    void (*delivered)(struct chat_delivery *d, int status);
+    void (*broadcast)(const struct chat_ev_broadcast *ev);
+    void (*ref)(struct chat_plugin *p);
+    void (*unref)(struct chat_plugin *p);
+};
+void bus_on(const struct bus_calls *calls);
 /* Connect to Redis (or run single-node when !c->have_redis). */
 int bus_start(uv_loop_t *loop, const struct conf *c);
 void bus_stop(void);  /* release this node's presence, disconnect */
@@ -688,7 +849,7 @@ int bus_deliver(int64_t uid, const char *json, size_t len);
 int bus_deliver_local(int64_t uid, const char *json, size_t len);
 /* bus_deliver with a pending outcome d (NULL: as bus_deliver).  CHAT_OK:
  * delivered locally now, d untouched; CHAT_DELIVER_PENDING: d taken and
- * completed later (delivered, or through host_undeliverable_t); an error:
+ * completed later (delivered, or through the undeliverable callback); an error:
  * d untouched. */
 int bus_deliver_t(int64_t uid, const char *json, size_t len,
                   struct chat_delivery *d);
@@ -701,7 +862,7 @@ int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
 int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud);
 /* Drop uid's presence if this node holds it. */
 void bus_release(int64_t uid);
-/* Publish to every node's CHAT_EV_BROADCAST hooks (plug_fire) for plugin
+/* Publish to every node's CHAT_EV_BROADCAST hooks (the broadcast callback) for plugin
  * name, this node included (asynchronously: never inside this call). */
 int bus_broadcast(const char *plugin, const char *data, size_t len);
 /* The core's own broadcasts (admin actions): bus_broadcast(BUS_CORE, ...)
@@ -718,6 +879,29 @@ int bus_configured(void);
 void bus_rl_user_set(int64_t uid, int64_t full_at, int64_t px);
 void bus_rl_user_get(int64_t uid, void (*cb)(int64_t uid, int64_t full_at, void *ud),
                      void *ud);
+
+/* The plugins' key-value store (host kv_get/kv_set/kv_del, ABI 1.8, auth
+ * cache): plugin is the caller's name, the key's namespace. */
+int bus_kv_get(struct chat_plugin *self, const char *plugin, const char *key,
+               chat_kv_cb cb, void *ud);
+int bus_kv_set(const char *plugin, const char *key, const char *val, size_t len,
+               uint64_t ttl_ms);
+int bus_kv_del(const char *plugin, const char *key);
+
+/* ---- host.c ----------------------------------------------------------- */
+/* The table handed to plugins: pointers into the layers below, nothing
+ * more. */
+extern const struct chat_host host_table;
+
+/* ---- wire.c ----------------------------------------------------------- */
+/* main.c's wiring (top layer): register every upward callback (net, db,
+ * bus, dispatch, the login ack, the sessions layer, the plugin registry)
+ * and start the deferral queue on loop.  Call first, before any *_start. */
+void wire_core(uv_loop_t *loop);
+/* A config's live settings, applied to net, the rate limits, the login ack
+ * and dispatch (after a reload; at start net_start and rl_start apply
+ * theirs). */
+void wire_apply_conf(const struct conf *c);
 
 /* ---- admin.c ---------------------------------------------------------- */
 /* The admin listener ([admin] listen; see the top of admin.c).  Top layer:

@@ -15,7 +15,8 @@
  * memory), appends the job to a completed list under a second mutex and
  * pokes one uv_async_t.  On the loop thread the async callback takes the
  * whole list at once, runs each callback, frees the result and drops the
- * plugin reference taken when the call was accepted.  The async handle is
+ * plugin reference taken when the call was accepted (through the two
+ * functions main.c registers with db_on_ref: db calls nothing above it).  The async handle is
  * referenced only while callbacks are outstanding, so a pending query keeps
  * the loop alive and an idle pool does not.
  *
@@ -185,6 +186,14 @@ struct db_pool {
 static void db_collect(struct metrics_out *o);
 
 static struct db_pool *pool;   /* NULL: not started, no [mysql], or stopped */
+/* plug_ref/plug_unref, registered by main.c (db calls nothing above it) */
+static void (*ref_cb)(struct chat_plugin *p), (*unref_cb)(struct chat_plugin *p);
+
+void db_on_ref(void (*ref)(struct chat_plugin *p), void (*unref)(struct chat_plugin *p))
+{
+    ref_cb = ref;
+    unref_cb = unref;
+}
 static int pool_stopped;       /* db_stop() ran: calls fail CHAT_ERR_CLOSED */
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -997,8 +1006,8 @@ static void job_finish(struct db_pool *p, struct db_job *j)
     job_free(j);
     if (--p->outstanding == 0)
         uv_unref((uv_handle_t *)&p->async);
-    if (self)
-        plug_unref(self);
+    if (self && unref_cb)
+        unref_cb(self);
 }
 
 /* Run the callbacks of completed jobs: the batch taken now, or (all=1)
@@ -1146,8 +1155,8 @@ static int db_submit(struct chat_plugin *self, const struct chat_db_stmt *stmts,
     p->accepted++;
     if (p->outstanding++ == 0)
         uv_ref((uv_handle_t *)&p->async);
-    if (self)
-        plug_ref(self);
+    if (self && ref_cb)
+        ref_cb(self);
     return CHAT_OK;
 }
 

@@ -353,3 +353,24 @@ void log_write_ctx(int level, const char *who, const struct log_ctx *ctx,
     log_vwrite_ctx(level, who, ctx, fmt, ap);
     va_end(ap);
 }
+
+/* The name of a CHAT_ERR_* code: log lines and host->strerror. */
+const char *log_strerror(int err)
+{
+    switch (err) {
+    case CHAT_OK: return "ok";
+    case CHAT_ERR_NOMEM: return "out of memory";
+    case CHAT_ERR_INVAL: return "invalid argument";
+    case CHAT_ERR_EXISTS: return "already exists";
+    case CHAT_ERR_NOTFOUND: return "not found";
+    case CHAT_ERR_STATE: return "not allowed in this state";
+    case CHAT_ERR_BUSY: return "queue full";
+    case CHAT_ERR_DB: return "database error";
+    case CHAT_ERR_UNAVAILABLE: return "service unavailable";
+    case CHAT_ERR_CLOSED: return "closed";
+    case CHAT_ERR_TIMEOUT: return "timed out";
+    case CHAT_ERR_ABI: return "ABI mismatch";
+    case CHAT_ERR_IO: return "I/O error";
+    default: return "unknown error";
+    }
+}

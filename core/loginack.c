@@ -36,6 +36,10 @@
  * The assembly lives until the ack and whatever follows it have been
  * written (or the session closed) and every slot has answered, because a
  * slow plugin may still answer after the timeout.
+ *
+ * The login ack sits in the sessions layer, below the plugin registry: it
+ * learns the registered parts, their plugins' names and keeps their code
+ * loaded through the functions main.c registers with ack_on_plugins().
  */
 #include <stdint.h>
 #include <string.h>
@@ -82,6 +86,13 @@ static int part_timeout_ms = 2000;
 static size_t ack_max = 65536;
 static size_t batch_max = 65536; /* bytes of one batch that follows an ack */
 static uv_loop_t *ack_loop;
+static struct ack_plugins up;
+
+void ack_init(uv_loop_t *loop, const struct ack_plugins *plugins)
+{
+    ack_loop = loop;
+    up = *plugins;
+}
 
 void ack_configure(const struct conf *c)
 {
@@ -128,7 +139,7 @@ static void notify(struct chat_login *l, int ok)
         l->part.sent_fn(ok, l->a->uid, l->state, l->part.ud);
     cJSON_Delete(l->value);
     l->value = NULL;
-    plug_unref(l->part.inst);
+    up.unref(l->part.inst);
 }
 
 /* A part of messages: tell it how many are written now. */
@@ -410,7 +421,7 @@ static void follow_next(struct assembly *a)
             if (rc != CHAT_OK) {
                 LOGW("login of user %lld: %zu stored messages could not follow "
                      "the ack (%s); they come with the next login", (long long)a->uid,
-                     l->total - l->next, host_table.strerror(rc));
+                     l->total - l->next, log_strerror(rc));
                 a->halted = 1;
                 goto queued;
             }
@@ -439,7 +450,7 @@ static int queue_ack(struct assembly *a, struct chat_session *s, cJSON *obj)
         if (!l->answered) {
             LOGW("login of user %lld: part \"%s\" of plugin %s did not answer "
                  "within %d ms; ack sent without it", (long long)a->uid,
-                 l->part.key, plug_name(l->part.inst), part_timeout_ms);
+                 l->part.key, up.name(l->part.inst), part_timeout_ms);
             continue;
         }
         l->included = 1;
@@ -493,7 +504,7 @@ static void send_ack(struct assembly *a)
     }
     if (a->done)
         a->done(status == CHAT_OK ? CHAT_OK : CHAT_ERR_CLOSED, a->sid, a->ud);
-    plug_unref(a->starter);
+    up.unref(a->starter);
     cJSON_Delete(a->body);
     a->body = NULL;
     maybe_free(a);
@@ -548,7 +559,7 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
               chat_login_done_fn done_fn, void *ud)
 {
     const struct plug_login_part *parts;
-    size_t n = plug_login_parts(&parts);
+    size_t n = up.parts ? up.parts(&parts) : 0;
     struct assembly *a;
 
     if (!s || !ack || !base || !cJSON_IsObject(base))
@@ -565,8 +576,6 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
         mem_free(a);
         return CHAT_ERR_NOMEM;
     }
-    if (!ack_loop)
-        ack_loop = uv_default_loop();
     a->sid = net_session_id(s);
     a->uid = net_session_user(s);
     a->proto = net_session_proto(s);
@@ -578,16 +587,16 @@ int ack_begin(struct chat_plugin *self, struct chat_session *s,
     for (size_t i = 0; i < n; i++) {
         a->slots[i].a = a;
         a->slots[i].part = parts[i];
-        plug_ref(parts[i].inst);
+        up.ref(parts[i].inst);
     }
-    plug_ref(self);
+    up.ref(self);
     uv_timer_init(ack_loop, &a->timer);
     net_hold(s, 1);
-    if (host_defer(start_parts, a) != CHAT_OK) {
+    if (defer_call(start_parts, a) != CHAT_OK) {
         net_hold(s, 0);
         for (size_t i = 0; i < n; i++)
-            plug_unref(parts[i].inst);
-        plug_unref(self);
+            up.unref(parts[i].inst);
+        up.unref(self);
         cJSON_Delete(a->body);
         a->sent = 1;
         a->unanswered = 0;

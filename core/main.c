@@ -14,6 +14,11 @@
  * configured one + its number).  The parent only supervises: it
  * forwards SIGHUP/SIGTERM/SIGINT/SIGUSR1 and restarts a worker that died.
  *
+ * The layers below report upward only through callbacks; wire.c registers
+ * every one of them first thing (wire_core), and applies a reloaded
+ * config's live settings to them (wire_apply_conf, which the plugin
+ * registry calls once a reload has swapped).
+ *
  * Logs go where [server] log_file says (stderr by default), set before the
  * node starts (a reload applies a new one: plugin.c); SIGUSR1 reopens the
  * file (for logrotate) on the loop thread.  Under systemd the node reports
@@ -72,6 +77,7 @@ static void on_stop_tick(uv_timer_t *t)
         db_stop();
         metrics_stop();
         rl_stop();
+        defer_stop();
         uv_close((uv_handle_t *)&stop_timer, NULL);
         uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
@@ -143,8 +149,8 @@ static int run_node(struct conf *c)
     signal(SIGUSR1, SIG_IGN); /* until its handler is in place: never fatal */
     raise_nofile();
     log_level = c->log_level;
-    host_init(loop);
-    host_set_work_nice(c->worker_nice);
+    wire_core(loop); /* every upward callback, before anything starts */
+    sess_set_work_nice(c->worker_nice);
     metrics_start(loop);
     ack_configure(c);
     disp_configure((size_t)c->max_members);
@@ -162,7 +168,6 @@ static int run_node(struct conf *c)
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_init(loop, &sig_usr1);
     uv_signal_start(&sig_usr1, on_signal, SIGUSR1);
-    net_on_unsent(host_undeliverable);
     rl_start(loop, c);
     /* the admin endpoint first: once "listening on" is logged, both are up */
     if (admin_start(loop, c) != 0 || net_start(loop, c) != 0)

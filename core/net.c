@@ -22,14 +22,18 @@
  * (a small array per session, trimmed as bytes are written).  When a session
  * closes with some of them unwritten (cut as a slow reader, a write error,
  * the shutdown timeout, a login ack never sent) each unsent one goes to
- * the callback registered with net_on_unsent() (host_undeliverable, set by
+ * the callback registered with net_on_unsent() (sess_undeliverable, set by
  * main.c: net calls no layer above it directly) before its buffer is
  * freed, so the offline store keeps it; a frame the kernel took only in part counts as unsent.
  *
  * Sessions are freed only in their uv_close callback.  Closing first
- * unregisters the session (session_get() stops finding it), fires
- * CHAT_EV_SESSION_CLOSE with the user still bound, then drops the user's
- * binding and presence, flushes what is queued and shuts the socket down.
+ * unregisters the session (session_get() stops finding it), calls the
+ * closing callback (net_on_closing: sess_closing, which queues the
+ * protocol-2 NOTICE, fires CHAT_EV_SESSION_CLOSE with the user still bound
+ * and releases the presence), then drops the user's binding, flushes what
+ * is queued and shuts the socket down.  Complete frames, framing errors
+ * and new sessions go up the same way (net_on_frame, net_on_error,
+ * net_on_open): net calls nothing above it.
  *
  * Time limits are per request, never per byte, and one timer enforces them
  * all by walking two lists kept in time order (appending at the tail and
@@ -147,6 +151,11 @@ static struct {
     uv_check_t flusher;
     uv_idle_t flush_idle;    /* active while sessions wait on the flush list */
     net_unsent_fn unsent_cb; /* a closed session's unwritten deliveries */
+    net_frame_fn frame_cb;   /* a complete frame (dispatch) */
+    net_error_fn error_cb;   /* a framing error to report (dispatch) */
+    net_session_fn open_cb;  /* a session accepted */
+    net_closing_fn closing_cb; /* a session begins to close */
+    net_admit_fn admit_cb;   /* a new connection over a rate: refused */
     uv_timer_t idle_timer;
     uv_timer_t pace_timer;
     struct chat_session *pace_head, *pace_tail; /* in pace_until order */
@@ -733,7 +742,6 @@ static void close_why(struct chat_session *s, unsigned reason)
 static void begin_close(struct chat_session *s, int errno_, const char *why,
                         int graceful)
 {
-    struct chat_ev_session ev;
     if (s->closing)
         return;
     s->closing = 1;
@@ -746,36 +754,10 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
         map_del(&net.by_id, (int64_t)s->id);
         s->registered = 0;
     }
-    if (graceful && errno_ && s->proto == CHAT_PROTO_2) {
-        cJSON *n = cJSON_CreateObject();
-        char *txt;
-        cJSON_AddNumberToObject(n, "msgid", CHAT_MSG_NOTICE);
-        cJSON_AddNumberToObject(n, "errno", errno_);
-        cJSON_AddStringToObject(n, "errmsg", why ? why : "closing");
-        txt = cJSON_PrintUnformatted(n);
-        cJSON_Delete(n);
-        if (txt) {
-            /* the held deliveries go first, then the notice */
-            if (s->held &&
-                obuf_append(&s->out, s->held->data, s->held->len, 0) == CHAT_OK) {
-                marks_unhold(s, s->queued_total);
-                s->queued_total += s->held->len;
-                obuf_put(s->held);
-                s->held = NULL;
-            }
-            obuf_append(&s->out, txt, strlen(txt), 1);
-            s->queued_total += strlen(txt) + 1;
-            mem_free(txt);
-        }
-    }
-    ev.size = sizeof ev;
-    ev.session = s;
-    ev.user_id = s->uid;
-    plug_fire(CHAT_EV_SESSION_CLOSE, &ev);
-    if (s->uid) {
-        bus_release(s->uid);
+    if (net.closing_cb)
+        net.closing_cb(s, errno_, why, graceful);
+    if (s->uid)
         net_session_unbind(s);
-    }
     if (!graceful) {
         close_now(s);
         return;
@@ -789,6 +771,23 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
 void net_close(struct chat_session *s, int errno_, const char *why)
 {
     begin_close(s, errno_, why, 1);
+}
+
+/* The closing callback's last words (the protocol-2 NOTICE): the held
+ * deliveries go first, then json. */
+int net_send_last(struct chat_session *s, const char *json, size_t len)
+{
+    int rc;
+
+    if (s->held && obuf_append(&s->out, s->held->data, s->held->len, 0) == CHAT_OK) {
+        marks_unhold(s, s->queued_total);
+        s->queued_total += s->held->len;
+        obuf_put(s->held);
+        s->held = NULL;
+    }
+    rc = obuf_append(&s->out, json, len, 1);
+    s->queued_total += len + 1;
+    return rc;
 }
 
 /* ---- writing ---------------------------------------------------------- */
@@ -1054,10 +1053,8 @@ static int part_append(struct chat_session *s, const char *p, size_t n)
 static void frame_too_large(struct chat_session *s)
 {
     LOGSW(s, "frame over max_frame (%zu bytes), closing", net.max_frame);
-    if (s->proto == CHAT_PROTO_2) {
-        struct chat_ack ack = {0, 0, 0};
-        disp_error(s, &ack, CHAT_E_FRAME_TOO_LARGE, "frame too large");
-    }
+    if (s->proto == CHAT_PROTO_2 && net.error_cb)
+        net.error_cb(s, CHAT_E_FRAME_TOO_LARGE, "frame too large");
     close_why(s, METRICS_CLOSE_FRAME_TOO_LARGE);
     net_close(s, 0, NULL);
 }
@@ -1075,7 +1072,7 @@ static void process(struct chat_session *s, const char *buf, size_t n)
             tl_unlink(&net.reqs, &s->req);
             idle_refresh(s);
             if (s->part_len == 0 && start >= 0) {
-                disp_frame(s, buf + pos + start, used - (size_t)start);
+                net.frame_cb(s, buf + pos + start, used - (size_t)start);
             } else {
                 size_t from = start >= 0 ? (size_t)start : 0;
                 if (part_append(s, buf + pos + from, used - from)) {
@@ -1083,7 +1080,7 @@ static void process(struct chat_session *s, const char *buf, size_t n)
                     begin_close(s, 0, NULL, 0);
                     return;
                 }
-                disp_frame(s, s->part, s->part_len);
+                net.frame_cb(s, s->part, s->part_len);
                 s->part_len = 0;
                 if (s->part_cap > PART_KEEP) {
                     mem_free(s->part);
@@ -1106,9 +1103,9 @@ static void process(struct chat_session *s, const char *buf, size_t n)
             return;
         } else { /* FRAME_GARBAGE: a byte outside any object */
             if (!s->garbage) {
-                struct chat_ack ack = {0, 0, 0};
                 s->garbage = 1;
-                disp_error(s, &ack, CHAT_E_BAD_JSON, "bytes outside a JSON object");
+                if (net.error_cb)
+                    net.error_cb(s, CHAT_E_BAD_JSON, "bytes outside a JSON object");
             }
         }
         pos += used;
@@ -1176,7 +1173,7 @@ static int admit_addr(struct chat_session *s)
                net.max_unauth_per_addr);
         return -1;
     }
-    if (rl_conn(na->v6, na->key)) { /* [limits] addr_conns: a rate */
+    if (net.admit_cb && net.admit_cb(na->v6, na->key)) { /* [limits] addr_conns */
         if (na->total == 0) {
             map_del(na->v6 ? &net.addr6 : &net.addr4, na->key);
             mem_free(na);
@@ -1216,7 +1213,6 @@ static void set_keepalive(struct chat_session *s)
 static void on_connection(uv_stream_t *server, int status)
 {
     struct chat_session *s;
-    struct chat_ev_session ev;
 
     if (status < 0) {
         LOGW("accept: %s", uv_strerror(status));
@@ -1262,10 +1258,8 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     LOGSD(s, "connected");
-    ev.size = sizeof ev;
-    ev.session = s;
-    ev.user_id = 0;
-    plug_fire(CHAT_EV_SESSION_OPEN, &ev);
+    if (net.open_cb)
+        net.open_cb(s);
 }
 
 /* A listening socket with SO_REUSEPORT, so that several worker processes
@@ -1326,6 +1320,11 @@ static void set_trusted(const struct conf *c)
 }
 
 void net_on_unsent(net_unsent_fn cb) { net.unsent_cb = cb; }
+void net_on_frame(net_frame_fn cb) { net.frame_cb = cb; }
+void net_on_error(net_error_fn cb) { net.error_cb = cb; }
+void net_on_open(net_session_fn cb) { net.open_cb = cb; }
+void net_on_closing(net_closing_fn cb) { net.closing_cb = cb; }
+void net_on_admit(net_admit_fn cb) { net.admit_cb = cb; }
 
 void net_apply_conf(const struct conf *c)
 {

@@ -34,6 +34,11 @@
  * Entries are created on first use and swept every two seconds: a session's
  * when the session is gone, a user's or an address's when its buckets are
  * full again (a full bucket is the same as none).  All on the loop thread.
+ *
+ * The [limits] syntax and the bucket arithmetic are in rlbucket.c, a leaf
+ * that conf.c can call; this file is in the sessions layer (it reads net's
+ * sessions, asks the bus, answers through dispatch), and net reaches
+ * rl_conn only through the callback main.c registers (net_on_admit).
  */
 #include <math.h>
 #include <stdio.h>
@@ -87,145 +92,6 @@ static struct {
     } cls_count[RL_COUNT_NAMES];
 } rl;
 
-/* ---- configuration ------------------------------------------------------ */
-
-void rl_conf_defaults(struct rl_conf *c)
-{
-    memset(c, 0, sizeof *c);
-    c->session_msgs = (struct rl_rate){100, 200};
-    c->session_bytes = (struct rl_rate){512 * 1024, 2 * 1024 * 1024};
-    c->user_msgs = (struct rl_rate){100, 400};
-    c->addr_conns = (struct rl_rate){20, 100};
-    c->addr_regs = (struct rl_rate){10.0 / 60, 20};
-    c->addr_fails = (struct rl_rate){30.0 / 60, 30};
-}
-
-/* "123", "1.5", "256k", "1m" (k, m: 1024, 1024^2); 0 or -1. */
-static int parse_amount(const char *s, const char **end, double *out)
-{
-    char *e;
-    double v = strtod(s, &e);
-    if (e == s || !(v >= 0) || v > 1e12)
-        return -1;
-    if (*e == 'k' || *e == 'K')
-        v *= 1024, e++;
-    else if (*e == 'm' || *e == 'M')
-        v *= 1024 * 1024, e++;
-    *out = v;
-    *end = e;
-    return 0;
-}
-
-static const char *skip_ws(const char *s)
-{
-    while (*s == ' ' || *s == '\t')
-        s++;
-    return s;
-}
-
-int rl_parse_rate(const char *s, struct rl_rate *out)
-{
-    const char *e;
-    double v, per, burst;
-
-    s = skip_ws(s);
-    if (!strcmp(s, "off") || !strcmp(s, "0")) {
-        out->rate = out->burst = 0;
-        return 0;
-    }
-    if (parse_amount(s, &e, &v) || *e != '/')
-        return -1;
-    switch (e[1]) {
-    case 's': per = 1; break;
-    case 'm': per = 60; break;
-    case 'h': per = 3600; break;
-    default: return -1;
-    }
-    s = skip_ws(e + 2);
-    burst = v > 1 ? v : 1; /* one second's worth */
-    if (!strncmp(s, "burst", 5) && (s[5] == ' ' || s[5] == '\t')) {
-        if (parse_amount(skip_ws(s + 5), &e, &burst) || burst < 1)
-            return -1;
-        s = skip_ws(e);
-    }
-    if (*s || v <= 0)
-        return -1;
-    out->rate = v / per;
-    out->burst = burst;
-    return 0;
-}
-
-int rl_parse_class(const char *name, const char *s, struct rl_class *out)
-{
-    size_t n = strlen(name);
-    char *e;
-
-    memset(out, 0, sizeof *out);
-    if (!n || n >= RL_NAME_MAX || strspn(name, "abcdefghijklmnopqrstuvwxyz0123456789_") != n)
-        return -1;
-    memcpy(out->name, name, n + 1);
-    s = skip_ws(s);
-    for (;;) {
-        long v = strtol(s, &e, 10);
-        if (e == s || v < 1 || v > INT32_MAX || out->nmsgids == RL_CLASS_MSGIDS)
-            return -1;
-        out->msgids[out->nmsgids++] = (int)v;
-        s = skip_ws(e);
-        if (*s != ',')
-            break;
-        s = skip_ws(s + 1);
-    }
-    return rl_parse_rate(s, &out->r) || out->r.rate <= 0 ? -1 : 0;
-}
-
-/* ---- buckets ------------------------------------------------------------ */
-
-static void refill(struct rl_bucket *b, const struct rl_rate *r, uint64_t now)
-{
-    if (!b->at) {
-        b->tokens = r->burst;
-    } else if (now > b->at) {
-        b->tokens += (double)(now - b->at) * r->rate / 1000.0;
-        if (b->tokens > r->burst)
-            b->tokens = r->burst;
-    }
-    b->at = now ? now : 1;
-}
-
-/* Milliseconds until the bucket holds `want` tokens. */
-static uint64_t wait_for(const struct rl_bucket *b, const struct rl_rate *r, double want)
-{
-    if (b->tokens >= want)
-        return 0;
-    return (uint64_t)ceil((want - b->tokens) * 1000.0 / r->rate);
-}
-
-uint64_t rl_bucket_wait(struct rl_bucket *b, const struct rl_rate *r, uint64_t now,
-                        double cost)
-{
-    if (r->rate <= 0)
-        return 0;
-    refill(b, r, now);
-    return wait_for(b, r, cost < r->burst ? cost : r->burst);
-}
-
-void rl_bucket_take(struct rl_bucket *b, const struct rl_rate *r, uint64_t now,
-                    double cost)
-{
-    if (r->rate <= 0)
-        return;
-    refill(b, r, now);
-    b->tokens -= cost < r->burst ? cost : r->burst;
-}
-
-int rl_bucket_full(struct rl_bucket *b, const struct rl_rate *r, uint64_t now)
-{
-    if (r->rate <= 0 || !b->at)
-        return 1;
-    refill(b, r, now);
-    return b->tokens >= r->burst;
-}
-
 /* ---- entries ------------------------------------------------------------ */
 
 static struct rl_sess *sess_get(struct chat_session *s)
@@ -278,7 +144,7 @@ static void on_user_state(int64_t uid, int64_t full_at, void *ud)
     LOGD("user %lld: bucket full again in %lld ms (Redis)", (long long)uid, (long long)left);
     if (!u || left <= 0 || r->rate <= 0)
         return;
-    refill(&u->msgs, r, uv_now(rl.loop));
+    rl_bucket_refill(&u->msgs, r, uv_now(rl.loop));
     tokens = r->burst - (double)left * r->rate / 1000.0;
     if (tokens < u->msgs.tokens)
         u->msgs.tokens = tokens;
@@ -486,7 +352,8 @@ int rl_check(struct chat_session *s, const struct chat_ack *ack, size_t len)
     for (size_t i = 0; i < k; i++) {
         if (n[i].take)
             rl_bucket_take(n[i].b, n[i].r, now, n[i].cost);
-        if (n[i].r->rate > 0 && (w = wait_for(n[i].b, n[i].r, n[i].take ? 0 : 1)) > debt)
+        if (n[i].r->rate > 0 &&
+            (w = rl_bucket_need(n[i].b, n[i].r, n[i].take ? 0 : 1)) > debt)
             debt = w;
         if (n[i].kind == RL_K_USER)
             user_push(net_session_user(s), map_get(&rl.users, net_session_user(s)), now);

@@ -13,6 +13,8 @@
  *                   progress lines, the RESULT line
  *   bnet.c    bn_   client connections on libuv: connect, '\n' framing,
  *                   writes coalesced once per loop iteration, field scanner
+ *   bxport.c  bt_   tls://, ws:// and wss:// targets under bnet.c (OpenSSL
+ *                   with a BIO on bnet's buffers, WebSocket client frames)
  *   setup.c   bs_   user registration, the ids file, group creation
  *   worker.c  bw_   one worker process: the scenarios' traffic
  *   stats.c   bst_  latency histogram, /proc readers, CPU time
@@ -37,7 +39,7 @@ char *bx_strdup(const char *s);
 void bx_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 /* ---- configuration (filled by main.c, read everywhere) ------------------- */
-enum bench_scenario { SC_PAIRS = 1, SC_GROUP, SC_CONNS, SC_LOGIN };
+enum bench_scenario { SC_PAIRS = 1, SC_GROUP, SC_CONNS, SC_LOGIN, SC_FAILOVER };
 
 struct bench_user {
     int64_t id;
@@ -45,10 +47,21 @@ struct bench_user {
     char pass[BENCH_PASS_MAX];
 };
 
+/* A target's transport (bxport.c); tcp is bnet.c alone. */
+enum bt_scheme { BT_TCP = 0, BT_TLS, BT_WS, BT_WSS };
+struct bn_target {
+    enum bt_scheme scheme;
+    char host[64];        /* for SNI and the certificate check */
+    char hostport[80];    /* ws: the Host header */
+    char path[128];       /* ws: the request path */
+};
+
 struct bench_conf {
     enum bench_scenario scenario;
     const char *scenario_name;
     struct sockaddr_storage targets[BENCH_MAX_TARGETS];
+    struct bn_target target_xp[BENCH_MAX_TARGETS];
+    const char *ca_file; /* --ca: check tls/wss certificates against it */
     char target_str[BENCH_MAX_TARGETS][64];
     int ntargets;
     int pairs;          /* -P */
@@ -58,6 +71,7 @@ struct bench_conf {
     int conns;          /* -K */
     int login_conns;    /* -L */
     int resume;         /* --resume: protocol-2 logins with resume tokens */
+    int handshakes;     /* --handshakes: login storm of bare reconnects */
     int payload;        /* --size: payload bytes in each message */
     double rate;        /* --rate: messages/s offered in total; 0 = closed loop */
     double warmup_s;    /* --warmup */
@@ -72,10 +86,16 @@ struct bench_conf {
     const char *prefix; /* user name prefix */
     const char *password;
     int quiet;
+    /* failover (failover.c) */
+    pid_t victim_pid;   /* --victim-pid: the node killed */
+    const char *hook;   /* --hook: shell command run between fill and calm */
+    double calm_s;      /* --calm: chat-only seconds before the kill */
+    double storm_max_s; /* --storm-max: give up waiting for re-logins */
     /* filled by setup: the users the scenario needs, and the group */
     struct bench_user *users;
     int nusers;
     int64_t group_id;
+    int durable;        /* --durable: pairs as durable protocol-2 clients */
 };
 
 extern struct bench_conf bench;
@@ -125,6 +145,7 @@ void bn_buf_free(struct bn_buf *b);
 
 struct bn_net;
 struct bn_conn;
+struct bt_conn;
 
 /* Called for every '\n'-terminated frame (without the '\n'); the bytes are
  * borrowed for the call.  Leading NUL/whitespace is stripped. */
@@ -147,6 +168,7 @@ struct bn_conn {
     bn_connect_fn on_connect;
     bn_error_fn on_error;
     void *data;
+    struct bt_conn *xp;    /* tls/ws/wss state (bxport.c); NULL on tcp */
     unsigned dirty : 1, writing : 1, connected : 1, closing : 1, in_own : 1;
 };
 
@@ -156,6 +178,8 @@ struct bn_net {
     struct bn_conn *dirty;
     char *rbuf;            /* shared read buffer (one read at a time) */
     size_t rbuf_cap;
+    char *sbuf;            /* shared plaintext buffer (bxport.c's TLS reads) */
+    size_t sbuf_cap;
     uint64_t frames_in, bytes_in, bytes_out;
     int src_ips;           /* >1: spread loopback connects over 127.0.0.x */
     unsigned src_next;
@@ -163,8 +187,11 @@ struct bn_net {
 
 void bn_net_init(struct bn_net *n, uv_loop_t *loop);
 void bn_net_close(struct bn_net *n); /* closes the prepare handle */
-/* Connect c (zeroed by the caller, callbacks and data set) to addr. */
-int bn_connect(struct bn_net *n, struct bn_conn *c, const struct sockaddr *addr);
+/* Connect c (zeroed by the caller, callbacks and data set) to addr, with
+ * the transport of t (NULL: tcp).  on_connect runs once the transport's
+ * handshakes are done. */
+int bn_connect(struct bn_net *n, struct bn_conn *c, const struct sockaddr *addr,
+               const struct bn_target *t);
 /* Queue bytes; they are written at the end of this loop iteration. */
 void bn_send(struct bn_conn *c, const void *p, size_t len);
 /* Reserve space at the end of the output buffer and mark it dirty. */
@@ -172,12 +199,29 @@ struct bn_buf *bn_out(struct bn_conn *c);
 /* Close; close_cb (may be NULL) runs when libuv has released the handle. */
 void bn_close(struct bn_conn *c, uv_close_cb close_cb);
 
+/* For bxport.c: */
+void bn_mark_dirty(struct bn_conn *c);
+void bn_fail(struct bn_conn *c, int status);  /* on_error, or close */
+void bn_plain_in(struct bn_conn *c, const char *p, size_t n); /* '\n' lines */
+char *bn_scratch(struct bn_net *n, size_t size); /* shared, >= size bytes */
+
+/* ---- bxport.c ----------------------------------------------------------- */
+void bt_attach(struct bn_conn *c, const struct bn_target *t); /* before connect */
+void bt_start(struct bn_conn *c);              /* socket connected */
+void bt_input(struct bn_conn *c, const char *p, size_t n); /* bytes read */
+int bt_encode(struct bn_conn *c);              /* app -> out; -1 on error */
+struct bn_buf *bt_app(struct bn_conn *c);      /* where requests go */
+void bt_close(struct bn_conn *c, uv_close_cb close_cb);
+void bt_free(struct bn_conn *c);
+
 /* Top-level fields of one flat JSON object, found in one pass without
  * building a tree.  Spans point into the frame (string spans exclude the
  * quotes and are not unescaped).  Nested values are skipped. */
 struct bn_fields {
     int64_t msgid, errno_, id, groupid, req;
     int has_msgid, has_errno, has_id, has_groupid, has_req;
+    int64_t seq;        /* protocol-2 replies (--durable) */
+    int has_seq;
     const char *msg, *token, *name, *errmsg;
     size_t msg_len, token_len, name_len, errmsg_len;
 };
@@ -192,6 +236,10 @@ void bn_buf_addjs(struct bn_buf *b, const char *s, size_t len);
 /* Load the ids file (if any), register the missing users, save the file,
  * create the group when the scenario needs one.  Exits on failure. */
 void bs_setup(void);
+
+/* ---- failover.c --------------------------------------------------------- */
+/* The failover scenario, in this process (no workers); prints its report. */
+void bf_run(void);
 
 /* ---- worker.c ----------------------------------------------------------- */
 /* Records a worker sends to the parent on its pipe. */

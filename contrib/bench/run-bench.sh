@@ -34,7 +34,16 @@
 #                 itself, so any second load "degrades" it whatever the server
 #                 does; at a fixed rate p99 shows the loop's responsiveness
 #   pairs-rstorm  the same during a reconnect storm with resume tokens
+#   tls-pairs, ws-pairs, wss-pairs
+#                 pairs P=50 W=8 against chatd's own tls://, ws:// and wss://
+#                 listeners (certificate: contrib/stack/tls-cert.sh in
+#                 BENCH_DIR/tls); skipped, with a note, when this chatd does
+#                 not take them (chatd -t)
 # and, not in the default set:
+#   tls-conns     conns K=BENCH_CONNS idle over tls: RSS per TLS connection
+#   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
+#   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
+#                 messages with a cid, counted and timed send-to-ACK
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -53,7 +62,8 @@
 # BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
 # BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
 # generator's legacy sessions read whole segments and opt out of pacing),
-# BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
+# BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
+# in flight for pairs-durable; 2), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
 # write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
 # perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
 # The conns scenario restarts chatd first, so that the RSS it reads is that
@@ -79,7 +89,8 @@ PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
 LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
-SET=${BENCH_SET:-relay-pairs pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
+DURABLE_LANES=${BENCH_DURABLE_LANES:-2}
+SET=${BENCH_SET:-relay-pairs pairs tls-pairs ws-pairs wss-pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
 read -r -a PERF_ARGS <<<"${BENCH_PERF_ARGS:--F 499 -g}"
@@ -158,11 +169,17 @@ bash contrib/stack/mariadb.sh createdb "$DIR/mysql" chat_bench
 
 CHATD_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
+TLS_PORT=$(free_port)
+WS_PORT=$(free_port)
+WSS_PORT=$(free_port)
+bash contrib/stack/tls-cert.sh "$DIR/tls" >/dev/null
 CONF=$DIR/chat.conf
+# write_conf LISTEN [TLS]: the config, with a [tls] section when TLS is 1
+write_conf() {
 cat >"$CONF" <<EOF
 ; written by contrib/bench/run-bench.sh
 [server]
-listen = 127.0.0.1:$CHATD_PORT
+listen = $1
 log_level = warn
 max_connections = 19800
 trusted = 127.0.0.0/8
@@ -214,6 +231,7 @@ policy = open
 
 [plugin.one2one]
 msg_max = 4096
+durable_lanes = $DURABLE_LANES
 
 [plugin.group]
 join = open
@@ -226,6 +244,19 @@ groups_per_user_max = 200
 [plugin.offline]
 max_per_login = 1000
 EOF
+if [[ "${2:-0}" == 1 ]]; then
+    printf '\n[tls]\ncert = %s\nkey = %s\n' "$DIR/tls/cert.pem" "$DIR/tls/key.pem" >>"$CONF"
+fi
+}
+
+# tls, ws and wss beside tcp when this chatd has them; tcp alone otherwise
+XP=1
+write_conf "tcp://127.0.0.1:$CHATD_PORT, tls://127.0.0.1:$TLS_PORT, ws://127.0.0.1:$WS_PORT/chat, wss://127.0.0.1:$WSS_PORT/chat" 1
+if ! "$BUILD/chatd" -t -c "$CONF" >"$LOG/check.log" 2>&1; then
+    XP=0
+    echo "run-bench.sh: this chatd has no tls/ws/wss listeners ($(tail -n 1 "$LOG/check.log")): those scenarios are skipped"
+    write_conf "127.0.0.1:$CHATD_PORT"
+fi
 
 "$BUILD/chatd" --migrate -c "$CONF" >"$LOG/migrate.log" 2>&1 ||
     { cat "$LOG/migrate.log" >&2; exit 1; }
@@ -239,6 +270,9 @@ start_chatd() {
     chatd_pid=$!
     wait_port "$CHATD_PORT" "$chatd_pid" || { tail -n 30 "$LOG/chatd.log" >&2; exit 1; }
     CHATD=(-t "127.0.0.1:$CHATD_PORT" --server-pid "$chatd_pid")
+    XTLS=(-t "tls://127.0.0.1:$TLS_PORT" --ca "$DIR/tls/cert.pem" --server-pid "$chatd_pid")
+    XWS=(-t "ws://127.0.0.1:$WS_PORT/chat" --server-pid "$chatd_pid")
+    XWSS=(-t "wss://127.0.0.1:$WSS_PORT/chat" --ca "$DIR/tls/cert.pem" --server-pid "$chatd_pid")
 }
 # A fresh chatd: its RSS before the conns scenario must not hold memory
 # that an earlier scenario freed but malloc kept.
@@ -311,6 +345,33 @@ for ((run = 1; run <= RUNS; run++)); do
         pairs)
             bench "$s" "$run" pairs "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-pairs|ws-pairs|wss-pairs)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no such listener in this chatd)"
+                continue
+            fi
+            case $s in
+            tls-*) target=("${XTLS[@]}") ;;
+            ws-*) target=("${XWS[@]}") ;;
+            *) target=("${XWSS[@]}") ;;
+            esac
+            bench "$s" "$run" pairs "${target[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-handshakes)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no tls listener in this chatd)"
+                continue
+            fi
+            bench "$s" "$run" login --handshakes "${XTLS[@]}" -L 50 --procs "$PROCS" \
+                --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        tls-conns)
+            if ((!XP)); then
+                echo "  $s #$run: skipped (no tls listener in this chatd)"
+                continue
+            fi
+            restart_chatd
+            bench "$s" "$run" conns "${XTLS[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
+                --ids "$DIR/ids-conns-c$HASH_COST.txt" --duration 3 -q ;;
         group)
             bench "$s" "$run" group "${CHATD[@]}" -G 50 -S 5 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
@@ -324,6 +385,12 @@ for ((run = 1; run <= RUNS; run++)); do
         resume)
             bench "$s" "$run" login --resume "${CHATD[@]}" -L 50 \
                 --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-durable)
+            # issue 8: protocol-2 durable messages, count and latency
+            # send-to-ACK (the ACK comes after the COMMIT); run it beside
+            # "pairs" in one BENCH_SET for the side-by-side figures
+            bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
         relay-pairs-150k)
             bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
                 "${TIMING[@]}" ;;
@@ -388,7 +455,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:
@@ -408,4 +475,12 @@ for r in rows.get("pairs", []):
 if ratios:
     print(f"\nchatd pairs / relay pairs (same run): median {statistics.median(ratios):.2f}"
           f" (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+# each transport's pairs as a fraction of tcp pairs in the same run
+tcp = {r["run"]: float(r["rate"]) for r in rows.get("pairs", [])}
+for name in ("tls-pairs", "ws-pairs", "wss-pairs"):
+    rs = [float(r["rate"]) / tcp[r["run"]] for r in rows.get(name, [])
+          if tcp.get(r["run"], 0) > 0]
+    if rs:
+        print(f"{name} / pairs (same run): median {statistics.median(rs):.2f}"
+              f" (runs: {', '.join(f'{x:.2f}' for x in rs)})")
 EOF

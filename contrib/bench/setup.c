@@ -246,7 +246,8 @@ static void lane_connect(struct lane *l, int target)
     l->c.tcp.data = &l->c;
     l->step = ST_CONNECT;
     int r = bn_connect(&l->su->net, &l->c,
-                       (const struct sockaddr *)&bench.targets[target]);
+                       (const struct sockaddr *)&bench.targets[target],
+                       &bench.target_xp[target]);
     if (r < 0)
         bx_die("setup: connect: %s", uv_strerror(r));
 }

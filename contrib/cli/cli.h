@@ -6,6 +6,8 @@
  *            interface on a uv_poll of stdin) and the scripted line reader
  *   conn.c   the TCP connection: resolve, connect, frame the JSON stream,
  *            write, and reconnect with backoff
+ *   xport.c  what runs between the socket and the JSON stream for the
+ *            tls://, ws:// and wss:// schemes (OpenSSL, wslay)
  *   cmd.c    the command language: a typed line becomes a protocol-2 request
  *   event.c  what the server sends becomes output, human or key=value
  *
@@ -56,6 +58,11 @@ struct cli_pending {
 #define CLI_P_AUTO_LOGIN 1 /* a re-login sent by the reconnect logic */
 #define CLI_P_QUIET 2      /* an internal refresh: update state, print nothing */
 
+/* The transport of the server URL (xport.c). */
+enum { XP_TCP, XP_TLS, XP_WS, XP_WSS };
+
+struct xp;
+
 /* One connection attempt; freed in its close callback. */
 struct cli_conn {
     uv_tcp_t tcp;
@@ -64,6 +71,8 @@ struct cli_conn {
     char *in;          /* unparsed input */
     size_t inlen, incap;
     int up;            /* connect succeeded */
+    struct xp *xp;     /* transport state once connected (xport.c) */
+    uint64_t start_ms; /* uv_now when the socket connected */
 };
 
 /* A script line waiting its turn. */
@@ -75,6 +84,13 @@ struct cli_line {
 struct cli {
     uv_loop_t *loop;
     char *host, *port;
+    int scheme;             /* XP_* */
+    char *path;             /* ws, wss: the request path */
+    char *label;            /* the server as the user wrote it, for messages */
+    const char *ca_file;    /* --ca: trust these CAs instead of the system's */
+    int insecure;           /* --insecure: no certificate check */
+    const char *origin;     /* --origin: ws, wss */
+    void *ssl_ctx;          /* SSL_CTX for tls, wss */
     int script;             /* stdin is not a terminal: key=value output */
     double reply_timeout;   /* seconds */
     int exit_code;
@@ -131,6 +147,21 @@ void conn_start(struct cli *c);                  /* connect now */
 int conn_send(struct cli *c, const cJSON *obj);  /* 0 or -1 when down */
 void conn_close_all(struct cli *c);              /* on quit */
 void conn_relogin_in(struct cli *c, uint64_t ms); /* delayed re-login */
+void conn_tick(struct cli *c);                   /* handshake timeout */
+/* for xport.c: */
+int conn_alive(const struct cli_conn *k);        /* still the current one */
+void conn_ready(struct cli_conn *k);             /* handshakes done */
+void conn_plain_in(struct cli_conn *k, const char *p, size_t n); /* JSON */
+void conn_raw_write(struct cli_conn *k, const void *p, size_t n);
+void conn_fail(struct cli_conn *k, const char *why); /* drop, retry later */
+
+/* xport.c */
+int xp_init(struct cli *c);       /* TLS context; prints why and -1 on error */
+void xp_done(struct cli *c);
+void xp_start(struct cli_conn *k); /* the socket is connected */
+void xp_input(struct cli_conn *k, const char *p, size_t n); /* from socket */
+void xp_send(struct cli_conn *k, const char *line, size_t n); /* JSON + \n */
+void xp_free(struct cli_conn *k);  /* from the close callback */
 
 /* cmd.c */
 int cmd_run(struct cli *c, const char *line);    /* 1 when a reply is awaited */

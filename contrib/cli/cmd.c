@@ -120,8 +120,8 @@ int64_t cmd_send(struct cli *c, cJSON *req, int msgid, int64_t arg,
     if (rc < 0) {
         char msg[300];
 
-        snprintf(msg, sizeof(msg), "not connected to %s:%s (reconnecting)",
-                 c->host, c->port);
+        snprintf(msg, sizeof(msg), "not connected to %s (reconnecting)",
+                 c->label);
         if (!flags)
             say_error(c, msg);
         return -1;

@@ -12,6 +12,12 @@
  * (string- and escape-aware), like the server does, so it reads any of the
  * server's framings.
  *
+ * Transports: for tcp:// the socket's bytes go straight into the scanner's
+ * buffer and requests straight to uv_write, as they always did; for tls://,
+ * ws:// and wss:// they pass through xport.c, which calls conn_ready once
+ * its handshakes are done (a connection counts as up only then; a
+ * handshake that takes longer than the reply timeout is given up).
+ *
  * Reconnect: after a failed attempt or a lost connection the next attempt is
  * delayed by a backoff that starts at 250 ms and doubles up to 8 s, with
  * +-25% jitter so that the clients of a dead node do not all come back in the
@@ -55,6 +61,7 @@ static void conn_free_cb(uv_handle_t *h)
 {
     struct conn_priv *p = h->data;
 
+    xp_free(&p->pub);
     free(p->pub.in);
     free(p);
 }
@@ -89,11 +96,8 @@ static void conn_drop(struct cli *c, const char *why)
     uv_timer_start(&c->retry_timer, retry_cb, delay, 0);
 }
 
-static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+static void reserve_in(struct cli_conn *k, size_t want)
 {
-    struct cli_conn *k = h->data;
-    size_t want = k->inlen + (hint < 65536 ? 65536 : hint);
-
     if (want > k->incap) {
         char *n = realloc(k->in, want);
         if (!n)
@@ -101,6 +105,18 @@ static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *buf)
         k->in = n;
         k->incap = want;
     }
+}
+
+static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+{
+    static char raw[65536]; /* ciphertext or frames: xp_input copies out */
+    struct cli_conn *k = h->data;
+
+    if (k->c->scheme != XP_TCP) {
+        *buf = uv_buf_init(raw, sizeof(raw));
+        return;
+    }
+    reserve_in(k, k->inlen + (hint < 65536 ? 65536 : hint));
     *buf = uv_buf_init(k->in + k->inlen, (unsigned)(k->incap - k->inlen));
 }
 
@@ -170,7 +186,6 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
     struct conn_priv *p = st->data;
     struct cli *c = p->pub.c;
 
-    (void)buf;
     if (c->conn != &p->pub)
         return;
     if (n < 0) {
@@ -178,9 +193,60 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
                                  : uv_strerror((int)n));
         return;
     }
+    if (c->scheme != XP_TCP) {
+        if (n > 0)
+            xp_input(&p->pub, buf->base, (size_t)n);
+        return;
+    }
     p->pub.inlen += (size_t)n;
     if (conn_scan(c, p) < 0 && c->conn == &p->pub)
         conn_drop(c, "the server sent something that is not JSON");
+}
+
+int conn_alive(const struct cli_conn *k)
+{
+    return k->c->conn == k && !k->c->quitting;
+}
+
+void conn_fail(struct cli_conn *k, const char *why)
+{
+    if (conn_alive(k))
+        conn_drop(k->c, why);
+}
+
+void conn_plain_in(struct cli_conn *k, const char *data, size_t n)
+{
+    struct conn_priv *p = (struct conn_priv *)k;
+
+    if (!conn_alive(k))
+        return;
+    reserve_in(k, k->inlen + n);
+    memcpy(k->in + k->inlen, data, n);
+    k->inlen += n;
+    if (conn_scan(k->c, p) < 0 && conn_alive(k))
+        conn_drop(k->c, "the server sent something that is not JSON");
+}
+
+void conn_ready(struct cli_conn *k)
+{
+    struct conn_priv *p = (struct conn_priv *)k;
+    struct cli *c = k->c;
+
+    if (!conn_alive(k))
+        return;
+    p->up_ms = uv_now(c->loop);
+    c->connected = 1;
+    ev_connected(c);
+}
+
+void conn_tick(struct cli *c)
+{
+    struct cli_conn *k = c->conn;
+
+    if (k && k->up && !c->connected &&
+        uv_now(c->loop) - k->start_ms > (uint64_t)(c->reply_timeout * 1000))
+        conn_drop(c, c->scheme == XP_TLS ? "the TLS handshake timed out"
+                                         : "the handshake timed out");
 }
 
 static void connect_cb(uv_connect_t *req, int status)
@@ -201,9 +267,8 @@ static void connect_cb(uv_connect_t *req, int status)
         return;
     }
     p->pub.up = 1;
-    p->up_ms = uv_now(c->loop);
-    c->connected = 1;
-    ev_connected(c);
+    p->pub.start_ms = uv_now(c->loop);
+    xp_start(&p->pub); /* calls conn_ready once the transport is up */
 }
 
 static void resolve_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
@@ -289,6 +354,22 @@ static void write_cb(uv_write_t *w, int status)
     free(w);
 }
 
+void conn_raw_write(struct cli_conn *k, const void *data, size_t n)
+{
+    struct wreq *w;
+    uv_buf_t b;
+
+    if (!conn_alive(k) || !n)
+        return;
+    w = cli_xmalloc(sizeof(*w) + n);
+    memcpy(w->data, data, n);
+    b = uv_buf_init(w->data, (unsigned)n);
+    if (uv_write(&w->w, (uv_stream_t *)&k->tcp, &b, 1, write_cb) < 0) {
+        free(w);
+        conn_drop(k->c, "cannot write to the socket");
+    }
+}
+
 int conn_send(struct cli *c, const cJSON *obj)
 {
     char *s;
@@ -306,6 +387,11 @@ int conn_send(struct cli *c, const cJSON *obj)
     memcpy(w->data, s, n);
     w->data[n] = '\n';
     cJSON_free(s);
+    if (c->scheme != XP_TCP) {
+        xp_send(c->conn, w->data, n + 1);
+        free(w);
+        return c->connected ? 0 : -1;
+    }
     b = uv_buf_init(w->data, (unsigned)(n + 1));
     if (uv_write(&w->w, (uv_stream_t *)&c->conn->tcp, &b, 1, write_cb) < 0) {
         free(w);

@@ -758,10 +758,10 @@ void ev_connected(struct cli *c)
     struct sbuf b = {0};
 
     if (c->script) {
-        sb_fmt(&b, "event=connected addr=%s:%s", c->host, c->port);
+        sb_fmt(&b, "event=connected addr=%s", c->label);
     } else {
-        sb_fmt(&b, "** %s %s:%s", c->lost_reported ? "reconnected to"
-               : "connected to", c->host, c->port);
+        sb_fmt(&b, "** %s %s", c->lost_reported ? "reconnected to"
+               : "connected to", c->label);
         if (!c->user_id)
             sb_str(&b, " - register NAME PASSWORD or login ID PASSWORD; "
                        "help lists the commands");
@@ -790,11 +790,11 @@ void ev_disconnected(struct cli *c, const char *why, uint64_t retry_ms,
                : "connect-failed", (unsigned long long)retry_ms);
         sb_tail(&b, "reason", why);
     } else if (was_up) {
-        sb_fmt(&b, "** lost the connection to %s:%s: ", c->host, c->port);
+        sb_fmt(&b, "** lost the connection to %s: ", c->label);
         sb_safe(&b, why);
         sb_fmt(&b, "; reconnecting in %.1f s", (double)retry_ms / 1000);
     } else {
-        sb_fmt(&b, "** cannot reach %s:%s: ", c->host, c->port);
+        sb_fmt(&b, "** cannot reach %s: ", c->label);
         sb_safe(&b, why);
         sb_fmt(&b, "; next try in %.1f s", (double)retry_ms / 1000);
     }

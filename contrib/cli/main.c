@@ -1,7 +1,11 @@
 /*
  * main.c - chat-cli: options, the event loop, and the two faces of stdin.
  *
- *   chat-cli [-t SECONDS] [HOST:PORT]      (default 127.0.0.1:6000)
+ *   chat-cli [-t SECONDS] [--ca FILE] [--insecure] [--origin ORIGIN] [SERVER]
+ *
+ * SERVER is HOST:PORT or tcp://HOST:PORT (default 127.0.0.1:6000),
+ * tls://HOST:PORT, ws://HOST[:PORT]/PATH or wss://HOST[:PORT]/PATH; the
+ * transports are in xport.c.
  *
  * On a terminal the line is edited by libedit through its readline-compatible
  * callback interface: a uv_poll on stdin calls rl_callback_read_char for each
@@ -24,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -377,6 +382,7 @@ static void tick_cb(uv_timer_t *t)
     struct cli *c = t->data;
 
     cmd_check_timeouts(c);
+    conn_tick(c);
     if (c->script && c->eof && !c->sleeping && !c->quitting &&
         uv_now(c->loop) - progress_ms > (uint64_t)(c->reply_timeout * 1000)) {
         struct sbuf b = {0};
@@ -439,33 +445,102 @@ void cli_quit(struct cli *c, int code)
 static void usage_exit(const char *argv0, int code)
 {
     fprintf(code ? stderr : stdout,
-            "usage: %s [-t SECONDS] [HOST:PORT]\n"
-            "  HOST:PORT  the chatd node or balancer (default 127.0.0.1:6000)\n"
+            "usage: %s [-t SECONDS] [--ca FILE] [--insecure] [--origin ORIGIN]"
+            " [SERVER]\n"
+            "  SERVER     the chatd node or balancer (default 127.0.0.1:6000):\n"
+            "             HOST:PORT or tcp://HOST:PORT   plain TCP\n"
+            "             tls://HOST:PORT                TLS\n"
+            "             ws://HOST[:PORT]/PATH          WebSocket (port 80)\n"
+            "             wss://HOST[:PORT]/PATH         WebSocket over TLS (443)\n"
             "  -t SECONDS reply timeout (default 10); scripts give up after it\n"
+            "  --ca FILE  tls, wss: trust the CA certificates in FILE (PEM)\n"
+            "             instead of the system's\n"
+            "  --insecure tls, wss: do not check the server's certificate\n"
+            "             (self-signed tests only)\n"
+            "  --origin ORIGIN  ws, wss: send this Origin header\n"
             "On a terminal: an interactive client (type help).  Otherwise it\n"
             "reads one command per line and prints one event per line.\n",
             argv0);
     exit(code);
 }
 
-static void parse_addr(struct cli *c, const char *arg)
+static void bad_server(const char *arg, const char *why)
 {
-    const char *colon = strrchr(arg, ':');
-    size_t hl;
+    fprintf(stderr, "chat-cli: %s: %s\n", arg, why);
+    exit(2);
+}
 
-    if (!colon || !colon[1]) {
-        fprintf(stderr, "chat-cli: %s: expected HOST:PORT\n", arg);
-        exit(2);
+/* HOST:PORT or [V6]:PORT, up to end; PORT may be missing when dflt is set. */
+static void parse_hostport(struct cli *c, const char *arg, const char *s,
+                           const char *end, const char *dflt)
+{
+    const char *colon = NULL, *h = s, *he;
+
+    if (*s == '[') {
+        he = memchr(s, ']', (size_t)(end - s));
+        if (!he)
+            bad_server(arg, "expected [IPV6]:PORT");
+        h = s + 1;
+        if (he + 1 < end && he[1] == ':')
+            colon = he + 1;
+        else if (he + 1 != end)
+            bad_server(arg, "expected [IPV6]:PORT");
+    } else {
+        for (he = s; he < end; he++)
+            if (*he == ':')
+                colon = he;
+        he = colon ? colon : end;
     }
-    hl = (size_t)(colon - arg);
-    if (hl >= 2 && arg[0] == '[' && arg[hl - 1] == ']') { /* [::1]:6000 */
-        arg++;
-        hl -= 2;
+    if (he == h || (!colon && !dflt) || (colon && colon + 1 == end))
+        bad_server(arg, dflt ? "expected HOST[:PORT]" : "expected HOST:PORT");
+    c->host = cli_xmalloc((size_t)(he - h) + 1);
+    memcpy(c->host, h, (size_t)(he - h));
+    c->host[he - h] = '\0';
+    if (colon) {
+        c->port = cli_xmalloc((size_t)(end - colon));
+        memcpy(c->port, colon + 1, (size_t)(end - colon - 1));
+        c->port[end - colon - 1] = '\0';
+    } else {
+        c->port = cli_xstrdup(dflt);
     }
-    c->host = cli_xmalloc(hl + 1);
-    memcpy(c->host, arg, hl);
-    c->host[hl] = '\0';
-    c->port = cli_xstrdup(colon + 1);
+}
+
+static void parse_server(struct cli *c, const char *arg)
+{
+    static const struct {
+        const char *prefix, *dflt_port;
+        int scheme;
+    } schemes[] = {
+        {"tcp://", NULL, XP_TCP}, {"tls://", NULL, XP_TLS},
+        {"ws://", "80", XP_WS},   {"wss://", "443", XP_WSS},
+    };
+    const char *s = arg, *end, *dflt = NULL;
+    size_t i;
+
+    c->scheme = XP_TCP;
+    for (i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++)
+        if (!strncasecmp(arg, schemes[i].prefix, strlen(schemes[i].prefix))) {
+            c->scheme = schemes[i].scheme;
+            dflt = schemes[i].dflt_port;
+            s = arg + strlen(schemes[i].prefix);
+            break;
+        }
+    if (strstr(arg, "://") && s == arg)
+        bad_server(arg, "unknown scheme (tcp, tls, ws or wss)");
+    end = s + strcspn(s, "/");
+    if (*end && c->scheme != XP_WS && c->scheme != XP_WSS)
+        bad_server(arg, "a path is only for ws:// and wss://");
+    parse_hostport(c, arg, s, end, dflt);
+    c->path = cli_xstrdup(*end ? end : "/");
+    if (c->scheme == XP_TCP) {
+        struct sbuf b = {0};
+
+        sb_fmt(&b, strchr(c->host, ':') ? "[%s]:%s" : "%s:%s", c->host,
+               c->port);
+        c->label = b.data;
+    } else {
+        c->label = cli_xstrdup(arg);
+    }
 }
 
 static void free_all(struct cli *c)
@@ -490,6 +565,9 @@ static void free_all(struct cli *c)
     sb_free(&c->inl);
     free(c->host);
     free(c->port);
+    free(c->path);
+    free(c->label);
+    xp_done(c);
     cJSON_Delete(c->groups);
 }
 
@@ -506,6 +584,12 @@ int main(int argc, char **argv)
             usage_exit(argv[0], 0);
         else if (!strcmp(argv[i], "-t") && i + 1 < argc)
             c->reply_timeout = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--ca") && i + 1 < argc)
+            c->ca_file = argv[++i];
+        else if (!strcmp(argv[i], "--insecure"))
+            c->insecure = 1;
+        else if (!strcmp(argv[i], "--origin") && i + 1 < argc)
+            c->origin = argv[++i];
         else if (argv[i][0] == '-')
             usage_exit(argv[0], 2);
         else
@@ -513,7 +597,13 @@ int main(int argc, char **argv)
     }
     if (c->reply_timeout <= 0)
         usage_exit(argv[0], 2);
-    parse_addr(c, addr);
+    parse_server(c, addr);
+    if ((c->ca_file || c->insecure) && c->scheme != XP_TLS &&
+        c->scheme != XP_WSS)
+        fprintf(stderr, "chat-cli: note: --ca and --insecure apply to tls:// "
+                "and wss:// only\n");
+    if (xp_init(c) < 0)
+        return 2;
     the_cli = c;
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
     signal(SIGPIPE, SIG_IGN);

@@ -6,7 +6,16 @@
 #   private Redis     127.0.0.1:$CLUSTER_REDIS_PORT  (default 16389)
 #   chatd x3          127.0.0.1:6001, :6002, :6003   (node ids node1..node3)
 #   their admin APIs  127.0.0.1:6081, :6082, :6083   (token $CLUSTER_ADMIN_TOKEN)
+#   their ws listeners 127.0.0.1:6011, :6012, :6013 (path /chat), when this
+#                     chatd takes `listen = tcp://..., ws://...` (checked with
+#                     chatd -t; without it the nodes listen on tcp only)
 #   nginx (stream)    127.0.0.1:8000, balancing the three nodes
+#   nginx (stream ssl) 127.0.0.1:8443: TLS ends in nginx, plain TCP to the nodes
+#   nginx (http)      127.0.0.1:8080/chat: WebSocket, proxied to the ws listeners
+#
+# The certificate of 8443 is self-signed for localhost, made once in
+# $CLUSTER_DIR/tls (contrib/stack/tls-cert.sh); trust it with
+# chat-cli --ca var/cluster/tls/cert.pem tls://127.0.0.1:8443.
 #
 # Everything lives in var/cluster (CLUSTER_DIR): data, generated configs, pid
 # files and logs.  Nothing touches a system service: MariaDB and Redis come
@@ -19,7 +28,9 @@
 # CLUSTER_DIR, CLUSTER_MYSQL_PORT, CLUSTER_REDIS_PORT, CLUSTER_NODE_PORTS
 # (default "6001 6002 6003"), CLUSTER_ADMIN_PORTS (default "6081 6082 6083"),
 # CLUSTER_ADMIN_TOKEN (default cluster-admin), CLUSTER_LB (default
-# 127.0.0.1:8000).  A rolling restart: docs/operations.md, "Draining and
+# 127.0.0.1:8000), CLUSTER_WS_PORTS (default "6011 6012 6013"),
+# CLUSTER_TLS_LB (default 127.0.0.1:8443), CLUSTER_WS_LB (default
+# 127.0.0.1:8080).  A rolling restart: docs/operations.md, "Draining and
 # rolling upgrades".
 set -euo pipefail
 
@@ -32,6 +43,9 @@ read -r -a NODE_PORTS <<<"${CLUSTER_NODE_PORTS:-6001 6002 6003}"
 read -r -a ADMIN_PORTS <<<"${CLUSTER_ADMIN_PORTS:-6081 6082 6083}"
 ADMIN_TOKEN=${CLUSTER_ADMIN_TOKEN:-cluster-admin}
 LB=${CLUSTER_LB:-127.0.0.1:8000}
+read -r -a WS_PORTS <<<"${CLUSTER_WS_PORTS:-6011 6012 6013}"
+TLS_LB=${CLUSTER_TLS_LB:-127.0.0.1:8443}
+WS_LB=${CLUSTER_WS_LB:-127.0.0.1:8080}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 DB_NAME=chat
 
@@ -64,11 +78,12 @@ port_busy() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-for p in "${NODE_PORTS[@]}" "${LB##*:}"; do
-    ! port_busy "$p" || die "127.0.0.1:$p is already in use (another cluster running?)"
+for p in "${NODE_PORTS[@]}" "${WS_PORTS[@]}" "${LB##*:}" "${TLS_LB##*:}" "${WS_LB##*:}"; do
+    ! port_busy "$p" || die "127.0.0.1:$p is already in use (another cluster running? make run?)"
 done
 
-mkdir -p "$DIR/mariadb" "$DIR/redis" "$DIR/nginx/logs"
+mkdir -p "$DIR/mariadb" "$DIR/redis" "$DIR/nginx/logs" "$DIR/nginx/temp"
+"$ROOT/contrib/stack/tls-cert.sh" "$DIR/tls"
 
 # ---- teardown -----------------------------------------------------------------
 PIDS=()        # chatd and nginx, in start order
@@ -121,14 +136,16 @@ STARTED_REDIS=1
 "$ROOT/contrib/stack/redis.sh" start "$DIR/redis" "$REDIS_PORT"
 
 # ---- node configs ---------------------------------------------------------------
-# node_conf N PORT ADMIN_PORT: etc/chat.conf with this cluster's values;
-# absolute paths, since the generated file does not live next to etc/.  nginx
+# node_conf N LISTEN ADMIN_PORT: etc/chat.conf with this cluster's values;
+# absolute paths, since the generated file does not live next to etc/ ([tls]
+# points at this cluster's certificate, should etc/chat.conf have that
+# section: the nodes have no tls:// listener, nginx ends TLS).  nginx
 # reaches the nodes from 127.0.0.1, so that address is trusted: exempt from
 # the caps on connections per client address, which would otherwise apply to
 # nginx.
 node_conf() {
-    awk -v listen="127.0.0.1:$2" -v node="node$1" -v admin="127.0.0.1:$3" \
-        -v token="$ADMIN_TOKEN" \
+    awk -v listen="$2" -v node="node$1" -v admin="127.0.0.1:$3" \
+        -v token="$ADMIN_TOKEN" -v tlsdir="$DIR/tls" \
         -v plugdir="$BUILD/plugins" -v mig="$ROOT/sql" \
         -v mport="$MYSQL_PORT" -v rport="$REDIS_PORT" -v db="$DB_NAME" '
         function set(v) { sub(/=.*/, "= " v) }
@@ -146,12 +163,30 @@ node_conf() {
         sec == "[redis]"   && /^port[ \t]*=/        { set(rport) }
         sec == "[admin]"   && /^listen[ \t]*=/      { set(admin) }
         sec == "[admin]"   && /^token[ \t]*=/       { set(token) }
+        sec == "[tls]"     && /^cert[ \t]*=/        { set(tlsdir "/cert.pem") }
+        sec == "[tls]"     && /^key[ \t]*=/         { set(tlsdir "/key.pem") }
         { print }
     ' "$ROOT/etc/chat.conf"
 }
 
+# node_listen I: the node's listeners: tcp, and ws when this chatd has it.
+node_listen() {
+    if ((WS_OK)); then
+        echo "tcp://127.0.0.1:${NODE_PORTS[$1]}, ws://127.0.0.1:${WS_PORTS[$1]}/chat"
+    else
+        echo "127.0.0.1:${NODE_PORTS[$1]}"
+    fi
+}
+
+WS_OK=1
+node_conf 1 "$(node_listen 0)" "${ADMIN_PORTS[0]}" >"$DIR/node1.conf"
+if ! "$BUILD/chatd" -t -c "$DIR/node1.conf" >"$DIR/check.log" 2>&1; then
+    WS_OK=0
+    say "this chatd has no ws:// listener yet ($(tail -n 1 "$DIR/check.log"));"
+    say "the nodes listen on tcp only and nginx's WebSocket port has nothing behind it"
+fi
 for i in "${!NODE_PORTS[@]}"; do
-    node_conf $((i + 1)) "${NODE_PORTS[$i]}" "${ADMIN_PORTS[$i]}" >"$DIR/node$((i + 1)).conf"
+    node_conf $((i + 1)) "$(node_listen "$i")" "${ADMIN_PORTS[$i]}" >"$DIR/node$((i + 1)).conf"
 done
 
 say "running migrations"
@@ -173,6 +208,10 @@ SERVERS=""
 for p in "${NODE_PORTS[@]}"; do
     SERVERS+="        server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"$'\n'
 done
+WS_SERVERS=""
+for p in "${WS_PORTS[@]}"; do
+    WS_SERVERS+="        server 127.0.0.1:$p max_fails=1 fail_timeout=10s;"$'\n'
+done
 NOFILE=$(ulimit -Hn)
 [ "$NOFILE" = unlimited ] && NOFILE=65536
 WORKER_CONN=$((NOFILE - 100))
@@ -180,9 +219,14 @@ WORKER_CONN=$((NOFILE - 100))
 while IFS= read -r line; do
     case $line in
     @SERVERS@) printf '%s' "$SERVERS" ;;
+    @WS_SERVERS@) printf '%s' "$WS_SERVERS" ;;
     *)
         line=${line//@STREAM_MODULE@/$LOAD_MODULE}
         line=${line//@LISTEN@/$LB}
+        line=${line//@TLS_LISTEN@/$TLS_LB}
+        line=${line//@TLS_CERT@/$DIR/tls/cert.pem}
+        line=${line//@TLS_KEY@/$DIR/tls/key.pem}
+        line=${line//@WS_LISTEN@/$WS_LB}
         line=${line//@WORKER_CONNECTIONS@/$WORKER_CONN}
         line=${line//@NOFILE@/$NOFILE}
         printf '%s\n' "$line"
@@ -196,6 +240,8 @@ NGINX_ARGS=(-e "$NGX/logs/error.log" -p "$NGX/" -c "$NGX/nginx.conf")
 PIDS+=($!)
 NAMES+=(nginx)
 wait_port "${LB##*:}" "$!" nginx "$NGX/logs/error.log"
+wait_port "${TLS_LB##*:}" "$!" nginx "$NGX/logs/error.log"
+wait_port "${WS_LB##*:}" "$!" nginx "$NGX/logs/error.log"
 
 cat <<EOF
 
@@ -203,10 +249,13 @@ cat <<EOF
 
     MariaDB  127.0.0.1:$MYSQL_PORT   database $DB_NAME, user chat/chat
     Redis    127.0.0.1:$REDIS_PORT
-$(for i in "${!NODE_PORTS[@]}"; do echo "    node$((i + 1))    127.0.0.1:${NODE_PORTS[$i]}   admin 127.0.0.1:${ADMIN_PORTS[$i]}   config $DIR/node$((i + 1)).conf"; done)
-    nginx    $LB   config $NGX/nginx.conf, logs $NGX/logs/
+$(for i in "${!NODE_PORTS[@]}"; do echo "    node$((i + 1))    $(node_listen "$i")   admin 127.0.0.1:${ADMIN_PORTS[$i]}   config $DIR/node$((i + 1)).conf"; done)
+    nginx    $LB (tcp)   $TLS_LB (tls)   $WS_LB/chat (ws$( ((WS_OK)) || echo ': no node has a ws listener yet'))
+             config $NGX/nginx.conf, logs $NGX/logs/
 
   connect:   $BUILD/chat-cli $LB
+             $BUILD/chat-cli --ca $DIR/tls/cert.pem tls://$TLS_LB
+             $BUILD/chat-cli ws://$WS_LB/chat
   (two terminals: register in each, log in, then chat:ID:MSG)
 
 EOF

@@ -35,7 +35,7 @@
 #include <uv.h>
 
 #include "core.h"
-#include "bus_stubs.h"
+#include "bus_fakes.h"
 
 #ifndef CHAT_REDIS_SH
 #error "CHAT_REDIS_SH (path of contrib/stack/redis.sh) must be defined"
@@ -325,6 +325,7 @@ static void loop_setup(void)
 {
     stub_reset();
     CU_ASSERT_FATAL(uv_loop_init(&loop) == 0);
+    stub_wire(&loop);
     uv_timer_init(&loop, &pace);
 }
 
@@ -334,6 +335,7 @@ static void on_closed(uv_handle_t *h) { (void)h; }
 static void loop_teardown(void)
 {
     uv_close((uv_handle_t *)&pace, on_closed);
+    defer_stop();
     CU_ASSERT(uv_run(&loop, UV_RUN_DEFAULT) == 0);
     CU_ASSERT(uv_loop_close(&loop) == 0);
 }
@@ -675,6 +677,7 @@ static void child_on_presence(int status, const int64_t *uids,
 static void child_stop(void)
 {
     bus_stop();
+    defer_stop();
     if (!uv_is_closing((uv_handle_t *)&ctl))
         uv_close((uv_handle_t *)&ctl, NULL);
     if (!uv_is_closing((uv_handle_t *)&ctl_timer))
@@ -759,6 +762,7 @@ static int node_main(int port, const char *id, int fd)
     alarm(120); /* never outlive a lost parent */
     log_level = getenv("CHAT_TEST_VERBOSE") ? CHAT_LOG_DEBUG : CHAT_LOG_ERROR;
     uv_loop_init(&loop);
+    stub_wire(&loop);
     conf_init(&c, port, id);
     uv_pipe_init(&loop, &ctl, 0);
     uv_pipe_open(&ctl, fd);

@@ -122,6 +122,38 @@ static void test_conf_log(void)
     expect_error("[server]\nlog_format = xml\n", 2, "log_format: \"xml\" is not text or json");
 }
 
+/* [ws]: origins, max_message (default [server] max_frame), timers. */
+static void test_conf_ws(void)
+{
+    char err[1024];
+    struct conf *c = conf_load(write_conf("ws.conf",
+        "[ws]\norigins = https://chat.example, http://localhost:8000\n"
+        "ping_interval = 0\npong_timeout = 5\nhandshake_timeout = 3\n"
+        "[server]\nmax_frame = 1024\n"), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_EQUAL_FATAL(c->nws_origins, 2);
+    CU_ASSERT_STRING_EQUAL(c->ws_origins[1], "http://localhost:8000");
+    CU_ASSERT_EQUAL(c->ws_max_message, 1024); /* max_frame, though it came later */
+    CU_ASSERT_EQUAL(c->ws_ping_interval_s, 0);
+    CU_ASSERT_EQUAL(c->ws_pong_timeout_s, 5);
+    CU_ASSERT_EQUAL(c->ws_handshake_timeout_s, 3);
+    conf_free(c);
+    c = conf_load(write_conf("ws2.conf", "[ws]\nmax_message = 4096\n"), err, sizeof err);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+    CU_ASSERT_EQUAL(c->ws_max_message, 4096);
+    CU_ASSERT_EQUAL(c->nws_origins, 0);
+    CU_ASSERT_EQUAL(c->ws_ping_interval_s, 30);
+    CU_ASSERT_EQUAL(c->ws_pong_timeout_s, 10);
+    CU_ASSERT_EQUAL(c->ws_handshake_timeout_s, 10);
+    conf_free(c);
+    expect_error("[ws]\norigins = https://a.example/path\n", 2,
+                 "origins: \"https://a.example/path\" is not");
+    expect_error("[ws]\norigins = *\n", 2, "origins");
+    expect_error("[ws]\npong_timeout = 0\n", 2, "pong_timeout");
+    expect_error("[ws]\nmax_message = 10\n", 2, "max_message");
+    expect_error("[ws]\npath = /chat\n", 2, "unknown key \"path\" in [ws]");
+}
+
 /* [server] trusted and the per-address and time-limit settings. */
 static void test_conf_net_limits(void)
 {
@@ -201,7 +233,7 @@ static void test_registry(void)
              "[plugins]\ndir = %s/v1\nenabled = echo\n", FIXTURES);
     c = conf_load(write_conf("reg.conf", text), err, sizeof err);
     CU_ASSERT_PTR_NOT_NULL_FATAL(c);
-    host_init(uv_default_loop());
+    wire_core(uv_default_loop());
     CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
     h = plug_handler(1000);
     CU_ASSERT_PTR_NOT_NULL_FATAL(h);
@@ -253,7 +285,7 @@ static void test_metrics_wiring(void)
     CU_ASSERT_PTR_NOT_NULL_FATAL(t);
     loads0 = prom_sample(t, loads); /* the registry test loaded echo before */
     mem_free(t);
-    host_init(uv_default_loop());
+    wire_core(uv_default_loop());
     CU_ASSERT_EQUAL_FATAL(plug_start(uv_default_loop(), c), 0);
     s = net_test_session(uv_default_loop(), 65536);
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
@@ -302,6 +334,7 @@ int main(void)
     CU_add_test(s, "conf: host:port", test_hostport);
     CU_add_test(s, "conf: trusted, per-address caps, time limits", test_conf_net_limits);
     CU_add_test(s, "conf: log_format, log_file", test_conf_log);
+    CU_add_test(s, "conf: [ws]", test_conf_ws);
     CU_add_test(s, "registry: msgids, init-only registration, clashes", test_registry);
     CU_add_test(s, "metrics: frames, errors, handler calls, plugin loads", test_metrics_wiring);
     CU_basic_set_mode(CU_BRM_VERBOSE);

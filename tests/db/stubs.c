@@ -2,7 +2,8 @@
  * stubs.c - test-only stand-ins for the parts of the core test_db does not
  * exercise.
  *
- * plug_ref/plug_unref count references so the tests can check that every
+ * stub_ref/stub_unref, registered with db_on_ref() as chatd registers
+ * plug_ref/plug_unref, count references so the tests can check that every
  * accepted query holds one until its callback has run.  mem_* and log_* are
  * weak fallbacks: test_db also compiles core/alloc.c and core/log.c, and
  * once those define the real functions the linker takes theirs (a strong
@@ -24,14 +25,14 @@ long stub_ref_calls;
 long stub_unref_calls;
 long stub_unref_below_zero;
 
-void plug_ref(struct chat_plugin *p)
+void stub_ref(struct chat_plugin *p)
 {
     (void)p;
     stub_refs++;
     stub_ref_calls++;
 }
 
-void plug_unref(struct chat_plugin *p)
+void stub_unref(struct chat_plugin *p)
 {
     (void)p;
     if (--stub_refs < 0)

@@ -10,8 +10,9 @@
  *
  * The test is its own loop thread: it runs a uv loop until the callbacks it
  * waits for have arrived (polling with a deadline, no fixed sleeps), and
- * counts every callback so a lost or doubled one is seen.  plug_ref/unref are
- * the counting stubs of stubs.c: after each test they must balance to zero.
+ * counts every callback so a lost or doubled one is seen.  The references a
+ * query takes on its plugin go to the counters of stubs.c (stub_ref/unref,
+ * registered with db_on_ref): after each test they must balance to zero.
  */
 #include <arpa/inet.h>
 #include <limits.h>
@@ -36,6 +37,8 @@
 #endif
 
 extern long stub_refs, stub_ref_calls, stub_unref_calls, stub_unref_below_zero;
+void stub_ref(struct chat_plugin *p);
+void stub_unref(struct chat_plugin *p);
 
 static char fake_plugin_mem;
 #define FAKE ((struct chat_plugin *)(void *)&fake_plugin_mem)
@@ -1295,6 +1298,7 @@ int main(void)
     signal(SIGBUS, on_fatal);
     signal(SIGFPE, on_fatal);
     uv_loop_init(&loop);
+    db_on_ref(stub_ref, stub_unref);
     if (setup_servers() != 0)
         return 1;
 

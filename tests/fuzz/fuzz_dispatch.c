@@ -40,7 +40,7 @@ static void setup(void)
     fclose(f);
     if (!(c = conf_load(path, err, sizeof err)) || (unlink(path), rmdir(dir), 0))
         abort();
-    host_init(loop);
+    wire_core(loop);
     if (plug_start(loop, c) != 0)
         abort();
 }

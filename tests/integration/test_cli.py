@@ -83,10 +83,12 @@ def parse_event(line):
 class Cli:
     """One chat-cli process in scripted mode; events are parsed as they come."""
 
-    def __init__(self, port, host="127.0.0.1", reply_timeout=10, name="cli"):
+    def __init__(self, port, host="127.0.0.1", reply_timeout=10, name="cli",
+                 url=None, args=()):
+        """url (tls://..., ws://...) replaces host:port; args go before it."""
         self.name = name
         self.proc = subprocess.Popen(
-            [CLI, "-t", str(reply_timeout), "%s:%d" % (host, port)],
+            [CLI, "-t", str(reply_timeout)] + list(args) + [url or "%s:%d" % (host, port)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.events = queue.Queue()
         self.log = []       # every (monotonic time, raw line), for failure messages

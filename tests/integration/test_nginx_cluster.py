@@ -83,17 +83,35 @@ def established_by_port(ports):
 class Nginx:
     """nginx in the foreground under a private prefix."""
 
-    def __init__(self, listen_port, node_ports):
+    def __init__(self, listen_port, node_ports, tls_port=None, ws_port=None, ws_ports=()):
+        """Plain TCP on listen_port, TLS on tls_port (free when None) with a
+        fresh self-signed certificate (self.cert: its own CA), WebSocket on
+        ws_port (free when None) to ws_ports (nothing listening by default:
+        nginx only needs a server line)."""
         self.dir = tempfile.mkdtemp(prefix="chat-nginx-")
         os.makedirs(os.path.join(self.dir, "logs"))
+        os.makedirs(os.path.join(self.dir, "temp"))
         self.port = listen_port
+        self.tls_port = tls_port or free_port()
+        self.ws_port = ws_port or free_port()
+        tls_dir = os.path.join(self.dir, "tls")
+        subprocess.run(["sh", os.path.join(harness.CHAT_SRC, "contrib", "stack", "tls-cert.sh"),
+                        tls_dir], check=True, stdout=subprocess.DEVNULL)
+        self.cert = os.path.join(tls_dir, "cert.pem")
         servers = "".join("        server 127.0.0.1:%d max_fails=1 fail_timeout=10s;\n" % p
                           for p in node_ports)
+        ws_servers = "".join("        server 127.0.0.1:%d max_fails=1 fail_timeout=10s;\n" % p
+                             for p in (ws_ports or [free_port()]))
         with open(TEMPLATE) as f:
             text = f.read()
         text = (text.replace("@STREAM_MODULE@", LOAD_MODULE)
                     .replace("@LISTEN@", "127.0.0.1:%d" % listen_port)
                     .replace("@SERVERS@\n", servers)
+                    .replace("@TLS_LISTEN@", "127.0.0.1:%d" % self.tls_port)
+                    .replace("@TLS_CERT@", self.cert)
+                    .replace("@TLS_KEY@", os.path.join(tls_dir, "key.pem"))
+                    .replace("@WS_LISTEN@", "127.0.0.1:%d" % self.ws_port)
+                    .replace("@WS_SERVERS@\n", ws_servers)
                     .replace("@WORKER_CONNECTIONS@", "1024")
                     .replace("@NOFILE@", "4096"))
         self.conf = os.path.join(self.dir, "nginx.conf")

@@ -1,15 +1,18 @@
 /*
- * bus_stubs.c - test-only versions of the net/host/plugin functions that
- * core/bus.c calls.  Sessions are a small table of bound users; everything
- * the bus hands over is recorded as a struct stub_event.  net_close marks
- * the session closing, and stub_pump() later does what the host does when
- * the close completes: unbind and bus_release() the user.
+ * bus_fakes.c - the callbacks test_bus registers with bus_on(), in place of
+ * the net, sessions and plugin functions chatd registers (core/wire.c).
+ * bus.c calls nothing above it, so the test links it with the leaf
+ * utilities and defer.c only, and no stand-in for another core file.
+ * Sessions are a small table of bound users; everything the bus hands over
+ * is recorded as a struct stub_event.  Closing marks the session closing,
+ * and stub_pump() later does what the sessions layer does when the close
+ * completes: unbind and bus_release() the user.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "core.h"
-#include "bus_stubs.h"
+#include "bus_fakes.h"
 
 #define MAX_SESSIONS 256
 
@@ -114,20 +117,18 @@ const struct stub_event *stub_find(char kind, int64_t uid, size_t nth)
     return NULL;
 }
 
-/* ---- what bus.c links against ------------------------------------------ */
+/* ---- the callbacks of struct bus_calls ---------------------------------- */
 
-struct chat_session *net_session_by_user(int64_t uid)
+static struct chat_session *fake_live(int64_t uid)
 {
-    /* like net.c: the bound session, closing or not */
+    /* like sess_live: the bound session unless it is closing */
     for (int i = 0; i < MAX_SESSIONS; i++)
         if (sessions[i].used && sessions[i].uid == uid)
-            return &sessions[i];
+            return sessions[i].closing ? NULL : &sessions[i];
     return NULL;
 }
 
-int net_session_closing(const struct chat_session *s) { return s->closing; }
-
-int net_deliver(struct chat_session *s, const char *json, size_t len)
+static int fake_deliver(struct chat_session *s, const char *json, size_t len)
 {
     if (s->closing)
         return CHAT_ERR_CLOSED;
@@ -135,7 +136,7 @@ int net_deliver(struct chat_session *s, const char *json, size_t len)
     return CHAT_OK;
 }
 
-void net_close(struct chat_session *s, int errno_, const char *why)
+static void fake_close(struct chat_session *s, int errno_, const char *why)
 {
     (void)why;
     if (s->closing)
@@ -144,43 +145,43 @@ void net_close(struct chat_session *s, int errno_, const char *why)
     record('C', s->uid, errno_, NULL, NULL, 0);
 }
 
-void host_undeliverable(int64_t uid, const char *json, size_t len)
+/* The bus tests deliver without tickets (bus_deliver): d is NULL. */
+static void fake_undeliverable(int64_t uid, const char *json, size_t len,
+                               struct chat_delivery *d)
 {
+    (void)d;
     record('U', uid, 0, NULL, json, len);
 }
 
-/* The bus tests deliver without tickets (bus_deliver); these only link. */
-void host_undeliverable_t(int64_t uid, const char *json, size_t len,
-                          struct chat_delivery *d)
+static void fake_broadcast(const struct chat_ev_broadcast *ev)
 {
-    (void)d;
-    host_undeliverable(uid, json, len);
-}
-
-void host_delivery_done(struct chat_delivery *d, int status)
-{
-    (void)d;
-    (void)status;
-}
-
-int plug_fire(int event, const void *arg)
-{
-    const struct chat_ev_broadcast *ev = arg;
-
-    if (event != CHAT_EV_BROADCAST)
-        return 0;
     record('B', 0, 0, ev->plugin, ev->data, ev->len);
-    return 1;
 }
 
-void plug_ref(struct chat_plugin *p)
+static void fake_ref(struct chat_plugin *p)
 {
     (void)p;
     stub_refs++;
 }
 
-void plug_unref(struct chat_plugin *p)
+static void fake_unref(struct chat_plugin *p)
 {
     (void)p;
     stub_refs--;
+}
+
+void stub_wire(uv_loop_t *loop)
+{
+    static const struct bus_calls calls = {
+        .live = fake_live,
+        .deliver = fake_deliver,
+        .close = fake_close,
+        .undeliverable = fake_undeliverable,
+        .broadcast = fake_broadcast,
+        .ref = fake_ref,
+        .unref = fake_unref,
+    };
+
+    defer_init(loop);
+    bus_on(&calls);
 }

@@ -1,0 +1,662 @@
+/*
+ * ws.c - the WebSocket engine: an RFC 6455 server connection over bytes.
+ *
+ * Two libraries do the parsing: http-parser reads the upgrade request (the
+ * callbacks record the few headers that matter, the way admin_http.c does;
+ * the head is bounded by WS_HEAD_MAX counted in bytes the parser consumed,
+ * so the outcome does not depend on how the reads were split), and wslay's
+ * event API reads and writes frames.  The engine only feeds them: wslay's recv callback hands over the bytes given
+ * to ws_conn_feed and then says WOULDBLOCK, its send callback appends to an
+ * output buffer the transport drains with ws_conn_pending/ws_conn_consume.
+ * Nothing here reads a clock or a socket, so the transport owns every
+ * timer and the unit test and the fuzz target (tests/fuzz/fuzz_ws.c) drive
+ * the engine alone.
+ *
+ * The handshake state (a few KiB: parser, header copies) is freed once the
+ * request is answered; an open connection holds the wslay context (its
+ * 4 KiB read buffer is wslay's) and the output buffer, which is released
+ * whenever it drains after having grown past WS_OUT_KEEP.
+ *
+ * Policy: a binary message is refused with 1003; wslay itself closes with
+ * 1002 (an unmasked or malformed frame), 1007 (text that is not UTF-8) and
+ * 1009 (a message over max_message, checked before it is buffered).  One
+ * wslay quirk (1.1.1, still in its HEAD): it checks the UTF-8 of a close
+ * frame's reason per chunk and skips two bytes of every chunk, not only
+ * the code's, so whether a bad reason is answered with 1007 depends on how
+ * the frame was split between reads; harmless (the reason is only logged),
+ * and the one place where the engine's outcome depends on the split.  When
+ * the engine or wslay fails the connection it stops reading: the state is
+ * WS_CLOSED as soon as the close frame is in the output.  A close started
+ * by the transport (ws_conn_close) waits in WS_CLOSING for the peer's.
+ */
+#include <strings.h>
+#include <string.h>
+#include <sys/types.h>
+
+#include <http_parser.h>
+#include <openssl/evp.h>
+#include <wslay/wslay.h>
+
+#include "core.h"
+#include "ws.h"
+
+#define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#define WS_URL_MAX 2048
+#define WS_HVAL_MAX 256   /* a recorded header value; longer is invalid */
+#define WS_OUT_KEEP 16384 /* an output buffer above this is freed when drained */
+
+enum { H_HOST, H_UPGRADE, H_KEY, H_VERSION, H_ORIGIN, H_COUNT, H_OTHER = H_COUNT };
+
+struct ws_hval {
+    char v[WS_HVAL_MAX];
+    size_t len;
+    unsigned count;
+    int over; /* longer than WS_HVAL_MAX - 1 */
+};
+
+/* The upgrade request being read; freed once it is answered. */
+struct ws_hs {
+    http_parser hp;
+    size_t head;   /* bytes of the head consumed by the parser so far */
+    char field[24];
+    size_t field_len;
+    int in_value;
+    int cur; /* H_* of the header whose value is being read */
+    struct ws_hval h[H_COUNT];
+    char url[WS_URL_MAX];
+    size_t url_len;
+    int status;  /* an HTTP status decided while parsing */
+    int done;    /* the head is complete */
+};
+
+struct ws_out {
+    char *buf;
+    size_t off, len, cap; /* pending bytes are buf[off, len) */
+};
+
+struct ws_conn {
+    const struct ws_conf *conf;
+    const struct ws_cb *cb;
+    void *ud;
+    struct ws_hs *hs;           /* while in WS_HANDSHAKE */
+    wslay_event_context_ptr ev; /* once open */
+    struct ws_out out;
+    const char *in;             /* ws_conn_feed's bytes, for recv_cb */
+    size_t in_len;
+    int closing;   /* a close frame was queued (by anyone) */
+    int reported;  /* on_error or on_close was called */
+    int closed;    /* refused, or closed before the handshake */
+    int fatal;     /* out of memory: unusable */
+};
+
+/* ---- output ------------------------------------------------------------ */
+
+static int out_append(struct ws_out *o, const void *p, size_t n)
+{
+    if (o->off == o->len)
+        o->off = o->len = 0;
+    if (n > o->cap - o->len) {
+        size_t cap = o->cap ? o->cap : 256;
+        char *b;
+        if (o->off) { /* move the pending bytes down first */
+            memmove(o->buf, o->buf + o->off, o->len - o->off);
+            o->len -= o->off;
+            o->off = 0;
+        }
+        while (cap - o->len < n)
+            cap *= 2;
+        if (cap != o->cap) {
+            if (!(b = mem_realloc(o->buf, cap)))
+                return CHAT_ERR_NOMEM;
+            o->buf = b;
+            o->cap = cap;
+        }
+    }
+    memcpy(o->buf + o->len, p, n);
+    o->len += n;
+    return 0;
+}
+
+size_t ws_conn_pending(const struct ws_conn *w, const char **p)
+{
+    *p = w->out.buf ? w->out.buf + w->out.off : "";
+    return w->out.len - w->out.off;
+}
+
+void ws_conn_consume(struct ws_conn *w, size_t n)
+{
+    struct ws_out *o = &w->out;
+    if (n > o->len - o->off)
+        n = o->len - o->off;
+    o->off += n;
+    if (o->off < o->len)
+        return;
+    o->off = o->len = 0;
+    if (o->cap > WS_OUT_KEEP) { /* a burst is over: give the memory back */
+        mem_free(o->buf);
+        o->buf = NULL;
+        o->cap = 0;
+    }
+}
+
+/* ---- the accept key ------------------------------------------------------ */
+
+int ws_accept_key(const char *key, size_t len, char out[29])
+{
+    unsigned char md[EVP_MAX_MD_SIZE], in[WS_HVAL_MAX + sizeof WS_GUID];
+    unsigned int mdlen = 0;
+
+    if (len > WS_HVAL_MAX)
+        return CHAT_ERR_INVAL;
+    memcpy(in, key, len);
+    memcpy(in + len, WS_GUID, sizeof WS_GUID - 1);
+    if (!EVP_Digest(in, len + sizeof WS_GUID - 1, md, &mdlen, EVP_sha1(), NULL) ||
+        mdlen != 20)
+        return CHAT_ERR_NOMEM;
+    EVP_EncodeBlock((unsigned char *)out, md, 20); /* 28 chars and a NUL */
+    return 0;
+}
+
+/* A Sec-WebSocket-Key is base64 of 16 bytes: 24 characters ending "==". */
+static int key_ok(const struct ws_hval *k)
+{
+    unsigned char raw[24];
+    if (k->count != 1 || k->over || k->len != 24 || k->v[22] != '=' ||
+        k->v[23] != '=')
+        return 0;
+    /* EVP_DecodeBlock counts the padding as data: 24 -> 18 */
+    return EVP_DecodeBlock(raw, (const unsigned char *)k->v, 24) == 18;
+}
+
+/* ---- the upgrade request (http-parser callbacks) ------------------------- */
+
+static int hs_fail(struct ws_hs *h, int status)
+{
+    if (!h->status)
+        h->status = status;
+    return 1; /* http-parser: stop */
+}
+
+static int on_url(http_parser *p, const char *at, size_t n)
+{
+    struct ws_hs *h = p->data;
+    if (n > WS_URL_MAX - 1 - h->url_len)
+        return hs_fail(h, 414);
+    memcpy(h->url + h->url_len, at, n);
+    h->url_len += n;
+    h->url[h->url_len] = '\0';
+    return 0;
+}
+
+static int on_hfield(http_parser *p, const char *at, size_t n)
+{
+    struct ws_hs *h = p->data;
+    if (h->in_value) { /* a new header starts */
+        h->in_value = 0;
+        h->field_len = 0;
+    }
+    for (size_t i = 0; i < n; i++, h->field_len++)
+        if (h->field_len < sizeof h->field - 1)
+            h->field[h->field_len] = at[i];
+    h->field[h->field_len < sizeof h->field ? h->field_len : sizeof h->field - 1] = '\0';
+    return 0;
+}
+
+static int header_id(const struct ws_hs *h)
+{
+    static const char *const names[H_COUNT] = {
+        "host", "upgrade", "sec-websocket-key", "sec-websocket-version", "origin"};
+    if (h->field_len >= sizeof h->field)
+        return H_OTHER;
+    for (int i = 0; i < H_COUNT; i++)
+        if (strcasecmp(h->field, names[i]) == 0)
+            return i;
+    return H_OTHER;
+}
+
+static int on_hvalue(http_parser *p, const char *at, size_t n)
+{
+    struct ws_hs *h = p->data;
+    struct ws_hval *v;
+    if (!h->in_value) { /* the first piece of this value */
+        h->in_value = 1;
+        h->cur = header_id(h);
+        if (h->cur != H_OTHER)
+            h->h[h->cur].count++;
+    }
+    if (h->cur == H_OTHER)
+        return 0;
+    v = &h->h[h->cur];
+    if (v->count > 1 || v->over || n > sizeof v->v - 1 - v->len) {
+        v->over = 1; /* a repeated or overlong value is not recorded */
+        return 0;
+    }
+    memcpy(v->v + v->len, at, n);
+    v->len += n;
+    v->v[v->len] = '\0';
+    return 0;
+}
+
+static int on_headers_done(http_parser *p)
+{
+    struct ws_hs *h = p->data;
+    h->done = 1;
+    if ((p->flags & F_CHUNKED) ||
+        ((p->flags & F_CONTENTLENGTH) && p->content_length > 0)) {
+        hs_fail(h, 400); /* an upgrade request has no body */
+        return -1;       /* http-parser: error */
+    }
+    return 0;
+}
+
+static int on_done(http_parser *p)
+{
+    http_parser_pause(p, 1); /* one request; what follows is frames */
+    return 0;
+}
+
+static const http_parser_settings hs_settings = {
+    .on_url = on_url,
+    .on_header_field = on_hfield,
+    .on_header_value = on_hvalue,
+    .on_headers_complete = on_headers_done,
+    .on_message_complete = on_done,
+};
+
+/* Trailing blanks are not part of a value (RFC 7230 3.2.4). */
+static void hval_trim(struct ws_hval *v)
+{
+    while (v->len && (v->v[v->len - 1] == ' ' || v->v[v->len - 1] == '\t'))
+        v->v[--v->len] = '\0';
+}
+
+static int path_ok(const struct ws_hs *h, const char *want)
+{
+    struct http_parser_url u;
+    const char *p;
+    size_t n;
+
+    http_parser_url_init(&u);
+    if (http_parser_parse_url(h->url, h->url_len, 0, &u) != 0 ||
+        !(u.field_set & (1 << UF_PATH)))
+        return 0;
+    p = h->url + u.field_data[UF_PATH].off;
+    n = u.field_data[UF_PATH].len;
+    return n == strlen(want) && memcmp(p, want, n) == 0;
+}
+
+/* No Origin: not a browser, allowed.  Else one of the list (the scheme and
+ * host of an origin are case-insensitive). */
+static int origin_ok(const struct ws_conf *c, const struct ws_hval *o)
+{
+    if (c->norigins == 0 || o->count == 0)
+        return 1;
+    if (o->count > 1 || o->over)
+        return 0;
+    for (size_t i = 0; i < c->norigins; i++)
+        if (strcasecmp(o->v, c->origins[i]) == 0)
+            return 1;
+    return 0;
+}
+
+/* The status the request earns: 0 to accept; *why for the log. */
+static int hs_check(struct ws_conn *w, const char **why)
+{
+    struct ws_hs *h = w->hs;
+    const http_parser *p = &h->hp;
+
+    for (int i = 0; i < H_COUNT; i++)
+        hval_trim(&h->h[i]);
+    if (p->method != HTTP_GET)
+        return *why = "method is not GET", 405;
+    if (p->http_major < 1 || (p->http_major == 1 && p->http_minor < 1))
+        return *why = "HTTP/1.0", 400;
+    if (!path_ok(h, w->conf->path ? w->conf->path : "/"))
+        return *why = "unknown path", 404;
+    if (!p->upgrade || h->h[H_UPGRADE].over ||
+        strcasecmp(h->h[H_UPGRADE].v, "websocket") != 0)
+        return *why = "not a WebSocket upgrade", 426;
+    if (h->h[H_HOST].count != 1)
+        return *why = "no Host", 400;
+    if (h->h[H_VERSION].count != 1 || strcmp(h->h[H_VERSION].v, "13") != 0)
+        return *why = "Sec-WebSocket-Version is not 13", 426;
+    if (!key_ok(&h->h[H_KEY]))
+        return *why = "missing or invalid Sec-WebSocket-Key", 400;
+    if (!origin_ok(w->conf, &h->h[H_ORIGIN]))
+        return *why = "Origin not allowed", 403;
+    return 0;
+}
+
+static const char *status_text(int status)
+{
+    switch (status) {
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 414: return "URI Too Long";
+    case 426: return "Upgrade Required";
+    case 431: return "Request Header Fields Too Large";
+    default: return "Bad Request";
+    }
+}
+
+static void refuse(struct ws_conn *w, int status, const char *why)
+{
+    char buf[256];
+    int n = snprintf(buf, sizeof buf,
+                     "HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n%s\r\n",
+                     status, status_text(status),
+                     status == 426 ? "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                     : status == 405 ? "Allow: GET\r\n" : "");
+    mem_free(w->hs);
+    w->hs = NULL;
+    w->closed = 1;
+    if (out_append(&w->out, buf, (size_t)n))
+        w->fatal = 1;
+    w->reported = 1;
+    if (w->cb->on_error)
+        w->cb->on_error(w->ud, status, why);
+}
+
+/* ---- frames (wslay callbacks) -------------------------------------------- */
+
+static ssize_t recv_cb(wslay_event_context_ptr ev, uint8_t *buf, size_t len,
+                       int flags, void *ud)
+{
+    struct ws_conn *w = ud;
+    (void)flags;
+    if (w->in_len == 0) {
+        wslay_event_set_error(ev, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
+    if (len > w->in_len)
+        len = w->in_len;
+    memcpy(buf, w->in, len);
+    w->in += len;
+    w->in_len -= len;
+    return (ssize_t)len;
+}
+
+static ssize_t send_cb(wslay_event_context_ptr ev, const uint8_t *data,
+                       size_t len, int flags, void *ud)
+{
+    struct ws_conn *w = ud;
+    (void)flags;
+    if (out_append(&w->out, data, len)) {
+        w->fatal = 1;
+        wslay_event_set_error(ev, WSLAY_ERR_CALLBACK_FAILURE);
+        return -1;
+    }
+    return (ssize_t)len;
+}
+
+static void fail(struct ws_conn *w, int code, const char *why)
+{
+    if (w->reported)
+        return;
+    w->reported = 1;
+    if (w->cb->on_error)
+        w->cb->on_error(w->ud, code, why);
+}
+
+/* Frames queued go to the output at once, from inside wslay_event_recv
+ * too (its send and receive sides share no state): a reply to a message
+ * or the pong to a ping is out before a close that a later frame of the
+ * same read causes (wslay sends nothing but the close once one is queued),
+ * however the reads were split. */
+static void flush(struct ws_conn *w)
+{
+    if (w->ev && !w->fatal &&
+        wslay_event_send(w->ev) == WSLAY_ERR_NOMEM)
+        w->fatal = 1;
+}
+
+static void on_msg(wslay_event_context_ptr ev,
+                   const struct wslay_event_on_msg_recv_arg *a, void *ud)
+{
+    struct ws_conn *w = ud;
+    static const char bin[] = "binary messages are not accepted";
+
+    switch (a->opcode) {
+    case WSLAY_TEXT_FRAME:
+        if (!w->closing && w->cb->on_message)
+            w->cb->on_message(w->ud, (const char *)a->msg, a->msg_length);
+        break;
+    case WSLAY_BINARY_FRAME:
+        if (w->closing)
+            break;
+        w->closing = 1;
+        wslay_event_shutdown_read(ev);
+        if (wslay_event_queue_close(ev, WS_CLOSE_UNSUPPORTED, (const uint8_t *)bin,
+                                    sizeof bin - 1) == WSLAY_ERR_NOMEM)
+            w->fatal = 1;
+        fail(w, WS_CLOSE_UNSUPPORTED, bin);
+        break;
+    case WSLAY_CONNECTION_CLOSE:
+        w->closing = 1;
+        if (!w->reported && w->cb->on_close) {
+            w->reported = 1;
+            w->cb->on_close(w->ud, a->status_code ? a->status_code : WS_CLOSE_NO_STATUS,
+                            a->msg_length > 2 ? (const char *)a->msg + 2 : "",
+                            a->msg_length > 2 ? a->msg_length - 2 : 0);
+        }
+        w->reported = 1;
+        break;
+    case WSLAY_PONG:
+        if (w->cb->on_pong)
+            w->cb->on_pong(w->ud);
+        break;
+    default: /* a ping: wslay has queued the pong */
+        break;
+    }
+    flush(w);
+}
+
+static const struct wslay_event_callbacks ev_callbacks = {
+    .recv_callback = recv_cb,
+    .send_callback = send_cb,
+    .on_msg_recv_callback = on_msg,
+};
+
+static int frames_feed(struct ws_conn *w, const char *in, size_t n)
+{
+    int r;
+    w->in = in;
+    w->in_len = n;
+    r = wslay_event_recv(w->ev);
+    w->in = NULL;
+    w->in_len = 0;
+    if (r == WSLAY_ERR_NOMEM)
+        w->fatal = 1;
+    flush(w);
+    if (w->fatal)
+        return CHAT_ERR_NOMEM;
+    if (!wslay_event_get_read_enabled(w->ev) && !w->reported) {
+        /* wslay failed the connection and queued the close (now sent);
+         * a frame-level error (a control frame over 125 bytes, a bad
+         * length) gets a close without a code from wslay.  After a close
+         * of ours it could queue nothing: the code sent is ours, and the
+         * peer broke the protocol while closing. */
+        uint16_t code = w->closing ? WS_CLOSE_PROTOCOL
+                                   : wslay_event_get_status_code_sent(w->ev);
+        w->closing = 1;
+        if (code == WS_CLOSE_NO_STATUS || code == 1006 || code == 0)
+            code = WS_CLOSE_PROTOCOL;
+        fail(w, code, code == WS_CLOSE_TOO_BIG ? "message too big"
+                      : code == WS_CLOSE_BAD_DATA ? "text is not UTF-8"
+                                                  : "protocol error");
+    }
+    return 0;
+}
+
+static int open_ws(struct ws_conn *w)
+{
+    char acc[29], buf[160];
+    const struct ws_hval *k = &w->hs->h[H_KEY];
+    int n;
+
+    if (ws_accept_key(k->v, k->len, acc) ||
+        wslay_event_context_server_init(&w->ev, &ev_callbacks, w) != 0)
+        return w->fatal = 1, CHAT_ERR_NOMEM;
+    wslay_event_config_set_max_recv_msg_length(w->ev, w->conf->max_message);
+    n = snprintf(buf, sizeof buf,
+                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", acc);
+    if (out_append(&w->out, buf, (size_t)n))
+        return w->fatal = 1, CHAT_ERR_NOMEM;
+    mem_free(w->hs);
+    w->hs = NULL;
+    if (w->cb->on_open)
+        w->cb->on_open(w->ud);
+    return 0;
+}
+
+/* The request head, then (if accepted) the frames that came with it. */
+static int hs_feed(struct ws_conn *w, const char *in, size_t n)
+{
+    struct ws_hs *h = w->hs;
+    const char *why = "bad request";
+    size_t used = http_parser_execute(&h->hp, &hs_settings, in, n);
+    enum http_errno e = HTTP_PARSER_ERRNO(&h->hp);
+    int st;
+
+    /* the parser stops after the head (an upgrade) or the request (it
+     * pauses), so this counts the head's bytes whatever the reads were */
+    h->head += used;
+    if (h->head > WS_HEAD_MAX)
+        hs_fail(h, 431);
+    if (!h->status && e != HPE_OK && e != HPE_PAUSED)
+        h->status = e == HPE_HEADER_OVERFLOW ? 431 : 400;
+    if (h->status) {
+        refuse(w, h->status, h->status == 431 ? "request head too large" : why);
+        return w->fatal ? CHAT_ERR_NOMEM : 0;
+    }
+    if (!h->done || (!h->hp.upgrade && e != HPE_PAUSED))
+        return 0; /* more to come */
+    if ((st = hs_check(w, &why)) != 0) {
+        refuse(w, st, why);
+        return w->fatal ? CHAT_ERR_NOMEM : 0;
+    }
+    if (open_ws(w))
+        return CHAT_ERR_NOMEM;
+    return used < n ? frames_feed(w, in + used, n - used) : 0;
+}
+
+/* ---- the connection ------------------------------------------------------- */
+
+struct ws_conn *ws_conn_new(const struct ws_conf *c, const struct ws_cb *cb,
+                            void *ud)
+{
+    struct ws_conn *w = mem_calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    if (!(w->hs = mem_calloc(1, sizeof *w->hs))) {
+        mem_free(w);
+        return NULL;
+    }
+    w->conf = c;
+    w->cb = cb;
+    w->ud = ud;
+    http_parser_init(&w->hs->hp, HTTP_REQUEST);
+    w->hs->hp.data = w->hs;
+    return w;
+}
+
+void ws_conn_free(struct ws_conn *w)
+{
+    if (!w)
+        return;
+    if (w->ev)
+        wslay_event_context_free(w->ev);
+    mem_free(w->hs);
+    mem_free(w->out.buf);
+    mem_free(w);
+}
+
+enum ws_state ws_conn_state(const struct ws_conn *w)
+{
+    if (w->closed || w->fatal)
+        return WS_CLOSED;
+    if (w->hs)
+        return WS_HANDSHAKE;
+    if (wslay_event_get_close_sent(w->ev) &&
+        (wslay_event_get_close_received(w->ev) ||
+         !wslay_event_get_read_enabled(w->ev)))
+        return WS_CLOSED;
+    return w->closing ? WS_CLOSING : WS_OPEN;
+}
+
+int ws_conn_feed(struct ws_conn *w, const char *in, size_t n)
+{
+    if (w->fatal)
+        return CHAT_ERR_NOMEM;
+    if (ws_conn_state(w) == WS_CLOSED)
+        return CHAT_ERR_CLOSED;
+    if (n == 0) /* http-parser takes 0 bytes as the end of the stream */
+        return 0;
+    if (w->hs)
+        return hs_feed(w, in, n);
+    if (!wslay_event_get_read_enabled(w->ev))
+        return 0; /* closing: what the peer sends now is dropped */
+    return frames_feed(w, in, n);
+}
+
+/* Queue one frame of a wslay opcode. */
+static int queue(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
+{
+    struct wslay_event_msg m = {opcode, (const uint8_t *)p, n};
+    int r;
+
+    if (w->fatal)
+        return CHAT_ERR_NOMEM;
+    if (w->closed)
+        return CHAT_ERR_CLOSED;
+    if (w->hs)
+        return CHAT_ERR_STATE;
+    if (w->closing)
+        return CHAT_ERR_CLOSED;
+    r = wslay_event_queue_msg(w->ev, &m);
+    if (r == WSLAY_ERR_NO_MORE_MSG)
+        return CHAT_ERR_CLOSED;
+    if (r)
+        return r == WSLAY_ERR_NOMEM ? CHAT_ERR_NOMEM : CHAT_ERR_INVAL;
+    flush(w);
+    return w->fatal ? CHAT_ERR_NOMEM : 0;
+}
+
+int ws_conn_send_text(struct ws_conn *w, const char *p, size_t n)
+{
+    return queue(w, WSLAY_TEXT_FRAME, n ? p : "", n);
+}
+
+int ws_conn_ping(struct ws_conn *w)
+{
+    return queue(w, WSLAY_PING, "", 0);
+}
+
+int ws_conn_close(struct ws_conn *w, uint16_t code, const char *reason)
+{
+    size_t rl = reason ? strlen(reason) : 0;
+    int r;
+
+    if (w->fatal)
+        return CHAT_ERR_NOMEM;
+    if (w->closed || w->closing)
+        return CHAT_ERR_CLOSED;
+    if (w->hs) { /* no WebSocket yet: nothing to say */
+        mem_free(w->hs);
+        w->hs = NULL;
+        w->closed = 1;
+        return 0;
+    }
+    if (rl > 123)
+        rl = 123;
+    r = wslay_event_queue_close(w->ev, code, (const uint8_t *)reason, rl);
+    if (r == WSLAY_ERR_NO_MORE_MSG)
+        return CHAT_ERR_CLOSED;
+    if (r)
+        return r == WSLAY_ERR_NOMEM ? CHAT_ERR_NOMEM : CHAT_ERR_INVAL;
+    w->closing = 1;
+    flush(w);
+    return w->fatal ? CHAT_ERR_NOMEM : 0;
+}
