@@ -11,6 +11,9 @@
 #   make asan       the ASan + UBSan build in build-asan/
 #   make bench      contrib/bench/run-bench.sh
 #   make cluster    contrib/cluster/run.sh
+#   make soak       three nodes behind nginx under traffic and faults for
+#                   SOAK_MINUTES (30); report in var/soak/<time>/ (SOAK_OUT)
+#                   -- docs/reliability.md
 #   make clean      remove the build directories (var/ data is kept)
 #
 # CI=true builds with -Werror (CHAT_WERROR=ON).  JOBS sets build parallelism.
@@ -28,7 +31,7 @@ endif
 
 CMAKE_FLAGS = -DCHAT_WERROR=$(WERROR) -DCMAKE_INSTALL_PREFIX=$(PREFIX)
 
-.PHONY: all deps build run test install deb asan bench cluster clean
+.PHONY: all deps build run test install deb asan bench cluster soak clean
 
 all: build
 
@@ -69,6 +72,12 @@ bench: build
 cluster: build
 	@if [ -f contrib/cluster/run.sh ]; then bash contrib/cluster/run.sh; \
 	else echo "make cluster: contrib/cluster/run.sh is not there" >&2; exit 1; fi
+
+SOAK_MINUTES ?= 30
+soak: build
+	SOAK_MINUTES=$(SOAK_MINUTES) CHATD=$(CURDIR)/$(BUILD)/chatd \
+	    CHAT_PLUGIN_DIR=$(CURDIR)/$(BUILD)/plugins CHAT_SRC=$(CURDIR) \
+	    nice -n 10 /usr/bin/python3 tests/soak/soak.py
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) build-fuzz
