@@ -71,7 +71,10 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
                                 the log holds an ASan/UBSan/LSan report
     .restart()                  stop (if running) and start again, same port
                                 and config, no migration
-    A context manager (stop on exit); every Node is stopped at exit.
+    A context manager (stop on exit); every Node is stopped at exit, and
+    a sanitizer report (a leak at that exit included) in any Node's log
+    then makes the test process exit 1, so a test that never called
+    .stop() cannot hide one.
 
 Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None)
     A TCP client.  term ends each message sent (b"\\0" as the seed client
@@ -912,6 +915,7 @@ class NodeCase(unittest.TestCase):
 
 
 def _cleanup():
+    reports = []
     for node in _nodes:
         if node.running():
             try:
@@ -923,6 +927,10 @@ def _cleanup():
                     node.proc.wait(5)
                 except (subprocess.TimeoutExpired, OSError):
                     pass
+        try:
+            node.check_sanitizers()
+        except SanitizerError as e:
+            reports.append(str(e))
     for st in _private_stacks:
         try:
             st.close()
@@ -934,11 +942,16 @@ def _cleanup():
                 srv.stop(check=False)
             except Exception:
                 pass
+    for r in reports:
+        sys.stderr.write("harness: at exit, %s\n" % r)
     if os.environ.get("CHAT_KEEP_TMP"):
         print("harness: kept %s" % " ".join(_owned_dirs))
-        return
-    for d in _owned_dirs:
-        shutil.rmtree(d, ignore_errors=True)
+    else:
+        for d in _owned_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    if reports:
+        sys.stderr.flush()
+        os._exit(1)  # atexit cannot fail the run otherwise
 
 
 atexit.register(_cleanup)
