@@ -21,9 +21,10 @@
  *   byte 1   where the stream is cut in two reads
  *   rest     the client's byte stream: frames as the protocol has them
  *            (a sequence of JSON objects ended by NUL or newline)
- * After the stream, every session is closed and the loop runs until the
- * worker-thread jobs the input started (hashing) are done and their
- * callbacks ran, so each input ends with the core idle.  Crashes,
+ * After the stream the loop runs until the worker-thread jobs the input
+ * started (hashing) are done and their callbacks ran; then every session
+ * is closed and the loop runs again, so each input ends with the core idle
+ * and runs the same way every time.  Crashes,
  * sanitizer reports and leaks are the findings.
  */
 #include <stdio.h>
@@ -134,7 +135,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     feed(s, data + 2, cut, flags & FZ_BYTEWISE);
     if (!net_session_closing(s))
         feed(s, data + 2 + cut, n - cut, flags & FZ_BYTEWISE);
-    uv_run(loop, UV_RUN_NOWAIT);
+    drain(); /* hashing done: its replies are queued on a live session */
     if ((s = net_session_get(sid)) != NULL)
         net_close(s, 0, NULL);
 out:
