@@ -11,6 +11,8 @@ the defaults make `python3 -m unittest test_x` work by hand in this folder):
     CHAT_PLUGIN_DIR       business plugins            (CHAT_SRC/build/plugins)
     CHAT_TEST_PLUGIN_DIR  test fixture plugins        (CHAT_SRC/build/tests/plugins)
     CHAT_SRC              the source tree             (two folders up from here)
+    CHAT_TEST_START_TIMEOUT  seconds chatd may take to listen (20; more
+                          for chatd under valgrind: docs/fuzzing.md, Memory)
     CHAT_TEST_MYSQL_DIR, CHAT_TEST_MYSQL_PORT, CHAT_TEST_MYSQL_SOCKET,
     CHAT_TEST_REDIS_DIR, CHAT_TEST_REDIS_PORT
                           the run's MariaDB and Redis (contrib/test.sh starts
@@ -127,6 +129,7 @@ import json
 import os
 import pwd
 import random
+import re
 import select
 import shutil
 import signal
@@ -146,10 +149,13 @@ TEST_PLUGIN_DIR = (os.environ.get("CHAT_TEST_PLUGIN_DIR")
                    or os.path.join(CHAT_SRC, "build", "tests", "plugins"))
 STACK_SCRIPTS = os.path.join(CHAT_SRC, "contrib", "stack")
 
-START_TIMEOUT = 20.0
+START_TIMEOUT = float(os.environ.get("CHAT_TEST_START_TIMEOUT") or 20.0)
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
                    "runtime error:", "ERROR: ThreadSanitizer",
                    "WARNING: ThreadSanitizer")
+# valgrind run with --quiet (CHATD a wrapper, docs/fuzzing.md) prints
+# nothing but its findings, each line "==PID== ..."
+VALGRIND_MARK = re.compile(r"^==\d+== \S", re.M)
 
 
 class NodeError(Exception):
@@ -691,7 +697,8 @@ class Node:
 
     def check_sanitizers(self):
         text = self.log_text()
-        for mark in SANITIZER_MARKS:
+        vg = VALGRIND_MARK.search(text)
+        for mark in SANITIZER_MARKS + ((vg.group(0),) if vg else ()):
             i = text.find(mark)
             if i >= 0:
                 raise SanitizerError("sanitizer report in %s:\n%s"
