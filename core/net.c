@@ -727,9 +727,27 @@ static void run_waits(struct chat_session *s, int closing)
     }
 }
 
+/* Take s off the flush list.  In chatd the check phase always drains the
+ * list before the close phase frees a session; the test seam drains only
+ * in net_test_feed(), so a reply queued from a worker's callback could leave
+ * a freed session on it (fuzz_login found that).  O(list), and rare. */
+static void flush_unlink(struct chat_session *s)
+{
+    struct chat_session **pp = &net.flush_head;
+
+    while (*pp && *pp != s)
+        pp = &(*pp)->flush_next;
+    if (*pp)
+        *pp = s->flush_next;
+    s->flush_next = NULL;
+    s->in_flush = 0;
+}
+
 static void on_closed(uv_handle_t *h)
 {
     struct chat_session *s = container_of((uv_tcp_t *)h, struct chat_session, tcp);
+    if (s->in_flush)
+        flush_unlink(s);
     if (s->all_prev)
         s->all_prev->all_next = s->all_next;
     else if (net.all_head == s)

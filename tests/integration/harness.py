@@ -11,6 +11,8 @@ the defaults make `python3 -m unittest test_x` work by hand in this folder):
     CHAT_PLUGIN_DIR       business plugins            (CHAT_SRC/build/plugins)
     CHAT_TEST_PLUGIN_DIR  test fixture plugins        (CHAT_SRC/build/tests/plugins)
     CHAT_SRC              the source tree             (two folders up from here)
+    CHAT_TEST_START_TIMEOUT  seconds chatd may take to listen (20; more
+                          for chatd under valgrind: docs/fuzzing.md, Memory)
     CHAT_TEST_MYSQL_DIR, CHAT_TEST_MYSQL_PORT, CHAT_TEST_MYSQL_SOCKET,
     CHAT_TEST_REDIS_DIR, CHAT_TEST_REDIS_PORT
                           the run's MariaDB and Redis (contrib/test.sh starts
@@ -77,7 +79,10 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
                                 the log holds an ASan/UBSan/LSan report
     .restart()                  stop (if running) and start again, same port
                                 and config, no migration
-    A context manager (stop on exit); every Node is stopped at exit.
+    A context manager (stop on exit); every Node is stopped at exit, and
+    a sanitizer report (a leak at that exit included) in any Node's log
+    then makes the test process exit 1, so a test that never called
+    .stop() cannot hide one.
 
 Client(port, host="127.0.0.1", term=b"\\0", proto=1, rcvbuf=None, source=None,
        tls=None)
@@ -133,6 +138,7 @@ import json
 import os
 import pwd
 import random
+import re
 import select
 import shutil
 import signal
@@ -153,10 +159,13 @@ TEST_PLUGIN_DIR = (os.environ.get("CHAT_TEST_PLUGIN_DIR")
                    or os.path.join(CHAT_SRC, "build", "tests", "plugins"))
 STACK_SCRIPTS = os.path.join(CHAT_SRC, "contrib", "stack")
 
-START_TIMEOUT = 20.0
+START_TIMEOUT = float(os.environ.get("CHAT_TEST_START_TIMEOUT") or 20.0)
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
                    "runtime error:", "ERROR: ThreadSanitizer",
                    "WARNING: ThreadSanitizer")
+# valgrind run with --quiet (CHATD a wrapper, docs/fuzzing.md) prints
+# nothing but its findings, each line "==PID== ..."
+VALGRIND_MARK = re.compile(r"^==\d+== \S", re.M)
 
 
 # The [limits] rate keys; the harness turns them all off (see Node).
@@ -735,7 +744,8 @@ class Node:
 
     def check_sanitizers(self):
         text = self.log_text()
-        for mark in SANITIZER_MARKS:
+        vg = VALGRIND_MARK.search(text)
+        for mark in SANITIZER_MARKS + ((vg.group(0),) if vg else ()):
             i = text.find(mark)
             if i >= 0:
                 raise SanitizerError("sanitizer report in %s:\n%s"
@@ -969,6 +979,7 @@ class NodeCase(unittest.TestCase):
 
 
 def _cleanup():
+    reports = []
     for node in _nodes:
         if node.running():
             try:
@@ -980,6 +991,10 @@ def _cleanup():
                     node.proc.wait(5)
                 except (subprocess.TimeoutExpired, OSError):
                     pass
+        try:
+            node.check_sanitizers()
+        except SanitizerError as e:
+            reports.append(str(e))
     for st in _private_stacks:
         try:
             st.close()
@@ -991,11 +1006,16 @@ def _cleanup():
                 srv.stop(check=False)
             except Exception:
                 pass
+    for r in reports:
+        sys.stderr.write("harness: at exit, %s\n" % r)
     if os.environ.get("CHAT_KEEP_TMP"):
         print("harness: kept %s" % " ".join(_owned_dirs))
-        return
-    for d in _owned_dirs:
-        shutil.rmtree(d, ignore_errors=True)
+    else:
+        for d in _owned_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    if reports:
+        sys.stderr.flush()
+        os._exit(1)  # atexit cannot fail the run otherwise
 
 
 atexit.register(_cleanup)
