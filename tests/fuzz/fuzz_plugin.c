@@ -71,7 +71,7 @@ static void setup(void)
         fprintf(stderr, "fuzz_plugin: %s\n", err);
         abort();
     }
-    host_init(loop);
+    wire_core(loop);
     if (plug_start(loop, c) != 0)
         abort();
 }
