@@ -196,7 +196,7 @@ fi
 
 if [[ "$FUZZ" == 1 ]]; then
     # only what the fuzz tests run; 30 s per fuzz target
-    BUILD_TARGETS="fuzz_frame fuzz_dispatch fuzz_admin fuzz_ws fixture_v1" \
+    BUILD_TARGETS="fuzz_frame fuzz_dispatch fuzz_admin fuzz_ws fuzz_proxyproto fixture_v1" \
         stage fuzz-build build_dir "$FUZZ_BUILD" -DCMAKE_C_COMPILER=clang \
         -DCHAT_FUZZ=ON -DCHAT_FUZZ_SECONDS="${CHAT_FUZZ_SECONDS:-30}" || true
     if configured "$FUZZ_BUILD"; then
