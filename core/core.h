@@ -172,7 +172,9 @@ enum metrics_close {
 };
 enum metrics_refuse {
     METRICS_REFUSE_MAX_CONN, METRICS_REFUSE_STOPPING, METRICS_REFUSE_PER_ADDR,
-    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_ADDR_RATE, METRICS_REFUSE_N
+    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_ADDR_RATE,
+    METRICS_REFUSE_PROXY, /* proxy_protocol: untrusted peer, bad or no header */
+    METRICS_REFUSE_N
 };
 enum metrics_route {
     METRICS_ROUTE_LOCAL, METRICS_ROUTE_REMOTE, METRICS_ROUTE_STORED,
@@ -387,6 +389,7 @@ struct conf {
     int worker_nice;       /* nice of the worker threads (hashing) */
     int workers;           /* processes sharing the port (SO_REUSEPORT) */
     char *node_id;         /* "" -> generated */
+    int proxy_protocol;    /* 1: a PROXY header opens every connection */
     /* [plugins] */
     char *plugin_dir;      /* absolute */
     char **plugins;        /* enabled, in order */
