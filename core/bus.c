@@ -17,6 +17,8 @@
  *   chatd:held:<node>  the set of uids the node announced
  * A user is online only while its key names a node whose heartbeat exists,
  * so the users of a crashed node go offline within the TTL with no cleanup.
+ *   chatd:kv:<plugin>:<key>  the plugins' key-value store (host kv_*, ABI
+ *                      1.8): plain GET, SET PX, DEL; Redis expires them
  *
  * Scripts.  Each operation is one Lua script (SCRIPT LOAD on every connect,
  * then EVALSHA): atomic, one round trip.  claim: when the key names another
@@ -88,6 +90,9 @@
 #define K_HELD "chatd:held:"
 #define K_CHAN "chatd:node:"
 #define K_ALL "chatd:all"
+#define K_KV "chatd:kv:"
+#define KV_KEY_MAX 200
+#define KV_VAL_MAX 4096
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
@@ -192,7 +197,9 @@ enum req_kind {
     REQ_RELEASE,
     REQ_PRESENCE,   /* NULL reply -> answer from local sessions */
     REQ_PUBLISH,    /* broadcast to the other nodes */
-    REQ_LOCAL_BCAST /* data: plugin NUL data; fire here */
+    REQ_LOCAL_BCAST, /* data: plugin NUL data; fire here */
+    REQ_KV_GET,     /* plugin kv_get: NULL reply -> CHAT_ERR_UNAVAILABLE */
+    REQ_KV_SET      /* kv_set, kv_del: nothing waits */
 };
 
 /* One command in flight on the cmd connection (doubly linked, oldest
@@ -211,6 +218,7 @@ struct bus_req {
     struct chat_plugin *plug;
     struct chat_delivery *ticket; /* REQ_DELIVER: a sender waits (or NULL) */
     chat_presence_cb pres_cb;
+    chat_kv_cb kv_cb;
     int64_t *uids;          /* REQ_PRESENCE: n uids, then n online bytes */
     size_t n;
     size_t plen;            /* REQ_LOCAL_BCAST: length of the plugin name */
@@ -418,6 +426,17 @@ static void done_presence(struct bus_req *r, const redisReply *rp)
     up_unref(r->plug);
 }
 
+static void done_kv_get(struct bus_req *r, const redisReply *rp)
+{
+    if (rp != NULL && rp->type == REDIS_REPLY_STRING)
+        r->kv_cb(CHAT_OK, rp->str, rp->len, r->ud);
+    else if (rp != NULL && rp->type == REDIS_REPLY_NIL)
+        r->kv_cb(CHAT_OK, NULL, 0, r->ud);
+    else
+        r->kv_cb(CHAT_ERR_UNAVAILABLE, NULL, 0, r->ud);
+    up_unref(r->plug);
+}
+
 static void done_sync(const redisReply *rp)
 {
     if (rp == NULL || rp->type != REDIS_REPLY_ARRAY)
@@ -519,6 +538,9 @@ static void req_done(struct bus_req *r, const redisReply *rp)
         break;
     case REQ_PRESENCE:
         done_presence(r, rp);
+        break;
+    case REQ_KV_GET:
+        done_kv_get(r, rp);
         break;
     case REQ_LOCAL_BCAST: {
         struct chat_ev_broadcast ev = {sizeof(ev), r->data,
@@ -1365,4 +1387,87 @@ void bus_rl_user_get(int64_t uid, void (*cb)(int64_t uid, int64_t full_at, void 
     if (redisAsyncCommand(bus.cmd, on_rl_user_get, g, "GET " K_RL_USER "%lld",
                           (long long)uid) != REDIS_OK)
         mem_free(g);
+}
+
+/* ---- the plugins' key-value store (host ABI 1.8, auth cache) ------------
+ * Plain GET / SET PX / DEL on the cmd connection under
+ * "chatd:kv:<plugin>:<key>".  A get that cannot be sent completes with
+ * CHAT_ERR_UNAVAILABLE on the next loop turn, like a presence query. */
+
+/* A request of kind whose data is the full key; NULL on a bad key or OOM
+ * (*rc says which). */
+static struct bus_req *kv_req(int kind, const char *plugin, const char *key, int *rc)
+{
+    size_t plen, klen;
+    struct bus_req *r;
+
+    *rc = CHAT_ERR_INVAL;
+    if (plugin == NULL || key == NULL || strchr(plugin, ':') != NULL)
+        return NULL;
+    plen = strlen(plugin);
+    klen = strlen(key);
+    if (klen == 0 || klen > KV_KEY_MAX)
+        return NULL;
+    *rc = CHAT_ERR_NOMEM;
+    r = req_new(kind, sizeof(K_KV) + plen + 1 + klen);
+    if (r == NULL)
+        return NULL;
+    r->len = (size_t)sprintf(r->data, K_KV "%s:%s", plugin, key);
+    *rc = CHAT_OK;
+    return r;
+}
+
+int bus_kv_get(struct chat_plugin *self, const char *plugin, const char *key,
+               chat_kv_cb cb, void *ud)
+{
+    struct bus_req *r;
+    int rc;
+
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (cb == NULL)
+        return CHAT_ERR_INVAL;
+    if ((r = kv_req(REQ_KV_GET, plugin, key, &rc)) == NULL)
+        return rc;
+    r->plug = self;
+    r->kv_cb = cb;
+    r->ud = ud;
+    up_ref(self);
+    if (bus.link != LINK_UP || send_cmd(r, "GET %b", r->data, r->len) != 0)
+        defer(r); /* CHAT_ERR_UNAVAILABLE on the next turn */
+    return CHAT_OK;
+}
+
+int bus_kv_set(const char *plugin, const char *key, const char *val, size_t len,
+               uint64_t ttl_ms)
+{
+    struct bus_req *r;
+    int rc;
+
+    if ((val == NULL && len > 0) || len > KV_VAL_MAX || ttl_ms == 0)
+        return CHAT_ERR_INVAL;
+    if ((r = kv_req(REQ_KV_SET, plugin, key, &rc)) == NULL)
+        return rc;
+    if (!bus_open() || bus.link != LINK_UP ||
+        send_cmd(r, "SET %b %b PX %llu", r->data, r->len, val ? val : "", len,
+                 (unsigned long long)ttl_ms) != 0) {
+        req_free(r);
+        return CHAT_ERR_UNAVAILABLE;
+    }
+    return CHAT_OK;
+}
+
+int bus_kv_del(const char *plugin, const char *key)
+{
+    struct bus_req *r;
+    int rc;
+
+    if ((r = kv_req(REQ_KV_SET, plugin, key, &rc)) == NULL)
+        return rc;
+    if (!bus_open() || bus.link != LINK_UP ||
+        send_cmd(r, "DEL %b", r->data, r->len) != 0) {
+        req_free(r);
+        return CHAT_ERR_UNAVAILABLE;
+    }
+    return CHAT_OK;
 }

@@ -910,6 +910,14 @@ void bus_rl_user_set(int64_t uid, int64_t full_at, int64_t px);
 void bus_rl_user_get(int64_t uid, void (*cb)(int64_t uid, int64_t full_at, void *ud),
                      void *ud);
 
+/* The plugins' key-value store (host kv_get/kv_set/kv_del, ABI 1.8, auth
+ * cache): plugin is the caller's name, the key's namespace. */
+int bus_kv_get(struct chat_plugin *self, const char *plugin, const char *key,
+               chat_kv_cb cb, void *ud);
+int bus_kv_set(const char *plugin, const char *key, const char *val, size_t len,
+               uint64_t ttl_ms);
+int bus_kv_del(const char *plugin, const char *key);
+
 /* ---- host.c ----------------------------------------------------------- */
 /* The table handed to plugins: pointers into the layers below, nothing
  * more. */

@@ -93,6 +93,25 @@ static int h_broadcast(struct chat_plugin *self, const char *data, size_t len)
     return bus_broadcast(plug_name(self), data, len);
 }
 
+/* ---- the key-value store (ABI 1.8, auth cache): bus.c, keyed by plugin */
+
+static int h_kv_get(struct chat_plugin *self, const char *key, chat_kv_cb cb,
+                    void *ud)
+{
+    return self ? bus_kv_get(self, plug_name(self), key, cb, ud) : CHAT_ERR_INVAL;
+}
+
+static int h_kv_set(struct chat_plugin *self, const char *key, const char *val,
+                    size_t len, uint64_t ttl_ms)
+{
+    return self ? bus_kv_set(plug_name(self), key, val, len, ttl_ms) : CHAT_ERR_INVAL;
+}
+
+static int h_kv_del(struct chat_plugin *self, const char *key)
+{
+    return self ? bus_kv_del(plug_name(self), key) : CHAT_ERR_INVAL;
+}
+
 /* ---- maps and integers for plugins ------------------------------------ */
 
 struct chat_map {
@@ -238,4 +257,8 @@ const struct chat_host host_table = {
     .metric_observe = metrics_metric_observe,
     /* ABI 1.7 (abuse limits) */
     .login_failed = rl_login_failed,
+    /* ABI 1.8 (auth cache) */
+    .kv_get = h_kv_get,
+    .kv_set = h_kv_set,
+    .kv_del = h_kv_del,
 };

@@ -39,7 +39,7 @@ char *bx_strdup(const char *s);
 void bx_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 /* ---- configuration (filled by main.c, read everywhere) ------------------- */
-enum bench_scenario { SC_PAIRS = 1, SC_GROUP, SC_CONNS, SC_LOGIN };
+enum bench_scenario { SC_PAIRS = 1, SC_GROUP, SC_CONNS, SC_LOGIN, SC_FAILOVER };
 
 struct bench_user {
     int64_t id;
@@ -86,10 +86,16 @@ struct bench_conf {
     const char *prefix; /* user name prefix */
     const char *password;
     int quiet;
+    /* failover (failover.c) */
+    pid_t victim_pid;   /* --victim-pid: the node killed */
+    const char *hook;   /* --hook: shell command run between fill and calm */
+    double calm_s;      /* --calm: chat-only seconds before the kill */
+    double storm_max_s; /* --storm-max: give up waiting for re-logins */
     /* filled by setup: the users the scenario needs, and the group */
     struct bench_user *users;
     int nusers;
     int64_t group_id;
+    int durable;        /* --durable: pairs as durable protocol-2 clients */
 };
 
 extern struct bench_conf bench;
@@ -214,6 +220,8 @@ void bt_free(struct bn_conn *c);
 struct bn_fields {
     int64_t msgid, errno_, id, groupid, req;
     int has_msgid, has_errno, has_id, has_groupid, has_req;
+    int64_t seq;        /* protocol-2 replies (--durable) */
+    int has_seq;
     const char *msg, *token, *name, *errmsg;
     size_t msg_len, token_len, name_len, errmsg_len;
 };
@@ -228,6 +236,10 @@ void bn_buf_addjs(struct bn_buf *b, const char *s, size_t len);
 /* Load the ids file (if any), register the missing users, save the file,
  * create the group when the scenario needs one.  Exits on failure. */
 void bs_setup(void);
+
+/* ---- failover.c --------------------------------------------------------- */
+/* The failover scenario, in this process (no workers); prints its report. */
+void bf_run(void);
 
 /* ---- worker.c ----------------------------------------------------------- */
 /* Records a worker sends to the parent on its pipe. */

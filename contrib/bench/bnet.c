@@ -588,6 +588,8 @@ int bn_scan(const char *f, size_t len, struct bn_fields *o)
             o->has_groupid = parse_int(v, p, &o->groupid) == 0;
         else if (KEY_IS(k, "req"))
             o->has_req = parse_int(v, p, &o->req) == 0;
+        else if (KEY_IS(k, "seq"))
+            o->has_seq = parse_int(v, p, &o->seq) == 0;
         else if (*v == '"' && KEY_IS(k, "msg")) {
             o->msg = v + 1;
             o->msg_len = (size_t)(p - v) - 2;

@@ -55,6 +55,8 @@ int bm_users_needed(void)
         return bench.conns;
     case SC_LOGIN:
         return bench.login_conns;
+    case SC_FAILOVER:
+        return bench.conns + 2 * bench.pairs;
     }
     return 0;
 }
@@ -69,6 +71,10 @@ static void usage(FILE *f)
 "  conns   K logged-in idle connections (logins/s, server RSS per connection)\n"
 "  login   L connections doing LOGINOUT+LOGIN (with --resume: reconnect and\n"
 "          log in with a protocol-2 resume token)\n"
+"  failover  K users log in on the first target (--victim-pid), which is\n"
+"          killed; they come back through the second (nginx); P pairs chat\n"
+"          on the others at --rate (200) msg/s (see failover.c; options\n"
+"          --victim-pid PID, --hook CMD, --calm SEC (10), --storm-max SEC (120))\n"
 "options:\n"
 "  -t, --target URL       server (repeat for several; users round-robin):\n"
 "                          HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT,\n"
@@ -83,6 +89,9 @@ static void usage(FILE *f)
 "      --handshakes        login storm without logins: each cycle is a new\n"
 "                          connection and its tls/ws handshakes (rate =\n"
 "                          handshakes/s; latency from connect to ready)\n"
+"      --durable           pairs: protocol-2 durable messages (a cid each);\n"
+"                          count and latency are send-to-ACK, a message\n"
+"                          answered 113 is sent again with its cid\n"
 "      --size N            payload bytes per message (32)\n"
 "      --rate N            pairs/group: offer N messages/s in total (paced;\n"
 "                          default: closed loop, as fast as W allows)\n"
@@ -184,7 +193,8 @@ static double sec_arg(const char *opt, const char *v)
 static void parse_args(int argc, char **argv)
 {
     enum { O_RESUME = 256, O_SIZE, O_WARMUP, O_DURATION, O_DRAIN, O_PROCS,
-           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE, O_CA, O_HANDSHAKES };
+           O_CONC, O_REGC, O_SPID, O_IDS, O_PREFIX, O_PASS, O_SRC, O_RATE, O_CA, O_HANDSHAKES,
+           O_DURABLE, O_VICTIM, O_HOOK, O_CALM, O_STORM_MAX };
     static const struct option opts[] = {
         {"target", required_argument, NULL, 't'},
         {"pairs", required_argument, NULL, 'P'},
@@ -195,6 +205,7 @@ static void parse_args(int argc, char **argv)
         {"logins", required_argument, NULL, 'L'},
         {"resume", no_argument, NULL, O_RESUME},
         {"handshakes", no_argument, NULL, O_HANDSHAKES},
+        {"durable", no_argument, NULL, O_DURABLE},
         {"size", required_argument, NULL, O_SIZE},
         {"rate", required_argument, NULL, O_RATE},
         {"warmup", required_argument, NULL, O_WARMUP},
@@ -209,6 +220,10 @@ static void parse_args(int argc, char **argv)
         {"password", required_argument, NULL, O_PASS},
         {"src-ips", required_argument, NULL, O_SRC},
         {"ca", required_argument, NULL, O_CA},
+        {"victim-pid", required_argument, NULL, O_VICTIM},
+        {"hook", required_argument, NULL, O_HOOK},
+        {"calm", required_argument, NULL, O_CALM},
+        {"storm-max", required_argument, NULL, O_STORM_MAX},
         {"quiet", no_argument, NULL, 'q'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -229,6 +244,8 @@ static void parse_args(int argc, char **argv)
     bench.reg_conns = 16;
     bench.src_ips = 16;
     bench.password = "benchpw1";
+    bench.calm_s = 10;
+    bench.storm_max_s = 120;
     snprintf(prefix, sizeof prefix, "cb%lx%x_", (unsigned long)time(NULL),
              (unsigned)getpid());
     bench.prefix = prefix;
@@ -245,6 +262,7 @@ static void parse_args(int argc, char **argv)
         case 'L': bench.login_conns = (int)num_arg("-L", optarg, 1, 1000000); break;
         case O_RESUME: bench.resume = 1; break;
         case O_HANDSHAKES: bench.handshakes = 1; break;
+        case O_DURABLE: bench.durable = 1; break;
         case O_SIZE: bench.payload = (int)num_arg("--size", optarg, 0, 60000); break;
         case O_RATE: bench.rate = (double)num_arg("--rate", optarg, 1, 100000000); break;
         case O_WARMUP: bench.warmup_s = sec_arg("--warmup", optarg); break;
@@ -259,6 +277,10 @@ static void parse_args(int argc, char **argv)
         case O_PASS: bench.password = optarg; break;
         case O_SRC: bench.src_ips = (int)num_arg("--src-ips", optarg, 1, 254); break;
         case O_CA: bench.ca_file = optarg; break;
+        case O_VICTIM: bench.victim_pid = (pid_t)num_arg("--victim-pid", optarg, 1, 1 << 30); break;
+        case O_HOOK: bench.hook = optarg; break;
+        case O_CALM: bench.calm_s = sec_arg("--calm", optarg); break;
+        case O_STORM_MAX: bench.storm_max_s = sec_arg("--storm-max", optarg); break;
         case 'q': bench.quiet = 1; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(2);
@@ -277,9 +299,13 @@ static void parse_args(int argc, char **argv)
         bench.scenario = SC_CONNS;
     else if (!strcmp(sc, "login"))
         bench.scenario = SC_LOGIN;
+    else if (!strcmp(sc, "failover"))
+        bench.scenario = SC_FAILOVER;
     else
         bx_die("unknown scenario '%s'", sc);
     bench.scenario_name = sc;
+    if (bench.durable && bench.scenario != SC_PAIRS)
+        bx_die("--durable: only the pairs scenario");
     if (bench.ntargets == 0)
         parse_target("127.0.0.1:6000");
     if (strlen(bench.prefix) > 40 || strlen(bench.password) >= BENCH_PASS_MAX ||
@@ -630,7 +656,8 @@ static void report(const struct run_out *o)
         "RESULT scenario=%s%s targets=%d procs=%d rate=%.0f count=%" PRIu64
         " secs=%.2f p50_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f",
         bench.scenario_name,
-        bench.handshakes ? "-handshakes" : bench.resume ? "-resume" : "", bench.ntargets,
+        bench.handshakes ? "-handshakes" : bench.resume ? "-resume" :
+        bench.durable ? "-durable" : "", bench.ntargets,
         bench.procs, rate, count, secs, us(bst_hist_pct(&r.hist, 50)),
         us(bst_hist_pct(&r.hist, 99)), us(bst_hist_pct(&r.hist, 99.9)),
         us(r.hist.max));
@@ -672,6 +699,12 @@ int main(int argc, char **argv)
     parse_args(argc, argv);
     raise_nofile();
     bs_setup();
+    if (bench.scenario == SC_FAILOVER) {
+        if (bench.rate == 0)
+            bench.rate = 200;
+        bf_run();
+        return 0;
+    }
     start_workers();
     if (!bench.quiet)
         fprintf(stderr, "chat-bench: %s, %d worker process(es), %d target(s)\n",

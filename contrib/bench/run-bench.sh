@@ -42,6 +42,8 @@
 # and, not in the default set:
 #   tls-conns     conns K=BENCH_CONNS idle over tls: RSS per TLS connection
 #   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
+#   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
+#                 messages with a cid, counted and timed send-to-ACK
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -60,7 +62,8 @@
 # BENCH_THREADPOOL (chatd's [server] threadpool: hashing threads; 4),
 # BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
 # generator's legacy sessions read whole segments and opt out of pacing),
-# BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
+# BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
+# in flight for pairs-durable; 2), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
 # write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
 # perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
 # The conns scenario restarts chatd first, so that the RSS it reads is that
@@ -86,6 +89,7 @@ PROCS=${BENCH_PROCS:-2}
 CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
 LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
+DURABLE_LANES=${BENCH_DURABLE_LANES:-2}
 SET=${BENCH_SET:-relay-pairs pairs tls-pairs ws-pairs wss-pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
@@ -227,6 +231,7 @@ policy = open
 
 [plugin.one2one]
 msg_max = 4096
+durable_lanes = $DURABLE_LANES
 
 [plugin.group]
 join = open
@@ -380,6 +385,12 @@ for ((run = 1; run <= RUNS; run++)); do
         resume)
             bench "$s" "$run" login --resume "${CHATD[@]}" -L 50 \
                 --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-durable)
+            # issue 8: protocol-2 durable messages, count and latency
+            # send-to-ACK (the ACK comes after the COMMIT); run it beside
+            # "pairs" in one BENCH_SET for the side-by-side figures
+            bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
         relay-pairs-150k)
             bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
                 "${TIMING[@]}" ;;
@@ -444,7 +455,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "tls-handshakes", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:

@@ -33,6 +33,15 @@
  * numbers seen, which makes duplicates and reordering exact; losses are
  * what the senders owe minus the distinct deliveries, summed over all
  * workers by the parent.
+ *
+ * --durable (pairs): every connection speaks protocol 2 and each message
+ * carries "seq" (the sender's sequence number) and "cid" (the run's
+ * prefix and that number).  A sender's
+ * credit comes back with its ACK, which the server sends only once the
+ * message is committed; the count and the latency are send-to-ACK.  An
+ * ACK with errno 113 makes the sender send the same message again (same
+ * cid), as a durable client does; the receivers still check every delivery
+ * (lost, dup, ooo after deduplication by sequence number).
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -67,6 +76,8 @@ struct sender {
     uint32_t *ring;          /* group: deliveries counted per seq & mask */
     uint32_t mask;
     struct bn_buf prefix;    /* the message up to the opening quote of msg */
+    uint64_t *sent_at;       /* --durable: send time by seq & ring_mask */
+    uint32_t ring_mask;
 };
 
 struct wconn {
@@ -169,23 +180,37 @@ static void refresh_time(void)
     W.timestr_sec = now;
 }
 
-static void send_msg(struct sender *s)
+static void durable_tail(struct bn_buf *b, uint64_t seq);
+
+/* Message seq of s, stamped ts (a resend keeps its first stamp). */
+static void send_seq(struct sender *s, uint64_t seq, uint64_t ts)
 {
     struct bn_buf *b = bn_out(&s->wc->c);
     size_t plen = (size_t)bench.payload;
-    bn_buf_reserve(b, s->prefix.len + plen + 96);
+    bn_buf_reserve(b, s->prefix.len + plen + 160);
     bn_buf_add(b, s->prefix.p, s->prefix.len);
-    bn_buf_addu(b, s->seq);
+    bn_buf_addu(b, seq);
     bn_buf_addc(b, ':');
-    bn_buf_addu(b, bst_now_ns());
+    bn_buf_addu(b, ts);
     bn_buf_addc(b, ':');
     char *p = b->p + b->len;
     for (size_t i = 0; i < plen; i++)
-        p[i] = pattern(s->uid, s->seq, i);
+        p[i] = pattern(s->uid, seq, i);
     b->len += plen;
+    if (bench.durable)
+        durable_tail(b, seq);
     bn_buf_add(b, "\",\"time\":\"", 10);
     bn_buf_add(b, W.timestr, strlen(W.timestr));
     bn_buf_add(b, "\"}", 3); /* with the terminating NUL */
+}
+
+static void send_msg(struct sender *s)
+{
+    uint64_t now = bst_now_ns();
+
+    if (s->sent_at)
+        s->sent_at[s->seq & s->ring_mask] = now;
+    send_seq(s, s->seq, now);
     s->seq++;
     s->sent++;
     W.tk.sent++;
@@ -325,12 +350,12 @@ static void on_delivery(struct wconn *wc, const struct bn_fields *f)
     W.res.ooo += (uint64_t)ooo;
     if (bad)
         W.res.corrupt++;
-    if (now >= W.t_ms && now < W.t_me) {
+    if (!bench.durable && now >= W.t_ms && now < W.t_me) {
         W.res.recv_window++;
         bst_hist_add(&W.res.hist, now > ts ? now - ts : 0);
     }
-    if (!snd)
-        return;
+    if (!snd || bench.durable)
+        return; /* --durable: the ACK gives the credit back */
     if (bench.scenario == SC_GROUP) {
         uint32_t *slot = &snd->ring[seq & snd->mask];
         if (++*slot < (uint32_t)snd->need)
@@ -340,6 +365,67 @@ static void on_delivery(struct wconn *wc, const struct bn_fields *f)
     snd->done++;
     snd->credits++;
     sender_pump(snd);
+}
+
+/* ---- --durable: protocol-2 durable messages ----------------------------- */
+
+/* ,"seq":N,"cid":"PREFIX N" inside the message, before "time".  The
+ * run's user-name prefix makes the cid unique per run (users are reused
+ * with --ids, and a cid is unique per sender for good). */
+static void durable_tail(struct bn_buf *b, uint64_t seq)
+{
+    bn_buf_add(b, "\",\"seq\":", 8);
+    bn_buf_addu(b, seq);
+    bn_buf_add(b, ",\"cid\":\"", 8);
+    bn_buf_add(b, bench.prefix, strlen(bench.prefix));
+    bn_buf_addu(b, seq);
+}
+
+static void durable_ring(struct sender *s)
+{
+    uint32_t n = 1;
+
+    while (n < (uint32_t)bench.window * 2)
+        n <<= 1;
+    s->sent_at = bx_calloc(n, sizeof *s->sent_at);
+    s->ring_mask = n - 1;
+}
+
+/* The ACK of a sender's message: committed (count it, credit back), or
+ * 113 (send it again with the same cid), or another error (counted). */
+static void on_durable_ack(struct wconn *wc, const struct bn_fields *f)
+{
+    uint64_t now = bst_now_ns();
+    struct sender *s;
+    uint64_t seq, t;
+
+    if (!wc->streams && wc->peer >= 0 && wc->peer < W.nsenders &&
+        W.senders[wc->peer].wc == wc && f->has_seq && f->seq >= 0 &&
+        f->has_errno && f->has_req && f->req == 6) {
+        s = &W.senders[wc->peer];
+        seq = (uint64_t)f->seq;
+        t = s->sent_at[seq & s->ring_mask];
+        if (f->errno_ == 113) {
+            W.res.busy++;
+            send_seq(s, seq, t);
+            return;
+        }
+        if (f->errno_ != 0) {
+            W.res.errors++;
+            W.tk.errors++;
+        } else if (now >= W.t_ms && now < W.t_me) {
+            W.res.recv_window++;
+            bst_hist_add(&W.res.hist, now > t ? now - t : 0);
+        }
+        s->done++;
+        s->credits++;
+        sender_pump(s);
+        return;
+    }
+    if (f->has_errno && f->errno_ != 0) { /* e.g. a protocol error */
+        W.res.errors++;
+        W.tk.errors++;
+    }
 }
 
 /* ---- logins --------------------------------------------------------------- */
@@ -447,6 +533,10 @@ static void on_frame(struct bn_conn *c, const char *f, size_t len)
         if (wc->st == CS_LOGIN)
             on_login_ack(wc, &fl, f, len);
         return;
+    case 11:
+        if (bench.durable)
+            on_durable_ack(wc, &fl);
+        return;
     default:
         return; /* acks of logouts, notices */
     }
@@ -510,7 +600,7 @@ static void send_login(struct wconn *wc)
 {
     const struct bench_user *u = &bench.users[wc->slot];
     struct bn_buf *b = bn_out(&wc->c);
-    if (bench.resume) {
+    if (bench.resume || bench.durable) {
         bn_buf_add(b, "{\"msgid\":1,\"proto\":2,\"id\":", 26);
         bn_buf_addi(b, u->id);
         if (wc->token_len) {
@@ -773,8 +863,11 @@ static void build_pairs(void)
         snd->slot = 2 * p;
         rcv->slot = 2 * p + 1;
         rcv->peer = k;
+        snd->peer = k;
         rcv->streams = bx_calloc(1, sizeof *rcv->streams);
         struct sender *s = &W.senders[k];
+        if (bench.durable)
+            durable_ring(s);
         s->wc = snd;
         s->uid = bench.users[2 * p].id;
         s->credits = bench.window;
@@ -854,6 +947,8 @@ void bw_main(int index, int count, int cmd_fd, int rec_fd)
         break;
     case SC_LOGIN:
         build_plain(bench.login_conns);
+        break;
+    case SC_FAILOVER: /* runs in the parent (failover.c), never here */
         break;
     }
     for (int i = 0; i < W.nconns; i++)

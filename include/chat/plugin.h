@@ -33,6 +33,10 @@
  *   1.6  (metrics) Prometheus counters, gauges and histograms of a plugin
  *        (metric_counter, metric_gauge, metric_histogram, metric_inc/add/
  *        set/observe), served with the core's on the admin listener
+ *   1.7  (abuse limits) login_failed: a failed login counted against the
+ *        client's address ([limits] addr_login_failures)
+ *   1.8  (auth cache) kv_get/kv_set/kv_del: a cluster-wide key-value
+ *        store with expiry, in the bus's Redis
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -71,7 +75,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 6
+#define CHAT_ABI_MINOR 8
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -325,6 +329,8 @@ typedef void (*chat_login_written_fn)(size_t n, int last, int64_t user_id,
  * ctx given to deliver_ex (aligned for any type, writable), borrowed for the
  * call. */
 typedef void (*chat_deliver_cb)(int status, int64_t user_id, void *ctx);
+/* kv_get's answer (ABI 1.8, auth cache): val borrowed for the call. */
+typedef void (*chat_kv_cb)(int status, const char *val, size_t len, void *ud);
 #define CHAT_DELIVER_CTX_MAX 64
 /* deliver_ex's positive return: the outcome comes later through cb. */
 #define CHAT_DELIVER_PENDING 1
@@ -644,13 +650,35 @@ struct chat_host {
     void (*metric_set)(struct chat_metric *m, double v);
     void (*metric_observe)(struct chat_metric *m, double v);
 
-    /* ===== ABI 1.7 (abuse limits, issue 12; renumbered at merge) ===== */
+    /* ===== ABI 1.7 (abuse limits) ===== */
 
     /* A login from session s failed for a wrong id or password: counted
      * against s's client address ([limits] addr_login_failures); when that
      * bucket is empty the address's next logins get errno 125 (legacy: its
      * reads pause).  Nothing happens for a trusted address.  Loop thread. */
     void (*login_failed)(struct chat_session *s);
+
+    /* ===== ABI 1.8 (auth cache): a small cluster-wide key-value store =====
+     * Short-lived values shared by every node, kept in the bus's Redis under
+     * "chatd:kv:<plugin name>:<key>", so two plugins never share a key.
+     * key: a NUL-terminated string without '\0' (at most 200 bytes); values
+     * are bytes (at most 4096).  Without Redis (none configured, or down)
+     * nothing is kept: a plugin must treat the store as a cache that may
+     * forget anything at any time.
+     *
+     * kv_get: CHAT_OK and later, never inside the call, cb(status, val, len,
+     * ud) once: CHAT_OK with the value (borrowed for the call) or val NULL
+     * when the key is absent; CHAT_ERR_UNAVAILABLE when Redis could not be
+     * asked.  Or an error (CHAT_ERR_INVAL, CHAT_ERR_NOMEM, CHAT_ERR_CLOSED
+     * while stopping) and cb never runs.
+     * kv_set: store val[0..len) for ttl_ms (>= 1) milliseconds; kv_del:
+     * delete the key.  Both are fire and forget: CHAT_OK when the command
+     * was sent, CHAT_ERR_UNAVAILABLE when Redis is not reachable now (the
+     * command is dropped), CHAT_ERR_INVAL or CHAT_ERR_NOMEM. */
+    int (*kv_get)(struct chat_plugin *self, const char *key, chat_kv_cb cb, void *ud);
+    int (*kv_set)(struct chat_plugin *self, const char *key, const char *val,
+                  size_t len, uint64_t ttl_ms);
+    int (*kv_del)(struct chat_plugin *self, const char *key);
 };
 
 #define CHAT_HANDLER_RAW 0x1u

@@ -199,6 +199,7 @@ static void read_conf(void)
     grp.cache_ttl_ms = (uint64_t)conf_size("cache_ttl", 60, 86400) * 1000u;
     grp.list_ttl_ms = (uint64_t)conf_range0("list_cache_ttl", 60, 86400) * 1000u;
     grp.list_max = conf_size("list_cache_max", 100000, INT32_MAX);
+    grp_durable_conf();
 }
 
 static int group_init(const struct chat_host *h, struct chat_plugin *p, void **state)

@@ -69,7 +69,9 @@ void grp_cache_invalidate(int64_t gid);
  * commit): invalidate the member cache of gid and the cached lists of gid's
  * members and of uid, here at once and on every node (host->broadcast). */
 void grp_membership_changed(int64_t gid, int64_t uid);
-int grp_cache_start(void);  /* the cache and its sweep timer */
+int grp_cache_start(void);  /* the cache, its sweep timer and the durable writer */
+/* Read the durable_* settings (and apply them to the running writer). */
+void grp_durable_conf(void);
 void grp_cache_fini(void);
 /* Reload: the fresh entries as a blob (host->malloc) / back into the cache. */
 int grp_cache_save(void **blob, size_t *len);

@@ -38,10 +38,21 @@
  * of the sender's connection, is rebuilt by req_forward() with the session's
  * id and name and every other member's raw text.  On a hot reload the fresh
  * entries are handed to the new instance (save/restore).
+ *
+ * Durable messages (issue 8).  A protocol-2 message with a client message
+ * id "cid" is checked the same way (member cache, sender a member), then
+ * stored once in the group's conversation by the group-committed writer
+ * (plugins/store/writer.c, linked in; conversation -groupid); the sender's
+ * ACK with "mid", "conv", "cseq" comes after COMMIT, and only then is it
+ * fanned out to the members the cache held when it was sent (deliver():
+ * live, else the offline store for legacy members; protocol-2 devices
+ * fetch it by SYNC).  A retry with the same cid gets the original numbers
+ * and "dup":true and is not fanned out again.
  */
 #include <string.h>
 
 #include "group.h"
+#include "../store/dstore.h"
 
 struct gmsg {
     struct gmsg *next;
@@ -49,6 +60,7 @@ struct gmsg {
     int64_t from;       /* the sender's user id */
     struct chat_ack ack;
     size_t len;
+    size_t cid_len;     /* a durable message: its cid follows json */
     char json[];
 };
 
@@ -66,6 +78,8 @@ static struct chat_map *cache; /* group id -> struct gent * */
 static struct chat_timer *sweeper;
 static struct chat_map *q_by_from; /* sender -> (uintptr_t) bytes waiting */
 static size_t q_total;             /* bytes waiting for loads */
+static struct ds_writer *writer;   /* durable messages */
+static struct ds_conf ds_cfg;
 
 #define GMSG_COST(len) (sizeof(struct gmsg) + (len))
 
@@ -167,11 +181,105 @@ static void member_done(int status, int64_t uid, void *ctx)
     gpend_one(p, status);
 }
 
+/* A durable message on its way to the writer: the members to fan out to
+ * once it is stored. */
+struct gdur {
+    uint64_t sid;
+    int64_t from, gid;
+    struct chat_ack ack;
+    size_t n;
+    int64_t members[];
+};
+
+static void durable_answer(struct chat_session *s, const struct gdur *d,
+                           const struct ds_result *r)
+{
+    char conv[DS_CONV_STR];
+    cJSON *body;
+
+    if (r->status != CHAT_OK) {
+        int err = r->status == CHAT_ERR_DB ? CHAT_E_INTERNAL : CHAT_E_UNAVAILABLE;
+
+        grp_answer(s, &d->ack, d->from, err,
+                   err == CHAT_E_INTERNAL ? "not stored"
+                                          : "busy: not stored, send again with the same cid",
+                   NULL);
+        return;
+    }
+    if (!(body = cJSON_CreateObject())) {
+        grp_answer(s, &d->ack, d->from, CHAT_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    ds_conv_format(r->conv, conv, sizeof(conv));
+    ds_add_int(body, "mid", r->mid);
+    cJSON_AddStringToObject(body, "conv", conv);
+    ds_add_int(body, "cseq", r->cseq);
+    if (r->dup)
+        cJSON_AddTrueToObject(body, "dup");
+    grp_answer(s, &d->ack, d->from, 0, NULL, body);
+    cJSON_Delete(body);
+}
+
+static void durable_stored(const struct ds_result *r, const char *body, size_t len,
+                           void *ctx)
+{
+    struct gdur *d;
+    struct chat_session *s;
+    char *text = NULL;
+    size_t i, n;
+
+    memcpy(&d, ctx, sizeof(d));
+    if (r->status == CHAT_OK && !r->dup &&
+        !(text = ds_render(grp.host, r->conv, r->mid, r->cseq, body, len, &n)))
+        chat_log(grp.host, grp.self, CHAT_LOG_WARN, "message %lld stored but not "
+                 "delivered live: out of memory", (long long)r->mid);
+    for (i = 0; text && i < d->n; i++) /* best effort: SYNC has it */
+        if (d->members[i] != d->from)
+            grp.host->deliver(grp.self, d->members[i], text, n);
+    grp.host->free(text);
+    if ((s = grp.host->session_get(d->sid)))
+        durable_answer(s, d, r);
+    grp.host->free(d);
+}
+
+/* Store a member's durable message; answered and fanned out once stored. */
+static void durable_send(const struct gent *e, struct chat_session *s, uint64_t sid,
+                         const struct chat_ack *ack, int64_t from, const char *json,
+                         size_t len, const char *cid, size_t cid_len)
+{
+    struct gdur *d = grp.host->malloc(sizeof(*d) + e->n * sizeof(int64_t));
+    struct ds_msg m;
+    int rc = CHAT_ERR_NOMEM;
+
+    if (d) {
+        d->sid = sid;
+        d->from = from;
+        d->gid = e->gid;
+        d->ack = *ack;
+        d->n = e->n;
+        memcpy(d->members, e->members, e->n * sizeof(int64_t));
+        m.conv = ds_conv_group(e->gid);
+        m.sender = from;
+        m.cid = cid;
+        m.cid_len = cid_len;
+        m.body = json;
+        m.body_len = len;
+        if ((rc = ds_submit(writer, &m, durable_stored, &d, sizeof(d))) != CHAT_OK)
+            grp.host->free(d);
+    }
+    if (rc != CHAT_OK && s)
+        grp_answer(s, ack, from, rc == CHAT_ERR_BUSY ? CHAT_E_UNAVAILABLE : CHAT_E_INTERNAL,
+                   rc == CHAT_ERR_BUSY ? "busy: too many messages wait to be stored"
+                                       : "out of memory", NULL);
+}
+
 /* Hand json to every member but the sender; the answer goes to the sender
- * now or once every copy has an outcome. */
+ * now or once every copy has an outcome.  With a cid: stored first (see
+ * durable_send). */
 static void send_to_members(const struct gent *e, uint64_t sid,
                             const struct chat_ack *ack, int64_t from,
-                            const char *json, size_t len)
+                            const char *json, size_t len, const char *cid,
+                            size_t cid_len)
 {
     struct chat_session *s = grp.host->session_get(sid);
     struct gpend *p;
@@ -182,6 +290,10 @@ static void send_to_members(const struct gent *e, uint64_t sid,
         if (s)
             grp_answer(s, ack, from, CHAT_E_NOT_MEMBER, "not a member of the group",
                        NULL);
+        return;
+    }
+    if (cid_len) {
+        durable_send(e, s, sid, ack, from, json, len, cid, cid_len);
         return;
     }
     if (!(p = grp.host->malloc(sizeof(*p)))) {
@@ -240,9 +352,10 @@ static void flush_queue(struct gent *e, int err, const char *why)
         struct chat_session *s = grp.host->session_get(m->sid);
 
         next = m->next;
-        q_sub(m->from, GMSG_COST(m->len));
+        q_sub(m->from, GMSG_COST(m->len + m->cid_len));
         if (!err)
-            send_to_members(e, m->sid, &m->ack, m->from, m->json, m->len);
+            send_to_members(e, m->sid, &m->ack, m->from, m->json, m->len,
+                            m->json + m->len, m->cid_len);
         else if (s)
             grp_answer(s, &m->ack, m->from, err, why, NULL);
         else
@@ -320,10 +433,11 @@ static void load_done(const struct chat_db_result *r, void *ud)
 /* Queue a copy of json behind the (started if needed) load of gid. */
 static int enqueue(struct chat_session *s, const struct chat_request *req,
                    int64_t from, int64_t gid, const char *json, size_t len,
-                   const char **why)
+                   const char *cid, size_t cid_len, const char **why)
 {
     struct gent *e = grp.host->map_get(cache, gid);
     struct gmsg *m;
+    size_t total = len + cid_len;
     int rc;
 
     *why = "out of memory";
@@ -345,12 +459,12 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
         }
         return grp_db_proto_errno(rc, why);
     }
-    if (q_add(from, GMSG_COST(len)) != 0) {
+    if (q_add(from, GMSG_COST(total)) != 0) {
         *why = "busy: too many messages wait for the database";
         return CHAT_E_UNAVAILABLE; /* the load runs anyway and fills the cache */
     }
-    if (!(m = grp.host->malloc(GMSG_COST(len)))) {
-        q_sub(from, GMSG_COST(len));
+    if (!(m = grp.host->malloc(GMSG_COST(total)))) {
+        q_sub(from, GMSG_COST(total));
         return CHAT_E_INTERNAL;
     }
     m->next = NULL;
@@ -358,7 +472,10 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
     m->from = from;
     m->ack = req->ack;
     m->len = len;
+    m->cid_len = cid_len;
     memcpy(m->json, json, len);
+    if (cid_len)
+        memcpy(m->json + len, cid, cid_len);
     *e->tail = m;
     e->tail = &m->next;
     return 0;
@@ -366,10 +483,31 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
 
 /* ------------------------------------------------------------------------ */
 
+/* A protocol-2 request's "cid": 1 and *cid set when present and valid, 0
+ * when absent, -1 when answered with an error. */
+static int durable_cid(struct chat_session *s, const struct chat_request *req,
+                       int64_t uid, const char **cid, size_t *len)
+{
+    size_t rl;
+
+    *cid = NULL;
+    *len = 0;
+    if (grp.host->session_proto(s) != CHAT_PROTO_2 ||
+        !grp.host->req_field_raw(req, "cid", &rl))
+        return 0;
+    if (!(*cid = grp.host->req_field_str(req, "cid", len)) || *len == 0 ||
+        *len > DS_CID_MAX) {
+        grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD,
+                   "cid must be a string of 1 to 64 bytes", NULL);
+        return -1;
+    }
+    return 1;
+}
+
 void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *ud)
 {
-    const char *raw, *out, *why = NULL;
-    size_t len, rawlen, outlen;
+    const char *raw, *out, *why = NULL, *cid;
+    size_t len, rawlen, outlen, cid_len;
     int64_t uid, gid;
     struct gent *e;
     int err;
@@ -402,10 +540,13 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
         grp_answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "message too large", NULL);
         return;
     }
+    if (durable_cid(s, req, uid, &cid, &cid_len) < 0)
+        return;
     e = grp.host->map_get(cache, gid);
     if (e && fresh(e)) {
-        send_to_members(e, grp.host->session_id(s), &req->ack, uid, out, outlen);
-    } else if ((err = enqueue(s, req, uid, gid, out, outlen, &why)) != 0) {
+        send_to_members(e, grp.host->session_id(s), &req->ack, uid, out, outlen, cid,
+                        cid_len);
+    } else if ((err = enqueue(s, req, uid, gid, out, outlen, cid, cid_len, &why)) != 0) {
         grp_answer(s, &req->ack, uid, err, why, NULL);
     } /* else answered when the load completes */
 }
@@ -525,14 +666,19 @@ int grp_cache_start(void)
 
     if (!(cache = grp.host->map_new()))
         return CHAT_ERR_NOMEM;
-    if (!(q_by_from = grp.host->map_new())) {
+    if (!(q_by_from = grp.host->map_new()) ||
+        !(writer = ds_writer_new(grp.host, grp.self, &ds_cfg))) {
+        grp.host->map_free(q_by_from);
         grp.host->map_free(cache);
         cache = NULL;
+        q_by_from = NULL;
         return CHAT_ERR_NOMEM;
     }
     if (!(sweeper = grp.host->timer_start(grp.self, period, period, sweep, NULL))) {
         grp.host->map_free(cache);
         grp.host->map_free(q_by_from);
+        ds_writer_free(writer);
+        writer = NULL;
         cache = NULL;
         q_by_from = NULL;
         return CHAT_ERR_NOMEM;
@@ -554,5 +700,14 @@ void grp_cache_fini(void)
     grp.host->map_free(q_by_from);
     q_by_from = NULL;
     q_total = 0;
+    ds_writer_free(writer);
+    writer = NULL;
     sweeper = NULL; /* a repeating timer is stopped with its instance */
+}
+
+void grp_durable_conf(void)
+{
+    ds_conf_read(grp.host, grp.self, &ds_cfg);
+    if (writer)
+        ds_writer_reconf(writer, &ds_cfg);
 }

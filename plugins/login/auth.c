@@ -13,6 +13,11 @@
  * timing says whether an id exists.  Only the SHA-256 of a token is stored,
  * computed by MariaDB (UNHEX(SHA2(?,256))); token expiry is kept in UTC.
  *
+ * The authentication cache (authcache.c) sits between the SELECT and the
+ * hash: when the HMAC of this id, password and stored hash is the one a
+ * successful verification stored, the hash is skipped; else the
+ * verification runs as without it and, when it succeeds, stores the HMAC.
+ *
  * One login at a time per connection: jobs in flight are kept in a small
  * hash set by session id, so a second LOGIN on the same connection while
  * the first is still hashing is refused instead of binding twice.
@@ -47,6 +52,9 @@ struct auth_job {
     int token_new;           /* created by this login: revoke if it fails */
     int tc_store;            /* remember the token once the login succeeded */
     uint64_t tc_generation;  /* the token cache's, when the token was read */
+    int ac_have;             /* mac holds the auth cache HMAC of this attempt */
+    unsigned char mac[LOGIN_AC_MAC];
+    char stored[CRYPT_OUTPUT_SIZE]; /* the users row's hash, while the cache is asked */
 };
 
 #define PEND_BUCKETS 1024
@@ -111,6 +119,7 @@ static void job_end(struct auth_job *j, int revoke)
     wipe_password(j);
     login_host->free(j->name);
     explicit_bzero(j->token, sizeof(j->token));
+    explicit_bzero(j->mac, sizeof(j->mac));
     login_host->free(j);
 }
 
@@ -288,6 +297,9 @@ static void token_create(struct chat_session *s, struct auth_job *j)
     }
 }
 
+/* verified()'s hash argument for a login the auth cache answered. */
+static const char AC_HIT[] = "";
+
 static void verified(int status, int match, const char *hash, void *ud)
 {
     struct auth_job *j = ud;
@@ -311,6 +323,8 @@ static void verified(int status, int match, const char *hash, void *ud)
         job_fail(s, j, 1, LOGIN_ERRMSG_INVALID, 1, LOGIN_ERRMSG_INVALID);
         return;
     }
+    if (j->ac_have && hash != AC_HIT)
+        login_ac_store(j->uid, j->mac);
     if (login_is_p2(s))
         token_create(s, j);
     else
@@ -331,14 +345,55 @@ static int job_take_name(struct auth_job *j, const struct chat_db_result *r)
     return CHAT_OK;
 }
 
+/* The slow path: verify the password against j->stored on a worker. */
+static void verify(struct chat_session *s, struct auth_job *j)
+{
+    struct login_addr from;
+    int rc;
+
+    login_addr_of(s, &from);
+    rc = login_pw_verify(j->password, j->password_len, j->stored, &from, verified, j);
+    wipe_password(j);
+    if (rc != CHAT_OK)
+        job_fail_rc(s, j, rc);
+}
+
+static void ac_answered(int hit, void *ud)
+{
+    struct auth_job *j = ud;
+    struct chat_session *s = login_host->session_get(j->sid);
+
+    if (!s) {
+        job_end(j, 0);
+        return;
+    }
+    if (!hit) {
+        verify(s, j);
+        return;
+    }
+    /* the same HMAC: the password matched this very hash before */
+    wipe_password(j);
+    verified(CHAT_OK, 1, AC_HIT, j);
+}
+
+/* Ask the auth cache about this attempt: CHAT_OK (ac_answered follows), or
+ * an error (cache off or unusable: verify now).  Unknown ids ask too, so a
+ * miss costs the same whether the id exists or not. */
+static int ac_ask(struct auth_job *j)
+{
+    if (!login_ac_enabled() ||
+        login_ac_mac(j->uid, j->password, j->password_len, j->stored, j->mac) != CHAT_OK)
+        return CHAT_ERR_INVAL;
+    j->ac_have = !j->unknown;
+    return login_ac_check(j->uid, j->mac, ac_answered, j);
+}
+
 static void user_loaded(const struct chat_db_result *r, void *ud)
 {
     struct auth_job *j = ud;
     struct chat_session *s = login_host->session_get(j->sid);
     const char *stored = dummy_hash;
-    struct login_addr from;
     size_t len;
-    int rc;
 
     if (!s) {
         job_end(j, 0);
@@ -359,11 +414,14 @@ static void user_loaded(const struct chat_db_result *r, void *ud)
         }
         stored = login_host->db_str(r, 0, 1, &len);
     }
-    login_addr_of(s, &from);
-    rc = login_pw_verify(j->password, j->password_len, stored, &from, verified, j);
-    wipe_password(j);
-    if (rc != CHAT_OK)
-        job_fail_rc(s, j, rc);
+    if (strlen(stored) >= sizeof(j->stored)) {
+        job_fail_rc(s, j, CHAT_ERR_INVAL);
+        return;
+    }
+    memcpy(j->stored, stored, strlen(stored) + 1);
+    if (ac_ask(j) == CHAT_OK)
+        return; /* on in ac_answered */
+    verify(s, j);
 }
 
 /* ------------------------------------------------------------------------ */

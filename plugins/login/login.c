@@ -376,6 +376,7 @@ static void handle_logout(struct chat_session *s, const struct chat_request *req
     /* Tokens are revoked before the protocol-2 ack, so a client that got
      * the ack can rely on its token being dead. */
     login_tc_drop(uid, NULL);
+    login_ac_forget(uid); /* the next login of uid hashes again */
     j = login_host->malloc(sizeof(*j));
     if (!j) {
         login_host->reply(s, &req->ack, CHAT_E_INTERNAL,
@@ -505,14 +506,19 @@ static int load_conf(void)
     c.login_rate = conf_range("login_rate", 0, 0, 1000000);
     c.token_cache_ttl = conf_range("token_cache_ttl", 60, 0, 86400);
     c.token_cache_max = (size_t)conf_range("token_cache_max", 100000, 1, 100000000);
+    /* used only with a secret (auth_cache_secret[_file]); see authcache.c */
+    c.auth_cache_ttl = conf_range("auth_cache_ttl", 3600, 0, 86400 * 30);
+    if (login_ac_configure(c.auth_cache_ttl) != CHAT_OK)
+        return CHAT_ERR_INVAL;
     login_cfg = c;
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
              "s hash_cost=%lu hash_threads=%zu hash_per_address=%zu hash_budget=%ld%% "
-             "login_rate=%" PRId64 "/s token_cache_ttl=%" PRId64 "s",
+             "login_rate=%" PRId64 "/s token_cache_ttl=%" PRId64 "s auth_cache=%s",
              c.replace ? "replace" : "refuse", c.name_max, c.password_min,
              c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads,
-             c.hash_per_address, c.hash_budget, c.login_rate, c.token_cache_ttl);
+             c.hash_per_address, c.hash_budget, c.login_rate, c.token_cache_ttl,
+             login_ac_enabled() ? "on" : "off");
     return CHAT_OK;
 }
 
@@ -551,6 +557,7 @@ static void login_fini(void *state)
 {
     (void)state; /* fini runs after the instance drained: nothing is pending */
     login_tc_fini();
+    login_ac_fini();
 }
 
 static int login_reconfigure(void *state)

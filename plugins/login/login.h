@@ -9,6 +9,7 @@
  *             the login ack
  *   pwhash.c  yescrypt hashing and verification on the host's worker threads
  *   metrics.c the plugin's Prometheus metrics (host ABI 1.6)
+ *   authcache.c the cluster-wide authentication cache (host ABI 1.8 kv_*)
  */
 #ifndef LOGIN_H
 #define LOGIN_H
@@ -34,6 +35,7 @@ struct login_conf {
     int64_t login_rate;        /* logins admitted per second; 0 = no limit */
     int64_t token_cache_ttl;   /* seconds a verified token is trusted; 0 = off */
     size_t token_cache_max;    /* users with cached tokens */
+    int64_t auth_cache_ttl;    /* seconds a verified password is cached; 0 = off */
 };
 
 /* Set in init; per instance (each load is a private copy of the .so). */
@@ -143,11 +145,36 @@ int login_pw_admit(void);
  * to out; CHAT_OK or CHAT_ERR_IO.  Cheap (no hashing): call on the loop. */
 int login_pw_dummy(char *out, size_t outlen);
 
+/* ---- authcache.c: verified passwords, cluster-wide --------------------- */
+#define LOGIN_AC_MAC 32 /* HMAC-SHA256 */
+/* Read the secret (auth_cache_secret or auth_cache_secret_file) for the
+ * settings about to apply (ttl: their auth_cache_ttl): CHAT_OK (cache on,
+ * or off without a secret or with ttl 0) or an error (a secret too short, a
+ * file unreadable; logged), and then the previous secret stays. */
+int login_ac_configure(int64_t ttl);
+void login_ac_fini(void);
+int login_ac_enabled(void);
+/* The HMAC of (uid, password, stored hash) into out: CHAT_OK or an error. */
+int login_ac_mac(int64_t uid, const char *password, size_t pw_len, const char *stored,
+                 unsigned char out[LOGIN_AC_MAC]);
+/* hit: 1 when the cached HMAC of uid equals mac; 0 on a miss or an error. */
+typedef void (*login_ac_cb)(int hit, void *ud);
+/* Look uid's entry up: CHAT_OK and later cb once (never inside the call),
+ * or an error and cb never runs (mac is copied). */
+int login_ac_check(int64_t uid, const unsigned char mac[LOGIN_AC_MAC], login_ac_cb cb,
+                   void *ud);
+/* After a successful slow verification: remember mac for auth_cache_ttl. */
+void login_ac_store(int64_t uid, const unsigned char mac[LOGIN_AC_MAC]);
+/* Logout: delete uid's entry cluster-wide (fire and forget). */
+void login_ac_forget(int64_t uid);
+
 /* ---- metrics.c --------------------------------------------------------- */
 enum login_outcome {
     LOGIN_OUT_OK, LOGIN_OUT_INVALID, LOGIN_OUT_IN_USE, LOGIN_OUT_BUSY,
     LOGIN_OUT_LIMIT, LOGIN_OUT_BAD_REQUEST, LOGIN_OUT_ERROR, LOGIN_OUT_N
 };
+enum login_ac_result { LOGIN_AC_HIT, LOGIN_AC_MISS, LOGIN_AC_ERROR, LOGIN_AC_STORED,
+                       LOGIN_AC_N };
 enum login_admit {
     LOGIN_ADMIT_RATE, LOGIN_ADMIT_BUDGET, LOGIN_ADMIT_ADDRESS, LOGIN_ADMIT_QUEUE,
     LOGIN_ADMIT_PUSHED_OUT, LOGIN_ADMIT_N
@@ -161,5 +188,6 @@ void login_m_reg(int p2_errno);
 void login_m_admit(int reason); /* enum login_admit */
 void login_m_queue(size_t queued, size_t running);
 void login_m_hash_time(int verify, double seconds);
+void login_m_auth_cache(int result); /* enum login_ac_result */
 
 #endif /* LOGIN_H */

@@ -1,8 +1,9 @@
 /*
  * metrics.c - the login plugin's Prometheus metrics, through the host's
  * metric_* functions (ABI 1.6): logins by kind and outcome, registrations
- * by outcome, admission rejections by reason, and the password-hashing
- * queue (length, running jobs, time per hash).
+ * by outcome, admission rejections by reason, the password-hashing
+ * queue (length, running jobs, time per hash) and the authentication
+ * cache (hits, misses, errors, stores).
  *
  * Each series is registered once in init and updated through its handle,
  * plain memory on the loop thread.  Hash times are measured on the worker
@@ -17,6 +18,7 @@
 
 static const char *const outcome_names[LOGIN_OUT_N] = {
     "ok", "invalid", "in_use", "busy", "limit", "bad_request", "error"};
+static const char *const ac_names[LOGIN_AC_N] = {"hit", "miss", "error", "stored"};
 static const char *const admit_names[LOGIN_ADMIT_N] = {"rate", "budget", "address",
                                                        "queue", "pushed_out"};
 
@@ -26,6 +28,7 @@ static struct {
     struct chat_metric *admit[LOGIN_ADMIT_N];
     struct chat_metric *queue, *running;
     struct chat_metric *hash_s[2];              /* hash, verify */
+    struct chat_metric *ac[LOGIN_AC_N];
 } lm;
 
 /* Hashing takes tens to hundreds of milliseconds; a queue adds seconds. */
@@ -57,6 +60,13 @@ void login_m_init(void)
             "Logins and registrations turned away before hashing, by reason: "
             "rate (login_rate), budget (hash_budget), address (hash_per_address), "
             "queue (hash_queue_max), pushed_out (dropped from a full queue).", l);
+    }
+    for (int r = 0; r < LOGIN_AC_N; r++) {
+        const char *l[] = {"result", ac_names[r], NULL};
+        lm.ac[r] = h->metric_counter(
+            login_self, "auth_cache_total",
+            "Authentication cache: lookups that hit (no password hash), missed "
+            "or failed (Redis unavailable), and entries stored.", l);
     }
     lm.queue = h->metric_gauge(login_self, "hash_queue_length",
                                "Password hashing jobs waiting or running.", NULL);
@@ -125,4 +135,10 @@ void login_m_hash_time(int verify, double seconds)
 
     if (m)
         login_host->metric_observe(m, seconds);
+}
+
+void login_m_auth_cache(int result)
+{
+    if (result >= 0 && result < LOGIN_AC_N)
+        inc(lm.ac[result]);
 }

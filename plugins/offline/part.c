@@ -23,6 +23,12 @@
  * meanwhile goes into the next one.  A failed deletion is retried; if it
  * keeps failing the messages come again at the next login (logged), which
  * is better than losing them.
+ *
+ * Durable messages (issue 8: they carry "mid", "conv" and "cseq") reach a
+ * protocol-2 device by SYNC from the message store, so a protocol-2 login
+ * leaves their rows out of the part (and deletes them with the others): the
+ * device sees each once.  A legacy login gets them in offlinemsg as any
+ * other message.
  */
 #include <inttypes.h>
 #include <string.h>
@@ -108,13 +114,24 @@ static void sent_free(struct off_sent *st)
     }
 }
 
+/* A durable message: stored in the message store, numbered. */
+static int is_durable(const cJSON *o)
+{
+    return cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(o, "mid")) &&
+           cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, "conv")) &&
+           cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(o, "cseq"));
+}
+
 /* One stored message as an element: its text, checked to be a JSON object
  * (the host sends it as it is, or quotes it for a legacy ack).  NULL when
- * the row is unusable (logged) or memory ran out (*nomem). */
-static cJSON *message_item(const char *text, size_t len, int64_t id, int *nomem)
+ * the row is unusable (logged), is a durable message and proto is 2 (SYNC
+ * delivers it), or memory ran out (*nomem). */
+static cJSON *message_item(const char *text, size_t len, int64_t id, int proto,
+                           int *nomem)
 {
     const char *end = NULL;
     cJSON *parsed, *item;
+    int durable;
 
     parsed = strlen(text) == len ? cJSON_ParseWithLengthOpts(text, len, &end, 0) : NULL;
     if (!cJSON_IsObject(parsed)) {
@@ -123,7 +140,10 @@ static cJSON *message_item(const char *text, size_t len, int64_t id, int *nomem)
         cJSON_Delete(parsed);
         return NULL;
     }
+    durable = is_durable(parsed);
     cJSON_Delete(parsed);
+    if (durable && proto == CHAT_PROTO_2)
+        return NULL;
     /* Raw, not the parsed tree: cJSON would cut strings at "\u0000". */
     if (!(item = cJSON_CreateRaw(text)))
         *nomem = 1;
@@ -171,13 +191,14 @@ static void selected(const struct chat_db_result *r, void *ud)
     for (i = 0; i < n; i++) {
         id = off_host->db_int(r, i, 0);
         text = off_host->db_str(r, i, 1, &len);
-        if ((item = message_item(text, len, id, &nomem)) != NULL) {
+        if ((item = message_item(text, len, id, sel->proto, &nomem)) != NULL) {
             cJSON_AddItemToArray(arr, item);
             st->pos[st->nelem++] = st->n;
         } else if (nomem) {
             goto nomem;
         }
-        /* a skipped (corrupt) row is deleted too: it can never be sent */
+        /* a skipped row (corrupt, or durable for a protocol-2 device) is
+         * deleted too: it is never sent from here */
         st->ids[st->n++] = id;
     }
     off_host->login_part_set(sel->l, arr, st);

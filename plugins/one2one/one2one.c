@@ -36,11 +36,23 @@
  * bounded as a whole: besides its "msg" text (msg_max bytes decoded) the
  * forwarded frame may hold extra_max bytes (ids, name, "time" and any
  * other member the client adds, all forwarded as sent); 105 past it.
+ *
+ * Durable messages (issue 8).  A protocol-2 message that carries a client
+ * message id "cid" is stored before it is acknowledged: after the same
+ * recipient check it goes to the group-committed writer
+ * (plugins/store/writer.c, linked in), and only once its transaction has
+ * committed does the sender get the ACK with "mid", "conv", "cseq" and the
+ * recipient the message with those members added (deliver(): live here or
+ * on another node, else the offline store for a legacy recipient; a
+ * protocol-2 device gets it by SYNC).  A retry with the same cid is
+ * answered with the original numbers and "dup":true and is not delivered
+ * again.  113 when the database cannot store it (send again, same cid).
  */
 #include <stdint.h>
 #include <string.h>
 
 #include "chat/plugin.h"
+#include "../store/dstore.h"
 
 #define O2O_MSG_MAX_DEF 4096
 #define O2O_EXTRA_MAX_DEF 2048
@@ -55,6 +67,8 @@ static size_t extra_max = O2O_EXTRA_MAX_DEF;
 static size_t known_max = O2O_KNOWN_MAX_DEF;
 static size_t lookup_max = O2O_LOOKUP_MAX_DEF;
 static size_t lookup_sender_max = O2O_LOOKUP_SENDER_MAX_DEF;
+static struct ds_writer *writer; /* durable messages */
+static struct ds_conf ds_cfg;
 
 /* ------------------------------------------------------------------------ */
 /* Answers. */
@@ -137,6 +151,90 @@ static void send_one(struct chat_session *s, uint64_t sid, const struct chat_ack
 }
 
 /* ------------------------------------------------------------------------ */
+/* Durable messages: stored first, then answered and delivered. */
+
+struct o2o_dctx {
+    uint64_t sid;
+    int64_t from, toid;
+    struct chat_ack ack;
+};
+
+static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
+                           const struct ds_result *r)
+{
+    char conv[DS_CONV_STR];
+    cJSON *body;
+
+    if (r->status != CHAT_OK) {
+        int err = r->status == CHAT_ERR_DB ? CHAT_E_INTERNAL : CHAT_E_UNAVAILABLE;
+
+        answer(s, &c->ack, c->from, err,
+               err == CHAT_E_INTERNAL ? "not stored"
+                                      : "busy: not stored, send again with the same cid");
+        return;
+    }
+    if (!(body = cJSON_CreateObject())) {
+        answer(s, &c->ack, c->from, CHAT_E_INTERNAL, "out of memory");
+        return;
+    }
+    ds_conv_format(r->conv, conv, sizeof(conv));
+    ds_add_int(body, "mid", r->mid);
+    cJSON_AddStringToObject(body, "conv", conv);
+    ds_add_int(body, "cseq", r->cseq);
+    if (r->dup)
+        cJSON_AddTrueToObject(body, "dup");
+    host->reply(s, &c->ack, 0, NULL, body);
+    cJSON_Delete(body);
+}
+
+static void durable_stored(const struct ds_result *r, const char *body, size_t len,
+                           void *ctx)
+{
+    const struct o2o_dctx *c = ctx;
+    struct chat_session *s;
+    size_t n;
+    char *text;
+
+    if (r->status == CHAT_OK && !r->dup) {
+        if ((text = ds_render(host, r->conv, r->mid, r->cseq, body, len, &n))) {
+            host->deliver(self, c->toid, text, n); /* best effort: SYNC has it */
+            host->free(text);
+        } else {
+            chat_log(host, self, CHAT_LOG_WARN, "message %lld stored but not "
+                     "delivered live: out of memory", (long long)r->mid);
+        }
+    }
+    if ((s = host->session_get(c->sid)))
+        durable_answer(s, c, r);
+}
+
+/* Hand a durable message to the writer; the answer comes once stored. */
+static void durable_send(struct chat_session *s, uint64_t sid, const struct chat_ack *ack,
+                         int64_t from, int64_t toid, const char *json, size_t len,
+                         const char *cid, size_t cid_len)
+{
+    struct o2o_dctx c;
+    struct ds_msg m;
+    int rc;
+
+    c.sid = sid;
+    c.from = from;
+    c.toid = toid;
+    c.ack = *ack;
+    m.conv = ds_conv_pair(from, toid);
+    m.sender = from;
+    m.cid = cid;
+    m.cid_len = cid_len;
+    m.body = json;
+    m.body_len = len;
+    rc = ds_submit(writer, &m, durable_stored, &c, sizeof(c));
+    if (rc != CHAT_OK && s)
+        answer(s, ack, from, rc == CHAT_ERR_BUSY ? CHAT_E_UNAVAILABLE : CHAT_E_INTERNAL,
+               rc == CHAT_ERR_BUSY ? "busy: too many messages wait to be stored"
+                                   : "out of memory");
+}
+
+/* ------------------------------------------------------------------------ */
 /* Recipients not yet known to exist: one SELECT per id, messages queued. */
 
 static struct chat_map *known;   /* user ids known to exist; value (void *)1 */
@@ -150,6 +248,7 @@ struct pmsg {
     int64_t from;      /* the sender's user id */
     struct chat_ack ack;
     size_t len;
+    size_t cid_len;    /* a durable message: its cid follows json */
     char json[];
 };
 
@@ -215,8 +314,11 @@ static void lookup_flush(struct lookup *lk, int exists)
         struct chat_session *s = host->session_get(m->sid);
 
         next = m->next;
-        waiting_sub(m->from, PMSG_COST(m->len));
-        if (exists) /* when the database cannot tell, fail open */
+        waiting_sub(m->from, PMSG_COST(m->len + m->cid_len));
+        if (exists && m->cid_len) /* when the database cannot tell, fail open */
+            durable_send(s, m->sid, &m->ack, m->from, lk->uid, m->json, m->len,
+                         m->json + m->len, m->cid_len);
+        else if (exists)
             send_one(s, m->sid, &m->ack, m->from, lk->uid, m->json, m->len);
         else if (s)
             answer(s, &m->ack, m->from, CHAT_E_NOT_FOUND, "unknown user");
@@ -247,15 +349,17 @@ static void lookup_done(const struct chat_db_result *r, void *ud)
 /* Queue json for toid behind the lookup of toid (started if needed).
  * Returns a protocol errno, 0 when queued. */
 static int lookup_queue(struct chat_session *s, const struct chat_request *req,
-                        int64_t from, int64_t toid, const char *json, size_t len)
+                        int64_t from, int64_t toid, const char *json, size_t len,
+                        const char *cid, size_t cid_len)
 {
     struct lookup *lk = host->map_get(lookups, toid);
     struct pmsg *m;
+    size_t total = len + cid_len;
 
-    if (waiting_add(from, PMSG_COST(len)) != 0)
+    if (waiting_add(from, PMSG_COST(total)) != 0)
         return CHAT_E_UNAVAILABLE;
-    if (!(m = host->malloc(PMSG_COST(len)))) {
-        waiting_sub(from, PMSG_COST(len));
+    if (!(m = host->malloc(PMSG_COST(total)))) {
+        waiting_sub(from, PMSG_COST(total));
         return CHAT_E_INTERNAL;
     }
     m->next = NULL;
@@ -263,7 +367,10 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
     m->from = from;
     m->ack = req->ack;
     m->len = len;
+    m->cid_len = cid_len;
     memcpy(m->json, json, len);
+    if (cid_len)
+        memcpy(m->json + len, cid, cid_len);
     if (!lk) {
         struct chat_db_param p = CHAT_DB_P_INT(toid);
         int rc;
@@ -272,7 +379,7 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
         if (!lk || host->map_put(lookups, toid, lk) != CHAT_OK) {
             host->free(lk);
             host->free(m);
-            waiting_sub(from, PMSG_COST(len));
+            waiting_sub(from, PMSG_COST(total));
             return CHAT_E_INTERNAL;
         }
         lk->uid = toid;
@@ -284,7 +391,7 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
             host->map_del(lookups, toid);
             host->free(lk);
             host->free(m);
-            waiting_sub(from, PMSG_COST(len));
+            waiting_sub(from, PMSG_COST(total));
             return deliver_errno(rc);
         }
     }
@@ -295,12 +402,35 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
 
 /* ------------------------------------------------------------------------ */
 
+/* A protocol-2 request's "cid" (its decoded bytes): 1 and *cid set when
+ * present and valid, 0 when absent, -1 when answered with an error. */
+static int durable_cid(struct chat_session *s, const struct chat_request *req,
+                       int64_t uid, int64_t toid, const char **cid, size_t *len)
+{
+    size_t rl;
+
+    *cid = NULL;
+    *len = 0;
+    if (host->session_proto(s) != CHAT_PROTO_2 || !host->req_field_raw(req, "cid", &rl))
+        return 0;
+    if (!(*cid = host->req_field_str(req, "cid", len)) || *len == 0 || *len > DS_CID_MAX) {
+        answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "cid must be a string of 1 to 64 bytes");
+        return -1;
+    }
+    if (uid > DS_UID_MAX || toid > DS_UID_MAX) {
+        answer(s, &req->ack, uid, CHAT_E_BAD_FIELD,
+               "durable messages need user ids below 2^31");
+        return -1;
+    }
+    return 1;
+}
+
 static void on_one_chat(struct chat_session *s, const struct chat_request *req,
                         void *ud)
 {
     int64_t uid, toid;
-    const char *raw, *out;
-    size_t len, rawlen, outlen;
+    const char *raw, *out, *cid;
+    size_t len, rawlen, outlen, cid_len;
     int err;
 
     (void)ud;
@@ -330,11 +460,16 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
         answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "message too large");
         return;
     }
+    if (durable_cid(s, req, uid, toid, &cid, &cid_len) < 0)
+        return;
     /* While toid is unknown its messages queue behind one lookup, so none
      * overtakes another; once known, no lookup for it is in flight. */
-    if (host->map_get(known, toid))
+    if (host->map_get(known, toid) && cid)
+        durable_send(s, host->session_id(s), &req->ack, uid, toid, out, outlen, cid,
+                     cid_len);
+    else if (host->map_get(known, toid))
         send_one(s, host->session_id(s), &req->ack, uid, toid, out, outlen);
-    else if ((err = lookup_queue(s, req, uid, toid, out, outlen)) != 0)
+    else if ((err = lookup_queue(s, req, uid, toid, out, outlen, cid, cid_len)) != 0)
         answer(s, &req->ack, uid, err,
                err == CHAT_E_UNAVAILABLE ? "busy: cannot check the recipient now"
                                          : "cannot check the recipient now");
@@ -355,6 +490,9 @@ static void read_conf(void)
     lookup_sender_max = (size_t)chat_conf_range(host, self, "lookup_sender_max_bytes",
                                                 O2O_LOOKUP_SENDER_MAX_DEF, 1024,
                                                 INT64_MAX);
+    ds_conf_read(host, self, &ds_cfg);
+    if (writer)
+        ds_writer_reconf(writer, &ds_cfg);
 }
 
 static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **state)
@@ -372,7 +510,9 @@ static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **sta
         return rc;
     if (!(known = h->map_new()))
         return CHAT_ERR_NOMEM;
-    if (!(lookups = h->map_new()) || !(waiting = h->map_new())) {
+    if (!(lookups = h->map_new()) || !(waiting = h->map_new()) ||
+        !(writer = ds_writer_new(h, p, &ds_cfg))) {
+        h->map_free(waiting);
         h->map_free(lookups);
         h->map_free(known);
         return CHAT_ERR_NOMEM;
@@ -386,6 +526,8 @@ static void o2o_fini(void *state)
     host->map_free(known);
     host->map_free(lookups); /* empty: the instance has drained */
     host->map_free(waiting);
+    ds_writer_free(writer);
+    writer = NULL;
 }
 
 static int o2o_reconfigure(void *state)
