@@ -28,6 +28,7 @@ struct parse_ctx {
     int err_line;
     int seen_mysql, seen_redis;
     int ws_max_message_set; /* else [server] max_frame, whatever the order */
+    int proxy_line;         /* of [server] proxy_protocol */
 };
 
 static int set_err(struct parse_ctx *p, const char *fmt, const char *a,
@@ -296,6 +297,34 @@ static int set_listen(struct parse_ctx *p, const char *value)
     return 1;
 }
 
+/* ---- [server] proxy_protocol ------------------------------------------ */
+/* "on": every connection to the client listener starts with a PROXY
+ * header (v1 or v2) from an address in [server] trusted (net.c); "off"
+ * (the default): none is expected.  One switch for the listener today; an
+ * endpoint of the multi-endpoint listen syntax can carry it later. */
+static int set_proxy_protocol(struct parse_ctx *p, const char *value)
+{
+    if (strcmp(value, "on") == 0)
+        p->c->proxy_protocol = 1;
+    else if (strcmp(value, "off") == 0)
+        p->c->proxy_protocol = 0;
+    else
+        return set_err(p, "proxy_protocol: expected on or off, got \"%s\"%s", value, "");
+    p->proxy_line = p->line;
+    return 1;
+}
+
+/* on without a trusted list would refuse every connection. */
+static int check_proxy_protocol(const struct parse_ctx *p, char *err, size_t errlen)
+{
+    if (!p->c->proxy_protocol || p->c->ntrusted)
+        return 0;
+    snprintf(err, errlen, "%s:%d: proxy_protocol = on needs [server] trusted "
+             "(the addresses of the balancers that send the header)",
+             p->c->path, p->proxy_line);
+    return -1;
+}
+
 static int on_server(struct parse_ctx *p, const char *name, const char *value)
 {
     struct conf *c = p->c;
@@ -352,6 +381,8 @@ static int on_server(struct parse_ctx *p, const char *name, const char *value)
     INT_KEY("worker_nice", 0, 19, c->worker_nice)
     INT_KEY("workers", 1, 256, c->workers)
     STR_KEY("node_id", c->node_id)
+    if (strcmp(name, "proxy_protocol") == 0)
+        return set_proxy_protocol(p, value);
     return set_err(p, "unknown key \"%s\" in [server]%s", name, "");
 }
 
@@ -836,6 +867,8 @@ struct conf *conf_load(const char *path, char *err, size_t errlen)
                  p.err[0] ? p.err : "syntax error");
         goto fail;
     }
+    if (check_proxy_protocol(&p, err, errlen))
+        goto fail;
     if (!p.ws_max_message_set)
         c->ws_max_message = c->max_frame;
     c->have_mysql = p.seen_mysql;

@@ -21,6 +21,7 @@
  *   ws_    ws.c        WebSocket engine: upgrade + frames over bytes (ws.h)
  *   adm_   admin_http.c the admin listener's request parsing (http-parser)
  *   web_   webfiles.c  the web client's static files, in memory ([web] root)
+ *   pp_    proxyproto.c PROXY protocol v1/v2 header parsing (pure)
  * 2 net, db and bus (they never call each other)
  *   net_   net.c       listener, sessions, buffered output, limits
  *          transport.h the transport seam (net_transport table, net_tr_*)
@@ -174,7 +175,9 @@ enum metrics_close {
 };
 enum metrics_refuse {
     METRICS_REFUSE_MAX_CONN, METRICS_REFUSE_STOPPING, METRICS_REFUSE_PER_ADDR,
-    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_ADDR_RATE, METRICS_REFUSE_N
+    METRICS_REFUSE_UNAUTH_PER_ADDR, METRICS_REFUSE_ADDR_RATE,
+    METRICS_REFUSE_PROXY, /* proxy_protocol: untrusted peer, bad or no header */
+    METRICS_REFUSE_N
 };
 enum metrics_route {
     METRICS_ROUTE_LOCAL, METRICS_ROUTE_REMOTE, METRICS_ROUTE_STORED,
@@ -444,6 +447,7 @@ struct conf {
     int worker_nice;       /* nice of the worker threads (hashing) */
     int workers;           /* processes sharing the port (SO_REUSEPORT) */
     char *node_id;         /* "" -> generated */
+    int proxy_protocol;    /* 1: a PROXY header opens every connection */
     /* [plugins] */
     char *plugin_dir;      /* absolute */
     char **plugins;        /* enabled, in order */
@@ -535,6 +539,32 @@ void frame_init(struct frame_scanner *fs, size_t max);
  * skipped (the seed ignores garbage; the caller decides what to tell). */
 int frame_scan(struct frame_scanner *fs, const char *buf, size_t len,
                size_t *used, long *start);
+
+/* ---- proxyproto.c ----------------------------------------------------- */
+/* The PROXY protocol header (haproxy's proxy-protocol.txt, v1 and v2) a
+ * balancer sends before a connection's own bytes ([server] proxy_protocol).
+ * pp_parse(buf, len, h, used) looks at the first len bytes of a connection
+ * (borrowed; nothing is kept) and answers:
+ *   PP_NEED_MORE  no verdict yet: call again with more bytes (never for
+ *                 len >= PP_MAX_HEADER, so a buffer of that size suffices);
+ *   PP_DONE       a whole header of *used bytes; the connection's own bytes
+ *                 follow it.  h->command PP_PROXY: h->src (the client) and
+ *                 h->dst hold an AF_INET or AF_INET6 address and port;
+ *                 PP_LOCAL (v1 UNKNOWN, v2 LOCAL or AF_UNSPEC): use the
+ *                 socket's own addresses;
+ *   PP_INVALID    not a valid header; h->err names why (a static string).
+ * A longer input never changes a verdict a shorter one gave. */
+#define PP_V2_MAX_LEN 512                 /* address block + TLVs accepted */
+#define PP_MAX_HEADER (16 + PP_V2_MAX_LEN)
+enum pp_status { PP_INVALID = -1, PP_NEED_MORE = 0, PP_DONE = 1 };
+enum pp_command { PP_LOCAL = 0, PP_PROXY = 1 };
+struct pp_header {
+    int version;                          /* 1 or 2 */
+    int command;                          /* enum pp_command */
+    struct sockaddr_storage src, dst;     /* PP_PROXY only */
+    const char *err;                      /* PP_INVALID only */
+};
+int pp_parse(const char *buf, size_t len, struct pp_header *h, size_t *used);
 
 /* ---- jsonstr.c -------------------------------------------------------- */
 /* cJSON's strings stop at the first NUL; these work on the raw frame text.

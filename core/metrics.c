@@ -54,7 +54,7 @@ static const char *const close_names[METRICS_CLOSE_N] = {
     "idle", "shutdown", "replaced", "server", "error"};
 static const char *const refuse_names[METRICS_REFUSE_N] = {
     "max_connections", "stopping", "max_connections_per_addr", "max_unauth_per_addr",
-    "addr_conns_rate"};
+    "addr_conns_rate", "proxy_protocol"};
 static const char *const route_names[METRICS_ROUTE_N] = {"local", "remote",
                                                          "stored", "undeliverable"};
 static const char *const bus_cmd_names[METRICS_BUS_N] = {

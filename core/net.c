@@ -69,6 +69,16 @@
  * in the trusted list (a proxy, a load generator) are not counted.  Over a
  * cap the connection is accepted and closed at once, with a log line at
  * most once a second.
+ *
+ * PROXY protocol ([server] proxy_protocol = on; the block "PROXY protocol"
+ * below): a balancer in front says who the client is in a header before
+ * the connection's own bytes.  The connection must come from a trusted
+ * address (else it is refused at accept) and its first bytes go to
+ * pp_parse() until the header is whole; only then is the session admitted
+ * as any other (per-address caps and rates, registration, the open
+ * callback), with the header's source as its address in every count, rate
+ * limit and log line.  Until then the layers above do not know it: a bad
+ * header, or none within request_timeout (else idle_timeout), refuses it.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -177,6 +187,11 @@ struct chat_session {
     uint64_t connected_at;   /* uv_now() at accept (admin: connected-for) */
     uint64_t pace_until;     /* legacy: no next message before this uv_now() */
     struct chat_session *pace_prev, *pace_next; /* waiting for pace_until */
+    /* PROXY protocol (see the top): */
+    unsigned pp_wait : 1;    /* its header has not come yet */
+    char *pp_buf;            /* the header's bytes so far (PP_MAX_HEADER) */
+    size_t pp_len;
+    struct sockaddr_storage *real; /* the header's source; NULL: the socket's */
     uv_write_t wreq;
     uv_shutdown_t sreq;
 };
@@ -219,6 +234,8 @@ static struct {
     size_t tr_all[NET_TR_MAX], tr_open[NET_TR_MAX], tr_in[NET_TR_MAX];
     uint64_t refused;        /* connections refused by a cap */
     uint64_t refused_logged_at;
+    int proxy_protocol;      /* a PROXY header opens each connection */
+    size_t pp_waiting;       /* sessions waiting for theirs */
     void (*shutdown_done)(void);
     uv_timer_t shutdown_timer;
 } net;
@@ -307,6 +324,11 @@ static size_t pending_bytes(const struct chat_session *s)
 static void begin_close(struct chat_session *s, int errno_, const char *why,
                         int graceful);
 static void close_why(struct chat_session *s, unsigned reason);
+/* PROXY protocol (its block is below "accepting") */
+static void pp_refuse(struct chat_session *s, const char *why, const char *detail,
+                      int rate_limited);
+static void pp_end(struct chat_session *s);
+static int pp_input(struct chat_session *s, const char *buf, size_t n, size_t *off);
 
 static int tl_linked(const struct tlist *l, const struct tlink *k)
 {
@@ -394,6 +416,10 @@ static void on_idle_timer(uv_timer_t *t)
            net.reqs.head->at + limit <= now) {
         struct chat_session *s = container_of(net.reqs.head, struct chat_session, req);
         tl_unlink(&net.reqs, &s->req);
+        if (s->pp_wait) {
+            pp_refuse(s, "no header within request_timeout", NULL, 0);
+            continue;
+        }
         LOGSI(s, "request not complete after %d s, closing", net.request_timeout_s);
         close_timed_out(s, "request timeout");
     }
@@ -402,6 +428,10 @@ static void on_idle_timer(uv_timer_t *t)
            net.idle.head->at + limit <= now) {
         struct chat_session *s = container_of(net.idle.head, struct chat_session, idle);
         tl_unlink(&net.idle, &s->idle);
+        if (s->pp_wait) {
+            pp_refuse(s, "no header within idle_timeout", NULL, 0);
+            continue;
+        }
         if (s->uid)
             LOGSI(s, "output not drained and no request for %d s, closing",
                   net.idle_timeout_s);
@@ -430,13 +460,25 @@ static void on_idle_timer(uv_timer_t *t)
 
 /* ---- per-address counts ----------------------------------------------- */
 
+/* The client's address: the PROXY header's source when one gave it, else
+ * the socket's peer; 0 or -1. */
+static int session_sockaddr(const struct chat_session *s, struct sockaddr_storage *ss)
+{
+    int len = sizeof *ss;
+
+    if (s->real) {
+        *ss = *s->real;
+        return 0;
+    }
+    return uv_tcp_getpeername(&s->tcp, (struct sockaddr *)ss, &len) == 0 ? 0 : -1;
+}
+
 /* The peer's address, IPv4-mapped IPv6 taken as IPv4; 0 or -1. */
 static int peer_addr(const struct chat_session *s, int *family, unsigned char *addr)
 {
     struct sockaddr_storage ss;
-    int len = sizeof ss;
 
-    if (uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len) != 0)
+    if (session_sockaddr(s, &ss))
         return -1;
     if (ss.ss_family == AF_INET) {
         *family = AF_INET;
@@ -759,6 +801,8 @@ static void on_closed(uv_handle_t *h)
     if (s->ep)
         tl_unlink(&s->ep->hands, &s->hand);
     addr_release(s);
+    pp_end(s);
+    mem_free(s->real);
     run_waits(s, 1);
     pace_unlink(s);
     spill_unsent(s);
@@ -856,9 +900,12 @@ static void close_why(struct chat_session *s, unsigned reason)
 static void begin_close(struct chat_session *s, int errno_, const char *why,
                         int graceful)
 {
+    int opened = !s->pp_wait; /* PROXY: still unknown above net */
+
     if (s->closing)
         return;
     s->closing = 1;
+    pp_end(s);
     metrics_loop.closed[close_reason(s, errno_)]++;
     s->graceful = graceful ? 1 : 0;
     s->close_errno = errno_;
@@ -872,7 +919,7 @@ static void begin_close(struct chat_session *s, int errno_, const char *why,
         s->registered = 0;
         net.tr_open[s->tri]--;
     }
-    if (net.closing_cb)
+    if (net.closing_cb && opened)
         net.closing_cb(s, errno_, why, graceful);
     if (s->uid)
         net_session_unbind(s);
@@ -1472,10 +1519,15 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (buf->base == net.rbuf)
         net.rbuf_busy = 0;
     if (nread > 0) {
+        size_t off = 0;
         metrics_loop.bytes_in += (uint64_t)nread;
-        if (!s->bottom)
-            process(s, buf->base, (size_t)nread);
-        else if (s->bottom->type->input(s->bottom, buf->base, (size_t)nread)) {
+        if (s->pp_wait && pp_input(s, buf->base, (size_t)nread, &off))
+            return; /* PROXY: the header is not whole yet, or refused */
+        if (off == (size_t)nread)
+            ;
+        else if (!s->bottom)
+            process(s, buf->base + off, (size_t)nread - off);
+        else if (s->bottom->type->input(s->bottom, buf->base + off, (size_t)nread - off)) {
             close_why(s, METRICS_CLOSE_READ_ERROR);
             begin_close(s, 0, NULL, 0);
             return;
@@ -1596,6 +1648,142 @@ static int open_chain(struct chat_session *s, struct net_endpoint *ep)
     return 0;
 }
 
+/* ---- PROXY protocol ---------------------------------------------------- */
+/* [server] proxy_protocol = on (see the top of the file).  The whole of it
+ * is here; elsewhere net only skips a session whose header has not come
+ * (pp_wait): on_read hands its bytes to pp_input, the timer refuses it,
+ * begin_close tells no one above, net_session_next does not list it. */
+
+static void pp_end(struct chat_session *s)
+{
+    if (s->pp_wait) {
+        s->pp_wait = 0;
+        net.pp_waiting--;
+    }
+    mem_free(s->pp_buf);
+    s->pp_buf = NULL;
+    s->pp_len = 0;
+}
+
+/* Close a connection that brought no valid header (never admitted). */
+static void pp_refuse(struct chat_session *s, const char *why, const char *detail,
+                      int rate_limited)
+{
+    uint64_t now = uv_now(net.loop);
+
+    net.refused++;
+    metrics_loop.refused[METRICS_REFUSE_PROXY]++;
+    if (!rate_limited || now - net.refused_logged_at >= 1000 || net.refused == 1) {
+        LOGW("PROXY protocol: %s: refused %s%s%s", why, net_session_peer(s),
+             detail ? ": " : "", detail ? detail : "");
+        if (rate_limited)
+            net.refused_logged_at = now;
+    }
+    pp_end(s);
+    tl_unlink(&net.reqs, &s->req);
+    tl_unlink(&net.idle, &s->idle);
+    s->closing = 1;
+    close_now(s);
+}
+
+/* Accepted with proxy_protocol on: only a trusted peer may speak for its
+ * clients; read its header first, within the request clock. */
+static void pp_begin(struct chat_session *s)
+{
+    unsigned char a[16];
+    int family;
+
+    if (peer_addr(s, &family, a) || !addr_trusted(family, a)) {
+        pp_refuse(s, "peer not in [server] trusted", NULL, 1);
+        return;
+    }
+    uv_tcp_nodelay(&s->tcp, 1);
+    set_keepalive(s);
+    s->pp_wait = 1;
+    net.pp_waiting++;
+    if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read)) {
+        pp_refuse(s, "cannot read", NULL, 1);
+        return;
+    }
+    tl_push(&net.reqs, &s->req);
+    idle_refresh(s);
+}
+
+/* The header came: the session is admitted as on_connection admits one,
+ * under the header's source address.  0, or -1 when refused (closed). */
+static int pp_admit(struct chat_session *s, const struct pp_header *h)
+{
+    pp_end(s);
+    tl_unlink(&net.reqs, &s->req);
+    if (h->command == PP_PROXY) {
+        if (!(s->real = mem_malloc(sizeof *s->real))) {
+            pp_refuse(s, "out of memory", NULL, 1);
+            return -1;
+        }
+        *s->real = h->src;
+    }
+    if (admit_addr(s))
+        return -1;
+    if (map_put(&net.by_id, (int64_t)s->id, s)) {
+        s->closing = 1;
+        close_now(s);
+        return -1;
+    }
+    if (open_chain(s, s->ep)) {
+        LOGE("accept: out of memory for the %s transport", s->ep->chain[0]->name);
+        map_del(&net.by_id, (int64_t)s->id);
+        s->closing = 1;
+        close_now(s);
+        return -1;
+    }
+    s->registered = 1;
+    net.tr_open[s->tri]++;
+    idle_refresh(s);
+    LOGSD(s, "connected (PROXY v%d %s)", h->version,
+          h->command == PP_PROXY ? "PROXY" : "LOCAL: the balancer's own address");
+    if (net.open_cb)
+        net.open_cb(s);
+    return s->closing ? -1 : 0;
+}
+
+/* A read of a session waiting for its header.  1: nothing more to do with
+ * it (more is needed, or the connection was refused); 0: the header is
+ * done and the read's bytes from *off on are the session's own. */
+static int pp_input(struct chat_session *s, const char *buf, size_t n, size_t *off)
+{
+    struct pp_header h;
+    size_t have = s->pp_len, used;
+    const char *p = buf;
+    size_t len = n;
+    int r;
+
+    if (have) { /* the buffer has room: pp_parse decides by PP_MAX_HEADER */
+        size_t take = n < PP_MAX_HEADER - have ? n : PP_MAX_HEADER - have;
+        memcpy(s->pp_buf + have, buf, take);
+        s->pp_len += take;
+        p = s->pp_buf;
+        len = s->pp_len;
+    }
+    r = pp_parse(p, len, &h, &used);
+    if (r == PP_NEED_MORE) {
+        if (!have) {
+            if (!(s->pp_buf = mem_malloc(PP_MAX_HEADER))) {
+                pp_refuse(s, "out of memory", NULL, 1);
+                return 1;
+            }
+            memcpy(s->pp_buf, buf, n); /* n < PP_MAX_HEADER: NEED_MORE */
+            s->pp_len = n;
+        }
+        return 1;
+    }
+    if (r == PP_INVALID) {
+        pp_refuse(s, "invalid header", h.err, 0);
+        return 1;
+    }
+    *off = used - have; /* have bytes were not enough: used > have */
+    return pp_admit(s, &h) ? 1 : 0;
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct chat_session *s;
@@ -1628,6 +1816,14 @@ static void on_connection(uv_stream_t *server, int status)
     if (net.count > (size_t)net.max_connections || net.shutdown_done) {
         refuse(s, net.shutdown_done ? METRICS_REFUSE_STOPPING : METRICS_REFUSE_MAX_CONN,
                "max_connections", net.max_connections);
+        return;
+    }
+    /* PROXY headers come on stream listeners; a WebSocket balancer (nginx's
+     * http proxy) sends none, so message transports never expect one */
+    if (net.proxy_protocol &&
+        !(ep->nchain && (ep->chain[ep->nchain - 1]->flags & NET_TR_MESSAGES))) {
+        s->ep = ep;  /* its transports are stacked in pp_admit() */
+        pp_begin(s); /* admitted when its header comes: pp_admit() */
         return;
     }
     if (admit_addr(s))
@@ -1854,6 +2050,7 @@ void net_apply_conf(const struct conf *c)
     net.ka_intvl_s = c->keepalive_intvl_s;
     net.ka_cnt = c->keepalive_cnt;
     net.user_timeout_s = c->user_timeout_s;
+    net.proxy_protocol = c->proxy_protocol; /* new connections on */
     set_trusted(c);
     if (net.loop && uv_is_active((uv_handle_t *)&net.idle_timer))
         uv_timer_stop(&net.idle_timer);
@@ -1922,6 +2119,9 @@ int net_start(uv_loop_t *loop, const struct conf *c)
         return -1;
     net_apply_conf(c); /* after the endpoints: their handshake deadlines */
     log_endpoints();
+    if (c->proxy_protocol)
+        LOGI("proxy_protocol on: each connection starts with a PROXY header "
+             "from a [server] trusted address");
     return 0;
 }
 
@@ -1993,6 +2193,9 @@ void net_shutdown(void (*done)(void))
     }
     net.shutdown_done = on_all_closed;
     uv_timer_start(&net.shutdown_timer, on_shutdown_timeout, 5000, 0);
+    for (struct chat_session *s = net.all_head; s; s = s->all_next)
+        if (s->pp_wait) /* PROXY: no header yet, nothing to say goodbye to */
+            begin_close(s, 0, NULL, 0);
     /* closing mutates by_id: collect first */
     all = mem_malloc((net.by_id.len + 1) * sizeof *all);
     if (all) {
@@ -2081,7 +2284,7 @@ uint64_t net_session_connected_at(const struct chat_session *s) { return s->conn
 struct chat_session *net_session_next(const struct chat_session *s)
 {
     struct chat_session *n = s ? s->all_next : net.all_head;
-    while (n && n->closing)
+    while (n && (n->closing || n->pp_wait))
         n = n->all_next;
     return n;
 }
@@ -2090,10 +2293,9 @@ const char *net_session_peer(const struct chat_session *s)
 {
     static char buf[64];
     struct sockaddr_storage ss;
-    int len = sizeof ss;
     char ip[48];
 
-    if (uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len) != 0)
+    if (session_sockaddr(s, &ss))
         return "?";
     if (ss.ss_family == AF_INET6) {
         uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);

@@ -29,7 +29,8 @@ LAYERS = [
         "alloc": "mem_", "log": "log_", "map": "map_", "frame": "frame_",
         "jsonstr": "json_", "conf": "conf_", "metrics": "metrics_",
         "sdnotify": "sdn_", "defer": "defer_", "admin_http": "adm_",
-        "rlbucket": "rl_", "ws": "ws_", "webfiles": "web_"}),
+        "rlbucket": "rl_", "ws": "ws_", "webfiles": "web_",
+        "proxyproto": "pp_"}),
     ("net, db and bus", True, {
         "net": "net_", "tls": "tls_", "db": "db_", "migrate": "db_", "bus": "bus_"}),
     ("sessions, dispatch and the login ack", False, {

@@ -141,8 +141,10 @@ STARTED_REDIS=1
 # points at this cluster's certificate, should etc/chat.conf have that
 # section: the nodes have no tls:// listener, nginx ends TLS).  nginx
 # reaches the nodes from 127.0.0.1, so that address is trusted: exempt from
-# the caps on connections per client address, which would otherwise apply to
-# nginx.
+# the caps on connections per client address, and allowed to send the PROXY
+# protocol header that nginx opens each connection with (proxy_protocol on
+# in nginx.conf, [server] proxy_protocol = on here), so that the nodes'
+# limits and logs see each client's own address.
 node_conf() {
     awk -v listen="$2" -v node="node$1" -v admin="127.0.0.1:$3" \
         -v token="$ADMIN_TOKEN" -v tlsdir="$DIR/tls" \
@@ -153,6 +155,7 @@ node_conf() {
         sec == "[server]"  && /^listen[ \t]*=/      { set(listen) }
         sec == "[server]"  && /^node_id[ \t]*=/     { set(node) }
         sec == "[server]"  && /^trusted[ \t]*=/     { set("127.0.0.1") }
+        sec == "[server]"  && /^proxy_protocol[ \t]*=/ { set("on") }
         sec == "[plugins]" && /^dir[ \t]*=/         { set(plugdir) }
         sec == "[mysql]"   && /^host[ \t]*=/        { set("127.0.0.1") }
         sec == "[mysql]"   && /^port[ \t]*=/        { set(mport) }
@@ -229,6 +232,7 @@ while IFS= read -r line; do
         line=${line//@WS_LISTEN@/$WS_LB}
         line=${line//@WORKER_CONNECTIONS@/$WORKER_CONN}
         line=${line//@NOFILE@/$NOFILE}
+        line=${line//@PROXY_PROTOCOL@/on}
         printf '%s\n' "$line"
         ;;
     esac

@@ -15,6 +15,12 @@ users, all connecting through nginx:
     messages sent meanwhile from the offline store;
   - every numbered message reaches every recipient exactly once.
 
+The nodes run with [server] proxy_protocol = on and nginx with proxy_protocol
+on, as `make cluster` does.  NginxRealAddress checks what that is for: behind
+nginx a node's admin GET /sessions and its log lines name each client's own
+address (clients bound to 127.0.0.2 and 127.0.0.3), and the cap on
+connections per client address counts clients, not nginx.
+
 The node is killed once the victims hold every message sent so far, and the
 senders go on at once.  A message the node had already taken from the bus
 when it died is lost: the bus is Redis pub/sub, at most once (core/bus.c);
@@ -61,6 +67,8 @@ def find_nginx():
 
 
 NGINX, LOAD_MODULE = find_nginx()
+# The nodes behind an Nginx(proxy_protocol=True), as in `make cluster`.
+PROXIED = {"server": {"proxy_protocol": "on", "trusted": "127.0.0.1"}}
 
 
 def established_by_port(ports):
@@ -83,11 +91,14 @@ def established_by_port(ports):
 class Nginx:
     """nginx in the foreground under a private prefix."""
 
-    def __init__(self, listen_port, node_ports, tls_port=None, ws_port=None, ws_ports=()):
+    def __init__(self, listen_port, node_ports, tls_port=None, ws_port=None, ws_ports=(),
+                 proxy_protocol=False):
         """Plain TCP on listen_port, TLS on tls_port (free when None) with a
         fresh self-signed certificate (self.cert: its own CA), WebSocket on
         ws_port (free when None) to ws_ports (nothing listening by default:
-        nginx only needs a server line)."""
+        nginx only needs a server line).  proxy_protocol: the stream ports
+        open each node connection with a PROXY header (the nodes need
+        [server] proxy_protocol = on and 127.0.0.1 trusted)."""
         self.dir = tempfile.mkdtemp(prefix="chat-nginx-")
         os.makedirs(os.path.join(self.dir, "logs"))
         os.makedirs(os.path.join(self.dir, "temp"))
@@ -113,7 +124,8 @@ class Nginx:
                     .replace("@WS_LISTEN@", "127.0.0.1:%d" % self.ws_port)
                     .replace("@WS_SERVERS@\n", ws_servers)
                     .replace("@WORKER_CONNECTIONS@", "1024")
-                    .replace("@NOFILE@", "4096"))
+                    .replace("@NOFILE@", "4096")
+                    .replace("@PROXY_PROTOCOL@", "on" if proxy_protocol else "off"))
         self.conf = os.path.join(self.dir, "nginx.conf")
         with open(self.conf, "w") as f:
             f.write(text)
@@ -160,11 +172,12 @@ class NginxCluster(unittest.TestCase):
         db = stack.new_database("cluster")
         self.nodes = []
         for i in range(3):
-            node = Node(stack, db=db, node_id="cluster-n%d" % (i + 1), migrate=(i == 0))
+            node = Node(stack, db=db, node_id="cluster-n%d" % (i + 1), migrate=(i == 0),
+                        conf=PROXIED)
             self.addCleanup(node.stop)
             self.nodes.append(node)
         self.node_ports = [n.port for n in self.nodes]
-        self.nginx = Nginx(free_port(), self.node_ports)
+        self.nginx = Nginx(free_port(), self.node_ports, proxy_protocol=True)
         self.addCleanup(self.nginx.stop)
         self.users = []  # dicts: cli, id, name, node (index)
 
@@ -345,6 +358,54 @@ class NginxCluster(unittest.TestCase):
         for u in self.users:
             if u is not v:
                 u["cli"].expect("groupchat", group=gid, msg="crew, I am back")
+
+
+@unittest.skipIf(NGINX is None, LOAD_MODULE)
+class NginxRealAddress(unittest.TestCase):
+    """Behind nginx with the PROXY protocol a node sees each client."""
+
+    def setUp(self):
+        from test_net import echo_node
+        conf = dict(PROXIED["server"], max_connections_per_addr=2, max_unauth_per_addr=0)
+        self.node = echo_node(**conf)
+        self.addCleanup(self.node.stop)
+        self.nginx = Nginx(free_port(), [self.node.port], proxy_protocol=True)
+        self.addCleanup(self.nginx.stop)
+
+    def client(self, source, port=None):
+        c = harness.Client(port or self.nginx.port, source=source)
+        self.addCleanup(c.close)
+        return c
+
+    @staticmethod
+    def served(c, n):
+        c.send({"msgid": 1000, "n": n})
+        return c.recv().get("n") == n
+
+    def test_sessions_and_logs_name_the_client(self):
+        a, b = self.client("127.0.0.2"), self.client("127.0.0.3")
+        self.assertTrue(self.served(a, 1))
+        self.assertTrue(self.served(b, 2))
+        want = ["127.0.0.2:%d" % a.sock.getsockname()[1], "127.0.0.3:%d" % b.sock.getsockname()[1]]
+        status, _, body = self.node.admin("GET", "/sessions")
+        self.assertEqual(status, 200, body)
+        peers = [s["peer"] for s in body["sessions"]]
+        self.assertEqual(sorted(peers), want, "the node should see the clients, not nginx")
+        for w in want:
+            self.assertIn("peer=%s connected" % w, self.node.log_text())
+
+    def test_per_address_cap_counts_clients_not_nginx(self):
+        mark = self.node.log_mark()
+        mine = [self.client("127.0.0.2") for _ in range(2)]
+        for i, c in enumerate(mine):
+            self.assertTrue(self.served(c, i))
+        third = self.client("127.0.0.2")
+        self.assertTrue(third.closed(5), "a third connection from 127.0.0.2 was kept")
+        self.node.wait_log("max_connections_per_addr (2) reached: refused 127.0.0.2:", since=mark)
+        # other clients behind the same nginx are not affected
+        others = [self.client("127.0.0.3") for _ in range(2)]
+        for i, c in enumerate(others):
+            self.assertTrue(self.served(c, 10 + i))
 
 
 if __name__ == "__main__":
