@@ -459,7 +459,7 @@ void bt_input(struct bn_conn *c, const char *p, size_t n)
 {
     struct bt_conn *x = c->xp;
     char *buf;
-    int r;
+    int r = 0; /* (gcc -O1 with ASan cannot see it is set before use) */
 
     if (!x->ssl) {
         plain_in(c, p, n);
