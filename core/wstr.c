@@ -1,0 +1,325 @@
+/*
+ * wstr.c - the ws and wss transports: the WebSocket engine on the seam.
+ *
+ * Two table entries share these functions: ws (on the socket) and wss (on
+ * tls; net builds the chain, this file never knows which it is).  Each
+ * connection owns one struct ws_conn (ws.c), which parses the upgrade
+ * request and the frames and leaves the bytes to write in its output; this
+ * file moves them down with net_tr_down after every call into the engine,
+ * so nothing stays held here between calls (also from inside a callback:
+ * net may close the session synchronously while a message is processed,
+ * and must find our close frame already in its wire buffer).  Each whole text message goes up to net in one net_tr_up,
+ * and each '\n'-terminated message net hands down becomes one text frame
+ * without its '\n'.
+ *
+ * The engine's callbacks only record what happened (and pass messages
+ * up); the connection is ended after ws_conn_feed has returned and the
+ * engine's last bytes (an HTTP refusal, a close frame, our answer to the
+ * peer's close) are written: net_tr_close(t, 1) for an error, (t, 0) for
+ * the peer's goodbye.  The engine is freed only from free().
+ *
+ * Keepalive: the endpoint keeps its connections on a list, and tick()
+ * (net's limits timer, about once a second) pings each open one every
+ * [ws] ping_interval and closes it with 1008 when the pong has not come
+ * within pong_timeout.  The endpoint's ws_conf (path, origins,
+ * max_message) is copied at start and is not changed by a reload.
+ */
+#include <string.h>
+
+#include "transport.h"
+#include "ws.h"
+
+struct wstr_conn;
+
+struct wstr_ep {
+    struct ws_conf wc;
+    char *path;
+    char **origins;
+    size_t norigins;
+    uint64_t ping_ms, pong_ms;
+    struct wstr_conn *conns; /* for tick */
+};
+
+struct wstr_conn {
+    struct net_tconn t; /* first: net sees this */
+    struct ws_conn *w;
+    struct wstr_ep *ep;
+    struct wstr_conn *prev, *next;
+    uint64_t next_ping, pong_due; /* 0: none */
+    int err_code;                 /* on_error's code, for the log */
+    unsigned failed : 1, peer_closed : 1;
+};
+
+/* Move the engine's output down; 0 or -1. */
+static int wstr_flush(struct wstr_conn *c)
+{
+    const char *p;
+    size_t n;
+
+    while ((n = ws_conn_pending(c->w, &p)) > 0) {
+        if (net_tr_down(&c->t, p, n))
+            return -1;
+        ws_conn_consume(c->w, n);
+    }
+    return 0;
+}
+
+/* ---- engine callbacks ---------------------------------------------------- */
+
+static void on_open(void *ud)
+{
+    struct wstr_conn *c = ud;
+
+    if (c->ep->ping_ms)
+        c->next_ping = uv_now(net_tr_loop()) + c->ep->ping_ms;
+    net_tr_ready(&c->t);
+}
+
+static void on_message(void *ud, const char *text, size_t len)
+{
+    struct wstr_conn *c = ud;
+    net_tr_up(&c->t, text, len);
+}
+
+static void on_pong(void *ud)
+{
+    struct wstr_conn *c = ud;
+    c->pong_due = 0;
+}
+
+static void on_close(void *ud, uint16_t code, const char *reason, size_t len)
+{
+    struct wstr_conn *c = ud;
+    (void)reason;
+    (void)len;
+    LOGSD(c->t.s, "ws: the peer closed (%u)", (unsigned)code);
+    c->peer_closed = 1;
+}
+
+static void on_error(void *ud, int code, const char *why)
+{
+    struct wstr_conn *c = ud;
+    LOGSD(c->t.s, "ws: %d %s", code, why ? why : "");
+    c->err_code = code;
+    c->failed = 1;
+}
+
+static const struct ws_cb wstr_cb = {
+    .on_open = on_open,
+    .on_message = on_message,
+    .on_pong = on_pong,
+    .on_close = on_close,
+    .on_error = on_error,
+};
+
+/* ---- endpoint -------------------------------------------------------------- */
+
+static void ep_free(struct wstr_ep *ep)
+{
+    for (size_t i = 0; i < ep->norigins; i++)
+        mem_free(ep->origins[i]);
+    mem_free(ep->origins);
+    mem_free(ep->path);
+    mem_free(ep);
+}
+
+static int wstr_ep_start(const struct conf *c, const struct conf_listen *l, void **ep_ctx,
+                         int *handshake_ms, char *err, size_t errlen)
+{
+    struct wstr_ep *ep = mem_calloc(1, sizeof *ep);
+
+    if (!ep || !(ep->path = mem_strdup(l->path ? l->path : "/")))
+        goto nomem;
+    if (c->nws_origins && !(ep->origins = mem_calloc(c->nws_origins, sizeof *ep->origins)))
+        goto nomem;
+    for (size_t i = 0; i < c->nws_origins; i++, ep->norigins++)
+        if (!(ep->origins[i] = mem_strdup(c->ws_origins[i])))
+            goto nomem;
+    ep->wc.max_message = c->ws_max_message;
+    ep->wc.path = ep->path;
+    ep->wc.origins = ep->origins;
+    ep->wc.norigins = ep->norigins;
+    ep->ping_ms = (uint64_t)c->ws_ping_interval_s * 1000;
+    ep->pong_ms = (uint64_t)c->ws_pong_timeout_s * 1000;
+    *handshake_ms = c->ws_handshake_timeout_s * 1000;
+    *ep_ctx = ep;
+    return 0;
+nomem:
+    if (ep)
+        ep_free(ep);
+    snprintf(err, errlen, "out of memory");
+    return -1;
+}
+
+static void wstr_ep_stop(void *ep_ctx) { ep_free(ep_ctx); }
+
+/* End c once the engine's last bytes are down: error 1, or the peer's
+ * goodbye 0. */
+static void wstr_end(struct wstr_conn *c, int error)
+{
+    wstr_flush(c);
+    net_tr_close(&c->t, error);
+}
+
+static void wstr_tick(void *ep_ctx, uint64_t now)
+{
+    struct wstr_ep *ep = ep_ctx;
+
+    if (!ep->ping_ms)
+        return;
+    for (struct wstr_conn *c = ep->conns; c; c = c->next) {
+        if (net_session_closing(c->t.s) || ws_conn_state(c->w) != WS_OPEN)
+            continue;
+        if (c->pong_due && now >= c->pong_due) {
+            LOGSD(c->t.s, "ws: no pong within %llu ms", (unsigned long long)ep->pong_ms);
+            ws_conn_close(c->w, WS_CLOSE_POLICY, "pong timeout");
+            wstr_end(c, 1);
+            continue;
+        }
+        if (!c->pong_due && c->next_ping && now >= c->next_ping) {
+            if (ws_conn_ping(c->w) == 0)
+                c->pong_due = now + ep->pong_ms;
+            c->next_ping = now + ep->ping_ms;
+            if (wstr_flush(c))
+                net_tr_close(&c->t, 1);
+        }
+    }
+}
+
+/* ---- connection ------------------------------------------------------------- */
+
+static struct net_tconn *wstr_open(void *ep_ctx, struct chat_session *s,
+                                   struct net_tconn *below)
+{
+    struct wstr_ep *ep = ep_ctx;
+    struct wstr_conn *c = mem_calloc(1, sizeof *c);
+
+    (void)s;
+    (void)below;
+    if (!c)
+        return NULL;
+    if (!(c->w = ws_conn_new(&ep->wc, &wstr_cb, c))) {
+        mem_free(c);
+        return NULL;
+    }
+    c->ep = ep;
+    c->next = ep->conns;
+    if (ep->conns)
+        ep->conns->prev = c;
+    ep->conns = c;
+    return &c->t;
+}
+
+static int wstr_input(struct net_tconn *t, const char *buf, size_t n)
+{
+    struct wstr_conn *c = (struct wstr_conn *)t;
+    int r;
+
+    r = ws_conn_feed(c->w, buf, n);
+    if (r == CHAT_ERR_NOMEM) {
+        LOGSD(t->s, "ws: out of memory");
+        return -1;
+    }
+    if (c->failed)
+        wstr_end(c, 1);
+    else if (c->peer_closed)
+        wstr_end(c, 0);
+    else if (wstr_flush(c))
+        return -1;
+    return 0;
+}
+
+static int wstr_output(struct net_tconn *t, const char *buf, size_t n)
+{
+    struct wstr_conn *c = (struct wstr_conn *)t;
+    const char *end = buf + n;
+
+    while (buf < end) {
+        const char *nl = memchr(buf, '\n', (size_t)(end - buf));
+        size_t len = (size_t)((nl ? nl : end) - buf);
+        int r = ws_conn_send_text(c->w, buf, len);
+        if (r == CHAT_ERR_NOMEM)
+            return -1;
+        if (r) /* closed either way: the peer gets no more */
+            return 0;
+        buf += len + (nl ? 1 : 0);
+    }
+    return wstr_flush(c);
+}
+
+static size_t wstr_pending(const struct net_tconn *t)
+{
+    const char *p;
+    return ws_conn_pending(((const struct wstr_conn *)t)->w, &p);
+}
+
+/* The close code for the errno net closed the session with. */
+static uint16_t close_code(int code)
+{
+    switch (code) {
+    case 0:
+    case CHAT_E_IDLE:
+    case CHAT_E_KICKED:
+    case CHAT_E_REPLACED:
+        return WS_CLOSE_NORMAL;
+    case CHAT_E_SHUTDOWN:
+    case CHAT_E_DRAINING:
+        return WS_CLOSE_GOING_AWAY;
+    default: /* slow reader, limits, protocol errors */
+        return WS_CLOSE_POLICY;
+    }
+}
+
+static void wstr_close(struct net_tconn *t, int code, const char *reason)
+{
+    struct wstr_conn *c = (struct wstr_conn *)t;
+
+    if (ws_conn_state(c->w) != WS_OPEN)
+        return; /* a handshake (nothing to close) or a close already sent */
+    ws_conn_close(c->w, close_code(code), reason);
+    wstr_flush(c);
+}
+
+static void wstr_free(struct net_tconn *t)
+{
+    struct wstr_conn *c = (struct wstr_conn *)t;
+
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        c->ep->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    ws_conn_free(c->w);
+    mem_free(c);
+}
+
+const struct net_transport wstr_ws_transport = {
+    .name = "ws",
+    .below = NULL,
+    .flags = NET_TR_MESSAGES,
+    .ep_start = wstr_ep_start,
+    .ep_stop = wstr_ep_stop,
+    .tick = wstr_tick,
+    .open = wstr_open,
+    .input = wstr_input,
+    .output = wstr_output,
+    .pending = wstr_pending,
+    .close = wstr_close,
+    .free = wstr_free,
+};
+
+const struct net_transport wstr_wss_transport = {
+    .name = "wss",
+    .below = "tls",
+    .flags = NET_TR_MESSAGES,
+    .ep_start = wstr_ep_start,
+    .ep_stop = wstr_ep_stop,
+    .tick = wstr_tick,
+    .open = wstr_open,
+    .input = wstr_input,
+    .output = wstr_output,
+    .pending = wstr_pending,
+    .close = wstr_close,
+    .free = wstr_free,
+};
