@@ -22,7 +22,9 @@
  * (net's limits timer, about once a second) pings each open one every
  * [ws] ping_interval and closes it with 1008 when the pong has not come
  * within pong_timeout.  The endpoint's ws_conf (path, origins,
- * max_message) is copied at start and is not changed by a reload.
+ * max_message) is copied at start; a SIGHUP makes a new copy for new
+ * connections (each connection holds a reference to the one it began
+ * with) and applies the ping times to all.
  */
 #include <string.h>
 
@@ -31,19 +33,29 @@
 
 struct wstr_conn;
 
-struct wstr_ep {
+/* What the engine checks, shared by the connections made with it: a
+ * reload makes a new one for new connections, the old one goes with its
+ * last connection. */
+struct wstr_set {
     struct ws_conf wc;
     char *path;
     char **origins;
     size_t norigins;
-    uint64_t ping_ms, pong_ms;
-    struct wstr_conn *conns; /* for tick */
+    unsigned refs; /* the endpoint's and each connection's */
+};
+
+struct wstr_ep {
+    struct wstr_set *set;
+    uint64_t ping_ms, pong_ms; /* live: a reload applies to every connection */
+    struct wstr_conn *conns;   /* for tick */
+    char name[80];
 };
 
 struct wstr_conn {
     struct net_tconn t; /* first: net sees this */
     struct ws_conn *w;
     struct wstr_ep *ep;
+    struct wstr_set *set;
     struct wstr_conn *prev, *next;
     uint64_t next_ping, pong_due; /* 0: none */
     int err_code;                 /* on_error's code, for the log */
@@ -114,13 +126,46 @@ static const struct ws_cb wstr_cb = {
 
 /* ---- endpoint -------------------------------------------------------------- */
 
-static void ep_free(struct wstr_ep *ep)
+static void set_put(struct wstr_set *st)
 {
-    for (size_t i = 0; i < ep->norigins; i++)
-        mem_free(ep->origins[i]);
-    mem_free(ep->origins);
-    mem_free(ep->path);
-    mem_free(ep);
+    if (!st || --st->refs)
+        return;
+    for (size_t i = 0; i < st->norigins; i++)
+        mem_free(st->origins[i]);
+    mem_free(st->origins);
+    mem_free(st->path);
+    mem_free(st);
+}
+
+/* A set from c and path; NULL when out of memory. */
+static struct wstr_set *set_new(const struct conf *c, const char *path)
+{
+    struct wstr_set *st = mem_calloc(1, sizeof *st);
+
+    if (!st)
+        return NULL;
+    st->refs = 1;
+    if (!(st->path = mem_strdup(path)))
+        goto fail;
+    if (c->nws_origins && !(st->origins = mem_calloc(c->nws_origins, sizeof *st->origins)))
+        goto fail;
+    for (size_t i = 0; i < c->nws_origins; i++, st->norigins++)
+        if (!(st->origins[i] = mem_strdup(c->ws_origins[i])))
+            goto fail;
+    st->wc.max_message = c->ws_max_message;
+    st->wc.path = st->path;
+    st->wc.origins = st->origins;
+    st->wc.norigins = st->norigins;
+    return st;
+fail:
+    set_put(st);
+    return NULL;
+}
+
+static void ep_times(struct wstr_ep *ep, const struct conf *c)
+{
+    ep->ping_ms = (uint64_t)c->ws_ping_interval_s * 1000;
+    ep->pong_ms = (uint64_t)c->ws_pong_timeout_s * 1000;
 }
 
 static int wstr_ep_start(const struct conf *c, const struct conf_listen *l, void **ep_ctx,
@@ -128,30 +173,42 @@ static int wstr_ep_start(const struct conf *c, const struct conf_listen *l, void
 {
     struct wstr_ep *ep = mem_calloc(1, sizeof *ep);
 
-    if (!ep || !(ep->path = mem_strdup(l->path ? l->path : "/")))
-        goto nomem;
-    if (c->nws_origins && !(ep->origins = mem_calloc(c->nws_origins, sizeof *ep->origins)))
-        goto nomem;
-    for (size_t i = 0; i < c->nws_origins; i++, ep->norigins++)
-        if (!(ep->origins[i] = mem_strdup(c->ws_origins[i])))
-            goto nomem;
-    ep->wc.max_message = c->ws_max_message;
-    ep->wc.path = ep->path;
-    ep->wc.origins = ep->origins;
-    ep->wc.norigins = ep->norigins;
-    ep->ping_ms = (uint64_t)c->ws_ping_interval_s * 1000;
-    ep->pong_ms = (uint64_t)c->ws_pong_timeout_s * 1000;
+    if (!ep || !(ep->set = set_new(c, l->path ? l->path : "/"))) {
+        mem_free(ep);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    ep_times(ep, c);
+    snprintf(ep->name, sizeof ep->name, "%s:%d%s", l->host, l->port, ep->set->path);
     *handshake_ms = c->ws_handshake_timeout_s * 1000;
     *ep_ctx = ep;
     return 0;
-nomem:
-    if (ep)
-        ep_free(ep);
-    snprintf(err, errlen, "out of memory");
-    return -1;
 }
 
-static void wstr_ep_stop(void *ep_ctx) { ep_free(ep_ctx); }
+/* SIGHUP: origins and max_message for new connections, the ping times for
+ * all (handshake_timeout and the path stay: net and the listener keep them). */
+static void wstr_ep_reload(void *ep_ctx, const struct conf *c)
+{
+    struct wstr_ep *ep = ep_ctx;
+    struct wstr_set *st = set_new(c, ep->set->path);
+
+    if (!st) {
+        LOGE("ws %s: reload: out of memory; keeping the old [ws] settings", ep->name);
+        return;
+    }
+    set_put(ep->set);
+    ep->set = st;
+    ep_times(ep, c);
+    LOGI("ws %s: [ws] reloaded (%zu origins); new connections use it", ep->name,
+         st->norigins);
+}
+
+static void wstr_ep_stop(void *ep_ctx)
+{
+    struct wstr_ep *ep = ep_ctx;
+    set_put(ep->set);
+    mem_free(ep);
+}
 
 /* End c once the engine's last bytes are down: error 1, or the peer's
  * goodbye 0. */
@@ -198,11 +255,13 @@ static struct net_tconn *wstr_open(void *ep_ctx, struct chat_session *s,
     (void)below;
     if (!c)
         return NULL;
-    if (!(c->w = ws_conn_new(&ep->wc, &wstr_cb, c))) {
+    if (!(c->w = ws_conn_new(&ep->set->wc, &wstr_cb, c))) {
         mem_free(c);
         return NULL;
     }
     c->ep = ep;
+    c->set = ep->set;
+    ep->set->refs++;
     c->next = ep->conns;
     if (ep->conns)
         ep->conns->prev = c;
@@ -291,6 +350,7 @@ static void wstr_free(struct net_tconn *t)
     if (c->next)
         c->next->prev = c->prev;
     ws_conn_free(c->w);
+    set_put(c->set);
     mem_free(c);
 }
 
@@ -299,6 +359,7 @@ const struct net_transport wstr_ws_transport = {
     .below = NULL,
     .flags = NET_TR_MESSAGES,
     .ep_start = wstr_ep_start,
+    .ep_reload = wstr_ep_reload,
     .ep_stop = wstr_ep_stop,
     .tick = wstr_tick,
     .open = wstr_open,
@@ -314,6 +375,7 @@ const struct net_transport wstr_wss_transport = {
     .below = "tls",
     .flags = NET_TR_MESSAGES,
     .ep_start = wstr_ep_start,
+    .ep_reload = wstr_ep_reload,
     .ep_stop = wstr_ep_stop,
     .tick = wstr_tick,
     .open = wstr_open,
