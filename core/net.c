@@ -533,11 +533,13 @@ static void flush_session(struct chat_session *s);
  * them all.  Protocol-2 sessions, and every session when legacy_pace_ms is
  * 0, keep full coalescing; so does a session being closed (a stop, a
  * replaced login), whose queue is flushed as fast as the client reads it,
- * bounded by the shutdown timeout, rather than lost to the pace. */
+ * bounded by the shutdown timeout, rather than lost to the pace.  A message
+ * transport (ws, wss) frames every message itself: never paced. */
 
 static int pace_on(const struct chat_session *s)
 {
-    return net.legacy_pace_ms > 0 && s->proto != CHAT_PROTO_2 && !s->sink && !s->closing;
+    return net.legacy_pace_ms > 0 && s->proto != CHAT_PROTO_2 && !s->sink && !s->closing &&
+           !(s->top && (s->top->type->flags & NET_TR_MESSAGES));
 }
 
 static void pace_unlink(struct chat_session *s)

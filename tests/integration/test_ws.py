@@ -441,6 +441,25 @@ class TestWsShutdown(unittest.TestCase):
             if node.running():
                 node.stop()
 
+    def test_legacy_replies_are_not_paced(self):
+        """legacy_pace_ms keeps the seed's TCP reads to one document each;
+        over ws every message is a frame of its own, so none waits."""
+        node = Node(None, redis=False, mysql=False, plugins=("login",), ws=True,
+                    conf={"server": {"legacy_pace_ms": 1000}})
+        try:
+            r = RawWs(node.ws_port)
+            self.addCleanup(r.close)
+            r.handshake(node.ws_port)
+            start = time.monotonic()
+            r.sock.sendall(b"".join(client_frame(0x1, '{"msgid":1,"id":%d,"password":"x"}' % i)
+                                    for i in range(1, 5)))
+            for _ in range(4):
+                op, payload = r.frame(timeout=10)
+                self.assertEqual((op, json.loads(payload).get("msgid")), (0x1, 2))
+            self.assertLess(time.monotonic() - start, 2.5)  # paced: 3 s at least
+        finally:
+            node.stop()
+
     def test_sighup_reloads_origins_for_new_connections(self):
         node = Node(None, redis=False, mysql=False, plugins=("login",), ws=True,
                     conf={"ws": {"origins": "https://a.example"}})
