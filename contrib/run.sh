@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# contrib/run.sh - `make run`: chatd on 127.0.0.1:6000 with its own MariaDB
-# and Redis, for trying it out by hand (its admin listener, /metrics and
+# contrib/run.sh - `make run`: chatd on 127.0.0.1:6000 (tcp), 6443 (tls)
+# and 8080 (ws://127.0.0.1:8080/chat) with its own MariaDB and Redis, for trying it out by hand (its admin listener, /metrics and
 # /healthz among others, on 127.0.0.1:6080: etc/chat.conf [admin]).
 #
 # Installs missing packages, builds build/, starts a private MariaDB

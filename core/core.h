@@ -26,6 +26,7 @@
  *   net_   net.c       listener, sessions, buffered output, limits
  *          transport.h the transport seam (net_transport table, net_tr_*)
  *   tls_   tls.c       the tls transport (OpenSSL 3 on the loop)
+ *   wstr_  wstr.c      the ws and wss transports (ws.c on the seam)
  *   db_    db.c        MySQL pool on worker threads (migrate.c: --migrate)
  *   bus_   bus.c       Redis bus: node channel, presence, routing
  * 3 sessions, dispatch and the login ack
@@ -645,7 +646,7 @@ void net_stop_accepting(void);
  * new handshakes; a pair that does not load keeps the old one (logged). */
 void net_reload_tls(const struct conf *c);
 /* chatd -t: every listen scheme has a transport in this build; 0, or -1
- * with "listen ws://...: the ws transport is not built yet" in err. */
+ * with "listen SCHEME://...: no SCHEME transport in this build" in err. */
 int net_check_conf(const struct conf *c, char *err, size_t errlen);
 /* Close every session gracefully (flush, notice for protocol 2); calls
  * done when all are closed. */

@@ -27,7 +27,7 @@
  * freed, so the offline store keeps it; a frame the kernel took only in part counts as unsent.
  *
  * Transports (transport.h): every listen endpoint has a scheme.  A tcp
- * session takes the paths above as they are; a tls (later ws, wss) session
+ * session takes the paths above as they are; a tls, ws or wss session
  * also has a chain of transport layers between its socket and its JSON
  * stream: reads go to the bottom layer, which hands decoded bytes up to
  * the frame scanner (or, for a message transport, one whole message to
@@ -575,11 +575,13 @@ static void flush_session(struct chat_session *s);
  * them all.  Protocol-2 sessions, and every session when legacy_pace_ms is
  * 0, keep full coalescing; so does a session being closed (a stop, a
  * replaced login), whose queue is flushed as fast as the client reads it,
- * bounded by the shutdown timeout, rather than lost to the pace. */
+ * bounded by the shutdown timeout, rather than lost to the pace.  A message
+ * transport (ws, wss) frames every message itself: never paced. */
 
 static int pace_on(const struct chat_session *s)
 {
-    return net.legacy_pace_ms > 0 && s->proto != CHAT_PROTO_2 && !s->sink && !s->closing;
+    return net.legacy_pace_ms > 0 && s->proto != CHAT_PROTO_2 && !s->sink && !s->closing &&
+           !(s->top && (s->top->type->flags & NET_TR_MESSAGES));
 }
 
 static void pace_unlink(struct chat_session *s)
@@ -1857,11 +1859,10 @@ static void on_connection(uv_stream_t *server, int status)
 
 /* ---- endpoints -------------------------------------------------------- */
 
-/* The transports, by scheme.  tcp is net.c's own path (no functions); ws
- * and wss are listed when their file lands. */
+/* The transports, by scheme.  tcp is net.c's own path (no functions). */
 static const struct net_transport tcp_transport = {.name = "tcp"};
-static const struct net_transport *const transports[] = {&tcp_transport,
-                                                         &tls_transport};
+static const struct net_transport *const transports[] = {
+    &tcp_transport, &tls_transport, &wstr_ws_transport, &wstr_wss_transport};
 
 #define NET_NTR (sizeof transports / sizeof transports[0])
 _Static_assert(NET_NTR <= NET_TR_MAX, "NET_TR_MAX: room for every transport");
@@ -1885,7 +1886,7 @@ static int endpoint_chain(struct net_endpoint *ep, const struct conf *c,
     char err[256];
 
     if (!top) {
-        LOGE("listen %s: the %s transport is not built yet", ep->name, l->scheme);
+        LOGE("listen %s: no %s transport in this build", ep->name, l->scheme);
         return -1;
     }
     for (size_t i = 0; i < NET_NTR; i++)
@@ -1995,7 +1996,7 @@ int net_check_conf(const struct conf *c, char *err, size_t errlen)
 {
     for (size_t i = 0; i < c->nlistens; i++)
         if (!transport_find(c->listens[i].scheme)) {
-            snprintf(err, errlen, "%s: listen %s://%s:%d: the %s transport is not built yet",
+            snprintf(err, errlen, "%s: listen %s://%s:%d: no %s transport in this build",
                      c->path, c->listens[i].scheme, c->listens[i].host, c->listens[i].port,
                      c->listens[i].scheme);
             return -1;

@@ -136,4 +136,7 @@ uv_loop_t *net_tr_loop(void);
 /* ---- tls.c ------------------------------------------------------------ */
 extern const struct net_transport tls_transport;
 
+/* ---- wstr.c: ws (on the socket) and wss (on tls), one set of functions -- */
+extern const struct net_transport wstr_ws_transport, wstr_wss_transport;
+
 #endif

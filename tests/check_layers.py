@@ -32,7 +32,7 @@ LAYERS = [
         "rlbucket": "rl_", "ws": "ws_", "webfiles": "web_",
         "proxyproto": "pp_"}),
     ("net, db and bus", True, {
-        "net": "net_", "tls": "tls_", "db": "db_", "migrate": "db_", "bus": "bus_"}),
+        "net": "net_", "tls": "tls_", "wstr": "wstr_", "db": "db_", "migrate": "db_", "bus": "bus_"}),
     ("sessions, dispatch and the login ack", False, {
         "session": "sess_", "dispatch": "disp_", "loginack": "ack_",
         "ratelimit": "rl_"}),
@@ -42,8 +42,8 @@ LAYERS = [
         "wire": "wire_", "main": "", "admin": "admin_"}),
 ]
 # Files of an isolated layer that form one subsystem (default: the file alone).
-# A transport of net (tls.c, ws.c: issue 9) goes into the group "net".
-GROUPS = {"migrate": "db", "tls": "net"}
+# A transport of net (tls.c, wstr.c: issue 9) goes into the group "net".
+GROUPS = {"migrate": "db", "tls": "net", "wstr": "net"}
 # Only main.c may take the default loop; the rest get theirs injected.
 LOOP_OWNERS = {"main"}
 

@@ -41,6 +41,7 @@
 #                 not take them (chatd -t)
 # and, not in the default set:
 #   tls-conns     conns K=BENCH_CONNS idle over tls: RSS per TLS connection
+#   ws-conns      the same over ws: RSS per idle WebSocket connection
 #   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
 #   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
 #                 messages with a cid, counted and timed send-to-ACK
@@ -364,13 +365,14 @@ for ((run = 1; run <= RUNS; run++)); do
             fi
             bench "$s" "$run" login --handshakes "${XTLS[@]}" -L 50 --procs "$PROCS" \
                 --ids "$DIR/ids-login-c$HASH_COST.txt" "${TIMING[@]}" ;;
-        tls-conns)
+        tls-conns|ws-conns)
             if ((!XP)); then
                 echo "  $s #$run: skipped (no tls listener in this chatd)"
                 continue
             fi
             restart_chatd
-            bench "$s" "$run" conns "${XTLS[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
+            if [[ $s == ws-* ]]; then target=("${XWS[@]}"); else target=("${XTLS[@]}"); fi
+            bench "$s" "$run" conns "${target[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
                 --ids "$DIR/ids-conns-c$HASH_COST.txt" --duration 3 -q ;;
         group)
             bench "$s" "$run" group "${CHATD[@]}" -G 50 -S 5 -W 8 --procs "$PROCS" \
@@ -455,7 +457,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "pairs-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "tls-handshakes", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:

@@ -39,7 +39,7 @@ Stack() -- the run's MariaDB + Redis
 
 Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
      plugin_dir=None, conf=None, node_id=None, redis=True, mysql=True,
-     migrate=True, args=(), tls=False)
+     migrate=True, args=(), tls=False, ws=False, wss=False)
     Writes a config in a temp dir: [server] listen 127.0.0.1:<free port>,
     log_level debug, legacy_pace_ms 0 (Client splits lines; a test of
     pacing removes the key) (node_id when given); [plugins] dir = plugin_dir
@@ -63,6 +63,10 @@ Node(stack, db=None, plugins=("login","friend","one2one","group","offline"),
     localhost/127.0.0.1 made by make_cert() in the node's dir.
     .tls_port .tls_cert .tls_key (None without tls)
     .tls_context(cafile=None) -> ssl.SSLContext trusting the node's cert
+    ws=True adds ws://127.0.0.1:<ws_port>/chat, wss=True
+    wss://127.0.0.1:<wss_port>/chat (with the tls=True pair and [tls]; tls
+    itself only when asked).  .ws_port .wss_port (None without), and
+    .ws_url / .wss_url ("ws://127.0.0.1:P/chat").
     .port .admin_port .pid .proc .conf_path .db .log_path .dir
     .admin(method, path, body=None, token=ADMIN_TOKEN) -> (status, headers,
                                 body)   admin_request() to this node
@@ -544,7 +548,7 @@ class Node:
     def __init__(self, stack=None, db=None,
                  plugins=("login", "friend", "one2one", "group", "offline"),
                  plugin_dir=None, conf=None, node_id=None, redis=True, mysql=True,
-                 migrate=True, args=(), tls=False):
+                 migrate=True, args=(), tls=False, ws=False, wss=False):
         if stack is None and (redis or mysql):
             stack = Stack()
         self.stack = stack
@@ -561,6 +565,7 @@ class Node:
         self.proc = None
         self._start_mark = 0
         self.tls_port = self.tls_cert = self.tls_key = None
+        self.ws_port = self.wss_port = None
 
         # legacy_pace_ms 0: Client splits lines itself, like the load
         # generator; the seed-client tests remove it to get chatd's default
@@ -588,6 +593,17 @@ class Node:
             self._conf["server"]["listen"] = "127.0.0.1:%d, tls://127.0.0.1:%d" % (
                 self.port, self.tls_port)
             self._conf["tls"] = {"cert": self.tls_cert, "key": self.tls_key}
+        if ws:  # ws://127.0.0.1:<ws_port>/chat
+            self.ws_port = free_port()
+            self._conf["server"]["listen"] += ", ws://127.0.0.1:%d/chat" % self.ws_port
+        if wss:  # wss://...: the tls=True pair
+            self.wss_port = free_port()
+            if not self.tls_cert:
+                self.tls_cert = os.path.join(self.dir, "cert.pem")
+                self.tls_key = os.path.join(self.dir, "key.pem")
+                make_cert(self.tls_cert, self.tls_key)
+                self._conf["tls"] = {"cert": self.tls_cert, "key": self.tls_key}
+            self._conf["server"]["listen"] += ", wss://127.0.0.1:%d/chat" % self.wss_port
         if node_id is not None:
             self._conf["server"]["node_id"] = node_id
         if mysql:
@@ -634,11 +650,19 @@ class Node:
                 continue
             if i == 0:
                 self.port = int(port)
-            if scheme == "tls":
-                self.tls_port = int(port)
+            if scheme in ("tls", "ws", "wss"):
+                setattr(self, scheme + "_port", int(port))
         listen = str((self._conf.get("admin") or {}).get("listen", ""))
         port = listen.rpartition(":")[2]
         self.admin_port = int(port) if port.isdigit() else None
+
+    @property
+    def ws_url(self):
+        return "ws://127.0.0.1:%d/chat" % self.ws_port
+
+    @property
+    def wss_url(self):
+        return "wss://127.0.0.1:%d/chat" % self.wss_port
 
     def tls_context(self, cafile=None):
         """A client ssl.SSLContext that trusts this node's certificate."""

@@ -7,7 +7,12 @@ chat-cli on the node's TCP port; a wrong CA and the system CAs (which do not
 know the self-signed certificate) are refused with a clear reason;
 --insecure connects and warns; Python's ssl module goes the same way.
 
-WebSocket: until chatd has a ws listener of its own, a tiny relay written
+WebSocket, chatd's own (CliChatdWebSocket): chat-cli and chat-bench over
+chatd's ws:// and wss:// listeners, with a ping every second, and nginx's
+WebSocket proxy in front of the ws listener.
+
+WebSocket through a relay (CliWebSocket, kept: it checks what chat-cli
+sends, the Origin header, independently of chatd): a tiny relay written
 with python3-websockets stands in for it: each text message it receives is
 written to the node's TCP port, each line the node writes is sent back as
 one text message.  The relay pings every 0.2 s and closes a client that
@@ -306,6 +311,60 @@ class CliWebSocket(ChatOver):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
             self.assertEqual(r.returncode, 2, url)
             self.assertIn(why, r.stderr, url)
+
+
+class CliChatdWebSocket(ChatOver):
+    """chat-cli against chatd's own ws:// and wss:// listeners (no relay),
+    with pings every second that chat-cli must answer, and nginx's
+    WebSocket proxy in front of chatd's ws listener; chat-bench over both."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, ws=True, wss=True,
+                        conf={"ws": {"ping_interval": 1, "pong_timeout": 1}})
+
+    def test_ws_chat_and_pings(self):
+        c = self.cli("cws", self.node.ws_url, ["--origin", "http://localhost"])
+        self.chat_with_tcp(c, "cws", linger=2.5)
+
+    def test_wss_chat(self):
+        c = self.cli("cwss", "wss://localhost:%d/chat" % self.node.wss_port,
+                     ["--ca", self.node.tls_cert])
+        self.chat_with_tcp(c, "cwss", linger=2.5)
+
+    def test_wrong_path(self):
+        c = self.cli("cws-404", "ws://127.0.0.1:%d/nope" % self.node.ws_port,
+                     connected=False, timeout=1)
+        self.assertIn("HTTP 404", c.expect("connect-failed")["reason"])
+
+    @unittest.skipIf(NGINX is None, LOAD_MODULE)
+    def test_through_nginx(self):
+        ngx = Nginx(free_port(), [self.node.port], ws_ports=[self.node.ws_port])
+        self.addCleanup(ngx.stop)
+        c = self.cli("cws-nginx", "ws://127.0.0.1:%d/chat" % ngx.ws_port,
+                     ["--origin", "https://chat.example"])
+        self.chat_with_tcp(c, "cws-nginx", linger=2.5)
+        self.assertIn("GET /chat HTTP/1.1\" 101", ngx.log("http.log"))
+
+    def test_bench(self):
+        if not os.access(BENCH, os.X_OK):
+            self.fail("chat-bench not built at %s" % BENCH)
+        ids = os.path.join(tempfile.mkdtemp(prefix="chat-bench-ids-"), "ids.txt")
+        for target, extra in (("127.0.0.1:%d" % self.node.port, []),
+                              (self.node.ws_url, []),
+                              ("wss://localhost:%d/chat" % self.node.wss_port,
+                               ["--ca", self.node.tls_cert])):
+            r = subprocess.run([BENCH, "pairs", "-t", target, "-P", "2", "-W", "2",
+                                "--warmup", "0.5", "--duration", "1", "--drain", "5",
+                                "--ids", ids, "-q"] + extra,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+            out = r.stdout.decode()
+            self.assertEqual(r.returncode, 0, "%s\n%s" % (out, r.stderr.decode()))
+            kv = dict(f.split("=", 1) for f in out.split() if "=" in f)
+            self.assertGreater(int(kv["received"]), 0, out)
+            for k in ("lost", "dup", "corrupt", "errors"):
+                self.assertEqual(kv[k], "0", "%s %s: %s" % (target, k, out))
 
 
 BENCH = os.path.join(os.path.dirname(harness.CHATD), "chat-bench")

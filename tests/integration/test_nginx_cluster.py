@@ -173,11 +173,12 @@ class NginxCluster(unittest.TestCase):
         self.nodes = []
         for i in range(3):
             node = Node(stack, db=db, node_id="cluster-n%d" % (i + 1), migrate=(i == 0),
-                        conf=PROXIED)
+                        conf=PROXIED, ws=True)
             self.addCleanup(node.stop)
             self.nodes.append(node)
         self.node_ports = [n.port for n in self.nodes]
-        self.nginx = Nginx(free_port(), self.node_ports, proxy_protocol=True)
+        self.nginx = Nginx(free_port(), self.node_ports, proxy_protocol=True,
+                           ws_ports=[n.ws_port for n in self.nodes])
         self.addCleanup(self.nginx.stop)
         self.users = []  # dicts: cli, id, name, node (index)
 
@@ -220,6 +221,29 @@ class NginxCluster(unittest.TestCase):
                     ev.get("msg", "").startswith(prefix):
                 out.append(int(ev["msg"][len(prefix):]))
         return out
+
+    def test_websocket_through_nginx(self):
+        """nginx's WebSocket port in front of the nodes' own ws:// listeners:
+        ws users (spread over the nodes) chat with a tcp user through nginx."""
+        tcp = self.connect_user(0)
+        for i in range(1, 4):
+            c = clidrv.Cli(self.nginx.port, name="w%d" % i,
+                           url="ws://127.0.0.1:%d/chat" % self.nginx.ws_port,
+                           args=["--origin", "https://chat.example"])
+            self.addCleanup(c.stop)
+            c.expect("connected")
+            c.send("register w%d pw" % i)
+            uid = int(c.expect("register", ok=True)["id"])
+            c.send("login %d pw" % uid)
+            c.expect("login", ok=True, id=uid)
+            c.send("chat:%d:from ws %d" % (tcp["id"], i))
+            c.expect("sent", to=tcp["id"])
+            self.assertEqual(tcp["cli"].expect("chat", **{"from": uid})["msg"], "from ws %d" % i)
+            tcp["cli"].send("chat:%d:back %d" % (uid, i))
+            self.assertEqual(c.expect("chat", **{"from": tcp["id"]})["msg"], "back %d" % i)
+            c.stop()  # nginx logs a WebSocket request when it ends
+        wait_for(lambda: "GET /chat HTTP/1.1\" 101" in self.nginx.log("http.log"),
+                 timeout=10, what="nginx's 101 log line")
 
     def test_failover(self):
         for i in range(USERS):

@@ -282,23 +282,23 @@ class TlsStart(unittest.TestCase):
             Node(None, redis=False, mysql=False, plugins=("login",), conf=conf)
         self.assertIn(why, str(e.exception))
 
-    def test_ws_endpoints_are_refused_until_built(self):
-        for scheme in ("ws", "wss"):
-            self.start_fails({"server": {"listen": "127.0.0.1:%d, %s://127.0.0.1:%d/chat"
-                                         % (free_port(), scheme, free_port())},
-                              "tls": {"cert": "/nonexistent", "key": "/nonexistent"}},
-                             "transport is not built yet")
+    def test_wss_needs_the_tls_pair(self):
+        """wss stacks on tls: an unreadable [tls] pair stops the start."""
+        self.start_fails({"server": {"listen": "127.0.0.1:%d, wss://127.0.0.1:%d/chat"
+                                     % (free_port(), free_port())},
+                          "tls": {"cert": "/nonexistent/cert.pem", "key": "/nonexistent/k"}},
+                         "cert /nonexistent/cert.pem")
 
-    def test_check_flag_refuses_ws_until_built(self):
+    def test_check_flag_accepts_ws_and_wss(self):
         node = Node(None, redis=False, mysql=False, plugins=("login",), tls=True)
         node.stop()
-        node.write_conf({"server": {"listen": "127.0.0.1:%d, ws://127.0.0.1:%d/chat"
-                                    % (node.port, free_port())}})
+        node.write_conf({"server": {"listen": "127.0.0.1:%d, ws://127.0.0.1:%d/chat, "
+                                    "wss://127.0.0.1:%d/chat"
+                                    % (node.port, free_port(), free_port())}})
         import harness
         p = subprocess.run([harness.CHATD, "-t", "-c", node.conf_path],
                            capture_output=True, text=True, timeout=60)
-        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
-        self.assertIn("the ws transport is not built yet", p.stderr)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
 
     def test_unreadable_certificate_stops_the_start(self):
         self.start_fails({"server": {"listen": "tls://127.0.0.1:%d" % free_port()},

@@ -8,17 +8,17 @@ plain TCP harness Client; fragmented messages; ping/pong both ways and the
 pong timeout; the close handshake; a bad Origin refused (403); a missing or
 invalid Sec-WebSocket-Key (400); a bad version (426) and path (404); an
 unmasked client frame (1002); an oversized message (1009); a binary message
-(1003); a peer that never completes the handshake is timed out.
-
-Until the transport is wired into core/net.c, chatd refuses a listen with
-schemes (or does not answer on the ws port): the class is then skipped and
-says why.
+(1003); a peer that never completes the handshake is timed out; a message
+that is not one JSON object gets a protocol error; SIGTERM sends the 118
+notice and then a 1001 close.  TestWss: login and chat over wss (ws on
+tls, Node(wss=True)) with a TCP user on the other end.
 """
 
 import asyncio
 import base64
 import json
 import os
+import signal
 import socket
 import struct
 import time
@@ -167,20 +167,9 @@ class TestWebSocket(NodeCase):
                        "ping_interval": PING_INTERVAL, "pong_timeout": PONG_TIMEOUT,
                        "handshake_timeout": HANDSHAKE_TIMEOUT},
                 "plugin.login": {"hash_cost": 1}}
-        try:
-            cls.node = Node(cls.stack, conf=conf)
-        except NodeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-            raise unittest.SkipTest("this chatd has no ws:// listener yet (the issue 9 "
-                                    "transport is not wired): %s" % first)
-        cls.node.port = tcp
-        cls.ws_port = getattr(cls.node, "ws_port", None) or ws
-        try:
-            socket.create_connection(("127.0.0.1", cls.ws_port), timeout=5).close()
-        except OSError as e:
-            cls.node.stop()
-            raise unittest.SkipTest("chatd accepted the ws:// listen but does not answer "
-                                    "on %d: %s" % (cls.ws_port, e))
+        cls.node = Node(cls.stack, conf=conf)
+        cls.ws_port = cls.node.ws_port
+        assert (cls.node.port, cls.ws_port) == (tcp, ws)
 
     # helpers
     @property
@@ -394,6 +383,24 @@ class TestWebSocket(NodeCase):
                 self.assertEqual(cm.exception.rcvd.code, 1003)
         asyncio.run(go())
 
+    def test_not_one_json_object(self):
+        """A message must be exactly one JSON object: two, or a bare value,
+        get the protocol error a tcp client gets (protocol 2: a protocol 1
+        session is answered nothing, as on tcp), and the line stays open."""
+        async def go():
+            async with self.connect() as ws:
+                reply = await self.ws_request(ws, {"msgid": 4, "name": uname(),
+                                                   "password": PASSWORD}, 1)
+                self.assertEqual(reply.get("errno"), 0, reply)  # now protocol 2
+                for text in ('{"msgid":4} {"msgid":4}', '[1,2]'):
+                    await ws.send(text)
+                    reply = await self.recv_json(ws)
+                    self.assertIn(reply.get("errno"), (100, 101), (text, reply))
+                reply = await self.ws_request(ws, {"msgid": 4, "name": uname(),
+                                                   "password": PASSWORD}, 2)
+                self.assertEqual(reply.get("errno"), 0, reply)
+        asyncio.run(go())
+
     def test_handshake_timeout(self):
         """A peer that starts the upgrade request and never finishes it is
         closed after handshake_timeout, without an answer."""
@@ -406,6 +413,131 @@ class TestWebSocket(NodeCase):
         # and one that sends nothing at all
         r = self.raw()
         self.assertTrue(r.eof(timeout=HANDSHAKE_TIMEOUT + 5))
+
+
+@unittest.skipIf(websockets is None, "python3-websockets is not installed")
+class TestWsShutdown(unittest.TestCase):
+    """SIGTERM: the 118 notice as a message, then a close frame 1001; SIGHUP
+    reloads [ws] for new connections."""
+
+    def test_sigterm_notice_then_going_away(self):
+        node = Node(None, redis=False, mysql=False, plugins=("login",), ws=True)
+        try:
+            r = RawWs(node.ws_port)
+            self.addCleanup(r.close)
+            r.handshake(node.ws_port)
+            r.sock.sendall(client_frame(0x1, '{"msgid":1,"id":1,"password":"x","proto":2}'))
+            op, payload = r.frame(timeout=10)
+            self.assertEqual((op, json.loads(payload).get("msgid")), (0x1, 2))
+            node.kill(signal.SIGTERM)
+            op, payload = r.frame(timeout=10)
+            self.assertEqual(op, 0x1)
+            notice = json.loads(payload)
+            self.assertEqual((notice.get("msgid"), notice.get("errno")), (12, 118))
+            self.assertEqual(r.close_code(timeout=10), 1001)
+            self.assertTrue(r.eof(timeout=10))
+            self.assertEqual(node.wait(30), 0)
+        finally:
+            if node.running():
+                node.stop()
+
+    def test_legacy_replies_are_not_paced(self):
+        """legacy_pace_ms keeps the seed's TCP reads to one document each;
+        over ws every message is a frame of its own, so none waits."""
+        node = Node(None, redis=False, mysql=False, plugins=("login",), ws=True,
+                    conf={"server": {"legacy_pace_ms": 1000}})
+        try:
+            r = RawWs(node.ws_port)
+            self.addCleanup(r.close)
+            r.handshake(node.ws_port)
+            start = time.monotonic()
+            r.sock.sendall(b"".join(client_frame(0x1, '{"msgid":1,"id":%d,"password":"x"}' % i)
+                                    for i in range(1, 5)))
+            for _ in range(4):
+                op, payload = r.frame(timeout=10)
+                self.assertEqual((op, json.loads(payload).get("msgid")), (0x1, 2))
+            self.assertLess(time.monotonic() - start, 2.5)  # paced: 3 s at least
+        finally:
+            node.stop()
+
+    def test_sighup_reloads_origins_for_new_connections(self):
+        node = Node(None, redis=False, mysql=False, plugins=("login",), ws=True,
+                    conf={"ws": {"origins": "https://a.example"}})
+        try:
+            def status(origin):
+                r = RawWs(node.ws_port)
+                try:
+                    r.sock.sendall(upgrade_request(node.ws_port, origin=origin))
+                    return r.http_response()[0]
+                finally:
+                    r.close()
+            self.assertEqual(status("https://b.example"), 403)
+            kept = RawWs(node.ws_port)  # open before the reload: keeps working
+            self.addCleanup(kept.close)
+            kept.handshake(node.ws_port, origin="https://a.example")
+            mark = node.log_mark()
+            node.write_conf({"ws": {"origins": "https://b.example"}})
+            node.sighup()
+            node.wait_log("[ws] reloaded", since=mark)
+            self.assertEqual(status("https://b.example"), 101)
+            self.assertEqual(status("https://a.example"), 403)
+            kept.sock.sendall(client_frame(0x1, '{"msgid":1,"id":1,"password":"x","proto":2}'))
+            op, payload = kept.frame(timeout=10)
+            self.assertEqual((op, json.loads(payload).get("msgid")), (0x1, 2))
+            self.assertEqual(node.stop(), 0)
+        finally:
+            if node.running():
+                node.stop()
+
+
+@unittest.skipIf(websockets is None, "python3-websockets is not installed")
+class TestWss(NodeCase):
+    """wss://: WebSocket over tls, with the harness's self-signed pair."""
+
+    recv_json = staticmethod(TestWebSocket.recv_json)
+    ws_request = TestWebSocket.ws_request
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, wss=True, conf={"plugin.login": {"hash_cost": 1}})
+
+    def test_login_and_chat_with_a_tcp_user(self):
+        tcp = Client(self.node.port, proto=2)
+        self.addCleanup(tcp.close)
+        tcp_name = uname("tcp")
+        tcp_id = tcp.register(tcp_name, PASSWORD)
+        self.assertEqual(tcp.login(tcp_id, PASSWORD).get("errno"), 0)
+
+        async def go():
+            async with websockets.connect(self.node.wss_url, ssl=self.node.tls_context(),
+                                          ping_interval=None, open_timeout=10) as ws:
+                name = uname("wss")
+                reg = await self.ws_request(ws, {"msgid": 4, "name": name,
+                                                                "password": PASSWORD}, 1)
+                self.assertEqual(reg.get("errno"), 0, reg)
+                ack = await self.ws_request(ws, {"msgid": 1, "id": reg["id"],
+                                                                "password": PASSWORD}, 2)
+                self.assertEqual(ack.get("errno"), 0, ack)
+                await ws.send(json.dumps({"msgid": 6, "id": reg["id"], "name": name,
+                                          "toid": tcp_id, "msg": "over wss", "time": TIME,
+                                          "proto": 2, "seq": 3}))
+                got = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: tcp.recv_until(lambda m: m.get("msgid") == 6, timeout=10))
+                self.assertEqual((got["msg"], got["id"]), ("over wss", reg["id"]))
+                tcp.request({"msgid": 6, "id": tcp_id, "name": tcp_name, "toid": reg["id"],
+                             "msg": "back over wss", "time": TIME})
+                back = await self.recv_json(ws, lambda m: m.get("msgid") == 6)
+                self.assertEqual((back["msg"], back["id"]), ("back over wss", tcp_id))
+        asyncio.run(go())
+
+    def test_plain_ws_on_the_wss_port_fails(self):
+        """The wss port speaks TLS first: a plain upgrade gets no 101."""
+        r = RawWs(self.node.wss_port)
+        self.addCleanup(r.close)
+        r.sock.sendall(upgrade_request(self.node.wss_port))
+        r.eof(timeout=5)
+        self.assertNotIn(b"HTTP/1.1 101", r.buf)
 
 
 if __name__ == "__main__":
