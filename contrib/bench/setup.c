@@ -236,8 +236,17 @@ static void on_connect(struct bn_conn *c, int status)
         lane_next(l);
 }
 
+/* The buffers of the lane's previous connection (closed by now). */
+static void lane_bufs_free(struct lane *l)
+{
+    bn_buf_free(&l->c.out);
+    bn_buf_free(&l->c.wbuf);
+    bn_buf_free(&l->c.in);
+}
+
 static void lane_connect(struct lane *l, int target)
 {
+    lane_bufs_free(l); /* a lane's connection is used again */
     memset(&l->c, 0, sizeof l->c);
     l->c.on_frame = on_frame;
     l->c.on_connect = on_connect;
@@ -345,6 +354,8 @@ static void run(enum job job, int from, int to, int nlanes)
     /* let the lanes that closed themselves run lane_closed with no work left */
     uv_run(&su.loop, UV_RUN_DEFAULT);
     uv_loop_close(&su.loop);
+    for (int i = 0; i < nlanes; i++)
+        lane_bufs_free(&su.lanes[i]);
     free(su.lanes);
 }
 
