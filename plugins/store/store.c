@@ -293,7 +293,8 @@ static void heads_read(const struct chat_db_result *r, void *ud)
             len < sizeof(sc->joined))
             memcpy(sc->joined, j, len + 1);
     }
-    qsort(q->convs, q->nconvs, sizeof(*q->convs), conv_cmp);
+    if (q->nconvs) /* (qsort of NULL, 0 is undefined) */
+        qsort(q->convs, q->nconvs, sizeof(*q->convs), conv_cmp);
     for (i = 0; i < q->nconvs && left > 0; i++) {
         struct sync_conv *sc = &q->convs[i];
         struct sync_part *part;

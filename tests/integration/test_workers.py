@@ -3,7 +3,14 @@ a node on the bus, users on different workers chat through Redis, and the
 supervisor stops them all gracefully."""
 import unittest
 
-from harness import Client, Node, Stack, wait_for
+from harness import Client, Node, Stack, admin_request, wait_for
+
+
+def _ready(port):
+    try:
+        return admin_request(port, "GET", "/readyz")[0] == 200
+    except OSError:
+        return False
 
 
 class WorkersTest(unittest.TestCase):
@@ -13,6 +20,11 @@ class WorkersTest(unittest.TestCase):
                     conf={"plugin.login": {"hash_cost": 1}})
         wait_for(lambda: node.log_text().count("listening on") >= 2, 20,
                  what="both workers listening")
+        # ready: each worker's database and Redis links are up (a slow,
+        # sanitized build may still be connecting when it listens)
+        for i in range(2):
+            wait_for(lambda: _ready(node.admin_port + i), 30,
+                     what="worker %d ready" % i)
         clients, ids = [], []
         try:
             for i in range(16):
