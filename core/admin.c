@@ -701,9 +701,16 @@ static void apply_notice(const cJSON *msg, const char *text)
         return;
     len = strlen(txt);
     if (cJSON_IsArray(users)) {
-        cJSON_ArrayForEach(u, users)
-            if (cJSON_IsNumber(u))
-                notice_send(net_session_by_user((int64_t)u->valuedouble), txt, len);
+        cJSON_ArrayForEach(u, users) {
+            if (!cJSON_IsNumber(u))
+                continue;
+            /* every device of the user (multi-device logins) */
+            struct chat_session *s = net_session_by_user((int64_t)u->valuedouble), *next;
+            for (; s; s = next) {
+                next = net_session_next_device(s); /* a send may close s */
+                notice_send(s, txt, len);
+            }
+        }
     } else {
         for (struct chat_session *s = net_session_next(NULL); s; s = net_session_next(s))
             notice_send(s, txt, len);
@@ -721,8 +728,13 @@ static void on_core(const char *data, size_t len)
     if (!cJSON_IsString(op) || !cJSON_IsString(text)) {
         LOGW("admin: malformed core broadcast ignored");
     } else if (strcmp(op->valuestring, "kick") == 0 && cJSON_IsNumber(user)) {
-        struct chat_session *s = net_session_by_user((int64_t)user->valuedouble);
-        if (s && !net_session_closing(s)) {
+        struct chat_session *s = net_session_by_user((int64_t)user->valuedouble), *next;
+        /* every device of the user (multi-device logins); closing may
+         * unbind s, so its successor is taken first */
+        for (; s; s = next) {
+            next = net_session_next_device(s);
+            if (net_session_closing(s))
+                continue;
             LOGI("admin: kicking user %" PRId64 " (session %llu)",
                  (int64_t)user->valuedouble, (unsigned long long)net_session_id(s));
             net_close(s, CHAT_E_KICKED, text->valuestring);

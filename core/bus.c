@@ -17,6 +17,8 @@
  *   chatd:held:<node>  the set of uids the node announced
  * A user is online only while its key names a node whose heartbeat exists,
  * so the users of a crashed node go offline within the TTL with no cleanup.
+ *   chatd:dev:<uid>    multi-device users only (CHAT_LOGIN_MULTI): a hash
+ *                      of node id -> the user's devices on that node
  *   chatd:kv:<plugin>:<key>  the plugins' key-value store (host kv_*, ABI
  *                      1.8): plain GET, SET PX, DEL; Redis expires them
  *
@@ -31,6 +33,21 @@
  * still names (left by a previous incarnation with the same id, or released
  * while Redis was down), refresh the heartbeat, re-announce every user
  * claimed here; users another live node took meanwhile are closed here.
+ *
+ * Multi-device.  A CHAT_LOGIN_MULTI claim counts the user's devices on the
+ * live nodes of chatd:dev:<uid> (pruning dead nodes), refuses over the
+ * login's maximum, else HINCRBYs this node's field; each release
+ * decrements it (HDEL at 0); sync re-announces the absolute counts.  The
+ * claims map marks such users (CLAIM_MULTI): a message for one goes to
+ * every local session of the user (struct bus_calls next) and, quietly
+ * ("E <uid> <json>": no undeliverable on the far side), to every other
+ * live node of the hash; a routed message ("D") is published to every
+ * holder and the reply says whether this node holds the user as well.
+ * Presence and route read both the single key and the hash, so nothing
+ * changes for users that never log in with CHAT_LOGIN_MULTI (their keys
+ * and replies are today's, one HKEYS of an absent key aside).  Mixing
+ * policies for one user across nodes is not arbitrated: configure one
+ * policy cluster-wide.
  *
  * Delivery.  A live local session gets the message at once; otherwise route
  * publishes it and the node holding the user hands it to its session.
@@ -88,6 +105,7 @@
 #define K_USER "chatd:user:"
 #define K_HB "chatd:hb:"
 #define K_HELD "chatd:held:"
+#define K_DEV "chatd:dev:"
 #define K_CHAN "chatd:node:"
 #define K_ALL "chatd:all"
 #define K_KV "chatd:kv:"
@@ -100,21 +118,58 @@
 #define SYNC_CHUNK 1000
 #define NODE_ID_MAX 64
 
-enum { SC_CLAIM, SC_RELEASE, SC_ROUTE, SC_PRESENCE, SC_SYNC, SC_N };
+enum { SC_CLAIM, SC_RELEASE, SC_ROUTE, SC_PRESENCE, SC_SYNC, SC_CLAIM_MULTI,
+       SC_RELEASE_MULTI, SC_N };
 
-/* ARGV: uid, node, replace.  Returns 1 (claimed) or the live holder's id. */
+/* ARGV: uid, node, replace.  Returns 1 (claimed), 2 (claimed from a live
+ * holder, which is told to close its session) or the live holder's id. */
 static const char script_claim[] =
     "local uk = '" K_USER "' .. ARGV[1]\n"
     "local cur = redis.call('GET', uk)\n"
+    "local r = 1\n"
     "if cur and cur ~= ARGV[2] then\n"
     "  if redis.call('EXISTS', '" K_HB "' .. cur) == 1 then\n"
     "    if ARGV[3] ~= '1' then return cur end\n"
     "    redis.call('PUBLISH', '" K_CHAN "' .. cur, 'K ' .. ARGV[1])\n"
+    "    r = 2\n"
     "  end\n"
     "  redis.call('SREM', '" K_HELD "' .. cur, ARGV[1])\n"
     "end\n"
     "redis.call('SET', uk, ARGV[2])\n"
     "redis.call('SADD', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
+    "return r\n";
+
+/* Multi-device (CHAT_LOGIN_MULTI).  ARGV: uid, node, max (0: none).  Counts
+ * the user's devices on live nodes (a single-device holder counts one),
+ * dropping the fields of dead nodes; over max returns 0, else adds this
+ * device and returns the count, this one included. */
+static const char script_claim_multi[] =
+    "local dk = '" K_DEV "' .. ARGV[1]\n"
+    "local n = 0\n"
+    "local cur = redis.call('GET', '" K_USER "' .. ARGV[1])\n"
+    "if cur and cur ~= ARGV[2] and\n"
+    "   redis.call('EXISTS', '" K_HB "' .. cur) == 1 then n = 1 end\n"
+    "local h = redis.call('HGETALL', dk)\n"
+    "for i = 1, #h, 2 do\n"
+    "  if h[i] == ARGV[2] or\n"
+    "     redis.call('EXISTS', '" K_HB "' .. h[i]) == 1 then\n"
+    "    n = n + tonumber(h[i + 1])\n"
+    "  else\n"
+    "    redis.call('HDEL', dk, h[i])\n"
+    "  end\n"
+    "end\n"
+    "if tonumber(ARGV[3]) > 0 and n >= tonumber(ARGV[3]) then return 0 end\n"
+    "redis.call('HINCRBY', dk, ARGV[2], 1)\n"
+    "redis.call('SADD', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
+    "return n + 1\n";
+
+/* ARGV: uid, node.  One device of the user on this node is gone. */
+static const char script_release_multi[] =
+    "local dk = '" K_DEV "' .. ARGV[1]\n"
+    "if redis.call('HINCRBY', dk, ARGV[2], -1) <= 0 then\n"
+    "  redis.call('HDEL', dk, ARGV[2])\n"
+    "  redis.call('SREM', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
+    "end\n"
     "return 1\n";
 
 /* ARGV: uid, node. */
@@ -124,17 +179,35 @@ static const char script_release[] =
     "redis.call('SREM', '" K_HELD "' .. ARGV[2], ARGV[1])\n"
     "return 1\n";
 
-/* ARGV: uid, json, node.  Returns the number of subscribers reached, -1
- * when no live node holds the user, -2 when the calling node does (it then
- * delivers from this reply, in order with its other routed messages). */
+/* ARGV: uid, json, node, skip, kind.  PUBLISHes "<kind> <uid> <json>" to
+ * every live node holding the user (the single-device key and the devices
+ * hash) but the calling one.  Returns the number of subscribers reached, -1
+ * when no live node holds the user, or -2 - reached when the calling node
+ * holds it too (it then delivers from this reply, in order with its other
+ * routed messages); with skip = 1 the calling node is left out (it has
+ * delivered to its own sessions already). */
 static const char script_route[] =
-    "local cur = redis.call('GET', '" K_USER "' .. ARGV[1])\n"
-    "if not cur or redis.call('EXISTS', '" K_HB "' .. cur) == 0 then\n"
-    "  return -1\n"
+    "local node, any, self, sent, seen = ARGV[3], 0, 0, 0, {}\n"
+    "local function one(n)\n"
+    "  if seen[n] then return end\n"
+    "  seen[n] = true\n"
+    "  if redis.call('EXISTS', '" K_HB "' .. n) == 0 then return end\n"
+    "  if n == node then\n"
+    "    if ARGV[4] ~= '1' then any, self = 1, 1 end\n"
+    "    return\n"
+    "  end\n"
+    "  any = 1\n"
+    "  sent = sent + redis.call('PUBLISH', '" K_CHAN "' .. n,\n"
+    "                           ARGV[5] .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])\n"
     "end\n"
-    "if cur == ARGV[3] then return -2 end\n"
-    "return redis.call('PUBLISH', '" K_CHAN "' .. cur,\n"
-    "                  'D ' .. ARGV[1] .. ' ' .. ARGV[2])\n";
+    "local cur = redis.call('GET', '" K_USER "' .. ARGV[1])\n"
+    "if cur then one(cur) end\n"
+    "for _, n in ipairs(redis.call('HKEYS', '" K_DEV "' .. ARGV[1])) do\n"
+    "  one(n)\n"
+    "end\n"
+    "if any == 0 then return -1 end\n"
+    "if self == 1 then return -2 - sent end\n"
+    "return sent\n";
 
 /* ARGV: uids.  Returns 1/0 per uid. */
 static const char script_presence[] =
@@ -148,13 +221,22 @@ static const char script_presence[] =
     "    end\n"
     "    on = live[cur]\n"
     "  end\n"
+    "  if on == 0 then\n"
+    "    for _, n in ipairs(redis.call('HKEYS', '" K_DEV "' .. ARGV[i])) do\n"
+    "      if live[n] == nil then\n"
+    "        live[n] = redis.call('EXISTS', '" K_HB "' .. n)\n"
+    "      end\n"
+    "      if live[n] == 1 then on = 1 break end\n"
+    "    end\n"
+    "  end\n"
     "  r[i] = on\n"
     "end\n"
     "return r\n";
 
 /* ARGV: node, mode (start|more|stop), ttl, uids...  start/stop first drop
- * what the node's set still names; stop also drops the heartbeat.  Returns
- * the uids held by another live node (not announced). */
+ * what the node's set still names; stop also drops the heartbeat.  A uid
+ * given as "m<uid>:<n>" is a multi-device user with n devices here (never
+ * lost).  Returns the uids held by another live node (not announced). */
 static const char script_sync[] =
     "local node, mode = ARGV[1], ARGV[2]\n"
     "local set = '" K_HELD "' .. node\n"
@@ -162,6 +244,7 @@ static const char script_sync[] =
     "  for _, u in ipairs(redis.call('SMEMBERS', set)) do\n"
     "    local uk = '" K_USER "' .. u\n"
     "    if redis.call('GET', uk) == node then redis.call('DEL', uk) end\n"
+    "    redis.call('HDEL', '" K_DEV "' .. u, node)\n"
     "  end\n"
     "  redis.call('DEL', set)\n"
     "end\n"
@@ -173,8 +256,12 @@ static const char script_sync[] =
     "local lost = {}\n"
     "for i = 4, #ARGV do\n"
     "  local uk = '" K_USER "' .. ARGV[i]\n"
-    "  local cur = redis.call('GET', uk)\n"
-    "  if cur and cur ~= node and\n"
+    "  local m, c = string.match(ARGV[i], '^m(%d+):(%d+)$')\n"
+    "  local cur = not m and redis.call('GET', uk)\n"
+    "  if m then\n"
+    "    redis.call('HSET', '" K_DEV "' .. m, node, c)\n"
+    "    redis.call('SADD', set, m)\n"
+    "  elseif cur and cur ~= node and\n"
     "     redis.call('EXISTS', '" K_HB "' .. cur) == 1 then\n"
     "    lost[#lost + 1] = ARGV[i]\n"
     "  else\n"
@@ -186,7 +273,8 @@ static const char script_sync[] =
 
 static const char *const scripts[SC_N] = {script_claim, script_release,
                                           script_route, script_presence,
-                                          script_sync};
+                                          script_sync, script_claim_multi,
+                                          script_release_multi};
 
 enum req_kind {
     REQ_SCRIPT,     /* SCRIPT LOAD of scripts[idx] */
@@ -212,6 +300,7 @@ struct bus_req {
     uint64_t sent_ns;       /* uv_hrtime() when sent: the round trip */
     int kind;
     int idx;
+    int flags;              /* REQ_CLAIM: CHAT_LOGIN_*; REQ_DELIVER: RQ_* */
     int64_t uid;
     void (*claim_cb)(int status, void *ud);
     void *ud;
@@ -227,6 +316,15 @@ struct bus_req {
 };
 
 enum link_state { LINK_DOWN, LINK_CONNECTING, LINK_UP };
+
+/* REQ_DELIVER flags: quiet deliveries (the copies for a multi-device
+ * user's other nodes, echoes) never end as undeliverable */
+#define RQ_QUIET 0x1
+/* REQ_CLAIM: refused here, before asking Redis (too many devices) */
+#define RQ_TOO_MANY 0x100
+
+/* claims map values: the count, with this bit set for a multi-device user */
+#define CLAIM_MULTI ((uintptr_t)1 << (sizeof(uintptr_t) * 8 - 1))
 
 static struct {
     int started, stopping, in_stop, finished;
@@ -266,6 +364,7 @@ static struct {
      * answered: while there are any, a new message for that user is routed
      * too, even when the user is local by now, so it cannot overtake them */
     struct map routing;
+    int claim_devices;      /* for bus_claim_devices(), during a claim's cb */
 } bus;
 
 static void (*core_cb)(const char *data, size_t len);
@@ -368,25 +467,33 @@ static void defer(struct bus_req *r)
 
 static uintptr_t claims_get(int64_t uid)
 {
-    return (uintptr_t)map_get(&bus.claims, uid);
+    return (uintptr_t)map_get(&bus.claims, uid) & ~CLAIM_MULTI;
 }
 
-static int claims_inc(int64_t uid)
+/* 1 when uid's claims here are multi-device ones. */
+static int claims_multi(int64_t uid)
 {
-    return map_put(&bus.claims, uid, (void *)(claims_get(uid) + 1));
+    return ((uintptr_t)map_get(&bus.claims, uid) & CLAIM_MULTI) != 0;
+}
+
+static int claims_inc(int64_t uid, int multi)
+{
+    uintptr_t v = (uintptr_t)map_get(&bus.claims, uid) + 1;
+
+    return map_put(&bus.claims, uid, (void *)(multi ? v | CLAIM_MULTI : v));
 }
 
 /* Returns the count left. */
 static uintptr_t claims_dec(int64_t uid)
 {
-    uintptr_t n = claims_get(uid);
+    uintptr_t v = (uintptr_t)map_get(&bus.claims, uid);
 
-    if (n <= 1) {
+    if ((v & ~CLAIM_MULTI) <= 1) {
         map_del(&bus.claims, uid);
         return 0;
     }
-    map_put(&bus.claims, uid, (void *)(n - 1)); /* existing key: no alloc */
-    return n - 1;
+    map_put(&bus.claims, uid, (void *)(v - 1)); /* existing key: no alloc */
+    return (v - 1) & ~CLAIM_MULTI;
 }
 
 /* ---- completion --------------------------------------------------------- */
@@ -396,12 +503,26 @@ static struct chat_session *live_session(int64_t uid)
     return up.live != NULL ? up.live(uid) : NULL;
 }
 
+/* Hand json to every live local session of uid but except; how many took
+ * it.  Without a next callback (one device per user), only the first. */
+static size_t deliver_all(int64_t uid, const char *json, size_t len,
+                          const struct chat_session *except)
+{
+    struct chat_session *s = live_session(uid), *next;
+    size_t n = 0;
+
+    for (; s != NULL; s = next) {
+        next = up.next != NULL ? up.next(s) : NULL; /* delivering may close s */
+        if (s != except && up.deliver(s, json, len) == CHAT_OK)
+            n++;
+    }
+    return n;
+}
+
 static void deliver_local_or_undeliverable(int64_t uid, const char *json,
                                            size_t len)
 {
-    struct chat_session *s = live_session(uid);
-
-    if (s != NULL && up.deliver(s, json, len) == CHAT_OK)
+    if (deliver_all(uid, json, len, NULL) > 0)
         return;
     up_undeliverable(uid, json, len, NULL);
 }
@@ -486,7 +607,54 @@ static void routing_add(int64_t uid, int d)
         LOGW("bus: out of memory tracking routed messages for user %lld", (long long)uid);
 }
 
-static struct chat_session *live_session(int64_t uid);
+/* A routed message's reply: -2 - n means this node holds the user too
+ * (deliver here now, in order with its other routed messages) and n
+ * subscribers counted the PUBLISH; n >= 0 only those; -1 nobody. */
+static void done_deliver(struct bus_req *r, const redisReply *rp)
+{
+    long long v = rp != NULL && rp->type == REDIS_REPLY_INTEGER ? rp->integer : -1;
+    long long sent = v <= -2 ? -2 - v : v;
+    size_t here = 0;
+
+    if (r->idx) /* it was counted as routed */
+        routing_add(r->uid, -1);
+    if (v <= -2)
+        here = deliver_all(r->uid, r->data, r->len, NULL);
+    if (sent >= 1)
+        /* a subscriber counted the PUBLISH: delivered (at most once) */
+        metrics_loop.deliveries[METRICS_ROUTE_REMOTE]++;
+    if (here > 0 || sent >= 1) {
+        if (r->ticket != NULL && up.delivered != NULL)
+            up.delivered(r->ticket, CHAT_OK);
+        return;
+    }
+    if (r->flags & RQ_QUIET)
+        return;
+    up_undeliverable(r->uid, r->data, r->len, r->ticket);
+}
+
+static void done_claim(struct bus_req *r, const redisReply *rp)
+{
+    int multi = (r->flags & CHAT_LOGIN_MULTI) != 0;
+
+    if ((r->flags & RQ_TOO_MANY)
+        || (multi && rp != NULL && rp->type == REDIS_REPLY_INTEGER
+            && rp->integer == 0)) {
+        claims_dec(r->uid);
+        r->claim_cb(CHAT_ERR_BUSY, r->ud);
+    } else if (rp != NULL && rp->type == REDIS_REPLY_STRING) {
+        claims_dec(r->uid);
+        r->claim_cb(CHAT_ERR_EXISTS, r->ud);
+    } else {
+        /* claimed, or local only (announced by the next sync) */
+        bus.claim_devices = rp != NULL && rp->type == REDIS_REPLY_INTEGER
+                                    && rp->integer >= 1
+                                ? (int)rp->integer
+                                : (int)claims_get(r->uid);
+        r->claim_cb(CHAT_OK, r->ud);
+        bus.claim_devices = 0;
+    }
+}
 
 /* Finish r with the reply rp (NULL: failed, or never sent); frees r. */
 static void req_done(struct bus_req *r, const redisReply *rp)
@@ -509,32 +677,11 @@ static void req_done(struct bus_req *r, const redisReply *rp)
     case REQ_SYNC:
         done_sync(rp);
         break;
-    case REQ_DELIVER: {
-        struct chat_session *s;
-        if (r->idx) /* it was counted as routed */
-            routing_add(r->uid, -1);
-        if ((rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer == -2 &&
-             (s = live_session(r->uid)) != NULL &&
-             up.deliver(s, r->data, r->len) == CHAT_OK) ||
-            (rp != NULL && rp->type == REDIS_REPLY_INTEGER && rp->integer >= 1)) {
-            /* a subscriber counted the PUBLISH: delivered (at most once) */
-            if (rp->integer >= 1)
-                metrics_loop.deliveries[METRICS_ROUTE_REMOTE]++;
-            if (r->ticket != NULL && up.delivered != NULL)
-                up.delivered(r->ticket, CHAT_OK);
-            break;
-        }
-        up_undeliverable(r->uid, r->data, r->len, r->ticket);
+    case REQ_DELIVER:
+        done_deliver(r, rp);
         break;
-    }
     case REQ_CLAIM:
-        if (rp != NULL && rp->type == REDIS_REPLY_STRING) {
-            claims_dec(r->uid);
-            r->claim_cb(CHAT_ERR_EXISTS, r->ud);
-        } else {
-            /* claimed, or local only (announced by the next sync) */
-            r->claim_cb(CHAT_OK, r->ud);
-        }
+        done_claim(r, rp);
         break;
     case REQ_PRESENCE:
         done_presence(r, rp);
@@ -608,9 +755,12 @@ static int send_cmd(struct bus_req *r, const char *fmt, ...)
     return 0;
 }
 
-/* EVALSHA scripts[sc] with fixed string args and then uids as args. */
-static int send_eval(struct bus_req *r, int sc, const char *const *fixed,
-                     size_t nfixed, const int64_t *uids, size_t n)
+/* EVALSHA scripts[sc] with fixed string args and then uids as args; a uid
+ * with mcount[i] > 0 goes as "m<uid>:<mcount[i]>" (sync). */
+#define EVAL_ARG_MAX 44
+static int send_eval_m(struct bus_req *r, int sc, const char *const *fixed,
+                       size_t nfixed, const int64_t *uids, const size_t *mcount,
+                       size_t n)
 {
     size_t argc = 3 + nfixed + n;
     const char **argv = NULL;
@@ -622,7 +772,7 @@ static int send_eval(struct bus_req *r, int sc, const char *const *fixed,
         return -1;
     argv = mem_malloc(argc * sizeof(*argv));
     lens = mem_malloc(argc * sizeof(*lens));
-    digits = mem_malloc(n * 21 + 1);
+    digits = mem_malloc(n * EVAL_ARG_MAX + 1);
     if (argv == NULL || lens == NULL || digits == NULL)
         goto out;
     argv[0] = "EVALSHA";
@@ -631,8 +781,11 @@ static int send_eval(struct bus_req *r, int sc, const char *const *fixed,
     for (size_t i = 0; i < nfixed; i++)
         argv[3 + i] = fixed[i];
     for (size_t i = 0; i < n; i++) {
-        char *d = digits + i * 21;
-        snprintf(d, 21, "%" PRId64, uids[i]);
+        char *d = digits + i * EVAL_ARG_MAX;
+        if (mcount != NULL && mcount[i] > 0)
+            snprintf(d, EVAL_ARG_MAX, "m%" PRId64 ":%zu", uids[i], mcount[i]);
+        else
+            snprintf(d, EVAL_ARG_MAX, "%" PRId64, uids[i]);
         argv[3 + nfixed + i] = d;
     }
     for (size_t i = 0; i < argc; i++)
@@ -649,29 +802,42 @@ out:
     return rc;
 }
 
+static int send_eval(struct bus_req *r, int sc, const char *const *fixed,
+                     size_t nfixed, const int64_t *uids, size_t n)
+{
+    return send_eval_m(r, sc, fixed, nfixed, uids, NULL, n);
+}
+
 /* Sync: mode "start" (with the first chunk of bound users) or "stop". */
 static int send_sync(const char *mode)
 {
     char ttl[16];
     const char *fixed[3] = {bus.node, mode, ttl};
     int64_t *uids = NULL;
+    size_t *mcount = NULL;
     size_t n = 0, it = 0, off = 0;
     int64_t uid;
+    void *v;
     int rc = -1;
 
     snprintf(ttl, sizeof(ttl), "%d", bus.ttl_s);
     if (strcmp(mode, "stop") != 0 && bus.claims.len > 0) {
         uids = mem_malloc(bus.claims.len * sizeof(*uids));
-        if (uids == NULL)
-            return -1;
-        while (map_next(&bus.claims, &it, &uid, NULL))
+        mcount = mem_malloc(bus.claims.len * sizeof(*mcount));
+        if (uids == NULL || mcount == NULL)
+            goto out;
+        while (map_next(&bus.claims, &it, &uid, &v)) {
+            /* a multi-device user is announced with its device count */
+            mcount[n] = ((uintptr_t)v & CLAIM_MULTI) ? (uintptr_t)v & ~CLAIM_MULTI : 0;
             uids[n++] = uid;
+        }
     }
     do {
         size_t chunk = n - off < SYNC_CHUNK ? n - off : SYNC_CHUNK;
         struct bus_req *r = req_new(REQ_SYNC, 0);
 
-        if (r == NULL || send_eval(r, SC_SYNC, fixed, 3, uids ? uids + off : NULL, chunk)) {
+        if (r == NULL || send_eval_m(r, SC_SYNC, fixed, 3, uids ? uids + off : NULL,
+                                     mcount ? mcount + off : NULL, chunk)) {
             mem_free(r);
             goto out;
         }
@@ -681,6 +847,7 @@ static int send_sync(const char *mode)
     rc = 0;
 out:
     mem_free(uids);
+    mem_free(mcount);
     return rc;
 }
 
@@ -744,6 +911,11 @@ static void handle_message(const char *p, size_t len)
     }
     if (p[0] == 'D' && (sp = memchr(p + 2, ' ', len - 2)) != NULL) {
         deliver_local_or_undeliverable(uid, sp + 1, (size_t)(end - sp - 1));
+        return;
+    }
+    if (p[0] == 'E' && (sp = memchr(p + 2, ' ', len - 2)) != NULL) {
+        /* a quiet copy (multi-device): nobody here, nothing to do */
+        deliver_all(uid, sp + 1, (size_t)(end - sp - 1), NULL);
         return;
     }
 bad:
@@ -1176,6 +1348,29 @@ void bus_on_core(void (*cb)(const char *data, size_t len)) { core_cb = cb; }
 
 static int bus_open(void) { return bus.started && !bus.stopping; }
 
+/* Route json to uid's sessions on the other nodes only, quietly ('E':
+ * no undeliverable anywhere): a multi-device user's copies, echoes. */
+static void route_quiet(int64_t uid, const char *json, size_t len)
+{
+    struct bus_req *r;
+    char uidbuf[24];
+
+    if (bus.link != LINK_UP || (r = req_new(REQ_DELIVER, len)) == NULL)
+        return;
+    r->uid = uid;
+    r->len = len;
+    r->flags = RQ_QUIET;
+    if (len > 0)
+        memcpy(r->data, json, len);
+    snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
+    if (send_cmd(r, "EVALSHA %s 0 %s %b %s 1 E", bus.sha[SC_ROUTE], uidbuf,
+                 r->data, len, bus.node) != 0) {
+        req_free(r);
+        return;
+    }
+    metrics_loop.bus_publishes[METRICS_PUBLISH_DELIVER]++;
+}
+
 int bus_deliver_local(int64_t uid, const char *json, size_t len)
 {
     struct chat_session *s;
@@ -1183,11 +1378,32 @@ int bus_deliver_local(int64_t uid, const char *json, size_t len)
     if (!bus_open() || (json == NULL && len > 0))
         return CHAT_ERR_NOTFOUND;
     s = live_session(uid);
-    if (s != NULL && (bus.link != LINK_UP || routing_count(uid) == 0) &&
-        up.deliver(s, json, len) == CHAT_OK)
-        return CHAT_OK;
-    return CHAT_ERR_NOTFOUND;
+    if (s == NULL || (bus.link == LINK_UP && routing_count(uid) > 0))
+        return CHAT_ERR_NOTFOUND;
+    if (!claims_multi(uid))
+        return up.deliver(s, json, len) == CHAT_OK ? CHAT_OK : CHAT_ERR_NOTFOUND;
+    /* multi-device: every device here now, the other nodes' through Redis */
+    if (deliver_all(uid, json, len, NULL) == 0)
+        return CHAT_ERR_NOTFOUND;
+    route_quiet(uid, json, len);
+    return CHAT_OK;
 }
+
+int bus_deliver_devices(int64_t uid, const struct chat_session *except,
+                        const char *json, size_t len)
+{
+    if (!bus_open())
+        return CHAT_ERR_CLOSED;
+    if (uid <= 0 || json == NULL || len == 0)
+        return CHAT_ERR_INVAL;
+    deliver_all(uid, json, len, except);
+    /* a single-device user held here has no other device to reach */
+    if (claims_get(uid) == 0 || claims_multi(uid))
+        route_quiet(uid, json, len);
+    return CHAT_OK;
+}
+
+int bus_claim_devices(void) { return bus.claim_devices; }
 
 int bus_deliver(int64_t uid, const char *json, size_t len)
 {
@@ -1216,7 +1432,7 @@ int bus_deliver_t(int64_t uid, const char *json, size_t len,
         memcpy(r->data, json, len);
     snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
     if (bus.link != LINK_UP
-        || send_cmd(r, "EVALSHA %s 0 %s %b %s", bus.sha[SC_ROUTE], uidbuf,
+        || send_cmd(r, "EVALSHA %s 0 %s %b %s 0 D", bus.sha[SC_ROUTE], uidbuf,
                     r->data, len, bus.node) != 0) {
         defer(r); /* undeliverable, on the next loop turn */
         return t != NULL ? CHAT_DELIVER_PENDING : CHAT_OK;
@@ -1260,8 +1476,10 @@ int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
 
 int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud)
 {
+    int multi = (flags & CHAT_LOGIN_MULTI) != 0, max = CHAT_LOGIN_DEVICES_OF(flags);
     struct bus_req *r;
     char uidbuf[24];
+    int sent;
 
     if (!bus_open())
         return CHAT_ERR_CLOSED;
@@ -1270,18 +1488,30 @@ int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud
     r = req_new(REQ_CLAIM, 0);
     if (r == NULL)
         return CHAT_ERR_NOMEM;
-    if (claims_inc(uid) != CHAT_OK) {
+    if (claims_inc(uid, multi) != CHAT_OK) {
         req_free(r);
         return CHAT_ERR_NOMEM;
     }
     r->uid = uid;
     r->claim_cb = cb;
     r->ud = ud;
+    r->flags = flags & (CHAT_LOGIN_REPLACE | CHAT_LOGIN_MULTI);
     metrics_loop.bus_presence[METRICS_PRESENCE_CLAIM]++;
     snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
-    if (bus.link != LINK_UP
-        || send_cmd(r, "EVALSHA %s 0 %s %s %s", bus.sha[SC_CLAIM], uidbuf,
-                    bus.node, (flags & CHAT_LOGIN_REPLACE) ? "1" : "0") != 0)
+    if (multi && max > 0 && claims_get(uid) > (uintptr_t)max) {
+        r->flags |= RQ_TOO_MANY; /* this node alone has max already */
+        defer(r);
+        return CHAT_OK;
+    }
+    if (bus.link != LINK_UP)
+        sent = -1;
+    else if (multi)
+        sent = send_cmd(r, "EVALSHA %s 0 %s %s %d", bus.sha[SC_CLAIM_MULTI],
+                        uidbuf, bus.node, max);
+    else
+        sent = send_cmd(r, "EVALSHA %s 0 %s %s %s", bus.sha[SC_CLAIM], uidbuf,
+                        bus.node, (flags & CHAT_LOGIN_REPLACE) ? "1" : "0");
+    if (sent != 0)
         defer(r); /* CHAT_OK, local only; announced by the next sync */
     return CHAT_OK;
 }
@@ -1290,8 +1520,13 @@ void bus_release(int64_t uid)
 {
     struct bus_req *r;
     char uidbuf[24];
+    int multi;
 
-    if (!bus.started || claims_get(uid) == 0 || claims_dec(uid) > 0)
+    if (!bus.started || claims_get(uid) == 0)
+        return;
+    /* a multi-device user's count in Redis drops with each device */
+    multi = claims_multi(uid);
+    if (claims_dec(uid) > 0 && !multi)
         return;
     metrics_loop.bus_presence[METRICS_PRESENCE_RELEASE]++;
     /* Down: the next sync drops the key (it is in our set). */
@@ -1299,7 +1534,8 @@ void bus_release(int64_t uid)
         || (r = req_new(REQ_RELEASE, 0)) == NULL)
         return;
     snprintf(uidbuf, sizeof(uidbuf), "%" PRId64, uid);
-    if (send_cmd(r, "EVALSHA %s 0 %s %s", bus.sha[SC_RELEASE], uidbuf,
+    if (send_cmd(r, "EVALSHA %s 0 %s %s",
+                 bus.sha[multi ? SC_RELEASE_MULTI : SC_RELEASE], uidbuf,
                  bus.node) != 0)
         req_free(r);
 }

@@ -664,6 +664,13 @@ const char *net_session_peer(const struct chat_session *s);
 int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
                      size_t name_len);
 void net_session_unbind(struct chat_session *s);
+/* Multi-device (CHAT_LOGIN_MULTI): bind with multi set joins the user's
+ * other local sessions (net_session_by_user returns the newest) instead of
+ * failing with CHAT_ERR_EXISTS; next_device walks them, newest first,
+ * closing ones included (NULL at the end). */
+int net_session_bind_ex(struct chat_session *s, int64_t uid, const char *name,
+                        size_t name_len, int multi);
+struct chat_session *net_session_next_device(const struct chat_session *s);
 int net_session_closing(const struct chat_session *s);
 /* Queue json + '\n'.  CHAT_ERR_CLOSED on a closing session.  Enforces
  * max_output on what is already pending before this message (closes the
@@ -825,8 +832,10 @@ void sess_init(uv_loop_t *loop); /* the loop worker jobs are queued on */
 void sess_on_plugins(int (*fire)(int event, const void *arg),
                      void (*ref)(struct chat_plugin *p),
                      void (*unref)(struct chat_plugin *p));
-/* uid's session unless it is closing, or NULL (host->session_by_user). */
+/* uid's newest session that is not closing, or NULL (host->session_by_user);
+ * sess_next_device: the next older one (multi-device), or NULL. */
 struct chat_session *sess_live(int64_t uid);
+struct chat_session *sess_next_device(const struct chat_session *s);
 /* net's callbacks: CHAT_EV_SESSION_OPEN; the closing session's NOTICE,
  * CHAT_EV_SESSION_CLOSE and presence release; a framing error. */
 void sess_open(struct chat_session *s);
@@ -954,6 +963,9 @@ struct bus_calls {
     void (*broadcast)(const struct chat_ev_broadcast *ev);
     void (*ref)(struct chat_plugin *p);
     void (*unref)(struct chat_plugin *p);
+    /* multi-device: the user's next live local session after s, or NULL
+     * (sess_next_device); NULL: one session per user */
+    struct chat_session *(*next)(const struct chat_session *s);
 };
 void bus_on(const struct bus_calls *calls);
 /* Connect to Redis (or run single-node when !c->have_redis). */
@@ -979,8 +991,18 @@ int bus_presence_query(struct chat_plugin *self, const int64_t *uids, size_t n,
  * holder is told to close its session.  Redis down: CHAT_OK (local only; the
  * claim is re-announced on reconnect). */
 int bus_claim(int64_t uid, int flags, void (*cb)(int status, void *ud), void *ud);
-/* Drop uid's presence if this node holds it. */
+/* Drop uid's presence if this node holds it (a multi-device claim: one
+ * device's). */
 void bus_release(int64_t uid);
+/* Multi-device.  During a granted claim's cb: the user's devices online in
+ * the cluster, this one included (with CHAT_LOGIN_REPLACE, 2 when a live
+ * holder was replaced; Redis down: this node's claims).  A CHAT_LOGIN_MULTI
+ * claim over CHAT_LOGIN_DEVICES_OF(flags) completes with CHAT_ERR_BUSY.
+ * bus_deliver_devices: json to every live session of uid here but except,
+ * and quietly to the user's other nodes (host deliver_devices). */
+int bus_claim_devices(void);
+int bus_deliver_devices(int64_t uid, const struct chat_session *except,
+                        const char *json, size_t len);
 /* Publish to every node's CHAT_EV_BROADCAST hooks (the broadcast callback) for plugin
  * name, this node included (asynchronously: never inside this call). */
 int bus_broadcast(const char *plugin, const char *data, size_t len);

@@ -261,4 +261,7 @@ const struct chat_host host_table = {
     .kv_get = h_kv_get,
     .kv_set = h_kv_set,
     .kv_del = h_kv_del,
+    /* ABI 1.9 (multi-device) */
+    .session_next_device = sess_next_device,
+    .deliver_devices = bus_deliver_devices,
 };

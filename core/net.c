@@ -184,6 +184,7 @@ struct chat_session {
     struct tlink idle;       /* on net.idle: see the top of the file */
     struct tlink req;        /* on net.reqs while a frame is under way */
     struct chat_session *all_prev, *all_next; /* every session, for shutdown */
+    struct chat_session *dev_next; /* multi-device: the user's next older session */
     uint64_t connected_at;   /* uv_now() at accept (admin: connected-for) */
     uint64_t pace_until;     /* legacy: no next message before this uv_now() */
     struct chat_session *pace_prev, *pace_next; /* waiting for pace_until */
@@ -2310,15 +2311,23 @@ const char *net_session_peer(const struct chat_session *s)
     return buf;
 }
 
-int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
-                     size_t name_len)
+/* ---- the user's devices (multi-device logins) -------------------------
+ * by_user maps a user to its newest bound session; a user logged in with
+ * CHAT_LOGIN_MULTI on several connections has the older ones chained from
+ * it through dev_next, newest first.  One pointer per session, and the
+ * single-device case stays one map lookup. */
+
+int net_session_bind_ex(struct chat_session *s, int64_t uid, const char *name,
+                        size_t name_len, int multi)
 {
+    struct chat_session *head;
     char *n;
     if (s->closing)
         return CHAT_ERR_CLOSED;
     if (uid <= 0)
         return CHAT_ERR_INVAL;
-    if (map_get(&net.by_user, uid))
+    head = map_get(&net.by_user, uid);
+    if (head && !multi)
         return CHAT_ERR_EXISTS;
     if (!(n = mem_strndup(name ? name : "", name ? name_len : 0)))
         return CHAT_ERR_NOMEM;
@@ -2326,6 +2335,7 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
         mem_free(n);
         return CHAT_ERR_NOMEM;
     }
+    s->dev_next = head;
     mem_free(s->name);
     s->name = n;
     s->name_len = name ? name_len : 0;
@@ -2336,12 +2346,41 @@ int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
     return CHAT_OK;
 }
 
+int net_session_bind(struct chat_session *s, int64_t uid, const char *name,
+                     size_t name_len)
+{
+    return net_session_bind_ex(s, uid, name, name_len, 0);
+}
+
+/* Take s out of its user's chain (the map entry is the head). */
+static void dev_unlink(struct chat_session *s)
+{
+    struct chat_session *head = map_get(&net.by_user, s->uid), *p;
+
+    if (head == s) {
+        if (s->dev_next) /* existing key: no allocation */
+            map_put(&net.by_user, s->uid, s->dev_next);
+        else
+            map_del(&net.by_user, s->uid);
+    } else {
+        for (p = head; p && p->dev_next != s; p = p->dev_next)
+            ;
+        if (p)
+            p->dev_next = s->dev_next;
+    }
+    s->dev_next = NULL;
+}
+
+struct chat_session *net_session_next_device(const struct chat_session *s)
+{
+    return s ? s->dev_next : NULL;
+}
+
 void net_session_unbind(struct chat_session *s)
 {
     if (!s->uid)
         return;
-    if (map_get(&net.by_user, s->uid) == s)
-        map_del(&net.by_user, s->uid);
+    dev_unlink(s);
     s->uid = 0;
     net.tr_in[s->tri]--;
     mem_free(s->name);

@@ -54,29 +54,51 @@ static void unref(struct chat_plugin *p)
         up.unref(p);
 }
 
+/* s or the first older device after it that is not closing. */
+static struct chat_session *first_live(struct chat_session *s)
+{
+    while (s && net_session_closing(s))
+        s = net_session_next_device(s);
+    return s;
+}
+
 struct chat_session *sess_live(int64_t uid)
 {
-    struct chat_session *s = net_session_by_user(uid);
-    return s && !net_session_closing(s) ? s : NULL;
+    return first_live(net_session_by_user(uid));
+}
+
+struct chat_session *sess_next_device(const struct chat_session *s)
+{
+    return s ? first_live(net_session_next_device(s)) : NULL;
 }
 
 /* ---- opening and closing (net's callbacks) ---------------------------- */
 
-static void fire_session(int event, struct chat_session *s, int64_t uid)
+static void fire_session_n(int event, struct chat_session *s, int64_t uid,
+                           int devices)
 {
     struct chat_ev_session ev;
 
     ev.size = sizeof ev;
     ev.session = s;
     ev.user_id = uid;
+    ev.devices = devices;
     fire(event, &ev);
+}
+
+static void fire_session(int event, struct chat_session *s, int64_t uid)
+{
+    fire_session_n(event, s, uid, 0);
 }
 
 void sess_open(struct chat_session *s) { fire_session(CHAT_EV_SESSION_OPEN, s, 0); }
 
 /* A closing session's last words (protocol 2, closed by the server with a
- * reason), then CHAT_EV_SESSION_CLOSE with the user still bound, then the
- * user's presence; net unbinds the user after this returns. */
+ * reason), then the user's presence (this device's), then
+ * CHAT_EV_SESSION_CLOSE with the user still bound; net unbinds the user
+ * after this returns.  Presence goes first so that a presence query made
+ * from the hook, queued behind the release on the bus, sees this device
+ * gone (multi-device: "was it the last one?"). */
 void sess_closing(struct chat_session *s, int errno_, const char *why, int graceful)
 {
     int64_t uid = net_session_user(s);
@@ -94,9 +116,9 @@ void sess_closing(struct chat_session *s, int errno_, const char *why, int grace
             mem_free(txt);
         }
     }
-    fire_session(CHAT_EV_SESSION_CLOSE, s, uid);
     if (uid)
         bus_release(uid);
+    fire_session(CHAT_EV_SESSION_CLOSE, s, uid);
 }
 
 /* A problem net found in the byte stream itself (no request to answer). */
@@ -113,8 +135,8 @@ int sess_logout(struct chat_session *s)
     int64_t uid = net_session_user(s);
     if (!uid)
         return CHAT_ERR_STATE;
+    bus_release(uid); /* first: see sess_closing */
     fire_session(CHAT_EV_LOGOUT, s, uid);
-    bus_release(uid);
     net_session_unbind(s);
     return CHAT_OK;
 }
@@ -317,6 +339,7 @@ struct login_ctx {
     uint64_t sid;
     int64_t uid;
     int status;    /* for the local refusal path */
+    int flags;     /* CHAT_LOGIN_* */
     char *name;
     size_t name_len;
     chat_login_cb cb;
@@ -341,7 +364,7 @@ static void login_claimed(int status, void *ud)
 {
     struct login_ctx *c = ud;
     struct chat_session *s = net_session_get(c->sid);
-    int r;
+    int r, devices;
 
     if (status != CHAT_OK) {
         login_finish(c, status);
@@ -354,12 +377,14 @@ static void login_claimed(int status, void *ud)
         login_finish(c, CHAT_ERR_CLOSED);
         return;
     }
-    if ((r = net_session_bind(s, c->uid, c->name, c->name_len)) != CHAT_OK) {
+    devices = bus_claim_devices();
+    if ((r = net_session_bind_ex(s, c->uid, c->name, c->name_len,
+                                 (c->flags & CHAT_LOGIN_MULTI) != 0)) != CHAT_OK) {
         bus_release(c->uid);
         login_finish(c, r);
         return;
     }
-    fire_session(CHAT_EV_LOGIN, s, c->uid);
+    fire_session_n(CHAT_EV_LOGIN, s, c->uid, devices > 0 ? devices : 1);
     login_finish(c, CHAT_OK);
 }
 
@@ -389,8 +414,11 @@ int sess_login_len(struct chat_plugin *self, struct chat_session *s, int64_t uid
     c->uid = uid;
     c->cb = cb;
     c->ud = ud;
+    c->flags = flags;
     ref(self);
-    other = net_session_by_user(uid);
+    /* multi-device: the user's other sessions here stay (the bus counts
+     * them against the login's maximum) */
+    other = (flags & CHAT_LOGIN_MULTI) ? NULL : net_session_by_user(uid);
     if (other && other != s && !net_session_closing(other)) {
         if (!(flags & CHAT_LOGIN_REPLACE)) {
             c->status = CHAT_ERR_EXISTS;

@@ -29,6 +29,7 @@ void wire_core(uv_loop_t *loop)
         .broadcast = on_broadcast,
         .ref = plug_ref,
         .unref = plug_unref,
+        .next = sess_next_device,
     };
     static const struct ack_plugins ack_plugins = {
         .parts = plug_login_parts,

@@ -37,6 +37,10 @@
  *        client's address ([limits] addr_login_failures)
  *   1.8  (auth cache) kv_get/kv_set/kv_del: a cluster-wide key-value
  *        store with expiry, in the bus's Redis
+ *   1.9  (multi-device) CHAT_LOGIN_MULTI: several sessions (devices) of one
+ *        user on any nodes; session_next_device, deliver_devices (the echo
+ *        of a user's own message to its other devices); chat_ev_session
+ *        grows `devices`
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -75,7 +79,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 8
+#define CHAT_ABI_MINOR 9
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -221,6 +225,15 @@ struct chat_ev_session {
     uint32_t size;
     struct chat_session *session;
     int64_t user_id; /* 0 when no user is bound */
+    /* ABI 1.9 (multi-device; check size before reading it).  On
+     * CHAT_EV_LOGIN: how many devices of the user are online in the whole
+     * cluster, this one included, as the presence claim saw them (1: this
+     * is the user's first device; without Redis: this node's count).  0 on
+     * the other events.  On CHAT_EV_LOGOUT and CHAT_EV_SESSION_CLOSE this
+     * device's presence is already released when the hook runs, so a
+     * presence_query made from the hook answers offline exactly when no
+     * other device of the user is online anywhere. */
+    int devices;
 };
 
 /* A message that deliver() could not hand to any session of its user: the user
@@ -679,11 +692,37 @@ struct chat_host {
     int (*kv_set)(struct chat_plugin *self, const char *key, const char *val,
                   size_t len, uint64_t ttl_ms);
     int (*kv_del)(struct chat_plugin *self, const char *key);
+
+    /* ===== ABI 1.9 (multi-device) =====
+     * With CHAT_LOGIN_MULTI a user may have several sessions ("devices") on
+     * this node and on others.  session_by_user returns the newest local
+     * one; session_next_device(s) the next older local session of the same
+     * user (closing ones skipped), NULL after the last.  deliver and
+     * deliver_ex already reach every device of the user on every node.
+     *
+     * deliver_devices: send json (len bytes, copied) to every session of
+     * user_id on every node except `except` (the device that sent the
+     * message; NULL: none excepted): the echo of a user's own message to
+     * its other devices.  Best effort and without outcome: when no other
+     * device is online nothing happens (never CHAT_EV_UNDELIVERABLE).
+     * CHAT_OK, CHAT_ERR_INVAL, CHAT_ERR_NOMEM, CHAT_ERR_CLOSED (stopping). */
+    struct chat_session *(*session_next_device)(const struct chat_session *s);
+    int (*deliver_devices)(int64_t user_id, const struct chat_session *except,
+                           const char *json, size_t len);
 };
 
 #define CHAT_HANDLER_RAW 0x1u
 
 #define CHAT_LOGIN_REPLACE 0x1
+/* ABI 1.9 (multi-device): join the user's other sessions, here and on other
+ * nodes, instead of refusing or replacing them.  CHAT_LOGIN_DEVICES_MAX(n)
+ * (n <= 32767; 0 or absent: no limit) refuses the login with
+ * CHAT_ERR_BUSY when the user already has n devices online in the cluster.
+ * A host older than 1.9 ignores both: check CHAT_HOST_HAS(h,
+ * session_next_device) first. */
+#define CHAT_LOGIN_MULTI 0x2
+#define CHAT_LOGIN_DEVICES_MAX(n) (((int)(n) & 0x7fff) << 16)
+#define CHAT_LOGIN_DEVICES_OF(flags) (((flags) >> 16) & 0x7fff)
 
 /* True when the host table has member m (it may be an older host). */
 #define CHAT_HOST_HAS(h, m) \
