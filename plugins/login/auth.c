@@ -189,6 +189,14 @@ static void bound(int status, uint64_t sid, void *ud)
         job_fail(s, j, 2, LOGIN_ERRMSG_IN_USE, 2, LOGIN_ERRMSG_IN_USE);
         return;
     }
+    if (status == CHAT_ERR_BUSY && login_cfg.multi) {
+        chat_log(login_host, login_self, CHAT_LOG_INFO,
+                 "login of user %" PRId64 " refused: %d devices online already",
+                 j->uid, login_cfg.devices_max);
+        job_fail(s, j, LOGIN_E_TOO_MANY_DEVICES, LOGIN_ERRMSG_TOO_MANY_DEVICES,
+                 LOGIN_E_TOO_MANY_DEVICES, LOGIN_ERRMSG_TOO_MANY_DEVICES);
+        return;
+    }
     if (status != CHAT_OK || !s) {
         if (status != CHAT_ERR_CLOSED && s)
             chat_log(login_host, login_self, CHAT_LOG_ERROR, "session_login(%" PRId64
@@ -210,6 +218,8 @@ static void bound(int status, uint64_t sid, void *ud)
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "user %" PRId64 " logged in from %s (%s)", j->uid,
              login_host->session_peer(s), j->by_token ? "token" : "password");
+    if (login_cfg.multi && j->token[0])
+        login_dev_token_set(sid, j->token);
     if (j->tc_store && j->token[0])
         login_tc_store(j->tc_generation, j->uid, j->token, j->name, j->name_len,
                        j->token_expires);
@@ -222,6 +232,8 @@ static void bind_session(struct chat_session *s, struct auth_job *j)
     int flags = login_cfg.replace ? CHAT_LOGIN_REPLACE : 0;
     int rc;
 
+    if (login_cfg.multi)
+        flags = CHAT_LOGIN_MULTI | CHAT_LOGIN_DEVICES_MAX(login_cfg.devices_max);
     if (login_host->session_user(s) != 0) {
         job_fail(s, j, CHAT_E_ALREADY, "already logged in", 2, LOGIN_ERRMSG_IN_USE);
         return;

@@ -328,6 +328,58 @@ static void handle_reg(struct chat_session *s, const struct chat_request *req,
 }
 
 /* ------------------------------------------------------------------------ */
+/* Per-device resume tokens (multi_login = multi).  A device's logout must
+ * not end the others' tokens: each session's token is remembered here
+ * (about 80 bytes a device) until its session closes.  After a hot reload
+ * the new instance starts empty: a device logged in before then revokes no
+ * token at logout (its token expires with resume_ttl). */
+
+static struct chat_map *dev_tokens;
+
+void login_dev_token_set(uint64_t sid, const char *token_hex)
+{
+    char *t;
+
+    if (!dev_tokens && !(dev_tokens = login_host->map_new()))
+        return;
+    if (!(t = login_host->strdup(token_hex)))
+        return;
+    login_host->free(login_host->map_del(dev_tokens, (int64_t)sid));
+    if (login_host->map_put(dev_tokens, (int64_t)sid, t) != CHAT_OK)
+        login_host->free(t);
+}
+
+/* The session's token (the caller frees it), or NULL. */
+static char *dev_token_take(uint64_t sid)
+{
+    return dev_tokens ? login_host->map_del(dev_tokens, (int64_t)sid) : NULL;
+}
+
+static void dev_on_close(int event, const void *arg, void *ud)
+{
+    const struct chat_ev_session *ev = arg;
+
+    (void)event;
+    (void)ud;
+    if (dev_tokens && ev->session)
+        login_host->free(dev_token_take(login_host->session_id(ev->session)));
+}
+
+static void dev_tokens_fini(void)
+{
+    size_t it = 0;
+    int64_t k;
+    void *v;
+
+    if (!dev_tokens)
+        return;
+    while (login_host->map_next(dev_tokens, &it, &k, &v))
+        login_host->free(v);
+    login_host->map_free(dev_tokens);
+    dev_tokens = NULL;
+}
+
+/* ------------------------------------------------------------------------ */
 /* LOGINOUT_MSG */
 
 struct logout_job {
@@ -355,6 +407,46 @@ static void logout_revoked(const struct chat_db_result *r, void *ud)
     login_host->free(j);
 }
 
+/* multi_login = multi: one device of several logs out; only its own
+ * token dies (before the ack, as below). */
+static void handle_logout_device(struct chat_session *s,
+                                 const struct chat_request *req, int64_t uid)
+{
+    char *tok = dev_token_take(login_host->session_id(s));
+    struct logout_job *j = NULL;
+    struct chat_db_param p;
+    int rc = login_host->session_logout(s);
+
+    if (rc != CHAT_OK) {
+        login_host->reply(s, &req->ack, CHAT_E_INTERNAL, "logout failed", NULL);
+        goto out;
+    }
+    if (!tok) { /* none given to this device (or not since a reload) */
+        login_host->reply(s, &req->ack, CHAT_E_OK, NULL, NULL);
+        goto out;
+    }
+    login_tc_drop(uid, tok);
+    if (!(j = login_host->malloc(sizeof(*j)))) {
+        login_host->reply(s, &req->ack, CHAT_E_INTERNAL,
+                          "logged out, but the resume token was not revoked", NULL);
+        goto out;
+    }
+    j->sid = login_host->session_id(s);
+    j->ack = req->ack;
+    j->uid = uid;
+    p = CHAT_DB_P_STR(tok, strlen(tok));
+    rc = login_host->db_query(login_self,
+        "DELETE FROM resume_tokens WHERE token_hash = UNHEX(SHA2(?, 256))",
+        &p, 1, logout_revoked, j);
+    if (rc != CHAT_OK) {
+        login_host->reply(s, &req->ack, CHAT_E_INTERNAL,
+                          "logged out, but the resume token was not revoked", NULL);
+        login_host->free(j);
+    }
+out:
+    login_host->free(tok);
+}
+
 static void handle_logout(struct chat_session *s, const struct chat_request *req,
                           void *ud)
 {
@@ -366,6 +458,10 @@ static void handle_logout(struct chat_session *s, const struct chat_request *req
     (void)ud;
     if (!uid)
         return; /* answered by req_auth */
+    if (login_cfg.multi) {
+        handle_logout_device(s, req, uid);
+        return;
+    }
     rc = login_host->session_logout(s);
     if (rc != CHAT_OK) {
         chat_log(login_host, login_self, CHAT_LOG_WARN, "logout of user %" PRId64
@@ -478,11 +574,19 @@ static int load_conf(void)
     memset(&c, 0, sizeof(c));
     if (strcmp(ml, "replace") == 0) {
         c.replace = 1;
+    } else if (strcmp(ml, "multi") == 0) {
+        c.multi = 1;
     } else if (strcmp(ml, "refuse") != 0) {
         chat_log(login_host, login_self, CHAT_LOG_ERROR,
-                 "multi_login = %s: expected refuse or replace", ml);
+                 "multi_login = %s: expected refuse, replace or multi", ml);
         return CHAT_ERR_INVAL;
     }
+    if (c.multi && !CHAT_HOST_HAS(login_host, session_next_device)) {
+        chat_log(login_host, login_self, CHAT_LOG_ERROR,
+                 "multi_login = multi needs host ABI 1.9 (multi-device)");
+        return CHAT_ERR_INVAL;
+    }
+    c.devices_max = (int)conf_range("devices_max", 10, 1, 32767);
     /* users.name is VARBINARY(255) */
     c.name_max = (size_t)conf_range("name_max", 64, 1, 255);
     c.password_min = (size_t)conf_range("password_min", 1, 0, 4096);
@@ -515,7 +619,7 @@ static int load_conf(void)
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
              "s hash_cost=%lu hash_threads=%zu hash_per_address=%zu hash_budget=%ld%% "
              "login_rate=%" PRId64 "/s token_cache_ttl=%" PRId64 "s auth_cache=%s",
-             c.replace ? "replace" : "refuse", c.name_max, c.password_min,
+             c.multi ? "multi" : c.replace ? "replace" : "refuse", c.name_max, c.password_min,
              c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads,
              c.hash_per_address, c.hash_budget, c.login_rate, c.token_cache_ttl,
              login_ac_enabled() ? "on" : "off");
@@ -543,6 +647,7 @@ static int login_init(const struct chat_host *host, struct chat_plugin *self,
         return rc;
     if ((rc = login_tc_init()) != CHAT_OK ||
         (rc = host->register_hook(self, CHAT_EV_BROADCAST, login_tc_on_broadcast, NULL)) ||
+        (rc = host->register_hook(self, CHAT_EV_SESSION_CLOSE, dev_on_close, NULL)) ||
         (rc = host->register_handler(self, CHAT_MSG_REG, handle_reg, NULL)) ||
         (rc = host->register_handler(self, CHAT_MSG_LOGIN, login_handle_login, NULL)) ||
         (rc = host->register_handler(self, CHAT_MSG_LOGOUT, handle_logout, NULL)) ||
@@ -558,6 +663,7 @@ static void login_fini(void *state)
     (void)state; /* fini runs after the instance drained: nothing is pending */
     login_tc_fini();
     login_ac_fini();
+    dev_tokens_fini();
 }
 
 static int login_reconfigure(void *state)

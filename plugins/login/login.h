@@ -22,6 +22,8 @@
 /* Settings of [plugin.login], parsed once per (re)configuration. */
 struct login_conf {
     int replace;               /* multi_login = replace */
+    int multi;                 /* multi_login = multi (several devices) */
+    int devices_max;           /* multi: devices per user, cluster-wide */
     size_t name_max;           /* bytes */
     size_t password_min;       /* bytes */
     size_t password_max;       /* bytes */
@@ -46,6 +48,13 @@ extern struct login_conf login_cfg;
 /* The seed's LOGIN_MSG_ACK messages. */
 #define LOGIN_ERRMSG_INVALID "id or password is invalid!"
 #define LOGIN_ERRMSG_IN_USE "this account is using, input another!"
+/* multi_login = multi: the user has devices_max devices online already
+ * (protocol 2 and legacy login ack alike, as errno 2 above) */
+#define LOGIN_E_TOO_MANY_DEVICES 127
+/* multi_login = multi: the resume token each device logged in with or was
+ * given (session id -> copy), so that its logout revokes that one only. */
+void login_dev_token_set(uint64_t sid, const char *token_hex);
+#define LOGIN_ERRMSG_TOO_MANY_DEVICES "too many devices"
 
 /* Resume tokens: 32 random bytes as 64 lowercase hex digits. */
 #define LOGIN_TOKEN_HEX 64

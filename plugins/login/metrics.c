@@ -96,7 +96,8 @@ static int outcome_of(int p2_errno)
     switch (p2_errno) {
     case CHAT_E_OK: return LOGIN_OUT_OK;
     case 1: return LOGIN_OUT_INVALID;        /* the seed's "invalid" / "taken" */
-    case 2: case CHAT_E_ALREADY: return LOGIN_OUT_IN_USE;
+    case 2: case CHAT_E_ALREADY: case LOGIN_E_TOO_MANY_DEVICES:
+        return LOGIN_OUT_IN_USE;
     case CHAT_E_UNAVAILABLE: return LOGIN_OUT_BUSY;
     case CHAT_E_LIMIT: return LOGIN_OUT_LIMIT;
     case CHAT_E_BAD_FIELD: case CHAT_E_TOO_LONG: return LOGIN_OUT_BAD_REQUEST;
