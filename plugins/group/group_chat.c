@@ -181,6 +181,14 @@ static void member_done(int status, int64_t uid, void *ctx)
     gpend_one(p, status);
 }
 
+/* Multi-device (host ABI 1.9): the sender's other devices get a copy of
+ * what it sent, durable or not, live (the sending device has its ack). */
+static void echo(uint64_t sid, int64_t from, const char *json, size_t len)
+{
+    if (CHAT_HOST_HAS(grp.host, deliver_devices))
+        grp.host->deliver_devices(from, grp.host->session_get(sid), json, len);
+}
+
 /* A durable message on its way to the writer: the members to fan out to
  * once it is stored. */
 struct gdur {
@@ -236,6 +244,8 @@ static void durable_stored(const struct ds_result *r, const char *body, size_t l
     for (i = 0; text && i < d->n; i++) /* best effort: SYNC has it */
         if (d->members[i] != d->from)
             grp.host->deliver(grp.self, d->members[i], text, n);
+    if (text)
+        echo(d->sid, d->from, text, n);
     grp.host->free(text);
     if ((s = grp.host->session_get(d->sid)))
         durable_answer(s, d, r);
@@ -307,6 +317,7 @@ static void send_to_members(const struct gent *e, uint64_t sid,
     p->ack = *ack;
     p->pending = 1;
     p->failed = 0;
+    echo(sid, from, json, len);
     for (i = 0; i < e->n; i++) {
         if (e->members[i] == from)
             continue;

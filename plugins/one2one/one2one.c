@@ -127,6 +127,15 @@ static void delivered(int status, int64_t user_id, void *ctx)
                  "sender is gone", (long long)c->from, (long long)user_id, err);
 }
 
+/* Multi-device (host ABI 1.9): the sender's other devices get a copy of
+ * what it sent, durable or not, live (the sending device has its ack).
+ * One pass over the sender's local sessions when it has a single device. */
+static void echo(uint64_t sid, int64_t from, const char *json, size_t len)
+{
+    if (CHAT_HOST_HAS(host, deliver_devices))
+        host->deliver_devices(from, host->session_get(sid), json, len);
+}
+
 /* Deliver json to toid and answer the sender now (delivered here, or an
  * error) or once the outcome is known.  s may be NULL (sender gone). */
 static void send_one(struct chat_session *s, uint64_t sid, const struct chat_ack *ack,
@@ -138,6 +147,8 @@ static void send_one(struct chat_session *s, uint64_t sid, const struct chat_ack
     c.sid = sid;
     c.from = from;
     c.ack = *ack;
+    if (toid != from)
+        echo(sid, from, json, len);
     rc = host->deliver_ex(self, from, toid, json, len, delivered, &c, sizeof(c));
     if (rc == CHAT_DELIVER_PENDING)
         return;
@@ -198,6 +209,8 @@ static void durable_stored(const struct ds_result *r, const char *body, size_t l
     if (r->status == CHAT_OK && !r->dup) {
         if ((text = ds_render(host, r->conv, r->mid, r->cseq, body, len, &n))) {
             host->deliver(self, c->toid, text, n); /* best effort: SYNC has it */
+            if (c->toid != c->from)
+                echo(c->sid, c->from, text, n);
             host->free(text);
         } else {
             chat_log(host, self, CHAT_LOG_WARN, "message %lld stored but not "
