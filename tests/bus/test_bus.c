@@ -1070,6 +1070,99 @@ out:
     loop_teardown();
 }
 
+/* Multi-device (CHAT_LOGIN_MULTI): one user claimed on both nodes, counted
+ * per node in chatd:dev:<uid>; a delivery from either node reaches both
+ * (the holder's own session now, the other node's quietly); the cluster-wide
+ * maximum refuses with CHAT_ERR_BUSY; releases count down; a dead node's
+ * devices stop counting; the last release makes the user offline. */
+static void test_multi_device(void)
+{
+    struct node child;
+    char pnode[64], cnode[64], msg[160], dkey[64];
+    int64_t u = uid_base + 41;
+    int64_t one[1] = {u};
+    int flags = CHAT_LOGIN_MULTI | CHAT_LOGIN_DEVICES_MAX(3);
+    struct p_count pc;
+    int port = shared.port;
+
+    snprintf(pnode, sizeof(pnode), "t%d-mp", (int)getpid());
+    snprintf(cnode, sizeof(cnode), "t%d-mc", (int)getpid());
+    snprintf(dkey, sizeof(dkey), "chatd:dev:%" PRId64, u);
+    loop_setup();
+    CU_ASSERT_FATAL(start_node(port, pnode) == 0);
+    if (node_spawn(&child, port, cnode) != 0) {
+        CU_FAIL("child node did not come up");
+        goto out;
+    }
+    CU_ASSERT(claim(u, flags) == CHAT_OK);
+    stub_bind(u);
+    snprintf(msg, sizeof(msg), "claim %" PRId64 " %d", u, flags);
+    pipe_send(&child.pipe, "%s", msg);
+    snprintf(msg, sizeof(msg), "claim %" PRId64 " 0", u);
+    CU_ASSERT(node_expect(&child, msg, 5000) != NULL);
+    {
+        redisReply *r = rquery(port, "HGET %s %s", dkey, pnode);
+        CU_ASSERT(r != NULL && r->type == REDIS_REPLY_STRING && strcmp(r->str, "1") == 0);
+        if (r != NULL)
+            freeReplyObject(r);
+    }
+    CU_ASSERT(strcmp(rget(port, ukey(u)), "") == 0); /* no single-device key */
+    {
+        redisReply *r = rquery(port, "HLEN %s", dkey);
+        CU_ASSERT(r != NULL && r->type == REDIS_REPLY_INTEGER && r->integer == 2);
+        if (r != NULL)
+            freeReplyObject(r);
+    }
+
+    /* from here: both nodes' sessions, no undeliverable */
+    CU_ASSERT(bus_deliver(u, "{}", 2) == CHAT_OK);
+    CU_ASSERT(stub_count('D', u) == 1); /* ours at once */
+    snprintf(msg, sizeof(msg), "D %" PRId64 " 7b7d", u);
+    CU_ASSERT(node_expect(&child, msg, 5000) != NULL);
+    /* from the child: its session and ours */
+    pipe_send(&child.pipe, "deliver %" PRId64 " 7b7d", u);
+    CU_ASSERT(node_expect(&child, msg, 5000) != NULL);
+    pc = (struct p_count){'D', u, 2};
+    CU_ASSERT(wait_for(p_count, &pc, 5000));
+    CU_ASSERT(stub_count('U', u) == 0);
+
+    /* the maximum is cluster-wide: a third device fits, a fourth does not */
+    CU_ASSERT(claim(u, flags) == CHAT_OK);
+    CU_ASSERT(claim(u, flags) == CHAT_ERR_BUSY);
+    CU_ASSERT(strcmp(presence(one, 1), "1") == 0);
+    /* one device of ours goes: two left, room for one */
+    bus_release(u);
+    CU_ASSERT(claim(u, flags) == CHAT_OK);
+    bus_release(u);
+
+    /* the child dies: its device stops counting once its heartbeat is gone
+     * (one here and one there: a maximum of 2 refuses until then) */
+    node_kill(&child);
+    {
+        int two = CHAT_LOGIN_MULTI | CHAT_LOGIN_DEVICES_MAX(2);
+        uint64_t until = uv_hrtime() + (TTL_S + 3) * 1000000000ULL;
+        int st = claim(u, two);
+
+        CU_ASSERT(st == CHAT_ERR_BUSY);
+        while (st == CHAT_ERR_BUSY && uv_hrtime() < until) {
+            wait_for(p_flag, &(int){0}, 200);
+            st = claim(u, two);
+        }
+        CU_ASSERT(st == CHAT_OK);
+        bus_release(u);
+    }
+    CU_ASSERT(strcmp(presence(one, 1), "1") == 0);
+    bus_release(u);
+    stub_unbind(u);
+    CU_ASSERT(strcmp(presence(one, 1), "0") == 0); /* ordered after the release */
+    CU_ASSERT(rnum(port, "EXISTS %s", dkey, NULL) == 0);
+out:
+    if (child.pid > 0)
+        node_stop(&child);
+    bus_stop();
+    loop_teardown();
+}
+
 /* Redis stops and comes back: local delivery keeps working, remote goes to
  * undeliverable, claims succeed locally and are re-announced, the
  * heartbeat resumes. */
@@ -1220,6 +1313,7 @@ int main(int argc, char **argv)
     CU_add_test(suite, "single node (no redis)", test_single_node);
     CU_add_test(suite, "presence keys, release, restart, stop", test_presence_keys);
     CU_add_test(suite, "two nodes", test_two_nodes);
+    CU_add_test(suite, "multi-device", test_multi_device);
     CU_add_test(suite, "redis restart", test_redis_restart);
     CU_add_test(suite, "pending commands on failure", test_pending_on_failure);
     CU_basic_set_mode(CU_BRM_VERBOSE);
