@@ -586,7 +586,7 @@ static void on_broadcast(int event, const void *arg, void *ud)
     const struct chat_ev_broadcast *ev = arg;
     long long peer, conv, reader, dl, rd;
     char buf[128], name[DS_CONV_STR];
-    struct chat_session *s;
+    struct chat_session *s, *next;
     cJSON *o;
 
     (void)ud;
@@ -596,8 +596,7 @@ static void on_broadcast(int event, const void *arg, void *ud)
     buf[ev->len] = '\0';
     if (sscanf(buf, "mark %lld %lld %lld %lld %lld", &peer, &conv, &reader, &dl, &rd) != 5)
         return;
-    if (!(s = host->session_by_user(peer)) || host->session_proto(s) != CHAT_PROTO_2 ||
-        !(o = cJSON_CreateObject()))
+    if (!(s = host->session_by_user(peer)) || !(o = cJSON_CreateObject()))
         return;
     ds_conv_format(conv, name, sizeof(name));
     cJSON_AddNumberToObject(o, "msgid", DS_MSG_READ);
@@ -605,7 +604,13 @@ static void on_broadcast(int event, const void *arg, void *ud)
     cJSON_AddNumberToObject(o, "id", (double)reader);
     cJSON_AddNumberToObject(o, "delivered", (double)dl);
     cJSON_AddNumberToObject(o, "read", (double)rd);
-    host->send_json(s, o);
+    /* every device of the peer here (multi-device, host ABI 1.9) */
+    for (; s; s = next) {
+        next = CHAT_HOST_HAS(host, session_next_device) ? host->session_next_device(s)
+                                                        : NULL;
+        if (host->session_proto(s) == CHAT_PROTO_2)
+            host->send_json(s, o); /* may close s: next was taken first */
+    }
     cJSON_Delete(o);
 }
 

@@ -249,6 +249,23 @@ class TwoNodes(MultiBase):
         for c in (d1, d2, pc):
             c.close()
 
+    def test_read_receipts_reach_every_device(self):
+        a, b = self.nodes
+        me, peer = self.user(), self.user()
+        d1, _ = login2(a, me)
+        d2, _ = login2(a, me)
+        d3, _ = login2(b, me)
+        pc, _ = login2(b, peer)
+        r = d1.request({"msgid": 6, "toid": peer, "msg": "read me", "cid": "rm"})
+        pc.recv_until(is_msg(6, "read me"))
+        self.assertEqual(pc.request({"msgid": 17, "conv": r["conv"], "read": r["cseq"]})
+                         ["errno"], 0)
+        for d in (d1, d2, d3):
+            m = d.recv_until(lambda m: m.get("msgid") == 17)
+            self.assertEqual((m["conv"], m["id"], m["read"]), (r["conv"], peer, r["cseq"]))
+        for c in (d1, d2, d3, pc):
+            c.close()
+
     def test_devices_max_gives_127(self):
         a, b = self.nodes
         me = self.user()
