@@ -266,6 +266,19 @@ class TwoNodes(MultiBase):
         for c in (d1, d2, d3, pc):
             c.close()
 
+    def test_admin_kick_closes_every_device(self):
+        a, b = self.nodes
+        me = self.user()
+        devs = [login2(a, me)[0], login2(a, me)[0], login2(b, me)[0]]
+        st, _, body = a.admin("POST", "/users/%d/kick" % me, {"text": "all of you"})
+        self.assertEqual((st, body["kicked"]), (200, True), body)
+        for d in devs:
+            m = d.recv_until(lambda m: m.get("msgid") == 12)
+            self.assertEqual((m["errno"], m["errmsg"]), (120, "all of you"))
+            self.assertTrue(d.closed(5))
+            d.close()
+        wait_for(lambda: not self.online(b, me), 10, what="offline after the kick")
+
     def test_devices_max_gives_127(self):
         a, b = self.nodes
         me = self.user()
