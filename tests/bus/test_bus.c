@@ -1171,9 +1171,11 @@ static void test_redis_restart(void)
     struct inst in;
     char node[64], hb[96];
     int64_t a = uid_base + 31, b = uid_base + 32, c = uid_base + 33;
+    int64_t m = uid_base + 34;
     int64_t abc[3] = {a, b, c};
     struct p_count pc;
     struct p_rget g;
+    char dkey[64];
 
     CU_ASSERT_FATAL(inst_new(&in) == 0);
     snprintf(node, sizeof(node), "t%d-r", (int)getpid());
@@ -1182,6 +1184,11 @@ static void test_redis_restart(void)
     CU_ASSERT_FATAL(start_node(in.port, node) == 0);
     CU_ASSERT(claim(a, 0) == CHAT_OK);
     stub_bind(a);
+    /* a multi-device user: two devices here, then one more and one less
+     * while Redis is away; the sync announces the count (2) */
+    snprintf(dkey, sizeof(dkey), "chatd:dev:%" PRId64, m);
+    CU_ASSERT(claim(m, CHAT_LOGIN_MULTI) == CHAT_OK);
+    CU_ASSERT(claim(m, CHAT_LOGIN_MULTI) == CHAT_OK);
 
     inst_stop(&in);
     CU_ASSERT(wait_for(p_disconnected, NULL, 5000));
@@ -1194,9 +1201,25 @@ static void test_redis_restart(void)
     CU_ASSERT(claim(c, 0) == CHAT_OK);
     stub_bind(c);
     CU_ASSERT(strcmp(presence(abc, 3), "101") == 0);
+    CU_ASSERT(claim(m, CHAT_LOGIN_MULTI) == CHAT_OK);
+    bus_release(m);
 
     CU_ASSERT_FATAL(inst_start(&in) == 0);
     CU_ASSERT(wait_for(p_connected, NULL, 8000));
+    g = (struct p_rget){in.port, ukey(c), node};
+    CU_ASSERT(wait_for(p_rget, &g, 3000));
+    {
+        redisReply *r = rquery(in.port, "HGET %s %s", dkey, node);
+        CU_ASSERT(r != NULL && r->type == REDIS_REPLY_STRING && strcmp(r->str, "2") == 0);
+        if (r != NULL)
+            freeReplyObject(r);
+    }
+    bus_release(m);
+    bus_release(m);
+    {
+        int64_t one[1] = {m};
+        CU_ASSERT(strcmp(presence(one, 1), "0") == 0);
+    }
     g = (struct p_rget){in.port, ukey(a), node};
     CU_ASSERT(wait_for(p_rget, &g, 3000));
     g.key = ukey(c);
