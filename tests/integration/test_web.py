@@ -875,5 +875,161 @@ class TestWebTabsMulti(TabsCase):
             self.assertEqual(self.text("#conn"), "online")
 
 
+# ---- the client's side of what chatd does not send yet -------------------------------
+
+try:
+    import web_standin
+except ImportError:  # pragma: no cover - python3-websockets is in contrib/deps.sh
+    web_standin = None
+
+
+@unittest.skipIf(browser_missing(), browser_missing() or "")
+@unittest.skipIf(web_standin is None, "python3-websockets is not installed (bash contrib/deps.sh)")
+class TestWebClientStandIn(BrowserCase):
+    """The page from a real chatd (its CSP), its WebSocket to a stand-in
+    server (web_standin.py, `?ws=`) that pushes the events of the agreed
+    wire format: PRESENCE (19), TYPING (18), group receipts (17 for gG),
+    a message from another device of the user, notices 116 and 119.  The
+    same features against chatd are TestWebClient.test_7 and
+    TestWebTabsMulti, which skip until chatd has them."""
+
+    @classmethod
+    def start_server(cls):
+        cls.stack = Stack()
+        conf = {"web": {"root": os.path.join(CHAT_SRC, "contrib", "web")}}
+        try:
+            cls.node = Node(cls.stack, conf=conf, ws=True)
+        except NodeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+            raise unittest.SkipTest("chatd does not start with ws:// and [web]: %s" % first)
+        cls.web_port = cls.node.ws_port
+        cls.fake = web_standin.StandIn(free_port())
+
+    @classmethod
+    def stop_server(cls):
+        if getattr(cls, "fake", None):
+            cls.fake.stop()
+        cls.node.stop()
+
+    def url(self, host="127.0.0.1"):
+        return "http://%s:%d/?ws=%s" % (host, self.web_port, self.fake.url)
+
+    def setUp(self):
+        if self.users.get("me"):
+            return
+        self.driver.get(self.url())
+        self.wait(lambda: self.visible("#register-form"), what="the login screen")
+        self.fill("#register-name", "me")
+        self.fill("#register-password", PASSWORD)
+        self.q("#register-password").send_keys(Keys.ENTER)
+        self.wait(lambda: self.text("#conn") == "online", what="logged in at the stand-in")
+        self.users["me"] = web_standin.ME
+
+    def ticks(self):
+        return [e.get_attribute("title") for e in self.qs("#messages .tick")]
+
+    def test_1_presence(self):
+        dot = '.conv-item[data-key="u:%d"] .dot.%s'
+        self.wait(lambda: self.qs(dot % (web_standin.BOB, "online")), what="bob online")
+        self.fake.push({"msgid": 19, "id": web_standin.BOB, "name": "bob", "online": False})
+        self.wait(lambda: self.qs(dot % (web_standin.BOB, "offline")), what="bob offline")
+        self.fake.push({"msgid": 19, "id": web_standin.BOB, "name": "bob", "online": True})
+        self.wait(lambda: self.qs(dot % (web_standin.BOB, "online")), what="bob online again")
+
+    def test_2_typing_shown_and_expires(self):
+        key = "u:%d" % web_standin.BOB
+        ev = {"msgid": 18, "id": web_standin.BOB, "name": XSS, "toid": web_standin.ME}
+        self.fake.push(ev)
+        self.wait(lambda: self.text('.conv-item[data-key="%s"] .conv-preview' % key)
+                  == XSS + " is typing…", what="typing in the list, as text")
+        self.open_conv(key)
+        self.wait(lambda: self.text("#typing") == XSS + " is typing…", what="the typing line")
+        self.assertFalse(self.qs("#typing img"))
+        self.fake.push(dict(ev, typing=False))
+        self.wait(lambda: self.text("#typing") == "", timeout=3, what="typing:false")
+        self.fake.push(ev)
+        t0 = time.monotonic()
+        self.wait(lambda: self.text("#typing") != "", what="typing again")
+        self.wait(lambda: self.text("#typing") == "", timeout=10, what="the line to expire")
+        self.assertGreater(time.monotonic() - t0, 4, "expired too soon")
+        # two in a group; the message of one ends their line
+        self.open_conv("g:%d" % web_standin.GROUP)
+        for uid, name in ((web_standin.CAT, "cat"), (web_standin.BOB, "bob")):
+            self.fake.push({"msgid": 18, "id": uid, "name": name, "groupid": web_standin.GROUP})
+        self.wait(lambda: self.text("#typing") == "cat and bob are typing…", what="two typing")
+        self.fake.push({"msgid": 10, "id": web_standin.CAT, "name": "cat",
+                        "groupid": web_standin.GROUP, "msg": "done typing"})
+        self.wait(lambda: self.text("#typing") == "bob is typing…", what="cat's line gone")
+        self.no_alert()
+
+    def test_3_typing_sent_throttled(self):
+        self.open_conv("g:%d" % web_standin.GROUP)
+        n = len(self.fake.got)
+        box = self.q("#message-input")
+        box.send_keys("hel")
+        self.wait(lambda: self.fake.sent(18, n), what="TYPING sent")
+        box.send_keys("lo group")
+        self.assertTrue(web_standin.wait_quiet(lambda: len(self.fake.sent(18, n)) > 1, 1),
+                        "a second TYPING within 3 s")
+        t = self.fake.sent(18, n)[0]
+        self.assertEqual((t.get("groupid"), t.get("proto"), "typing" in t),
+                         (web_standin.GROUP, 2, False), t)
+        box.send_keys(Keys.ENTER)
+        self.wait(lambda: self.fake.sent(10, n), what="the message")
+        seq = [(m["msgid"], m.get("typing")) for m in self.fake.got[n:] if m["msgid"] in (10, 18)]
+        self.assertEqual(seq, [(18, None), (18, False), (10, None)])
+        # typing again, then leaving the composer: typing:false
+        n = len(self.fake.got)
+        box.send_keys("x")
+        self.wait(lambda: self.fake.sent(18, n), what="TYPING again")
+        self.q("#members-toggle").click()
+        self.wait(lambda: [m.get("typing") for m in self.fake.sent(18, n)] == [None, False],
+                  what="typing:false on blur")
+        self.q("#members-toggle").click()
+        box.clear()
+
+    def test_4_group_ticks(self):
+        self.open_conv("g:%d" % web_standin.GROUP)
+        self.say("ticks please")
+        conv = "g%d" % web_standin.GROUP
+        cseq = int(self.qs("#messages .msg.mine")[-1].get_attribute("data-cseq"))
+        self.assertEqual(self.ticks()[-1:], [])  # no group receipts seen yet: no tick
+        self.fake.push({"msgid": 17, "id": web_standin.BOB, "conv": conv, "delivered": cseq})
+        self.wait(lambda: self.ticks()[-1:] == ["sent"], what="one member of two: sent")
+        self.fake.push({"msgid": 17, "id": web_standin.CAT, "conv": conv, "delivered": cseq})
+        self.wait(lambda: self.ticks()[-1:] == ["delivered to everyone"], what="delivered to all")
+        self.fake.push({"msgid": 17, "id": web_standin.CAT, "conv": conv, "all_read": cseq})
+        self.wait(lambda: self.ticks()[-1:] == ["read by everyone"], what="read by all")
+        self.shots("standin-group-ticks")
+
+    def test_5_other_device(self):
+        key = "u:%d" % web_standin.BOB
+        self.open_conv("g:%d" % web_standin.GROUP)
+        self.fake.push({"msgid": 6, "id": web_standin.ME, "name": "me", "toid": web_standin.BOB,
+                        "msg": "from my phone"})
+        self.wait(lambda: self.qs('.conv-item[data-key="%s"]' % key) and
+                  self.text('.conv-item[data-key="%s"] .conv-preview' % key) == "from my phone",
+                  what="our message from another device")
+        self.assertEqual(self.unread(key), 0)
+        self.open_conv(key)
+        self.wait(lambda: [e.get_attribute("textContent")
+                           for e in self.qs("#messages .msg.mine .msg-text")][-1:] == ["from my phone"],
+                  what="shown as ours")
+
+    def test_6_notices(self):
+        n = self.fake.connections
+        self.fake.push({"msgid": 12, "errno": 116, "errmsg": "logged in elsewhere"})
+        self.wait(lambda: self.text("#conn").startswith("signed in elsewhere"), what="parked")
+        self.assertTrue(web_standin.wait_quiet(lambda: self.fake.connections > n, 3),
+                        "reconnected after 116")
+        self.q("#reconnect").click()
+        self.wait(lambda: self.fake.connections == n + 1 and self.text("#conn") == "online",
+                  what="Reconnect")
+        self.fake.push({"msgid": 12, "errno": 119, "errmsg": "draining, reconnect elsewhere"})
+        self.wait(lambda: self.fake.connections == n + 2 and self.text("#conn") == "online",
+                  what="a new connection after 119")
+        self.no_csp_violation()
+
+
 if __name__ == "__main__":
     unittest.main()
