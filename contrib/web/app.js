@@ -605,7 +605,8 @@ function onNotice(n) {
     park('signed in elsewhere', 'Logged in elsewhere (another tab?): this tab is disconnected.');
     return;
   }
-  if (n.errno === 119) { // the node drains: go to another one now (nginx picks it)
+  if (n.errno === 118 || n.errno === 119) { // the node stops or drains: go to
+    // another one now (nginx picks it); SYNC fills in what comes meanwhile
     showStatus('The server is restarting: reconnecting…');
     transport.reconnect();
     return;

@@ -643,15 +643,16 @@ class TestWebClient(BrowserCase):
 class TestWebCluster(BrowserCase):
     """Three nodes (one database, one Redis) with ws:// listeners and
     [web] root, behind nginx rendered from contrib/nginx/nginx.conf.in as
-    `make cluster` does: the page and its WebSocket come from nginx's http
-    port (one origin), nginx passes both to the nodes."""
+    `make cluster` does (PROXY protocol on in the stream ports and the
+    nodes): the page and its WebSocket come from nginx's http port (one
+    origin), nginx passes both to the nodes."""
 
     @classmethod
     def start_server(cls):
         cls.stack = Stack()
         db = cls.stack.new_database("webcl")
         conf = {"web": {"root": os.path.join(CHAT_SRC, "contrib", "web")},
-                "plugin.login": {"hash_cost": 1}}
+                "plugin.login": {"hash_cost": 1}, "server": dict(tnc.PROXIED["server"])}
         cls.nodes = []
         try:
             for i in range(3):
@@ -661,7 +662,7 @@ class TestWebCluster(BrowserCase):
             cls.stop_server()
             first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
             raise unittest.SkipTest("the nodes do not start with ws:// and [web]: %s" % first)
-        cls.nginx = tnc.Nginx(free_port(), [n.port for n in cls.nodes],
+        cls.nginx = tnc.Nginx(free_port(), [n.port for n in cls.nodes], proxy_protocol=True,
                               ws_ports=[n.ws_port for n in cls.nodes])
         cls.web_port = cls.nginx.ws_port
 
@@ -701,6 +702,8 @@ class TestWebCluster(BrowserCase):
         sender_node = self.nodes[(victim + 1) % 3]
         sam = Client(sender_node.port, proto=2, term=b"\n")
         self.addCleanup(sam.close)
+        # straight to that node, as nginx would (the nodes take PROXY headers)
+        sam.send_raw(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 %d\r\n" % sender_node.port)
         sam_id = sam.register(uname("sam"), PASSWORD)
         self.assertEqual(sam.login(sam_id, PASSWORD).get("errno"), 0)
         self.assertEqual(sam.request({"msgid": 7, "friendid": pia}).get("errno"), 0)
