@@ -561,7 +561,7 @@ class TestWebClient(BrowserCase):
         if "bob" not in self.users:
             self.skipTest("needs test_2's users")
         carol, cid, cname = self.tcp_user()
-        alice, bob = self.users["alice"][0], self.users["bob"][0]
+        alice = self.users["alice"][0]
         why = typing_missing(carol, alice)
         if why:
             self.skipTest(why)
@@ -575,32 +575,32 @@ class TestWebClient(BrowserCase):
         key_c = "u:%d" % cid
         self.wait(lambda: self.qs('.conv-item[data-key="%s"] .dot.online' % key_c),
                   what="carol online in alice's list")
-        self.open_conv("u:%d" % bob)
-        # bob types in his browser: alice sees "... is typing" in the open
-        # conversation; bob sends and the line goes
-        self.use("bob")
-        self.driver.set_window_size(*DESKTOP)
-        self.open_conv("u:%d" % alice)
-        self.q("#message-input").send_keys("typed in the brow")
-        self.use("alice")
-        bob_name = self.users["bob"][1]
-        self.wait(lambda: self.text("#typing") == bob_name + " is typing…",
-                  what="alice sees bob typing")
-        self.shots("typing")
-        self.use("bob")
-        self.q("#message-input").send_keys("ser" + Keys.ENTER)
-        self.use("alice")
-        self.wait(lambda: "typed in the browser" in self.messages() and self.text("#typing") == "",
-                  timeout=5, what="bob's message in place of his typing line")
-        # one TYPING and nothing after it: the line expires after ~5 s
+        # alice types to carol: TYPING reaches carol's TCP session; Enter
+        # sends typing:false, then the message
         self.open_conv(key_c)
+        self.q("#message-input").send_keys("typed in the brow")
+        m = carol.recv_until(lambda m: m.get("msgid") == 18, timeout=10)
+        self.assertEqual((m.get("id"), m.get("toid"), m.get("typing", True)), (alice, cid, True), m)
+        self.q("#message-input").send_keys("ser" + Keys.ENTER)
+        m = carol.recv_until(lambda m: m.get("msgid") in (6, 18), timeout=10)
+        self.assertEqual((m.get("msgid"), m.get("typing")), (18, False), m)
+        m = carol.recv_until(lambda m: m.get("msgid") in (6, 18), timeout=10)
+        self.assertEqual((m.get("msgid"), m.get("msg")), (6, "typed in the browser"), m)
+        # carol types to alice: one TYPING and nothing after it shows for ~5 s
         ack = carol.request({"msgid": 18, "toid": alice})
         self.assertEqual(ack.get("errno"), 0, ack)
         t0 = time.monotonic()
         self.wait(lambda: self.text("#typing") == cname + " is typing…", timeout=5,
                   what="carol typing")
+        self.shots("typing")
         self.wait(lambda: self.text("#typing") == "", timeout=10, what="the typing line to expire")
         self.assertGreater(time.monotonic() - t0, 3.5, "the typing line went too soon")
+        # and her message ends it at once
+        self.assertEqual(carol.request({"msgid": 18, "toid": alice}).get("errno"), 0)
+        self.wait(lambda: self.text("#typing") != "", timeout=5, what="carol typing again")
+        self.assertEqual(carol.request({"msgid": 6, "toid": alice, "msg": "from tcp"}).get("errno"), 0)
+        self.wait(lambda: "from tcp" in self.messages() and self.text("#typing") == "", timeout=3,
+                  what="carol's message in place of her typing line")
         # presence, live: carol's last connection closes, then she logs in
         # again; alice's dot follows well within the 30 s list poll
         carol.close()
