@@ -752,6 +752,7 @@ class TestWebCluster(BrowserCase):
         self.assertEqual(self.text("#conn"), "online")
         self.shots("cluster-after-failover")
         self.no_alert()
+        self.no_csp_violation()
 
 
 # ---- several tabs of one user -------------------------------------------------------------
