@@ -1,0 +1,171 @@
+"""Live events (issue 8): TYPING (18), PRESENCE (19) and aggregated group
+receipts (17 on a group conversation) against a real chatd, MariaDB and
+Redis, on two nodes.
+
+Typing goes live to the peer's / other members' protocol-2 sessions on any
+node, never to legacy sessions or non-members, and is never stored (a later
+SYNC has nothing of it).  Presence: a protocol-2 friend on another node is
+told when a user comes online and when its last session goes, a non-friend
+is not.  Group receipts: a member's READ reaches the other members live
+with the group's aggregate ("read by all up to"), and SYNC carries it.
+"""
+
+import time
+import unittest
+import uuid
+
+from harness import Client, Node, Stack, wait_for
+
+PLUGINS = ("login", "friend", "one2one", "group", "offline", "store", "typing")
+FAST = {"plugin.login": {"hash_cost": 1},
+        "plugin.friend": {"presence_offline_delay_ms": 50},
+        "plugin.store": {"group_marks_delay_ms": 50}}
+
+
+def client2(node):
+    return Client(node.port, term=b"\n", proto=2)
+
+
+def login2(node, uid, pw="pw"):
+    c = client2(node)
+    ack = c.login(uid, pw)
+    assert ack["errno"] == 0, ack
+    return c
+
+
+def login1(node, uid, pw="pw"):
+    c = Client(node.port)
+    ack = c.login(uid, pw)
+    assert ack["errno"] == 0, ack
+    return c
+
+
+def of(msgid):
+    return lambda m: m.get("msgid") == msgid
+
+
+class EventsTest(unittest.TestCase):
+    stack = None
+    nodes = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        n1 = Node(cls.stack, plugins=PLUGINS, conf=FAST, node_id="e1")
+        n2 = Node(cls.stack, db=n1.db, plugins=PLUGINS, conf=FAST, node_id="e2",
+                  migrate=False)
+        cls.nodes = (n1, n2)
+
+    @classmethod
+    def tearDownClass(cls):
+        for n in cls.nodes:
+            assert n.stop() == 0
+
+    def run(self, result=None):
+        res = super().run(result)
+        if result is not None and not result.wasSuccessful():
+            for n in self.nodes:
+                print("---- %s log tail ----\n%s" % (n.log_path, n.log_tail(40)))
+        return res
+
+    def user(self, name):
+        c = client2(self.nodes[0])
+        uid = c.register("%s-%s" % (name, uuid.uuid4().hex[:8]), "pw")
+        c.close()
+        return uid
+
+    # ---- typing ----------------------------------------------------------
+
+    def test_typing_pair(self):
+        n1, n2 = self.nodes
+        a, b = self.user("ta"), self.user("tb")
+        ca, cb = login2(n1, a), login2(n2, b)  # on two nodes
+        r = ca.request({"msgid": 18, "toid": b})
+        self.assertEqual(r["errno"], 0, r)
+        self.assertEqual((r["msgid"], r["req"]), (11, 18))
+        m = cb.recv_until(of(18))
+        self.assertEqual((m["id"], m["toid"], m["typing"]), (a, b, True), m)
+        self.assertTrue(m["name"].startswith("ta-"))
+        self.assertNotIn("seq", m)
+        # the same state again at once is coalesced; a change goes through
+        self.assertEqual(ca.request({"msgid": 18, "toid": b})["errno"], 0)
+        self.assertEqual(ca.request({"msgid": 18, "toid": b, "typing": False})["errno"], 0)
+        m = cb.recv_until(of(18))
+        self.assertEqual((m["id"], m["typing"]), (a, False), m)
+        cb.expect_nothing(0.3)
+        ca.expect_nothing(0.1)  # never back to the sender
+        # never stored: a later SYNC of b has no typing
+        r = cb.request({"msgid": 15})
+        self.assertEqual(r["errno"], 0, r)
+        self.assertFalse([x for x in r["msgs"] if x.get("msgid") == 18], r)
+        ca.close()
+        cb.close()
+
+    def test_typing_not_to_legacy_or_offline(self):
+        n1, n2 = self.nodes
+        a, b, c = self.user("la"), self.user("lb"), self.user("lc")
+        ca = login2(n1, a)
+        lb = login1(n2, b)  # legacy peer: nothing
+        self.assertEqual(ca.request({"msgid": 18, "toid": b})["errno"], 0)
+        lb.expect_nothing(0.5)
+        lb.close()
+        # c offline: answered, dropped; c logging in later gets nothing of it
+        self.assertEqual(ca.request({"msgid": 18, "toid": c})["errno"], 0)
+        cc = login2(n2, c)
+        cc.expect_nothing(0.3)
+        r = cc.request({"msgid": 15})
+        self.assertFalse([x for x in r["msgs"] if x.get("msgid") == 18], r)
+        # a legacy sender's 18 is ignored (no reply, nothing forwarded)
+        la = login1(n1, self.user("ld"))
+        la.send({"msgid": 18, "toid": c})
+        la.expect_nothing(0.3)
+        cc.expect_nothing(0.1)
+        for x in (ca, cc, la):
+            x.close()
+
+    def test_typing_group(self):
+        n1, n2 = self.nodes
+        a, b, c, d = (self.user(x) for x in ("ga", "gb", "gc", "gd"))
+        ca, cb, cc, cd = login2(n1, a), login2(n2, b), login2(n1, c), login2(n2, d)
+        g = ca.request({"msgid": 8, "groupname": "t-%s" % uuid.uuid4().hex[:8]})["groupid"]
+        self.assertEqual(ca.request({"msgid": 9, "groupid": g, "userid": b})["errno"], 0)
+        self.assertEqual(ca.request({"msgid": 9, "groupid": g, "userid": c})["errno"], 0)
+        r = cb.request({"msgid": 18, "groupid": g})
+        self.assertEqual(r["errno"], 0, r)
+        for x in (ca, cc):
+            m = x.recv_until(of(18))
+            self.assertEqual((m["id"], m["groupid"], m["typing"]), (b, g, True), m)
+            self.assertNotIn("toid", m)
+        cd.expect_nothing(0.3)  # not a member
+        cb.expect_nothing(0.1)  # not to the sender
+        # a non-member may not
+        self.assertEqual(cd.request({"msgid": 18, "groupid": g})["errno"], 109)
+        # a member who joined after the member list was cached is let in
+        self.assertEqual(ca.request({"msgid": 9, "groupid": g, "userid": d})["errno"], 0)
+        time.sleep(1.1)  # past the 1 s re-check of a non-member
+        self.assertEqual(cd.request({"msgid": 18, "groupid": g})["errno"], 0)
+        m = cb.recv_until(of(18))
+        self.assertEqual((m["id"], m["groupid"]), (d, g))
+        for x in (ca, cb, cc, cd):
+            x.close()
+
+    def test_typing_errors(self):
+        n1, _ = self.nodes
+        a = self.user("ea")
+        ca = login2(n1, a)
+        for bad in ({}, {"toid": 0}, {"toid": "x"}, {"groupid": -1},
+                    {"toid": a, "groupid": 1}, {"toid": a, "typing": 1},
+                    {"toid": a, "typing": "no"}):
+            r = ca.request(dict(bad, msgid=18))
+            self.assertEqual(r["errno"], 104, (bad, r))
+        self.assertEqual(ca.request({"msgid": 18, "toid": 2000000000})["errno"], 108)
+        self.assertEqual(ca.request({"msgid": 18, "groupid": 2000000000})["errno"], 108)
+        self.assertEqual(ca.request({"msgid": 18, "id": a + 1, "toid": a})["errno"], 107)
+        c = client2(n1)
+        self.assertEqual(c.request({"msgid": 18, "toid": a})["errno"], 106)
+        c.close()
+        ca.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
