@@ -17,7 +17,7 @@ import uuid
 from harness import Client, Node, Stack, wait_for
 
 PLUGINS = ("login", "friend", "one2one", "group", "offline", "store", "typing")
-FAST = {"plugin.login": {"hash_cost": 1},
+FAST = {"plugin.login": {"hash_cost": 1, "multi_login": "replace"},
         "plugin.friend": {"presence_offline_delay_ms": 50},
         "plugin.store": {"group_marks_delay_ms": 50}}
 
@@ -165,6 +165,77 @@ class EventsTest(unittest.TestCase):
         self.assertEqual(c.request({"msgid": 18, "toid": a})["errno"], 106)
         c.close()
         ca.close()
+
+    # ---- presence ----------------------------------------------------------
+
+    def test_presence_online_offline(self):
+        n1, n2 = self.nodes
+        a, b, c, d = (self.user(x) for x in ("pa", "pb", "pc", "pd"))
+        ca = login2(n1, a)
+        # a and d see b's presence (policy open: they added b); c does not
+        self.assertEqual(ca.request({"msgid": 7, "friendid": b})["errno"], 0)
+        cd = login2(n1, d)
+        self.assertEqual(cd.request({"msgid": 7, "friendid": b})["errno"], 0)
+        cd.close()
+        ld = login1(n2, d)  # d now legacy: never gets 19
+        cc = login2(n1, c)
+        cb = login2(n2, b)  # b comes online on the other node
+        m = ca.recv_until(of(19))
+        self.assertEqual((m["id"], m["online"]), (b, True), m)
+        self.assertTrue(m["name"].startswith("pb-"))
+        cc.expect_nothing(0.3)
+        ld.expect_nothing(0.1)
+        # logout: offline
+        self.assertEqual(cb.request({"msgid": 3})["errno"], 0)
+        m = ca.recv_until(of(19))
+        self.assertEqual((m["id"], m["online"]), (b, False), m)
+        cb.close()
+        # close: online again, then offline
+        cb = login2(n2, b)
+        self.assertTrue(ca.recv_until(of(19))["online"])
+        cb.close()
+        m = ca.recv_until(of(19))
+        self.assertEqual((m["id"], m["online"]), (b, False), m)
+        cc.expect_nothing(0.2)
+        ld.expect_nothing(0.1)
+        for x in (ca, cc, ld):
+            x.close()
+
+    def test_presence_replaced_is_not_offline(self):
+        n1, n2 = self.nodes
+        a, b = self.user("ra"), self.user("rb")
+        ca = login2(n1, a)
+        self.assertEqual(ca.request({"msgid": 7, "friendid": b})["errno"], 0)
+        cb1 = login2(n1, b)
+        self.assertTrue(ca.recv_until(of(19))["online"])
+        cb2 = login2(n2, b)  # takes over (multi_login = replace)
+        self.assertTrue(cb1.closed(10))
+        cb1.close()
+        m = ca.recv_until(of(19))
+        self.assertEqual((m["id"], m["online"]), (b, True), m)
+        ca.expect_nothing(0.5)  # the replaced session's close says nothing
+        cb2.close()
+        self.assertFalse(ca.recv_until(of(19))["online"])
+        ca.close()
+
+    def test_presence_node_shutdown(self):
+        st = self.stack
+        n3 = Node(st, db=self.nodes[0].db, plugins=PLUGINS, conf=FAST, node_id="e3",
+                  migrate=False)
+        try:
+            a, b = self.user("sa"), self.user("sb")
+            ca = login2(self.nodes[0], a)
+            self.assertEqual(ca.request({"msgid": 7, "friendid": b})["errno"], 0)
+            cb = login2(n3, b)
+            self.assertTrue(ca.recv_until(of(19))["online"])
+            self.assertEqual(n3.stop(), 0)
+            m = ca.recv_until(of(19), timeout=10)
+            self.assertEqual((m["id"], m["online"]), (b, False), m)
+            cb.close()
+            ca.close()
+        finally:
+            if n3.running():
+                n3.stop()
 
 
 if __name__ == "__main__":
