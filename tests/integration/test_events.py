@@ -237,6 +237,67 @@ class EventsTest(unittest.TestCase):
             if n3.running():
                 n3.stop()
 
+    # ---- group receipts ----------------------------------------------------
+
+    def test_group_receipts_live_and_sync(self):
+        n1, n2 = self.nodes
+        a, b, c, d = (self.user(x) for x in ("ra", "rb", "rc", "rd"))
+        ca, cb, cc, cd = login2(n1, a), login2(n2, b), login2(n1, c), login2(n2, d)
+        g = ca.request({"msgid": 8, "groupname": "r-%s" % uuid.uuid4().hex[:8]})["groupid"]
+        for u in (b, c):
+            self.assertEqual(ca.request({"msgid": 9, "groupid": g, "userid": u})["errno"], 0)
+        conv = "g%d" % g
+        for i in range(4):
+            r = ca.request({"msgid": 10, "groupid": g, "msg": "m%d" % i, "cid": "m%d" % i})
+            self.assertEqual(r["errno"], 0, r)
+        # b and c read at once: one coalesced 17 per member with both marks
+        self.assertEqual(cb.request({"msgid": 17, "conv": conv, "read": 3})["errno"], 0)
+        self.assertEqual(cc.request({"msgid": 17, "conv": conv, "read": 2})["errno"], 0)
+
+        def marks_seen(client, want):
+            got = {}
+            while set(got) != want:
+                m = client.recv_until(lambda m: m.get("msgid") == 17 and m.get("conv") == conv)
+                last = m
+                for x in m["marks"]:
+                    got[x["id"]] = (x["delivered"], x["read"])
+            return got, last
+
+        got, m = marks_seen(ca, {b, c})
+        self.assertEqual(got, {b: (3, 3), c: (2, 2)})
+        # a (the sender) sees: the others' lowest is c's 2
+        self.assertEqual((m["all_delivered"], m["all_read"]), (2, 2), m)
+        # b's own other devices learn b's marks too; b's "all" leaves b out
+        # (a has no mark: 0)
+        got, m = marks_seen(cb, {b, c})
+        self.assertEqual((m["all_read"]), 0, m)
+        cd.expect_nothing(0.3)  # not a member
+        # a reads everything: c is now the lowest for b, and b for c
+        self.assertEqual(ca.request({"msgid": 17, "conv": conv, "read": 4})["errno"], 0)
+        def a_read(m):  # (earlier windows of the other node may come first)
+            return m.get("msgid") == 17 and m.get("conv") == conv and \
+                {"id": a, "delivered": 4, "read": 4} in m["marks"]
+        m = cb.recv_until(a_read)
+        self.assertEqual((m["marks"], m["all_read"]),
+                         ([{"id": a, "delivered": 4, "read": 4}], 2), m)
+        m = cc.recv_until(a_read)
+        self.assertEqual(m["all_read"], 3, m)
+        # SYNC carries the aggregate (and the member's own marks)
+        for cl, own, agg in ((ca, 4, 2), (cb, 3, 2), (cc, 2, 3)):
+            r = cl.request({"msgid": 15, "convs": [{"conv": conv, "cseq": 4}]})
+            e = [x for x in r["convs"] if x["conv"] == conv][0]
+            self.assertEqual((e["read"], e["all_read"], e["all_delivered"]),
+                             (own, agg, agg), e)
+            self.assertNotIn("peer_read", e)
+        # a legacy member gets nothing live
+        lc = login1(n1, c)  # replaces c's protocol-2 session
+        self.assertTrue(cc.closed(10))
+        self.assertEqual(cb.request({"msgid": 17, "conv": conv, "read": 4})["errno"], 0)
+        cb.recv_until(lambda m: m.get("msgid") == 17 and m.get("conv") == conv)
+        lc.expect_nothing(0.5)
+        for x in (ca, cb, cc, cd, lc):
+            x.close()
+
 
 if __name__ == "__main__":
     unittest.main()
