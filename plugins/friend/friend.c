@@ -33,6 +33,10 @@
  * a SELECT that started before any invalidation does not fill the cache.
  * list_cache_ttl bounds how long an entry is trusted (a lost broadcast),
  * list_cache_max how many there are; a timer sweeps expired entries.
+ *
+ * PRESENCE (19): friends told live of a user's first login and last
+ * logout, in presence.c (the LOGIN / LOGOUT / SESSION_CLOSE hooks and the
+ * "P ..." broadcasts are routed there from here).
  */
 #include <stdint.h>
 #include <stdio.h>

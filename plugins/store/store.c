@@ -31,9 +31,11 @@
  * returns the stored marks; in a pair the other user's devices are told
  * live (protocol 2 only) through host->broadcast to this plugin on every
  * node, which hands it to a local session of that user: deliver() would
- * send it to a legacy client or the offline store.  SYNC returns the marks
- * with the heads (the user's own, and in a pair the other user's), so a
- * device that was away clears its unread counts.
+ * send it to a legacy client or the offline store.  In a group the members
+ * are told the same way, coalesced per group with the group's aggregate
+ * ("read by all up to"; gmarks.c).  SYNC returns the marks with the heads
+ * (the user's own; in a pair the other user's; in a group the lowest among
+ * the other members), so a device that was away clears its unread counts.
  *
  * Retention.  With retention_count (keep the newest N messages of each
  * conversation) and/or retention_seconds (keep what is younger), a timer
