@@ -166,6 +166,24 @@ class EventsTest(unittest.TestCase):
         c.close()
         ca.close()
 
+    def test_typing_rate_limit_class(self):
+        conf = dict(FAST, limits={"class.typing": "18 2/m burst 2"})
+        node = Node(self.stack, db=self.nodes[0].db, plugins=PLUGINS, conf=conf,
+                    migrate=False)
+        try:
+            a, b = self.user("ka"), self.user("kb")
+            ca = login2(node, a)
+            for _ in range(2):
+                self.assertEqual(ca.request({"msgid": 18, "toid": b})["errno"], 0)
+            r = ca.request({"msgid": 18, "toid": b})
+            self.assertEqual(r["errno"], 125, r)
+            self.assertIn("retry_after_ms", r)
+            # other msgids are not in the class
+            self.assertEqual(ca.request({"msgid": 13})["errno"], 0)
+            ca.close()
+        finally:
+            self.assertEqual(node.stop(), 0)
+
     # ---- presence ----------------------------------------------------------
 
     def test_presence_online_offline(self):
