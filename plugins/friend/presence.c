@@ -152,8 +152,11 @@ void fr_presence_broadcast(const char *data, size_t len)
         goto out;
     if (!(text = event_text(uid, nl + 1, len - (size_t)(nl + 1 - data), (int)online, &tlen)))
         goto out;
-    if (!online && !(pd = host->malloc(sizeof(*pd) + (size_t)nids * sizeof(uint64_t))))
-        goto out;
+    if (!online) {
+        if (!(pd = host->malloc(sizeof(*pd) + (size_t)nids * sizeof(uint64_t))))
+            goto out;
+        pd->text = NULL;
+    }
     for (p = head + off; nids-- > 0; p = end) {
         struct chat_session *s;
         long long id = strtoll(p, &end, 10);
@@ -179,9 +182,11 @@ void fr_presence_broadcast(const char *data, size_t len)
             pd = NULL;
     }
 out:
-    if (pd) {
-        pd->text = text;
-        text = NULL;
+    if (pd) { /* not handed to a timer: nobody to tell, or no timer */
+        if (!pd->text) {
+            pd->text = text;
+            text = NULL;
+        }
         pend_free(pd);
     }
     host->free(text);

@@ -160,7 +160,7 @@ static void members_read(const struct chat_db_result *r, void *ud)
         goto out;
     lowest(r, n, 1, &d1, &dh, &d2);
     lowest(r, n, 2, &r1, &rh, &r2);
-    cap = 200 + w->n * 66 + GM_BATCH * 21;
+    cap = 256 + w->n * 66 + GM_BATCH * 21;
     if (!(note = host->malloc(cap)))
         goto out;
     head = (size_t)snprintf(note, cap, "G %lld %lld %lld %lld %lld %lld %lld %zu",

@@ -131,6 +131,8 @@ static void on_broadcast(int event, const void *arg, void *ud)
             id = strtoll(p, &end, 10);
             if (end == p)
                 break;
+            /* TODO(multi_login): every local session of id once the host
+             * can list them; session_by_user gives one */
             if ((s = host->session_by_user(id)) && host->session_proto(s) == CHAT_PROTO_2)
                 host->send_raw(s, msg, mlen);
         }
