@@ -273,13 +273,18 @@ class EventsTest(unittest.TestCase):
         self.assertEqual(cc.request({"msgid": 17, "conv": conv, "read": 2})["errno"], 0)
 
         def marks_seen(client, want):
-            got = {}
+            """The marks seen until every user of want has some, and the
+            message with c's: its window (node 1's) read every member's
+            marks after both READs were stored, so its aggregate is final
+            (node 2's window, with b's, may have read them before c's)."""
+            got, with_c = {}, None
             while set(got) != want:
                 m = client.recv_until(lambda m: m.get("msgid") == 17 and m.get("conv") == conv)
-                last = m
                 for x in m["marks"]:
                     got[x["id"]] = (x["delivered"], x["read"])
-            return got, last
+                    if x["id"] == c:
+                        with_c = m
+            return got, with_c
 
         got, m = marks_seen(ca, {b, c})
         self.assertEqual(got, {b: (3, 3), c: (2, 2)})
