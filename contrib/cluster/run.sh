@@ -11,7 +11,9 @@
 #                     chatd -t; without it the nodes listen on tcp only)
 #   nginx (stream)    127.0.0.1:8000, balancing the three nodes
 #   nginx (stream ssl) 127.0.0.1:8443: TLS ends in nginx, plain TCP to the nodes
-#   nginx (http)      127.0.0.1:8080/chat: WebSocket, proxied to the ws listeners
+#   nginx (http)      127.0.0.1:8080/chat: WebSocket, proxied to the ws listeners;
+#                     127.0.0.1:8080/: the web client (contrib/web), which
+#                     the nodes serve from their [web] root, proxied too
 #
 # The certificate of 8443 is self-signed for localhost, made once in
 # $CLUSTER_DIR/tls (contrib/stack/tls-cert.sh); trust it with
@@ -148,7 +150,7 @@ STARTED_REDIS=1
 node_conf() {
     awk -v listen="$2" -v node="node$1" -v admin="127.0.0.1:$3" \
         -v token="$ADMIN_TOKEN" -v tlsdir="$DIR/tls" \
-        -v plugdir="$BUILD/plugins" -v mig="$ROOT/sql" \
+        -v plugdir="$BUILD/plugins" -v mig="$ROOT/sql" -v web="$ROOT/contrib/web" \
         -v mport="$MYSQL_PORT" -v rport="$REDIS_PORT" -v db="$DB_NAME" '
         function set(v) { sub(/=.*/, "= " v) }
         /^\[/ { sec = $0 }
@@ -168,6 +170,7 @@ node_conf() {
         sec == "[admin]"   && /^token[ \t]*=/       { set(token) }
         sec == "[tls]"     && /^cert[ \t]*=/        { set(tlsdir "/cert.pem") }
         sec == "[tls]"     && /^key[ \t]*=/         { set(tlsdir "/key.pem") }
+        sec == "[web]"     && /^root[ \t]*=/        { set(web) }
         { print }
     ' "$ROOT/etc/chat.conf"
 }
@@ -260,6 +263,7 @@ $(for i in "${!NODE_PORTS[@]}"; do echo "    node$((i + 1))    $(node_listen "$i
   connect:   $BUILD/chat-cli $LB
              $BUILD/chat-cli --ca $DIR/tls/cert.pem tls://$TLS_LB
              $BUILD/chat-cli ws://$WS_LB/chat
+  browser:   http://$WS_LB/  (the web client, served by the nodes through nginx)
   (two terminals: register in each, log in, then chat:ID:MSG)
 
 EOF

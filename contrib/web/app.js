@@ -37,7 +37,13 @@ const state = {
   current: null,          // key of the open conversation
   durable: null,          // the store answers SYNC (null: not known yet)
   syncing: null,          // the SYNC loop running (a promise)
+  typing: new Map(),      // conv key -> Map(user id -> {name, timer}): who types there
+  presenceLive: false,    // the server sends PRESENCE (19): poll the lists rarely
+  elsewhere: 0,           // resumes refused in a row (errno 2): the retry backs off
 };
+
+const TYPING_SEND_MS = 3000; // at most one TYPING per conversation this often
+const TYPING_SHOW_MS = 5000; // "... is typing" without a new TYPING: gone
 
 function convKey(kind, id) { return kind + ':' + id; }
 
@@ -143,19 +149,36 @@ transport.addEventListener('connecting', () => setConn('connecting'));
 proto.addEventListener('chat', (e) => onChat(e.detail, false));
 proto.addEventListener('notice', (e) => onNotice(e.detail));
 proto.addEventListener('receipt', (e) => onReceipt(e.detail));
+proto.addEventListener('typing', (e) => onTyping(e.detail));
+proto.addEventListener('presence', (e) => onPresence(e.detail));
 
 async function resume() {
+  // another tab of this origin may hold a newer token (they share it)
+  const saved = loadSession();
+  if (saved && saved.id === state.me.id && saved.token) state.me.token = saved.token;
+  const token = state.me.token;
   try {
-    const ack = await proto.resume(state.me.id, state.me.token);
+    const ack = await proto.resume(state.me.id, token);
+    state.elsewhere = 0;
     afterLogin(ack);
   } catch (err) {
-    if (err.errno === 1) { // the token is gone: log in with the password
+    const now = loadSession();
+    if (err.errno === 1 && now && now.token && now.token !== token) {
+      transport.reconnect(); // another tab changed the token meanwhile
+    } else if (err.errno === 1) { // the token is gone: log in with the password
       state.me = null;
       saveSession();
       showLogin('Your session has ended: log in again.');
     } else if (err.errno === 2 || err.errno === 110) {
-      showStatus('This account is logged in elsewhere (another tab?). Retrying...', true);
-      setTimeout(() => transport.reconnect(), 3000);
+      // multi_login = refuse: the other tab (or a dead connection the
+      // server has not noticed yet) holds the login.  Ask again, less and
+      // less often; never take it over.
+      const wait = Math.min(60000, 3000 * 2 ** Math.min(state.elsewhere++, 5));
+      showStatus('This account is logged in elsewhere (another tab?). Retrying in ' +
+        Math.round(wait / 1000) + ' s', true);
+      setTimeout(() => transport.reconnect(), wait);
+    } else if (err.errno === 127) { // multi: devices_max devices are logged in
+      park('too many devices', 'Too many tabs or devices are logged in to this account: close one, then reconnect.');
     } else if (err.errno === 125) {
       setTimeout(() => transport.reconnect(), err.retryAfterMs || 1000);
     } else if (err.errno !== -1) {
@@ -226,9 +249,51 @@ function applyMarks(h) {
   const c = convOfStoreName(h.conv);
   if (!c) return;
   if (h.read > c.read) c.read = h.read;
-  if (h.peer_read > c.peerRead) c.peerRead = h.peer_read;
-  if (h.peer_delivered > c.peerDelivered) c.peerDelivered = h.peer_delivered;
+  if (c.kind === 'g') applyGroupMarks(c, h);
+  else {
+    if (h.peer_read > c.peerRead) c.peerRead = h.peer_read;
+    if (h.peer_delivered > c.peerDelivered) c.peerDelivered = h.peer_delivered;
+  }
   c.head = h.head;
+}
+
+// Group receipts: how far every other member has got (delivered to all,
+// read by all).  The store's aggregate fields are read here and nowhere
+// else; their names are not settled yet, so the likely ones are accepted.
+// Without them, the live marks of each member (msgid 17 with "id") are
+// kept and their minimum over the members we know is the group's.
+const GROUP_DELIVERED = ['all_delivered', 'group_delivered', 'peer_delivered', 'members_delivered'];
+const GROUP_READ = ['all_read', 'group_read', 'peer_read', 'members_read'];
+
+function firstNumber(o, names) {
+  for (const n of names) if (typeof o[n] === 'number') return o[n];
+  return undefined;
+}
+
+// true when h carried aggregate marks
+function applyGroupMarks(c, h) {
+  const d = firstNumber(h, GROUP_DELIVERED), r = firstNumber(h, GROUP_READ);
+  if (d === undefined && r === undefined) return false;
+  c.groupTicks = true;
+  if (r > c.peerRead) c.peerRead = r;
+  if (Math.max(d || 0, r || 0) > c.peerDelivered) c.peerDelivered = Math.max(d || 0, r || 0);
+  return true;
+}
+
+function applyMemberMark(c, m) {
+  const g = state.groups.get(c.id);
+  c.members = c.members || {};
+  const k = c.members[m.id] || { delivered: 0, read: 0 };
+  if (m.delivered > k.delivered) k.delivered = m.delivered;
+  if (m.read > k.read) k.read = m.read;
+  c.members[m.id] = k;
+  if (!g || !Array.isArray(g.users)) return;
+  const others = g.users.filter((u) => u.id !== state.me.id);
+  if (!others.length) return;
+  const mark = (u, f) => (c.members[u.id] ? Math.max(c.members[u.id][f], f === 'delivered' ? c.members[u.id].read : 0) : 0);
+  c.groupTicks = true;
+  c.peerDelivered = Math.max(c.peerDelivered, Math.min(...others.map((u) => mark(u, 'delivered'))));
+  c.peerRead = Math.max(c.peerRead, Math.min(...others.map((u) => mark(u, 'read'))));
 }
 
 // Unread = messages of others above our read mark (the mark is shared by
@@ -268,14 +333,112 @@ function markRead(c) {
   }).catch(() => {});
 }
 
-// A peer's marks, live (msgid 17): ticks on our messages.
+// Marks, live (msgid 17): a peer's or a group's give ticks on our
+// messages; our own (another tab or device read the conversation) clear
+// the unread count here too.
 function onReceipt(m) {
-  if (m.id === state.me.id) return;
   const c = convOfStoreName(m.conv);
   if (!c) return;
-  if (m.read > c.peerRead) c.peerRead = m.read;
-  if (m.delivered > c.peerDelivered) c.peerDelivered = m.delivered;
+  const aggregate = c.kind === 'g' && applyGroupMarks(c, m);
+  if (m.id === state.me.id) {
+    if (m.read > c.read) {
+      c.read = m.read;
+      c.unread = c.messages.filter((x) => !x.mine && x.cseq > c.read).length;
+    }
+  } else if (c.kind === 'g') {
+    if (!aggregate && m.id) applyMemberMark(c, m);
+  } else {
+    if (m.read > c.peerRead) c.peerRead = m.read;
+    if (m.delivered > c.peerDelivered) c.peerDelivered = m.delivered;
+  }
   saveConvs();
+  render();
+}
+
+// ---- typing and presence (msgid 18, 19) ----------------------------------------
+
+function typingKey(m) { return m.groupid ? convKey('g', m.groupid) : convKey('u', m.id); }
+
+// TYPING from someone else: "... is typing" for TYPING_SHOW_MS, renewed by
+// each TYPING, gone at typing:false or at their message.
+function onTyping(m) {
+  if (!state.me || m.id === state.me.id || typeof m.id !== 'number') return;
+  const key = typingKey(m);
+  if (m.typing === false) { stopTyping(key, m.id); return; }
+  let who = state.typing.get(key);
+  if (!who) state.typing.set(key, (who = new Map()));
+  const prev = who.get(m.id);
+  if (prev) clearTimeout(prev.timer);
+  who.set(m.id, { name: String(m.name || '#' + m.id), timer: setTimeout(() => stopTyping(key, m.id), TYPING_SHOW_MS) });
+  renderTyping();
+  renderList();
+}
+
+function stopTyping(key, uid, quiet) {
+  const who = state.typing.get(key);
+  if (!who || !who.has(uid)) return;
+  clearTimeout(who.get(uid).timer);
+  who.delete(uid);
+  if (!who.size) state.typing.delete(key);
+  if (quiet) return; // the caller renders
+  renderTyping();
+  renderList();
+}
+
+function typingText(key) {
+  const who = state.typing.get(key);
+  if (!who || !who.size) return '';
+  const names = [...who.values()].map((x) => x.name);
+  if (names.length === 1) return names[0] + ' is typing…';
+  if (names.length === 2) return names[0] + ' and ' + names[1] + ' are typing…';
+  return names.length + ' people are typing…';
+}
+
+// Our side: TYPING when the composer changes, at most every
+// TYPING_SEND_MS per conversation; typing:false when the message is sent,
+// the composer is emptied or left, or another conversation is opened.
+const typingOut = { key: null, at: 0, off: false };
+
+function typingTarget(c) { return c.kind === 'u' ? { toid: c.id } : { groupid: c.id }; }
+
+function sendTyping(c, on) {
+  proto.typing(typingTarget(c), on).catch((err) => {
+    // a server without TYPING: stop asking (a busy or lost one: next time)
+    if (err.errno > 0 && err.errno !== 113 && err.errno !== 125) typingOut.off = true;
+  });
+}
+
+function typingInput() {
+  const c = state.convs.get(state.current);
+  if (!c || !state.loggedIn || typingOut.off) return;
+  if (!$('message-input').value.trim()) { typingStop(); return; }
+  const key = convKey(c.kind, c.id);
+  const t = Date.now();
+  if (typingOut.key === key && t - typingOut.at < TYPING_SEND_MS) return;
+  if (typingOut.key && typingOut.key !== key) typingStop();
+  typingOut.key = key;
+  typingOut.at = t;
+  sendTyping(c, true);
+}
+
+function typingStop() {
+  if (!typingOut.key) return;
+  const c = state.convs.get(typingOut.key);
+  typingOut.key = null;
+  typingOut.at = 0;
+  if (c && state.loggedIn && !typingOut.off) sendTyping(c, false);
+}
+
+// PRESENCE: a friend's first device came online or last went offline.
+function onPresence(m) {
+  if (typeof m.id !== 'number') return;
+  const st = m.online ? 'online' : 'offline';
+  state.presenceLive = true;
+  const f = state.friends.get(m.id);
+  if (f) f.state = st;
+  for (const g of state.groups.values())
+    for (const u of g.users || []) if (u.id === m.id) u.state = st;
+  if (!m.online) for (const key of [...state.typing.keys()]) stopTyping(key, m.id, true);
   render();
 }
 
@@ -345,6 +508,7 @@ function fmtTime(ts) {
 function onChat(m, offline, old) {
   if (m.conv) {
     const c = convOfStoreName(m.conv, m.msgid === 6 && m.id !== state.me.id ? m.name : null);
+    if (c && !offline && m.id !== state.me.id) stopTyping(convKey(c.kind, c.id), m.id, true);
     if (c && addDurable(c, m, offline, old)) {
       if (!offline) {
         if (convKey(c.kind, c.id) === state.current && !document.hidden) markRead(c);
@@ -355,17 +519,22 @@ function onChat(m, offline, old) {
     return;
   }
   let c;
+  const mine = m.id === state.me.id; // sent from another device (tab) of ours
   if (m.msgid === 10) {
     const g = state.groups.get(m.groupid);
     c = conv('g', m.groupid, g ? g.groupname : null);
     if (!g) refreshLists(); // a group we did not know of (added by a member)
+  } else if (mine) {
+    if (!m.toid) return;
+    c = conv('u', m.toid);
   } else {
     c = conv('u', m.id, m.name);
     const f = state.friends.get(m.id);
     if (f) f.state = 'online';
   }
-  c.messages.push({ from: m.id, name: String(m.name || ''), text: String(m.msg), ts: msgTime(m), mine: false });
-  if (state.current !== convKey(c.kind, c.id) || document.hidden) c.unread++;
+  if (!mine) stopTyping(convKey(c.kind, c.id), m.id, true);
+  c.messages.push({ from: m.id, name: String(m.name || ''), text: String(m.msg), ts: msgTime(m), mine });
+  if (!mine && (state.current !== convKey(c.kind, c.id) || document.hidden)) c.unread++;
   if (!offline) saveConvs();
   render();
 }
@@ -416,16 +585,30 @@ function advance(c) {
   c.pos = p;
 }
 
+// Stop reconnecting (another tab holds the login): this tab waits for the
+// user to press Reconnect, so two tabs never take the login from each
+// other in a loop.
+function park(conn, text) {
+  showStatus(text, true);
+  transport.stop();
+  state.loggedIn = false;
+  setConn(conn);
+  const again = el('button', 'secondary', 'Reconnect');
+  again.type = 'button';
+  again.id = 'reconnect';
+  again.addEventListener('click', () => { setConn('connecting'); transport.start(); });
+  $('conn').append(' ', again);
+}
+
 function onNotice(n) {
-  if (n.errno === 116) {
-    showStatus('Logged in elsewhere: this tab is disconnected.', true);
-    transport.stop();
-    setConn('signed in elsewhere');
-    const b = $('conn');
-    const again = el('button', 'secondary', 'Reconnect');
-    again.type = 'button';
-    again.addEventListener('click', () => transport.start());
-    b.append(' ', again);
+  if (n.errno === 116) { // multi_login = replace: a newer tab or device took over
+    park('signed in elsewhere', 'Logged in elsewhere (another tab?): this tab is disconnected.');
+    return;
+  }
+  if (n.errno === 118 || n.errno === 119) { // the node stops or drains: go to
+    // another one now (nginx picks it); SYNC fills in what comes meanwhile
+    showStatus('The server is restarting: reconnecting…');
+    transport.reconnect();
     return;
   }
   showStatus(n.errmsg ? 'Server: ' + n.errmsg : 'Server notice ' + n.errno, n.errno !== 0);
@@ -436,6 +619,7 @@ function onNotice(n) {
 async function send(text) {
   const c = state.convs.get(state.current);
   if (!c || !text) return;
+  typingStop();
   const msg = { from: state.me.id, name: state.me.name, text, ts: Date.now(), mine: true,
     pending: true, cid: newCid() };
   c.messages.push(msg);
@@ -532,6 +716,9 @@ function presenceOf(c) {
 
 function renderList() {
   const ul = $('conv-list');
+  // the list is built anew: the keyboard's place in it is kept
+  const focused = document.activeElement && document.activeElement.classList.contains('conv-item')
+    ? document.activeElement.dataset.key : null;
   ul.replaceChildren();
   const convs = [...state.convs.values()].sort((a, b) => {
     const la = a.messages.length ? a.messages[a.messages.length - 1].ts : 0;
@@ -550,7 +737,9 @@ function renderList() {
     const title = el('span', 'conv-name', c.title);
     const kind = el('span', 'sr-only', c.kind === 'g' ? ' (group)' : p ? ' (' + p + ')' : '');
     const last = c.messages[c.messages.length - 1];
-    const preview = el('span', 'conv-preview', last ? last.text : (c.kind === 'g' ? 'group #' + c.id : '#' + c.id));
+    const typing = typingText(b.dataset.key);
+    const preview = typing ? el('span', 'conv-preview typing', typing)
+      : el('span', 'conv-preview', last ? last.text : (c.kind === 'g' ? 'group #' + c.id : '#' + c.id));
     b.append(dot, title, kind, preview);
     if (c.unread > 0) {
       const u = el('span', 'unread', c.unread);
@@ -560,6 +749,7 @@ function renderList() {
     b.addEventListener('click', () => openConv(b.dataset.key));
     li.append(b);
     ul.append(li);
+    if (b.dataset.key === focused) b.focus();
   }
   const rq = $('requests');
   rq.hidden = state.requests.length === 0;
@@ -617,8 +807,6 @@ function renderConv() {
     li.append(b);
     ol.append(li);
   }
-  // DURABLE (issue 8): a typing line goes below the last message once the
-  // protocol has typing events.
   for (const m of c.messages) {
     const li = el('li', 'msg' + (m.mine ? ' mine' : '') + (m.pending ? ' pending' : '') + (m.failed ? ' failed' : ''));
     if (m.cseq) li.dataset.cseq = m.cseq;
@@ -630,13 +818,15 @@ function renderConv() {
     meta.append(t);
     if (m.pending) meta.append(el('span', 'msg-state', ' · sending'));
     if (m.failed) meta.append(el('span', 'msg-state', ' · not sent: ' + m.failed));
-    if (m.mine && !m.pending && !m.failed && c.kind === 'u') {
-      // ✓ stored/sent, ✓✓ delivered to a device of the peer, blue ✓✓ read
+    if (m.mine && !m.pending && !m.failed && (c.kind === 'u' || c.groupTicks)) {
+      // ✓ stored/sent, ✓✓ delivered to a device of the peer (of every
+      // other member), blue ✓✓ read (by every other member)
       const read = m.cseq && m.cseq <= c.peerRead;
       const delivered = read || (m.cseq && m.cseq <= c.peerDelivered);
       const tick = el('span', 'tick' + (read ? ' read' : delivered ? ' delivered' : ' sent'),
         delivered ? ' ✓✓' : ' ✓');
-      tick.title = read ? 'read' : delivered ? 'delivered' : 'sent';
+      tick.title = (read ? 'read' : delivered ? 'delivered' : 'sent') +
+        (c.kind === 'g' && delivered ? (read ? ' by everyone' : ' to everyone') : '');
       tick.setAttribute('aria-label', tick.title);
       meta.append(tick);
     }
@@ -644,6 +834,13 @@ function renderConv() {
     ol.append(li);
   }
   if (atBottom || c.messages.length && c.messages[c.messages.length - 1].mine) ol.scrollTop = ol.scrollHeight;
+  renderTyping();
+}
+
+function renderTyping() {
+  const t = $('typing');
+  const text = state.current ? typingText(state.current) : '';
+  if (t.textContent !== text) t.textContent = text;
 }
 
 function render() {
@@ -657,6 +854,7 @@ function render() {
 }
 
 function openConv(key) {
+  if (typingOut.key && typingOut.key !== key) typingStop();
   state.current = key;
   const c = state.convs.get(key);
   if (c) {
@@ -706,6 +904,18 @@ async function addFriend(id) {
   await refreshLists();
 }
 
+// Forget the user in this tab and go back to a fresh, logged-out connection.
+function logoutHere(msg) {
+  state.me = null;
+  state.loggedIn = false;
+  proto.uid = 0;
+  state.current = null;
+  state.convs.clear();
+  if (transport.stopped) transport.start(); // a parked tab connects again
+  else transport.reconnect();
+  showLogin(msg);
+}
+
 function bindForms() {
   $('login-form').addEventListener('submit', (e) => {
     e.preventDefault();
@@ -733,14 +943,8 @@ function bindForms() {
   });
   $('logout').addEventListener('click', async () => {
     try { await proto.logout(); } catch (e) { /* logged out locally all the same */ }
-    state.me = null;
-    state.loggedIn = false;
-    proto.uid = 0;
-    state.current = null;
-    state.convs.clear();
-    saveSession();
-    transport.reconnect(); // a fresh, logged-out connection
-    showLogin();
+    logoutHere();
+    saveSession(); // the other tabs of this origin follow (their 'storage' event)
   });
   $('add-friend-form').addEventListener('submit', (e) => {
     e.preventDefault();
@@ -797,6 +1001,8 @@ function bindForms() {
     input.value = '';
     send(text);
   });
+  $('message-input').addEventListener('input', typingInput);
+  $('message-input').addEventListener('blur', typingStop);
   $('message-input').addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && !e.shiftKey) { // Shift+Enter: a new line
       e.preventDefault();
@@ -819,9 +1025,13 @@ function bindForms() {
   });
 }
 
-// Presence without live events yet: ask for the friend list now and then.
-// DURABLE (issue 8): replace with the presence events once they land.
-setInterval(() => { if (state.loggedIn) refreshLists(); }, 30000);
+// The lists now and then: every 30 s while the server sends no PRESENCE
+// (19), every 2 min once it does (friend requests, groups others changed).
+let polls = 0;
+setInterval(() => {
+  polls++;
+  if (state.loggedIn && (!state.presenceLive || polls % 4 === 0)) refreshLists();
+}, 30000);
 
 function start() {
   bindForms();
@@ -839,6 +1049,10 @@ function start() {
   // out on close), so the next page load or tab resumes without "online
   // elsewhere"; a page restored from the back/forward cache connects again.
   window.addEventListener('pagehide', () => transport.stop());
+  // another tab of this origin logged out (the tokens are revoked): so do we
+  window.addEventListener('storage', (e) => {
+    if (e.key === SESSION_KEY && e.newValue === null && state.me) logoutHere('Logged out in another tab.');
+  });
   window.addEventListener('pageshow', (e) => { if (e.persisted) transport.start(); });
 }
 

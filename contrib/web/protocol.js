@@ -3,7 +3,8 @@
 // Every request carries "proto":2 and a "seq"; the one reply that echoes
 // the seq resolves (errno 0) or rejects (a ChatError) the request's
 // promise.  Messages that are not replies (msgid 6 and 10 from other
-// users, 12 NOTICE) are emitted as events.  A request still unanswered
+// users and from this user's other devices, 12 NOTICE, 17 READ marks,
+// 18 TYPING, 19 PRESENCE) are emitted as events.  A request still unanswered
 // when the connection drops is rejected with errno -1 ("disconnected"):
 // the server may or may not have executed it (issue 8's client message
 // ids will make a resend safe).  docs/web.md maps the client to the
@@ -15,8 +16,9 @@ export const MSG = Object.freeze({
   NOTICE: 12, FRIEND_LIST: 13, GROUP_LIST: 14,
   // durable messaging (issue 8, docs/protocol.md "Durable messages")
   SYNC: 15, HISTORY: 16, READ: 17,
-  // DURABLE (issue 8, not yet in the protocol): typing and presence
-  // events get their msgids here when they land.
+  // live events (docs/protocol.md): a user typing in a conversation, and
+  // a friend's first device online / last device offline
+  TYPING: 18, PRESENCE: 19,
 });
 
 const ERRORS = {
@@ -34,6 +36,9 @@ const ERRORS = {
   113: 'the server is busy, try again',
   125: 'rate limited',
   126: 'quota exceeded',
+  127: 'too many devices are logged in to this account',
+  128: 'the stored-message quota is reached',
+  129: 'the stored-message quota is reached',
 };
 
 export class ChatError extends Error {
@@ -104,11 +109,15 @@ export class Protocol extends EventTarget {
       case MSG.NOTICE:
         this.emit('notice', m);
         break;
-      case MSG.READ: // the other user of a pair: delivered/read marks
+      case MSG.READ: // delivered/read marks: a peer's, a group's, our other devices'
         this.emit('receipt', m);
         break;
-      // DURABLE (issue 8): typing and presence events arrive here once
-      // they exist; emit them as 'typing', 'presence'.
+      case MSG.TYPING:
+        this.emit('typing', m);
+        break;
+      case MSG.PRESENCE:
+        this.emit('presence', m);
+        break;
       default:
         if (m.msgid === MSG.ACK && m.errno) this.emit('protoerror', m);
     }
@@ -157,7 +166,11 @@ export class Protocol extends EventTarget {
   // marks: {delivered: N} and/or {read: N}
   markRead(conv, marks) { return this.request(MSG.READ, Object.assign({ conv }, marks)); }
 
-  // DURABLE (issue 8): typing(conv) goes here once the protocol has it.
+  // target: {toid} or {groupid}; typing false: "stopped typing".  Never
+  // stored and dropped by the server when nobody is there to see it.
+  typing(target, typing = true) {
+    return this.request(MSG.TYPING, typing ? target : Object.assign({ typing: false }, target));
+  }
 }
 
 // A client message id: 128 random bits in hex (crypto.randomUUID needs a

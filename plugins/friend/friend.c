@@ -33,6 +33,10 @@
  * a SELECT that started before any invalidation does not fill the cache.
  * list_cache_ttl bounds how long an entry is trusted (a lost broadcast),
  * list_cache_max how many there are; a timer sweeps expired entries.
+ *
+ * PRESENCE (19): friends told live of a user's first login and last
+ * logout, in presence.c (the LOGIN / LOGOUT / SESSION_CLOSE hooks and the
+ * "P ..." broadcasts are routed there from here).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -40,7 +44,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "chat/plugin.h"
+#include "friend.h"
 
 #define PLUGIN_NAME "friend"
 
@@ -678,6 +682,11 @@ static void on_broadcast(int event, const void *arg, void *ud)
 
     (void)event;
     (void)ud;
+    if (ev->plugin && !strcmp(ev->plugin, PLUGIN_NAME) && ev->len > 2 &&
+        ev->data[0] == 'P') {
+        fr_presence_broadcast(ev->data, ev->len);
+        return;
+    }
     if (!ev->plugin || strcmp(ev->plugin, PLUGIN_NAME) || ev->len < 5 ||
         ev->len >= sizeof(buf) || memcmp(ev->data, "inv ", 4))
         return;
@@ -685,6 +694,13 @@ static void on_broadcast(int event, const void *arg, void *ud)
     buf[ev->len] = '\0';
     if ((uid = strtoll(buf + 4, NULL, 10)) > 0)
         cache_invalidate(uid);
+}
+
+/* LOGIN, LOGOUT, SESSION_CLOSE: presence.c */
+static void on_session(int event, const void *arg, void *ud)
+{
+    (void)ud;
+    fr_presence_hook(event, arg);
 }
 
 /* Setting key in min..max, else def (logged). */
@@ -715,6 +731,7 @@ static int read_conf(void)
         policy = np;
     }
     chat_log(host, self, CHAT_LOG_INFO, "policy=%s", np == POLICY_MUTUAL ? "mutual" : "open");
+    fr_presence_conf(np == POLICY_MUTUAL);
     ttl_ms = (uint64_t)conf_range("list_cache_ttl", 60, 0, 86400) * 1000u;
     cache_max = (size_t)conf_range("list_cache_max", 100000, 1, INT32_MAX);
     friends_max = conf_range("friends_max", 1000, 0, INT32_MAX);
@@ -747,13 +764,22 @@ static int friend_init(const struct chat_host *h, struct chat_plugin *p, void **
     CHAT_HOST_REQUIRE(h, p, map_next);
     if (!(cache = h->map_new()))
         return CHAT_ERR_NOMEM;
+    if ((rc = fr_presence_start(h, p)) != CHAT_OK) {
+        h->map_free(cache);
+        cache = NULL;
+        return rc;
+    }
     if ((rc = read_conf()) ||
+        (rc = h->register_hook(p, CHAT_EV_LOGIN, on_session, NULL)) ||
+        (rc = h->register_hook(p, CHAT_EV_LOGOUT, on_session, NULL)) ||
+        (rc = h->register_hook(p, CHAT_EV_SESSION_CLOSE, on_session, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_ADD_FRIEND, on_add_friend, NULL)) ||
         (rc = h->register_handler(p, CHAT_MSG_FRIEND_LIST, on_friend_list, NULL)) ||
         (rc = h->register_hook(p, CHAT_EV_BROADCAST, on_broadcast, NULL)) ||
         (rc = h->register_login_part(p, "friends", friends_part, NULL, NULL))) {
         h->map_free(cache); /* empty: nothing has run yet */
         cache = NULL;
+        fr_presence_fini();
         return rc; /* a timer started is dropped with the refused instance */
     }
     return CHAT_OK;
@@ -767,6 +793,7 @@ static void friend_fini(void *state)
     host->map_free(cache);
     cache = NULL;
     sweeper = NULL; /* a repeating timer is stopped with its instance */
+    fr_presence_fini();
 }
 
 static int friend_reconfigure(void *state)

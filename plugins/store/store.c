@@ -31,9 +31,11 @@
  * returns the stored marks; in a pair the other user's devices are told
  * live (protocol 2 only) through host->broadcast to this plugin on every
  * node, which hands it to a local session of that user: deliver() would
- * send it to a legacy client or the offline store.  SYNC returns the marks
- * with the heads (the user's own, and in a pair the other user's), so a
- * device that was away clears its unread counts.
+ * send it to a legacy client or the offline store.  In a group the members
+ * are told the same way, coalesced per group with the group's aggregate
+ * ("read by all up to"; gmarks.c).  SYNC returns the marks with the heads
+ * (the user's own; in a pair the other user's; in a group the lowest among
+ * the other members), so a device that was away clears its unread counts.
  *
  * Retention.  With retention_count (keep the newest N messages of each
  * conversation) and/or retention_seconds (keep what is younger), a timer
@@ -50,6 +52,7 @@
 #include <stdlib.h>
 
 #include "dstore.h"
+#include "gmarks.h"
 
 #define ST_SYNC_LIMIT_DEF 500
 #define ST_HISTORY_LIMIT_DEF 50
@@ -163,15 +166,17 @@ static void sync_free(struct sync_req *q)
     host->free(q);
 }
 
-static void add_marks(cJSON *c, const int64_t *mark)
+/* A group's "peer" marks are the aggregate: the lowest of the others. */
+static void add_marks(cJSON *c, const int64_t *mark, int group)
 {
-    static const char *const keys[4] = {"delivered", "read", "peer_delivered",
-                                        "peer_read"};
+    static const char *const keys[2][4] = {
+        {"delivered", "read", "peer_delivered", "peer_read"},
+        {"delivered", "read", "all_delivered", "all_read"}};
     size_t i;
 
     for (i = 0; i < 4; i++)
         if (mark[i] >= 0)
-            cJSON_AddNumberToObject(c, keys[i], (double)mark[i]);
+            cJSON_AddNumberToObject(c, keys[group][i], (double)mark[i]);
 }
 
 static void sync_reply(struct sync_req *q)
@@ -202,7 +207,7 @@ static void sync_reply(struct sync_req *q)
         cJSON_AddItemToArray(convs, c);
         cJSON_AddStringToObject(c, "conv", name);
         cJSON_AddNumberToObject(c, "head", (double)sc->head);
-        add_marks(c, sc->mark);
+        add_marks(c, sc->mark, sc->conv < 0);
         /* behind and not all read: a full allotment, or none given */
         if (sc->head > sc->pos && (size_t)(sc->head - sc->pos) > sc->allot &&
             sc->got == sc->allot)
@@ -375,7 +380,13 @@ static void on_sync(struct chat_session *s, const struct chat_request *req, void
         " LEFT JOIN conv_marks p ON p.conv_id = h.conv_id AND p.user_id = h.user_a"
         " WHERE h.user_b = ? AND h.user_a <> ?"
         " UNION ALL SELECT h.conv_id, h.head, m.joined_at, o.delivered, o.read_seq,"
-        " NULL, NULL FROM group_members m"
+        " (SELECT MIN(COALESCE(x.delivered, 0)) FROM group_members g2"
+        "  LEFT JOIN conv_marks x ON x.conv_id = h.conv_id AND x.user_id = g2.user_id"
+        "  WHERE g2.group_id = m.group_id AND g2.user_id <> m.user_id),"
+        " (SELECT MIN(COALESCE(x.read_seq, 0)) FROM group_members g2"
+        "  LEFT JOIN conv_marks x ON x.conv_id = h.conv_id AND x.user_id = g2.user_id"
+        "  WHERE g2.group_id = m.group_id AND g2.user_id <> m.user_id)"
+        " FROM group_members m"
         " JOIN conv_heads h ON h.conv_id = -m.group_id"
         " LEFT JOIN conv_marks o ON o.conv_id = h.conv_id AND o.user_id = m.user_id"
         " WHERE m.user_id = ?";
@@ -590,6 +601,10 @@ static void on_broadcast(int event, const void *arg, void *ud)
     cJSON *o;
 
     (void)ud;
+    if (event == CHAT_EV_BROADCAST && ev->len > 2 && ev->data[0] == 'G') {
+        gm_broadcast(ev->data, ev->len); /* group receipts: gmarks.c */
+        return;
+    }
     if (event != CHAT_EV_BROADCAST || ev->len >= sizeof(buf))
         return;
     memcpy(buf, ev->data, ev->len);
@@ -646,6 +661,8 @@ static void mark_done(const struct chat_db_result *r, void *ud)
                      (long long)m->uid, (long long)dl, (long long)rd);
         if (n > 0 && (size_t)n < sizeof(note))
             host->broadcast(self, note, (size_t)n);
+    } else { /* a group: the members, coalesced (gmarks.c) */
+        gm_note(-m->conv, m->uid, dl, rd);
     }
     if (s && (body = cJSON_CreateObject())) {
         ds_conv_format(m->conv, name, sizeof(name));
@@ -899,6 +916,7 @@ static int read_conf(void)
                                         INT64_C(1) << 40);
     purge_batch = chat_conf_range(host, self, "purge_batch", 500, 1, 100000);
     purge_interval_ms = chat_conf_range(host, self, "purge_interval_ms", 1000, 10, 3600000);
+    gm_conf();
     return CHAT_OK;
 }
 
@@ -910,8 +928,12 @@ static int store_init(const struct chat_host *h, struct chat_plugin *p, void **s
     self = p;
     *state = NULL;
     CHAT_HOST_REQUIRE(h, p, req_int);
-    if ((rc = read_conf()) != CHAT_OK)
+    if ((rc = gm_start(h, p)) != CHAT_OK)
         return rc;
+    if ((rc = read_conf()) != CHAT_OK) {
+        gm_fini();
+        return rc;
+    }
     if ((rc = h->register_handler(p, DS_MSG_SYNC, on_sync, NULL)) != CHAT_OK ||
         (rc = h->register_handler(p, DS_MSG_HISTORY, on_history, NULL)) != CHAT_OK ||
         (rc = h->register_handler(p, DS_MSG_READ, on_read, NULL)) != CHAT_OK ||
@@ -927,6 +949,7 @@ static int store_init(const struct chat_host *h, struct chat_plugin *p, void **s
 static void store_fini(void *state)
 {
     (void)state;
+    gm_fini();
 }
 
 static int store_reconfigure(void *state)

@@ -74,8 +74,19 @@ OFFLINE = [
     '{"msgid":6,"proto":2,"seq":41,"id":7,"toid":9,"msg":"again"}',
     '{"msgid":6,"proto":2,"seq":42,"id":7,"toid":8,"msg":"m1"}',
 ]
+TYPING = [
+    '{"msgid":18,"proto":2,"seq":9,"toid":8}',
+    '{"msgid":18,"proto":2,"seq":10,"id":7,"toid":8,"typing":false}',
+    '{"msgid":18,"proto":2,"seq":11,"groupid":5}',
+    '{"msgid":18,"proto":2,"seq":12,"groupid":5,"typing":true}',
+    '{"msgid":18,"proto":2,"seq":13,"toid":8,"groupid":5}',
+    '{"msgid":18,"proto":2,"seq":14,"toid":"8","typing":1}',
+    '{"msgid":18,"proto":2,"seq":15,"toid":8,"typing":"no"}',
+    '{"msgid":18,"proto":2,"seq":16,"groupid":-1}',
+    '{"msgid":18,"toid":8}',
+]
 TARGETS = {"login": LOGIN, "friend": FRIEND, "one2one": ONE2ONE,
-           "group": GROUP, "offline": OFFLINE}
+           "group": GROUP, "offline": OFFLINE, "typing": TYPING}
 
 
 def seed(state, frames, term=b"\0"):

@@ -20,7 +20,7 @@ EXPECTED = [
     "./usr/share/doc/chatd/copyright", "./usr/share/doc/chatd/changelog.gz",
     "./usr/share/doc/chatd/operations.md.gz", "./usr/share/man/man8/chatd.8.gz",
 ]
-PLUGINS = ("login", "friend", "one2one", "group", "offline")
+PLUGINS = ("login", "friend", "one2one", "group", "offline", "store", "typing")
 
 
 def run(cmd, **kw):
