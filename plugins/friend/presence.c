@@ -24,8 +24,8 @@
  * "offline" batch waits presence_offline_delay_ms and asks
  * host->presence_query() before telling anyone, and says nothing when the
  * user is online.  The race it settles: the closing node releases the
- * user's presence right after the hook, and that release leaves for Redis
- * in the same write as the broadcast's PUBLISH, so Redis has applied it
+ * user's presence just before the hook (session.c), and that release leaves
+ * for Redis ahead of the broadcast's PUBLISH, so Redis has applied it
  * before any receiver can ask; the delay covers Redis being down (presence
  * then answers from local sessions, and the closing one is gone by then)
  * and turns a quick reconnect into no event at all.  "Online" is sent for
@@ -96,8 +96,21 @@ struct pend {
     size_t n;
     char *text;
     size_t len;
-    uint64_t sids[];    /* the local protocol-2 sessions to tell */
+    int64_t ids[];      /* the watchers with a protocol-2 session here */
 };
+
+/* Send text to every local protocol-2 session (device) of user id. */
+static void send_devices(int64_t id, const char *text, size_t len)
+{
+    struct chat_session *s = host->session_by_user(id), *next;
+
+    for (; s; s = next) {
+        next = CHAT_HOST_HAS(host, session_next_device) ? host->session_next_device(s)
+                                                        : NULL;
+        if (host->session_proto(s) == CHAT_PROTO_2)
+            host->send_raw(s, text, len); /* may close s: next was taken first */
+    }
+}
 
 static void pend_free(struct pend *p)
 {
@@ -109,7 +122,6 @@ static void pend_checked(int status, const int64_t *uids, const unsigned char *o
                          size_t n, void *ud)
 {
     struct pend *p = ud;
-    struct chat_session *s;
     size_t i;
 
     (void)uids;
@@ -118,8 +130,7 @@ static void pend_checked(int status, const int64_t *uids, const unsigned char *o
                  (long long)p->uid, host->strerror(status));
     } else if (!online[0]) {
         for (i = 0; i < p->n; i++)
-            if ((s = host->session_get(p->sids[i])))
-                host->send_raw(s, p->text, p->len);
+            send_devices(p->ids[i], p->text, p->len);
     }
     pend_free(p);
 }
@@ -153,7 +164,7 @@ void fr_presence_broadcast(const char *data, size_t len)
     if (!(text = event_text(uid, nl + 1, len - (size_t)(nl + 1 - data), (int)online, &tlen)))
         goto out;
     if (!online) {
-        if (!(pd = host->malloc(sizeof(*pd) + (size_t)nids * sizeof(uint64_t))))
+        if (!(pd = host->malloc(sizeof(*pd) + (size_t)nids * sizeof(int64_t))))
             goto out;
         pd->text = NULL;
     }
@@ -163,14 +174,13 @@ void fr_presence_broadcast(const char *data, size_t len)
 
         if (end == p)
             break;
-        /* TODO(multi_login): every local session of id once the host can
-         * list them; session_by_user gives one */
-        if (!(s = host->session_by_user(id)) || host->session_proto(s) != CHAT_PROTO_2)
+        /* every device of id here (multi-device, host ABI 1.9) */
+        if (!(s = host->session_by_user(id)))
             continue;
         if (online)
-            host->send_raw(s, text, tlen);
+            send_devices(id, text, tlen);
         else
-            pd->sids[k++] = host->session_id(s);
+            pd->ids[k++] = id;
     }
     if (pd && k) {
         pd->uid = uid;

@@ -87,13 +87,12 @@ void gm_broadcast(const char *data, size_t len)
         goto out;
     for (p = end; ni-- > 0; p = end) {
         long long id = strtoll(p, &end, 10), ad, ar;
-        struct chat_session *s;
+        struct chat_session *s, *next;
         size_t n;
 
         if (end == p)
             break;
-        /* TODO(multi_login): every local session of id once the host lists them */
-        if (!(s = host->session_by_user(id)) || host->session_proto(s) != CHAT_PROTO_2)
+        if (!(s = host->session_by_user(id)))
             continue;
         n = (size_t)snprintf(msg, cap, "{\"msgid\":%d,\"conv\":\"g%lld\"", DS_MSG_READ,
                              gid);
@@ -106,7 +105,13 @@ void gm_broadcast(const char *data, size_t len)
         n += (size_t)snprintf(msg + n, cap - n, ",\"marks\":");
         memcpy(msg + n, marks, mlen);
         msg[n + mlen] = '}';
-        host->send_raw(s, msg, n + mlen + 1);
+        /* every device of id here (multi-device, host ABI 1.9) */
+        for (; s; s = next) {
+            next = CHAT_HOST_HAS(host, session_next_device) ? host->session_next_device(s)
+                                                            : NULL;
+            if (host->session_proto(s) == CHAT_PROTO_2)
+                host->send_raw(s, msg, n + mlen + 1); /* may close s */
+        }
     }
 out:
     host->free(msg);

@@ -126,15 +126,18 @@ static void on_broadcast(int event, const void *arg, void *ud)
                                  target > 0 ? "toid" : "groupid",
                                  target > 0 ? target : -target, typing ? "true" : "false");
         for (p = text + off; nids-- > 0; p = end) {
-            struct chat_session *s;
+            struct chat_session *s, *next;
 
             id = strtoll(p, &end, 10);
             if (end == p)
                 break;
-            /* TODO(multi_login): every local session of id once the host
-             * can list them; session_by_user gives one */
-            if ((s = host->session_by_user(id)) && host->session_proto(s) == CHAT_PROTO_2)
-                host->send_raw(s, msg, mlen);
+            /* every device of id here (multi-device, host ABI 1.9) */
+            for (s = host->session_by_user(id); s; s = next) {
+                next = CHAT_HOST_HAS(host, session_next_device)
+                           ? host->session_next_device(s) : NULL;
+                if (host->session_proto(s) == CHAT_PROTO_2)
+                    host->send_raw(s, msg, mlen); /* may close s */
+            }
         }
         host->free(msg);
     }

@@ -18,7 +18,7 @@ import uuid
 
 from harness import Client, Node, Stack, wait_for
 
-PLUGINS = ("login", "friend", "one2one", "group", "offline", "store")
+PLUGINS = ("login", "friend", "one2one", "group", "offline", "store", "typing")
 CONF = {"plugin.login": {"hash_cost": 1, "multi_login": "multi", "devices_max": 3}}
 
 
@@ -278,6 +278,37 @@ class TwoNodes(MultiBase):
             self.assertTrue(d.closed(5))
             d.close()
         wait_for(lambda: not self.online(b, me), 10, what="offline after the kick")
+
+    def test_presence_and_typing_on_every_device(self):
+        a, b = self.nodes
+        me, fr = self.user(), self.user()
+        f1, _ = login2(a, fr)
+        f2, _ = login2(a, fr)  # the friend has two devices on one node
+        self.assertEqual(f1.request({"msgid": 7, "friendid": me})["errno"], 0)
+        d1, _ = login2(a, me)
+        for f in (f1, f2):
+            m = f.recv_until(lambda m: m.get("msgid") == 19)
+            self.assertEqual((m["id"], m["online"]), (me, True))
+        d2, _ = login2(a, me)
+        d3, _ = login2(b, me)
+        # typing reaches every device of the peer
+        self.assertEqual(f2.request({"msgid": 18, "toid": me})["errno"], 0)
+        for d in (d1, d2, d3):
+            m = d.recv_until(lambda m: m.get("msgid") == 18)
+            self.assertEqual(m["id"], fr)
+        # devices go: no "offline" until the last one has gone
+        self.assertEqual(d1.request({"msgid": 3})["errno"], 0)
+        d1.close()
+        d2.close()
+        for f in (f1, f2):  # (presence_offline_delay_ms is 1 s)
+            self.assertRaises(TimeoutError, f.recv_until,
+                              lambda m: m.get("msgid") == 19 and not m["online"], 1.5)
+        d3.close()
+        for f in (f1, f2):
+            m = f.recv_until(lambda m: m.get("msgid") == 19 and not m["online"], timeout=10)
+            self.assertEqual(m["id"], me)
+        for f in (f1, f2):
+            f.close()
 
     def test_devices_max_gives_127(self):
         a, b = self.nodes
