@@ -5,6 +5,7 @@
  *   store.c    the ordered insert queue: one multi-row INSERT in flight
  *   part.c     the "offlinemsg" part of the login ack (a part of messages)
  *              and the deletion of what was delivered
+ *   quota.c    the stored-message quotas: a batch's statements, refusals
  */
 #ifndef OFFLINE_H
 #define OFFLINE_H
@@ -25,6 +26,19 @@ struct off_conf {
     uint64_t retry_min_ms;   /* first retry after a database error */
     uint64_t retry_max_ms;   /* backoff cap */
     uint64_t flush_wait_ms;  /* how long a login waits for queued messages */
+    int64_t stored_max;            /* stored for one recipient (0: off) */
+    int64_t stored_per_sender_max; /* of them, from one sender (0: off) */
+};
+
+/* One queued message (store.c's queue; quota.c reads batches of them). */
+struct off_msg {
+    struct off_msg *next;
+    uint64_t seq;   /* report order, from 1 */
+    int64_t uid;
+    int64_t from;   /* the sender (0: unknown) */
+    struct chat_delivery *ticket; /* a sender waits for the commit; or NULL */
+    size_t len;
+    char json[];    /* len bytes */
 };
 
 extern const struct chat_host *off_host;
@@ -54,6 +68,37 @@ void off_store_fini(void);
  * restore() queues them, in order, before anything new. */
 int off_store_save(void **blob, size_t *len);
 int off_store_restore(const void *blob, size_t len);
+
+/* ---- quota.c ------------------------------------------------------------ */
+/* The statements that insert a batch of rows (see quota.c): memory from the
+ * host's allocator, freed by off_batch_free; params point into the
+ * messages, which must stay queued until the batch is done. */
+struct off_batch {
+    size_t n;                    /* rows */
+    size_t nstmts, nparams;
+    struct chat_db_stmt *stmts;
+    struct chat_db_param *params;
+    char *sql;                   /* the multi-row INSERT texts */
+    struct off_row {
+        size_t stmt;             /* the statement that inserts the row */
+        size_t cnt;              /* its sender count, or SIZE_MAX */
+        unsigned char checked;   /* 0 no quota; 1 recipient; 2 sender; 3 both */
+    } *rows;
+};
+/* Build the statements for the n messages from m on: CHAT_OK or
+ * CHAT_ERR_NOMEM (nothing to free then). */
+int off_batch_build(struct off_batch *b, const struct off_msg *m, size_t n);
+/* db_query (one statement) or db_txn; as those return. */
+int off_batch_run(struct off_batch *b, chat_db_cb cb);
+/* After a successful run: row i's outcome, CHAT_OK (stored),
+ * CHAT_ERR_QUOTA or CHAT_ERR_QUOTA_SENDER (not stored). */
+int off_batch_status(const struct off_batch *b, const struct chat_db_result *r,
+                     size_t i);
+void off_batch_free(struct off_batch *b);
+/* Register the refusal metrics (in init). */
+void off_quota_start(void);
+/* Count (and log, at most once a second) a refusal with status. */
+void off_quota_refused(int64_t uid, int64_t from, int status);
 
 /* ---- part.c ------------------------------------------------------------ */
 void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud);

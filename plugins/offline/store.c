@@ -5,9 +5,13 @@
  * they come back ordered by offline_messages.id.  The pool runs queries on
  * several connections at once, so independent INSERTs could take their ids
  * (or commit) out of order.  Hence one FIFO and at most one INSERT in
- * flight: whatever queued meanwhile goes out as the next multi-row INSERT
- * (bounded by batch_max rows and batch_bytes bytes), whose rows get
- * increasing ids in VALUES order.
+ * flight: whatever queued meanwhile goes out as the next batch (bounded by
+ * batch_max rows and batch_bytes bytes), whose rows get increasing ids in
+ * queue order.  A batch is one multi-row INSERT, or, when the stored-message
+ * quotas apply to some of its rows, one transaction of statements in queue
+ * order (quota.c); a refused row's ticket gets CHAT_ERR_QUOTA(_SENDER).  A
+ * transaction rolled back as a deadlock or lock wait timeout (another node
+ * inserting for the same recipient) is run again at once, a few times.
  *
  * Failures never drop a message silently:
  *  - a database error keeps the batch at the head of the queue and retries
@@ -47,16 +51,6 @@
 
 #include "offline.h"
 
-struct off_msg {
-    struct off_msg *next;
-    uint64_t seq;   /* report order, from 1 */
-    int64_t uid;
-    int64_t from;   /* the sender (0: unknown) */
-    struct chat_delivery *ticket; /* a sender waits for the commit; or NULL */
-    size_t len;
-    char json[];    /* len bytes */
-};
-
 static struct off_msg *head, *tail;
 static size_t q_bytes;       /* memory held by queued messages */
 static size_t q_count;
@@ -65,6 +59,8 @@ static size_t inflight;      /* rows of the head batch being inserted (0: none) 
 static size_t single_left;   /* rows still to store one by one after a 1452 */
 static uint64_t retry_ms;    /* current backoff; 0 after a success */
 static int retry_wait;       /* a retry timer is running */
+static unsigned deadlocks;   /* the head batch was rolled back this often */
+static struct off_batch batch; /* the statements of the batch in flight */
 static struct chat_map *by_from; /* sender -> (uintptr_t) bytes queued */
 static struct chat_map *by_uid;  /* recipient -> (uintptr_t) bytes queued */
 
@@ -82,8 +78,7 @@ static int pred_poll;                /* a poll timer is running */
 #define BLOB_MAGIC 0x4f464c32u /* "OFL2" */
 
 #define MSG_COST(len) (sizeof(struct off_msg) + (len))
-#define INSERT_HEAD "INSERT INTO offline_messages (user_id, message) VALUES (?,?)"
-#define INSERT_ROW ",(?,?)"
+#define DEADLOCK_TRIES 5 /* a rolled-back batch is run again at once */
 
 static void flush(void);
 
@@ -217,35 +212,61 @@ static void fail_waiting(void)
     }
 }
 
+/* The head batch is stored: each row's ticket gets its outcome (a quota
+ * may have refused it, quota.c). */
+static void stored(const struct chat_db_result *r, size_t n)
+{
+    size_t i;
+    int st;
+
+    for (i = 0; i < n && head; i++) {
+        st = off_batch_status(&batch, r, i);
+        if (st != CHAT_OK)
+            off_quota_refused(head->uid, head->from, st);
+        drop(head, NULL, st);
+    }
+    pop(0, CHAT_OK);
+}
+
 static void inserted(const struct chat_db_result *r, void *ud)
 {
     size_t n = inflight;
-    int err = off_host->db_error(r);
+    int err = off_host->db_error(r), dberr = off_host->db_errno(r);
 
     (void)ud;
     inflight = 0;
     if (err == CHAT_OK) {
-        pop(n, CHAT_OK);
+        stored(r, n);
         single_left = single_left > n ? single_left - n : 0;
         retry_ms = 0;
-    } else if (off_host->db_errno(r) == 1452 && n > 1) {
+        deadlocks = 0;
+    } else if ((dberr == 1213 || dberr == 1205) && ++deadlocks < DEADLOCK_TRIES) {
+        /* another node inserting for the same recipient (quota.c): the
+         * transaction was rolled back; run it again */
+        chat_log(off_host, off_self, CHAT_LOG_DEBUG,
+                 "offline insert rolled back (%s); again", off_host->db_errmsg(r));
+    } else if (dberr == 1452 && n > 1) {
         single_left = n; /* find the row with the unknown user */
-    } else if (off_host->db_errno(r) == 1452) {
+    } else if (dberr == 1452) {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "dropping an offline message for unknown user %" PRId64
                  " (%zu bytes)", head->uid, head->len);
         pop(1, CHAT_ERR_NOTFOUND);
         single_left = single_left ? single_left - 1 : 0;
     } else if (err == CHAT_ERR_CLOSED) {
+        off_batch_free(&batch);
         return; /* stopping: fini reports what is left */
     } else {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "storing %zu offline messages failed (%s); %zu queued, retrying",
                  n, off_host->db_errmsg(r), q_count);
+        off_batch_free(&batch);
+        deadlocks = 0;
         fail_waiting();
         backoff();
         return;
     }
+    off_batch_free(&batch);
     off_part_progress();
     flush();
 }
@@ -253,11 +274,9 @@ static void inserted(const struct chat_db_result *r, void *ud)
 /* Start the next INSERT when none is in flight. */
 static void flush(void)
 {
-    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0, i;
-    struct chat_db_param *p = NULL;
+    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0;
     struct off_msg *m;
-    char *sql = NULL;
-    int rc = CHAT_ERR_NOMEM;
+    int rc;
 
     if (inflight || retry_wait || !head)
         return;
@@ -273,31 +292,18 @@ static void flush(void)
         bytes += m->len;
         n++;
     }
-    sql = off_host->malloc(sizeof(INSERT_HEAD) + (n - 1) * (sizeof(INSERT_ROW) - 1));
-    p = off_host->malloc(2 * n * sizeof(*p));
-    if (!sql || !p)
-        goto out;
-    memcpy(sql, INSERT_HEAD, sizeof(INSERT_HEAD));
-    for (i = 1; i < n; i++)
-        memcpy(sql + sizeof(INSERT_HEAD) - 1 + (i - 1) * (sizeof(INSERT_ROW) - 1),
-               INSERT_ROW, sizeof(INSERT_ROW));
-    for (i = 0, m = head; i < n; i++, m = m->next) {
-        p[2 * i] = CHAT_DB_P_INT(m->uid);
-        p[2 * i + 1] = CHAT_DB_P_STR(m->json, m->len);
-    }
-    rc = off_host->db_query(off_self, sql, p, 2 * n, inserted, NULL);
-    if (rc == CHAT_OK)
+    rc = off_batch_build(&batch, head, n);
+    if (rc == CHAT_OK && (rc = off_batch_run(&batch, inserted)) != CHAT_OK)
+        off_batch_free(&batch);
+    if (rc == CHAT_OK) {
         inflight = n;
-out:
-    off_host->free(sql);
-    off_host->free(p);
-    if (rc != CHAT_OK) {
-        chat_log(off_host, off_self, CHAT_LOG_WARN,
-                 "cannot queue an insert of %zu offline messages: %s", n,
-                 off_host->strerror(rc));
-        fail_waiting();
-        backoff();
+        return;
     }
+    chat_log(off_host, off_self, CHAT_LOG_WARN,
+             "cannot queue an insert of %zu offline messages: %s", n,
+             off_host->strerror(rc));
+    fail_waiting();
+    backoff();
 }
 
 /* Why a message with a ticket cannot be queued now (CHAT_OK: it can). */
@@ -540,6 +546,7 @@ void off_store_fini(void)
                  "unloading with %zu offline messages not stored; their senders "
                  "were not acknowledged", waiting);
     pop(q_count, CHAT_ERR_CLOSED);
+    off_batch_free(&batch);
     off_host->map_free(by_from);
     off_host->map_free(by_uid);
     by_from = by_uid = NULL;
