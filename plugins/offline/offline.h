@@ -5,7 +5,7 @@
  *   store.c    the ordered insert queue: one multi-row INSERT in flight
  *   part.c     the "offlinemsg" part of the login ack (a part of messages)
  *              and the deletion of what was delivered
- *   quota.c    the stored-message quotas: a batch's statements, refusals
+ *   quota.c    the stored-message quotas: a batch's counts, refusals
  */
 #ifndef OFFLINE_H
 #define OFFLINE_H
@@ -70,31 +70,15 @@ int off_store_save(void **blob, size_t *len);
 int off_store_restore(const void *blob, size_t len);
 
 /* ---- quota.c ------------------------------------------------------------ */
-/* The statements that insert a batch of rows (see quota.c): memory from the
- * host's allocator, freed by off_batch_free; params point into the
- * messages, which must stay queued until the batch is done. */
-struct off_batch {
-    size_t n;                    /* rows */
-    size_t nstmts, nparams;
-    struct chat_db_stmt *stmts;
-    struct chat_db_param *params;
-    char *sql;                   /* the multi-row INSERT texts */
-    struct off_row {
-        size_t stmt;             /* the statement that inserts the row */
-        size_t cnt;              /* its sender count, or SIZE_MAX */
-        unsigned char checked;   /* 0 no quota; 1 recipient; 2 sender; 3 both */
-    } *rows;
-};
-/* Build the statements for the n messages from m on: CHAT_OK or
- * CHAT_ERR_NOMEM (nothing to free then). */
-int off_batch_build(struct off_batch *b, const struct off_msg *m, size_t n);
-/* db_query (one statement) or db_txn; as those return. */
-int off_batch_run(struct off_batch *b, chat_db_cb cb);
-/* After a successful run: row i's outcome, CHAT_OK (stored),
- * CHAT_ERR_QUOTA or CHAT_ERR_QUOTA_SENDER (not stored). */
-int off_batch_status(const struct off_batch *b, const struct chat_db_result *r,
-                     size_t i);
-void off_batch_free(struct off_batch *b);
+/* 1 when m is checked against the quotas (its sender waits; a quota on). */
+int off_quota_applies(const struct off_msg *m);
+/* Count, in one SELECT, what the checked rows among the n messages from m
+ * on need; as db_query returns (cb gets the counts). */
+int off_quota_query(const struct off_msg *m, size_t n, chat_db_cb cb);
+/* From the counts r: status[i] of the i-th message, CHAT_OK (insert it),
+ * CHAT_ERR_QUOTA or CHAT_ERR_QUOTA_SENDER (refused).  CHAT_ERR_NOMEM. */
+int off_quota_decide(const struct chat_db_result *r, const struct off_msg *m,
+                     size_t n, int *status);
 /* Register the refusal metrics (in init). */
 void off_quota_start(void);
 /* Count (and log, at most once a second) a refusal with status. */

@@ -5,38 +5,38 @@
  *
  * The count is the table itself, not a counter beside it: several nodes
  * insert into one offline_messages and the rows are deleted by whichever
- * node the recipient logs in on, so a per-node count would be wrong and a
+ * node the recipient logs in on, so a per-node count would be wrong, and a
  * counter table would have to be kept in step by every insert and delete
- * (and could drift).  Each message whose sender waits for its outcome (it
- * has a ticket) is inserted by a statement of its own that inserts it only
- * while the counts are under the quotas:
+ * (and could drift).  Before a batch that holds messages whose senders wait
+ * for the outcome (a ticket) is inserted, one SELECT counts, for each
+ * recipient of those messages and each (recipient, sender) pair:
  *
- *   INSERT INTO offline_messages (user_id, from_id, message)
- *   SELECT ?, ?, ? FROM DUAL
- *   WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM offline_messages
- *          WHERE user_id = ? LIMIT stored_max) q) < stored_max
- *     AND (... WHERE user_id = ? AND from_id = ? LIMIT per_sender ...) < per_sender
+ *   SELECT 0, uid, 0, COUNT(*) FROM (SELECT 1 FROM offline_messages
+ *          WHERE user_id = ? LIMIT stored_max) q
+ *   UNION ALL SELECT 1, uid, from, COUNT(*) FROM (SELECT 1 FROM
+ *          offline_messages WHERE user_id = ? AND from_id = ? LIMIT per_sender) q
+ *   UNION ALL ...
  *
- * Each COUNT reads an index range (ix_offline_user, ix_offline_from of
- * migration 003) and stops at the quota (LIMIT), so a check costs at most
- * stored_max + stored_per_sender_max index entries, and only a few while
- * mailboxes are small.  Under REPEATABLE READ the INSERT ... SELECT reads
- * with shared next-key locks, so two nodes inserting for the same
- * recipient at once are serialised (or one is rolled back as a deadlock
- * and its batch retried, store.c): the quota holds across nodes.
+ * Each part reads a covering index range (ix_offline_user,
+ * ix_offline_from of migration 003) and stops at the quota (LIMIT), and
+ * it is a plain consistent read: no locks.  The batch's rows are then
+ * decided in queue order, each admitted row adding to its counts, so a
+ * burst in one batch cannot pass a quota; the INSERT that follows holds
+ * only the admitted rows.  A refused row's ticket gets CHAT_ERR_QUOTA or
+ * CHAT_ERR_QUOTA_SENDER (both full: the sender's) once the batch is done.
  *
- * No affected row: refused.  Which quota refused it is read from a plain
- * count of the sender's rows run just before (only when both quotas are
- * on): 129 when the sender is at its share, else 128.
+ * Across nodes the count is what was committed when the SELECT ran: two
+ * nodes inserting for the same recipient at the same moment may together
+ * pass a quota by what the other node's batch in flight holds for that
+ * recipient (one batch per node is in flight).  That is the price of not
+ * locking the recipient's rows on every insert (a locking count serialised
+ * the inserts and cost milliseconds per message at a full mailbox).
  *
  * Messages nobody waits for (no ticket: already acknowledged to their
  * sender, e.g. routed to a node that then found the user gone, or a closed
- * session's unsent output) are not checked: refusing them would lose a
- * message that was reported delivered.  They go out, as before, in
- * multi-row INSERTs, and count towards the quotas of later messages.
- *
- * A batch is one transaction of these statements, in queue order (one
- * database round trip per statement, on the pool's worker thread).
+ * session's unsent output) are never refused: refusing them would lose a
+ * message that was reported delivered.  They count towards the quotas of
+ * later messages.
  */
 #include <inttypes.h>
 #include <stdint.h>
@@ -45,163 +45,131 @@
 
 #include "offline.h"
 
-#define COLS "INSERT INTO offline_messages (user_id, from_id, message) "
-#define INS_HEAD COLS "VALUES (?,?,?)"
-#define INS_ROW ",(?,?,?)"
-#define CHK_HEAD COLS "SELECT ?, ?, ? FROM DUAL WHERE "
-#define CNT_USER "(SELECT COUNT(*) FROM (SELECT 1 FROM offline_messages " \
-                 "WHERE user_id = ? LIMIT ?) q)"
-#define CNT_FROM "(SELECT COUNT(*) FROM (SELECT 1 FROM offline_messages " \
-                 "WHERE user_id = ? AND from_id = ? LIMIT ?) q)"
+#define PART_USER "SELECT 0, ?, 0, COUNT(*) FROM (SELECT 1 FROM offline_messages " \
+                  "WHERE user_id = ? LIMIT ?) q"
+#define PART_FROM "SELECT 1, ?, ?, COUNT(*) FROM (SELECT 1 FROM offline_messages " \
+                  "WHERE user_id = ? AND from_id = ? LIMIT ?) q"
+#define UNION " UNION ALL "
 
-static const char chk_user[] = CHK_HEAD CNT_USER " < ?";
-static const char chk_from[] = CHK_HEAD CNT_FROM " < ?";
-static const char chk_both[] = CHK_HEAD CNT_USER " < ? AND " CNT_FROM " < ?";
-static const char cnt_from[] = "SELECT " CNT_FROM;
+/* One count: a recipient's (from 0) or a (recipient, sender) pair's. */
+struct off_count {
+    int pair;
+    int64_t uid, from, n;
+};
 
-#define NONE SIZE_MAX
-#define PARAMS_MAX 13 /* of one row: count 3 + insert 3 + 3 + 4 */
-
-static void add_stmt(struct off_batch *b, const char *sql)
+static int checks_user(void)
 {
-    b->stmts[b->nstmts].sql = sql;
-    b->stmts[b->nstmts].params = b->params + b->nparams;
-    b->stmts[b->nstmts].nparams = 0;
-    b->nstmts++;
+    return off_cfg.stored_max > 0;
 }
 
-static void add_param(struct off_batch *b, struct chat_db_param p)
+static int checks_from(const struct off_msg *m)
 {
-    b->params[b->nparams++] = p;
-    b->stmts[b->nstmts - 1].nparams++;
+    return off_cfg.stored_per_sender_max > 0 && m->from;
 }
 
-/* m's checked statements: the sender count (both quotas on), the insert. */
-static void add_checked(struct off_batch *b, size_t i, const struct off_msg *m)
+int off_quota_applies(const struct off_msg *m)
 {
-    int user = off_cfg.stored_max > 0;
-    int from = off_cfg.stored_per_sender_max > 0 && m->from;
-    int64_t um = off_cfg.stored_max, fm = off_cfg.stored_per_sender_max;
+    return m->ticket && (checks_user() || checks_from(m));
+}
 
-    b->rows[i].checked = (unsigned char)(user ? (from ? 3 : 1) : 2);
-    if (user && from) {
-        b->rows[i].cnt = b->nstmts;
-        add_stmt(b, cnt_from);
-        add_param(b, CHAT_DB_P_INT(m->uid));
-        add_param(b, CHAT_DB_P_INT(m->from));
-        add_param(b, CHAT_DB_P_INT(fm));
+static struct off_count *find(struct off_count *c, size_t n, int pair, int64_t uid,
+                              int64_t from)
+{
+    for (size_t i = 0; i < n; i++)
+        if (c[i].pair == pair && c[i].uid == uid && (!pair || c[i].from == from))
+            return &c[i];
+    return NULL;
+}
+
+/* The distinct counts the checked rows of the batch need. */
+static size_t counts_of(const struct off_msg *m, size_t n, struct off_count *c)
+{
+    size_t k = 0;
+
+    for (; n--; m = m->next) {
+        if (!off_quota_applies(m))
+            continue;
+        if (checks_user() && !find(c, k, 0, m->uid, 0))
+            c[k++] = (struct off_count){0, m->uid, 0, 0};
+        if (checks_from(m) && !find(c, k, 1, m->uid, m->from))
+            c[k++] = (struct off_count){1, m->uid, m->from, 0};
     }
-    b->rows[i].stmt = b->nstmts;
-    add_stmt(b, user && from ? chk_both : user ? chk_user : chk_from);
-    add_param(b, CHAT_DB_P_INT(m->uid));
-    add_param(b, CHAT_DB_P_INT(m->from));
-    add_param(b, CHAT_DB_P_STR(m->json, m->len));
-    if (user) {
-        add_param(b, CHAT_DB_P_INT(m->uid));
-        add_param(b, CHAT_DB_P_INT(um));
-        add_param(b, CHAT_DB_P_INT(um));
-    }
-    if (from) {
-        add_param(b, CHAT_DB_P_INT(m->uid));
-        add_param(b, CHAT_DB_P_INT(m->from));
-        add_param(b, CHAT_DB_P_INT(fm));
-        add_param(b, CHAT_DB_P_INT(fm));
-    }
+    return k;
 }
 
-static int is_checked(const struct off_msg *m)
+int off_quota_query(const struct off_msg *m, size_t n, chat_db_cb cb)
 {
-    return m->ticket && (off_cfg.stored_max > 0 ||
-                         (off_cfg.stored_per_sender_max > 0 && m->from));
+    struct off_count *c = off_host->malloc(2 * n * sizeof(*c));
+    struct chat_db_param *p = off_host->malloc(10 * n * sizeof(*p));
+    char *sql = off_host->malloc(2 * n * (sizeof(PART_FROM) + sizeof(UNION)));
+    size_t k, i, np = 0, w = 0;
+    int rc = CHAT_ERR_NOMEM;
+
+    if (!c || !p || !sql)
+        goto out;
+    k = counts_of(m, n, c);
+    for (i = 0; i < k; i++) {
+        const char *part = c[i].pair ? PART_FROM : PART_USER;
+        size_t len = strlen(part);
+
+        if (i) {
+            memcpy(sql + w, UNION, sizeof(UNION) - 1);
+            w += sizeof(UNION) - 1;
+        }
+        memcpy(sql + w, part, len);
+        w += len;
+        p[np++] = CHAT_DB_P_INT(c[i].uid);
+        if (c[i].pair)
+            p[np++] = CHAT_DB_P_INT(c[i].from);
+        p[np++] = CHAT_DB_P_INT(c[i].uid);
+        if (c[i].pair)
+            p[np++] = CHAT_DB_P_INT(c[i].from);
+        p[np++] = CHAT_DB_P_INT(c[i].pair ? off_cfg.stored_per_sender_max
+                                          : off_cfg.stored_max);
+    }
+    sql[w] = '\0';
+    rc = off_host->db_query(off_self, sql, p, np, cb, NULL);
+out:
+    off_host->free(c);
+    off_host->free(p);
+    off_host->free(sql);
+    return rc;
 }
 
-int off_batch_build(struct off_batch *b, const struct off_msg *m, size_t n)
+int off_quota_decide(const struct chat_db_result *r, const struct off_msg *m,
+                     size_t n, int *status)
 {
-    size_t i, sqlw = 0;
-    int run = 0; /* a multi-row INSERT is open at sql + sqlw */
+    struct off_count *c = off_host->malloc(2 * n * sizeof(*c)), *u, *f;
+    size_t k, i, rows = off_host->db_nrows(r);
 
-    memset(b, 0, sizeof(*b));
-    b->stmts = off_host->malloc(2 * n * sizeof(*b->stmts));
-    b->params = off_host->malloc(PARAMS_MAX * n * sizeof(*b->params));
-    b->rows = off_host->malloc(n * sizeof(*b->rows));
-    b->sql = off_host->malloc(n * sizeof(INS_HEAD));
-    if (!b->stmts || !b->params || !b->rows || !b->sql) {
-        off_batch_free(b);
+    if (!c)
         return CHAT_ERR_NOMEM;
+    k = counts_of(m, n, c);
+    for (i = 0; i < rows; i++) {
+        struct off_count *x = find(c, k, (int)off_host->db_int(r, i, 0),
+                                   off_host->db_int(r, i, 1), off_host->db_int(r, i, 2));
+        if (x)
+            x->n = off_host->db_int(r, i, 3);
     }
     for (i = 0; i < n; i++, m = m->next) {
-        b->rows[i].cnt = NONE;
-        b->rows[i].checked = 0;
-        if (is_checked(m)) {
-            if (run)
-                b->sql[sqlw++] = '\0';
-            run = 0;
-            add_checked(b, i, m);
+        u = find(c, k, 0, m->uid, 0);
+        f = m->from ? find(c, k, 1, m->uid, m->from) : NULL;
+        status[i] = CHAT_OK;
+        if (off_quota_applies(m)) {
+            if (f && f->n >= off_cfg.stored_per_sender_max)
+                status[i] = CHAT_ERR_QUOTA_SENDER;
+            else if (u && u->n >= off_cfg.stored_max)
+                status[i] = CHAT_ERR_QUOTA;
+        }
+        if (status[i] != CHAT_OK)
             continue;
-        }
-        if (!run) { /* each row takes at most sizeof(INS_HEAD) bytes */
-            add_stmt(b, b->sql + sqlw);
-            memcpy(b->sql + sqlw, INS_HEAD, sizeof(INS_HEAD) - 1);
-            sqlw += sizeof(INS_HEAD) - 1;
-            run = 1;
-        } else {
-            memcpy(b->sql + sqlw, INS_ROW, sizeof(INS_ROW) - 1);
-            sqlw += sizeof(INS_ROW) - 1;
-        }
-        b->rows[i].stmt = b->nstmts - 1;
-        add_param(b, CHAT_DB_P_INT(m->uid));
-        add_param(b, CHAT_DB_P_INT(m->from));
-        add_param(b, CHAT_DB_P_STR(m->json, m->len));
+        if (u)
+            u->n++;
+        if (f)
+            f->n++;
     }
-    if (run)
-        b->sql[sqlw] = '\0';
-    b->n = n;
+    off_host->free(c);
     return CHAT_OK;
-}
-
-int off_batch_run(struct off_batch *b, chat_db_cb cb)
-{
-    if (b->nstmts == 1)
-        return off_host->db_query(off_self, b->stmts[0].sql, b->stmts[0].params,
-                                  b->stmts[0].nparams, cb, NULL);
-    return off_host->db_txn(off_self, b->stmts, b->nstmts, cb, NULL);
-}
-
-static const struct chat_db_result *stmt_result(const struct off_batch *b,
-                                                const struct chat_db_result *r,
-                                                size_t k)
-{
-    return b->nstmts == 1 ? r : off_host->db_sub(r, k);
-}
-
-int off_batch_status(const struct off_batch *b, const struct chat_db_result *r,
-                     size_t i)
-{
-    const struct chat_db_result *ins, *cnt;
-
-    if (i >= b->n || !b->rows[i].checked)
-        return CHAT_OK;
-    ins = stmt_result(b, r, b->rows[i].stmt);
-    if (!ins || off_host->db_affected(ins) > 0)
-        return CHAT_OK;
-    if (b->rows[i].checked == 1)
-        return CHAT_ERR_QUOTA;
-    if (b->rows[i].checked == 2)
-        return CHAT_ERR_QUOTA_SENDER;
-    cnt = stmt_result(b, r, b->rows[i].cnt);
-    return cnt && off_host->db_nrows(cnt) &&
-                   off_host->db_int(cnt, 0, 0) >= off_cfg.stored_per_sender_max
-               ? CHAT_ERR_QUOTA_SENDER
-               : CHAT_ERR_QUOTA;
-}
-
-void off_batch_free(struct off_batch *b)
-{
-    off_host->free(b->stmts);
-    off_host->free(b->params);
-    off_host->free(b->rows);
-    off_host->free(b->sql);
-    memset(b, 0, sizeof(*b));
 }
 
 /* ------------------------------------------------------------------------ */

@@ -5,13 +5,12 @@
  * they come back ordered by offline_messages.id.  The pool runs queries on
  * several connections at once, so independent INSERTs could take their ids
  * (or commit) out of order.  Hence one FIFO and at most one INSERT in
- * flight: whatever queued meanwhile goes out as the next batch (bounded by
- * batch_max rows and batch_bytes bytes), whose rows get increasing ids in
- * queue order.  A batch is one multi-row INSERT, or, when the stored-message
- * quotas apply to some of its rows, one transaction of statements in queue
- * order (quota.c); a refused row's ticket gets CHAT_ERR_QUOTA(_SENDER).  A
- * transaction rolled back as a deadlock or lock wait timeout (another node
- * inserting for the same recipient) is run again at once, a few times.
+ * flight: whatever queued meanwhile goes out as the next multi-row INSERT
+ * (bounded by batch_max rows and batch_bytes bytes), whose rows get
+ * increasing ids in VALUES order.  When the stored-message quotas apply to
+ * some of its rows, one SELECT counts first (quota.c) and the INSERT holds
+ * only the rows admitted; a refused row's ticket gets CHAT_ERR_QUOTA or
+ * CHAT_ERR_QUOTA_SENDER when the batch is done.
  *
  * Failures never drop a message silently:
  *  - a database error keeps the batch at the head of the queue and retries
@@ -59,8 +58,8 @@ static size_t inflight;      /* rows of the head batch being inserted (0: none) 
 static size_t single_left;   /* rows still to store one by one after a 1452 */
 static uint64_t retry_ms;    /* current backoff; 0 after a success */
 static int retry_wait;       /* a retry timer is running */
-static unsigned deadlocks;   /* the head batch was rolled back this often */
-static struct off_batch batch; /* the statements of the batch in flight */
+static int *b_status;        /* per row of the batch in flight: admitted
+                              * (CHAT_OK) or refused by a quota */
 static struct chat_map *by_from; /* sender -> (uintptr_t) bytes queued */
 static struct chat_map *by_uid;  /* recipient -> (uintptr_t) bytes queued */
 
@@ -78,7 +77,10 @@ static int pred_poll;                /* a poll timer is running */
 #define BLOB_MAGIC 0x4f464c32u /* "OFL2" */
 
 #define MSG_COST(len) (sizeof(struct off_msg) + (len))
-#define DEADLOCK_TRIES 5 /* a rolled-back batch is run again at once */
+#define INSERT_HEAD "INSERT INTO offline_messages (user_id, from_id, message) " \
+                    "VALUES (?,?,?)"
+#define INSERT_ROW ",(?,?,?)"
+#define CHECKED_MAX 256 /* rows checked against the quotas per batch */
 
 static void flush(void);
 
@@ -212,20 +214,34 @@ static void fail_waiting(void)
     }
 }
 
-/* The head batch is stored: each row's ticket gets its outcome (a quota
- * may have refused it, quota.c). */
-static void stored(const struct chat_db_result *r, size_t n)
+/* The head batch is done: each row's ticket gets its outcome. */
+static void stored(size_t n)
 {
     size_t i;
     int st;
 
     for (i = 0; i < n && head; i++) {
-        st = off_batch_status(&batch, r, i);
+        st = b_status ? b_status[i] : CHAT_OK;
         if (st != CHAT_OK)
             off_quota_refused(head->uid, head->from, st);
         drop(head, NULL, st);
     }
     pop(0, CHAT_OK);
+}
+
+static void batch_end(void)
+{
+    off_host->free(b_status);
+    b_status = NULL;
+    inflight = 0;
+}
+
+/* The batch could not be stored now: senders are told, the rest waits. */
+static void batch_failed(void)
+{
+    batch_end();
+    fail_waiting();
+    backoff();
 }
 
 static void inserted(const struct chat_db_result *r, void *ud)
@@ -234,17 +250,10 @@ static void inserted(const struct chat_db_result *r, void *ud)
     int err = off_host->db_error(r), dberr = off_host->db_errno(r);
 
     (void)ud;
-    inflight = 0;
     if (err == CHAT_OK) {
-        stored(r, n);
+        stored(n);
         single_left = single_left > n ? single_left - n : 0;
         retry_ms = 0;
-        deadlocks = 0;
-    } else if ((dberr == 1213 || dberr == 1205) && ++deadlocks < DEADLOCK_TRIES) {
-        /* another node inserting for the same recipient (quota.c): the
-         * transaction was rolled back; run it again */
-        chat_log(off_host, off_self, CHAT_LOG_DEBUG,
-                 "offline insert rolled back (%s); again", off_host->db_errmsg(r));
     } else if (dberr == 1452 && n > 1) {
         single_left = n; /* find the row with the unknown user */
     } else if (dberr == 1452) {
@@ -254,27 +263,91 @@ static void inserted(const struct chat_db_result *r, void *ud)
         pop(1, CHAT_ERR_NOTFOUND);
         single_left = single_left ? single_left - 1 : 0;
     } else if (err == CHAT_ERR_CLOSED) {
-        off_batch_free(&batch);
+        batch_end();
         return; /* stopping: fini reports what is left */
     } else {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "storing %zu offline messages failed (%s); %zu queued, retrying",
                  n, off_host->db_errmsg(r), q_count);
-        off_batch_free(&batch);
-        deadlocks = 0;
-        fail_waiting();
-        backoff();
+        batch_failed();
         return;
     }
-    off_batch_free(&batch);
+    batch_end();
     off_part_progress();
     flush();
 }
 
-/* Start the next INSERT when none is in flight. */
+/* INSERT the admitted rows of the head batch (inflight rows). */
+static int insert_batch(void)
+{
+    size_t n = inflight, k = 0, i;
+    struct chat_db_param *p = NULL;
+    struct off_msg *m;
+    char *sql = NULL;
+    int rc = CHAT_ERR_NOMEM;
+
+    for (i = 0; i < n; i++)
+        k += !b_status || b_status[i] == CHAT_OK;
+    if (k == 0) { /* every row refused: nothing to insert */
+        stored(n);
+        batch_end();
+        off_part_progress();
+        flush();
+        return CHAT_OK;
+    }
+    sql = off_host->malloc(sizeof(INSERT_HEAD) + (k - 1) * (sizeof(INSERT_ROW) - 1));
+    p = off_host->malloc(3 * k * sizeof(*p));
+    if (!sql || !p)
+        goto out;
+    memcpy(sql, INSERT_HEAD, sizeof(INSERT_HEAD));
+    for (i = 1; i < k; i++)
+        memcpy(sql + sizeof(INSERT_HEAD) - 1 + (i - 1) * (sizeof(INSERT_ROW) - 1),
+               INSERT_ROW, sizeof(INSERT_ROW));
+    for (i = 0, k = 0, m = head; i < n; i++, m = m->next) {
+        if (b_status && b_status[i] != CHAT_OK)
+            continue;
+        p[k++] = CHAT_DB_P_INT(m->uid);
+        p[k++] = CHAT_DB_P_INT(m->from);
+        p[k++] = CHAT_DB_P_STR(m->json, m->len);
+    }
+    rc = off_host->db_query(off_self, sql, p, k, inserted, NULL);
+out:
+    off_host->free(sql);
+    off_host->free(p);
+    return rc;
+}
+
+static void counted(const struct chat_db_result *r, void *ud)
+{
+    int err = off_host->db_error(r), rc;
+
+    (void)ud;
+    if (err == CHAT_ERR_CLOSED || !b_status || !head) {
+        batch_end(); /* stopping (or unloaded meanwhile): fini reports */
+        return;
+    }
+    if (err != CHAT_OK) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "counting stored offline messages failed (%s); %zu queued, retrying",
+                 off_host->db_errmsg(r), q_count);
+        batch_failed();
+        return;
+    }
+    if ((rc = off_quota_decide(r, head, inflight, b_status)) == CHAT_OK)
+        rc = insert_batch();
+    if (rc != CHAT_OK) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "cannot queue an insert of %zu offline messages: %s", inflight,
+                 off_host->strerror(rc));
+        batch_failed();
+    }
+}
+
+/* Start the next batch when none is in flight: count for the quotas first
+ * when they apply to some of its rows, else insert at once. */
 static void flush(void)
 {
-    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0;
+    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0, checked = 0;
     struct off_msg *m;
     int rc;
 
@@ -287,23 +360,27 @@ static void flush(void)
         return;
     }
     for (m = head; m && n < limit; m = m->next) {
-        if (n && bytes + m->len > off_cfg.batch_bytes)
+        if (n && (bytes + m->len > off_cfg.batch_bytes ||
+                  (off_quota_applies(m) && checked == CHECKED_MAX)))
             break;
+        checked += (size_t)off_quota_applies(m);
         bytes += m->len;
         n++;
     }
-    rc = off_batch_build(&batch, head, n);
-    if (rc == CHAT_OK && (rc = off_batch_run(&batch, inserted)) != CHAT_OK)
-        off_batch_free(&batch);
-    if (rc == CHAT_OK) {
-        inflight = n;
-        return;
+    inflight = n;
+    if (!checked) {
+        rc = insert_batch();
+    } else if (!(b_status = off_host->malloc(n * sizeof(*b_status)))) {
+        rc = CHAT_ERR_NOMEM;
+    } else {
+        rc = off_quota_query(head, n, counted);
     }
+    if (rc == CHAT_OK)
+        return;
     chat_log(off_host, off_self, CHAT_LOG_WARN,
              "cannot queue an insert of %zu offline messages: %s", n,
              off_host->strerror(rc));
-    fail_waiting();
-    backoff();
+    batch_failed();
 }
 
 /* Why a message with a ticket cannot be queued now (CHAT_OK: it can). */
@@ -546,7 +623,8 @@ void off_store_fini(void)
                  "unloading with %zu offline messages not stored; their senders "
                  "were not acknowledged", waiting);
     pop(q_count, CHAT_ERR_CLOSED);
-    off_batch_free(&batch);
+    off_host->free(b_status);
+    b_status = NULL;
     off_host->map_free(by_from);
     off_host->map_free(by_uid);
     by_from = by_uid = NULL;
