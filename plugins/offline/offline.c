@@ -59,7 +59,7 @@ static int load_conf(void)
     c.retry_max_ms = (uint64_t)conf_range("retry_max_ms", 30000, 1, 3600000);
     c.flush_wait_ms = (uint64_t)conf_range("flush_wait_ms", 1000, 1, 60000);
     c.stored_max = conf_range("stored_max", 10000, 0, INT64_C(1) << 31);
-    c.stored_per_sender_max = conf_range("stored_per_sender_max", 1000, 0,
+    c.stored_per_sender_max = conf_range("stored_per_sender_max", 5000, 0,
                                          INT64_C(1) << 31);
     if (c.retry_max_ms < c.retry_min_ms)
         c.retry_max_ms = c.retry_min_ms;
