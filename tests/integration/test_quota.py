@@ -151,6 +151,21 @@ class OfflineQuotas(OfflineCase):
         self.assertEqual(self.send(b, r, "b0"), (0, "ok"))  # others still reach r
         self.assertEqual(self.stored(r, 4), ["a0", "a1", "a2", "b0"])
 
+    def test_burst_stops_at_the_quota(self):
+        """Sent without waiting (they share insert batches): exactly
+        PER_SENDER are stored, in order, the rest answered 129."""
+        a = self.sender()
+        r, _ = self.user()
+        for i in range(8):
+            a.send({"msgid": 6, "id": a.uid, "name": a.name, "toid": r,
+                    "msg": "x%d" % i, "seq": i})
+        got = {}
+        while len(got) < 8:
+            m = a.recv_until(lambda m: m.get("msgid") == 11, timeout=20)
+            got[m["seq"]] = m["errno"]
+        self.assertEqual([got[i] for i in range(8)], [0] * 3 + [129] * 5)
+        self.assertEqual(self.stored(r, 3), ["x0", "x1", "x2"])
+
     def test_legacy_sender_gets_nothing_logged_and_counted(self):
         uid, name = self.user()
         a = self.client()
