@@ -160,14 +160,14 @@ void sb_free(struct sbuf *b)
 
 /* ---- JSON field access --------------------------------------------------- */
 
-static int64_t jint(const cJSON *o, const char *k, int64_t def)
+int64_t cli_jint(const cJSON *o, const char *k, int64_t def)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
 
     return cJSON_IsNumber(v) ? (int64_t)v->valuedouble : def;
 }
 
-static const char *jstr(const cJSON *o, const char *k)
+const char *cli_jstr(const cJSON *o, const char *k)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
 
@@ -190,7 +190,7 @@ static void set_str(char **dst, const char *src)
 /* A presence value: "state":"online"|"offline" or "online":true|false. */
 static int online_of(const cJSON *o)
 {
-    const char *st = jstr(o, "state");
+    const char *st = cli_jstr(o, "state");
     const cJSON *on = cJSON_GetObjectItemCaseSensitive(o, "online");
 
     if (st)
@@ -202,15 +202,21 @@ static int online_of(const cJSON *o)
 
 /* When a message was sent, in local time: from a numeric "ts" (seconds or
  * milliseconds since the epoch, when the server stamps one), else the
- * sender's "time" text, else now.  Human form "HH:MM:SS" for today and
+ * sender's "time" text, else now (a stored message without either: "?"
+ * or "--:--:--").  Human form "HH:MM:SS" for today and
  * "YYYY-MM-DD HH:MM" before; script form "YYYY-MM-DDTHH:MM:SS". */
-static void msg_time(const cJSON *m, int script, char *out, size_t n)
+static void msg_time(const cJSON *m, int script, int stored, char *out,
+                     size_t n)
 {
     const cJSON *ts = cJSON_GetObjectItemCaseSensitive(m, "ts");
-    const char *txt = jstr(m, "time");
+    const char *txt = cli_jstr(m, "time");
     time_t t = time(NULL), now = t;
     struct tm tm, today;
 
+    if (!txt && !cJSON_IsNumber(ts) && stored) {
+        snprintf(out, n, script ? "?" : "--:--:--"); /* stored, undated */
+        return;
+    }
     if (cJSON_IsNumber(ts) && ts->valuedouble > 0) {
         double v = ts->valuedouble;
         t = (time_t)(v > 1e11 ? v / 1000 : v);
@@ -257,11 +263,14 @@ static const char *req_name(int msgid)
     case M_GROUP_CHAT: return "groupchat";
     case M_FRIEND_LIST: return "friends";
     case M_GROUP_LIST: return "groups";
+    case M_SYNC: return "sync";
+    case M_HISTORY: return "history";
+    case M_READ: return "read";
     default: return "request";
     }
 }
 
-static void say_error(struct cli *c, int req, int64_t seq, int64_t err,
+void ev_error(struct cli *c, int req, int64_t seq, int64_t err,
                       const char *msg)
 {
     struct sbuf b = {0};
@@ -283,8 +292,8 @@ static const char *group_name(struct cli *c, int64_t gid)
     const cJSON *g;
 
     cJSON_ArrayForEach(g, c->groups)
-        if (jint(g, "id", 0) == gid)
-            return jstr(g, "groupname");
+        if (cli_jint(g, "id", 0) == gid)
+            return cli_jstr(g, "groupname");
     return NULL;
 }
 
@@ -295,20 +304,20 @@ static void on_chat(struct cli *c, const cJSON *m, int offline)
     struct sbuf b = {0};
     char when[40];
 
-    msg_time(m, c->script, when, sizeof(when));
+    msg_time(m, c->script, 0, when, sizeof(when));
     if (c->script) {
         sb_str(&b, "event=chat");
-        sb_kvi(&b, "from", jint(m, "id", 0));
-        sb_kv(&b, "name", jstr(m, "name"));
+        sb_kvi(&b, "from", cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name"));
         sb_kv(&b, "time", when);
         if (offline)
             sb_str(&b, " offline=1");
-        sb_tail(&b, "msg", nz(jstr(m, "msg")));
+        sb_tail(&b, "msg", nz(cli_jstr(m, "msg")));
     } else {
         sb_fmt(&b, "[%s%s] ", when, offline ? ", while away" : "");
-        sb_safe(&b, nz(jstr(m, "name")));
-        sb_fmt(&b, " (%lld): ", (long long)jint(m, "id", 0));
-        sb_safe(&b, nz(jstr(m, "msg")));
+        sb_safe(&b, nz(cli_jstr(m, "name")));
+        sb_fmt(&b, " (%lld): ", (long long)cli_jint(m, "id", 0));
+        sb_safe(&b, nz(cli_jstr(m, "msg")));
     }
     out(c, &b);
     sb_free(&b);
@@ -318,19 +327,19 @@ static void on_groupchat(struct cli *c, const cJSON *m, int offline)
 {
     struct sbuf b = {0};
     char when[40];
-    int64_t gid = jint(m, "groupid", 0);
+    int64_t gid = cli_jint(m, "groupid", 0);
     const char *gname = group_name(c, gid);
 
-    msg_time(m, c->script, when, sizeof(when));
+    msg_time(m, c->script, 0, when, sizeof(when));
     if (c->script) {
         sb_str(&b, "event=groupchat");
         sb_kvi(&b, "group", gid);
-        sb_kvi(&b, "from", jint(m, "id", 0));
-        sb_kv(&b, "name", jstr(m, "name"));
+        sb_kvi(&b, "from", cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name"));
         sb_kv(&b, "time", when);
         if (offline)
             sb_str(&b, " offline=1");
-        sb_tail(&b, "msg", nz(jstr(m, "msg")));
+        sb_tail(&b, "msg", nz(cli_jstr(m, "msg")));
     } else {
         sb_fmt(&b, "[%s%s] #%lld", when, offline ? ", while away" : "",
                (long long)gid);
@@ -339,9 +348,9 @@ static void on_groupchat(struct cli *c, const cJSON *m, int offline)
             sb_safe(&b, gname);
         }
         sb_str(&b, " | ");
-        sb_safe(&b, nz(jstr(m, "name")));
-        sb_fmt(&b, " (%lld): ", (long long)jint(m, "id", 0));
-        sb_safe(&b, nz(jstr(m, "msg")));
+        sb_safe(&b, nz(cli_jstr(m, "name")));
+        sb_fmt(&b, " (%lld): ", (long long)cli_jint(m, "id", 0));
+        sb_safe(&b, nz(cli_jstr(m, "msg")));
     }
     out(c, &b);
     sb_free(&b);
@@ -358,12 +367,306 @@ static void on_offline(struct cli *c, const cJSON *item)
         m = parsed;
     }
     if (cJSON_IsObject(m)) {
-        if (jint(m, "msgid", 0) == M_GROUP_CHAT)
+        if (cli_jint(m, "msgid", 0) == M_GROUP_CHAT)
             on_groupchat(c, m, 1);
         else
             on_chat(c, m, 1);
     }
     cJSON_Delete(parsed);
+}
+
+/* ---- durable messages (durable.c decides what to show) -------------------- */
+
+void ev_info(struct cli *c, const char *script_line, const char *human)
+{
+    const char *line = c->script ? script_line : human;
+
+    if (line)
+        cli_out(c, line);
+}
+
+/* "bob (2)", or "user 2" when the name is not known. */
+static void who(struct cli *c, struct sbuf *b, int64_t id)
+{
+    const char *name = id == c->user_id ? c->user_name : dur_name_of(c, id);
+
+    if (name) {
+        sb_safe(b, name);
+        sb_fmt(b, " (%lld)", (long long)id);
+    } else {
+        sb_fmt(b, "user %lld", (long long)id);
+    }
+}
+
+/* The user of a pair conversation who is not this one. */
+static int64_t peer_of(struct cli *c, const char *conv)
+{
+    long long a = 0, b = 0;
+
+    if (!conv || sscanf(conv, "p%lld:%lld", &a, &b) != 2)
+        return 0;
+    return a == c->user_id ? b : a;
+}
+
+static void durable_script(struct sbuf *b, const cJSON *m,
+                           int how, const char *when)
+{
+    int group = cli_jint(m, "msgid", 0) == M_GROUP_CHAT;
+
+    sb_str(b, group ? "event=groupchat" : "event=chat");
+    if (group)
+        sb_kvi(b, "group", cli_jint(m, "groupid", 0));
+    sb_kvi(b, "from", cli_jint(m, "id", 0));
+    sb_kv(b, "name", cli_jstr(m, "name"));
+    if (!group)
+        sb_kvi(b, "to", cli_jint(m, "toid", 0));
+    sb_kv(b, "time", when);
+    sb_kvi(b, "mid", cli_jint(m, "mid", 0));
+    sb_kv(b, "conv", cli_jstr(m, "conv"));
+    sb_kvi(b, "cseq", cli_jint(m, "cseq", 0));
+    if (how == EV_SYNC)
+        sb_str(b, " sync=1");
+    else if (how == EV_HISTORY)
+        sb_str(b, " history=1");
+    sb_tail(b, "msg", nz(cli_jstr(m, "msg")));
+}
+
+/* [12:00:01 p1:2#5 m17] alice (1): hi     (a pair; "you -> bob (2)" for
+ * this user's own) and [12:00:01 g3#7 m100004] team | alice (1): hi */
+void ev_durable(struct cli *c, const cJSON *m, int how)
+{
+    struct sbuf b = {0};
+    char when[40];
+    int64_t from = cli_jint(m, "id", 0);
+    int group = cli_jint(m, "msgid", 0) == M_GROUP_CHAT;
+
+    msg_time(m, c->script, how == EV_SYNC || how == EV_HISTORY, when,
+             sizeof(when));
+    if (c->script) {
+        durable_script(&b, m, how, when);
+        out(c, &b);
+        sb_free(&b);
+        return;
+    }
+    sb_fmt(&b, "[%s ", when);
+    sb_safe(&b, nz(cli_jstr(m, "conv")));
+    sb_fmt(&b, "#%lld m%lld] ", (long long)cli_jint(m, "cseq", 0),
+           (long long)cli_jint(m, "mid", 0));
+    if (group) {
+        const char *gname = group_name(c, cli_jint(m, "groupid", 0));
+
+        if (gname) {
+            sb_safe(&b, gname);
+            sb_str(&b, " | ");
+        }
+    }
+    if (from == c->user_id) {
+        sb_str(&b, "you");
+        if (!group) {
+            sb_str(&b, " -> ");
+            who(c, &b, cli_jint(m, "toid", 0));
+        }
+    } else {
+        who(c, &b, from);
+    }
+    sb_str(&b, ": ");
+    sb_safe(&b, nz(cli_jstr(m, "msg")));
+    out(c, &b);
+    sb_free(&b);
+}
+
+/* The ACK of a durable message: its ids; a person sees the message itself
+ * with them, as it now stands in the conversation. */
+void ev_sent(struct cli *c, const struct cli_pending *p, const cJSON *ack,
+             const struct cli_out *o)
+{
+    struct sbuf b = {0};
+    int dup = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(ack, "dup"));
+    cJSON *m;
+
+    if (c->script) {
+        sb_fmt(&b, "event=sent %s=%lld seq=%lld", p->msgid == M_CHAT ? "to"
+               : "group", (long long)p->arg, (long long)cli_jint(ack, "seq", -1));
+        if (cli_jstr(ack, "conv")) {
+            sb_kvi(&b, "mid", cli_jint(ack, "mid", 0));
+            sb_kv(&b, "conv", cli_jstr(ack, "conv"));
+            sb_kvi(&b, "cseq", cli_jint(ack, "cseq", 0));
+        }
+        sb_kv(&b, "cid", o->cid);
+        if (dup)
+            sb_str(&b, " dup=1");
+        out(c, &b);
+        sb_free(&b);
+        return;
+    }
+    if (!cli_jstr(ack, "conv"))
+        return; /* not stored: as a plain message, nothing to add */
+    m = cJSON_Duplicate(o->req, 1);
+    if (!m || !cJSON_AddNumberToObject(m, "mid", (double)cli_jint(ack, "mid", 0)) ||
+        !cJSON_AddStringToObject(m, "conv", cli_jstr(ack, "conv")) ||
+        !cJSON_AddNumberToObject(m, "cseq", (double)cli_jint(ack, "cseq", 0)))
+        cli_oom();
+    cJSON_DeleteItemFromObjectCaseSensitive(m, "id");
+    if (!cJSON_AddNumberToObject(m, "id", (double)c->user_id))
+        cli_oom();
+    ev_durable(c, m, EV_SENT);
+    cJSON_Delete(m);
+}
+
+static void marks(struct sbuf *b, int64_t delivered, int64_t read)
+{
+    if (read > 0)
+        sb_fmt(b, "\xe2\x9c\x93\xe2\x9c\x93 read #%lld", (long long)read);
+    if (delivered > read)
+        sb_fmt(b, "%s\xe2\x9c\x93 delivered #%lld", read > 0 ? " \xc2\xb7 " : "",
+               (long long)delivered);
+    if (!read && !delivered)
+        sb_str(b, "nothing delivered yet");
+}
+
+/* One conversation: its head, this user's marks and the other user's. */
+void ev_conv(struct cli *c, const struct cli_conv *v, const char *why)
+{
+    struct sbuf b = {0};
+    int64_t peer = peer_of(c, v->name), unread = v->head - v->read;
+
+    if (unread < 0)
+        unread = 0;
+    if (c->script) {
+        sb_kv(&b, "event=conv conv", v->name);
+        sb_fmt(&b, " head=%lld pos=%lld delivered=%lld read=%lld unread=%lld",
+               (long long)v->head, (long long)v->pos, (long long)v->delivered,
+               (long long)v->read, (long long)unread);
+        if (peer)
+            sb_fmt(&b, " peer=%lld peer_delivered=%lld peer_read=%lld",
+                   (long long)peer, (long long)v->peer_delivered,
+                   (long long)v->peer_read);
+        if (why)
+            sb_kv(&b, "via", why);
+        out(c, &b);
+        sb_free(&b);
+        return;
+    }
+    sb_fmt(&b, "   %s ", v->name);
+    if (peer) {
+        sb_str(&b, "with ");
+        who(c, &b, peer);
+    } else if (group_name(c, atoll(v->name + 1))) {
+        sb_safe(&b, group_name(c, atoll(v->name + 1)));
+    }
+    sb_fmt(&b, ": #%lld, %lld unread", (long long)v->head, (long long)unread);
+    if (peer) {
+        sb_str(&b, "; ");
+        who(c, &b, peer);
+        sb_str(&b, ": ");
+        marks(&b, v->peer_delivered, v->peer_read);
+    }
+    out(c, &b);
+    sb_free(&b);
+}
+
+/* Someone's delivered/read marks (msgid 17). */
+void ev_receipt(struct cli *c, const char *conv, int64_t from,
+                int64_t delivered, int64_t read, const char *via)
+{
+    struct sbuf b = {0};
+
+    if (c->script) {
+        sb_kv(&b, "event=receipt conv", conv);
+        if (from)
+            sb_kvi(&b, "from", from);
+        sb_fmt(&b, " delivered=%lld read=%lld", (long long)delivered,
+               (long long)read);
+        sb_kv(&b, "via", via);
+    } else {
+        sb_str(&b, "** ");
+        sb_safe(&b, conv);
+        if (from) {
+            sb_str(&b, " ");
+            if (from == c->user_id)
+                sb_str(&b, "you (another device)");
+            else
+                who(c, &b, from);
+        }
+        sb_str(&b, ": ");
+        marks(&b, delivered, read);
+    }
+    out(c, &b);
+    sb_free(&b);
+}
+
+/* A chat message live: durable ones (with conv and cseq) once each. */
+static void on_live(struct cli *c, const cJSON *m)
+{
+    dur_learn_name(c, cli_jint(m, "id", 0), cli_jstr(m, "name"));
+    if (!cli_jstr(m, "conv") || cli_jint(m, "cseq", 0) <= 0) {
+        if (cli_jint(m, "msgid", 0) == M_GROUP_CHAT)
+            on_groupchat(c, m, 0);
+        else
+            on_chat(c, m, 0);
+        return;
+    }
+    if (!dur_live(c, m))
+        return; /* had it already */
+    ev_durable(c, m, EV_LIVE);
+    dur_shown(c, m);
+}
+
+/* msgid 18: {"id","name","toid"|"groupid","typing"} */
+static void on_typing(struct cli *c, const cJSON *m)
+{
+    struct sbuf b = {0};
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(m, "typing");
+    int on = !cJSON_IsFalse(t);
+    int64_t gid = cli_jint(m, "groupid", 0);
+
+    dur_learn_name(c, cli_jint(m, "id", 0), cli_jstr(m, "name"));
+    if (c->script) {
+        sb_str(&b, "event=typing");
+        sb_kvi(&b, "from", cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name"));
+        if (gid)
+            sb_kvi(&b, "group", gid);
+        else
+            sb_kvi(&b, "to", cli_jint(m, "toid", 0));
+        sb_kv(&b, "state", on ? "typing" : "stopped");
+    } else {
+        sb_str(&b, "** ");
+        who(c, &b, cli_jint(m, "id", 0));
+        sb_str(&b, on ? " is typing" : " stopped typing");
+        if (gid) {
+            sb_fmt(&b, " in #%lld", (long long)gid);
+            if (group_name(c, gid)) {
+                sb_str(&b, " ");
+                sb_safe(&b, group_name(c, gid));
+            }
+        }
+        if (on)
+            sb_str(&b, "\xe2\x80\xa6");
+    }
+    out(c, &b);
+    sb_free(&b);
+}
+
+/* msgid 19: {"id","name","online"} */
+static void on_presence(struct cli *c, const cJSON *m)
+{
+    struct sbuf b = {0};
+    int on = online_of(m);
+
+    dur_learn_name(c, cli_jint(m, "id", 0), cli_jstr(m, "name"));
+    if (c->script) {
+        sb_str(&b, "event=presence");
+        sb_kvi(&b, "id", cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name"));
+        sb_kv(&b, "state", on ? "online" : "offline");
+    } else {
+        sb_str(&b, "** ");
+        who(c, &b, cli_jint(m, "id", 0));
+        sb_str(&b, on ? " is online" : " went offline");
+    }
+    out(c, &b);
+    sb_free(&b);
 }
 
 /* ---- lists --------------------------------------------------------------- */
@@ -378,8 +681,8 @@ static void list_friends(struct cli *c, const cJSON *friends, int brief)
         on += online_of(f);
         if (c->script && !brief) {
             sb_str(&b, "event=friend");
-            sb_kvi(&b, "id", jint(f, "id", 0));
-            sb_kv(&b, "name", jstr(f, "name"));
+            sb_kvi(&b, "id", cli_jint(f, "id", 0));
+            sb_kv(&b, "name", cli_jstr(f, "name"));
             sb_kv(&b, "state", online_of(f) ? "online" : "offline");
             out(c, &b);
         }
@@ -397,8 +700,8 @@ static void list_friends(struct cli *c, const cJSON *friends, int brief)
         sb_str(&b, " none yet (addfriend:ID)");
     cJSON_ArrayForEach(f, friends) {
         sb_str(&b, brief ? " " : "\n   ");
-        sb_safe(&b, nz(jstr(f, "name")));
-        sb_fmt(&b, " (%lld)%s%s", (long long)jint(f, "id", 0),
+        sb_safe(&b, nz(cli_jstr(f, "name")));
+        sb_fmt(&b, " (%lld)%s%s", (long long)cli_jint(f, "id", 0),
                online_of(f) ? " online" : " offline", brief ? ";" : "");
     }
     out(c, &b);
@@ -421,38 +724,38 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
             if (brief)
                 continue;
             sb_str(&b, "event=group");
-            sb_kvi(&b, "id", jint(g, "id", 0));
-            sb_kv(&b, "name", jstr(g, "groupname"));
-            sb_kv(&b, "desc", jstr(g, "groupdesc"));
+            sb_kvi(&b, "id", cli_jint(g, "id", 0));
+            sb_kv(&b, "name", cli_jstr(g, "groupname"));
+            sb_kv(&b, "desc", cli_jstr(g, "groupdesc"));
             sb_fmt(&b, " members=%d online=%d", members, on);
             out(c, &b);
             cJSON_ArrayForEach(u, users) {
                 sb_str(&b, "event=member");
-                sb_kvi(&b, "group", jint(g, "id", 0));
-                sb_kvi(&b, "id", jint(u, "id", 0));
-                sb_kv(&b, "name", jstr(u, "name"));
+                sb_kvi(&b, "group", cli_jint(g, "id", 0));
+                sb_kvi(&b, "id", cli_jint(u, "id", 0));
+                sb_kv(&b, "name", cli_jstr(u, "name"));
                 sb_kv(&b, "state", online_of(u) ? "online" : "offline");
-                sb_kv(&b, "role", jstr(u, "role"));
+                sb_kv(&b, "role", cli_jstr(u, "role"));
                 out(c, &b);
             }
             continue;
         }
         if (!b.len)
             sb_fmt(&b, "** groups (%d):", n);
-        sb_fmt(&b, "\n   #%lld ", (long long)jint(g, "id", 0));
-        sb_safe(&b, nz(jstr(g, "groupname")));
+        sb_fmt(&b, "\n   #%lld ", (long long)cli_jint(g, "id", 0));
+        sb_safe(&b, nz(cli_jstr(g, "groupname")));
         sb_fmt(&b, " - %d members, %d online", members, on);
-        if (!brief && jstr(g, "groupdesc") && *jstr(g, "groupdesc")) {
+        if (!brief && cli_jstr(g, "groupdesc") && *cli_jstr(g, "groupdesc")) {
             sb_str(&b, " - ");
-            sb_safe(&b, jstr(g, "groupdesc"));
+            sb_safe(&b, cli_jstr(g, "groupdesc"));
         }
         if (!brief)
             cJSON_ArrayForEach(u, users) {
                 sb_str(&b, "\n      ");
-                sb_safe(&b, nz(jstr(u, "name")));
-                sb_fmt(&b, " (%lld) %s%s", (long long)jint(u, "id", 0),
+                sb_safe(&b, nz(cli_jstr(u, "name")));
+                sb_fmt(&b, " (%lld) %s%s", (long long)cli_jint(u, "id", 0),
                        online_of(u) ? "online" : "offline",
-                       jstr(u, "role") && !strcmp(jstr(u, "role"), "creator")
+                       cli_jstr(u, "role") && !strcmp(cli_jstr(u, "role"), "creator")
                            ? ", creator" : "");
             }
     }
@@ -471,6 +774,11 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
 
 static void keep_groups(struct cli *c, const cJSON *groups)
 {
+    const cJSON *g, *u;
+
+    cJSON_ArrayForEach(g, groups)
+        cJSON_ArrayForEach(u, cJSON_GetObjectItemCaseSensitive(g, "users"))
+            dur_learn_name(c, cli_jint(u, "id", 0), cli_jstr(u, "name"));
     cJSON_Delete(c->groups);
     c->groups = cJSON_IsArray(groups) ? cJSON_Duplicate(groups, 1)
                                       : cJSON_CreateArray();
@@ -482,6 +790,7 @@ static void keep_groups(struct cli *c, const cJSON *groups)
 
 static void forget_session(struct cli *c)
 {
+    dur_logged_out(c);
     c->logged_in = 0;
     c->relogin = 0;
     c->user_id = 0;
@@ -498,7 +807,7 @@ static void forget_session(struct cli *c)
  * until the dead node's presence expires, or a back end briefly down. */
 static void relogin_failed(struct cli *c, const cJSON *m)
 {
-    int64_t err = jint(m, "errno", -1);
+    int64_t err = cli_jint(m, "errno", -1);
     int bad_credentials = err == 1 || (err >= 104 && err <= 108);
     struct sbuf b = {0};
 
@@ -506,10 +815,10 @@ static void relogin_failed(struct cli *c, const cJSON *m)
         if (c->relogin_tries == 1) {
             if (c->script) {
                 sb_fmt(&b, "event=relogin wait errno=%lld", (long long)err);
-                sb_tail(&b, "errmsg", nz(jstr(m, "errmsg")));
+                sb_tail(&b, "errmsg", nz(cli_jstr(m, "errmsg")));
             } else {
                 sb_str(&b, "** cannot log in again yet (");
-                sb_safe(&b, nz(jstr(m, "errmsg")));
+                sb_safe(&b, nz(cli_jstr(m, "errmsg")));
                 sb_str(&b, "); retrying every second");
             }
             out(c, &b);
@@ -525,10 +834,10 @@ static void relogin_failed(struct cli *c, const cJSON *m)
     }
     if (c->script) {
         sb_fmt(&b, "event=relogin failed errno=%lld", (long long)err);
-        sb_tail(&b, "errmsg", nz(jstr(m, "errmsg")));
+        sb_tail(&b, "errmsg", nz(cli_jstr(m, "errmsg")));
     } else {
         sb_fmt(&b, "!! could not log in again: error %lld: ", (long long)err);
-        sb_safe(&b, nz(jstr(m, "errmsg")));
+        sb_safe(&b, nz(cli_jstr(m, "errmsg")));
         sb_str(&b, " (use login ID PASSWORD)");
     }
     out(c, &b);
@@ -538,8 +847,8 @@ static void relogin_failed(struct cli *c, const cJSON *m)
 
 static void on_login_ack(struct cli *c, const cJSON *m)
 {
-    struct cli_pending *p = cmd_take_pending(c, jint(m, "seq", -1), M_LOGIN);
-    int64_t err = jint(m, "errno", -1);
+    struct cli_pending *p = cmd_take_pending(c, cli_jint(m, "seq", -1), M_LOGIN);
+    int64_t err = cli_jint(m, "errno", -1);
     const cJSON *item, *offline = cJSON_GetObjectItemCaseSensitive(m, "offlinemsg");
     const cJSON *friends = cJSON_GetObjectItemCaseSensitive(m, "friends");
     const cJSON *groups = cJSON_GetObjectItemCaseSensitive(m, "groups");
@@ -550,17 +859,17 @@ static void on_login_ack(struct cli *c, const cJSON *m)
         if (auto_login)
             relogin_failed(c, m);
         else
-            say_error(c, M_LOGIN, jint(m, "seq", -1), err, jstr(m, "errmsg"));
+            ev_error(c, M_LOGIN, cli_jint(m, "seq", -1), err, cli_jstr(m, "errmsg"));
         goto out;
     }
     c->logged_in = 1;
     c->relogin = 0;
     c->relogin_tries = 0;
     c->relogin_with_password = 0;
-    c->user_id = jint(m, "id", p ? p->arg : 0);
-    set_str(&c->user_name, jstr(m, "name"));
-    if (jstr(m, "token"))
-        set_str(&c->token, jstr(m, "token"));
+    c->user_id = cli_jint(m, "id", p ? p->arg : 0);
+    set_str(&c->user_name, cli_jstr(m, "name"));
+    if (cli_jstr(m, "token"))
+        set_str(&c->token, cli_jstr(m, "token"));
     if (p && p->text && !auto_login)
         set_str(&c->password, p->text);
     keep_groups(c, groups);
@@ -588,7 +897,10 @@ static void on_login_ack(struct cli *c, const cJSON *m)
     }
     cJSON_ArrayForEach(item, offline)
         on_offline(c, item);
+    cJSON_ArrayForEach(item, friends)
+        dur_learn_name(c, cli_jint(item, "id", 0), cli_jstr(item, "name"));
     cli_prompt_update(c);
+    dur_logged_in(c); /* SYNC, and send again what waits */
 out:
     sb_free(&b);
     cmd_pending_free(p);
@@ -596,21 +908,21 @@ out:
 
 static void on_reg_ack(struct cli *c, const cJSON *m)
 {
-    struct cli_pending *p = cmd_take_pending(c, jint(m, "seq", -1), M_REG);
-    int64_t err = jint(m, "errno", -1);
+    struct cli_pending *p = cmd_take_pending(c, cli_jint(m, "seq", -1), M_REG);
+    int64_t err = cli_jint(m, "errno", -1);
     struct sbuf b = {0};
 
     if (err != 0) {
-        say_error(c, M_REG, jint(m, "seq", -1), err, jstr(m, "errmsg"));
+        ev_error(c, M_REG, cli_jint(m, "seq", -1), err, cli_jstr(m, "errmsg"));
     } else if (c->script) {
-        sb_fmt(&b, "event=register ok id=%lld", (long long)jint(m, "id", 0));
-        sb_kv(&b, "name", jstr(m, "name") ? jstr(m, "name") : p ? p->text : "");
+        sb_fmt(&b, "event=register ok id=%lld", (long long)cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name") ? cli_jstr(m, "name") : p ? p->text : "");
         out(c, &b);
     } else {
         sb_str(&b, "** registered ");
         sb_safe(&b, p && p->text ? p->text : "");
         sb_fmt(&b, ": your id is %lld (now: login %lld PASSWORD)",
-               (long long)jint(m, "id", 0), (long long)jint(m, "id", 0));
+               (long long)cli_jint(m, "id", 0), (long long)cli_jint(m, "id", 0));
         out(c, &b);
     }
     sb_free(&b);
@@ -621,7 +933,7 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
                    const cJSON *m)
 {
     struct sbuf b = {0};
-    int64_t seq = jint(m, "seq", -1);
+    int64_t seq = cli_jint(m, "seq", -1);
     int64_t arg = p ? p->arg : 0;
 
     switch (req) {
@@ -641,7 +953,7 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
                (long long)arg);
         break;
     case M_CREATE_GROUP: {
-        int64_t gid = jint(m, "groupid", 0);
+        int64_t gid = cli_jint(m, "groupid", 0);
         cJSON *g = cJSON_CreateObject();
 
         if (!g || !cJSON_AddNumberToObject(g, "id", (double)gid) ||
@@ -688,13 +1000,17 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
 
 static void on_ack(struct cli *c, const cJSON *m)
 {
-    int req = (int)jint(m, "req", 0);
-    int64_t seq = jint(m, "seq", -1), err = jint(m, "errno", -1);
+    int req = (int)cli_jint(m, "req", 0);
+    int64_t seq = cli_jint(m, "seq", -1), err = cli_jint(m, "errno", -1);
     struct cli_pending *p = cmd_take_pending(c, seq, req);
 
+    if (dur_on_reply(c, p, req, m)) {
+        cmd_pending_free(p);
+        return;
+    }
     if (err != 0) {
         if (!(p && (p->flags & CLI_P_QUIET)))
-            say_error(c, req, seq, err, jstr(m, "errmsg"));
+            ev_error(c, req, seq, err, cli_jstr(m, "errmsg"));
     } else {
         ack_ok(c, p, req, m);
     }
@@ -703,15 +1019,15 @@ static void on_ack(struct cli *c, const cJSON *m)
 
 static void on_notice(struct cli *c, const cJSON *m)
 {
-    int64_t err = jint(m, "errno", 0);
+    int64_t err = cli_jint(m, "errno", 0);
     struct sbuf b = {0};
 
     if (c->script) {
         sb_fmt(&b, "event=notice errno=%lld", (long long)err);
-        sb_tail(&b, "errmsg", nz(jstr(m, "errmsg")));
+        sb_tail(&b, "errmsg", nz(cli_jstr(m, "errmsg")));
     } else {
         sb_str(&b, "** server says: ");
-        sb_safe(&b, nz(jstr(m, "errmsg")));
+        sb_safe(&b, nz(cli_jstr(m, "errmsg")));
         sb_fmt(&b, " (%lld)", (long long)err);
         if (err == E_REPLACED)
             sb_str(&b, "; not logging in again by itself");
@@ -727,13 +1043,16 @@ void ev_message(struct cli *c, cJSON *m)
     struct sbuf b = {0};
     char *raw;
 
-    switch (jint(m, "msgid", 0)) {
+    switch (cli_jint(m, "msgid", 0)) {
     case M_LOGIN_ACK: on_login_ack(c, m); break;
     case M_REG_ACK: on_reg_ack(c, m); break;
     case M_ACK: on_ack(c, m); break;
     case M_NOTICE: on_notice(c, m); break;
-    case M_CHAT: on_chat(c, m, 0); break;
-    case M_GROUP_CHAT: on_groupchat(c, m, 0); break;
+    case M_CHAT:
+    case M_GROUP_CHAT: on_live(c, m); break;
+    case M_READ: dur_receipt(c, m); break;
+    case M_TYPING: on_typing(c, m); break;
+    case M_PRESENCE: on_presence(c, m); break;
     default:
         raw = cJSON_PrintUnformatted(m);
         if (!raw)
