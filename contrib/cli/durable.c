@@ -231,12 +231,6 @@ static void state_path(struct cli *c)
         sb_fmt(&b, "%s/.local/state/chat-cli", home);
     else
         return;
-    if (mkdirs(b.data) < 0) {
-        fprintf(stderr, "chat-cli: %s: %s (positions kept in memory only)\n",
-                b.data, strerror(errno));
-        sb_free(&b);
-        return;
-    }
     sb_str(&b, "/");
     for (s = c->label; *s; s++) /* server and user name the file */
         sb_add(&b, (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
@@ -295,6 +289,10 @@ void dur_save(struct cli *c)
     if (!text)
         cli_oom();
     sb_fmt(&tmp, "%s.tmp", c->state_path);
+    *strrchr(tmp.data, '/') = '\0'; /* the directory, made on first use */
+    if (mkdirs(tmp.data) < 0)
+        fprintf(stderr, "chat-cli: %s: %s\n", tmp.data, strerror(errno));
+    tmp.data[strlen(tmp.data)] = '/';
     f = fopen(tmp.data, "w");
     if (!f || fputs(text, f) < 0 || fclose(f) != 0 ||
         rename(tmp.data, c->state_path) < 0) {
