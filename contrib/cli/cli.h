@@ -79,7 +79,7 @@ struct cli_conv {
     int64_t shown;      /* newest cseq of someone else's message shown */
     int64_t mark_sent;  /* newest marker sent */
     int mark_inflight;
-    int changed;        /* by the SYNC pass running */
+    int changed;        /* marks changed by the SYNC pass running */
     uint64_t gap_ms;    /* uv_now when a gap below an own message was seen */
 };
 

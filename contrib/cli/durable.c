@@ -589,7 +589,6 @@ static void sync_reply(struct cli *c, const cJSON *m)
             c->sync_msgs++;
             ev_durable(c, it, EV_SYNC);
             dur_shown(c, it);
-            v->changed = 1;
         }
         v->head = max64(v->head, cseq);
         conv_set_pos(c, v, cseq); /* a reply's run is contiguous */
@@ -912,8 +911,9 @@ void dur_list(struct cli *c)
 
 int dur_on_reply(struct cli *c, struct cli_pending *p, int req, const cJSON *m)
 {
-    if (!p)
-        return 0;
+    if (!p) /* a late answer to a durable message sent again meanwhile: the
+               answer to the repeat is the one shown */
+        return (req == M_CHAT || req == M_GROUP_CHAT) && cli_jstr(m, "conv");
     switch (p->msgid) {
     case M_CHAT:
     case M_GROUP_CHAT:

@@ -14,6 +14,16 @@
  *   - the free-text fields msg, errmsg, text and reason come last and take the
  *     rest of the line, unquoted; only \\ \n \r \t \xHH are escaped in them.
  *
+ * A durable message (one with conv and cseq; durable.c) is one line with its
+ * ids and time, the same shape live, synced and from history:
+ *   person:  [12:00:01 p1:2#5 m17] alice (1): hi
+ *            [12:00:01 g3#7 m100004] team | you: hi      (own: "you")
+ *   script:  event=chat from=1 name=alice to=2 time=2026-12-04T12:00:01
+ *            mid=17 conv=p1:2 cseq=5 [sync=1|history=1] msg=hi
+ * and the ACK of one sent from here is the message again for a person and
+ * event=sent ... mid= conv= cseq= cid= [dup=1] for a script.  docs/cli.md
+ * lists every event.
+ *
  * Text for a person goes through sb_safe, which shows control characters as
  * ^X: a message must not be able to move the cursor or restyle the terminal.
  */
@@ -555,7 +565,7 @@ void ev_conv(struct cli *c, const struct cli_conv *v, const char *why)
         sb_safe(&b, group_name(c, atoll(v->name + 1)));
     }
     sb_fmt(&b, ": #%lld, %lld unread", (long long)v->head, (long long)unread);
-    if (peer) {
+    if (peer && (v->peer_delivered || v->peer_read)) {
         sb_str(&b, "; ");
         who(c, &b, peer);
         sb_str(&b, ": ");
