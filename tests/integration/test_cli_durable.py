@@ -61,6 +61,23 @@ def saw(cli, kind, timeout=10, **fields):
                     timeout, what="%s: event=%s %r" % (cli.name, kind, want))
 
 
+def unread_bytes(port):
+    """Bytes waiting in the receive queues of the established TCP sockets
+    whose local port is port (/proc/net/tcp and tcp6)."""
+    total = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01":
+                total += int(cols[4].split(":")[1], 16)
+    return total
+
+
 def conv_state(ev):
     return {k: ev.get(k) for k in ("conv", "head", "pos", "delivered", "read",
                                    "peer", "peer_delivered", "peer_read")}
@@ -133,7 +150,7 @@ class CliDurable(DurableCliCase):
                          (sent["mid"], conv, "1", "hello bob"))
         self.assertRegex(got["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$")
         # bob was shown it: alice sees it read
-        ev = a.expect("receipt", conv=conv, **{"from": b_id})
+        ev = saw(a, "receipt", conv=conv, **{"from": b_id})
         self.assertEqual((ev["read"], ev["via"]), ("1", "live"))
 
         # 60 more: history pages backwards by itself (50 a page)
@@ -239,7 +256,8 @@ class CliDurable(DurableCliCase):
         self.n1.kill(signal.SIGSTOP)
         try:
             a.send("chat %d across a crash" % b_id)
-            time.sleep(0.3)  # the line reaches the frozen node's socket
+            wait_for(lambda: unread_bytes(self.n1.port) > 0, 10,
+                     what="the message in the frozen node's socket")
         finally:
             self.n1.kill(signal.SIGKILL)
             self.n1.wait()
