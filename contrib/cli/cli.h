@@ -12,7 +12,9 @@
  *   event.c  what the server sends becomes output, human or key=value
  *   durable.c  durable messages: the cid of every chat message and the
  *            resend of unacknowledged ones, the per-conversation position
- *            and SYNC, HISTORY, read markers, the state file
+ *            and SYNC, read markers, the state file
+ *   history.c  the history command (HISTORY, paged backwards)
+ *   evdur.c  durable messages, receipts, typing and presence as output
  *
  * Everything runs on one libuv loop in one thread.  chat-cli is a standalone
  * program, not linked with the chatd core, so it uses malloc/free directly and
@@ -262,28 +264,42 @@ void dur_receipt(struct cli *c, const cJSON *m); /* live msgid 17 */
 void dur_tick(struct cli *c);
 void dur_save(struct cli *c);                    /* the state file, now */
 int dur_conv_name(struct cli *c, const char *arg, char *out, size_t n);
-int dur_history(struct cli *c, const char *conv, int n, int64_t before);
 int dur_read_cmd(struct cli *c, const char *conv); /* NULL: all */
 void dur_list(struct cli *c);
 const char *dur_name_of(struct cli *c, int64_t id);
 void dur_learn_name(struct cli *c, int64_t id, const char *name);
 
+/* history.c */
+int dur_history(struct cli *c, const char *conv, int n, int64_t before);
+void dur_history_reply(struct cli *c, const cJSON *m);
+void dur_history_free(struct cli *c);
+
 /* event.c */
 void ev_message(struct cli *c, cJSON *msg);      /* one frame from the server */
+void ev_error(struct cli *c, int req, int64_t seq, int64_t err,
+              const char *msg);
+void ev_connected(struct cli *c);
+void ev_disconnected(struct cli *c, const char *why, uint64_t retry_ms,
+                     int was_up);
+/* for evdur.c: */
+void ev_out(struct cli *c, struct sbuf *b);      /* print b, empty it */
+void ev_time(const cJSON *m, int script, int stored, char *out, size_t n);
+const char *ev_group_name(struct cli *c, int64_t gid); /* NULL: unknown */
+int ev_online(const cJSON *o);                   /* a presence value */
+
+/* evdur.c */
 /* A durable message: how is EV_LIVE, EV_SYNC, EV_HISTORY or EV_SENT. */
 enum { EV_LIVE, EV_SYNC, EV_HISTORY, EV_SENT };
 void ev_durable(struct cli *c, const cJSON *m, int how);
 void ev_sent(struct cli *c, const struct cli_pending *p, const cJSON *ack,
              const struct cli_out *o);
-void ev_error(struct cli *c, int req, int64_t seq, int64_t err,
-              const char *msg);
 void ev_conv(struct cli *c, const struct cli_conv *v, const char *why);
 void ev_receipt(struct cli *c, const char *conv, int64_t from,
                 int64_t delivered, int64_t read, const char *via);
+void ev_typing(struct cli *c, const cJSON *m);   /* msgid 18 */
+void ev_presence(struct cli *c, const cJSON *m); /* msgid 19 */
+/* one line: script_line for a script, human for a person (NULL: none) */
 void ev_info(struct cli *c, const char *script_line, const char *human);
-void ev_connected(struct cli *c);
-void ev_disconnected(struct cli *c, const char *why, uint64_t retry_ms,
-                     int was_up);
 
 /* sbuf helpers (event.c) */
 void sb_add(struct sbuf *b, const char *s, size_t n);

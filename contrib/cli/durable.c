@@ -31,6 +31,8 @@
  * SYNC pass once for the whole pass.  Marks of the other user arrive live
  * (msgid 17) and with SYNC (peer_delivered, peer_read) and are shown.
  *
+ * HISTORY is history.c.
+ *
  * A server without the store plugin answers SYNC with 103; chat-cli then
  * says so once and sends plain messages (no cid) from then on.
  */
@@ -42,8 +44,6 @@
 
 #include "cli.h"
 
-#define HISTORY_PAGE 50     /* the server's default page; every max allows it */
-#define HISTORY_MAX 10000
 #define GAP_WAIT_MS 1000
 #define BUSY_RETRY_MS 2000
 #define SYNC_RETRY_MS 2000
@@ -744,123 +744,6 @@ void dur_shown(struct cli *c, const cJSON *m)
     flush_marks(c);
 }
 
-/* ---- HISTORY ------------------------------------------------------------- */
-
-static void hist_free(struct cli *c)
-{
-    if (!c->hist)
-        return;
-    cJSON_Delete(c->hist->msgs);
-    free(c->hist);
-    c->hist = NULL;
-}
-
-static int hist_send(struct cli *c)
-{
-    struct cli_hist *h = c->hist;
-    int left, got = 0;
-    const cJSON *pg;
-    cJSON *r = cmd_req(c, M_HISTORY);
-
-    cJSON_ArrayForEach(pg, h->msgs)
-        got += cJSON_GetArraySize(pg);
-    left = h->want - got;
-    if (!cJSON_AddStringToObject(r, "conv", h->conv) ||
-        !cJSON_AddNumberToObject(r, "limit", left < HISTORY_PAGE ? left
-                                                                 : HISTORY_PAGE) ||
-        (h->before > 0 && !cJSON_AddNumberToObject(r, "before", (double)h->before)))
-        cli_oom();
-    if (cmd_send(c, r, M_HISTORY, 0, h->conv, 0) < 0) {
-        hist_free(c);
-        return 0;
-    }
-    return 1;
-}
-
-int dur_history(struct cli *c, const char *conv, int n, int64_t before)
-{
-    if (c->hist) {
-        ev_error(c, M_HISTORY, 0, -1, "a history request is still running");
-        return 0;
-    }
-    c->hist = calloc(1, sizeof(*c->hist));
-    if (!c->hist || !(c->hist->msgs = cJSON_CreateArray()))
-        cli_oom();
-    snprintf(c->hist->conv, sizeof(c->hist->conv), "%s", conv);
-    c->hist->want = n < 1 ? 1 : n > HISTORY_MAX ? HISTORY_MAX : n;
-    c->hist->before = before;
-    return hist_send(c);
-}
-
-static void hist_show(struct cli *c)
-{
-    struct cli_hist *h = c->hist;
-    const cJSON *pg, *it;
-    struct sbuf s = {0}, u = {0};
-    int n = 0, i;
-    int64_t first = 0, last = 0;
-
-    cJSON_ArrayForEach(pg, h->msgs)
-        n += cJSON_GetArraySize(pg);
-    if (!c->script) {
-        sb_fmt(&u, "** history of %s: %d message%s", h->conv, n,
-               n == 1 ? "" : "s");
-        ev_info(c, NULL, u.data);
-        u.len = 0;
-    }
-    for (i = cJSON_GetArraySize(h->msgs) - 1; i >= 0; i--) /* oldest page first */
-        cJSON_ArrayForEach(it, cJSON_GetArrayItem(h->msgs, i)) {
-            if (!first)
-                first = cli_jint(it, "cseq", 0);
-            last = cli_jint(it, "cseq", 0);
-            dur_learn_name(c, cli_jint(it, "id", 0), cli_jstr(it, "name"));
-            ev_durable(c, it, EV_HISTORY);
-        }
-    sb_str(&s, "event=history ok");
-    sb_kv(&s, "conv", h->conv);
-    sb_fmt(&s, " count=%d first=%lld last=%lld more=%d", n, (long long)first,
-           (long long)last, h->more);
-    if (h->more)
-        sb_fmt(&u, "** older ones: history %s %d %lld", h->conv, h->want,
-               (long long)first);
-    ev_info(c, s.data, u.len ? u.data : NULL);
-    sb_free(&s);
-    sb_free(&u);
-}
-
-static void hist_reply(struct cli *c, const cJSON *m)
-{
-    struct cli_hist *h = c->hist;
-    int64_t err = cli_jint(m, "errno", -1);
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(m, "msgs");
-    cJSON *page;
-    int got = 0;
-    const cJSON *pg;
-
-    if (!h)
-        return;
-    if (err != 0) {
-        ev_error(c, M_HISTORY, cli_jint(m, "seq", -1), err, cli_jstr(m, "errmsg"));
-        hist_free(c);
-        return;
-    }
-    page = cJSON_IsArray(msgs) ? cJSON_Duplicate(msgs, 1) : cJSON_CreateArray();
-    if (!page || !cJSON_AddItemToArray(h->msgs, page))
-        cli_oom();
-    h->more = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "more"));
-    cJSON_ArrayForEach(pg, h->msgs)
-        got += cJSON_GetArraySize(pg);
-    if (h->more && got < h->want && cJSON_GetArraySize(page) > 0) {
-        h->before = cli_jint(cJSON_GetArrayItem(page, 0), "cseq", 0);
-        if (h->before > 1 && hist_send(c))
-            return;
-        if (!c->hist)
-            return;
-    }
-    hist_show(c);
-    hist_free(c);
-}
-
 /* "7" (a user), "g5" or "#5" (a group), "pA:B" (a conversation). */
 int dur_conv_name(struct cli *c, const char *arg, char *out, size_t n)
 {
@@ -922,7 +805,7 @@ int dur_on_reply(struct cli *c, struct cli_pending *p, int req, const cJSON *m)
         chat_reply(c, p, req, m);
         return 1;
     case M_SYNC: sync_reply(c, m); return 1;
-    case M_HISTORY: hist_reply(c, m); return 1;
+    case M_HISTORY: dur_history_reply(c, m); return 1;
     case M_READ: read_reply(c, p, m); return 1;
     default: return 0;
     }
@@ -948,7 +831,7 @@ void dur_pending_lost(struct cli *c, const struct cli_pending *p)
             c->sync_retry_ms = uv_now(c->loop);
         break;
     case M_HISTORY:
-        hist_free(c);
+        dur_history_free(c);
         break;
     case M_READ:
         if ((v = conv_get(c, p->text ? p->text : "", 0))) {
@@ -1034,7 +917,7 @@ void dur_free(struct cli *c)
         c->outbox = o->next;
         out_free(o);
     }
-    hist_free(c);
+    dur_history_free(c);
     free(c->state_path);
     c->state_path = NULL;
     cJSON_Delete(c->names);

@@ -14,15 +14,9 @@
  *   - the free-text fields msg, errmsg, text and reason come last and take the
  *     rest of the line, unquoted; only \\ \n \r \t \xHH are escaped in them.
  *
- * A durable message (one with conv and cseq; durable.c) is one line with its
- * ids and time, the same shape live, synced and from history:
- *   person:  [12:00:01 p1:2#5 m17] alice (1): hi
- *            [12:00:01 g3#7 m100004] team | you: hi      (own: "you")
- *   script:  event=chat from=1 name=alice to=2 time=2026-12-04T12:00:01
- *            mid=17 conv=p1:2 cseq=5 [sync=1|history=1] msg=hi
- * and the ACK of one sent from here is the message again for a person and
- * event=sent ... mid= conv= cseq= cid= [dup=1] for a script.  docs/cli.md
- * lists every event.
+ * Durable messages (with conv and cseq), receipts, typing and presence
+ * are written by evdur.c, in the same format.  docs/cli.md lists every
+ * event.
  *
  * Text for a person goes through sb_safe, which shows control characters as
  * ^X: a message must not be able to move the cursor or restyle the terminal.
@@ -198,7 +192,7 @@ static void set_str(char **dst, const char *src)
 }
 
 /* A presence value: "state":"online"|"offline" or "online":true|false. */
-static int online_of(const cJSON *o)
+int ev_online(const cJSON *o)
 {
     const char *st = cli_jstr(o, "state");
     const cJSON *on = cJSON_GetObjectItemCaseSensitive(o, "online");
@@ -215,8 +209,7 @@ static int online_of(const cJSON *o)
  * sender's "time" text, else now (a stored message without either: "?"
  * or "--:--:--").  Human form "HH:MM:SS" for today and
  * "YYYY-MM-DD HH:MM" before; script form "YYYY-MM-DDTHH:MM:SS". */
-static void msg_time(const cJSON *m, int script, int stored, char *out,
-                     size_t n)
+void ev_time(const cJSON *m, int script, int stored, char *out, size_t n)
 {
     const cJSON *ts = cJSON_GetObjectItemCaseSensitive(m, "ts");
     const char *txt = cli_jstr(m, "time");
@@ -252,7 +245,7 @@ static void msg_time(const cJSON *m, int script, int stored, char *out,
 
 /* ---- output helpers ------------------------------------------------------ */
 
-static void out(struct cli *c, struct sbuf *b)
+void ev_out(struct cli *c, struct sbuf *b)
 {
     cli_out(c, b->data ? b->data : "");
     b->len = 0;
@@ -293,11 +286,11 @@ void ev_error(struct cli *c, int req, int64_t seq, int64_t err,
         sb_fmt(&b, "!! %s failed: error %lld: ", req_name(req), (long long)err);
         sb_safe(&b, msg ? msg : "(no message)");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
-static const char *group_name(struct cli *c, int64_t gid)
+const char *ev_group_name(struct cli *c, int64_t gid)
 {
     const cJSON *g;
 
@@ -314,7 +307,7 @@ static void on_chat(struct cli *c, const cJSON *m, int offline)
     struct sbuf b = {0};
     char when[40];
 
-    msg_time(m, c->script, 0, when, sizeof(when));
+    ev_time(m, c->script, 0, when, sizeof(when));
     if (c->script) {
         sb_str(&b, "event=chat");
         sb_kvi(&b, "from", cli_jint(m, "id", 0));
@@ -329,7 +322,7 @@ static void on_chat(struct cli *c, const cJSON *m, int offline)
         sb_fmt(&b, " (%lld): ", (long long)cli_jint(m, "id", 0));
         sb_safe(&b, nz(cli_jstr(m, "msg")));
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -338,9 +331,9 @@ static void on_groupchat(struct cli *c, const cJSON *m, int offline)
     struct sbuf b = {0};
     char when[40];
     int64_t gid = cli_jint(m, "groupid", 0);
-    const char *gname = group_name(c, gid);
+    const char *gname = ev_group_name(c, gid);
 
-    msg_time(m, c->script, 0, when, sizeof(when));
+    ev_time(m, c->script, 0, when, sizeof(when));
     if (c->script) {
         sb_str(&b, "event=groupchat");
         sb_kvi(&b, "group", gid);
@@ -362,7 +355,7 @@ static void on_groupchat(struct cli *c, const cJSON *m, int offline)
         sb_fmt(&b, " (%lld): ", (long long)cli_jint(m, "id", 0));
         sb_safe(&b, nz(cli_jstr(m, "msg")));
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -385,226 +378,6 @@ static void on_offline(struct cli *c, const cJSON *item)
     cJSON_Delete(parsed);
 }
 
-/* ---- durable messages (durable.c decides what to show) -------------------- */
-
-void ev_info(struct cli *c, const char *script_line, const char *human)
-{
-    const char *line = c->script ? script_line : human;
-
-    if (line)
-        cli_out(c, line);
-}
-
-/* "bob (2)", or "user 2" when the name is not known. */
-static void who(struct cli *c, struct sbuf *b, int64_t id)
-{
-    const char *name = id == c->user_id ? c->user_name : dur_name_of(c, id);
-
-    if (name) {
-        sb_safe(b, name);
-        sb_fmt(b, " (%lld)", (long long)id);
-    } else {
-        sb_fmt(b, "user %lld", (long long)id);
-    }
-}
-
-/* The user of a pair conversation who is not this one. */
-static int64_t peer_of(struct cli *c, const char *conv)
-{
-    long long a = 0, b = 0;
-
-    if (!conv || sscanf(conv, "p%lld:%lld", &a, &b) != 2)
-        return 0;
-    return a == c->user_id ? b : a;
-}
-
-static void durable_script(struct sbuf *b, const cJSON *m,
-                           int how, const char *when)
-{
-    int group = cli_jint(m, "msgid", 0) == M_GROUP_CHAT;
-
-    sb_str(b, group ? "event=groupchat" : "event=chat");
-    if (group)
-        sb_kvi(b, "group", cli_jint(m, "groupid", 0));
-    sb_kvi(b, "from", cli_jint(m, "id", 0));
-    sb_kv(b, "name", cli_jstr(m, "name"));
-    if (!group)
-        sb_kvi(b, "to", cli_jint(m, "toid", 0));
-    sb_kv(b, "time", when);
-    sb_kvi(b, "mid", cli_jint(m, "mid", 0));
-    sb_kv(b, "conv", cli_jstr(m, "conv"));
-    sb_kvi(b, "cseq", cli_jint(m, "cseq", 0));
-    if (how == EV_SYNC)
-        sb_str(b, " sync=1");
-    else if (how == EV_HISTORY)
-        sb_str(b, " history=1");
-    sb_tail(b, "msg", nz(cli_jstr(m, "msg")));
-}
-
-/* [12:00:01 p1:2#5 m17] alice (1): hi     (a pair; "you -> bob (2)" for
- * this user's own) and [12:00:01 g3#7 m100004] team | alice (1): hi */
-void ev_durable(struct cli *c, const cJSON *m, int how)
-{
-    struct sbuf b = {0};
-    char when[40];
-    int64_t from = cli_jint(m, "id", 0);
-    int group = cli_jint(m, "msgid", 0) == M_GROUP_CHAT;
-
-    msg_time(m, c->script, how == EV_SYNC || how == EV_HISTORY, when,
-             sizeof(when));
-    if (c->script) {
-        durable_script(&b, m, how, when);
-        out(c, &b);
-        sb_free(&b);
-        return;
-    }
-    sb_fmt(&b, "[%s ", when);
-    sb_safe(&b, nz(cli_jstr(m, "conv")));
-    sb_fmt(&b, "#%lld m%lld] ", (long long)cli_jint(m, "cseq", 0),
-           (long long)cli_jint(m, "mid", 0));
-    if (group) {
-        const char *gname = group_name(c, cli_jint(m, "groupid", 0));
-
-        if (gname) {
-            sb_safe(&b, gname);
-            sb_str(&b, " | ");
-        }
-    }
-    if (from == c->user_id) {
-        sb_str(&b, "you");
-        if (!group) {
-            sb_str(&b, " -> ");
-            who(c, &b, cli_jint(m, "toid", 0));
-        }
-    } else {
-        who(c, &b, from);
-    }
-    sb_str(&b, ": ");
-    sb_safe(&b, nz(cli_jstr(m, "msg")));
-    out(c, &b);
-    sb_free(&b);
-}
-
-/* The ACK of a durable message: its ids; a person sees the message itself
- * with them, as it now stands in the conversation. */
-void ev_sent(struct cli *c, const struct cli_pending *p, const cJSON *ack,
-             const struct cli_out *o)
-{
-    struct sbuf b = {0};
-    int dup = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(ack, "dup"));
-    cJSON *m;
-
-    if (c->script) {
-        sb_fmt(&b, "event=sent %s=%lld seq=%lld", p->msgid == M_CHAT ? "to"
-               : "group", (long long)p->arg, (long long)cli_jint(ack, "seq", -1));
-        if (cli_jstr(ack, "conv")) {
-            sb_kvi(&b, "mid", cli_jint(ack, "mid", 0));
-            sb_kv(&b, "conv", cli_jstr(ack, "conv"));
-            sb_kvi(&b, "cseq", cli_jint(ack, "cseq", 0));
-        }
-        sb_kv(&b, "cid", o->cid);
-        if (dup)
-            sb_str(&b, " dup=1");
-        out(c, &b);
-        sb_free(&b);
-        return;
-    }
-    if (!cli_jstr(ack, "conv"))
-        return; /* not stored: as a plain message, nothing to add */
-    m = cJSON_Duplicate(o->req, 1);
-    if (!m || !cJSON_AddNumberToObject(m, "mid", (double)cli_jint(ack, "mid", 0)) ||
-        !cJSON_AddStringToObject(m, "conv", cli_jstr(ack, "conv")) ||
-        !cJSON_AddNumberToObject(m, "cseq", (double)cli_jint(ack, "cseq", 0)))
-        cli_oom();
-    cJSON_DeleteItemFromObjectCaseSensitive(m, "id");
-    if (!cJSON_AddNumberToObject(m, "id", (double)c->user_id))
-        cli_oom();
-    ev_durable(c, m, EV_SENT);
-    cJSON_Delete(m);
-}
-
-static void marks(struct sbuf *b, int64_t delivered, int64_t read)
-{
-    if (read > 0)
-        sb_fmt(b, "\xe2\x9c\x93\xe2\x9c\x93 read #%lld", (long long)read);
-    if (delivered > read)
-        sb_fmt(b, "%s\xe2\x9c\x93 delivered #%lld", read > 0 ? " \xc2\xb7 " : "",
-               (long long)delivered);
-    if (!read && !delivered)
-        sb_str(b, "nothing delivered yet");
-}
-
-/* One conversation: its head, this user's marks and the other user's. */
-void ev_conv(struct cli *c, const struct cli_conv *v, const char *why)
-{
-    struct sbuf b = {0};
-    int64_t peer = peer_of(c, v->name), unread = v->head - v->read;
-
-    if (unread < 0)
-        unread = 0;
-    if (c->script) {
-        sb_kv(&b, "event=conv conv", v->name);
-        sb_fmt(&b, " head=%lld pos=%lld delivered=%lld read=%lld unread=%lld",
-               (long long)v->head, (long long)v->pos, (long long)v->delivered,
-               (long long)v->read, (long long)unread);
-        if (peer)
-            sb_fmt(&b, " peer=%lld peer_delivered=%lld peer_read=%lld",
-                   (long long)peer, (long long)v->peer_delivered,
-                   (long long)v->peer_read);
-        if (why)
-            sb_kv(&b, "via", why);
-        out(c, &b);
-        sb_free(&b);
-        return;
-    }
-    sb_fmt(&b, "   %s ", v->name);
-    if (peer) {
-        sb_str(&b, "with ");
-        who(c, &b, peer);
-    } else if (group_name(c, atoll(v->name + 1))) {
-        sb_safe(&b, group_name(c, atoll(v->name + 1)));
-    }
-    sb_fmt(&b, ": #%lld, %lld unread", (long long)v->head, (long long)unread);
-    if (peer && (v->peer_delivered || v->peer_read)) {
-        sb_str(&b, "; ");
-        who(c, &b, peer);
-        sb_str(&b, ": ");
-        marks(&b, v->peer_delivered, v->peer_read);
-    }
-    out(c, &b);
-    sb_free(&b);
-}
-
-/* Someone's delivered/read marks (msgid 17). */
-void ev_receipt(struct cli *c, const char *conv, int64_t from,
-                int64_t delivered, int64_t read, const char *via)
-{
-    struct sbuf b = {0};
-
-    if (c->script) {
-        sb_kv(&b, "event=receipt conv", conv);
-        if (from)
-            sb_kvi(&b, "from", from);
-        sb_fmt(&b, " delivered=%lld read=%lld", (long long)delivered,
-               (long long)read);
-        sb_kv(&b, "via", via);
-    } else {
-        sb_str(&b, "** ");
-        sb_safe(&b, conv);
-        if (from) {
-            sb_str(&b, " ");
-            if (from == c->user_id)
-                sb_str(&b, "you (another device)");
-            else
-                who(c, &b, from);
-        }
-        sb_str(&b, ": ");
-        marks(&b, delivered, read);
-    }
-    out(c, &b);
-    sb_free(&b);
-}
-
 /* A chat message live: durable ones (with conv and cseq) once each. */
 static void on_live(struct cli *c, const cJSON *m)
 {
@@ -622,63 +395,6 @@ static void on_live(struct cli *c, const cJSON *m)
     dur_shown(c, m);
 }
 
-/* msgid 18: {"id","name","toid"|"groupid","typing"} */
-static void on_typing(struct cli *c, const cJSON *m)
-{
-    struct sbuf b = {0};
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(m, "typing");
-    int on = !cJSON_IsFalse(t);
-    int64_t gid = cli_jint(m, "groupid", 0);
-
-    dur_learn_name(c, cli_jint(m, "id", 0), cli_jstr(m, "name"));
-    if (c->script) {
-        sb_str(&b, "event=typing");
-        sb_kvi(&b, "from", cli_jint(m, "id", 0));
-        sb_kv(&b, "name", cli_jstr(m, "name"));
-        if (gid)
-            sb_kvi(&b, "group", gid);
-        else
-            sb_kvi(&b, "to", cli_jint(m, "toid", 0));
-        sb_kv(&b, "state", on ? "typing" : "stopped");
-    } else {
-        sb_str(&b, "** ");
-        who(c, &b, cli_jint(m, "id", 0));
-        sb_str(&b, on ? " is typing" : " stopped typing");
-        if (gid) {
-            sb_fmt(&b, " in #%lld", (long long)gid);
-            if (group_name(c, gid)) {
-                sb_str(&b, " ");
-                sb_safe(&b, group_name(c, gid));
-            }
-        }
-        if (on)
-            sb_str(&b, "\xe2\x80\xa6");
-    }
-    out(c, &b);
-    sb_free(&b);
-}
-
-/* msgid 19: {"id","name","online"} */
-static void on_presence(struct cli *c, const cJSON *m)
-{
-    struct sbuf b = {0};
-    int on = online_of(m);
-
-    dur_learn_name(c, cli_jint(m, "id", 0), cli_jstr(m, "name"));
-    if (c->script) {
-        sb_str(&b, "event=presence");
-        sb_kvi(&b, "id", cli_jint(m, "id", 0));
-        sb_kv(&b, "name", cli_jstr(m, "name"));
-        sb_kv(&b, "state", on ? "online" : "offline");
-    } else {
-        sb_str(&b, "** ");
-        who(c, &b, cli_jint(m, "id", 0));
-        sb_str(&b, on ? " is online" : " went offline");
-    }
-    out(c, &b);
-    sb_free(&b);
-}
-
 /* ---- lists --------------------------------------------------------------- */
 
 static void list_friends(struct cli *c, const cJSON *friends, int brief)
@@ -688,19 +404,19 @@ static void list_friends(struct cli *c, const cJSON *friends, int brief)
     int n = cJSON_GetArraySize(friends), on = 0;
 
     cJSON_ArrayForEach(f, friends) {
-        on += online_of(f);
+        on += ev_online(f);
         if (c->script && !brief) {
             sb_str(&b, "event=friend");
             sb_kvi(&b, "id", cli_jint(f, "id", 0));
             sb_kv(&b, "name", cli_jstr(f, "name"));
-            sb_kv(&b, "state", online_of(f) ? "online" : "offline");
-            out(c, &b);
+            sb_kv(&b, "state", ev_online(f) ? "online" : "offline");
+            ev_out(c, &b);
         }
     }
     if (c->script) {
         if (!brief) {
             sb_fmt(&b, "event=friends count=%d online=%d", n, on);
-            out(c, &b);
+            ev_out(c, &b);
         }
         sb_free(&b);
         return;
@@ -712,9 +428,9 @@ static void list_friends(struct cli *c, const cJSON *friends, int brief)
         sb_str(&b, brief ? " " : "\n   ");
         sb_safe(&b, nz(cli_jstr(f, "name")));
         sb_fmt(&b, " (%lld)%s%s", (long long)cli_jint(f, "id", 0),
-               online_of(f) ? " online" : " offline", brief ? ";" : "");
+               ev_online(f) ? " online" : " offline", brief ? ";" : "");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -729,7 +445,7 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
         int members = cJSON_GetArraySize(users), on = 0;
 
         cJSON_ArrayForEach(u, users)
-            on += online_of(u);
+            on += ev_online(u);
         if (c->script) {
             if (brief)
                 continue;
@@ -738,15 +454,15 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
             sb_kv(&b, "name", cli_jstr(g, "groupname"));
             sb_kv(&b, "desc", cli_jstr(g, "groupdesc"));
             sb_fmt(&b, " members=%d online=%d", members, on);
-            out(c, &b);
+            ev_out(c, &b);
             cJSON_ArrayForEach(u, users) {
                 sb_str(&b, "event=member");
                 sb_kvi(&b, "group", cli_jint(g, "id", 0));
                 sb_kvi(&b, "id", cli_jint(u, "id", 0));
                 sb_kv(&b, "name", cli_jstr(u, "name"));
-                sb_kv(&b, "state", online_of(u) ? "online" : "offline");
+                sb_kv(&b, "state", ev_online(u) ? "online" : "offline");
                 sb_kv(&b, "role", cli_jstr(u, "role"));
-                out(c, &b);
+                ev_out(c, &b);
             }
             continue;
         }
@@ -764,7 +480,7 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
                 sb_str(&b, "\n      ");
                 sb_safe(&b, nz(cli_jstr(u, "name")));
                 sb_fmt(&b, " (%lld) %s%s", (long long)cli_jint(u, "id", 0),
-                       online_of(u) ? "online" : "offline",
+                       ev_online(u) ? "online" : "offline",
                        cli_jstr(u, "role") && !strcmp(cli_jstr(u, "role"), "creator")
                            ? ", creator" : "");
             }
@@ -772,12 +488,12 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
     if (c->script) {
         if (!brief) {
             sb_fmt(&b, "event=groups count=%d", n);
-            out(c, &b);
+            ev_out(c, &b);
         }
     } else {
         if (!n)
             sb_str(&b, "** groups: none yet (creategroup:NAME:DESC, addgroup:ID)");
-        out(c, &b);
+        ev_out(c, &b);
     }
     sb_free(&b);
 }
@@ -831,7 +547,7 @@ static void relogin_failed(struct cli *c, const cJSON *m)
                 sb_safe(&b, nz(cli_jstr(m, "errmsg")));
                 sb_str(&b, "); retrying every second");
             }
-            out(c, &b);
+            ev_out(c, &b);
         }
         sb_free(&b);
         conn_relogin_in(c, CLI_RELOGIN_DELAY_MS);
@@ -850,7 +566,7 @@ static void relogin_failed(struct cli *c, const cJSON *m)
         sb_safe(&b, nz(cli_jstr(m, "errmsg")));
         sb_str(&b, " (use login ID PASSWORD)");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     forget_session(c);
 }
@@ -890,7 +606,7 @@ static void on_login_ack(struct cli *c, const cJSON *m)
         sb_fmt(&b, " friends=%d groups=%d offline=%d",
                cJSON_GetArraySize(friends), cJSON_GetArraySize(groups),
                cJSON_GetArraySize(offline));
-        out(c, &b);
+        ev_out(c, &b);
     } else {
         sb_str(&b, auto_login ? "** logged in again as " : "** logged in as ");
         sb_safe(&b, nz(c->user_name));
@@ -899,7 +615,7 @@ static void on_login_ack(struct cli *c, const cJSON *m)
             sb_fmt(&b, "; %d message%s came while you were away",
                    cJSON_GetArraySize(offline),
                    cJSON_GetArraySize(offline) == 1 ? "" : "s");
-        out(c, &b);
+        ev_out(c, &b);
         if (!auto_login) {
             list_friends(c, friends, 1);
             list_groups(c, c->groups, 1);
@@ -927,13 +643,13 @@ static void on_reg_ack(struct cli *c, const cJSON *m)
     } else if (c->script) {
         sb_fmt(&b, "event=register ok id=%lld", (long long)cli_jint(m, "id", 0));
         sb_kv(&b, "name", cli_jstr(m, "name") ? cli_jstr(m, "name") : p ? p->text : "");
-        out(c, &b);
+        ev_out(c, &b);
     } else {
         sb_str(&b, "** registered ");
         sb_safe(&b, p && p->text ? p->text : "");
         sb_fmt(&b, ": your id is %lld (now: login %lld PASSWORD)",
                (long long)cli_jint(m, "id", 0), (long long)cli_jint(m, "id", 0));
-        out(c, &b);
+        ev_out(c, &b);
     }
     sb_free(&b);
     cmd_pending_free(p);
@@ -1004,7 +720,7 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
             sb_fmt(&b, "event=ack req=%d seq=%lld", req, (long long)seq);
     }
     if (b.len)
-        out(c, &b);
+        ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -1042,7 +758,7 @@ static void on_notice(struct cli *c, const cJSON *m)
         if (err == E_REPLACED)
             sb_str(&b, "; not logging in again by itself");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     if (err == E_REPLACED)
         forget_session(c); /* someone else has the account now: no ping-pong */
@@ -1061,8 +777,8 @@ void ev_message(struct cli *c, cJSON *m)
     case M_CHAT:
     case M_GROUP_CHAT: on_live(c, m); break;
     case M_READ: dur_receipt(c, m); break;
-    case M_TYPING: on_typing(c, m); break;
-    case M_PRESENCE: on_presence(c, m); break;
+    case M_TYPING: ev_typing(c, m); break;
+    case M_PRESENCE: ev_presence(c, m); break;
     default:
         raw = cJSON_PrintUnformatted(m);
         if (!raw)
@@ -1074,7 +790,7 @@ void ev_message(struct cli *c, cJSON *m)
             sb_safe(&b, raw);
         }
         cJSON_free(raw);
-        out(c, &b);
+        ev_out(c, &b);
         sb_free(&b);
     }
     cli_script_pump(c); /* a reply may unblock the next script line */
@@ -1096,7 +812,7 @@ void ev_connected(struct cli *c)
                        "help lists the commands");
     }
     c->lost_reported = 0;
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     cli_prompt_update(c);
     if (c->user_id && (c->token || c->password)) {
@@ -1128,7 +844,7 @@ void ev_disconnected(struct cli *c, const char *why, uint64_t retry_ms,
         sb_fmt(&b, "; next try in %.1f s", (double)retry_ms / 1000);
     }
     c->lost_reported = 1;
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     cli_prompt_update(c);
 }

@@ -353,9 +353,11 @@ class TwoDevices(DurableCliCase):
 
 
 class TwoDevicesConcurrent(DurableCliCase):
-    """The same with both devices logged in at once (multi_login = multi).
-    Skipped until the server accepts it: chatd refusing the key, or the
-    second device's login failing."""
+    """MULTI-DEVICE VARIANT, TO ENABLE AFTER MERGE: the same with both
+    devices logged in at once (multi_login = multi).  Skipped until the
+    server accepts it: chatd refusing the key, or the second device's login
+    failing or replacing the first.  CLI_TEST_MULTI=replace|refuse runs it
+    against another policy to check that it skips."""
     conf = {"plugin.login": {"hash_cost": 1, "multi_login": os.environ.get("CLI_TEST_MULTI", "multi")}}
 
     @classmethod
