@@ -13,7 +13,8 @@ contrib/cli/event.c) against two nodes on one database:
 - a chat-cli whose node went away syncs what it missed, exactly once, and
   a restarted chat-cli resumes from its state file, exactly once;
 - a message whose reply was lost with its node is sent again with the same
-  cid after the reconnect and arrives once;
+  cid after the reconnect and arrives once; one answered 113 while MariaDB
+  is down is sent again until stored, once;
 - issue 8's "Done when": two chat-cli sessions of one user on two nodes
   show a conversation and its read state identically after one of them
   was offline - in sequence under multi_login = replace, and (skipped until
@@ -276,6 +277,48 @@ class CliDurable(DurableCliCase):
         same = [e for e in b.history if e.get("msg") == "across a crash"]
         self.assertEqual(len(same), 2, b.transcript())  # live once, history once
         self.assertEqual(len(chats(b)), 1)
+
+
+class CliBusyRetry(unittest.TestCase):
+    """MariaDB down: a message answered 113 stays in chat-cli's outbox and
+    is sent again with its cid until stored; it is stored and delivered
+    once."""
+
+    def test_retry_after_113(self):
+        clidrv.cli_or_skip(self)
+        with Stack.private(redis=False, mysql=True) as st:
+            node = Node(st, plugins=PLUGINS, conf=FAST)
+            self.addCleanup(node.stop)
+            c = harness.Client(node.port, term=b"\n", proto=2)
+            a_id, b_id = c.register("a", "pw"), c.register("b", "pw")
+            c.close()
+            state = tempfile.mkdtemp(prefix="chat-cli-state-")
+            self.addCleanup(shutil.rmtree, state, True)
+            a = clidrv.Cli(node.port, name="a", env={"XDG_STATE_HOME": state})
+            b = clidrv.Cli(node.port, name="b", env={"XDG_STATE_HOME": state})
+            for cli, uid in ((a, a_id), (b, b_id)):
+                self.addCleanup(cli.stop)
+                cli.expect("connected")
+                cli.send("login %d pw" % uid)
+                cli.expect("sync", ok=True)
+            a.send("chat %d before" % b_id)
+            a.expect("sent", cseq=1)
+            saw(a, "receipt", read=1)
+            st.stop_mysql()
+            try:
+                a.send("chat %d during the outage" % b_id)
+                busy = a.expect("retry", req=6, timeout=60)
+                self.assertEqual(busy["errno"], "113")
+            finally:
+                st.start_mysql()
+            sent = a.expect("sent", cseq=2, timeout=60)
+            self.assertEqual(sent["cid"], busy["cid"])
+            got = b.expect("chat", cseq=2, timeout=30)
+            self.assertEqual((got["msg"], got["mid"]), ("during the outage", sent["mid"]))
+            rows = st.sql(node.db, "SELECT cid FROM messages ORDER BY cseq")
+            self.assertEqual([r[0] for r in rows][1:], [busy["cid"]])
+            a.send("quit")
+            self.assertEqual(a.wait(), 0)
 
 
 class TwoDevices(DurableCliCase):
