@@ -39,7 +39,7 @@ enum {
 };
 
 /* Server errno chat-cli reacts to (enum chat_proto_errno). */
-enum { E_NO_HANDLER = 103, E_BUSY = 113, E_REPLACED = 116 };
+enum { E_NO_HANDLER = 103, E_BUSY = 113, E_REPLACED = 116, E_RATE = 125 };
 
 /* Delay between re-login attempts while the old session is still online. */
 #define CLI_RELOGIN_DELAY_MS 1000

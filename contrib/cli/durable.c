@@ -6,9 +6,10 @@
  * Sending.  Every chat message gets a client id "cid" (a random prefix per
  * run and a counter) and stays in the outbox until the server's ACK says
  * errno 0.  A message whose reply was lost (the connection dropped, the
- * reply timeout passed) or that was answered 113 "busy" is sent again with
- * the same cid: after the re-login, on the next tick, or after 2 s; the
- * server answers a repeat with the original ids and stores nothing twice.
+ * reply timeout passed), or that was answered 113 "busy" or 125 "rate
+ * limited", is sent again with the same cid: after the re-login, on the
+ * next tick, after 2 s (113) or after its retry_after_ms (125); the server
+ * answers a repeat with the original ids and stores nothing twice.
  * A message typed while the connection is down waits in the outbox too.
  *
  * Position.  For each conversation chat-cli keeps `pos`, the cseq up to
@@ -408,19 +409,21 @@ static void chat_reply(struct cli *c, struct cli_pending *p, int req,
     int64_t err = cli_jint(m, "errno", -1), seq = cli_jint(m, "seq", -1);
     struct cli_conv *v;
 
-    if (err == E_BUSY && o) {
+    if ((err == E_BUSY || err == E_RATE) && o) { /* not stored: again */
         struct sbuf s = {0}, h = {0};
+        int64_t after = err == E_RATE ? cli_jint(m, "retry_after_ms", 0)
+                                      : BUSY_RETRY_MS;
 
         o->seq = 0;
-        o->retry_ms = uv_now(c->loop) + BUSY_RETRY_MS;
+        o->retry_ms = uv_now(c->loop) + (uint64_t)(after > 100 ? after : 100);
         sb_fmt(&s, "event=retry req=%d seq=%lld", req, (long long)seq);
         sb_kv(&s, "cid", o->cid);
         sb_fmt(&s, " errno=%lld", (long long)err);
         sb_tail(&s, "errmsg", cli_jstr(m, "errmsg"));
         sb_fmt(&h, "!! not stored yet (error %lld: ", (long long)err);
         sb_safe(&h, cli_jstr(m, "errmsg") ? cli_jstr(m, "errmsg") : "");
-        sb_fmt(&h, "); sending again in %d s with the same id",
-               BUSY_RETRY_MS / 1000);
+        sb_fmt(&h, "); sending again in %.1f s with the same id",
+               (double)(o->retry_ms - uv_now(c->loop)) / 1000);
         ev_info(c, s.data, h.data);
         sb_free(&s);
         sb_free(&h);
