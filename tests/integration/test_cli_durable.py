@@ -512,9 +512,10 @@ class FakeServer:
             self.push(dict({"msgid": 11, "req": 15, "seq": seq, "errno": 0,
                             "errmsg": "ok"}, **r))
         elif mid == 17:
+            read = req.get("read", 0)
             self.push({"msgid": 11, "req": 17, "seq": seq, "errno": 0, "errmsg": "ok",
-                       "conv": req["conv"], "delivered": req.get("read", 0),
-                       "read": req.get("read", 0)})
+                       "conv": req["conv"], "delivered": max(read, req.get("delivered", 0)),
+                       "read": read})
         else:
             self.push({"msgid": 11, "req": mid, "seq": seq, "errno": 112,
                        "errmsg": "not in this fake"})
@@ -531,20 +532,26 @@ def dmsg(cseq, text, frm=6):
             "ts": 1700000000 + cseq}
 
 
-class CliRendering(unittest.TestCase):
+class FakeCase(unittest.TestCase):
+    """chat-cli (with args) logged in to a FakeServer."""
+    args = ()
+
     def setUp(self):
         clidrv.cli_or_skip(self)
         self.srv = FakeServer()
         self.addCleanup(self.srv.close)
         d = tempfile.mkdtemp(prefix="chat-cli-state-")
         self.addCleanup(shutil.rmtree, d, True)
-        self.c = clidrv.Cli(self.srv.port, name="fake", env={"XDG_STATE_HOME": d})
+        self.c = clidrv.Cli(self.srv.port, name="fake", env={"XDG_STATE_HOME": d},
+                            args=self.args)
         self.addCleanup(self.c.stop)
         self.c.expect("connected")
         self.c.send("login 5 pw")
         self.c.expect("login", ok=True)
         self.c.expect("sync", ok=True, msgs=0)
 
+
+class CliRendering(FakeCase):
     def test_dup_gap_and_events(self):
         s, c = self.srv, self.c
         s.push(dmsg(1, "one"))
@@ -584,6 +591,25 @@ class CliRendering(unittest.TestCase):
         st = c.expect("conv", conv="p5:6")
         self.assertEqual((st["head"], st["read"], st["peer_read"], st["peer_delivered"]),
                          ("4", "4", "3", "4"))
+
+
+class CliNoRead(FakeCase):
+    """--no-read: what is shown is marked delivered; the read command marks
+    read."""
+    args = ("--no-read",)
+
+    def test_delivered_then_read(self):
+        s, c = self.srv, self.c
+        s.push(dmsg(1, "one"))
+        c.expect("chat", cseq=1)
+        marks = lambda: [r for r in s.requests if r["msgid"] == 17]
+        wait_for(marks, 5, what="a marker")
+        self.assertEqual({k: v for k, v in marks()[0].items() if k in ("conv", "delivered", "read")},
+                         {"conv": "p5:6", "delivered": 1})
+        c.send("read 6")
+        ev = c.expect("marked", ok=True, conv="p5:6")
+        self.assertEqual((ev["read"], ev["delivered"]), ("1", "1"))
+        self.assertEqual(marks()[-1].get("read"), 1)
 
 
 if __name__ == "__main__":
