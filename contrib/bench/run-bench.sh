@@ -202,7 +202,7 @@ socket = $DIR/mysql/mysqld.sock
 user = chat
 password = chat
 database = chat_bench
-pool_size = 4
+pool_size = ${BENCH_POOL_SIZE:-4}
 queue_max = 100000
 connect_timeout = 2
 migrations = $ROOT/sql
@@ -301,6 +301,24 @@ TIMING=(--warmup "$WARMUP" --duration "$DURATION" -q)
 RESULTS=$DIR/results-$(date +%Y%m%d-%H%M%S).txt
 : >"$RESULTS"
 
+# db_ticks: mariadbd's CPU time (user + system, clock ticks) now.
+db_ticks() {
+    local pid
+    pid=$(cat "$DIR/mysql/mariadb.pid" 2>/dev/null) || { echo 0; return; }
+    sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0
+}
+
+# db_cpu T0 T1 RESULT: "db_cpu_s=S db_cpu_us_per_sent=U": mariadbd's CPU over
+# the whole chat-bench call (setup, warmup, window, drain) and per message
+# sent in it (issue 8: what a durable message costs MariaDB).
+db_cpu() {
+    local sent
+    sent=$(sed -n 's/.* sent=\([0-9]*\).*/\1/p' <<<"$3")
+    awk -v t0="$1" -v t1="$2" -v hz="$(getconf CLK_TCK)" -v n="${sent:-0}" 'BEGIN {
+        s = (t1 - t0) / hz
+        printf "db_cpu_s=%.2f db_cpu_us_per_sent=%.2f", s, (n > 0 ? s * 1e6 / n : 0) }'
+}
+
 # bench NAME RUN ARGS...: one chat-bench run; its RESULT line is kept.
 bench() {
     local name=$1 run=$2 out
@@ -314,7 +332,11 @@ bench() {
             -- sleep "$(awk "BEGIN{print $WARMUP + $DURATION}")" >/dev/null 2>&1 &
         perf_pid=$!
     fi
+    local db0 db1
+    db0=$(db_ticks)
     if out=$("$BENCH" "$@" 2>>"$LOG/bench-$name.err"); then
+        db1=$(db_ticks)
+        out="$out $(db_cpu "$db0" "$db1" "$out")"
         echo "$name run=$run load1=$load ${out#RESULT }" >>"$RESULTS"
         echo "  $name #$run: ${out#RESULT }"
     else
