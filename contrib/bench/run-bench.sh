@@ -45,6 +45,8 @@
 #   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
 #   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
 #                 messages with a cid, counted and timed send-to-ACK
+#   group-durable group G=50 S=5 with --durable: each message stored once,
+#                 deliveries counted and timed; W is BENCH_GROUP_DURABLE_W (8)
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -64,7 +66,11 @@
 # BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
 # generator's legacy sessions read whole segments and opt out of pacing),
 # BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
-# in flight for pairs-durable; 2), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
+# in flight for pairs-durable; 2), BENCH_GROUP_DURABLE_W (W of group-durable;
+# 8), BENCH_POOL_SIZE ([mysql] pool_size; 4), BENCH_MARIADB_OPTS (options
+# added to the private MariaDB's, CHAT_MARIADB_OPTS of contrib/stack/mariadb.sh;
+# "--innodb-buffer-pool-size=256M --innodb-log-file-size=256M": the tests'
+# 32 MB pool and 16 MB redo log make a durable run flush pages all along), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
 # write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
 # perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
 # The conns scenario restarts chatd first, so that the RSS it reads is that
@@ -91,6 +97,7 @@ CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
 LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
 DURABLE_LANES=${BENCH_DURABLE_LANES:-2}
+GROUP_DURABLE_W=${BENCH_GROUP_DURABLE_W:-8}
 SET=${BENCH_SET:-relay-pairs pairs tls-pairs ws-pairs wss-pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
@@ -156,7 +163,8 @@ if [[ ! -d "$DIR/mysql/data/mysql" ]]; then
     rm -f "$DIR"/ids-*.txt # users of a database that is gone
 fi
 MYSQL_PORT=$(free_port)
-setsid -w bash contrib/stack/mariadb.sh start "$DIR/mysql" "$MYSQL_PORT" >"$LOG/mariadb.out" 2>&1 ||
+CHAT_MARIADB_OPTS=${BENCH_MARIADB_OPTS---innodb-buffer-pool-size=256M --innodb-log-file-size=256M} \
+    setsid -w bash contrib/stack/mariadb.sh start "$DIR/mysql" "$MYSQL_PORT" >"$LOG/mariadb.out" 2>&1 ||
     { cat "$LOG/mariadb.out" >&2; exit 1; }
 mysql_up=1
 if bash contrib/stack/redis.sh status "$DIR/redis" >/dev/null 2>&1; then
@@ -399,6 +407,10 @@ for ((run = 1; run <= RUNS; run++)); do
         group)
             bench "$s" "$run" group "${CHATD[@]}" -G 50 -S 5 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        group-durable)
+            # issue 8: the same group, durable (stored once, then fanned out)
+            bench "$s" "$run" group --durable "${CHATD[@]}" -G 50 -S 5 -W "$GROUP_DURABLE_W" \
+                --procs "$PROCS" --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
         conns)
             restart_chatd
             bench "$s" "$run" conns "${CHATD[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
@@ -479,7 +491,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "pairs-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "group-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:
