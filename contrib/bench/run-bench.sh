@@ -66,7 +66,8 @@
 # BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
 # generator's legacy sessions read whole segments and opt out of pacing),
 # BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
-# in flight for pairs-durable; 2), BENCH_GROUP_DURABLE_W (W of group-durable;
+# in flight for pairs-durable; 2), BENCH_DURABLE_LINGER_MS (its
+# durable_linger_ms; 1), BENCH_GROUP_DURABLE_W (W of group-durable;
 # 8), BENCH_POOL_SIZE ([mysql] pool_size; 4), BENCH_MARIADB_OPTS (options
 # added to the private MariaDB's, CHAT_MARIADB_OPTS of contrib/stack/mariadb.sh;
 # "--innodb-buffer-pool-size=256M --innodb-log-file-size=256M": the tests'
@@ -241,6 +242,7 @@ policy = open
 [plugin.one2one]
 msg_max = 4096
 durable_lanes = $DURABLE_LANES
+durable_linger_ms = ${BENCH_DURABLE_LINGER_MS:-1}
 
 [plugin.group]
 join = open

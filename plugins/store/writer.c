@@ -6,7 +6,11 @@
  * arrives meanwhile waits and goes into the next one, up to batch_max
  * messages.  So under load a transaction carries hundreds of messages from
  * many sessions, and per conversation the numbers follow the order this
- * node received the messages.
+ * node received the messages.  A batch takes at least 3/4 of what waits
+ * (two INSERTs of power-of-two sizes: batch_want), and under load a lane
+ * lingers linger_ms before a batch much smaller than its previous one
+ * (lane_linger): right after a COMMIT only the stragglers wait, and the
+ * senders it answered are about to send again.
  *
  * Numbering.  The writer keeps each conversation's head (its newest cseq)
  * in memory and numbers a batch itself: the i-th message of conversation c
