@@ -45,6 +45,7 @@
 #   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
 #   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
 #                 messages with a cid, counted and timed send-to-ACK
+#   pairs-durable-linger1  pairs-durable with durable_linger_ms = 1 (A/B)
 #   group-durable group G=50 S=5 with --durable: each message stored once,
 #                 deliveries counted and timed; W is BENCH_GROUP_DURABLE_W (8)
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
@@ -67,7 +68,7 @@
 # generator's legacy sessions read whole segments and opt out of pacing),
 # BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
 # in flight for pairs-durable; 2), BENCH_DURABLE_LINGER_MS (its
-# durable_linger_ms; 1), BENCH_GROUP_DURABLE_W (W of group-durable;
+# durable_linger_ms; 0), BENCH_GROUP_DURABLE_W (W of group-durable;
 # 8), BENCH_POOL_SIZE ([mysql] pool_size; 4), BENCH_MARIADB_OPTS (options
 # added to the private MariaDB's, CHAT_MARIADB_OPTS of contrib/stack/mariadb.sh;
 # "--innodb-buffer-pool-size=256M --innodb-log-file-size=256M": the tests'
@@ -242,7 +243,7 @@ policy = open
 [plugin.one2one]
 msg_max = 4096
 durable_lanes = $DURABLE_LANES
-durable_linger_ms = ${BENCH_DURABLE_LINGER_MS:-1}
+durable_linger_ms = ${BENCH_DURABLE_LINGER_MS:-0}
 
 [plugin.group]
 join = open
@@ -361,6 +362,13 @@ bench() {
     fi
 }
 
+# set_linger MS: the one2one plugin's durable_linger_ms, applied by SIGHUP
+set_linger() {
+    sed -i "s/^durable_linger_ms = .*/durable_linger_ms = $1/" "$CONF"
+    kill -HUP "$chatd_pid"
+    sleep 1
+}
+
 # set_pace MS: legacy_pace_ms in the config, applied by SIGHUP (a live key;
 # the reload is read off the loop in milliseconds, a second is plenty)
 set_pace() {
@@ -429,6 +437,12 @@ for ((run = 1; run <= RUNS; run++)); do
             # "pairs" in one BENCH_SET for the side-by-side figures
             bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-durable-linger1)
+            # the same with durable_linger_ms = 1 (by SIGHUP), then back
+            set_linger 1
+            bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}"
+            set_linger "${BENCH_DURABLE_LINGER_MS:-0}" ;;
         relay-pairs-150k)
             bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
                 "${TIMING[@]}" ;;
@@ -493,7 +507,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "pairs-durable", "group-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "pairs-durable-linger1", "group-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:

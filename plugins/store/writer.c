@@ -876,7 +876,7 @@ void ds_conf_read(const struct chat_host *h, struct chat_plugin *self,
                                            INT32_MAX);
     c->id_block = chat_conf_range(h, self, "durable_id_block", 100000, 1024,
                                   INT64_C(1) << 40);
-    c->linger_ms = (unsigned)chat_conf_range(h, self, "durable_linger_ms", 1, 0, 100);
+    c->linger_ms = (unsigned)chat_conf_range(h, self, "durable_linger_ms", 0, 0, 100);
     conf_fix(c);
 }
 
