@@ -71,8 +71,11 @@ static inline size_t ds_conv_format(int64_t conv, char *buf, size_t cap)
     int64_t a, b;
     size_t n = 0;
 
-    if (cap < DS_CONV_STR)
+    if (cap < DS_CONV_STR) {
+        if (cap)
+            buf[0] = '\0';
         return 0;
+    }
     if (conv < 0) {
         buf[n++] = 'g';
         n += ds_fmt_i64(buf + n, (int64_t)((uint64_t)0 - (uint64_t)conv));
