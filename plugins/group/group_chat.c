@@ -208,9 +208,6 @@ struct gdur {
 static void durable_answer(struct chat_session *s, const struct gdur *d,
                            const struct ds_result *r)
 {
-    char conv[DS_CONV_STR];
-    cJSON *body;
-
     if (r->status != CHAT_OK) {
         int err = r->status == CHAT_ERR_DB ? CHAT_E_INTERNAL : CHAT_E_UNAVAILABLE;
 
@@ -220,18 +217,7 @@ static void durable_answer(struct chat_session *s, const struct gdur *d,
                    NULL);
         return;
     }
-    if (!(body = cJSON_CreateObject())) {
-        grp_answer(s, &d->ack, d->from, CHAT_E_INTERNAL, "out of memory", NULL);
-        return;
-    }
-    ds_conv_format(r->conv, conv, sizeof(conv));
-    ds_add_int(body, "mid", r->mid);
-    cJSON_AddStringToObject(body, "conv", conv);
-    ds_add_int(body, "cseq", r->cseq);
-    if (r->dup)
-        cJSON_AddTrueToObject(body, "dup");
-    grp_answer(s, &d->ack, d->from, 0, NULL, body);
-    cJSON_Delete(body);
+    ds_reply_ok(grp.host, s, &d->ack, r->conv, r->mid, r->cseq, r->dup);
 }
 
 static void durable_stored(const struct ds_result *r, const char *body, size_t len,

@@ -173,9 +173,6 @@ struct o2o_dctx {
 static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
                            const struct ds_result *r)
 {
-    char conv[DS_CONV_STR];
-    cJSON *body;
-
     if (r->status != CHAT_OK) {
         int err = r->status == CHAT_ERR_DB ? CHAT_E_INTERNAL : CHAT_E_UNAVAILABLE;
 
@@ -184,18 +181,7 @@ static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
                                       : "busy: not stored, send again with the same cid");
         return;
     }
-    if (!(body = cJSON_CreateObject())) {
-        answer(s, &c->ack, c->from, CHAT_E_INTERNAL, "out of memory");
-        return;
-    }
-    ds_conv_format(r->conv, conv, sizeof(conv));
-    ds_add_int(body, "mid", r->mid);
-    cJSON_AddStringToObject(body, "conv", conv);
-    ds_add_int(body, "cseq", r->cseq);
-    if (r->dup)
-        cJSON_AddTrueToObject(body, "dup");
-    host->reply(s, &c->ack, 0, NULL, body);
-    cJSON_Delete(body);
+    ds_reply_ok(host, s, &c->ack, r->conv, r->mid, r->cseq, r->dup);
 }
 
 static void durable_stored(const struct ds_result *r, const char *body, size_t len,
