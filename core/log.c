@@ -371,6 +371,8 @@ const char *log_strerror(int err)
     case CHAT_ERR_TIMEOUT: return "timed out";
     case CHAT_ERR_ABI: return "ABI mismatch";
     case CHAT_ERR_IO: return "I/O error";
+    case CHAT_ERR_QUOTA: return "recipient's mailbox is full";
+    case CHAT_ERR_QUOTA_SENDER: return "too many messages wait for this recipient from the sender";
     default: return "unknown error";
     }
 }

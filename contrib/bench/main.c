@@ -89,9 +89,11 @@ static void usage(FILE *f)
 "      --handshakes        login storm without logins: each cycle is a new\n"
 "                          connection and its tls/ws handshakes (rate =\n"
 "                          handshakes/s; latency from connect to ready)\n"
-"      --durable           pairs: protocol-2 durable messages (a cid each);\n"
-"                          count and latency are send-to-ACK, a message\n"
-"                          answered 113 is sent again with its cid\n"
+"      --durable           pairs, group: protocol-2 durable messages (a cid\n"
+"                          each); a sender's credit comes back with the ACK,\n"
+"                          a message answered 113 is sent again with its\n"
+"                          cid; pairs count and time ACKs (send-to-ACK),\n"
+"                          group counts and times deliveries\n"
 "      --size N            payload bytes per message (32)\n"
 "      --rate N            pairs/group: offer N messages/s in total (paced;\n"
 "                          default: closed loop, as fast as W allows)\n"
@@ -304,8 +306,8 @@ static void parse_args(int argc, char **argv)
     else
         bx_die("unknown scenario '%s'", sc);
     bench.scenario_name = sc;
-    if (bench.durable && bench.scenario != SC_PAIRS)
-        bx_die("--durable: only the pairs scenario");
+    if (bench.durable && bench.scenario != SC_PAIRS && bench.scenario != SC_GROUP)
+        bx_die("--durable: only the pairs and group scenarios");
     if (bench.ntargets == 0)
         parse_target("127.0.0.1:6000");
     if (strlen(bench.prefix) > 40 || strlen(bench.password) >= BENCH_PASS_MAX ||

@@ -45,6 +45,9 @@
 #   tls-handshakes  login --handshakes L=50 over tls: full handshakes/s
 #   pairs-durable pairs P=50 W=8 with --durable (issue 8): protocol-2
 #                 messages with a cid, counted and timed send-to-ACK
+#   pairs-durable-linger1  pairs-durable with durable_linger_ms = 1 (A/B)
+#   group-durable group G=50 S=5 with --durable: each message stored once,
+#                 deliveries counted and timed; W is BENCH_GROUP_DURABLE_W (8)
 #   pairs-seed    pairs P=500 W=1, the shape of the seed's published figure
 #   seed-paced, seed-unpaced
 #                 pairs P=500 W=1 with chatd's legacy pacing on
@@ -64,7 +67,12 @@
 # BENCH_LEGACY_PACE_MS (chatd's [server] legacy_pace_ms; 0: the load
 # generator's legacy sessions read whole segments and opt out of pacing),
 # BENCH_DURABLE_LANES (the one2one plugin's durable_lanes: transactions
-# in flight for pairs-durable; 2), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
+# in flight for pairs-durable; 2), BENCH_DURABLE_LINGER_MS (its
+# durable_linger_ms; 0), BENCH_GROUP_DURABLE_W (W of group-durable;
+# 8), BENCH_POOL_SIZE ([mysql] pool_size; 4), BENCH_MARIADB_OPTS (options
+# added to the private MariaDB's, CHAT_MARIADB_OPTS of contrib/stack/mariadb.sh;
+# "--innodb-buffer-pool-size=256M --innodb-log-file-size=256M": the tests'
+# 32 MB pool and 16 MB redo log make a durable run flush pages all along), BENCH_PERF (scenario names: `perf record -g` chatd during those runs and
 # write the flat profile to BENCH_DIR/perf-NAME-RUN.txt; BENCH_PERF_ARGS are
 # perf record's options, "-F 499 -g" unless set, e.g. "--call-graph dwarf").
 # The conns scenario restarts chatd first, so that the RSS it reads is that
@@ -91,6 +99,7 @@ CHATD_WORKERS=${BENCH_CHATD_WORKERS:-1}
 THREADPOOL=${BENCH_THREADPOOL:-4}
 LEGACY_PACE_MS=${BENCH_LEGACY_PACE_MS:-0}
 DURABLE_LANES=${BENCH_DURABLE_LANES:-2}
+GROUP_DURABLE_W=${BENCH_GROUP_DURABLE_W:-8}
 SET=${BENCH_SET:-relay-pairs pairs tls-pairs ws-pairs wss-pairs relay-pairs-150k pairs-150k group conns login resume pairs-calm pairs-storm}
 DIR=${BENCH_DIR:-$ROOT/var/bench}
 PERF=${BENCH_PERF:-}
@@ -156,7 +165,8 @@ if [[ ! -d "$DIR/mysql/data/mysql" ]]; then
     rm -f "$DIR"/ids-*.txt # users of a database that is gone
 fi
 MYSQL_PORT=$(free_port)
-setsid -w bash contrib/stack/mariadb.sh start "$DIR/mysql" "$MYSQL_PORT" >"$LOG/mariadb.out" 2>&1 ||
+CHAT_MARIADB_OPTS=${BENCH_MARIADB_OPTS---innodb-buffer-pool-size=256M --innodb-log-file-size=256M} \
+    setsid -w bash contrib/stack/mariadb.sh start "$DIR/mysql" "$MYSQL_PORT" >"$LOG/mariadb.out" 2>&1 ||
     { cat "$LOG/mariadb.out" >&2; exit 1; }
 mysql_up=1
 if bash contrib/stack/redis.sh status "$DIR/redis" >/dev/null 2>&1; then
@@ -202,7 +212,7 @@ socket = $DIR/mysql/mysqld.sock
 user = chat
 password = chat
 database = chat_bench
-pool_size = 4
+pool_size = ${BENCH_POOL_SIZE:-4}
 queue_max = 100000
 connect_timeout = 2
 migrations = $ROOT/sql
@@ -233,6 +243,7 @@ policy = open
 [plugin.one2one]
 msg_max = 4096
 durable_lanes = $DURABLE_LANES
+durable_linger_ms = ${BENCH_DURABLE_LINGER_MS:-0}
 
 [plugin.group]
 join = open
@@ -301,6 +312,24 @@ TIMING=(--warmup "$WARMUP" --duration "$DURATION" -q)
 RESULTS=$DIR/results-$(date +%Y%m%d-%H%M%S).txt
 : >"$RESULTS"
 
+# db_ticks: mariadbd's CPU time (user + system, clock ticks) now.
+db_ticks() {
+    local pid
+    pid=$(cat "$DIR/mysql/mariadb.pid" 2>/dev/null) || { echo 0; return; }
+    sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0
+}
+
+# db_cpu T0 T1 RESULT: "db_cpu_s=S db_cpu_us_per_sent=U": mariadbd's CPU over
+# the whole chat-bench call (setup, warmup, window, drain) and per message
+# sent in it (issue 8: what a durable message costs MariaDB).
+db_cpu() {
+    local sent
+    sent=$(sed -n 's/.* sent=\([0-9]*\).*/\1/p' <<<"$3")
+    awk -v t0="$1" -v t1="$2" -v hz="$(getconf CLK_TCK)" -v n="${sent:-0}" 'BEGIN {
+        s = (t1 - t0) / hz
+        printf "db_cpu_s=%.2f db_cpu_us_per_sent=%.2f", s, (n > 0 ? s * 1e6 / n : 0) }'
+}
+
 # bench NAME RUN ARGS...: one chat-bench run; its RESULT line is kept.
 bench() {
     local name=$1 run=$2 out
@@ -314,7 +343,11 @@ bench() {
             -- sleep "$(awk "BEGIN{print $WARMUP + $DURATION}")" >/dev/null 2>&1 &
         perf_pid=$!
     fi
+    local db0 db1
+    db0=$(db_ticks)
     if out=$("$BENCH" "$@" 2>>"$LOG/bench-$name.err"); then
+        db1=$(db_ticks)
+        out="$out $(db_cpu "$db0" "$db1" "$out")"
         echo "$name run=$run load1=$load ${out#RESULT }" >>"$RESULTS"
         echo "  $name #$run: ${out#RESULT }"
     else
@@ -327,6 +360,13 @@ bench() {
             --percent-limit 0.7 >"$DIR/perf-$name-$run.txt" 2>/dev/null || true
         echo "  $name #$run: profile of chatd in $DIR/perf-$name-$run.txt"
     fi
+}
+
+# set_linger MS: the one2one plugin's durable_linger_ms, applied by SIGHUP
+set_linger() {
+    sed -i "s/^durable_linger_ms = .*/durable_linger_ms = $1/" "$CONF"
+    kill -HUP "$chatd_pid"
+    sleep 1
 }
 
 # set_pace MS: legacy_pace_ms in the config, applied by SIGHUP (a live key;
@@ -377,6 +417,10 @@ for ((run = 1; run <= RUNS; run++)); do
         group)
             bench "$s" "$run" group "${CHATD[@]}" -G 50 -S 5 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        group-durable)
+            # issue 8: the same group, durable (stored once, then fanned out)
+            bench "$s" "$run" group --durable "${CHATD[@]}" -G 50 -S 5 -W "$GROUP_DURABLE_W" \
+                --procs "$PROCS" --ids "$DIR/ids-group-c$HASH_COST.txt" "${TIMING[@]}" ;;
         conns)
             restart_chatd
             bench "$s" "$run" conns "${CHATD[@]}" -K "$CONNS" --procs 2 --concurrency 64 \
@@ -393,6 +437,12 @@ for ((run = 1; run <= RUNS; run++)); do
             # "pairs" in one BENCH_SET for the side-by-side figures
             bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
                 --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}" ;;
+        pairs-durable-linger1)
+            # the same with durable_linger_ms = 1 (by SIGHUP), then back
+            set_linger 1
+            bench "$s" "$run" pairs --durable "${CHATD[@]}" -P 50 -W 8 --procs "$PROCS" \
+                --ids "$DIR/ids-pairs-c$HASH_COST.txt" "${TIMING[@]}"
+            set_linger "${BENCH_DURABLE_LINGER_MS:-0}" ;;
         relay-pairs-150k)
             bench "$s" "$run" pairs "${RELAY[@]}" -P 50 -W 8 --rate 150000 --procs "$PROCS" \
                 "${TIMING[@]}" ;;
@@ -457,7 +507,7 @@ cols = ["scenario", "runs", "rate/s", "p50 us", "p99 us", "p99.9 us", "lost", "d
         "gen cpu us/op", "srv cpu us/op", "rss B/conn"]
 print(" | ".join(cols))
 print(" | ".join("---" for _ in cols))
-order = ["relay-pairs", "pairs", "pairs-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
+order = ["relay-pairs", "pairs", "pairs-durable", "pairs-durable-linger1", "group-durable", "tls-pairs", "ws-pairs", "wss-pairs", "relay-pairs-150k", "pairs-150k", "pairs-seed", "group", "conns", "tls-conns", "ws-conns", "tls-handshakes", "login", "resume", "pairs-calm",
          "pairs-storm", "storm-during-pairs-storm", "pairs-rstorm", "storm-during-pairs-rstorm"]
 for name in order + sorted(set(rows) - set(order)):
     if name not in rows:

@@ -34,14 +34,18 @@
  * what the senders owe minus the distinct deliveries, summed over all
  * workers by the parent.
  *
- * --durable (pairs): every connection speaks protocol 2 and each message
+ * --durable (pairs, group): every connection speaks protocol 2 and each message
  * carries "seq" (the sender's sequence number) and "cid" (the run's
  * prefix and that number).  A sender's
  * credit comes back with its ACK, which the server sends only once the
  * message is committed; the count and the latency are send-to-ACK.  An
  * ACK with errno 113 makes the sender send the same message again (same
  * cid), as a durable client does; the receivers still check every delivery
- * (lost, dup, ooo after deduplication by sequence number).
+ * (lost, dup, ooo after deduplication by sequence number).  group: the
+ * credit comes back with the ACK as well, but what is counted and timed is
+ * the deliveries to the members (send-to-delivery), as without --durable.
+ * A sender's sequence number names one cid and so one stored message (one
+ * mid): deduplicating by it is deduplicating by mid.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -350,7 +354,7 @@ static void on_delivery(struct wconn *wc, const struct bn_fields *f)
     W.res.ooo += (uint64_t)ooo;
     if (bad)
         W.res.corrupt++;
-    if (!bench.durable && now >= W.t_ms && now < W.t_me) {
+    if ((!bench.durable || bench.scenario == SC_GROUP) && now >= W.t_ms && now < W.t_me) {
         W.res.recv_window++;
         bst_hist_add(&W.res.hist, now > ts ? now - ts : 0);
     }
@@ -391,18 +395,32 @@ static void durable_ring(struct sender *s)
     s->ring_mask = n - 1;
 }
 
+/* The sender that sends on wc, or NULL (pairs: a sender connection has no
+ * streams; group: the first S members send). */
+static struct sender *sender_of(struct wconn *wc)
+{
+    if (bench.scenario == SC_PAIRS)
+        return !wc->streams && wc->peer >= 0 && wc->peer < W.nsenders &&
+                       W.senders[wc->peer].wc == wc
+                   ? &W.senders[wc->peer]
+                   : NULL;
+    if (bench.scenario == SC_GROUP && wc->slot < bench.senders && W.g2l[wc->slot] >= 0)
+        return &W.senders[W.g2l[wc->slot]];
+    return NULL;
+}
+
 /* The ACK of a sender's message: committed (count it, credit back), or
- * 113 (send it again with the same cid), or another error (counted). */
+ * 113 (send it again with the same cid), or another error (counted).
+ * pairs: the ACK is what is counted and timed; group: the deliveries are
+ * (on_delivery), the ACK only gives the credit back. */
 static void on_durable_ack(struct wconn *wc, const struct bn_fields *f)
 {
     uint64_t now = bst_now_ns();
-    struct sender *s;
+    struct sender *s = sender_of(wc);
     uint64_t seq, t;
+    int req = bench.scenario == SC_GROUP ? 10 : 6;
 
-    if (!wc->streams && wc->peer >= 0 && wc->peer < W.nsenders &&
-        W.senders[wc->peer].wc == wc && f->has_seq && f->seq >= 0 &&
-        f->has_errno && f->has_req && f->req == 6) {
-        s = &W.senders[wc->peer];
+    if (s && f->has_seq && f->seq >= 0 && f->has_errno && f->has_req && f->req == req) {
         seq = (uint64_t)f->seq;
         t = s->sent_at[seq & s->ring_mask];
         if (f->errno_ == 113) {
@@ -413,7 +431,7 @@ static void on_durable_ack(struct wconn *wc, const struct bn_fields *f)
         if (f->errno_ != 0) {
             W.res.errors++;
             W.tk.errors++;
-        } else if (now >= W.t_ms && now < W.t_me) {
+        } else if (bench.scenario == SC_PAIRS && now >= W.t_ms && now < W.t_me) {
             W.res.recv_window++;
             bst_hist_add(&W.res.hist, now > t ? now - t : 0);
         }
@@ -900,6 +918,8 @@ static void build_group(void)
         wc->streams = bx_calloc((size_t)bench.senders, sizeof *wc->streams);
         if (m < bench.senders) {
             struct sender *s = &W.senders[j];
+            if (bench.durable)
+                durable_ring(s);
             s->wc = wc;
             s->uid = bench.users[m].id;
             s->credits = bench.window;

@@ -62,7 +62,7 @@ static void say_error(struct cli *c, const char *msg)
     sb_free(&b);
 }
 
-static cJSON *req_new(struct cli *c, int msgid)
+cJSON *cmd_req(struct cli *c, int msgid)
 {
     cJSON *r = cJSON_CreateObject();
 
@@ -158,15 +158,23 @@ static void say_unanswered(struct cli *c, const struct cli_pending *p,
 {
     struct sbuf b = {0};
 
+    int again = (p->msgid == M_CHAT || p->msgid == M_GROUP_CHAT) && p->text;
+
     if (c->script) {
         sb_fmt(&b, "event=%s req=%d seq=%lld",
                strcmp(why, "timeout") ? "unacked" : "timeout", p->msgid,
                (long long)p->seq);
+        if (again)
+            sb_kv(&b, "cid", p->text);
+        if (again)
+            sb_str(&b, " resend=1");
         sb_tail(&b, "reason", why);
     } else {
         sb_fmt(&b, "!! request %lld (msgid %d) got no reply: ",
                (long long)p->seq, p->msgid);
         sb_safe(&b, why);
+        if (again)
+            sb_str(&b, "; it will be sent again with the same id");
     }
     cli_out(c, b.data);
     sb_free(&b);
@@ -180,6 +188,7 @@ void cmd_fail_pending(struct cli *c, const char *why)
         c->pending = p->next;
         if (!p->flags)
             say_unanswered(c, p, why);
+        dur_pending_lost(c, p);
         cmd_pending_free(p);
     }
 }
@@ -203,6 +212,7 @@ void cmd_check_timeouts(struct cli *c)
             relogin_lost = 1;
         else if (!p->flags)
             say_unanswered(c, p, "timeout");
+        dur_pending_lost(c, p);
         cmd_pending_free(p);
     }
     if (relogin_lost && c->relogin)
@@ -223,7 +233,7 @@ void cmd_relogin(struct cli *c)
         return;
     }
     c->relogin = 1;
-    r = req_new(c, M_LOGIN);
+    r = cmd_req(c, M_LOGIN);
     add_num(r, "id", c->user_id);
     if (c->token && !c->relogin_with_password) {
         add_str(r, "token", c->token);
@@ -236,7 +246,7 @@ void cmd_relogin(struct cli *c)
 
 void cmd_refresh_groups(struct cli *c)
 {
-    cmd_send(c, req_new(c, M_GROUP_LIST), M_GROUP_LIST, 0, NULL, CLI_P_QUIET);
+    cmd_send(c, cmd_req(c, M_GROUP_LIST), M_GROUP_LIST, 0, NULL, CLI_P_QUIET);
 }
 
 /* ---- argument splitting ------------------------------------------------ */
@@ -314,7 +324,7 @@ static int c_register(struct cli *c, char *args, char sep)
 
     if (!name || !pw)
         return usage(c, "register");
-    r = req_new(c, M_REG);
+    r = cmd_req(c, M_REG);
     add_str(r, "name", name);
     add_str(r, "password", pw);
     return cmd_send(c, r, M_REG, 0, name, 0) >= 0;
@@ -333,7 +343,7 @@ static int c_login(struct cli *c, char *args, char sep)
         c->relogin = 0;
         uv_timer_stop(&c->retry_timer); /* (when down it is the reconnect) */
     }
-    r = req_new(c, M_LOGIN);
+    r = cmd_req(c, M_LOGIN);
     add_num(r, "id", id);
     add_str(r, "password", pw);
     return cmd_send(c, r, M_LOGIN, id, pw, 0) >= 0;
@@ -344,21 +354,39 @@ static int c_login(struct cli *c, char *args, char sep)
 static int id_command(struct cli *c, char *args, char sep, const char *name,
                       int msgid, const char *idkey, int with_msg)
 {
-    int64_t id;
+    int64_t id, seq;
     char *ids = next_arg(&args, sep, !with_msg);
     char *msg = with_msg ? next_arg(&args, sep, 1) : NULL;
+    const char *cid = NULL;
     cJSON *r;
 
     if (parse_id(ids, &id) < 0 || (with_msg && !msg))
         return usage(c, name);
-    r = req_new(c, msgid);
+    r = cmd_req(c, msgid);
     add_me(c, r, with_msg);
     add_num(r, idkey, id);
     if (with_msg) {
         add_str(r, "msg", msg);
         add_time(r);
+        cid = dur_add_cid(c, r, msgid, id); /* NULL: not durable */
     }
-    return cmd_send(c, r, msgid, id, NULL, 0) >= 0;
+    if (cid && (!c->connected || !c->logged_in || c->relogin)) {
+        struct sbuf s = {0}, h = {0};
+
+        sb_fmt(&s, "event=queued %s=%lld", msgid == M_CHAT ? "to" : "group",
+               (long long)id);
+        sb_kv(&s, "cid", cid);
+        sb_str(&h, "** kept: sent once logged in again");
+        ev_info(c, s.data, h.data);
+        sb_free(&s);
+        sb_free(&h);
+        cJSON_Delete(r);
+        return 0;
+    }
+    seq = cmd_send(c, r, msgid, id, cid, 0);
+    if (cid)
+        dur_in_flight(c, cid, seq);
+    return seq >= 0;
 }
 
 static int c_chat(struct cli *c, char *args, char sep)
@@ -379,7 +407,7 @@ static int c_creategroup(struct cli *c, char *args, char sep)
 
     if (!name)
         return usage(c, "creategroup");
-    r = req_new(c, M_CREATE_GROUP);
+    r = cmd_req(c, M_CREATE_GROUP);
     add_me(c, r, 0);
     add_str(r, "groupname", name);
     add_str(r, "groupdesc", desc ? desc : "");
@@ -402,7 +430,7 @@ static int c_loginout(struct cli *c, char *args, char sep)
 
     (void)args;
     (void)sep;
-    r = req_new(c, M_LOGOUT);
+    r = cmd_req(c, M_LOGOUT);
     add_me(c, r, 0);
     return cmd_send(c, r, M_LOGOUT, c->user_id, NULL, 0) >= 0;
 }
@@ -411,14 +439,45 @@ static int c_friends(struct cli *c, char *args, char sep)
 {
     (void)args;
     (void)sep;
-    return cmd_send(c, req_new(c, M_FRIEND_LIST), M_FRIEND_LIST, 0, NULL, 0) >= 0;
+    return cmd_send(c, cmd_req(c, M_FRIEND_LIST), M_FRIEND_LIST, 0, NULL, 0) >= 0;
 }
 
 static int c_groups(struct cli *c, char *args, char sep)
 {
     (void)args;
     (void)sep;
-    return cmd_send(c, req_new(c, M_GROUP_LIST), M_GROUP_LIST, 0, NULL, 0) >= 0;
+    return cmd_send(c, cmd_req(c, M_GROUP_LIST), M_GROUP_LIST, 0, NULL, 0) >= 0;
+}
+
+/* history CONV|USER|gGROUP [N] [BEFORE] */
+static int c_history(struct cli *c, char *args, char sep)
+{
+    char *target = next_arg(&args, sep, 0), *ns = next_arg(&args, sep, 0);
+    char *bs = next_arg(&args, sep, 1), conv[32];
+    int64_t n = 20, before = 0;
+
+    if (dur_conv_name(c, target, conv, sizeof(conv)) < 0 ||
+        (ns && parse_id(ns, &n) < 0) || (bs && parse_id(bs, &before) < 0))
+        return usage(c, "history");
+    return dur_history(c, conv, n > 100000 ? 100000 : (int)n, before);
+}
+
+/* read [CONV|USER|gGROUP] */
+static int c_read(struct cli *c, char *args, char sep)
+{
+    char *target = next_arg(&args, sep, 1), conv[32];
+
+    if (target && dur_conv_name(c, target, conv, sizeof(conv)) < 0)
+        return usage(c, "read");
+    return dur_read_cmd(c, target ? conv : NULL);
+}
+
+static int c_convs(struct cli *c, char *args, char sep)
+{
+    (void)args;
+    (void)sep;
+    dur_list(c);
+    return 0;
 }
 
 static void sleep_cb(uv_timer_t *t)
@@ -469,6 +528,11 @@ static const struct cmd_def cmds[] = {
     {"groups", "groups", "list your groups and their members", c_groups, 0},
     {"loginout", "loginout", "log out (also: logout)", c_loginout, 0},
     {"logout", "logout", NULL, c_loginout, 0},
+    {"history", "history WHO [N] [BEFORE]", "the last N (20) messages with "
+     "user ID, group gID or conversation pA:B (before #BEFORE)", c_history, 0},
+    {"read", "read [WHO]", "mark a conversation (or all) read", c_read, 0},
+    {"convs", "convs", "conversations: newest #, unread, the other's "
+     "\xe2\x9c\x93 delivered / \xe2\x9c\x93\xe2\x9c\x93 read", c_convs, 1},
     {"sleep", "sleep SECONDS", "scripts: wait, showing what arrives", c_sleep, 1},
     {"quit", "quit", "leave (also: exit, Ctrl-D)", c_quit, 1},
     {"exit", "exit", NULL, c_quit, 1},
@@ -510,7 +574,11 @@ static int c_help(struct cli *c, char *args, char sep)
 /* Split "word[:| ]rest"; returns the command or NULL (and says so). */
 static const struct cmd_def *cmd_parse(char *line, char **args, char *sep)
 {
-    size_t n = strcspn(line, ": \t");
+    size_t n;
+
+    if (*line == '/') /* "/history 3" as in other chat programs */
+        line++;
+    n = strcspn(line, ": \t");
 
     *sep = line[n] == ':' ? ':' : ' ';
     *args = line[n] ? line + n + 1 : line + n;
@@ -545,7 +613,7 @@ int cmd_run(struct cli *c, const char *line)
         char msg[120];
 
         snprintf(msg, sizeof(msg), "unknown command \"%.*s\" (try help)",
-                 (int)strcspn(s, ": \t"), s);
+                 (int)strcspn(s + (*s == '/'), ": \t") + (*s == '/'), s);
         say_error(c, msg);
         goto out;
     }

@@ -14,6 +14,10 @@
  *   - the free-text fields msg, errmsg, text and reason come last and take the
  *     rest of the line, unquoted; only \\ \n \r \t \xHH are escaped in them.
  *
+ * Durable messages (with conv and cseq), receipts, typing and presence
+ * are written by evdur.c, in the same format.  docs/cli.md lists every
+ * event.
+ *
  * Text for a person goes through sb_safe, which shows control characters as
  * ^X: a message must not be able to move the cursor or restyle the terminal.
  */
@@ -160,14 +164,14 @@ void sb_free(struct sbuf *b)
 
 /* ---- JSON field access --------------------------------------------------- */
 
-static int64_t jint(const cJSON *o, const char *k, int64_t def)
+int64_t cli_jint(const cJSON *o, const char *k, int64_t def)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
 
     return cJSON_IsNumber(v) ? (int64_t)v->valuedouble : def;
 }
 
-static const char *jstr(const cJSON *o, const char *k)
+const char *cli_jstr(const cJSON *o, const char *k)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
 
@@ -188,9 +192,9 @@ static void set_str(char **dst, const char *src)
 }
 
 /* A presence value: "state":"online"|"offline" or "online":true|false. */
-static int online_of(const cJSON *o)
+int ev_online(const cJSON *o)
 {
-    const char *st = jstr(o, "state");
+    const char *st = cli_jstr(o, "state");
     const cJSON *on = cJSON_GetObjectItemCaseSensitive(o, "online");
 
     if (st)
@@ -202,15 +206,20 @@ static int online_of(const cJSON *o)
 
 /* When a message was sent, in local time: from a numeric "ts" (seconds or
  * milliseconds since the epoch, when the server stamps one), else the
- * sender's "time" text, else now.  Human form "HH:MM:SS" for today and
+ * sender's "time" text, else now (a stored message without either: "?"
+ * or "--:--:--").  Human form "HH:MM:SS" for today and
  * "YYYY-MM-DD HH:MM" before; script form "YYYY-MM-DDTHH:MM:SS". */
-static void msg_time(const cJSON *m, int script, char *out, size_t n)
+void ev_time(const cJSON *m, int script, int stored, char *out, size_t n)
 {
     const cJSON *ts = cJSON_GetObjectItemCaseSensitive(m, "ts");
-    const char *txt = jstr(m, "time");
+    const char *txt = cli_jstr(m, "time");
     time_t t = time(NULL), now = t;
     struct tm tm, today;
 
+    if (!txt && !cJSON_IsNumber(ts) && stored) {
+        snprintf(out, n, script ? "?" : "--:--:--"); /* stored, undated */
+        return;
+    }
     if (cJSON_IsNumber(ts) && ts->valuedouble > 0) {
         double v = ts->valuedouble;
         t = (time_t)(v > 1e11 ? v / 1000 : v);
@@ -236,7 +245,7 @@ static void msg_time(const cJSON *m, int script, char *out, size_t n)
 
 /* ---- output helpers ------------------------------------------------------ */
 
-static void out(struct cli *c, struct sbuf *b)
+void ev_out(struct cli *c, struct sbuf *b)
 {
     cli_out(c, b->data ? b->data : "");
     b->len = 0;
@@ -257,11 +266,14 @@ static const char *req_name(int msgid)
     case M_GROUP_CHAT: return "groupchat";
     case M_FRIEND_LIST: return "friends";
     case M_GROUP_LIST: return "groups";
+    case M_SYNC: return "sync";
+    case M_HISTORY: return "history";
+    case M_READ: return "read";
     default: return "request";
     }
 }
 
-static void say_error(struct cli *c, int req, int64_t seq, int64_t err,
+void ev_error(struct cli *c, int req, int64_t seq, int64_t err,
                       const char *msg)
 {
     struct sbuf b = {0};
@@ -274,17 +286,17 @@ static void say_error(struct cli *c, int req, int64_t seq, int64_t err,
         sb_fmt(&b, "!! %s failed: error %lld: ", req_name(req), (long long)err);
         sb_safe(&b, msg ? msg : "(no message)");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
-static const char *group_name(struct cli *c, int64_t gid)
+const char *ev_group_name(struct cli *c, int64_t gid)
 {
     const cJSON *g;
 
     cJSON_ArrayForEach(g, c->groups)
-        if (jint(g, "id", 0) == gid)
-            return jstr(g, "groupname");
+        if (cli_jint(g, "id", 0) == gid)
+            return cli_jstr(g, "groupname");
     return NULL;
 }
 
@@ -295,22 +307,22 @@ static void on_chat(struct cli *c, const cJSON *m, int offline)
     struct sbuf b = {0};
     char when[40];
 
-    msg_time(m, c->script, when, sizeof(when));
+    ev_time(m, c->script, 0, when, sizeof(when));
     if (c->script) {
         sb_str(&b, "event=chat");
-        sb_kvi(&b, "from", jint(m, "id", 0));
-        sb_kv(&b, "name", jstr(m, "name"));
+        sb_kvi(&b, "from", cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name"));
         sb_kv(&b, "time", when);
         if (offline)
             sb_str(&b, " offline=1");
-        sb_tail(&b, "msg", nz(jstr(m, "msg")));
+        sb_tail(&b, "msg", nz(cli_jstr(m, "msg")));
     } else {
         sb_fmt(&b, "[%s%s] ", when, offline ? ", while away" : "");
-        sb_safe(&b, nz(jstr(m, "name")));
-        sb_fmt(&b, " (%lld): ", (long long)jint(m, "id", 0));
-        sb_safe(&b, nz(jstr(m, "msg")));
+        sb_safe(&b, nz(cli_jstr(m, "name")));
+        sb_fmt(&b, " (%lld): ", (long long)cli_jint(m, "id", 0));
+        sb_safe(&b, nz(cli_jstr(m, "msg")));
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -318,19 +330,19 @@ static void on_groupchat(struct cli *c, const cJSON *m, int offline)
 {
     struct sbuf b = {0};
     char when[40];
-    int64_t gid = jint(m, "groupid", 0);
-    const char *gname = group_name(c, gid);
+    int64_t gid = cli_jint(m, "groupid", 0);
+    const char *gname = ev_group_name(c, gid);
 
-    msg_time(m, c->script, when, sizeof(when));
+    ev_time(m, c->script, 0, when, sizeof(when));
     if (c->script) {
         sb_str(&b, "event=groupchat");
         sb_kvi(&b, "group", gid);
-        sb_kvi(&b, "from", jint(m, "id", 0));
-        sb_kv(&b, "name", jstr(m, "name"));
+        sb_kvi(&b, "from", cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name"));
         sb_kv(&b, "time", when);
         if (offline)
             sb_str(&b, " offline=1");
-        sb_tail(&b, "msg", nz(jstr(m, "msg")));
+        sb_tail(&b, "msg", nz(cli_jstr(m, "msg")));
     } else {
         sb_fmt(&b, "[%s%s] #%lld", when, offline ? ", while away" : "",
                (long long)gid);
@@ -339,11 +351,11 @@ static void on_groupchat(struct cli *c, const cJSON *m, int offline)
             sb_safe(&b, gname);
         }
         sb_str(&b, " | ");
-        sb_safe(&b, nz(jstr(m, "name")));
-        sb_fmt(&b, " (%lld): ", (long long)jint(m, "id", 0));
-        sb_safe(&b, nz(jstr(m, "msg")));
+        sb_safe(&b, nz(cli_jstr(m, "name")));
+        sb_fmt(&b, " (%lld): ", (long long)cli_jint(m, "id", 0));
+        sb_safe(&b, nz(cli_jstr(m, "msg")));
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -358,12 +370,29 @@ static void on_offline(struct cli *c, const cJSON *item)
         m = parsed;
     }
     if (cJSON_IsObject(m)) {
-        if (jint(m, "msgid", 0) == M_GROUP_CHAT)
+        if (cli_jint(m, "msgid", 0) == M_GROUP_CHAT)
             on_groupchat(c, m, 1);
         else
             on_chat(c, m, 1);
     }
     cJSON_Delete(parsed);
+}
+
+/* A chat message live: durable ones (with conv and cseq) once each. */
+static void on_live(struct cli *c, const cJSON *m)
+{
+    dur_learn_name(c, cli_jint(m, "id", 0), cli_jstr(m, "name"));
+    if (!cli_jstr(m, "conv") || cli_jint(m, "cseq", 0) <= 0) {
+        if (cli_jint(m, "msgid", 0) == M_GROUP_CHAT)
+            on_groupchat(c, m, 0);
+        else
+            on_chat(c, m, 0);
+        return;
+    }
+    if (!dur_live(c, m))
+        return; /* had it already */
+    ev_durable(c, m, EV_LIVE);
+    dur_shown(c, m);
 }
 
 /* ---- lists --------------------------------------------------------------- */
@@ -375,19 +404,19 @@ static void list_friends(struct cli *c, const cJSON *friends, int brief)
     int n = cJSON_GetArraySize(friends), on = 0;
 
     cJSON_ArrayForEach(f, friends) {
-        on += online_of(f);
+        on += ev_online(f);
         if (c->script && !brief) {
             sb_str(&b, "event=friend");
-            sb_kvi(&b, "id", jint(f, "id", 0));
-            sb_kv(&b, "name", jstr(f, "name"));
-            sb_kv(&b, "state", online_of(f) ? "online" : "offline");
-            out(c, &b);
+            sb_kvi(&b, "id", cli_jint(f, "id", 0));
+            sb_kv(&b, "name", cli_jstr(f, "name"));
+            sb_kv(&b, "state", ev_online(f) ? "online" : "offline");
+            ev_out(c, &b);
         }
     }
     if (c->script) {
         if (!brief) {
             sb_fmt(&b, "event=friends count=%d online=%d", n, on);
-            out(c, &b);
+            ev_out(c, &b);
         }
         sb_free(&b);
         return;
@@ -397,11 +426,11 @@ static void list_friends(struct cli *c, const cJSON *friends, int brief)
         sb_str(&b, " none yet (addfriend:ID)");
     cJSON_ArrayForEach(f, friends) {
         sb_str(&b, brief ? " " : "\n   ");
-        sb_safe(&b, nz(jstr(f, "name")));
-        sb_fmt(&b, " (%lld)%s%s", (long long)jint(f, "id", 0),
-               online_of(f) ? " online" : " offline", brief ? ";" : "");
+        sb_safe(&b, nz(cli_jstr(f, "name")));
+        sb_fmt(&b, " (%lld)%s%s", (long long)cli_jint(f, "id", 0),
+               ev_online(f) ? " online" : " offline", brief ? ";" : "");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
 }
 
@@ -416,61 +445,66 @@ static void list_groups(struct cli *c, const cJSON *groups, int brief)
         int members = cJSON_GetArraySize(users), on = 0;
 
         cJSON_ArrayForEach(u, users)
-            on += online_of(u);
+            on += ev_online(u);
         if (c->script) {
             if (brief)
                 continue;
             sb_str(&b, "event=group");
-            sb_kvi(&b, "id", jint(g, "id", 0));
-            sb_kv(&b, "name", jstr(g, "groupname"));
-            sb_kv(&b, "desc", jstr(g, "groupdesc"));
+            sb_kvi(&b, "id", cli_jint(g, "id", 0));
+            sb_kv(&b, "name", cli_jstr(g, "groupname"));
+            sb_kv(&b, "desc", cli_jstr(g, "groupdesc"));
             sb_fmt(&b, " members=%d online=%d", members, on);
-            out(c, &b);
+            ev_out(c, &b);
             cJSON_ArrayForEach(u, users) {
                 sb_str(&b, "event=member");
-                sb_kvi(&b, "group", jint(g, "id", 0));
-                sb_kvi(&b, "id", jint(u, "id", 0));
-                sb_kv(&b, "name", jstr(u, "name"));
-                sb_kv(&b, "state", online_of(u) ? "online" : "offline");
-                sb_kv(&b, "role", jstr(u, "role"));
-                out(c, &b);
+                sb_kvi(&b, "group", cli_jint(g, "id", 0));
+                sb_kvi(&b, "id", cli_jint(u, "id", 0));
+                sb_kv(&b, "name", cli_jstr(u, "name"));
+                sb_kv(&b, "state", ev_online(u) ? "online" : "offline");
+                sb_kv(&b, "role", cli_jstr(u, "role"));
+                ev_out(c, &b);
             }
             continue;
         }
         if (!b.len)
             sb_fmt(&b, "** groups (%d):", n);
-        sb_fmt(&b, "\n   #%lld ", (long long)jint(g, "id", 0));
-        sb_safe(&b, nz(jstr(g, "groupname")));
+        sb_fmt(&b, "\n   #%lld ", (long long)cli_jint(g, "id", 0));
+        sb_safe(&b, nz(cli_jstr(g, "groupname")));
         sb_fmt(&b, " - %d members, %d online", members, on);
-        if (!brief && jstr(g, "groupdesc") && *jstr(g, "groupdesc")) {
+        if (!brief && cli_jstr(g, "groupdesc") && *cli_jstr(g, "groupdesc")) {
             sb_str(&b, " - ");
-            sb_safe(&b, jstr(g, "groupdesc"));
+            sb_safe(&b, cli_jstr(g, "groupdesc"));
         }
         if (!brief)
             cJSON_ArrayForEach(u, users) {
                 sb_str(&b, "\n      ");
-                sb_safe(&b, nz(jstr(u, "name")));
-                sb_fmt(&b, " (%lld) %s%s", (long long)jint(u, "id", 0),
-                       online_of(u) ? "online" : "offline",
-                       jstr(u, "role") && !strcmp(jstr(u, "role"), "creator")
+                sb_safe(&b, nz(cli_jstr(u, "name")));
+                sb_fmt(&b, " (%lld) %s%s", (long long)cli_jint(u, "id", 0),
+                       ev_online(u) ? "online" : "offline",
+                       cli_jstr(u, "role") && !strcmp(cli_jstr(u, "role"), "creator")
                            ? ", creator" : "");
             }
     }
     if (c->script) {
         if (!brief) {
             sb_fmt(&b, "event=groups count=%d", n);
-            out(c, &b);
+            ev_out(c, &b);
         }
     } else {
         if (!n)
             sb_str(&b, "** groups: none yet (creategroup:NAME:DESC, addgroup:ID)");
-        out(c, &b);
+        ev_out(c, &b);
     }
     sb_free(&b);
 }
 
 static void keep_groups(struct cli *c, const cJSON *groups)
 {
+    const cJSON *g, *u;
+
+    cJSON_ArrayForEach(g, groups)
+        cJSON_ArrayForEach(u, cJSON_GetObjectItemCaseSensitive(g, "users"))
+            dur_learn_name(c, cli_jint(u, "id", 0), cli_jstr(u, "name"));
     cJSON_Delete(c->groups);
     c->groups = cJSON_IsArray(groups) ? cJSON_Duplicate(groups, 1)
                                       : cJSON_CreateArray();
@@ -482,6 +516,7 @@ static void keep_groups(struct cli *c, const cJSON *groups)
 
 static void forget_session(struct cli *c)
 {
+    dur_logged_out(c);
     c->logged_in = 0;
     c->relogin = 0;
     c->user_id = 0;
@@ -498,7 +533,7 @@ static void forget_session(struct cli *c)
  * until the dead node's presence expires, or a back end briefly down. */
 static void relogin_failed(struct cli *c, const cJSON *m)
 {
-    int64_t err = jint(m, "errno", -1);
+    int64_t err = cli_jint(m, "errno", -1);
     int bad_credentials = err == 1 || (err >= 104 && err <= 108);
     struct sbuf b = {0};
 
@@ -506,13 +541,13 @@ static void relogin_failed(struct cli *c, const cJSON *m)
         if (c->relogin_tries == 1) {
             if (c->script) {
                 sb_fmt(&b, "event=relogin wait errno=%lld", (long long)err);
-                sb_tail(&b, "errmsg", nz(jstr(m, "errmsg")));
+                sb_tail(&b, "errmsg", nz(cli_jstr(m, "errmsg")));
             } else {
                 sb_str(&b, "** cannot log in again yet (");
-                sb_safe(&b, nz(jstr(m, "errmsg")));
+                sb_safe(&b, nz(cli_jstr(m, "errmsg")));
                 sb_str(&b, "); retrying every second");
             }
-            out(c, &b);
+            ev_out(c, &b);
         }
         sb_free(&b);
         conn_relogin_in(c, CLI_RELOGIN_DELAY_MS);
@@ -525,21 +560,21 @@ static void relogin_failed(struct cli *c, const cJSON *m)
     }
     if (c->script) {
         sb_fmt(&b, "event=relogin failed errno=%lld", (long long)err);
-        sb_tail(&b, "errmsg", nz(jstr(m, "errmsg")));
+        sb_tail(&b, "errmsg", nz(cli_jstr(m, "errmsg")));
     } else {
         sb_fmt(&b, "!! could not log in again: error %lld: ", (long long)err);
-        sb_safe(&b, nz(jstr(m, "errmsg")));
+        sb_safe(&b, nz(cli_jstr(m, "errmsg")));
         sb_str(&b, " (use login ID PASSWORD)");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     forget_session(c);
 }
 
 static void on_login_ack(struct cli *c, const cJSON *m)
 {
-    struct cli_pending *p = cmd_take_pending(c, jint(m, "seq", -1), M_LOGIN);
-    int64_t err = jint(m, "errno", -1);
+    struct cli_pending *p = cmd_take_pending(c, cli_jint(m, "seq", -1), M_LOGIN);
+    int64_t err = cli_jint(m, "errno", -1);
     const cJSON *item, *offline = cJSON_GetObjectItemCaseSensitive(m, "offlinemsg");
     const cJSON *friends = cJSON_GetObjectItemCaseSensitive(m, "friends");
     const cJSON *groups = cJSON_GetObjectItemCaseSensitive(m, "groups");
@@ -550,17 +585,17 @@ static void on_login_ack(struct cli *c, const cJSON *m)
         if (auto_login)
             relogin_failed(c, m);
         else
-            say_error(c, M_LOGIN, jint(m, "seq", -1), err, jstr(m, "errmsg"));
+            ev_error(c, M_LOGIN, cli_jint(m, "seq", -1), err, cli_jstr(m, "errmsg"));
         goto out;
     }
     c->logged_in = 1;
     c->relogin = 0;
     c->relogin_tries = 0;
     c->relogin_with_password = 0;
-    c->user_id = jint(m, "id", p ? p->arg : 0);
-    set_str(&c->user_name, jstr(m, "name"));
-    if (jstr(m, "token"))
-        set_str(&c->token, jstr(m, "token"));
+    c->user_id = cli_jint(m, "id", p ? p->arg : 0);
+    set_str(&c->user_name, cli_jstr(m, "name"));
+    if (cli_jstr(m, "token"))
+        set_str(&c->token, cli_jstr(m, "token"));
     if (p && p->text && !auto_login)
         set_str(&c->password, p->text);
     keep_groups(c, groups);
@@ -571,7 +606,7 @@ static void on_login_ack(struct cli *c, const cJSON *m)
         sb_fmt(&b, " friends=%d groups=%d offline=%d",
                cJSON_GetArraySize(friends), cJSON_GetArraySize(groups),
                cJSON_GetArraySize(offline));
-        out(c, &b);
+        ev_out(c, &b);
     } else {
         sb_str(&b, auto_login ? "** logged in again as " : "** logged in as ");
         sb_safe(&b, nz(c->user_name));
@@ -580,7 +615,7 @@ static void on_login_ack(struct cli *c, const cJSON *m)
             sb_fmt(&b, "; %d message%s came while you were away",
                    cJSON_GetArraySize(offline),
                    cJSON_GetArraySize(offline) == 1 ? "" : "s");
-        out(c, &b);
+        ev_out(c, &b);
         if (!auto_login) {
             list_friends(c, friends, 1);
             list_groups(c, c->groups, 1);
@@ -588,7 +623,10 @@ static void on_login_ack(struct cli *c, const cJSON *m)
     }
     cJSON_ArrayForEach(item, offline)
         on_offline(c, item);
+    cJSON_ArrayForEach(item, friends)
+        dur_learn_name(c, cli_jint(item, "id", 0), cli_jstr(item, "name"));
     cli_prompt_update(c);
+    dur_logged_in(c); /* SYNC, and send again what waits */
 out:
     sb_free(&b);
     cmd_pending_free(p);
@@ -596,22 +634,22 @@ out:
 
 static void on_reg_ack(struct cli *c, const cJSON *m)
 {
-    struct cli_pending *p = cmd_take_pending(c, jint(m, "seq", -1), M_REG);
-    int64_t err = jint(m, "errno", -1);
+    struct cli_pending *p = cmd_take_pending(c, cli_jint(m, "seq", -1), M_REG);
+    int64_t err = cli_jint(m, "errno", -1);
     struct sbuf b = {0};
 
     if (err != 0) {
-        say_error(c, M_REG, jint(m, "seq", -1), err, jstr(m, "errmsg"));
+        ev_error(c, M_REG, cli_jint(m, "seq", -1), err, cli_jstr(m, "errmsg"));
     } else if (c->script) {
-        sb_fmt(&b, "event=register ok id=%lld", (long long)jint(m, "id", 0));
-        sb_kv(&b, "name", jstr(m, "name") ? jstr(m, "name") : p ? p->text : "");
-        out(c, &b);
+        sb_fmt(&b, "event=register ok id=%lld", (long long)cli_jint(m, "id", 0));
+        sb_kv(&b, "name", cli_jstr(m, "name") ? cli_jstr(m, "name") : p ? p->text : "");
+        ev_out(c, &b);
     } else {
         sb_str(&b, "** registered ");
         sb_safe(&b, p && p->text ? p->text : "");
         sb_fmt(&b, ": your id is %lld (now: login %lld PASSWORD)",
-               (long long)jint(m, "id", 0), (long long)jint(m, "id", 0));
-        out(c, &b);
+               (long long)cli_jint(m, "id", 0), (long long)cli_jint(m, "id", 0));
+        ev_out(c, &b);
     }
     sb_free(&b);
     cmd_pending_free(p);
@@ -621,7 +659,7 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
                    const cJSON *m)
 {
     struct sbuf b = {0};
-    int64_t seq = jint(m, "seq", -1);
+    int64_t seq = cli_jint(m, "seq", -1);
     int64_t arg = p ? p->arg : 0;
 
     switch (req) {
@@ -641,7 +679,7 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
                (long long)arg);
         break;
     case M_CREATE_GROUP: {
-        int64_t gid = jint(m, "groupid", 0);
+        int64_t gid = cli_jint(m, "groupid", 0);
         cJSON *g = cJSON_CreateObject();
 
         if (!g || !cJSON_AddNumberToObject(g, "id", (double)gid) ||
@@ -682,19 +720,23 @@ static void ack_ok(struct cli *c, const struct cli_pending *p, int req,
             sb_fmt(&b, "event=ack req=%d seq=%lld", req, (long long)seq);
     }
     if (b.len)
-        out(c, &b);
+        ev_out(c, &b);
     sb_free(&b);
 }
 
 static void on_ack(struct cli *c, const cJSON *m)
 {
-    int req = (int)jint(m, "req", 0);
-    int64_t seq = jint(m, "seq", -1), err = jint(m, "errno", -1);
+    int req = (int)cli_jint(m, "req", 0);
+    int64_t seq = cli_jint(m, "seq", -1), err = cli_jint(m, "errno", -1);
     struct cli_pending *p = cmd_take_pending(c, seq, req);
 
+    if (dur_on_reply(c, p, req, m)) {
+        cmd_pending_free(p);
+        return;
+    }
     if (err != 0) {
         if (!(p && (p->flags & CLI_P_QUIET)))
-            say_error(c, req, seq, err, jstr(m, "errmsg"));
+            ev_error(c, req, seq, err, cli_jstr(m, "errmsg"));
     } else {
         ack_ok(c, p, req, m);
     }
@@ -703,20 +745,20 @@ static void on_ack(struct cli *c, const cJSON *m)
 
 static void on_notice(struct cli *c, const cJSON *m)
 {
-    int64_t err = jint(m, "errno", 0);
+    int64_t err = cli_jint(m, "errno", 0);
     struct sbuf b = {0};
 
     if (c->script) {
         sb_fmt(&b, "event=notice errno=%lld", (long long)err);
-        sb_tail(&b, "errmsg", nz(jstr(m, "errmsg")));
+        sb_tail(&b, "errmsg", nz(cli_jstr(m, "errmsg")));
     } else {
         sb_str(&b, "** server says: ");
-        sb_safe(&b, nz(jstr(m, "errmsg")));
+        sb_safe(&b, nz(cli_jstr(m, "errmsg")));
         sb_fmt(&b, " (%lld)", (long long)err);
         if (err == E_REPLACED)
             sb_str(&b, "; not logging in again by itself");
     }
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     if (err == E_REPLACED)
         forget_session(c); /* someone else has the account now: no ping-pong */
@@ -727,13 +769,16 @@ void ev_message(struct cli *c, cJSON *m)
     struct sbuf b = {0};
     char *raw;
 
-    switch (jint(m, "msgid", 0)) {
+    switch (cli_jint(m, "msgid", 0)) {
     case M_LOGIN_ACK: on_login_ack(c, m); break;
     case M_REG_ACK: on_reg_ack(c, m); break;
     case M_ACK: on_ack(c, m); break;
     case M_NOTICE: on_notice(c, m); break;
-    case M_CHAT: on_chat(c, m, 0); break;
-    case M_GROUP_CHAT: on_groupchat(c, m, 0); break;
+    case M_CHAT:
+    case M_GROUP_CHAT: on_live(c, m); break;
+    case M_READ: dur_receipt(c, m); break;
+    case M_TYPING: ev_typing(c, m); break;
+    case M_PRESENCE: ev_presence(c, m); break;
     default:
         raw = cJSON_PrintUnformatted(m);
         if (!raw)
@@ -745,7 +790,7 @@ void ev_message(struct cli *c, cJSON *m)
             sb_safe(&b, raw);
         }
         cJSON_free(raw);
-        out(c, &b);
+        ev_out(c, &b);
         sb_free(&b);
     }
     cli_script_pump(c); /* a reply may unblock the next script line */
@@ -767,7 +812,7 @@ void ev_connected(struct cli *c)
                        "help lists the commands");
     }
     c->lost_reported = 0;
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     cli_prompt_update(c);
     if (c->user_id && (c->token || c->password)) {
@@ -799,7 +844,7 @@ void ev_disconnected(struct cli *c, const char *why, uint64_t retry_ms,
         sb_fmt(&b, "; next try in %.1f s", (double)retry_ms / 1000);
     }
     c->lost_reported = 1;
-    out(c, &b);
+    ev_out(c, &b);
     sb_free(&b);
     cli_prompt_update(c);
 }

@@ -1,7 +1,8 @@
 /*
  * main.c - chat-cli: options, the event loop, and the two faces of stdin.
  *
- *   chat-cli [-t SECONDS] [--ca FILE] [--insecure] [--origin ORIGIN] [SERVER]
+ *   chat-cli [-t SECONDS] [--ca FILE] [--insecure] [--origin ORIGIN]
+ *            [--no-read] [--no-state] [SERVER]
  *
  * SERVER is HOST:PORT or tcp://HOST:PORT (default 127.0.0.1:6000),
  * tls://HOST:PORT, ws://HOST[:PORT]/PATH or wss://HOST[:PORT]/PATH; the
@@ -204,6 +205,7 @@ static char *complete_cmd(const char *text, int state)
     static const char *const names[] = {
         "help", "register", "login", "chat:", "addfriend:", "creategroup:",
         "addgroup:", "groupchat:", "friends", "groups", "loginout", "quit",
+        "history", "read", "convs",
     };
     static size_t i, len;
 
@@ -371,7 +373,9 @@ void cli_script_pump(struct cli *c)
         free(l);
     }
     busy = 0;
-    if (c->eof && !c->q_head && !c->pending && !c->sleeping && !c->quitting)
+    /* at the end, wait for durable messages to be acknowledged too */
+    if (c->eof && !c->q_head && !c->pending && !c->sleeping && !c->quitting &&
+        !c->outbox)
         cli_quit(c, c->exit_code);
 }
 
@@ -383,6 +387,7 @@ static void tick_cb(uv_timer_t *t)
 
     cmd_check_timeouts(c);
     conn_tick(c);
+    dur_tick(c);
     if (c->script && c->eof && !c->sleeping && !c->quitting &&
         uv_now(c->loop) - progress_ms > (uint64_t)(c->reply_timeout * 1000)) {
         struct sbuf b = {0};
@@ -431,6 +436,7 @@ void cli_quit(struct cli *c, int code)
         close_if_open((uv_handle_t *)&c->tty_poll);
     }
     fflush(stdout);
+    dur_save(c);
     conn_close_all(c);
     if (c->in_pipe_open)
         close_if_open((uv_handle_t *)&c->in_pipe);
@@ -446,7 +452,7 @@ static void usage_exit(const char *argv0, int code)
 {
     fprintf(code ? stderr : stdout,
             "usage: %s [-t SECONDS] [--ca FILE] [--insecure] [--origin ORIGIN]"
-            " [SERVER]\n"
+            " [--no-read] [--no-state] [SERVER]\n"
             "  SERVER     the chatd node or balancer (default 127.0.0.1:6000):\n"
             "             HOST:PORT or tcp://HOST:PORT   plain TCP\n"
             "             tls://HOST:PORT                TLS\n"
@@ -458,6 +464,10 @@ static void usage_exit(const char *argv0, int code)
             "  --insecure tls, wss: do not check the server's certificate\n"
             "             (self-signed tests only)\n"
             "  --origin ORIGIN  ws, wss: send this Origin header\n"
+            "  --no-read  mark conversations read only with the read command\n"
+            "             (what is shown is marked delivered)\n"
+            "  --no-state keep the positions in conversations in memory only\n"
+            "             (else in $XDG_STATE_HOME/chat-cli, for the next run)\n"
             "On a terminal: an interactive client (type help).  Otherwise it\n"
             "reads one command per line and prints one event per line.\n",
             argv0);
@@ -568,6 +578,7 @@ static void free_all(struct cli *c)
     free(c->path);
     free(c->label);
     xp_done(c);
+    dur_free(c);
     cJSON_Delete(c->groups);
 }
 
@@ -588,6 +599,10 @@ int main(int argc, char **argv)
             c->ca_file = argv[++i];
         else if (!strcmp(argv[i], "--insecure"))
             c->insecure = 1;
+        else if (!strcmp(argv[i], "--no-read"))
+            c->no_read_opt = 1;
+        else if (!strcmp(argv[i], "--no-state"))
+            c->no_state = 1;
         else if (!strcmp(argv[i], "--origin") && i + 1 < argc)
             c->origin = argv[++i];
         else if (argv[i][0] == '-')
@@ -612,6 +627,8 @@ int main(int argc, char **argv)
     c->groups = cJSON_CreateArray();
     if (!c->groups)
         cli_oom();
+    dur_init(c);
+    c->auto_read = !c->no_read_opt;
     uv_timer_init(c->loop, &c->retry_timer);
     uv_timer_init(c->loop, &c->sleep_timer);
     uv_timer_init(c->loop, &c->tick_timer);

@@ -13,6 +13,11 @@
 #   mariadb.sh dropdb DIR NAME    DROP DATABASE if present
 #   mariadb.sh status DIR         exit 0 when the server is running
 #
+# CHAT_MARIADB_OPTS, when set, is added to the server's options at start
+# (word-split), after the ones below, so it overrides them: the benchmark
+# (contrib/bench/run-bench.sh) gives the durable scenarios a larger buffer
+# pool and redo log than the tests' small servers need.
+#
 # The administrator is the invoking Unix user over the socket
 # (unix_socket authentication): root in CI, the developer otherwise.
 set -euo pipefail
@@ -177,6 +182,7 @@ cmd_start() {
         --innodb-flush-log-at-trx-commit=2 \
         --max-connections=500 \
         --max-allowed-packet=64M \
+        ${CHAT_MARIADB_OPTS:-} \
         </dev/null >/dev/null 2>&1 &
     pid=$!
     wait_ready "$dir" "$pid"

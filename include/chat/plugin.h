@@ -117,7 +117,12 @@ enum chat_err {
     CHAT_ERR_CLOSED = -9,      /* the session is closed or closing */
     CHAT_ERR_TIMEOUT = -10,    /* gave up waiting */
     CHAT_ERR_ABI = -11,        /* plugin/host version mismatch */
-    CHAT_ERR_IO = -12          /* an operating system call failed */
+    CHAT_ERR_IO = -12,         /* an operating system call failed */
+    /* stored-message quotas (issue 12, quota; a chat_deliver_cb status) */
+    CHAT_ERR_QUOTA = -13,        /* the recipient's stored messages are at
+                                  * [plugin.offline] stored_max */
+    CHAT_ERR_QUOTA_SENDER = -14  /* the sender's stored messages for this
+                                  * recipient are at stored_per_sender_max */
 };
 
 /* Log levels, most severe first. */
@@ -178,8 +183,12 @@ enum chat_proto_errno {
     /* abuse limits (issue 12; see docs/protocol.md) */
     CHAT_E_RATE_LIMITED = 125, /* over a rate limit: not executed; the reply
                                 * carries retry_after_ms */
-    CHAT_E_QUOTA = 126         /* a stored quota is full (undelivered
+    CHAT_E_QUOTA = 126,        /* a stored quota is full (undelivered
                                 * messages, friends): not executed */
+    /* stored-message quotas (issue 12, quota): the chat message is not stored */
+    CHAT_E_MAILBOX_FULL = 128,    /* the recipient's mailbox is full */
+    CHAT_E_MAILBOX_SENDER = 129   /* too many of the sender's messages wait
+                                   * for this recipient */
 };
 
 /* Protocol version of a session. A session starts as LEGACY and switches to 2
@@ -338,7 +347,9 @@ typedef void (*chat_login_written_fn)(size_t n, int last, int64_t user_id,
  * user's next login; CHAT_ERR_BUSY a bound of the store was reached (try
  * later); CHAT_ERR_UNAVAILABLE nobody could store it (no offline plugin, the
  * database is failing); CHAT_ERR_NOTFOUND the user does not exist;
- * CHAT_ERR_CLOSED the server is stopping.  ctx is the host's copy of the
+ * CHAT_ERR_CLOSED the server is stopping; CHAT_ERR_QUOTA /
+ * CHAT_ERR_QUOTA_SENDER the offline store refused it for a stored-message
+ * quota (not stored).  ctx is the host's copy of the
  * ctx given to deliver_ex (aligned for any type, writable), borrowed for the
  * call. */
 typedef void (*chat_deliver_cb)(int status, int64_t user_id, void *ctx);

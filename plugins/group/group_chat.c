@@ -26,7 +26,12 @@
  * member's copy has an outcome: errno 0 when all were delivered or stored,
  * else 113 with "failed": the number of members whose copy was not (a
  * bound of the store, the database failing); the others did get it, so a
- * client that sends again may duplicate it for them.  The fan-out holds one
+ * client that sends again may duplicate it for them.  A member whose
+ * mailbox is at a stored-message quota of the offline store (its
+ * stored_max, or this sender's stored_per_sender_max for it) does not get
+ * the copy, and that is not a failure of the message: errno 0 with "full":
+ * the number of such members (the offline plugin logs and counts each).
+ * The fan-out holds one
  * small record per message while outcomes are pending, none when every
  * member is online here.
  *
@@ -137,6 +142,7 @@ struct gpend {
     struct chat_ack ack;
     size_t pending;     /* outcomes to come (+1 while fanning out) */
     size_t failed;      /* members whose copy was neither delivered nor stored */
+    size_t full;        /* members whose copy a stored-message quota refused */
 };
 
 static void gpend_answer(struct gpend *p)
@@ -145,14 +151,20 @@ static void gpend_answer(struct gpend *p)
     cJSON *body;
 
     if (!p->failed) {
+        body = p->full ? cJSON_CreateObject() : NULL;
+        if (body)
+            cJSON_AddNumberToObject(body, "full", (double)p->full);
         if (s)
-            grp_answer(s, &p->ack, p->from, 0, NULL, NULL);
+            grp_answer(s, &p->ack, p->from, 0, NULL, body);
+        cJSON_Delete(body);
     } else {
         chat_log(grp.host, grp.self, CHAT_LOG_INFO,
                  "group %lld: message from %lld not delivered to %zu members",
                  (long long)p->gid, (long long)p->from, p->failed);
         if (s && (body = cJSON_CreateObject())) {
             cJSON_AddNumberToObject(body, "failed", (double)p->failed);
+            if (p->full)
+                cJSON_AddNumberToObject(body, "full", (double)p->full);
             grp_answer(s, &p->ack, p->from, CHAT_E_UNAVAILABLE,
                        "busy: not delivered to some members", body);
             cJSON_Delete(body);
@@ -163,7 +175,9 @@ static void gpend_answer(struct gpend *p)
 
 static void gpend_one(struct gpend *p, int status)
 {
-    if (status != CHAT_OK)
+    if (status == CHAT_ERR_QUOTA || status == CHAT_ERR_QUOTA_SENDER)
+        p->full++;
+    else if (status != CHAT_OK)
         p->failed++;
     if (--p->pending == 0)
         gpend_answer(p);
@@ -202,9 +216,6 @@ struct gdur {
 static void durable_answer(struct chat_session *s, const struct gdur *d,
                            const struct ds_result *r)
 {
-    char conv[DS_CONV_STR];
-    cJSON *body;
-
     if (r->status != CHAT_OK) {
         int err = r->status == CHAT_ERR_DB ? CHAT_E_INTERNAL : CHAT_E_UNAVAILABLE;
 
@@ -214,18 +225,7 @@ static void durable_answer(struct chat_session *s, const struct gdur *d,
                    NULL);
         return;
     }
-    if (!(body = cJSON_CreateObject())) {
-        grp_answer(s, &d->ack, d->from, CHAT_E_INTERNAL, "out of memory", NULL);
-        return;
-    }
-    ds_conv_format(r->conv, conv, sizeof(conv));
-    ds_add_int(body, "mid", r->mid);
-    cJSON_AddStringToObject(body, "conv", conv);
-    ds_add_int(body, "cseq", r->cseq);
-    if (r->dup)
-        cJSON_AddTrueToObject(body, "dup");
-    grp_answer(s, &d->ack, d->from, 0, NULL, body);
-    cJSON_Delete(body);
+    ds_reply_ok(grp.host, s, &d->ack, r->conv, r->mid, r->cseq, r->dup);
 }
 
 static void durable_stored(const struct ds_result *r, const char *body, size_t len,
@@ -317,6 +317,7 @@ static void send_to_members(const struct gent *e, uint64_t sid,
     p->ack = *ack;
     p->pending = 1;
     p->failed = 0;
+    p->full = 0;
     echo(sid, from, json, len);
     for (i = 0; i < e->n; i++) {
         if (e->members[i] == from)

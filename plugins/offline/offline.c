@@ -5,7 +5,8 @@
  * The core raises CHAT_EV_UNDELIVERABLE when deliver() finds no session for
  * a user (offline, its node gone, the bus down); this plugin queues the
  * message (store.c) and adds the "offlinemsg" part to the login ack
- * (part.c).  It owns the table offline_messages and no msgid.
+ * (part.c).  Stored messages are bounded per recipient and per sender ->
+ * recipient (quota.c).  It owns the table offline_messages and no msgid.
  */
 #include <inttypes.h>
 #include <stddef.h>
@@ -57,6 +58,9 @@ static int load_conf(void)
     c.retry_min_ms = (uint64_t)conf_range("retry_min_ms", 100, 1, 3600000);
     c.retry_max_ms = (uint64_t)conf_range("retry_max_ms", 30000, 1, 3600000);
     c.flush_wait_ms = (uint64_t)conf_range("flush_wait_ms", 1000, 1, 60000);
+    c.stored_max = conf_range("stored_max", 10000, 0, INT64_C(1) << 31);
+    c.stored_per_sender_max = conf_range("stored_per_sender_max", 5000, 0,
+                                         INT64_C(1) << 31);
     if (c.retry_max_ms < c.retry_min_ms)
         c.retry_max_ms = c.retry_min_ms;
     off_cfg = c;
@@ -75,6 +79,7 @@ static int off_init(const struct chat_host *host, struct chat_plugin *self,
     CHAT_HOST_REQUIRE(host, self, delivery_done);
     CHAT_HOST_REQUIRE(host, self, register_login_messages); /* ABI 1.5 (login ack) */
     load_conf();
+    off_quota_start();
     if ((rc = off_store_start()) != CHAT_OK)
         return rc;
     rc = host->register_hook(self, CHAT_EV_UNDELIVERABLE, on_undeliverable, NULL);

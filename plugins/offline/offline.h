@@ -5,6 +5,7 @@
  *   store.c    the ordered insert queue: one multi-row INSERT in flight
  *   part.c     the "offlinemsg" part of the login ack (a part of messages)
  *              and the deletion of what was delivered
+ *   quota.c    the stored-message quotas: a batch's counts, refusals
  */
 #ifndef OFFLINE_H
 #define OFFLINE_H
@@ -25,6 +26,19 @@ struct off_conf {
     uint64_t retry_min_ms;   /* first retry after a database error */
     uint64_t retry_max_ms;   /* backoff cap */
     uint64_t flush_wait_ms;  /* how long a login waits for queued messages */
+    int64_t stored_max;            /* stored for one recipient (0: off) */
+    int64_t stored_per_sender_max; /* of them, from one sender (0: off) */
+};
+
+/* One queued message (store.c's queue; quota.c reads batches of them). */
+struct off_msg {
+    struct off_msg *next;
+    uint64_t seq;   /* report order, from 1 */
+    int64_t uid;
+    int64_t from;   /* the sender (0: unknown) */
+    struct chat_delivery *ticket; /* a sender waits for the commit; or NULL */
+    size_t len;
+    char json[];    /* len bytes */
 };
 
 extern const struct chat_host *off_host;
@@ -54,6 +68,21 @@ void off_store_fini(void);
  * restore() queues them, in order, before anything new. */
 int off_store_save(void **blob, size_t *len);
 int off_store_restore(const void *blob, size_t len);
+
+/* ---- quota.c ------------------------------------------------------------ */
+/* 1 when m is checked against the quotas (its sender waits; a quota on). */
+int off_quota_applies(const struct off_msg *m);
+/* Count, in one SELECT, what the checked rows among the n messages from m
+ * on need; as db_query returns (cb gets the counts). */
+int off_quota_query(const struct off_msg *m, size_t n, chat_db_cb cb);
+/* From the counts r: status[i] of the i-th message, CHAT_OK (insert it),
+ * CHAT_ERR_QUOTA or CHAT_ERR_QUOTA_SENDER (refused).  CHAT_ERR_NOMEM. */
+int off_quota_decide(const struct chat_db_result *r, const struct off_msg *m,
+                     size_t n, int *status);
+/* Register the refusal metrics (in init). */
+void off_quota_start(void);
+/* Count (and log, at most once a second) a refusal with status. */
+void off_quota_refused(int64_t uid, int64_t from, int status);
 
 /* ---- part.c ------------------------------------------------------------ */
 void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud);

@@ -7,7 +7,10 @@
  * (or commit) out of order.  Hence one FIFO and at most one INSERT in
  * flight: whatever queued meanwhile goes out as the next multi-row INSERT
  * (bounded by batch_max rows and batch_bytes bytes), whose rows get
- * increasing ids in VALUES order.
+ * increasing ids in VALUES order.  When the stored-message quotas apply to
+ * some of its rows, one SELECT counts first (quota.c) and the INSERT holds
+ * only the rows admitted; a refused row's ticket gets CHAT_ERR_QUOTA or
+ * CHAT_ERR_QUOTA_SENDER when the batch is done.
  *
  * Failures never drop a message silently:
  *  - a database error keeps the batch at the head of the queue and retries
@@ -47,16 +50,6 @@
 
 #include "offline.h"
 
-struct off_msg {
-    struct off_msg *next;
-    uint64_t seq;   /* report order, from 1 */
-    int64_t uid;
-    int64_t from;   /* the sender (0: unknown) */
-    struct chat_delivery *ticket; /* a sender waits for the commit; or NULL */
-    size_t len;
-    char json[];    /* len bytes */
-};
-
 static struct off_msg *head, *tail;
 static size_t q_bytes;       /* memory held by queued messages */
 static size_t q_count;
@@ -65,6 +58,8 @@ static size_t inflight;      /* rows of the head batch being inserted (0: none) 
 static size_t single_left;   /* rows still to store one by one after a 1452 */
 static uint64_t retry_ms;    /* current backoff; 0 after a success */
 static int retry_wait;       /* a retry timer is running */
+static int *b_status;        /* per row of the batch in flight: admitted
+                              * (CHAT_OK) or refused by a quota */
 static struct chat_map *by_from; /* sender -> (uintptr_t) bytes queued */
 static struct chat_map *by_uid;  /* recipient -> (uintptr_t) bytes queued */
 
@@ -82,8 +77,10 @@ static int pred_poll;                /* a poll timer is running */
 #define BLOB_MAGIC 0x4f464c32u /* "OFL2" */
 
 #define MSG_COST(len) (sizeof(struct off_msg) + (len))
-#define INSERT_HEAD "INSERT INTO offline_messages (user_id, message) VALUES (?,?)"
-#define INSERT_ROW ",(?,?)"
+#define INSERT_HEAD "INSERT INTO offline_messages (user_id, from_id, message) " \
+                    "VALUES (?,?,?)"
+#define INSERT_ROW ",(?,?,?)"
+#define CHECKED_MAX 256 /* rows checked against the quotas per batch */
 
 static void flush(void);
 
@@ -217,47 +214,142 @@ static void fail_waiting(void)
     }
 }
 
+/* The head batch is done: each row's ticket gets its outcome. */
+static void stored(size_t n)
+{
+    size_t i;
+    int st;
+
+    for (i = 0; i < n && head; i++) {
+        st = b_status ? b_status[i] : CHAT_OK;
+        if (st != CHAT_OK)
+            off_quota_refused(head->uid, head->from, st);
+        drop(head, NULL, st);
+    }
+    pop(0, CHAT_OK);
+}
+
+static void batch_end(void)
+{
+    off_host->free(b_status);
+    b_status = NULL;
+    inflight = 0;
+}
+
+/* The batch could not be stored now: senders are told, the rest waits. */
+static void batch_failed(void)
+{
+    batch_end();
+    fail_waiting();
+    backoff();
+}
+
 static void inserted(const struct chat_db_result *r, void *ud)
 {
     size_t n = inflight;
-    int err = off_host->db_error(r);
+    int err = off_host->db_error(r), dberr = off_host->db_errno(r);
 
     (void)ud;
-    inflight = 0;
     if (err == CHAT_OK) {
-        pop(n, CHAT_OK);
+        stored(n);
         single_left = single_left > n ? single_left - n : 0;
         retry_ms = 0;
-    } else if (off_host->db_errno(r) == 1452 && n > 1) {
+    } else if (dberr == 1452 && n > 1) {
         single_left = n; /* find the row with the unknown user */
-    } else if (off_host->db_errno(r) == 1452) {
+    } else if (dberr == 1452) {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "dropping an offline message for unknown user %" PRId64
                  " (%zu bytes)", head->uid, head->len);
         pop(1, CHAT_ERR_NOTFOUND);
         single_left = single_left ? single_left - 1 : 0;
     } else if (err == CHAT_ERR_CLOSED) {
+        batch_end();
         return; /* stopping: fini reports what is left */
     } else {
         chat_log(off_host, off_self, CHAT_LOG_WARN,
                  "storing %zu offline messages failed (%s); %zu queued, retrying",
                  n, off_host->db_errmsg(r), q_count);
-        fail_waiting();
-        backoff();
+        batch_failed();
         return;
     }
+    batch_end();
     off_part_progress();
     flush();
 }
 
-/* Start the next INSERT when none is in flight. */
-static void flush(void)
+/* INSERT the admitted rows of the head batch (inflight rows). */
+static int insert_batch(void)
 {
-    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0, i;
+    size_t n = inflight, k = 0, i;
     struct chat_db_param *p = NULL;
     struct off_msg *m;
     char *sql = NULL;
     int rc = CHAT_ERR_NOMEM;
+
+    for (i = 0; i < n; i++)
+        k += !b_status || b_status[i] == CHAT_OK;
+    if (k == 0) { /* every row refused: nothing to insert */
+        stored(n);
+        batch_end();
+        off_part_progress();
+        flush();
+        return CHAT_OK;
+    }
+    sql = off_host->malloc(sizeof(INSERT_HEAD) + (k - 1) * (sizeof(INSERT_ROW) - 1));
+    p = off_host->malloc(3 * k * sizeof(*p));
+    if (!sql || !p)
+        goto out;
+    memcpy(sql, INSERT_HEAD, sizeof(INSERT_HEAD));
+    for (i = 1; i < k; i++)
+        memcpy(sql + sizeof(INSERT_HEAD) - 1 + (i - 1) * (sizeof(INSERT_ROW) - 1),
+               INSERT_ROW, sizeof(INSERT_ROW));
+    for (i = 0, k = 0, m = head; i < n; i++, m = m->next) {
+        if (b_status && b_status[i] != CHAT_OK)
+            continue;
+        p[k++] = CHAT_DB_P_INT(m->uid);
+        p[k++] = CHAT_DB_P_INT(m->from);
+        p[k++] = CHAT_DB_P_STR(m->json, m->len);
+    }
+    rc = off_host->db_query(off_self, sql, p, k, inserted, NULL);
+out:
+    off_host->free(sql);
+    off_host->free(p);
+    return rc;
+}
+
+static void counted(const struct chat_db_result *r, void *ud)
+{
+    int err = off_host->db_error(r), rc;
+
+    (void)ud;
+    if (err == CHAT_ERR_CLOSED || !b_status || !head) {
+        batch_end(); /* stopping (or unloaded meanwhile): fini reports */
+        return;
+    }
+    if (err != CHAT_OK) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "counting stored offline messages failed (%s); %zu queued, retrying",
+                 off_host->db_errmsg(r), q_count);
+        batch_failed();
+        return;
+    }
+    if ((rc = off_quota_decide(r, head, inflight, b_status)) == CHAT_OK)
+        rc = insert_batch();
+    if (rc != CHAT_OK) {
+        chat_log(off_host, off_self, CHAT_LOG_WARN,
+                 "cannot queue an insert of %zu offline messages: %s", inflight,
+                 off_host->strerror(rc));
+        batch_failed();
+    }
+}
+
+/* Start the next batch when none is in flight: count for the quotas first
+ * when they apply to some of its rows, else insert at once. */
+static void flush(void)
+{
+    size_t limit = single_left ? 1 : off_cfg.batch_max, n = 0, bytes = 0, checked = 0;
+    struct off_msg *m;
+    int rc;
 
     if (inflight || retry_wait || !head)
         return;
@@ -268,36 +360,27 @@ static void flush(void)
         return;
     }
     for (m = head; m && n < limit; m = m->next) {
-        if (n && bytes + m->len > off_cfg.batch_bytes)
+        if (n && (bytes + m->len > off_cfg.batch_bytes ||
+                  (off_quota_applies(m) && checked == CHECKED_MAX)))
             break;
+        checked += (size_t)off_quota_applies(m);
         bytes += m->len;
         n++;
     }
-    sql = off_host->malloc(sizeof(INSERT_HEAD) + (n - 1) * (sizeof(INSERT_ROW) - 1));
-    p = off_host->malloc(2 * n * sizeof(*p));
-    if (!sql || !p)
-        goto out;
-    memcpy(sql, INSERT_HEAD, sizeof(INSERT_HEAD));
-    for (i = 1; i < n; i++)
-        memcpy(sql + sizeof(INSERT_HEAD) - 1 + (i - 1) * (sizeof(INSERT_ROW) - 1),
-               INSERT_ROW, sizeof(INSERT_ROW));
-    for (i = 0, m = head; i < n; i++, m = m->next) {
-        p[2 * i] = CHAT_DB_P_INT(m->uid);
-        p[2 * i + 1] = CHAT_DB_P_STR(m->json, m->len);
+    inflight = n;
+    if (!checked) {
+        rc = insert_batch();
+    } else if (!(b_status = off_host->malloc(n * sizeof(*b_status)))) {
+        rc = CHAT_ERR_NOMEM;
+    } else {
+        rc = off_quota_query(head, n, counted);
     }
-    rc = off_host->db_query(off_self, sql, p, 2 * n, inserted, NULL);
     if (rc == CHAT_OK)
-        inflight = n;
-out:
-    off_host->free(sql);
-    off_host->free(p);
-    if (rc != CHAT_OK) {
-        chat_log(off_host, off_self, CHAT_LOG_WARN,
-                 "cannot queue an insert of %zu offline messages: %s", n,
-                 off_host->strerror(rc));
-        fail_waiting();
-        backoff();
-    }
+        return;
+    chat_log(off_host, off_self, CHAT_LOG_WARN,
+             "cannot queue an insert of %zu offline messages: %s", n,
+             off_host->strerror(rc));
+    batch_failed();
 }
 
 /* Why a message with a ticket cannot be queued now (CHAT_OK: it can). */
@@ -540,6 +623,8 @@ void off_store_fini(void)
                  "unloading with %zu offline messages not stored; their senders "
                  "were not acknowledged", waiting);
     pop(q_count, CHAT_ERR_CLOSED);
+    off_host->free(b_status);
+    b_status = NULL;
     off_host->map_free(by_from);
     off_host->map_free(by_uid);
     by_from = by_uid = NULL;

@@ -28,7 +28,10 @@
  * its outcome comes later (another node's subscriber took it, or the
  * offline store committed it) and the ACK waits for it.  Errors: 104/105,
  * 108 unknown user, 112, 113 busy (a bound of a queue, or the database is
- * failing: send again later).
+ * failing: send again later), 128/129 the offline store's quotas (the
+ * recipient's mailbox is full / too many from this sender: not stored; a
+ * legacy sender gets nothing, the drop is logged and counted by the
+ * offline plugin).
  *
  * Bounds.  The messages waiting for an existence check are bounded by
  * lookup_max_bytes in all and lookup_sender_max_bytes per sender (113
@@ -80,9 +83,12 @@ static void answer(struct chat_session *s, const struct chat_ack *ack, int64_t u
         host->reply(s, ack, err, err ? why : NULL, NULL);
         return;
     }
-    if (err) /* the seed never answers a chat message */
-        chat_log(host, self, CHAT_LOG_INFO, "user %lld: message dropped: %s",
-                 (long long)uid, why);
+    if (err) /* the seed never answers a chat message; quota refusals are
+              * logged (throttled) and counted by the offline plugin */
+        chat_log(host, self,
+                 err == CHAT_E_MAILBOX_FULL || err == CHAT_E_MAILBOX_SENDER
+                     ? CHAT_LOG_DEBUG : CHAT_LOG_INFO,
+                 "user %lld: message dropped: %s", (long long)uid, why);
 }
 
 static int deliver_errno(int rc)
@@ -90,6 +96,8 @@ static int deliver_errno(int rc)
     switch (rc) {
     case CHAT_OK: return 0;
     case CHAT_ERR_NOTFOUND: return CHAT_E_NOT_FOUND;
+    case CHAT_ERR_QUOTA: return CHAT_E_MAILBOX_FULL;
+    case CHAT_ERR_QUOTA_SENDER: return CHAT_E_MAILBOX_SENDER;
     case CHAT_ERR_BUSY:
     case CHAT_ERR_UNAVAILABLE:
     case CHAT_ERR_CLOSED:
@@ -100,9 +108,12 @@ static int deliver_errno(int rc)
 
 static const char *deliver_why(int err)
 {
-    return err == CHAT_E_NOT_FOUND     ? "unknown user"
-           : err == CHAT_E_UNAVAILABLE ? "busy: not stored, send again later"
-                                       : "delivery failed";
+    return err == CHAT_E_NOT_FOUND       ? "unknown user"
+           : err == CHAT_E_UNAVAILABLE   ? "busy: not stored, send again later"
+           : err == CHAT_E_MAILBOX_FULL  ? "recipient's mailbox is full"
+           : err == CHAT_E_MAILBOX_SENDER ? "too many messages waiting for this "
+                                           "recipient from you"
+                                         : "delivery failed";
 }
 
 /* What a pending delivery needs to answer its sender (copied by the host
@@ -173,9 +184,6 @@ struct o2o_dctx {
 static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
                            const struct ds_result *r)
 {
-    char conv[DS_CONV_STR];
-    cJSON *body;
-
     if (r->status != CHAT_OK) {
         int err = r->status == CHAT_ERR_DB ? CHAT_E_INTERNAL : CHAT_E_UNAVAILABLE;
 
@@ -184,18 +192,7 @@ static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
                                       : "busy: not stored, send again with the same cid");
         return;
     }
-    if (!(body = cJSON_CreateObject())) {
-        answer(s, &c->ack, c->from, CHAT_E_INTERNAL, "out of memory");
-        return;
-    }
-    ds_conv_format(r->conv, conv, sizeof(conv));
-    ds_add_int(body, "mid", r->mid);
-    cJSON_AddStringToObject(body, "conv", conv);
-    ds_add_int(body, "cseq", r->cseq);
-    if (r->dup)
-        cJSON_AddTrueToObject(body, "dup");
-    host->reply(s, &c->ack, 0, NULL, body);
-    cJSON_Delete(body);
+    ds_reply_ok(host, s, &c->ack, r->conv, r->mid, r->cseq, r->dup);
 }
 
 static void durable_stored(const struct ds_result *r, const char *body, size_t len,

@@ -46,19 +46,48 @@ static inline void ds_conv_users(int64_t conv, int64_t *a, int64_t *b)
     *b = conv > 0 ? (int64_t)((uint64_t)conv & 0xffffffffu) : 0;
 }
 
-/* The wire name: "pA:B" or "gG".  Returns its length. */
+/* v's decimal digits at p (room for 21 bytes), no NUL.  Returns the
+ * length.  (printf costs more than the rest of an ACK's work.) */
+static inline size_t ds_fmt_i64(char *p, int64_t v)
+{
+    char tmp[24];
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    size_t n = 0, k = 0;
+
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        p[k++] = '-';
+    while (n)
+        p[k++] = tmp[--n];
+    return k;
+}
+
+/* The wire name: "pA:B" or "gG" (cap >= DS_CONV_STR).  Returns its length. */
 static inline size_t ds_conv_format(int64_t conv, char *buf, size_t cap)
 {
     int64_t a, b;
-    int n;
+    size_t n = 0;
 
-    if (conv < 0)
-        n = snprintf(buf, cap, "g%" PRId64, -conv);
-    else {
-        ds_conv_users(conv, &a, &b);
-        n = snprintf(buf, cap, "p%" PRId64 ":%" PRId64, a, b);
+    if (cap < DS_CONV_STR) {
+        if (cap)
+            buf[0] = '\0';
+        return 0;
     }
-    return n < 0 ? 0 : (size_t)n;
+    if (conv < 0) {
+        buf[n++] = 'g';
+        n += ds_fmt_i64(buf + n, (int64_t)((uint64_t)0 - (uint64_t)conv));
+    } else {
+        ds_conv_users(conv, &a, &b);
+        buf[n++] = 'p';
+        n += ds_fmt_i64(buf + n, a);
+        buf[n++] = ':';
+        n += ds_fmt_i64(buf + n, b);
+    }
+    buf[n] = '\0';
+    return n;
 }
 
 /* A decimal in 1..max; advances *p.  0 on anything else. */
@@ -107,21 +136,31 @@ static inline char *ds_render(const struct chat_host *h, int64_t conv, int64_t m
                               int64_t cseq, const char *body, size_t len,
                               size_t *outlen)
 {
-    char conv_s[DS_CONV_STR], tail[160], *out;
-    size_t b = len, n;
+    char tail[160], *out;
+    size_t b = len, n = 0;
 
     while (b > 0 && body[b - 1] != '}')
         b--;
     if (b < 2 || body[0] != '{')
         return NULL;
     b--; /* the closing brace */
-    ds_conv_format(conv, conv_s, sizeof(conv_s));
-    n = (size_t)snprintf(tail, sizeof(tail), "%s\"mid\":%" PRId64 ",\"conv\":\"%s\","
-                         "\"cseq\":%" PRId64 "}", b > 1 ? "," : "", mid, conv_s, cseq);
+    if (b > 1)
+        tail[n++] = ',';
+    memcpy(tail + n, "\"mid\":", 6);
+    n += 6;
+    n += ds_fmt_i64(tail + n, mid);
+    memcpy(tail + n, ",\"conv\":\"", 9);
+    n += 9;
+    n += ds_conv_format(conv, tail + n, DS_CONV_STR);
+    memcpy(tail + n, "\",\"cseq\":", 9);
+    n += 9;
+    n += ds_fmt_i64(tail + n, cseq);
+    tail[n++] = '}';
     if (!(out = h->malloc(b + n + 1)))
         return NULL;
     memcpy(out, body, b);
-    memcpy(out + b, tail, n + 1);
+    memcpy(out + b, tail, n);
+    out[b + n] = '\0';
     *outlen = b + n;
     return out;
 }
@@ -133,8 +172,48 @@ static inline void ds_add_int(cJSON *o, const char *key, int64_t v)
 {
     char buf[24];
 
-    snprintf(buf, sizeof(buf), "%" PRId64, v);
+    buf[ds_fmt_i64(buf, v)] = '\0';
     cJSON_AddRawToObject(o, key, buf);
+}
+
+/* The ACK of a stored message, written as text and sent with send_raw:
+ * the bytes disp_reply would print for the same fields ({"msgid":11,
+ * "req":R,"seq":S,"errno":0,"errmsg":"ok","mid":M,"conv":"..","cseq":C
+ * [,"dup":true]}), without a cJSON tree, printf and sscanf per message.
+ * Protocol-2 sessions only (a durable message is protocol 2). */
+static inline int ds_reply_ok(const struct chat_host *h, struct chat_session *s,
+                              const struct chat_ack *ack, int64_t conv, int64_t mid,
+                              int64_t cseq, int dup)
+{
+    char buf[256];
+    size_t n = 0;
+
+    if (h->session_proto(s) != CHAT_PROTO_2)
+        return CHAT_OK;
+    memcpy(buf, "{\"msgid\":11,\"req\":", 18);
+    n = 18;
+    n += ds_fmt_i64(buf + n, ack->msgid);
+    if (ack->has_seq) {
+        memcpy(buf + n, ",\"seq\":", 7);
+        n += 7;
+        n += ds_fmt_i64(buf + n, ack->seq);
+    }
+    memcpy(buf + n, ",\"errno\":0,\"errmsg\":\"ok\",\"mid\":", 31);
+    n += 31;
+    n += ds_fmt_i64(buf + n, mid);
+    memcpy(buf + n, ",\"conv\":\"", 9);
+    n += 9;
+    n += ds_conv_format(conv, buf + n, DS_CONV_STR);
+    memcpy(buf + n, "\",\"cseq\":", 9);
+    n += 9;
+    n += ds_fmt_i64(buf + n, cseq);
+    if (dup) {
+        memcpy(buf + n, ",\"dup\":true", 11);
+        n += 11;
+    }
+    buf[n++] = '}';
+    buf[n] = '\0';
+    return h->send_raw(s, buf, n);
 }
 
 /* ---- the writer (writer.c) ---------------------------------------------- */
@@ -145,6 +224,7 @@ struct ds_conf {
     size_t batch_max;   /* messages per transaction (1..512) */
     size_t queue_max;   /* messages waiting, all lanes (113 past it) */
     int64_t id_block;   /* message ids reserved per round trip */
+    unsigned linger_ms; /* wait before a much smaller batch under load */
 };
 
 /* One message to store.  Everything is copied by ds_submit. */
@@ -185,7 +265,7 @@ void ds_writer_reconf(struct ds_writer *w, const struct ds_conf *conf);
 int ds_submit(struct ds_writer *w, const struct ds_msg *m, ds_done_fn fn,
               const void *ctx, size_t ctx_len);
 /* Read the conf keys durable_lanes, durable_batch_max, durable_queue_max,
- * durable_id_block of the plugin's section. */
+ * durable_id_block, durable_linger_ms of the plugin's section. */
 void ds_conf_read(const struct chat_host *h, struct chat_plugin *self,
                   struct ds_conf *c);
 

@@ -6,7 +6,11 @@
  * arrives meanwhile waits and goes into the next one, up to batch_max
  * messages.  So under load a transaction carries hundreds of messages from
  * many sessions, and per conversation the numbers follow the order this
- * node received the messages.
+ * node received the messages.  A batch takes at least 3/4 of what waits
+ * (two INSERTs of power-of-two sizes: batch_want), and under load a lane
+ * lingers linger_ms before a batch much smaller than its previous one
+ * (lane_linger): right after a COMMIT only the stragglers wait, and the
+ * senders it answered are about to send again.
  *
  * Numbering.  The writer keeps each conversation's head (its newest cseq)
  * in memory and numbers a batch itself: the i-th message of conversation c
@@ -87,6 +91,8 @@ struct ds_lane {
     size_t nheads;
     int busy;
     int attempts;
+    int lingering;           /* a linger timer runs: submits start none */
+    size_t last;             /* messages in the lane's previous batch */
 };
 
 struct ds_writer {
@@ -686,23 +692,63 @@ static void batch_done(const struct chat_db_result *r, void *ud)
         lane_pump(l);
 }
 
+/* How many of the n waiting messages the next batch takes: the largest
+ * power of two p <= n, plus the largest power of two <= n - p (so at
+ * least 3/4 of what waits, at most batch_max, in at most two INSERTs: an
+ * INSERT is a round trip, and messages left behind wait a whole
+ * transaction more). */
+static size_t batch_want(size_t n, size_t max)
+{
+    size_t p = 1, q = 0;
+
+    if (n > max)
+        n = max;
+    while (p * 2 <= n)
+        p *= 2;
+    if (n > p)
+        for (q = 1; q * 2 <= n - p; q *= 2)
+            ;
+    return p + q;
+}
+
+static void linger_timer(struct chat_timer *t, void *ud);
+
+/* Under load (the previous batch was large), wait linger_ms before a
+ * batch that would be much smaller than the previous one: the senders
+ * answered by the previous COMMIT are sending their next messages, and a
+ * batch started at once would carry only the stragglers.  1: lingering. */
+static int lane_linger(struct ds_lane *l)
+{
+    struct ds_writer *w = l->w;
+
+    if (l->lingering)
+        return 1;
+    if (!w->conf.linger_ms || l->last < 32 || l->queued * 2 >= l->last)
+        return 0;
+    if (!w->h->timer_start(w->self, w->conf.linger_ms, 0, linger_timer, l))
+        return 0;
+    l->lingering = 1;
+    l->last = 0; /* the batch after the linger starts whatever waits */
+    return 1;
+}
+
 /* Start the next batch when the lane is idle and ids are at hand.  A
- * batch takes the largest power of two of the waiting messages (at most
- * batch_max): one INSERT statement. */
+ * batch takes what waits (at most batch_max; batch_want). */
 static void lane_pump(struct ds_lane *l)
 {
     struct ds_writer *w = l->w;
 
     while (!l->busy && l->head) {
         struct ds_pend **tailp = &l->batch, *p;
-        size_t n = 0, want = 1;
+        size_t n = 0, want;
 
         if (ids_left(w) < w->conf.id_block / 2)
             ids_fetch(w); /* the next block, before this one runs out */
         if (ids_left(w) == 0)
             return; /* ids_done pumps again (or failed the queues) */
-        while (want * 2 <= l->queued && want * 2 <= w->conf.batch_max)
-            want *= 2;
+        if (lane_linger(l))
+            return; /* linger_timer pumps */
+        want = batch_want(l->queued, w->conf.batch_max);
         while (l->head && n < want && ids_left(w) > 0) {
             p = l->head;
             if (!(l->head = p->next))
@@ -715,9 +761,19 @@ static void lane_pump(struct ds_lane *l)
             n++;
         }
         l->nbatch = n;
+        l->last = n;
         l->attempts = 0;
         batch_start(l);
     }
+}
+
+static void linger_timer(struct chat_timer *t, void *ud)
+{
+    struct ds_lane *l = ud;
+
+    (void)t;
+    l->lingering = 0;
+    lane_pump(l);
 }
 
 /* Runs lane_pump outside the submitter's call (an answer never comes
@@ -783,7 +839,7 @@ int ds_submit(struct ds_writer *w, const struct ds_msg *m, ds_done_fn fn,
     if (!orig && h->map_put(w->inflight, (int64_t)p->key, p) == CHAT_OK)
         p->in_map = 1;
     l = &w->lanes[(uint64_t)m->conv % w->conf.lanes];
-    if (!l->busy && !l->head &&
+    if (!l->busy && !l->head && !l->lingering &&
         !h->timer_start(w->self, 0, 0, pump_timer, l)) {
         if (p->in_map)
             h->map_del(w->inflight, (int64_t)p->key);
@@ -820,6 +876,7 @@ void ds_conf_read(const struct chat_host *h, struct chat_plugin *self,
                                            INT32_MAX);
     c->id_block = chat_conf_range(h, self, "durable_id_block", 100000, 1024,
                                   INT64_C(1) << 40);
+    c->linger_ms = (unsigned)chat_conf_range(h, self, "durable_linger_ms", 0, 0, 100);
     conf_fix(c);
 }
 

@@ -352,10 +352,11 @@ static void test_migrate(void)
     CU_ASSERT_EQUAL(q(&t, "SELECT version, name, applied_at FROM schema_version"
                           " ORDER BY version", NULL, 0),
                     CHAT_OK);
-    CU_ASSERT_EQUAL(t.nrows, 2); /* every file of sql/ */
+    CU_ASSERT_EQUAL(t.nrows, 3); /* every file of sql/ */
     CU_ASSERT_EQUAL(t.ints[0], 1);
     CU_ASSERT_STRING_EQUAL(tcell(&t, 0, 1), "001_init.sql");
     CU_ASSERT_STRING_EQUAL(tcell(&t, 1, 1), "002_durable.sql");
+    CU_ASSERT_STRING_EQUAL(tcell(&t, 2, 1), "003_offline_quota.sql");
     char applied_at[64];
     snprintf(applied_at, sizeof applied_at, "%s", tcell(&t, 0, 2));
     tres_free(&t);
@@ -367,7 +368,7 @@ static void test_migrate(void)
     CU_ASSERT_EQUAL(q(&t, "SELECT version, name, applied_at FROM schema_version"
                           " ORDER BY version", NULL, 0),
                     CHAT_OK);
-    CU_ASSERT_EQUAL(t.nrows, 2);
+    CU_ASSERT_EQUAL(t.nrows, 3);
     CU_ASSERT_STRING_EQUAL(tcell(&t, 0, 2), applied_at);
     tres_free(&t);
     /* the schema takes what the plugins will store */

@@ -14,6 +14,7 @@ module, not its names, so unittest does not collect these tests twice).
 import os
 import queue
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -84,12 +85,19 @@ class Cli:
     """One chat-cli process in scripted mode; events are parsed as they come."""
 
     def __init__(self, port, host="127.0.0.1", reply_timeout=10, name="cli",
-                 url=None, args=()):
-        """url (tls://..., ws://...) replaces host:port; args go before it."""
+                 url=None, args=(), env=None):
+        """url (tls://..., ws://...) replaces host:port; args go before it;
+        env is merged over os.environ; XDG_STATE_HOME (where chat-cli keeps
+        its positions in conversations) is a fresh temp dir unless given."""
         self.name = name
+        env = dict(env or {})
+        if "XDG_STATE_HOME" not in env:
+            env["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="chat-cli-state-")
+            harness._owned_dirs.append(env["XDG_STATE_HOME"])
         self.proc = subprocess.Popen(
             [CLI, "-t", str(reply_timeout)] + list(args) + [url or "%s:%d" % (host, port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, **env))
         self.events = queue.Queue()
         self.log = []       # every (monotonic time, raw line), for failure messages
         self.skipped = []   # events expect() passed over

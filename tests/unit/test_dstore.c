@@ -2,7 +2,8 @@
  * test_dstore.c - CUnit tests of the durable-message helpers that the
  * one2one, group and store plugins share (plugins/store/dstore.h):
  * conversation ids and their wire names (round trips, and every malformed
- * name refused), and the rendering of a stored body with mid/conv/cseq.
+ * name refused), the rendering of a stored body with mid/conv/cseq, and
+ * the text ACK of a stored message (ds_reply_ok).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -92,6 +93,59 @@ static void test_render(void)
     CU_ASSERT_PTR_NULL(ds_render(&h, 1, 1, 1, "", 0, &n));
 }
 
+static void test_fmt(void)
+{
+    char buf[DS_CONV_STR];
+
+    buf[ds_fmt_i64(buf, 0)] = '\0';
+    CU_ASSERT_STRING_EQUAL(buf, "0");
+    buf[ds_fmt_i64(buf, -42)] = '\0';
+    CU_ASSERT_STRING_EQUAL(buf, "-42");
+    buf[ds_fmt_i64(buf, INT64_MAX)] = '\0';
+    CU_ASSERT_STRING_EQUAL(buf, "9223372036854775807");
+    buf[ds_fmt_i64(buf, INT64_MIN)] = '\0';
+    CU_ASSERT_STRING_EQUAL(buf, "-9223372036854775808");
+    CU_ASSERT_EQUAL(ds_conv_format(ds_conv_group(INT64_MAX), buf, sizeof buf),
+                    strlen("g9223372036854775807"));
+    CU_ASSERT_STRING_EQUAL(buf, "g9223372036854775807");
+}
+
+static char sent[512];
+static int proto = CHAT_PROTO_2;
+
+static int t_proto(const struct chat_session *s) { (void)s; return proto; }
+static int t_send_raw(struct chat_session *s, const char *json, size_t len)
+{
+    (void)s;
+    CU_ASSERT_EQUAL(strlen(json), len);
+    snprintf(sent, sizeof sent, "%.*s", (int)len, json);
+    return CHAT_OK;
+}
+
+/* The text ACK has the bytes disp_reply printed for the same fields. */
+static void test_reply_ok(void)
+{
+    struct chat_host h;
+    struct chat_ack ack = {6, 1, 41};
+
+    memset(&h, 0, sizeof h);
+    h.session_proto = t_proto;
+    h.send_raw = t_send_raw;
+    ds_reply_ok(&h, NULL, &ack, ds_conv_pair(7, 8), 9001, 5, 0);
+    CU_ASSERT_STRING_EQUAL(sent, "{\"msgid\":11,\"req\":6,\"seq\":41,\"errno\":0,"
+                           "\"errmsg\":\"ok\",\"mid\":9001,\"conv\":\"p7:8\",\"cseq\":5}");
+    ack.msgid = 10;
+    ack.has_seq = 0;
+    ds_reply_ok(&h, NULL, &ack, ds_conv_group(3), 12, 1, 1);
+    CU_ASSERT_STRING_EQUAL(sent, "{\"msgid\":11,\"req\":10,\"errno\":0,\"errmsg\":\"ok\","
+                           "\"mid\":12,\"conv\":\"g3\",\"cseq\":1,\"dup\":true}");
+    proto = 1; /* not protocol 2: nothing sent */
+    sent[0] = '\0';
+    ds_reply_ok(&h, NULL, &ack, ds_conv_group(3), 12, 1, 0);
+    CU_ASSERT_STRING_EQUAL(sent, "");
+    proto = CHAT_PROTO_2;
+}
+
 int main(void)
 {
     CU_pSuite s;
@@ -103,6 +157,8 @@ int main(void)
     CU_add_test(s, "group conversations", test_group_ids);
     CU_add_test(s, "malformed names refused", test_bad_names);
     CU_add_test(s, "a stored body rendered with mid/conv/cseq", test_render);
+    CU_add_test(s, "digits without printf", test_fmt);
+    CU_add_test(s, "the text ACK of a stored message", test_reply_ok);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     {
