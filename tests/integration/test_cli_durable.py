@@ -56,7 +56,7 @@ def chats(cli):
 def saw(cli, kind, timeout=10, **fields):
     """Wait until cli printed an event of this kind with these fields, in
     any order with the events expect() consumes."""
-    want = {k: str(v) for k, v in fields.items()}
+    want = {k: v if isinstance(v, bool) else str(v) for k, v in fields.items()}
     return wait_for(lambda: next((e for e in cli.history if e.get("event") == kind
                                   and all(e.get(k) == v for k, v in want.items())), None),
                     timeout, what="%s: event=%s %r" % (cli.name, kind, want))
