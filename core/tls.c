@@ -9,7 +9,11 @@
  * object is what OpenSSL keeps between records, and SSL_MODE_RELEASE_BUFFERS
  * frees its record buffers whenever they are empty: an idle connection holds
  * no buffer at all.  Decrypted bytes land in one loop-wide buffer and go up
- * to net in place.
+ * to net in place.  What stays is OpenSSL's own (3.0, TLS 1.3, measured
+ * with CRYPTO_set_mem_functions): the SSL object 7.6 KiB, two AES-GCM
+ * contexts 1.9 KiB, the session 0.9 KiB, the handshake digest, key shares,
+ * locks and the certificate reference about 2.6 KiB: about 13 KiB an idle
+ * connection that no setting of ours releases.
  *
  * The endpoint's SSL_CTX is built from [tls] at start.  A SIGHUP builds a
  * new one on a worker thread (it reads files) and swaps it in on the loop:
@@ -138,6 +142,10 @@ static SSL_CTX *ctx_build(const struct tls_settings *st, char *err, size_t errle
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |
                                  SSL_OP_NO_COMPRESSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    /* take all the bytes of a socket read at once rather than a record's
+     * header, then its body: half the BIO calls (the buffer is released
+     * all the same once it is drained, and tls_input drains it) */
+    SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     if (!SSL_CTX_set_cipher_list(ctx, st->ciphers)) {
         ssl_err(err, errlen, "ciphers", st->ciphers);
@@ -353,6 +361,16 @@ static struct net_tconn *tls_open(void *ep_ctx, struct chat_session *s,
     return &tc->t;
 }
 
+/* The error queue must be empty before an SSL call whose result goes to
+ * SSL_get_error; every failure path here clears it, so it nearly always
+ * is, and peeking costs much less than ERR_clear_error's walk of all its
+ * slots, once per read and per write. */
+static void err_clean(void)
+{
+    if (ERR_peek_error())
+        ERR_clear_error();
+}
+
 /* Why a handshake or read failed, for the log (debug: peers do this). */
 static void conn_failed(struct tls_conn *tc, const char *what, int r)
 {
@@ -373,7 +391,7 @@ static int tls_input(struct net_tconn *t, const char *buf, size_t n)
 
     tc->in = buf;
     tc->in_len = n;
-    ERR_clear_error();
+    err_clean();
     if (!t->ready) {
         r = SSL_do_handshake(tc->ssl);
         if (r != 1) {
@@ -416,7 +434,7 @@ static int tls_output(struct net_tconn *t, const char *buf, size_t n)
 
     if (tc->failed || n > INT_MAX)
         return -1;
-    ERR_clear_error();
+    err_clean();
     r = SSL_write(tc->ssl, buf, (int)n); /* the BIO takes all: never partial */
     if (r == (int)n)
         return 0;

@@ -117,6 +117,71 @@ class Tls(ChatCase):
         got = [a.c.recv_until(is_msg(6))["msg"] for _ in texts]
         self.assertEqual(got, texts)
 
+    def test_records_cut_anywhere_and_after_idle(self):
+        """Records cut between reads anywhere (in the 5-byte header, in the
+        body), several records in one read, and a connection that went idle
+        (OpenSSL's buffers released) still reading and writing: the server
+        reads ahead (all of a read at once), so this is its edge."""
+        uid, _ = self.register()
+        sock = socket.create_connection(("127.0.0.1", self.node.tls_port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.node.tls_context().wrap_bio(inc, out, server_hostname="127.0.0.1")
+
+        def pump_in(deadline):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            self.assertTrue(data, "the server closed the connection")
+            inc.write(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(out.read())
+                pump_in(time.monotonic() + 10)
+        sock.sendall(out.read())
+
+        def records(*texts):  # each text its own record, all ciphertext
+            for t in texts:
+                tls.write(t.encode())
+            return out.read()
+
+        def replies(n):
+            got, buf, deadline = [], b"", time.monotonic() + 10
+            while len(got) < n:
+                try:
+                    buf += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    pump_in(deadline)
+                    continue
+                *lines, buf = buf.split(b"\n")
+                got += [json.loads(x) for x in lines if x.strip()]
+            return got
+
+        def req(seq):
+            return json.dumps({"msgid": 13, "id": uid, "proto": 2, "seq": seq}) + "\0"
+
+        login = records(json.dumps({"msgid": 1, "id": uid, "password": PASSWORD,
+                                    "proto": 2, "seq": 1}) + "\0")
+        sock.sendall(login[:3])  # inside the record header
+        time.sleep(0.05)  # not a wait: the two pieces should be two reads
+        sock.sendall(login[3:])
+        self.assertEqual(replies(1)[0].get("errno"), 0)
+        for cut in (5, 9, 40):  # after the header, in the body
+            wire = records(req(cut))
+            sock.sendall(wire[:cut])
+            time.sleep(0.05)
+            sock.sendall(wire[cut:])
+            self.assertEqual(replies(1)[0].get("seq"), cut)
+        sock.sendall(records(req(100), req(101), req(102)))  # three in one read
+        self.assertEqual(sorted(m.get("seq") for m in replies(3)), [100, 101, 102])
+        time.sleep(1)  # idle on purpose (nothing to wait for)
+        sock.sendall(records(req(200)))
+        self.assertEqual(replies(1)[0].get("seq"), 200)
+
     def test_openssl_s_client_logs_in(self):
         uid, _ = self.register()
         p = subprocess.Popen(["openssl", "s_client", "-connect",
