@@ -14,32 +14,48 @@ unlike ip netns / tc.
 
 Accounting.  Every chat message carries its identity in its text,
 "soak|<sender id>|<n>|<attempt>|...": n is the sender's message number and
-attempt counts its sends.  A sender resends a message until an ACK with
-errno 0 comes (after a reconnect when the connection ended first); an ACK
-with errno 0 means delivered or committed to the offline store
-(docs/protocol.md, "What an ACK of a chat message means").  Receivers record
-every copy.  At the end every user logs in again, after the traffic stopped,
-and drains its offline messages; then
+attempt counts its sends.  Most users are durable clients (issue 8,
+docs/protocol.md "Durable messages"): each message has a cid
+("soak-<sender>-<n>") and is resent with the same cid until an ACK with
+errno 0 (after COMMIT: mid, conv, cseq); every user - durable sender or
+not - SYNCs until more is false after every login, holds each
+conversation as one contiguous run of cseqs (a copy at or below its
+position is dropped: dedup by mid; a live message that skips a cseq
+triggers a SYNC instead of being taken).  A quarter of the users
+(SOAK_LEGACY) send without cid, the at-most-once path: their message is
+resent until errno 0 too, which means delivered or committed to the
+offline store (docs/protocol.md, "What an ACK of a chat message means").
+At the end every user logs in again, after the traffic stopped, syncs,
+drains what follows, and syncs once more for the heads.  Then, for
+durable messages, strictly:
   lost        = (acknowledged message, recipient) pairs never received;
-  duplicated  = the same (message, attempt) received twice by one recipient
-                (the same message received from two attempts is a resend
-                whose first ACK was lost: counted, not a fault);
-and a lost message is "in flight" when its recipient's connection was cut,
-or ended with its node, within a few seconds of the ACK: pub/sub delivery is
-at most once without a `cid` (docs/protocol.md), so such a loss is the known
-limit, reported apart from unexplained ones.
+  duplicated  = a message held twice by one recipient (two mids for one
+                cid: stored twice);
+  out of order / behind / mid mismatch = a SYNC that skipped a cseq, a
+                conversation short of its head at the end, a mid other
+                than the ACK's;
+and for legacy messages as before: lost, and "in flight" when its
+recipient's connection was cut, or ended with its node, within a few
+seconds of the ACK (pub/sub delivery is at most once without a cid, so
+such a loss is the known limit, reported apart from unexplained ones);
+duplicated = the same (message, attempt) received twice (the same message
+from two attempts is a resend whose first ACK was lost: counted, not a
+fault).
 
-Exit status non-zero (the CI check) on: an unexplained loss, a duplicate, a
-crash (a node that exited without our SIGKILL, a sanitizer report), an
-error/warn kind in the chatd logs that docs/reliability.md does not explain,
-or no acknowledged message at all.  Never on throughput or growth (those
-are reported).  SOAK_STRICT=1 also fails on in-flight losses.
-SOAK_SELFTEST=1 checks the checker: one client forgets one message and
-counts another twice; the verdict must be FAIL with 1 lost (or 1 in
-flight) and 1 duplicated, and the exit status is 0 when it is.
+Exit status non-zero (the CI check) on: any durable loss, duplicate or
+order fault, an unexplained legacy loss or a legacy duplicate, a crash (a
+node that exited without our SIGKILL, a sanitizer report), an error/warn
+kind in the chatd logs that docs/reliability.md does not explain, or no
+acknowledged message (durable, and legacy when there are legacy users).
+Never on throughput or growth (those are reported).  SOAK_STRICT=1 also
+fails on legacy in-flight losses.  SOAK_SELFTEST=1 checks the checker:
+user 0 forgets its 5th durable message and holds its 6th twice; the
+verdict must be FAIL with exactly 1 durable lost and 1 durable duplicated
+(and nothing else wrong), and the exit status is 0 when it is.
 
 Environment: SOAK_MINUTES (30), SOAK_RATE (messages/s over all users, 8),
-SOAK_USERS (12), SOAK_SAMPLE_S (5), SOAK_FAULT_EVERY (seconds between
+SOAK_USERS (12), SOAK_LEGACY (senders without cid, SOAK_USERS / 4),
+SOAK_SAMPLE_S (5), SOAK_FAULT_EVERY (seconds between
 faults, 20), SOAK_SEED, SOAK_OUT (the output folder; default
 var/soak/<UTC timestamp>/ in the source tree), SOAK_STRICT; CHATD and
 CHAT_PLUGIN_DIR as for the harness.
