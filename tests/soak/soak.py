@@ -350,10 +350,10 @@ class User:
         self.pos[conv] = c
         self.cmid[(conv, c)] = mid
         if m.get("id") != self.uid:
-            self.record_durable(m, conv, c, mid)
+            self.record_durable(m, conv, c, mid, live)
         self.advance(conv)
 
-    def record_durable(self, m, conv, c, mid):
+    def record_durable(self, m, conv, c, mid, live):
         text = m.get("msg")
         if not isinstance(text, str) or not text.startswith("soak|"):
             self.stats["durable_garbled"] += 1
@@ -365,6 +365,7 @@ class User:
             self.stats["durable_garbled"] += 1
             return
         self.stats["received_durable"] += 1
+        self.stats["received_durable_live" if live else "received_durable_sync"] += 1
         entry = (mid, conv, c, time.monotonic())
         if self.soak.selftest and self.idx == 0:
             if self.stats["received_durable"] == 5:
@@ -968,6 +969,7 @@ def analyse_durable(soak):
             if s is None or n > len(s.sent) or not s.sent[n - 1].durable:
                 d["phantom"] += 1
         d["dedup"] += u.stats["durable_dedup"]
+        d["by_sync"] += u.stats["received_durable_sync"]
         d["gap_syncs"] += u.stats["gap_syncs"]
         d["syncs"] += u.stats["syncs"]
         d["phantom"] += u.stats["durable_garbled"]
@@ -1198,6 +1200,7 @@ def report(soak):
             ("never acknowledged (given up at the end)", d["not_acked"]),
             ("deliveries owed (acked x recipients)", d["expected"]),
             ("distinct (message, recipient) received", d["received_distinct"]),
+            ("of which fetched by SYNC (missed live: offline, cut, killed node, gap)", d["by_sync"]),
             ("copies dropped by dedup (mid already held)", d["dedup"]),
             ("SYNCs (after logins and %d live gaps)" % d["gap_syncs"], d["syncs"]),
             ("**lost**", len(dlost)),
