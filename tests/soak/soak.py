@@ -14,32 +14,48 @@ unlike ip netns / tc.
 
 Accounting.  Every chat message carries its identity in its text,
 "soak|<sender id>|<n>|<attempt>|...": n is the sender's message number and
-attempt counts its sends.  A sender resends a message until an ACK with
-errno 0 comes (after a reconnect when the connection ended first); an ACK
-with errno 0 means delivered or committed to the offline store
-(docs/protocol.md, "What an ACK of a chat message means").  Receivers record
-every copy.  At the end every user logs in again, after the traffic stopped,
-and drains its offline messages; then
+attempt counts its sends.  Most users are durable clients (issue 8,
+docs/protocol.md "Durable messages"): each message has a cid
+("soak-<sender>-<n>") and is resent with the same cid until an ACK with
+errno 0 (after COMMIT: mid, conv, cseq); every user - durable sender or
+not - SYNCs until more is false after every login, holds each
+conversation as one contiguous run of cseqs (a copy at or below its
+position is dropped: dedup by mid; a live message that skips a cseq
+triggers a SYNC instead of being taken).  A quarter of the users
+(SOAK_LEGACY) send without cid, the at-most-once path: their message is
+resent until errno 0 too, which means delivered or committed to the
+offline store (docs/protocol.md, "What an ACK of a chat message means").
+At the end every user logs in again, after the traffic stopped, syncs,
+drains what follows, and syncs once more for the heads.  Then, for
+durable messages, strictly:
   lost        = (acknowledged message, recipient) pairs never received;
-  duplicated  = the same (message, attempt) received twice by one recipient
-                (the same message received from two attempts is a resend
-                whose first ACK was lost: counted, not a fault);
-and a lost message is "in flight" when its recipient's connection was cut,
-or ended with its node, within a few seconds of the ACK: pub/sub delivery is
-at most once without a `cid` (docs/protocol.md), so such a loss is the known
-limit, reported apart from unexplained ones.
+  duplicated  = a message held twice by one recipient (two mids for one
+                cid: stored twice);
+  out of order / behind / mid mismatch = a SYNC that skipped a cseq, a
+                conversation short of its head at the end, a mid other
+                than the ACK's;
+and for legacy messages as before: lost, and "in flight" when its
+recipient's connection was cut, or ended with its node, within a few
+seconds of the ACK (pub/sub delivery is at most once without a cid, so
+such a loss is the known limit, reported apart from unexplained ones);
+duplicated = the same (message, attempt) received twice (the same message
+from two attempts is a resend whose first ACK was lost: counted, not a
+fault).
 
-Exit status non-zero (the CI check) on: an unexplained loss, a duplicate, a
-crash (a node that exited without our SIGKILL, a sanitizer report), an
-error/warn kind in the chatd logs that docs/reliability.md does not explain,
-or no acknowledged message at all.  Never on throughput or growth (those
-are reported).  SOAK_STRICT=1 also fails on in-flight losses.
-SOAK_SELFTEST=1 checks the checker: one client forgets one message and
-counts another twice; the verdict must be FAIL with 1 lost (or 1 in
-flight) and 1 duplicated, and the exit status is 0 when it is.
+Exit status non-zero (the CI check) on: any durable loss, duplicate or
+order fault, an unexplained legacy loss or a legacy duplicate, a crash (a
+node that exited without our SIGKILL, a sanitizer report), an error/warn
+kind in the chatd logs that docs/reliability.md does not explain, or no
+acknowledged message (durable, and legacy when there are legacy users).
+Never on throughput or growth (those are reported).  SOAK_STRICT=1 also
+fails on legacy in-flight losses.  SOAK_SELFTEST=1 checks the checker:
+user 0 forgets its 5th durable message and holds its 6th twice; the
+verdict must be FAIL with exactly 1 durable lost and 1 durable duplicated
+(and nothing else wrong), and the exit status is 0 when it is.
 
 Environment: SOAK_MINUTES (30), SOAK_RATE (messages/s over all users, 8),
-SOAK_USERS (12), SOAK_SAMPLE_S (5), SOAK_FAULT_EVERY (seconds between
+SOAK_USERS (12), SOAK_LEGACY (senders without cid, SOAK_USERS / 4),
+SOAK_SAMPLE_S (5), SOAK_FAULT_EVERY (seconds between
 faults, 20), SOAK_SEED, SOAK_OUT (the output folder; default
 var/soak/<UTC timestamp>/ in the source tree), SOAK_STRICT; CHATD and
 CHAT_PLUGIN_DIR as for the harness.
@@ -72,7 +88,7 @@ import harness  # noqa: E402
 from harness import Client, Node, Stack, free_port, wait_for  # noqa: E402
 import test_nginx_cluster as ngx  # noqa: E402
 
-PLUGINS = ("login", "friend", "one2one", "group", "offline")
+PLUGINS = ("login", "friend", "one2one", "group", "offline", "store")
 ACK_TIMEOUT = 20.0      # longer than any stall, so a stall is not a reconnect
 STALL_S = 6
 SLOW_S = 8
@@ -255,13 +271,17 @@ STARTER = Starter()
 # users
 
 class Msg:
-    __slots__ = ("sender", "n", "kind", "to", "attempt", "acked_at", "errnos")
+    __slots__ = ("sender", "n", "kind", "to", "attempt", "acked_at", "errnos",
+                 "durable", "mid", "conv", "cseq", "dup_ack")
 
-    def __init__(self, sender, n, kind, to):
+    def __init__(self, sender, n, kind, to, durable):
         self.sender, self.n, self.kind, self.to = sender, n, kind, to
         self.attempt = 0
         self.acked_at = None
         self.errnos = collections.Counter()
+        self.durable = durable      # sent with a cid (issue 8)
+        self.mid = self.conv = self.cseq = None     # from its ACK
+        self.dup_ack = False        # its ACK said "dup": an earlier send stored it
 
 
 class User:
@@ -279,28 +299,119 @@ class User:
         self.stats = collections.Counter()
         self.client = None
         self.proxy_port = None      # the client's local port, to match proxy conns
+        # durable sender: every message with a cid (the others are legacy:
+        # no cid, at most once).  Every user is a durable *receiver*: it
+        # SYNCs after each login and when a conversation's cseq skips.
+        self.durable = idx not in soak.legacy_idx
+        self.pos = {}               # conv -> the last cseq held, contiguous
+        self.held = collections.defaultdict(set)   # conv -> own cseqs above pos+1
+        self.cmid = {}              # (conv, cseq) -> mid seen there
+        self.dgot = collections.defaultdict(list)  # (sender, n) -> [(mid, conv, cseq, t)]
+        self.heads = {}             # conv -> head, from the last SYNC
+        self.need_sync = False
 
     # receiving
     def take(self, m):
         if not isinstance(m, dict):
             return
-        if m.get("msgid") in (6, 10):
+        if m.get("msgid") in (6, 10) and "mid" in m:
+            self.take_durable(m, live=True)
+        elif m.get("msgid") in (6, 10):
             text = m.get("msg")
             if isinstance(text, str) and text.startswith("soak|"):
                 parts = text.split("|")
                 try:
                     key = (int(parts[1]), int(parts[2]))
                     self.stats["received"] += 1
-                    if self.soak.selftest and self.idx == 0:
-                        if self.stats["received"] == 5:
-                            return      # the self-test's loss
-                        if self.stats["received"] == 6:
-                            self.got[key].append((int(parts[3]), time.monotonic()))
                     self.got[key].append((int(parts[3]), time.monotonic()))
                 except (IndexError, ValueError):
                     self.stats["garbled"] += 1
         elif m.get("msgid") == 12:
             self.stats["notice_%s" % m.get("errno")] += 1
+
+    # durable receiving: one contiguous run of cseqs per conversation
+    def take_durable(self, m, live):
+        conv, c, mid = m.get("conv"), m.get("cseq"), m.get("mid")
+        if not isinstance(conv, str) or not isinstance(c, int) or not isinstance(mid, int):
+            self.stats["durable_garbled"] += 1
+            return
+        pos = self.pos.get(conv, 0)
+        if c <= pos or c in self.held[conv]:
+            self.stats["durable_dedup"] += 1     # a copy of what we hold
+            if self.cmid.get((conv, c), mid) != mid:
+                self.stats["durable_mid_mismatch"] += 1
+            return
+        if c != pos + 1:
+            if live:    # a gap in live delivery: SYNC fetches it in order
+                self.stats["gap_syncs"] += 1
+                self.need_sync = True
+                return
+            self.stats["durable_sync_gap"] += 1   # SYNC must never skip
+        self.pos[conv] = c
+        self.cmid[(conv, c)] = mid
+        if m.get("id") != self.uid:
+            self.record_durable(m, conv, c, mid, live)
+        self.advance(conv)
+
+    def record_durable(self, m, conv, c, mid, live):
+        text = m.get("msg")
+        if not isinstance(text, str) or not text.startswith("soak|"):
+            self.stats["durable_garbled"] += 1
+            return
+        parts = text.split("|")
+        try:
+            key = (int(parts[1]), int(parts[2]))
+        except (IndexError, ValueError):
+            self.stats["durable_garbled"] += 1
+            return
+        self.stats["received_durable"] += 1
+        self.stats["received_durable_live" if live else "received_durable_sync"] += 1
+        entry = (mid, conv, c, time.monotonic())
+        if self.soak.selftest and self.idx == 0:
+            if self.stats["received_durable"] == 5:
+                return          # the self-test's loss
+            if self.stats["received_durable"] == 6:
+                self.dgot[key].append(entry)    # the self-test's duplicate
+        self.dgot[key].append(entry)
+
+    def advance(self, conv):
+        h = self.held[conv]
+        pos = self.pos.get(conv, 0)
+        while pos + 1 in h:
+            pos += 1
+        self.pos[conv] = pos
+        h.difference_update([x for x in h if x <= pos])
+
+    def own_ack(self, conv, c, mid):
+        """Our own message has cseq c there: the position may pass it."""
+        self.cmid[(conv, c)] = mid
+        if c > self.pos.get(conv, 0):
+            self.held[conv].add(c)
+            self.advance(conv)
+
+    def sync(self, c):
+        """SYNC until more is false (after every login, after a gap)."""
+        self.need_sync = False
+        deadline = time.monotonic() + 60
+        while True:
+            req = {"msgid": 15, "id": self.uid,
+                   "convs": [{"conv": k, "cseq": v} for k, v in sorted(self.pos.items())]}
+            r = c.request(req, timeout=ACK_TIMEOUT)
+            e = r.get("errno")
+            self.stats["syncs"] += 1
+            if e != 0:
+                self.stats["sync_errno_%s" % e] += 1
+                if e not in (112, 113) or time.monotonic() > deadline:
+                    raise TimeoutError("SYNC answered %r" % (r,))
+                self.drain_queue(c)
+                time.sleep(0.3 + self.rng.random() * 0.3)
+                continue
+            for m in r.get("msgs") or []:
+                self.take_durable(m, live=False)
+            self.heads = {h.get("conv"): h.get("head") for h in r.get("convs") or []}
+            self.drain_queue(c)
+            if not r.get("more"):
+                return
 
     def drain_queue(self, c):
         while c.queue:
@@ -341,6 +452,7 @@ class User:
                     self.stats["logins_token" if "token" in req_kind else "logins"] += 1
                     for m in ack.get("offlinemsg") or []:
                         self.take(json.loads(m) if isinstance(m, str) else m)
+                    self.sync(c)
                     return c
                 self.stats["login_errno_%s" % e] += 1
                 if e == 1 and use_token:
@@ -355,9 +467,9 @@ class User:
     def new_msg(self):
         n = len(self.sent) + 1
         if self.groups and self.rng.random() < 0.4:
-            m = Msg(self.uid, n, "group", self.rng.choice(self.groups))
+            m = Msg(self.uid, n, "group", self.rng.choice(self.groups), self.durable)
         else:
-            m = Msg(self.uid, n, "pair", self.partner.uid)
+            m = Msg(self.uid, n, "pair", self.partner.uid, self.durable)
         self.sent.append(m)
         return m
 
@@ -371,14 +483,25 @@ class User:
             req = {"msgid": 6, "id": self.uid, "toid": m.to, "msg": text}
         else:
             req = {"msgid": 10, "id": self.uid, "groupid": m.to, "msg": text}
+        if m.durable:   # the same cid on every resend
+            req["cid"] = "soak-%d-%d" % (self.uid, m.n)
         ack = c.request(req, timeout=ACK_TIMEOUT)
-        self.drain_queue(c)
         e = ack.get("errno")
         m.errnos[e] += 1
         if e == 0:
             m.acked_at = time.monotonic()
             self.stats["acked"] += 1
+            if m.durable:
+                m.mid, m.conv, m.cseq = ack.get("mid"), ack.get("conv"), ack.get("cseq")
+                m.dup_ack = bool(ack.get("dup"))
+                self.stats["acked_dup"] += m.dup_ack
+                if isinstance(m.cseq, int) and isinstance(m.conv, str):
+                    self.own_ack(m.conv, m.cseq, m.mid)
+                else:
+                    self.soak.problem("%s: durable ACK without conv/cseq: %r" % (self.name, ack))
+            self.drain_queue(c)
             return True
+        self.drain_queue(c)
         self.stats["errno_%s" % e] += 1
         if e in (113, 125, 112):    # not executed (or partly): send again later
             time.sleep(min(1.0, (ack.get("retry_after_ms") or 200) / 1000.0))
@@ -414,6 +537,9 @@ class User:
                     if not self.pending and not soak.stop_new.is_set() and now >= next_send:
                         self.pending.append(self.new_msg())
                         next_send = now + self.rng.expovariate(per_user)
+                    if self.need_sync:
+                        self.sync(c)
+                        continue
                     if self.pending:
                         if self.send_one(c, self.pending[0]):
                             self.pending.popleft()
@@ -437,14 +563,17 @@ class User:
         c = self.session(deadline=time.monotonic() + 120, use_token=False)
         try:
             n = -1
-            while n != self.stats["received"]:
-                n = self.stats["received"]
+            while n != self.stats["received"] + self.stats["received_durable"]:
+                n = self.stats["received"] + self.stats["received_durable"]
                 deadline = time.monotonic() + quiet
                 while time.monotonic() < deadline:
                     try:
                         self.take(c.recv(timeout=max(0.0, deadline - time.monotonic())))
                     except TimeoutError:
                         break
+                if self.need_sync:
+                    self.sync(c)
+            self.sync(c)    # the heads to compare the positions with
             c.request({"msgid": 3, "id": self.uid}, timeout=ACK_TIMEOUT)
             self.drain_queue(c)
         finally:
@@ -464,6 +593,9 @@ class Soak:
         self.fault_every = env_float("SOAK_FAULT_EVERY", 20)
         self.seed = int(env_float("SOAK_SEED", int(time.time()) % 100000))
         self.strict = os.environ.get("SOAK_STRICT") == "1"
+        # legacy senders (no cid): users 3, 7, 11, ... (a quarter by default)
+        n_legacy = int(env_float("SOAK_LEGACY", self.n_users // 4))
+        self.legacy_idx = set(list(range(3, self.n_users, 4))[:n_legacy])
         # SOAK_SELFTEST=1: user 0 forgets its 5th message and counts its 6th
         # twice, so the report must show 1 lost and 1 duplicated and fail
         self.selftest = os.environ.get("SOAK_SELFTEST") == "1"
@@ -506,7 +638,7 @@ class Soak:
         self.nodes = []
         for i in range(3):
             n = Node(self.stack, db=db, node_id="soak-n%d" % (i + 1), migrate=(i == 0),
-                     plugin_dir=self.plugdir, conf=conf)
+                     plugins=PLUGINS, plugin_dir=self.plugdir, conf=conf)
             self.nodes.append(n)
             self.node_series[i] = n.pid
         self.nginx = ngx.Nginx(free_port(), [n.port for n in self.nodes])
@@ -726,8 +858,9 @@ class Soak:
         while self.rel() < self.duration:
             time.sleep(min(10, max(0.1, self.duration - self.rel())))
             acked = sum(u.stats["acked"] for u in self.users)
-            log("%4.0f s: %d acknowledged, %d received", self.rel(), acked,
-                sum(u.stats["received"] for u in self.users))
+            log("%4.0f s: %d acknowledged, %d received (%d durable)", self.rel(), acked,
+                sum(u.stats["received"] + u.stats["received_durable"] for u in self.users),
+                sum(u.stats["received_durable"] for u in self.users))
         self.end_phase(threads, aux)
 
     def end_phase(self, threads, aux):
@@ -747,8 +880,8 @@ class Soak:
         # no new message now: read until nothing arrives for 3 s, so that no
         # client closes on a delivery still in its socket
         last = -1
-        while last != sum(u.stats["received"] for u in self.users):
-            last = sum(u.stats["received"] for u in self.users)
+        while last != sum(u.stats["received"] + u.stats["received_durable"] for u in self.users):
+            last = sum(u.stats["received"] + u.stats["received_durable"] for u in self.users)
             time.sleep(3)
         self.stop_users.set()
         for t in threads:
@@ -798,20 +931,73 @@ class Soak:
 # --------------------------------------------------------------------------
 # analysis
 
+def rcpts_of(soak, u, m):
+    return [m.to] if m.kind == "pair" else [x for x in soak.group_members[m.to] if x != u.uid]
+
+
+def analyse_durable(soak):
+    """Messages sent with a cid, strictly: every acknowledged one received
+    exactly once (after dedup by mid) by every recipient, with the mid of
+    its ACK, and every conversation held as one contiguous run up to its
+    head.  No loss is "in flight" here: SYNC repairs every cut."""
+    by_uid = {u.uid: u for u in soak.users}
+    d = collections.Counter()
+    lost = []
+    for u in soak.users:
+        for m in u.sent:
+            if not m.durable:
+                continue
+            d["created"] += 1
+            d["attempts"] += m.attempt
+            if m.acked_at is None:
+                d["not_acked"] += 1
+                continue
+            d["acked"] += 1
+            d["acked_dup"] += m.dup_ack
+            for to in rcpts_of(soak, u, m):
+                d["expected"] += 1
+                got = by_uid[to].dgot.get((u.uid, m.n), [])
+                if not got:
+                    lost.append((u, m, to))
+                    continue
+                d["duplicated"] += len(got) - 1
+                d["mid_mismatch"] += sum(1 for e in got if e[0] != m.mid)
+    for u in soak.users:
+        for (sender, n), copies in u.dgot.items():
+            d["received_distinct"] += 1
+            s = by_uid.get(sender)
+            if s is None or n > len(s.sent) or not s.sent[n - 1].durable:
+                d["phantom"] += 1
+        d["dedup"] += u.stats["durable_dedup"]
+        d["by_sync"] += u.stats["received_durable_sync"]
+        d["gap_syncs"] += u.stats["gap_syncs"]
+        d["syncs"] += u.stats["syncs"]
+        d["phantom"] += u.stats["durable_garbled"]
+        d["mid_mismatch"] += u.stats["durable_mid_mismatch"]
+        d["order"] += u.stats["durable_sync_gap"]
+        for conv, head in u.heads.items():     # the final SYNC's heads
+            if isinstance(head, int) and u.pos.get(conv, 0) != head:
+                d["behind"] += 1
+    return d, lost
+
+
 def analyse_messages(soak):
+    """Legacy messages (no cid): at most once, so a loss at a cut or kill
+    of the recipient is "in flight", reported apart."""
     by_uid = {u.uid: u for u in soak.users}
     r = collections.Counter()
     lost, inflight = [], []
     for u in soak.users:
         for m in u.sent:
+            if m.durable:
+                continue
             r["created"] += 1
             r["attempts"] += m.attempt
             if m.acked_at is None:
                 r["not_acked"] += 1
                 continue
             r["acked"] += 1
-            rcpts = [m.to] if m.kind == "pair" else [x for x in soak.group_members[m.to] if x != u.uid]
-            for to in rcpts:
+            for to in rcpts_of(soak, u, m):
                 r["expected"] += 1
                 got = by_uid[to].got.get((u.uid, m.n))
                 if got:
@@ -827,7 +1013,8 @@ def analyse_messages(soak):
             r["duplicated"] += sum(c - 1 for c in attempts.values())
             r["resend_copies"] += len(attempts) - 1
             s = by_uid.get(sender)
-            if s is None or n > len(s.sent) or max(attempts) > s.sent[n - 1].attempt:
+            if (s is None or n > len(s.sent) or s.sent[n - 1].durable
+                    or max(attempts) > s.sent[n - 1].attempt):
                 r["phantom"] += 1
         r["garbled"] += u.stats["garbled"]
     return r, lost, inflight
@@ -964,7 +1151,25 @@ def pct(x):
     return "—" if x is None else "%+.1f%%" % (100 * x)
 
 
+def lost_lines(soak, what, items):
+    L = []
+    if items:
+        L.append("")
+        L.append("%s (first 20):" % what)
+        for u, m, to in items[:20]:
+            L.append("- %s #%d (%s to %s%s) acked at %.1f s after %d attempt(s); recipient's "
+                     "session ends: %s" % (u.name, m.n, m.kind, to,
+                                           ", mid %s %s cseq %s" % (m.mid, m.conv, m.cseq)
+                                           if m.durable else "",
+                                           soak.rel(m.acked_at), m.attempt, ", ".join(
+                                               "%.1f s %s" % (soak.rel(t), w)
+                                               for t, w in soak.users[[x.uid for x in soak.users].index(to)].ends
+                                               if abs(t - m.acked_at) < 30) or "none near"))
+    return L
+
+
 def report(soak):
+    d, dlost = analyse_durable(soak)
     r, lost, inflight = analyse_messages(soak)
     kinds, first = error_kinds([n.log_text() for n in soak.nodes])
     res = growth(soak)
@@ -982,7 +1187,32 @@ def report(soak):
              % (soak.t_end_traffic / 60, soak.t_end, soak.n_users, soak.rate,
                 soak.fault_every, soak.seed))
     L.append("")
-    L.append("## Messages")
+    L.append("## Durable messages (with cid; strict)")
+    L.append("")
+    L.append("%d of %d users send with a `cid`; every user SYNCs after each login and "
+             "at a gap, and dedups by mid." % (soak.n_users - len(soak.legacy_idx), soak.n_users))
+    L.append("")
+    L.append("| | count |")
+    L.append("|---|---|")
+    rows = [("messages created", d["created"]), ("sends (with resends, same cid)", d["attempts"]),
+            ("acknowledged (errno 0, after COMMIT)", d["acked"]),
+            ("of which answered `dup` (an earlier send was stored)", d["acked_dup"]),
+            ("never acknowledged (given up at the end)", d["not_acked"]),
+            ("deliveries owed (acked x recipients)", d["expected"]),
+            ("distinct (message, recipient) received", d["received_distinct"]),
+            ("of which fetched by SYNC (missed live: offline, cut, killed node, gap)", d["by_sync"]),
+            ("copies dropped by dedup (mid already held)", d["dedup"]),
+            ("SYNCs (after logins and %d live gaps)" % d["gap_syncs"], d["syncs"]),
+            ("**lost**", len(dlost)),
+            ("**duplicated** (one message held twice by a recipient)", d["duplicated"]),
+            ("**out of order** (SYNC skipped a cseq)", d["order"]),
+            ("**behind** (conversation short of its head at the end)", d["behind"]),
+            ("**mid mismatch** (a message's mid differs from its ACK's)", d["mid_mismatch"]),
+            ("phantom or garbled", d["phantom"])]
+    L += ["| %s | %d |" % row for row in rows]
+    L += lost_lines(soak, "Durable lost", dlost)
+    L.append("")
+    L.append("## Legacy messages (no cid; at most once)")
     L.append("")
     L.append("| | count |")
     L.append("|---|---|")
@@ -999,22 +1229,13 @@ def report(soak):
             ("phantom or garbled", r["phantom"] + r["garbled"])]
     L += ["| %s | %d |" % row for row in rows]
     L.append("")
-    errs = sorted((k, v) for k, v in stats.items() if k.startswith(("errno_", "login_errno_", "notice_")))
+    errs = sorted((k, v) for k, v in stats.items() if k.startswith(("errno_", "login_errno_", "notice_", "sync_errno_")))
     L.append("Sessions: %d logins, %d ended by a fault, %d planned logouts; "
              "answers other than 0: %s."
              % (stats["logins"] + stats["logins_token"], stats["session_ends"],
                 stats["logouts"], ", ".join("%s ×%d" % kv for kv in errs) or "none"))
-    for what, items in (("Lost, unexplained", lost), ("Lost in flight", inflight)):
-        if items:
-            L.append("")
-            L.append("%s (first 20):" % what)
-            for u, m, to in items[:20]:
-                L.append("- %s #%d (%s to %s) acked at %.1f s after %d attempt(s); recipient's "
-                         "session ends: %s" % (u.name, m.n, m.kind, to, soak.rel(m.acked_at),
-                                               m.attempt, ", ".join(
-                                                   "%.1f s %s" % (soak.rel(t), w)
-                                                   for t, w in soak.users[[x.uid for x in soak.users].index(to)].ends
-                                                   if abs(t - m.acked_at) < 30) or "none near"))
+    for what, items in (("Legacy lost, unexplained", lost), ("Legacy lost in flight", inflight)):
+        L += lost_lines(soak, what, items)
     L.append("")
     L.append("## Faults injected")
     L.append("")
@@ -1045,20 +1266,29 @@ def report(soak):
     L.append("")
     unexplained = kinds_table(L, kinds, first)
     fails = []
+    for key, what in (("duplicated", "durable messages duplicated"),
+                      ("order", "durable messages out of order"),
+                      ("behind", "conversations behind their head"),
+                      ("mid_mismatch", "durable mid mismatches"),
+                      ("phantom", "durable phantom/garbled messages")):
+        if d[key]:
+            fails.append("%d %s" % (d[key], what))
+    if dlost:
+        fails.insert(0, "%d acknowledged durable messages lost" % len(dlost))
     if lost:
-        fails.append("%d acknowledged messages lost (unexplained)" % len(lost))
+        fails.append("%d acknowledged legacy messages lost (unexplained)" % len(lost))
     if soak.strict and inflight:
-        fails.append("%d lost in flight (SOAK_STRICT)" % len(inflight))
+        fails.append("%d legacy lost in flight (SOAK_STRICT)" % len(inflight))
     if r["duplicated"]:
-        fails.append("%d duplicated" % r["duplicated"])
+        fails.append("%d legacy duplicated" % r["duplicated"])
     if r["phantom"] + r["garbled"]:
-        fails.append("%d phantom/garbled messages" % (r["phantom"] + r["garbled"]))
+        fails.append("%d legacy phantom/garbled messages" % (r["phantom"] + r["garbled"]))
     if soak.crashes:
         fails.append("crashes: " + "; ".join(c.splitlines()[0] for c in soak.crashes))
     if unexplained:
         fails.append("%d unexplained error kinds" % len(unexplained))
-    if not r["acked"]:
-        fails.append("no message was acknowledged")
+    if not d["acked"] or (soak.legacy_idx and not r["acked"]):
+        fails.append("no durable or no legacy message was acknowledged")
     broken = [p for p in soak.problems if p.startswith(("user ", "final login", "fault ", "shutdown"))]
     if broken:  # the soak itself went wrong: its counts cannot be trusted
         fails.append("%d soak problems (%s)" % (len(broken), broken[0].splitlines()[0]))
@@ -1082,8 +1312,11 @@ def report(soak):
     with open(os.path.join(soak.out, "report.md"), "w") as f:
         f.write(text)
     if soak.selftest:   # the checker must have seen exactly what was planted
-        planted = (len(lost) + len(inflight) == 1 and r["duplicated"] == 1
-                   and not soak.crashes and not unexplained and r["acked"])
+        # user 0 is a durable receiver: 1 durable lost, 1 durable duplicated,
+        # nothing else wrong (legacy in-flight losses may happen)
+        planted = (len(dlost) == 1 and d["duplicated"] == 1 and fails and not lost
+                   and not r["duplicated"] and not soak.crashes and not unexplained
+                   and d["acked"])
         text += "\nSelf-test: the planted loss and duplicate were %s.\n" % (
             "found" if planted else "NOT found as planted")
         return text, planted
