@@ -206,6 +206,11 @@ static void add_done(const struct chat_db_result *r, void *ud)
         invalidate_everywhere(a->uid);
         if (policy == POLICY_MUTUAL)
             invalidate_everywhere(a->fid);
+        /* fid has a new watcher (open: uid; mutual: uid, and fid may now
+         * watch uid): the nodes holding them read their watchers again */
+        fr_presence_watch(a->fid);
+        if (policy == POLICY_MUTUAL)
+            fr_presence_watch(a->uid);
         add_answer(s, a);
         return;
     }
@@ -685,6 +690,11 @@ static void on_broadcast(int event, const void *arg, void *ud)
     if (ev->plugin && !strcmp(ev->plugin, PLUGIN_NAME) && ev->len > 2 &&
         ev->data[0] == 'P') {
         fr_presence_broadcast(ev->data, ev->len);
+        return;
+    }
+    if (ev->plugin && !strcmp(ev->plugin, PLUGIN_NAME) && ev->len > 2 &&
+        ev->data[0] == 'W') {
+        fr_presence_rewatch(ev->data, ev->len);
         return;
     }
     if (!ev->plugin || strcmp(ev->plugin, PLUGIN_NAME) || ev->len < 5 ||

@@ -23,6 +23,10 @@ int fr_presence_start(const struct chat_host *h, struct chat_plugin *p);
 void fr_presence_conf(int is_mutual);
 void fr_presence_hook(int event, const struct chat_ev_session *ev);
 void fr_presence_broadcast(const char *data, size_t len);
+/* watch: ADD_FRIEND gave uid a watcher (tell the nodes holding uid);
+ * rewatch: a "W <uid>" broadcast of this plugin. */
+void fr_presence_watch(int64_t uid);
+void fr_presence_rewatch(const char *data, size_t len);
 void fr_presence_fini(void);
 
 #endif

@@ -10,8 +10,10 @@
  * while the user has a session here, so the "offline" side needs no query
  * and leaves at once from the LOGOUT / SESSION_CLOSE hook, while the bus is
  * surely still up (also while the node shuts down, whose closes run before
- * the bus stops).  A friend added while the user is online is told from
- * the next login on.
+ * the bus stops).  A friend added while the user is online is one more
+ * watcher at once: ADD_FRIEND broadcasts "W <uid>" for the user whose
+ * watchers grew, and the node(s) holding that user read the list again
+ * (no event is sent for the re-read itself).
  *
  * Both go to this plugin on every node with host->broadcast(), in batches
  * of PRES_BATCH ids ("P <uid> <online> <n> <ids>\n<quoted name>"); each node
@@ -55,6 +57,7 @@ static struct chat_map *users;    /* uid -> struct puser * */
 struct puser {
     size_t local;       /* sessions of the user on this node */
     int loading;        /* the watchers' SELECT is running */
+    int reread;         /* the list changed while it was being read */
     char *name;         /* the name as a JSON literal (host->free) */
     size_t n;
     int64_t *ids;       /* the watchers, once read (host->free) */
@@ -237,11 +240,17 @@ static void announce(int64_t uid, const struct puser *u, int online)
     host->free(note);
 }
 
+enum { W_OFFLINE, W_ONLINE, W_REFRESH };
+
 struct wload {
     int64_t uid;
-    int online;         /* 0: a session of an unknown user (a reload) closed */
-    struct puser *u;    /* online: users' entry; else owned here */
+    int mode;           /* W_OFFLINE: a session of an unknown user (a reload)
+                           closed; W_ONLINE: the first login here; W_REFRESH:
+                           a friend was added while the user is online */
+    struct puser *u;    /* W_OFFLINE: owned here; else users' entry */
 };
+
+static int watchers_start(int64_t uid, struct puser *u, int mode);
 
 static void watchers_read(const struct chat_db_result *r, void *ud)
 {
@@ -249,28 +258,41 @@ static void watchers_read(const struct chat_db_result *r, void *ud)
     struct puser *u = w->u;
     size_t i, n;
 
+    int64_t *ids;
+
     u->loading = 0;
     if (host->db_error(r) != CHAT_OK) {
         chat_log(host, self, CHAT_LOG_WARN, "watchers of %lld: %s", (long long)w->uid,
                  host->db_errmsg(r));
-    } else if ((n = host->db_nrows(r)) && (u->ids = host->malloc(n * sizeof(int64_t)))) {
+    } else if ((n = host->db_nrows(r)) && (ids = host->malloc(n * sizeof(int64_t)))) {
         for (i = 0; i < n; i++)
-            u->ids[i] = host->db_int(r, i, 0);
+            ids[i] = host->db_int(r, i, 0);
+        host->free(u->ids); /* a refresh replaces the list it had */
+        u->ids = ids;
         u->n = n;
     }
-    if (!w->online) {
+    if (w->mode == W_OFFLINE) {
         announce(w->uid, u, 0);
         puser_free(u);
     } else if (u->local) {
-        announce(w->uid, u, 1);
-    } else { /* every session went while reading: no event */
+        if (w->mode == W_ONLINE)
+            announce(w->uid, u, 1);
+        if (u->reread) {
+            u->reread = 0;
+            if (watchers_start(w->uid, u, W_REFRESH) != CHAT_OK)
+                chat_log(host, self, CHAT_LOG_WARN, "watchers of %lld: not read again",
+                         (long long)w->uid);
+        }
+    } else { /* every session went while reading */
         host->map_del(users, w->uid);
+        if (w->mode == W_REFRESH) /* online was told: offline is owed */
+            announce(w->uid, u, 0);
         puser_free(u);
     }
     host->free(w);
 }
 
-static int watchers_start(int64_t uid, struct puser *u, int online)
+static int watchers_start(int64_t uid, struct puser *u, int mode)
 {
     static const char sql_open[] =
         "SELECT user_id FROM friends WHERE friend_id = ? LIMIT ?";
@@ -285,7 +307,7 @@ static int watchers_start(int64_t uid, struct puser *u, int online)
     if (!w)
         return CHAT_ERR_NOMEM;
     w->uid = uid;
-    w->online = online;
+    w->mode = mode;
     w->u = u;
     if ((rc = host->db_query(self, mutual ? sql_mutual : sql_open, p, 2, watchers_read,
                              w)) != CHAT_OK)
@@ -330,7 +352,7 @@ static void on_login(struct chat_session *s, int64_t uid)
         return;
     }
     u->local = 1;
-    if (watchers_start(uid, u, 1) != CHAT_OK)
+    if (watchers_start(uid, u, W_ONLINE) != CHAT_OK)
         chat_log(host, self, CHAT_LOG_WARN, "watchers of %lld: not read: presence not told",
                  (long long)uid);
 }
@@ -346,7 +368,7 @@ static void on_logout(struct chat_session *s, int64_t uid)
          * unless another session of the user is here */
         if (fanout_max && ((other = host->session_by_user(uid)) == NULL || other == s) &&
             !host->map_get(users, uid) && (u = puser_new(s)) &&
-            watchers_start(uid, u, 0) != CHAT_OK)
+            watchers_start(uid, u, W_OFFLINE) != CHAT_OK)
             puser_free(u);
         return;
     }
@@ -357,6 +379,40 @@ static void on_logout(struct chat_session *s, int64_t uid)
     host->map_del(users, uid);
     announce(uid, u, 0);
     puser_free(u);
+}
+
+/* ADD_FRIEND stored a row that gives uid one more watcher: every node
+ * holding uid reads its watchers again. */
+void fr_presence_watch(int64_t uid)
+{
+    char buf[32];
+    int n = snprintf(buf, sizeof(buf), "W %lld", (long long)uid);
+
+    if (fanout_max && host->broadcast(self, buf, (size_t)n) != CHAT_OK)
+        chat_log(host, self, CHAT_LOG_WARN, "watchers of %lld: change not broadcast: "
+                 "the new friend is told from the next login on", (long long)uid);
+}
+
+/* "W <uid>" from any node (this one included). */
+void fr_presence_rewatch(const char *data, size_t len)
+{
+    char buf[32];
+    long long uid;
+    struct puser *u;
+
+    if (len < 3 || len >= sizeof(buf))
+        return;
+    memcpy(buf, data, len);
+    buf[len] = '\0';
+    if ((uid = strtoll(buf + 2, NULL, 10)) <= 0 || !(u = host->map_get(users, uid)))
+        return;
+    if (u->loading) {
+        u->reread = 1; /* the SELECT in flight may predate the new row */
+        return;
+    }
+    if (watchers_start(uid, u, W_REFRESH) != CHAT_OK)
+        chat_log(host, self, CHAT_LOG_WARN, "watchers of %lld: not read again",
+                 (long long)uid);
 }
 
 void fr_presence_hook(int event, const struct chat_ev_session *ev)

@@ -219,6 +219,21 @@ class EventsTest(unittest.TestCase):
         for x in (ca, cc, ld):
             x.close()
 
+    def test_presence_friend_added_while_online(self):
+        # b is online on n2 before a adds b: a still hears b go offline
+        n1, n2 = self.nodes
+        a, b = self.user("wa"), self.user("wb")
+        cb = login2(n2, b)
+        ca = login2(n1, a)
+        self.assertEqual(ca.request({"msgid": 7, "friendid": b})["errno"], 0)
+        # ADD_FRIEND makes n2 read b's watchers again (an in-flight read on
+        # logout still announces offline to the new list)
+        self.assertEqual(cb.request({"msgid": 3})["errno"], 0)
+        m = ca.recv_until(of(19))
+        self.assertEqual((m["id"], m["online"]), (b, False), m)
+        cb.close()
+        ca.close()
+
     def test_presence_replaced_is_not_offline(self):
         n1, n2 = self.nodes
         a, b = self.user("ra"), self.user("rb")

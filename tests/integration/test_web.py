@@ -59,9 +59,10 @@ XSS = "<img src=x onerror=alert(1)>"
 OUT = os.environ.get("CHAT_TEST_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "out")
 PHONE, DESKTOP = (390, 844), (1280, 800)
-# the store plugin (durable messages: SYNC, HISTORY, READ) when it is built
-PLUGINS = ("login", "friend", "one2one", "group", "offline") + \
-    (("store",) if os.path.exists(os.path.join(PLUGIN_DIR, "store.so")) else ())
+# the store plugin (durable messages: SYNC, HISTORY, READ) and the typing
+# plugin (msgid 18) when they are built, as etc/chat.conf enables them
+PLUGINS = ("login", "friend", "one2one", "group", "offline") + tuple(
+    p for p in ("store", "typing") if os.path.exists(os.path.join(PLUGIN_DIR, p + ".so")))
 
 
 def uname(base):
