@@ -99,6 +99,17 @@ struct ws_conn {
      * fragmented message is in progress. */
     uint64_t fed, framed, frame_size;
     int in_frag, frame_data_fin; /* frame_data_fin: 0 none, 1 fin, 2 not */
+    /* The text message being read (wslay runs without buffering, see
+     * on_chunk): its bytes so far, or, for a message that came whole in
+     * one chunk, a pointer into wslay's read buffer (zc), valid until
+     * on_msg returns; total counts a data message's bytes for the limit. */
+    char *msg;
+    size_t msg_len, msg_cap;
+    const uint8_t *zc;
+    size_t zc_len;
+    uint64_t total, frame_len;
+    uint8_t msg_op;  /* the opcode of the data message being read */
+    int too_big;
     int closing;   /* a close frame was queued (by anyone) */
     int reported;  /* on_error or on_close was called */
     int closed;    /* refused, or closed before the handshake */
@@ -477,10 +488,20 @@ static void on_msg(wslay_event_context_ptr ev,
     static const char bin[] = "binary messages are not accepted";
 
     switch (a->opcode) {
-    case WSLAY_TEXT_FRAME:
-        if (!w->closing && w->cb->on_message)
-            w->cb->on_message(w->ud, (const char *)a->msg, a->msg_length);
+    case WSLAY_TEXT_FRAME: {
+        const char *p = w->zc ? (const char *)w->zc : w->msg ? w->msg : "";
+        size_t n = w->zc ? w->zc_len : w->msg_len;
+        w->zc = NULL;
+        w->msg_len = 0;
+        if (!w->closing && !w->too_big && w->cb->on_message)
+            w->cb->on_message(w->ud, p, n);
+        if (w->msg_cap > WS_OUT_KEEP) {
+            mem_free(w->msg);
+            w->msg = NULL;
+            w->msg_cap = 0;
+        }
         break;
+    }
     case WSLAY_BINARY_FRAME:
         if (w->closing)
             break;
@@ -525,6 +546,57 @@ static void on_frame_start(wslay_event_context_ptr ev,
     (void)ev;
     w->frame_size = 2 + 4 + (n < 126 ? 0 : n < 65536 ? 2 : 8) + n;
     w->frame_data_fin = (a->opcode & 8) ? 0 : a->fin ? 1 : 2;
+    if (!w->frame_data_fin)
+        return;
+    if (a->opcode != WSLAY_CONTINUATION_FRAME)
+        w->msg_op = a->opcode;
+    w->frame_len = n;
+    /* without buffering wslay checks each frame against the limit, not
+     * the message: the rest of the check is here, with wslay's answer */
+    if (n > w->conf->max_message - w->total && !w->too_big) {
+        w->too_big = 1;
+        if (wslay_event_queue_close(ev, WS_CLOSE_TOO_BIG, NULL, 0) == WSLAY_ERR_NOMEM)
+            w->fatal = 1;
+        wslay_event_shutdown_read(ev);
+        return;
+    }
+    w->total += n;
+}
+
+/* A piece of a frame's payload, unmasked, its UTF-8 checked by wslay.
+ * With no buffering (ev_new) wslay neither copies data frames into chunks
+ * nor joins them into a message: a text message that comes whole in one
+ * chunk is passed up from wslay's read buffer itself, others are joined
+ * here. */
+static void on_chunk(wslay_event_context_ptr ev,
+                     const struct wslay_event_on_frame_recv_chunk_arg *a, void *ud)
+{
+    struct ws_conn *w = ud;
+
+    if (!w->frame_data_fin || w->too_big || w->msg_op != WSLAY_TEXT_FRAME ||
+        a->data_length == 0)
+        return;
+    if (w->frame_data_fin == 1 && w->msg_len == 0 && w->total == w->frame_len &&
+        a->data_length == w->frame_len) {
+        w->zc = a->data;
+        w->zc_len = a->data_length;
+        return;
+    }
+    if (a->data_length > w->msg_cap - w->msg_len) {
+        size_t cap = w->msg_cap ? w->msg_cap : 256;
+        char *b;
+        while (cap - w->msg_len < a->data_length)
+            cap *= 2;
+        if (!(b = mem_realloc(w->msg, cap))) {
+            w->fatal = 1;
+            wslay_event_shutdown_read(ev);
+            return;
+        }
+        w->msg = b;
+        w->msg_cap = cap;
+    }
+    memcpy(w->msg + w->msg_len, a->data, a->data_length);
+    w->msg_len += a->data_length;
 }
 
 static void on_frame_end(wslay_event_context_ptr ev, void *ud)
@@ -534,12 +606,15 @@ static void on_frame_end(wslay_event_context_ptr ev, void *ud)
     w->framed += w->frame_size;
     if (w->frame_data_fin)
         w->in_frag = w->frame_data_fin == 2;
+    if (w->frame_data_fin == 1)
+        w->total = 0; /* the message ends: on_msg comes next */
 }
 
 static const struct wslay_event_callbacks ev_callbacks = {
     .recv_callback = recv_cb,
     .send_callback = send_cb,
     .on_frame_recv_start_callback = on_frame_start,
+    .on_frame_recv_chunk_callback = on_chunk,
     .on_frame_recv_end_callback = on_frame_end,
     .on_msg_recv_callback = on_msg,
 };
@@ -553,8 +628,10 @@ static int ev_new(struct ws_conn *w)
         return CHAT_ERR_NOMEM;
     }
     wslay_event_config_set_max_recv_msg_length(w->ev, w->conf->max_message);
-    w->fed = w->framed = 0;
+    wslay_event_config_set_no_buffering(w->ev, 1); /* see on_chunk */
+    w->fed = w->framed = w->total = 0;
     w->in_frag = 0;
+    w->msg_len = 0;
     return 0;
 }
 
@@ -576,6 +653,9 @@ static void ws_idle(struct ws_conn *w)
         return;
     wslay_event_context_free(ev);
     w->ev = NULL;
+    mem_free(w->msg); /* no message is open */
+    w->msg = NULL;
+    w->msg_cap = w->msg_len = 0;
     if (w->out.off == w->out.len) { /* else ws_conn_consume frees it */
         mem_free(w->out.buf);
         memset(&w->out, 0, sizeof w->out);
@@ -701,6 +781,7 @@ void ws_conn_free(struct ws_conn *w)
         wslay_event_context_free(w->ev);
     mem_free(w->hs);
     mem_free(w->out.buf);
+    mem_free(w->msg);
     mem_free(w);
 }
 
@@ -721,7 +802,7 @@ enum ws_state ws_conn_state(const struct ws_conn *w)
 
 int ws_conn_idle(const struct ws_conn *w)
 {
-    return !w->hs && !w->closed && !w->ev && !w->out.buf;
+    return !w->hs && !w->closed && !w->ev && !w->out.buf && !w->msg;
 }
 
 int ws_conn_feed(struct ws_conn *w, const char *in, size_t n)
