@@ -12,10 +12,36 @@
  * timer and the unit test and the fuzz target (tests/fuzz/fuzz_ws.c) drive
  * the engine alone.
  *
- * The handshake state (a few KiB: parser, header copies) is freed once the
- * request is answered; an open connection holds the wslay context (its
- * 4 KiB read buffer is wslay's) and the output buffer, which is released
- * whenever it drains after having grown past WS_OUT_KEEP.
+ * Memory.  The handshake state (a few KiB: parser, header copies) is
+ * freed once the request is answered.  wslay's event context (about
+ * 8.5 KiB with its frame context: a 4 KiB read buffer, a 4 KiB send
+ * buffer) exists only while frames are in flight, the way
+ * SSL_MODE_RELEASE_BUFFERS treats OpenSSL's records: it is made when
+ * frame bytes arrive (ev_new, with max_message and no buffering) and
+ * freed after a read that ends on a frame boundary with nothing inside
+ * wslay (ws_idle).  "Nothing inside" is proved, not guessed: the frame
+ * callbacks add up each whole frame's size (wslay refuses unmasked client
+ * frames and lengths not in their shortest form, so the header size
+ * follows from the length) against the bytes recv_cb handed over, track
+ * whether a fragmented message is open, and wslay's send queue must be
+ * empty with no close sent, queued or received.  The output buffer and
+ * the message buffer go with it, so an idle open connection holds only
+ * its struct ws_conn.  The output buffer is also released whenever it
+ * drains after having grown past WS_OUT_KEEP.
+ *
+ * Speed.  wslay still reads every frame (unmasking, UTF-8, the message
+ * rules), but runs without buffering: it does not copy data frames into
+ * chunks and join them; a text message that arrives whole in one chunk is
+ * passed up from wslay's read buffer, others are joined once here
+ * (on_chunk).  wslay checks the limit per frame then, so on_frame_start
+ * adds the message-wide check with wslay's answer (1009).  Server frames
+ * of text and pings are written here, header and payload straight into
+ * the output (frame_out), not through wslay's queue (which copies twice
+ * and mallocs per message); wslay writes only pongs and closes, and
+ * flush() empties its queue at once, so the order on the wire is the
+ * order of the calls and nothing follows a close.  What remains of
+ * wslay's cost is its byte loops: UTF-8 validation (most of
+ * wslay_event_recv in a profile) and unmasking.
  *
  * Policy: a binary message is refused with 1003; wslay itself closes with
  * 1002 (an unmasked or malformed frame), 1007 (text that is not UTF-8) and
