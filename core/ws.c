@@ -569,7 +569,7 @@ static void on_frame_start(wslay_event_context_ptr ev,
 {
     struct ws_conn *w = ud;
     uint64_t n = a->payload_length;
-    (void)ev;
+
     w->frame_size = 2 + 4 + (n < 126 ? 0 : n < 65536 ? 2 : 8) + n;
     w->frame_data_fin = (a->opcode & 8) ? 0 : a->fin ? 1 : 2;
     if (!w->frame_data_fin)

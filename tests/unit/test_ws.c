@@ -2,8 +2,9 @@
  * test_ws.c - CUnit tests of the WebSocket engine (core/ws.c): the upgrade
  * request and its refusals (400, 403, 404, 405, 426, 431), the accept key
  * (RFC 6455's example), frames in and out, fragments, pings, the close
- * handshake both ways, and the closes the engine sends (1002, 1003, 1007,
- * 1009).  The client's frames are built here; no socket is opened.
+ * handshake both ways, the closes the engine sends (1002, 1003, 1007,
+ * 1009), and the release of wslay's contexts at idle frame boundaries.
+ * The client's frames are built here; no socket is opened.
  */
 #include <stdlib.h>
 #include <string.h>
