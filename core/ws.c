@@ -12,10 +12,36 @@
  * timer and the unit test and the fuzz target (tests/fuzz/fuzz_ws.c) drive
  * the engine alone.
  *
- * The handshake state (a few KiB: parser, header copies) is freed once the
- * request is answered; an open connection holds the wslay context (its
- * 4 KiB read buffer is wslay's) and the output buffer, which is released
- * whenever it drains after having grown past WS_OUT_KEEP.
+ * Memory.  The handshake state (a few KiB: parser, header copies) is
+ * freed once the request is answered.  wslay's event context (about
+ * 8.5 KiB with its frame context: a 4 KiB read buffer, a 4 KiB send
+ * buffer) exists only while frames are in flight, the way
+ * SSL_MODE_RELEASE_BUFFERS treats OpenSSL's records: it is made when
+ * frame bytes arrive (ev_new, with max_message and no buffering) and
+ * freed after a read that ends on a frame boundary with nothing inside
+ * wslay (ws_idle).  "Nothing inside" is proved, not guessed: the frame
+ * callbacks add up each whole frame's size (wslay refuses unmasked client
+ * frames and lengths not in their shortest form, so the header size
+ * follows from the length) against the bytes recv_cb handed over, track
+ * whether a fragmented message is open, and wslay's send queue must be
+ * empty with no close sent, queued or received.  The output buffer and
+ * the message buffer go with it, so an idle open connection holds only
+ * its struct ws_conn.  The output buffer is also released whenever it
+ * drains after having grown past WS_OUT_KEEP.
+ *
+ * Speed.  wslay still reads every frame (unmasking, UTF-8, the message
+ * rules), but runs without buffering: it does not copy data frames into
+ * chunks and join them; a text message that arrives whole in one chunk is
+ * passed up from wslay's read buffer, others are joined once here
+ * (on_chunk).  wslay checks the limit per frame then, so on_frame_start
+ * adds the message-wide check with wslay's answer (1009).  Server frames
+ * of text and pings are written here, header and payload straight into
+ * the output (frame_out), not through wslay's queue (which copies twice
+ * and mallocs per message); wslay writes only pongs and closes, and
+ * flush() empties its queue at once, so the order on the wire is the
+ * order of the calls and nothing follows a close.  What remains of
+ * wslay's cost is its byte loops: UTF-8 validation (most of
+ * wslay_event_recv in a profile) and unmasking.
  *
  * Policy: a binary message is refused with 1003; wslay itself closes with
  * 1002 (an unmasked or malformed frame), 1007 (text that is not UTF-8) and
@@ -93,6 +119,23 @@ struct ws_conn {
     struct ws_out out;
     const char *in;             /* ws_conn_feed's bytes, for recv_cb */
     size_t in_len;
+    /* Frame boundaries, for the idle release (see ws_idle): bytes recv_cb
+     * handed to the current wslay context, bytes of the whole frames it
+     * has read, the size of the frame being read, and whether a
+     * fragmented message is in progress. */
+    uint64_t fed, framed, frame_size;
+    int in_frag, frame_data_fin; /* frame_data_fin: 0 none, 1 fin, 2 not */
+    /* The text message being read (wslay runs without buffering, see
+     * on_chunk): its bytes so far, or, for a message that came whole in
+     * one chunk, a pointer into wslay's read buffer (zc), valid until
+     * on_msg returns; total counts a data message's bytes for the limit. */
+    char *msg;
+    size_t msg_len, msg_cap;
+    const uint8_t *zc;
+    size_t zc_len;
+    uint64_t total, frame_len;
+    uint8_t msg_op;  /* the opcode of the data message being read */
+    int too_big;
     int closing;   /* a close frame was queued (by anyone) */
     int reported;  /* on_error or on_close was called */
     int closed;    /* refused, or closed before the handshake */
@@ -142,7 +185,9 @@ void ws_conn_consume(struct ws_conn *w, size_t n)
     if (o->off < o->len)
         return;
     o->off = o->len = 0;
-    if (o->cap > WS_OUT_KEEP) { /* a burst is over: give the memory back */
+    /* a burst is over, or the connection is idle (wslay's contexts
+     * released, see ws_idle): give the memory back */
+    if (o->cap > WS_OUT_KEEP || (!w->ev && !w->hs)) {
         mem_free(o->buf);
         o->buf = NULL;
         o->cap = 0;
@@ -424,6 +469,7 @@ static ssize_t recv_cb(wslay_event_context_ptr ev, uint8_t *buf, size_t len,
     memcpy(buf, w->in, len);
     w->in += len;
     w->in_len -= len;
+    w->fed += len;
     return (ssize_t)len;
 }
 
@@ -468,10 +514,20 @@ static void on_msg(wslay_event_context_ptr ev,
     static const char bin[] = "binary messages are not accepted";
 
     switch (a->opcode) {
-    case WSLAY_TEXT_FRAME:
-        if (!w->closing && w->cb->on_message)
-            w->cb->on_message(w->ud, (const char *)a->msg, a->msg_length);
+    case WSLAY_TEXT_FRAME: {
+        const char *p = w->zc ? (const char *)w->zc : w->msg ? w->msg : "";
+        size_t n = w->zc ? w->zc_len : w->msg_len;
+        w->zc = NULL;
+        w->msg_len = 0;
+        if (!w->closing && !w->too_big && w->cb->on_message)
+            w->cb->on_message(w->ud, p, n);
+        if (w->msg_cap > WS_OUT_KEEP) {
+            mem_free(w->msg);
+            w->msg = NULL;
+            w->msg_cap = 0;
+        }
         break;
+    }
     case WSLAY_BINARY_FRAME:
         if (w->closing)
             break;
@@ -502,15 +558,141 @@ static void on_msg(wslay_event_context_ptr ev,
     flush(w);
 }
 
+/* The size of the frame starting, header included: wslay has refused an
+ * unmasked client frame before this is called, and refuses lengths not in
+ * their shortest encoding (wslay_frame.c), so the header follows from the
+ * payload's length.  A data frame (text, binary, continuation) without
+ * fin leaves a fragmented message in progress. */
+static void on_frame_start(wslay_event_context_ptr ev,
+                           const struct wslay_event_on_frame_recv_start_arg *a,
+                           void *ud)
+{
+    struct ws_conn *w = ud;
+    uint64_t n = a->payload_length;
+
+    w->frame_size = 2 + 4 + (n < 126 ? 0 : n < 65536 ? 2 : 8) + n;
+    w->frame_data_fin = (a->opcode & 8) ? 0 : a->fin ? 1 : 2;
+    if (!w->frame_data_fin)
+        return;
+    if (a->opcode != WSLAY_CONTINUATION_FRAME)
+        w->msg_op = a->opcode;
+    w->frame_len = n;
+    /* without buffering wslay checks each frame against the limit, not
+     * the message: the rest of the check is here, with wslay's answer */
+    if (n > w->conf->max_message - w->total && !w->too_big) {
+        w->too_big = 1;
+        if (wslay_event_queue_close(ev, WS_CLOSE_TOO_BIG, NULL, 0) == WSLAY_ERR_NOMEM)
+            w->fatal = 1;
+        wslay_event_shutdown_read(ev);
+        return;
+    }
+    w->total += n;
+}
+
+/* A piece of a frame's payload, unmasked, its UTF-8 checked by wslay.
+ * With no buffering (ev_new) wslay neither copies data frames into chunks
+ * nor joins them into a message: a text message that comes whole in one
+ * chunk is passed up from wslay's read buffer itself, others are joined
+ * here. */
+static void on_chunk(wslay_event_context_ptr ev,
+                     const struct wslay_event_on_frame_recv_chunk_arg *a, void *ud)
+{
+    struct ws_conn *w = ud;
+
+    if (!w->frame_data_fin || w->too_big || w->msg_op != WSLAY_TEXT_FRAME ||
+        a->data_length == 0)
+        return;
+    if (w->frame_data_fin == 1 && w->msg_len == 0 && w->total == w->frame_len &&
+        a->data_length == w->frame_len) {
+        w->zc = a->data;
+        w->zc_len = a->data_length;
+        return;
+    }
+    if (a->data_length > w->msg_cap - w->msg_len) {
+        size_t cap = w->msg_cap ? w->msg_cap : 256;
+        char *b;
+        while (cap - w->msg_len < a->data_length)
+            cap *= 2;
+        if (!(b = mem_realloc(w->msg, cap))) {
+            w->fatal = 1;
+            wslay_event_shutdown_read(ev);
+            return;
+        }
+        w->msg = b;
+        w->msg_cap = cap;
+    }
+    memcpy(w->msg + w->msg_len, a->data, a->data_length);
+    w->msg_len += a->data_length;
+}
+
+static void on_frame_end(wslay_event_context_ptr ev, void *ud)
+{
+    struct ws_conn *w = ud;
+    (void)ev;
+    w->framed += w->frame_size;
+    if (w->frame_data_fin)
+        w->in_frag = w->frame_data_fin == 2;
+    if (w->frame_data_fin == 1)
+        w->total = 0; /* the message ends: on_msg comes next */
+}
+
 static const struct wslay_event_callbacks ev_callbacks = {
     .recv_callback = recv_cb,
     .send_callback = send_cb,
+    .on_frame_recv_start_callback = on_frame_start,
+    .on_frame_recv_chunk_callback = on_chunk,
+    .on_frame_recv_end_callback = on_frame_end,
     .on_msg_recv_callback = on_msg,
 };
+
+/* A wslay context for the frames to come (see ws_idle). */
+static int ev_new(struct ws_conn *w)
+{
+    if (wslay_event_context_server_init(&w->ev, &ev_callbacks, w) != 0) {
+        w->ev = NULL;
+        w->fatal = 1;
+        return CHAT_ERR_NOMEM;
+    }
+    wslay_event_config_set_max_recv_msg_length(w->ev, w->conf->max_message);
+    wslay_event_config_set_no_buffering(w->ev, 1); /* see on_chunk */
+    w->fed = w->framed = w->total = 0;
+    w->in_frag = 0;
+    w->msg_len = 0;
+    return 0;
+}
+
+/* Release wslay's contexts (about 8.5 KiB: its 4 KiB read buffer, its
+ * 4 KiB fragmenting send buffer, message state) when they provably hold
+ * nothing: every byte handed to wslay belonged to a whole frame it has
+ * read, no fragmented message is open, nothing is queued to send, and no
+ * close was sent, queued or received.  The next bytes from the peer make
+ * a fresh one (ev_new); what wslay would carry over is all in its initial
+ * state at such a boundary.  Like SSL_MODE_RELEASE_BUFFERS for OpenSSL:
+ * an idle connection costs the struct ws_conn only. */
+static void ws_idle(struct ws_conn *w)
+{
+    wslay_event_context_ptr ev = w->ev;
+    if (!ev || w->fatal || w->closing || w->fed != w->framed || w->in_frag ||
+        !wslay_event_get_read_enabled(ev) || !wslay_event_get_write_enabled(ev) ||
+        wslay_event_get_close_sent(ev) || wslay_event_get_close_received(ev) ||
+        wslay_event_get_queued_msg_count(ev) != 0)
+        return;
+    wslay_event_context_free(ev);
+    w->ev = NULL;
+    mem_free(w->msg); /* no message is open */
+    w->msg = NULL;
+    w->msg_cap = w->msg_len = 0;
+    if (w->out.off == w->out.len) { /* else ws_conn_consume frees it */
+        mem_free(w->out.buf);
+        memset(&w->out, 0, sizeof w->out);
+    }
+}
 
 static int frames_feed(struct ws_conn *w, const char *in, size_t n)
 {
     int r;
+    if (!w->ev && ev_new(w))
+        return CHAT_ERR_NOMEM;
     w->in = in;
     w->in_len = n;
     r = wslay_event_recv(w->ev);
@@ -536,6 +718,7 @@ static int frames_feed(struct ws_conn *w, const char *in, size_t n)
                       : code == WS_CLOSE_BAD_DATA ? "text is not UTF-8"
                                                   : "protocol error");
     }
+    ws_idle(w);
     return 0;
 }
 
@@ -545,10 +728,9 @@ static int open_ws(struct ws_conn *w)
     const struct ws_hval *k = &w->hs->h[H_KEY];
     int n;
 
-    if (ws_accept_key(k->v, k->len, acc) ||
-        wslay_event_context_server_init(&w->ev, &ev_callbacks, w) != 0)
+    if (ws_accept_key(k->v, k->len, acc))
         return w->fatal = 1, CHAT_ERR_NOMEM;
-    wslay_event_config_set_max_recv_msg_length(w->ev, w->conf->max_message);
+    /* no wslay context yet: the first frame bytes make it (ev_new) */
     n = snprintf(buf, sizeof buf,
                  "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", acc);
@@ -625,6 +807,7 @@ void ws_conn_free(struct ws_conn *w)
         wslay_event_context_free(w->ev);
     mem_free(w->hs);
     mem_free(w->out.buf);
+    mem_free(w->msg);
     mem_free(w);
 }
 
@@ -634,11 +817,18 @@ enum ws_state ws_conn_state(const struct ws_conn *w)
         return WS_CLOSED;
     if (w->hs)
         return WS_HANDSHAKE;
+    if (!w->ev) /* released while idle: nothing was closing */
+        return w->closing ? WS_CLOSING : WS_OPEN;
     if (wslay_event_get_close_sent(w->ev) &&
         (wslay_event_get_close_received(w->ev) ||
          !wslay_event_get_read_enabled(w->ev)))
         return WS_CLOSED;
     return w->closing ? WS_CLOSING : WS_OPEN;
+}
+
+int ws_conn_idle(const struct ws_conn *w)
+{
+    return !w->hs && !w->closed && !w->ev && !w->out.buf && !w->msg;
 }
 
 int ws_conn_feed(struct ws_conn *w, const char *in, size_t n)
@@ -651,17 +841,45 @@ int ws_conn_feed(struct ws_conn *w, const char *in, size_t n)
         return 0;
     if (w->hs)
         return hs_feed(w, in, n);
-    if (!wslay_event_get_read_enabled(w->ev))
+    if (w->ev && !wslay_event_get_read_enabled(w->ev))
         return 0; /* closing: what the peer sends now is dropped */
     return frames_feed(w, in, n);
 }
 
-/* Queue one frame of a wslay opcode. */
+/* One unmasked server frame (fin set) straight into the output: writing
+ * a frame is not parsing, and it spares wslay's two copies (its queue,
+ * then the send callback) and its malloc per message.  Ordering with the
+ * frames wslay writes itself (pongs, closes) holds because flush() sends
+ * whatever wslay queued at once: its queue is empty here, and a close it
+ * sent or queued sets closing or close_sent, after which nothing goes
+ * out. */
+static int frame_out(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
+{
+    unsigned char h[10];
+    size_t hl = 2;
+
+    h[0] = (unsigned char)(0x80 | opcode);
+    if (n < 126) {
+        h[1] = (unsigned char)n;
+    } else if (n < 65536) {
+        h[1] = 126;
+        h[2] = (unsigned char)(n >> 8);
+        h[3] = (unsigned char)n;
+        hl = 4;
+    } else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++)
+            h[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
+        hl = 10;
+    }
+    if (out_append(&w->out, h, hl) || (n && out_append(&w->out, p, n)))
+        return w->fatal = 1, CHAT_ERR_NOMEM;
+    return 0;
+}
+
+/* Write one frame of a wslay opcode (text or ping). */
 static int queue(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
 {
-    struct wslay_event_msg m = {opcode, (const uint8_t *)p, n};
-    int r;
-
     if (w->fatal)
         return CHAT_ERR_NOMEM;
     if (w->closed)
@@ -670,13 +888,16 @@ static int queue(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
         return CHAT_ERR_STATE;
     if (w->closing)
         return CHAT_ERR_CLOSED;
-    r = wslay_event_queue_msg(w->ev, &m);
-    if (r == WSLAY_ERR_NO_MORE_MSG)
-        return CHAT_ERR_CLOSED;
-    if (r)
-        return r == WSLAY_ERR_NOMEM ? CHAT_ERR_NOMEM : CHAT_ERR_INVAL;
-    flush(w);
-    return w->fatal ? CHAT_ERR_NOMEM : 0;
+    if (w->ev) {
+        if (wslay_event_get_queued_msg_count(w->ev))
+            flush(w); /* what wslay holds goes first */
+        if (w->fatal)
+            return CHAT_ERR_NOMEM;
+        if (!wslay_event_get_write_enabled(w->ev) || wslay_event_get_close_sent(w->ev) ||
+            wslay_event_get_queued_msg_count(w->ev))
+            return CHAT_ERR_CLOSED;
+    }
+    return frame_out(w, opcode, p, n);
 }
 
 int ws_conn_send_text(struct ws_conn *w, const char *p, size_t n)
@@ -706,6 +927,8 @@ int ws_conn_close(struct ws_conn *w, uint16_t code, const char *reason)
     }
     if (rl > 123)
         rl = 123;
+    if (!w->ev && ev_new(w)) /* released while idle: wslay tracks the close */
+        return CHAT_ERR_NOMEM;
     r = wslay_event_queue_close(w->ev, code, (const uint8_t *)reason, rl);
     if (r == WSLAY_ERR_NO_MORE_MSG)
         return CHAT_ERR_CLOSED;

@@ -123,6 +123,11 @@ void ws_conn_consume(struct ws_conn *w, size_t n);
 
 enum ws_state ws_conn_state(const struct ws_conn *w);
 
+/* 1 when an open connection holds no wslay context (released at a frame
+ * boundary with nothing buffered, made again by the next bytes; see ws.c)
+ * and no output buffer: it costs its struct ws_conn only.  For tests. */
+int ws_conn_idle(const struct ws_conn *w);
+
 /* Sec-WebSocket-Accept for a key: base64(SHA-1(key GUID)), 28 characters
  * and a NUL into out[29].  0; CHAT_ERR_INVAL (a key over 256 bytes);
  * CHAT_ERR_NOMEM (OpenSSL failed). */

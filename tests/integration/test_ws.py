@@ -327,6 +327,64 @@ class TestWebSocket(NodeCase):
         self.assertEqual(r.close_code(), 4000)
         self.assertTrue(r.eof())
 
+    def test_idle_release(self):
+        """The engine frees wslay's contexts whenever a read ends on a frame
+        boundary with no message open (ws.c) and makes new ones when bytes
+        come: a frame split across that point, a fragmented message with
+        pings between its frames, pings and the close handshake all work
+        on a connection that was idle in between."""
+        r = self.raw()
+        r.handshake(self.ws_port)
+
+        def reg(seq):
+            return json.dumps({"msgid": 4, "name": uname(), "password": PASSWORD,
+                               "proto": 2, "seq": seq})
+
+        def reply(seq):
+            deadline = time.monotonic() + 10
+            while True:
+                op, payload = r.frame(max(0.01, deadline - time.monotonic()))
+                if op == 0x1 and json.loads(payload).get("seq") == seq:
+                    return json.loads(payload)
+                self.assertEqual(op, 0x9, payload)  # only the server's pings between
+
+        def pong(data):
+            r.sock.sendall(client_frame(0x9, data))
+            deadline = time.monotonic() + 10
+            while True:
+                op, payload = r.frame(max(0.01, deadline - time.monotonic()))
+                if op == 0xA:
+                    self.assertEqual(payload, data)
+                    return
+                self.assertEqual(op, 0x9, payload)
+
+        # a whole frame, then the first 3 bytes of the next in the same
+        # packet; the rest after the first answer (released in between)
+        a, b = client_frame(0x1, reg(1)), client_frame(0x1, reg(2))
+        r.sock.sendall(a + b[:3])
+        self.assertEqual(reply(1).get("errno"), 0)
+        r.sock.sendall(b[3:])
+        self.assertEqual(reply(2).get("errno"), 0)
+        # a fragmented message across idle points, pings between its frames
+        text = reg(3)
+        r.sock.sendall(client_frame(0x1, text[:10], fin=False))
+        pong(b"one")
+        r.sock.sendall(client_frame(0x0, text[10:20], fin=False))
+        pong(b"two")
+        r.sock.sendall(client_frame(0x0, text[20:]))
+        self.assertEqual(reply(3).get("errno"), 0)
+        # a 16-bit length frame, byte by byte
+        big = json.dumps({"msgid": 4, "name": uname(), "password": PASSWORD,
+                          "proto": 2, "seq": 4, "pad": "x" * 300})
+        for ch in client_frame(0x1, big):
+            r.sock.sendall(bytes([ch]))
+        self.assertIn("errno", reply(4))
+        # the close handshake after an idle period
+        pong(b"last")
+        r.sock.sendall(client_frame(0x8, struct.pack(">H", 1000) + b"bye"))
+        self.assertEqual(r.close_code(), 1000)
+        self.assertTrue(r.eof())
+
     def test_origin(self):
         async def go():
             with self.assertRaises(websockets.exceptions.InvalidStatusCode) as cm:

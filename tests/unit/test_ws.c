@@ -2,8 +2,9 @@
  * test_ws.c - CUnit tests of the WebSocket engine (core/ws.c): the upgrade
  * request and its refusals (400, 403, 404, 405, 426, 431), the accept key
  * (RFC 6455's example), frames in and out, fragments, pings, the close
- * handshake both ways, and the closes the engine sends (1002, 1003, 1007,
- * 1009).  The client's frames are built here; no socket is opened.
+ * handshake both ways, the closes the engine sends (1002, 1003, 1007,
+ * 1009), and the release of wslay's contexts at idle frame boundaries.
+ * The client's frames are built here; no socket is opened.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -612,6 +613,112 @@ static void test_head_too_large(void)
     CU_ASSERT_EQUAL(refused("/chat", h, 0), 101);
 }
 
+/* wslay's contexts are released at every frame boundary with nothing
+ * buffered, and made again by the next bytes: messages, fragments across
+ * the idle point, a frame split anywhere, pings both ways and the close
+ * handshake behave as on a connection that never released. */
+static void test_idle_release(void)
+{
+    struct ws_conn *w = opened();
+    static unsigned char buf[70000 + 64];
+    static char big[70000];
+    const unsigned char *pl;
+    size_t off = frames_start(), n, k, pn;
+
+    CU_ASSERT(ws_conn_idle(w)); /* open, no frame yet: nothing held */
+    /* a whole frame, then idle */
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x1, 1, "{\"a\":1}", 7)), 0);
+    CU_ASSERT_EQUAL(ev.nmsg, 1);
+    CU_ASSERT(ws_conn_idle(w));
+    /* a frame split at every byte (header, length, mask, payload): held
+     * until its last byte, released after it */
+    n = frame(buf, 1, 0x1, 1, "{\"b\":2}", 7);
+    for (k = 0; k < n; k++) {
+        CU_ASSERT_EQUAL(feed(w, buf + k, 1), 0);
+        CU_ASSERT_EQUAL(ws_conn_idle(w), k == n - 1);
+    }
+    CU_ASSERT_EQUAL_FATAL(ev.nmsg, 2);
+    CU_ASSERT(ev.msglen[1] == 7 && memcmp(ev.msg[1], "{\"b\":2}", 7) == 0);
+    /* 16- and 64-bit lengths: one frame and the start of the next */
+    memset(big, 'x', sizeof big);
+    big[0] = '"';
+    big[65535] = '"'; /* 65536: the 64-bit length, at max_message */
+    for (size_t len = 300;; len = 65536) {
+        n = frame(buf, 1, 0x1, 1, big, len);
+        n += frame(buf + n, 1, 0x1, 1, "{}", 2);
+        CU_ASSERT_EQUAL(feed(w, buf, n - 3), 0);
+        CU_ASSERT(!ws_conn_idle(w));
+        CU_ASSERT_EQUAL(feed(w, buf + n - 3, 3), 0);
+        CU_ASSERT(ws_conn_idle(w));
+        if (len == 65536)
+            break;
+    }
+    CU_ASSERT_EQUAL(ev.nmsg, 6);
+    /* a fragmented message: held between its frames, also with a ping
+     * between them and with reads that end on frame boundaries */
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 0, 0x1, 1, "{\"te", 4)), 0);
+    CU_ASSERT(!ws_conn_idle(w));
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x9, 1, "hi", 2)), 0);
+    CU_ASSERT(!ws_conn_idle(w));
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 0, 0x0, 1, "xt\":", 4)), 0);
+    CU_ASSERT(!ws_conn_idle(w));
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x0, 1, "1}", 2)), 0);
+    CU_ASSERT(ws_conn_idle(w));
+    CU_ASSERT_EQUAL_FATAL(ev.nmsg, 7);
+    CU_ASSERT(ev.msglen[6] == 10 && memcmp(ev.msg[6], "{\"text\":1}", 10) == 0);
+    /* the server's frames while idle: text and a ping, then the peer's
+     * pong; a ping from the peer is answered */
+    CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0xA); /* the pong to "hi" */
+    CU_ASSERT(pn == 2 && memcmp(pl, "hi", 2) == 0);
+    CU_ASSERT_EQUAL(off, outlen);
+    CU_ASSERT_EQUAL(ws_conn_send_text(w, "{\"c\":3}", 7), 0);
+    CU_ASSERT_EQUAL(ws_conn_ping(w), 0);
+    drain(w);
+    CU_ASSERT(ws_conn_idle(w));
+    CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0x1);
+    CU_ASSERT(pn == 7 && memcmp(pl, "{\"c\":3}", 7) == 0);
+    CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0x9);
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0xA, 1, "", 0)), 0);
+    CU_ASSERT_EQUAL(ev.pongs, 1);
+    CU_ASSERT(ws_conn_idle(w));
+    /* the limit is re-applied to each new context: 1009 */
+    {
+        struct ws_conf small = conf;
+        struct ws_conn *w2;
+        char req[1024];
+        small.max_message = 100;
+        w2 = ws_conn_new(&small, &cbs, &w2);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(w2);
+        CU_ASSERT_EQUAL(ws_conn_feed(w2, req, request(req, sizeof req, "/chat", STD_HEADERS)), 0);
+        CU_ASSERT_EQUAL(ws_conn_feed(w2, (char *)buf, frame(buf, 1, 0x1, 1, "{}", 2)), 0);
+        CU_ASSERT_EQUAL(ws_conn_feed(w2, (char *)buf, frame(buf, 1, 0x1, 1, big, 101)), 0);
+        CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_TOO_BIG);
+        CU_ASSERT_EQUAL(ws_conn_state(w2), WS_CLOSED);
+        ws_conn_free(w2);
+    }
+    /* the close handshake started by the server while idle */
+    CU_ASSERT_EQUAL(ws_conn_close(w, WS_CLOSE_NORMAL, "bye"), 0);
+    drain(w);
+    CU_ASSERT(!ws_conn_idle(w));
+    CU_ASSERT_EQUAL(next_frame(&off, &pl, &pn), 0x8);
+    CU_ASSERT(pn == 5 && memcmp(pl, "\x03\xe8" "bye", 5) == 0);
+    CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSING);
+    CU_ASSERT_EQUAL(ws_conn_send_text(w, "{}", 2), CHAT_ERR_CLOSED);
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x8, 1, "\x03\xe8", 2)), 0);
+    CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+    ws_conn_free(w);
+    /* the close started by the peer after an idle period */
+    w = opened();
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x1, 1, "{}", 2)), 0);
+    CU_ASSERT(ws_conn_idle(w));
+    CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x8, 1, "\x03\xe9", 2)), 0);
+    CU_ASSERT_EQUAL(ev.closes, 1);
+    CU_ASSERT_EQUAL(ev.close_code, 1001);
+    expect_close(1001);
+    CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+    ws_conn_free(w);
+}
+
 int main(void)
 {
     CU_pSuite s;
@@ -638,6 +745,7 @@ int main(void)
     CU_add_test(s, "Sec-WebSocket-Version: 426", test_bad_version);
     CU_add_test(s, "path, method, version, not an upgrade", test_bad_request);
     CU_add_test(s, "request head too large: 431", test_head_too_large);
+    CU_add_test(s, "wslay's contexts released while idle", test_idle_release);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     failed = CU_get_number_of_failures();
