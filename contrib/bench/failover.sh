@@ -262,7 +262,7 @@ for mode in "${MODES[@]}"; do
         wait "${PID[node1]}" 2>/dev/null || true
         unset 'PID[node1]'
         line=$(grep '^RESULT' "$log")
-        echo "mode=$mode run=$r load1_before=$load0 load1_after=$(cut -d' ' -f1 /proc/loadavg) login_rate=${FO_LOGIN_RATE:-conf} heartbeat_ttl=${FO_HEARTBEAT_TTL:-conf} $line" |
+        echo "mode=$mode run=$r load1_before=$load0 load1_after=$(cut -d' ' -f1 /proc/loadavg) login_rate=${FO_LOGIN_RATE:-conf} login_queue_max=${FO_LOGIN_QUEUE:-conf} heartbeat_ttl=${FO_HEARTBEAT_TTL:-conf} $line" |
             tee -a "$DIR/results.txt"
     done
 done
