@@ -649,8 +649,10 @@ static void queue_tick(struct chat_timer *t, void *ud)
 /* Appends j (not yet in the pending set); CHAT_ERR_BUSY when full. */
 static int queue_push(struct auth_job *j)
 {
-    if (queue_len >= login_cfg.login_queue_max)
+    if (queue_len >= login_cfg.login_queue_max) {
+        queue_arm(); /* if a timer could not be started before */
         return CHAT_ERR_BUSY;
+    }
     if (queue_tail)
         queue_tail->qnext = j;
     else
