@@ -18,7 +18,8 @@
 # (the cost of etc/chat.conf's hash_cost = 0): registering N users through
 # chatd would cost N more hashes, and a verification costs the same whatever
 # the salt.  Everything else is etc/chat.conf as shipped, with the cluster's
-# addresses (as contrib/cluster/run.sh writes them).
+# addresses (as contrib/cluster/run.sh writes them) and no [web] root (its
+# relative path does not resolve from FO_DIR, and nothing here serves it).
 #
 # Environment: BUILD (./build), FO_DIR (var/failover), FO_N (10000 users),
 # FO_PAIRS (20), FO_RATE (200 msg/s), FO_RUNS (3), FO_STORM_MAX (120 s),
