@@ -24,8 +24,8 @@
  *
  * The login queue (login_queue_max, with login_rate): a login over the rate
  * waits in a FIFO instead of being told "busy", and a one-shot timer starts
- * the queued ones every QUEUE_TICK_MS as the rate allows, a few per loop
- * turn.  A failover storm then reaches the database at a steady pace, the
+ * the queued ones as the rate allows, every 1000/login_rate ms (at most
+ * QUEUE_TICK_MS), so one or two per loop turn.  A failover storm then reaches the database at a steady pace, the
  * chat read in the same turn is not queued behind a burst of login work,
  * and the clients do not send each refused login again (a busy reply and
  * its retry cost the loop, nginx and the client as much as a login that
@@ -610,11 +610,20 @@ static void pend_add(struct auth_job *j)
 
 static void queue_tick(struct chat_timer *t, void *ud);
 
+/* One login's worth of the rate (4 ms at 250/s), within 1..QUEUE_TICK_MS:
+ * the queued logins start one or two at a time, not in bursts. */
+static uint64_t queue_tick_ms(void)
+{
+    int64_t ms = login_cfg.login_rate > 0 ? 1000 / login_cfg.login_rate : QUEUE_TICK_MS;
+
+    return ms < 1 ? 1 : ms > QUEUE_TICK_MS ? QUEUE_TICK_MS : (uint64_t)ms;
+}
+
 static void queue_arm(void)
 {
     if (queue_armed || !queue_head)
         return;
-    if (login_host->timer_start(login_self, QUEUE_TICK_MS, 0, queue_tick, NULL))
+    if (login_host->timer_start(login_self, queue_tick_ms(), 0, queue_tick, NULL))
         queue_armed = 1;
     else /* tried again by the next push */
         chat_log(login_host, login_self, CHAT_LOG_ERROR, "login queue: no timer");
