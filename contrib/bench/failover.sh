@@ -18,12 +18,15 @@
 # (the cost of etc/chat.conf's hash_cost = 0): registering N users through
 # chatd would cost N more hashes, and a verification costs the same whatever
 # the salt.  Everything else is etc/chat.conf as shipped, with the cluster's
-# addresses (as contrib/cluster/run.sh writes them).
+# addresses (as contrib/cluster/run.sh writes them) and no [web] root (its
+# relative path does not resolve from FO_DIR, and nothing here serves it).
 #
 # Environment: BUILD (./build), FO_DIR (var/failover), FO_N (10000 users),
 # FO_PAIRS (20), FO_RATE (200 msg/s), FO_RUNS (3), FO_STORM_MAX (120 s),
-# FO_CALM (10 s), FO_LOGIN_RATE (each node's [plugin.login] login_rate;
-# default etc/chat.conf's), FO_HEARTBEAT_TTL ([redis] heartbeat_ttl), FO_COLD (1: no warm_cache, the fill hashes), FO_BASE_PORT (26000: MariaDB +1, Redis +2, nodes +11..13,
+# FO_CALM (10 s), FO_LOGIN_RATE and FO_LOGIN_QUEUE (the survivors'
+# [plugin.login] login_rate and login_queue_max; default etc/chat.conf's;
+# node1 keeps etc/chat.conf's so that the fill, which is not measured, is
+# not slowed by them), FO_HEARTBEAT_TTL ([redis] heartbeat_ttl), FO_COLD (1: no warm_cache, the fill hashes), FO_BASE_PORT (26000: MariaDB +1, Redis +2, nodes +11..13,
 # admin +21..23, nginx +30).  Output: FO_DIR/results.txt (RESULT lines) and
 # one log per run.  Stops, by pid, everything it started.
 set -euo pipefail
@@ -110,7 +113,9 @@ node_conf() {
     awk -v listen="127.0.0.1:${NODE_PORTS[$1 - 1]}" -v node="node$1" \
         -v admin="127.0.0.1:${ADMIN_PORTS[$1 - 1]}" -v plugdir="$BUILD/plugins" \
         -v mig="$ROOT/sql" -v mport="$MYSQL_PORT" -v rport="$REDIS_PORT" \
-        -v secret="$([ "$2" = on ] && echo "$DIR/secret")" -v lrate="${FO_LOGIN_RATE:-}" \
+        -v secret="$([ "$2" = on ] && echo "$DIR/secret")" \
+        -v lrate="$([ "$1" != 1 ] && echo "${FO_LOGIN_RATE:-}")" \
+        -v lqueue="$([ "$1" != 1 ] && echo "${FO_LOGIN_QUEUE:-}")" \
         -v hbttl="${FO_HEARTBEAT_TTL:-}" '
         function set(v) { sub(/=.*/, "= " v) }
         /^\[/ { sec = $0 }
@@ -122,7 +127,9 @@ node_conf() {
         sec == "[mysql]"   && /^migrations[ \t]*=/  { set(mig) }
         sec == "[redis]"   && /^port[ \t]*=/        { set(rport) }
         sec == "[admin]"   && /^listen[ \t]*=/      { set(admin) }
+        sec == "[web]"     && /^root[ \t]*=/        { set("") }
         sec == "[plugin.login]" && /^login_rate[ \t]*=/ && lrate != "" { set(lrate) }
+        sec == "[plugin.login]" && /^login_queue_max[ \t]*=/ && lqueue != "" { set(lqueue) }
         sec == "[redis]"   && /^heartbeat_ttl[ \t]*=/ && hbttl != "" { set(hbttl) }
         { print }
         sec == "[plugin.login]" && /^auth_cache_ttl/ && secret != "" {
@@ -251,10 +258,12 @@ for mode in "${MODES[@]}"; do
              --calm "$CALM" --storm-max "$STORM_MAX" --hook "$HOOK")
         say "mode $mode run $r: ${CMD[*]}"
         log=$DIR/run-$mode-$r.log
+        load0=$(cut -d' ' -f1 /proc/loadavg)
         FO_DIR=$DIR "${CMD[@]}" >"$log" 2>&1 || { tail -20 "$log"; die "chat-bench failed"; }
         wait "${PID[node1]}" 2>/dev/null || true
         unset 'PID[node1]'
         line=$(grep '^RESULT' "$log")
-        echo "mode=$mode run=$r $line" | tee -a "$DIR/results.txt"
+        echo "mode=$mode run=$r load1_before=$load0 load1_after=$(cut -d' ' -f1 /proc/loadavg) login_rate=${FO_LOGIN_RATE:-conf} login_queue_max=${FO_LOGIN_QUEUE:-conf} heartbeat_ttl=${FO_HEARTBEAT_TTL:-conf} $line" |
+            tee -a "$DIR/results.txt"
     done
 done

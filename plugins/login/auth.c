@@ -21,6 +21,18 @@
  * One login at a time per connection: jobs in flight are kept in a small
  * hash set by session id, so a second LOGIN on the same connection while
  * the first is still hashing is refused instead of binding twice.
+ *
+ * The login queue (login_queue_max, with login_rate): a login over the rate
+ * waits in a FIFO instead of being told "busy", and a one-shot timer starts
+ * the queued ones as the rate allows, every 1000/login_rate ms (at most
+ * QUEUE_TICK_MS), so one or two per loop turn.  A failover storm then reaches the database at a steady pace, the
+ * chat read in the same turn is not queued behind a burst of login work,
+ * and the clients do not send each refused login again (a busy reply and
+ * its retry cost the loop, nginx and the client as much as a login that
+ * the caches answer).  A queued job is in the pending set, so the
+ * connection cannot start a second login; a job whose session closed while
+ * it waited is dropped without taking the rate.  Only a full queue answers
+ * "busy", as the rate alone did.
  */
 #include <crypt.h>
 #include <inttypes.h>
@@ -38,6 +50,7 @@
 
 struct auth_job {
     struct auth_job *next;   /* chain of the pending set */
+    struct auth_job *qnext;  /* the login queue, while it waits there */
     uint64_t sid;
     struct chat_ack ack;
     int64_t uid;
@@ -56,6 +69,8 @@ struct auth_job {
     unsigned char mac[LOGIN_AC_MAC];
     char stored[CRYPT_OUTPUT_SIZE]; /* the users row's hash, while the cache is asked */
 };
+
+#define QUEUE_TICK_MS 10
 
 #define PEND_BUCKETS 1024
 static struct auth_job *pend[PEND_BUCKETS];
@@ -578,15 +593,92 @@ static int token_from_cache(struct chat_session *s, struct auth_job *j)
     return 1;
 }
 
+/* ------------------------------------------------------------------------ */
+/* The login queue (see the top of the file) */
+
+static void job_start(struct chat_session *s, struct auth_job *j);
+
+static struct auth_job *queue_head, *queue_tail;
+static size_t queue_len;
+static int queue_armed;
+
+static void pend_add(struct auth_job *j)
+{
+    j->next = *pend_slot(j->sid);
+    *pend_slot(j->sid) = j;
+}
+
+static void queue_tick(struct chat_timer *t, void *ud);
+
+/* One login's worth of the rate (4 ms at 250/s), within 1..QUEUE_TICK_MS:
+ * the queued logins start one or two at a time, not in bursts. */
+static uint64_t queue_tick_ms(void)
+{
+    int64_t ms = login_cfg.login_rate > 0 ? 1000 / login_cfg.login_rate : QUEUE_TICK_MS;
+
+    return ms < 1 ? 1 : ms > QUEUE_TICK_MS ? QUEUE_TICK_MS : (uint64_t)ms;
+}
+
+static void queue_arm(void)
+{
+    if (queue_armed || !queue_head)
+        return;
+    if (login_host->timer_start(login_self, queue_tick_ms(), 0, queue_tick, NULL))
+        queue_armed = 1;
+    else /* tried again by the next push */
+        chat_log(login_host, login_self, CHAT_LOG_ERROR, "login queue: no timer");
+}
+
+/* Starts the queued logins the rate allows, oldest first. */
+static void queue_tick(struct chat_timer *t, void *ud)
+{
+    struct auth_job *j;
+    struct chat_session *s;
+
+    (void)t;
+    (void)ud;
+    queue_armed = 0;
+    while ((j = queue_head)) {
+        s = login_host->session_get(j->sid);
+        if (s && login_rate_admit() != CHAT_OK)
+            break;
+        queue_head = j->qnext;
+        if (!queue_head)
+            queue_tail = NULL;
+        queue_len--;
+        j->qnext = NULL;
+        if (s)
+            job_start(s, j);
+        else
+            job_end(j, 0); /* gone while it waited */
+    }
+    queue_arm();
+}
+
+/* Appends j (not yet in the pending set); CHAT_ERR_BUSY when full. */
+static int queue_push(struct auth_job *j)
+{
+    if (queue_len >= login_cfg.login_queue_max) {
+        queue_arm(); /* if a timer could not be started before */
+        return CHAT_ERR_BUSY;
+    }
+    if (queue_tail)
+        queue_tail->qnext = j;
+    else
+        queue_head = j;
+    queue_tail = j;
+    queue_len++;
+    queue_arm();
+    return CHAT_OK;
+}
+
 void login_handle_login(struct chat_session *s, const struct chat_request *req,
                         void *ud)
 {
     uint64_t sid = login_host->session_id(s);
     struct auth_job *j;
-    struct chat_db_param p[2];
     int by_token = login_is_p2(s) && req->json &&
                    cJSON_GetObjectItemCaseSensitive(req->json, "token") != NULL;
-    int rc;
 
     (void)ud;
     if (login_host->session_user(s) != 0) {
@@ -615,7 +707,11 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
         login_host->free(j);
         return;
     }
-    if (login_rate_admit() != CHAT_OK) {
+    if (queue_len || login_rate_admit() != CHAT_OK) {
+        if (queue_push(j) == CHAT_OK) {
+            pend_add(j);
+            return; /* on in queue_tick */
+        }
         login_m_admit(LOGIN_ADMIT_RATE);
         wipe_password(j);
         explicit_bzero(j->token, sizeof(j->token));
@@ -624,8 +720,16 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
         login_fail(s, &req->ack, CHAT_E_UNAVAILABLE, MSG_BUSY, 1, MSG_BUSY);
         return;
     }
-    j->next = *pend_slot(sid);
-    *pend_slot(sid) = j;
+    pend_add(j);
+    job_start(s, j);
+}
+
+/* The first step of an admitted login: the token cache, or the SELECT. */
+static void job_start(struct chat_session *s, struct auth_job *j)
+{
+    struct chat_db_param p[2];
+    int rc;
+
     if (j->by_token && token_from_cache(s, j))
         return;
     if (j->by_token) {

@@ -608,6 +608,7 @@ static int load_conf(void)
     /* optionally only a share of those threads' time (100: all of it) */
     c.hash_budget = (long)conf_range("hash_budget", 100, 1, 100);
     c.login_rate = conf_range("login_rate", 0, 0, 1000000);
+    c.login_queue_max = (size_t)conf_range("login_queue_max", 0, 0, 1000000);
     c.token_cache_ttl = conf_range("token_cache_ttl", 60, 0, 86400);
     c.token_cache_max = (size_t)conf_range("token_cache_max", 100000, 1, 100000000);
     /* used only with a secret (auth_cache_secret[_file]); see authcache.c */
@@ -618,10 +619,10 @@ static int load_conf(void)
     chat_log(login_host, login_self, CHAT_LOG_INFO,
              "multi_login=%s name_max=%zu password=%zu..%zu resume_ttl=%" PRId64
              "s hash_cost=%lu hash_threads=%zu hash_per_address=%zu hash_budget=%ld%% "
-             "login_rate=%" PRId64 "/s token_cache_ttl=%" PRId64 "s auth_cache=%s",
+             "login_rate=%" PRId64 "/s login_queue_max=%zu token_cache_ttl=%" PRId64 "s auth_cache=%s",
              c.multi ? "multi" : c.replace ? "replace" : "refuse", c.name_max, c.password_min,
              c.password_max, c.resume_ttl, c.hash_cost, c.hash_threads,
-             c.hash_per_address, c.hash_budget, c.login_rate, c.token_cache_ttl,
+             c.hash_per_address, c.hash_budget, c.login_rate, c.login_queue_max, c.token_cache_ttl,
              login_ac_enabled() ? "on" : "off");
     return CHAT_OK;
 }

@@ -35,6 +35,7 @@ struct login_conf {
     size_t hash_per_address;   /* jobs queued or running per client address */
     long hash_budget;          /* % of the hashing threads' CPU; 100 = none */
     int64_t login_rate;        /* logins admitted per second; 0 = no limit */
+    size_t login_queue_max;    /* logins over login_rate that wait; 0 = refuse */
     int64_t token_cache_ttl;   /* seconds a verified token is trusted; 0 = off */
     size_t token_cache_max;    /* users with cached tokens */
     int64_t auth_cache_ttl;    /* seconds a verified password is cached; 0 = off */

@@ -704,6 +704,60 @@ class TestAdmission(LoginCase):
             self.client(proto=2).login(uid, pw)), timeout=10)
         self.assertEqual(r["errno"], 0, r)
 
+    def test_login_queue(self):
+        """login_queue_max: logins over login_rate wait their turn (errno 0,
+        paced at the rate) instead of being refused; a client that leaves
+        while queued is dropped; only a full queue answers busy (113)."""
+        self.configure()
+        users = [self.new_user() for _ in range(12)]
+        tokens = []
+        for uid, _, pw in users:
+            c, ack = self.logged_in(uid, pw, proto=2)
+            tokens.append(ack["token"])
+            c.close()
+
+        def storm(pick, leave=()):
+            """Token logins of users pick (and of leave, whose clients close
+            at once); the acks, once none is errno 2 (a close of the last
+            round not processed yet), and the seconds they took."""
+            def once():
+                t0 = time.monotonic()
+                gone = [self.client(proto=2) for _ in leave]
+                for c, i in zip(gone, leave):
+                    c.send({"msgid": 1, "id": users[i][0], "token": tokens[i], "seq": 1})
+                clients = [self.client(proto=2) for _ in pick]
+                for c, i in zip(clients, pick):
+                    c.send({"msgid": 1, "id": users[i][0], "token": tokens[i], "seq": 1})
+                for c in gone:
+                    c.close()
+                acks = [c.recv(timeout=20) for c in clients]
+                elapsed = time.monotonic() - t0
+                for c in clients:
+                    c.close()
+                if any(a["errno"] == 2 for a in acks):
+                    time.sleep(0.3)
+                    return None
+                return acks, elapsed
+            return wait_for(once, timeout=30)
+
+        self.configure(login_rate=4, login_queue_max=20)
+        time.sleep(0.5)  # a quarter second's worth: 1 token
+        # two clients leave while they wait: the others still get their turn
+        acks, elapsed = storm(range(10), leave=(10, 11))
+        self.assertEqual([a["errno"] for a in acks], [0] * 10, acks)
+        # 10 logins (and 2 dropped) at 4/s with one token at the start:
+        # paced, not refused
+        self.assertGreater(elapsed, 1.5, acks)
+
+        # a full queue: busy, as without it
+        self.configure(login_rate=4, login_queue_max=2)
+        time.sleep(0.5)
+        acks, _ = storm(range(12))
+        errnos = sorted(a["errno"] for a in acks)
+        self.assertGreaterEqual(errnos.count(0), 3, acks)
+        self.assertGreaterEqual(errnos.count(113), 6, acks)
+        self.assertEqual(errnos.count(0) + errnos.count(113), len(acks), acks)
+
 
 class Flood:
     """Connections from 127.0.0.1 that pipeline REG_MSG as fast as they can
