@@ -148,10 +148,13 @@ static int lane_idle(const struct lane *l)
     return l->slot < 0 && l->c.net == NULL;
 }
 
+static void lane_bufs_free(struct lane *l);
+
 static void lane_closed(uv_handle_t *h)
 {
     struct lane *l = ((struct bn_conn *)h->data)->data;
     struct setup *su = l->su;
+    lane_bufs_free(l); /* the closed connection's buffers, before the wipe */
     memset(&l->c, 0, sizeof l->c);
     for (int i = 0; i < su->nlanes; i++)
         if (lane_idle(&su->lanes[i]))

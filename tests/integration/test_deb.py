@@ -90,7 +90,7 @@ class DebTest(unittest.TestCase):
     def test_packaged_config_checks(self):
         p = run([self.chatd, "-t", "-c", self.rooted_conf()])
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        self.assertIn("ok (6 plugins)", p.stdout)
+        self.assertIn("ok (7 plugins)", p.stdout)
 
     def test_packaged_unit_verifies(self):
         unit = os.path.join(self.root, "lib", "systemd", "system", "chatd.service")
