@@ -95,6 +95,7 @@ static char *event_text(long long uid, const char *name, size_t nlen, int online
 
 /* An "offline" waiting for its presence check: whom to tell, and what. */
 struct pend {
+    struct pend *prev, *next; /* on the waiting list while its timer runs */
     int64_t uid;
     size_t n;
     char *text;
@@ -113,6 +114,21 @@ static void send_devices(int64_t id, const char *text, size_t len)
         if (host->session_proto(s) == CHAT_PROTO_2)
             host->send_raw(s, text, len); /* may close s: next was taken first */
     }
+}
+
+/* The offlines whose timer has not fired yet: freed at fini (a stopping
+ * server closes one-shot timers without calling them back). */
+static struct pend *waiting;
+
+static void pend_unlink(struct pend *p)
+{
+    if (p->prev)
+        p->prev->next = p->next;
+    else if (waiting == p)
+        waiting = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    p->prev = p->next = NULL;
 }
 
 static void pend_free(struct pend *p)
@@ -143,6 +159,7 @@ static void pend_timer(struct chat_timer *t, void *ud)
     struct pend *p = ud;
 
     (void)t;
+    pend_unlink(p);
     if (host->presence_query(self, &p->uid, 1, pend_checked, p) != CHAT_OK)
         pend_free(p);
 }
@@ -170,6 +187,7 @@ void fr_presence_broadcast(const char *data, size_t len)
         if (!(pd = host->malloc(sizeof(*pd) + (size_t)nids * sizeof(int64_t))))
             goto out;
         pd->text = NULL;
+        pd->prev = pd->next = NULL;
     }
     for (p = head + off; nids-- > 0; p = end) {
         struct chat_session *s;
@@ -191,8 +209,13 @@ void fr_presence_broadcast(const char *data, size_t len)
         pd->text = text;
         pd->len = tlen;
         text = NULL;
-        if (host->timer_start(self, offline_delay_ms, 0, pend_timer, pd))
+        if (host->timer_start(self, offline_delay_ms, 0, pend_timer, pd)) {
+            pd->next = waiting;
+            if (waiting)
+                waiting->prev = pd;
+            waiting = pd;
             pd = NULL;
+        }
     }
 out:
     if (pd) { /* not handed to a timer: nobody to tell, or no timer */
@@ -454,6 +477,15 @@ void fr_presence_fini(void)
     int64_t k;
     void *v;
 
+    /* a timer holds a reference on the instance, so fini runs only once
+     * every timer is closed: these are the ones a stopping server closed
+     * without calling back */
+    while (waiting) {
+        struct pend *p = waiting;
+
+        pend_unlink(p);
+        pend_free(p);
+    }
     for (size_t it = 0; users && host->map_next(users, &it, &k, &v);)
         puser_free(v);
     if (users)
