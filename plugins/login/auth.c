@@ -655,6 +655,23 @@ static void queue_tick(struct chat_timer *t, void *ud)
     queue_arm();
 }
 
+/* fini: the logins still queued when a stopping server closed the queue's
+ * timer without calling it back (a reload drains the queue first: the
+ * timer holds the instance). */
+void login_auth_fini(void)
+{
+    struct auth_job *j;
+
+    while ((j = queue_head)) {
+        queue_head = j->qnext;
+        j->qnext = NULL;
+        job_end(j, 0);
+    }
+    queue_tail = NULL;
+    queue_len = 0;
+    queue_armed = 0;
+}
+
 /* Appends j (not yet in the pending set); CHAT_ERR_BUSY when full. */
 static int queue_push(struct auth_job *j)
 {

@@ -662,6 +662,7 @@ static int login_init(const struct chat_host *host, struct chat_plugin *self,
 static void login_fini(void *state)
 {
     (void)state; /* fini runs after the instance drained: nothing is pending */
+    login_auth_fini();
     login_tc_fini();
     login_ac_fini();
     dev_tokens_fini();

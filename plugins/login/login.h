@@ -91,6 +91,7 @@ void login_handle_login(struct chat_session *s, const struct chat_request *req,
 /* (Re)compute the stand-in hash used for unknown ids, with the current
  * hash_cost; CHAT_OK or an error.  Called from init and reconfigure. */
 int login_auth_init(void);
+void login_auth_fini(void); /* frees the logins still queued */
 
 /* ---- tokcache.c: verified resume tokens in memory ---------------------- */
 int login_tc_init(void);      /* init: CHAT_OK or CHAT_ERR_NOMEM */
