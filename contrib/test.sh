@@ -196,7 +196,7 @@ fi
 
 if [[ "$FUZZ" == 1 ]]; then
     # only what the fuzz tests run; 30 s per core fuzz target, 12 s per plugin one
-    BUILD_TARGETS="fuzz_frame fuzz_dispatch fuzz_admin fuzz_ws fuzz_web fuzz_proxyproto fixture_v1 fuzz_login fuzz_friend fuzz_one2one fuzz_group fuzz_offline" \
+    BUILD_TARGETS="fuzz_frame fuzz_dispatch fuzz_admin fuzz_ws fuzz_web fuzz_proxyproto fixture_v1 fuzz_login fuzz_friend fuzz_one2one fuzz_group fuzz_offline fuzz_typing" \
         stage fuzz-build build_dir "$FUZZ_BUILD" -DCMAKE_C_COMPILER=clang \
         -DCHAT_FUZZ=ON -DCHAT_FUZZ_SECONDS="${CHAT_FUZZ_SECONDS:-30}" || true
     if configured "$FUZZ_BUILD"; then
