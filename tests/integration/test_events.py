@@ -226,8 +226,12 @@ class EventsTest(unittest.TestCase):
         cb = login2(n2, b)
         ca = login2(n1, a)
         self.assertEqual(ca.request({"msgid": 7, "friendid": b})["errno"], 0)
-        # ADD_FRIEND makes n2 read b's watchers again (an in-flight read on
-        # logout still announces offline to the new list)
+        # ADD_FRIEND broadcasts "W b" so that n2 reads b's watchers again.
+        # A TYPING from a to b rides the same Redis channel after it, so
+        # once b has it n2 has taken the W (a read still in flight at the
+        # logout announces offline to the new list)
+        self.assertEqual(ca.request({"msgid": 18, "toid": b})["errno"], 0)
+        cb.recv_until(of(18))
         self.assertEqual(cb.request({"msgid": 3})["errno"], 0)
         m = ca.recv_until(of(19))
         self.assertEqual((m["id"], m["online"]), (b, False), m)
