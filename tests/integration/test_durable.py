@@ -539,18 +539,29 @@ class MidTraffic(unittest.TestCase):
             node = Node(st, plugins=PLUGINS, conf=FAST)
             try:
                 s, r, g = self.setup_users(node)
-                msgs = traffic(r, g, 3000, "m")
+                # before: stored at full speed (a fixed delay before the
+                # outage let a fast writer store everything first)
+                acked, _ = send_until_acked(node, s, traffic(r, g, 1000, "a"))
+                # during: a session logged in before MariaDB stops sends
+                # 2000 more; what cannot be stored is answered 113
+                c = login2(node, s)
+                st.stop_mysql()
 
-                def outage():
-                    time.sleep(0.3)
-                    st.stop_mysql()
+                def back():
                     time.sleep(1)
                     st.start_mysql()
-                t = threading.Thread(target=outage)
+                t = threading.Thread(target=back)
                 t.start()
-                acked, busy = send_until_acked(node, s, msgs)
+                msgs = traffic(r, g, 2000, "b")
+                busy = sum(1 for rep in pump(c, msgs, timeout=40).values()
+                           if rep["errno"] == 113)
+                c.close()
                 t.join()
                 self.assertGreater(busy, 0)  # sends during the outage got 113
+                # after: the client resends every one with its cid (those
+                # stored meanwhile answer dup, with their first ids)
+                more, _ = send_until_acked(node, s, msgs)
+                acked.update(more)
                 check_exactly_once(self, node, r, acked)
             except Exception:
                 print(node.log_tail(40))
