@@ -529,7 +529,9 @@ static void on_msg(wslay_event_context_ptr ev,
         break;
     }
     case WSLAY_BINARY_FRAME:
-        if (w->closing)
+        /* a message already refused as too big (on_frame_start) keeps
+         * that answer: its 1009 is the close on the wire */
+        if (w->closing || w->too_big)
             break;
         w->closing = 1;
         wslay_event_shutdown_read(ev);

@@ -378,6 +378,15 @@ static void test_oversize(void)
     CU_ASSERT_EQUAL(ev.nmsg, 0);
     expect_close(WS_CLOSE_TOO_BIG);
     ws_conn_free(w);
+    /* binary 10 + 10 in fragments, in one read: the error reported is the
+     * 1009 on the wire, not the 1003 its last frame would have had */
+    w = opened();
+    n = frame(buf, 0, 0x2, 1, msg, 10);
+    n += frame(buf + n, 1, 0x0, 1, msg, 10);
+    CU_ASSERT_EQUAL(feed(w, buf, n), 0);
+    CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_TOO_BIG);
+    expect_close(WS_CLOSE_TOO_BIG);
+    ws_conn_free(w);
     w = opened(); /* exactly the bound passes */
     CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x1, 1, msg, 16)), 0);
     CU_ASSERT_EQUAL(ev.nmsg, 1);
