@@ -865,17 +865,23 @@ void dur_tick(struct cli *c)
         dur_save(c);
 }
 
+/* Forget every message still waiting for its ACK (another user, or exit). */
+static void outbox_free(struct cli *c)
+{
+    while (c->outbox) {
+        struct cli_out *o = c->outbox;
+
+        c->outbox = o->next;
+        out_free(o);
+    }
+}
+
 void dur_logged_in(struct cli *c)
 {
     if (c->conv_user != c->user_id) { /* another user: start afresh */
         dur_save(c);
         conv_free_all(c);
-        while (c->outbox) {
-            struct cli_out *o = c->outbox;
-
-            c->outbox = o->next;
-            out_free(o);
-        }
+        outbox_free(c);
         c->conv_user = c->user_id;
         state_path(c);
         state_load(c);
@@ -914,12 +920,7 @@ void dur_free(struct cli *c)
 {
     dur_save(c);
     conv_free_all(c);
-    while (c->outbox) {
-        struct cli_out *o = c->outbox;
-
-        c->outbox = o->next;
-        out_free(o);
-    }
+    outbox_free(c);
     dur_history_free(c);
     free(c->state_path);
     c->state_path = NULL;

@@ -777,6 +777,25 @@ static inline int64_t chat_conf_range(const struct chat_host *h,
     return v;
 }
 
+/* Whether id is in ids[0..n), sorted ascending (a member list, a friend
+ * list): a binary search.  Header-only, like chat_conf_range. */
+static inline int chat_ids_has(const int64_t *ids, size_t n, int64_t id)
+{
+    size_t lo = 0, hi = n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if (ids[mid] == id)
+            return 1;
+        if (ids[mid] < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* The plugin descriptor. */
 struct chat_plugin_desc {

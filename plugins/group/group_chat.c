@@ -120,19 +120,7 @@ static int q_add(int64_t from, size_t bytes)
 
 static int is_member(const struct gent *e, int64_t uid)
 {
-    size_t lo = 0, hi = e->n;
-
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-
-        if (e->members[mid] == uid)
-            return 1;
-        if (e->members[mid] < uid)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return 0;
+    return chat_ids_has(e->members, e->n, uid);
 }
 
 /* One group message whose members' outcomes are pending. */

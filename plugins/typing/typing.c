@@ -282,19 +282,7 @@ static void finish(struct chat_session *s, const struct treq *q, const int64_t *
 
 static int is_member(const struct tgroup *g, int64_t uid)
 {
-    size_t lo = 0, hi = g->n;
-
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-
-        if (g->ids[mid] == uid)
-            return 1;
-        if (g->ids[mid] < uid)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return 0;
+    return chat_ids_has(g->ids, g->n, uid);
 }
 
 static void group_checked(struct chat_session *s, const struct treq *q,
