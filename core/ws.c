@@ -31,8 +31,10 @@
  * time); what remains of wslay's cost is its byte-at-a-time unmasking.
  *
  * Policy: a binary message is refused with 1003 (once it is complete, as
- * before); a broken rule closes with 1002, text that is not UTF-8 (a
- * close reason included) with 1007, a message over max_message with 1009.
+ * before); a broken rule closes with 1002 (also what wslay_frame_recv
+ * refuses, which wslay's event API answered with a close without a code),
+ * text that is not UTF-8 (a close reason included) with 1007, a message
+ * over max_message with 1009 (a control frame counts alone, as in wslay).
  * When the engine fails the connection it stops reading: the state is
  * WS_CLOSED as soon as the close frame is in the output.  A close started
  * by the transport (ws_conn_close) waits in WS_CLOSING for the peer's;
