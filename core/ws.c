@@ -5,55 +5,61 @@
  * callbacks record the few headers that matter, the way admin_http.c does;
  * the head is bounded by WS_HEAD_MAX counted in bytes the parser consumed,
  * so the outcome does not depend on how the reads were split), and wslay's
- * event API reads and writes frames.  The engine only feeds them: wslay's recv callback hands over the bytes given
- * to ws_conn_feed and then says WOULDBLOCK, its send callback appends to an
- * output buffer the transport drains with ws_conn_pending/ws_conn_consume.
- * Nothing here reads a clock or a socket, so the transport owns every
- * timer and the unit test and the fuzz target (tests/fuzz/fuzz_ws.c) drive
- * the engine alone.
+ * frame API (wslay_frame_recv) reads frames: the header, the lengths (it
+ * refuses a length not in its shortest form, and a control frame over 125
+ * bytes or fragmented) and the unmasking.  Its recv callback hands over
+ * the bytes given to ws_conn_feed and then says "want read".  Nothing here
+ * reads a clock or a socket, so the transport owns every timer and the
+ * unit test and the fuzz target (tests/fuzz/fuzz_ws.c) drive the engine
+ * alone.
+ *
+ * Messages.  What wslay's event API used to add on top of its frame API,
+ * the message rules of RFC 6455 sections 5 and 7, is here (frame_start,
+ * on_chunk, control_end): a client frame must be masked, with no RSV bit
+ * and a known opcode; a continuation needs a fragmented message open and
+ * a new data frame needs none; a message over max_message (the whole
+ * message, across its fragments) is refused when its frame starts,
+ * before a byte of it is kept; text must be UTF-8 (ws_utf8, checked as the
+ * bytes arrive and complete at fin); a close carries no payload, or a
+ * valid code (7.4) and a UTF-8 reason.  Each rule is decided on the bytes
+ * alone, whatever the reads were, so the engine's outcome never depends
+ * on the split (the fuzz target checks this).  A text message that arrives
+ * whole in one chunk goes up from wslay's read buffer without a copy;
+ * others are joined once here.  ws_utf8 checks ASCII 16 and 8 bytes a
+ * step and walks a small DFA only through multi-byte characters (wslay's
+ * event API ran its automaton on every byte and stored its state each
+ * time); what remains of wslay's cost is its byte-at-a-time unmasking.
+ *
+ * Policy: a binary message is refused with 1003 (once it is complete, as
+ * before); a broken rule closes with 1002 (also what wslay_frame_recv
+ * refuses, which wslay's event API answered with a close without a code),
+ * text that is not UTF-8 (a close reason included) with 1007, a message
+ * over max_message with 1009 (a control frame counts alone, as in wslay).
+ * When the engine fails the connection it stops reading: the state is
+ * WS_CLOSED as soon as the close frame is in the output.  A close started
+ * by the transport (ws_conn_close) waits in WS_CLOSING for the peer's;
+ * what breaks a rule meanwhile ends it with 1002 reported (our close is
+ * already out).
+ *
+ * Writing.  Every server frame (text, ping, pong, close) is written here,
+ * header and payload straight into the output buffer (frame_out) that the
+ * transport drains with ws_conn_pending/ws_conn_consume: the order on the
+ * wire is the order of the calls, and nothing follows a close.
  *
  * Memory.  The handshake state (a few KiB: parser, header copies) is
- * freed once the request is answered.  wslay's event context (about
- * 8.5 KiB with its frame context: a 4 KiB read buffer, a 4 KiB send
- * buffer) exists only while frames are in flight, the way
- * SSL_MODE_RELEASE_BUFFERS treats OpenSSL's records: it is made when
- * frame bytes arrive (ev_new, with max_message and no buffering) and
- * freed after a read that ends on a frame boundary with nothing inside
- * wslay (ws_idle).  "Nothing inside" is proved, not guessed: the frame
- * callbacks add up each whole frame's size (wslay refuses unmasked client
- * frames and lengths not in their shortest form, so the header size
- * follows from the length) against the bytes recv_cb handed over, track
- * whether a fragmented message is open, and wslay's send queue must be
- * empty with no close sent, queued or received.  The output buffer and
- * the message buffer go with it, so an idle open connection holds only
- * its struct ws_conn.  The output buffer is also released whenever it
- * drains after having grown past WS_OUT_KEEP.
- *
- * Speed.  wslay still reads every frame (unmasking, UTF-8, the message
- * rules), but runs without buffering: it does not copy data frames into
- * chunks and join them; a text message that arrives whole in one chunk is
- * passed up from wslay's read buffer, others are joined once here
- * (on_chunk).  wslay checks the limit per frame then, so on_frame_start
- * adds the message-wide check with wslay's answer (1009).  Server frames
- * of text and pings are written here, header and payload straight into
- * the output (frame_out), not through wslay's queue (which copies twice
- * and mallocs per message); wslay writes only pongs and closes, and
- * flush() empties its queue at once, so the order on the wire is the
- * order of the calls and nothing follows a close.  What remains of
- * wslay's cost is its byte loops: UTF-8 validation (most of
- * wslay_event_recv in a profile) and unmasking.
- *
- * Policy: a binary message is refused with 1003; wslay itself closes with
- * 1002 (an unmasked or malformed frame), 1007 (text that is not UTF-8) and
- * 1009 (a message over max_message, checked before it is buffered).  One
- * wslay quirk (1.1.1, still in its HEAD): it checks the UTF-8 of a close
- * frame's reason per chunk and skips two bytes of every chunk, not only
- * the code's, so whether a bad reason is answered with 1007 depends on how
- * the frame was split between reads; harmless (the reason is only logged),
- * and the one place where the engine's outcome depends on the split.  When
- * the engine or wslay fails the connection it stops reading: the state is
- * WS_CLOSED as soon as the close frame is in the output.  A close started
- * by the transport (ws_conn_close) waits in WS_CLOSING for the peer's.
+ * freed once the request is answered.  wslay's frame context (about
+ * 4.2 KiB, its 4 KiB read buffer) exists only while frames are in
+ * flight, the way SSL_MODE_RELEASE_BUFFERS treats OpenSSL's records: it
+ * is made when frame bytes arrive (rd_new) and freed after a read that
+ * ends on a frame boundary with nothing inside wslay (ws_idle).  "Nothing
+ * inside" is proved, not guessed: the frame size (wslay refuses lengths
+ * not in their shortest form and the engine unmasked frames, so the
+ * header size follows from the length) of each whole frame is added up
+ * against the bytes recv_cb handed over, no fragmented message may be
+ * open, and no close sent or received.  The output buffer, the message
+ * buffer and the control frame buffer go with it, so an idle open
+ * connection holds only its struct ws_conn.  The output buffer is also
+ * released whenever it drains after having grown past WS_OUT_KEEP.
  *
  * With ws_conf.files set, the listener is also the web client's HTTP
  * server: a request whose path is not the WebSocket path is decided once
@@ -115,28 +121,30 @@ struct ws_conn {
     const struct ws_cb *cb;
     void *ud;
     struct ws_hs *hs;           /* while in WS_HANDSHAKE */
-    wslay_event_context_ptr ev; /* once open */
+    wslay_frame_context_ptr fr; /* once open, while frames are in flight */
     struct ws_out out;
     const char *in;             /* ws_conn_feed's bytes, for recv_cb */
     size_t in_len;
     /* Frame boundaries, for the idle release (see ws_idle): bytes recv_cb
-     * handed to the current wslay context, bytes of the whole frames it
-     * has read, the size of the frame being read, and whether a
-     * fragmented message is in progress. */
-    uint64_t fed, framed, frame_size;
-    int in_frag, frame_data_fin; /* frame_data_fin: 0 none, 1 fin, 2 not */
-    /* The text message being read (wslay runs without buffering, see
-     * on_chunk): its bytes so far, or, for a message that came whole in
-     * one chunk, a pointer into wslay's read buffer (zc), valid until
-     * on_msg returns; total counts a data message's bytes for the limit. */
+     * handed to the current frame context, and bytes of the whole frames
+     * it has returned. */
+    uint64_t fed, framed;
+    /* The frame being read (in_frame: its first chunk was seen): its
+     * opcode, fin, payload length, payload bytes seen, and whole size. */
+    uint64_t f_len, f_off, f_size;
+    uint8_t f_op, f_fin, in_frame;
+    /* The data message being read: msg_op is its opcode (text or binary)
+     * from its first frame to its fin, 0 when none is open; total counts
+     * its bytes for the limit, utf8 is ws_utf8's state over its text.
+     * Its bytes are joined in msg unless it came whole in one chunk. */
+    uint8_t msg_op;
+    uint32_t utf8;
+    uint64_t total;
     char *msg;
     size_t msg_len, msg_cap;
-    const uint8_t *zc;
-    size_t zc_len;
-    uint64_t total, frame_len;
-    uint8_t msg_op;  /* the opcode of the data message being read */
-    int too_big;
-    int closing;   /* a close frame was queued (by anyone) */
+    uint8_t *ctl;  /* a control frame's payload split between chunks (125) */
+    int closing;   /* a close frame went out (ours or the echo) */
+    int read_off;  /* the read side stopped: close received, or failed */
     int reported;  /* on_error or on_close was called */
     int closed;    /* refused, or closed before the handshake */
     int fatal;     /* out of memory: unusable */
@@ -185,9 +193,9 @@ void ws_conn_consume(struct ws_conn *w, size_t n)
     if (o->off < o->len)
         return;
     o->off = o->len = 0;
-    /* a burst is over, or the connection is idle (wslay's contexts
+    /* a burst is over, or the connection is idle (wslay's frame context
      * released, see ws_idle): give the memory back */
-    if (o->cap > WS_OUT_KEEP || (!w->ev && !w->hs)) {
+    if (o->cap > WS_OUT_KEEP || (!w->fr && !w->hs)) {
         mem_free(o->buf);
         o->buf = NULL;
         o->cap = 0;
@@ -453,19 +461,95 @@ static void web_reply(struct ws_conn *w)
         w->cb->on_error(w->ud, r.status, "http");
 }
 
-/* ---- frames (wslay callbacks) -------------------------------------------- */
+/* ---- UTF-8 ----------------------------------------------------------------- */
 
-static ssize_t recv_cb(wslay_event_context_ptr ev, uint8_t *buf, size_t len,
-                       int flags, void *ud)
+/* The byte classes of the DFA below: 0 ASCII, 1 80-8F, 2 90-9F, 3 A0-BF
+ * (continuations), 4 C2-DF, 5 E0, 6 E1-EC EE-EF, 7 ED, 8 F0, 9 F1-F3,
+ * 10 F4, 11 never in UTF-8 (C0 C1 F5-FF). */
+static const uint8_t utf8_class[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 00 */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 40 */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /* 80 */
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, /* 90 */
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, /* A0 */
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+    11, 11, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, /* C0 */
+    4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+    5, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 6, 6, /* E0 */
+    8, 9, 9, 9, 10, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, /* F0 */
+};
+
+/* States: 0 WS_UTF8_OK (between characters), 1 WS_UTF8_BAD (for good),
+ * 2, 3, 4: 1, 2, 3 continuations to go (any 80-BF); 5 after E0 (A0-BF
+ * next: no overlong), 6 after ED (80-9F: no surrogate), 7 after F0 (90-BF:
+ * no overlong), 8 after F4 (80-8F: nothing over U+10FFFF). */
+static const uint8_t utf8_next[9][12] = {
+    /*        asc 80 90 A0 C2 E0 E1 ED F0 F1 F4 bad */
+    /* 0 */ {0, 1, 1, 1, 2, 5, 3, 6, 7, 4, 8, 1},
+    /* 1 */ {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 2 */ {1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 3 */ {1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 4 */ {1, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 5 */ {1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 6 */ {1, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 7 */ {1, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1},
+    /* 8 */ {1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+};
+
+#define ASCII_MASK 0x8080808080808080ull
+
+uint32_t ws_utf8(uint32_t state, const void *in, size_t n)
+{
+    const unsigned char *p = in, *e = p + n;
+
+    if (state > 8)
+        return WS_UTF8_BAD;
+    while (p < e) {
+        if (state == WS_UTF8_OK) {
+            /* between characters: skip ASCII 16, then 8 bytes a step */
+            uint64_t a, b;
+            while (e - p >= 16) {
+                memcpy(&a, p, 8);
+                memcpy(&b, p + 8, 8);
+                if ((a | b) & ASCII_MASK)
+                    break;
+                p += 16;
+            }
+            if (e - p >= 8) {
+                memcpy(&a, p, 8);
+                if (!(a & ASCII_MASK))
+                    p += 8;
+            }
+            while (p < e && *p < 0x80)
+                p++;
+            if (p == e)
+                break;
+        }
+        state = utf8_next[state][utf8_class[*p++]];
+        if (state == WS_UTF8_BAD)
+            break;
+    }
+    return state;
+}
+
+/* ---- frames ---------------------------------------------------------------- */
+
+/* wslay_frame_recv's source: the bytes ws_conn_feed was given, then 0
+ * ("want read"). */
+static ssize_t recv_cb(uint8_t *buf, size_t len, int flags, void *ud)
 {
     struct ws_conn *w = ud;
     (void)flags;
-    if (w->in_len == 0) {
-        wslay_event_set_error(ev, WSLAY_ERR_WOULDBLOCK);
-        return -1;
-    }
     if (len > w->in_len)
         len = w->in_len;
+    if (len == 0)
+        return 0;
     memcpy(buf, w->in, len);
     w->in += len;
     w->in_len -= len;
@@ -473,18 +557,8 @@ static ssize_t recv_cb(wslay_event_context_ptr ev, uint8_t *buf, size_t len,
     return (ssize_t)len;
 }
 
-static ssize_t send_cb(wslay_event_context_ptr ev, const uint8_t *data,
-                       size_t len, int flags, void *ud)
-{
-    struct ws_conn *w = ud;
-    (void)flags;
-    if (out_append(&w->out, data, len)) {
-        w->fatal = 1;
-        wslay_event_set_error(ev, WSLAY_ERR_CALLBACK_FAILURE);
-        return -1;
-    }
-    return (ssize_t)len;
-}
+/* Only the reading half of the frame API is used (frame_out writes). */
+static const struct wslay_frame_callbacks fr_callbacks = {NULL, recv_cb, NULL};
 
 static void fail(struct ws_conn *w, int code, const char *why)
 {
@@ -495,195 +569,284 @@ static void fail(struct ws_conn *w, int code, const char *why)
         w->cb->on_error(w->ud, code, why);
 }
 
-/* Frames queued go to the output at once, from inside wslay_event_recv
- * too (its send and receive sides share no state): a reply to a message
- * or the pong to a ping is out before a close that a later frame of the
- * same read causes (wslay sends nothing but the close once one is queued),
- * however the reads were split. */
-static void flush(struct ws_conn *w)
+/* One unmasked server frame (fin set) straight into the output. */
+static int frame_out(struct ws_conn *w, uint8_t opcode, const void *p, size_t n)
 {
-    if (w->ev && !w->fatal &&
-        wslay_event_send(w->ev) == WSLAY_ERR_NOMEM)
-        w->fatal = 1;
+    unsigned char h[10];
+    size_t hl = 2;
+
+    h[0] = (unsigned char)(0x80 | opcode);
+    if (n < 126) {
+        h[1] = (unsigned char)n;
+    } else if (n < 65536) {
+        h[1] = 126;
+        h[2] = (unsigned char)(n >> 8);
+        h[3] = (unsigned char)n;
+        hl = 4;
+    } else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++)
+            h[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
+        hl = 10;
+    }
+    if (out_append(&w->out, h, hl) || (n && out_append(&w->out, p, n)))
+        return w->fatal = 1, CHAT_ERR_NOMEM;
+    return 0;
 }
 
-static void on_msg(wslay_event_context_ptr ev,
-                   const struct wslay_event_on_msg_recv_arg *a, void *ud)
+/* A close frame: code 0 sends none (and no reason); reason is at most 123
+ * bytes.  Nothing is written after it. */
+static void close_out(struct ws_conn *w, uint16_t code, const void *reason, size_t rl)
 {
-    struct ws_conn *w = ud;
-    static const char bin[] = "binary messages are not accepted";
+    uint8_t b[125];
+    size_t n = 0;
 
-    switch (a->opcode) {
-    case WSLAY_TEXT_FRAME: {
-        const char *p = w->zc ? (const char *)w->zc : w->msg ? w->msg : "";
-        size_t n = w->zc ? w->zc_len : w->msg_len;
-        w->zc = NULL;
-        w->msg_len = 0;
-        if (!w->closing && !w->too_big && w->cb->on_message)
-            w->cb->on_message(w->ud, p, n);
-        if (w->msg_cap > WS_OUT_KEEP) {
-            mem_free(w->msg);
-            w->msg = NULL;
-            w->msg_cap = 0;
-        }
-        break;
+    w->closing = 1;
+    if (code) {
+        b[0] = (uint8_t)(code >> 8);
+        b[1] = (uint8_t)code;
+        if (rl > 123)
+            rl = 123;
+        if (rl)
+            memcpy(b + 2, reason, rl);
+        n = 2 + rl;
     }
-    case WSLAY_BINARY_FRAME:
-        /* a message already refused as too big (on_frame_start) keeps
-         * that answer: its 1009 is the close on the wire */
-        if (w->closing || w->too_big)
-            break;
-        w->closing = 1;
-        wslay_event_shutdown_read(ev);
-        if (wslay_event_queue_close(ev, WS_CLOSE_UNSUPPORTED, (const uint8_t *)bin,
-                                    sizeof bin - 1) == WSLAY_ERR_NOMEM)
-            w->fatal = 1;
-        fail(w, WS_CLOSE_UNSUPPORTED, bin);
-        break;
-    case WSLAY_CONNECTION_CLOSE:
-        w->closing = 1;
-        if (!w->reported && w->cb->on_close) {
-            w->reported = 1;
-            w->cb->on_close(w->ud, a->status_code ? a->status_code : WS_CLOSE_NO_STATUS,
-                            a->msg_length > 2 ? (const char *)a->msg + 2 : "",
-                            a->msg_length > 2 ? a->msg_length - 2 : 0);
+    frame_out(w, WSLAY_CONNECTION_CLOSE, b, n);
+}
+
+/* The peer broke a rule: close with code and stop reading.  When a close
+ * of ours is already out, that close stands and 1002 is reported: the
+ * peer broke the protocol while closing. */
+static void refuse_frame(struct ws_conn *w, uint16_t code, const char *why)
+{
+    w->read_off = 1;
+    if (w->closing) {
+        fail(w, WS_CLOSE_PROTOCOL, "protocol error");
+        return;
+    }
+    close_out(w, code, NULL, 0);
+    fail(w, code, why);
+}
+
+/* RFC 6455 7.4.1 and 7.4.2: the codes a close frame may carry (1004,
+ * 1005, 1006 and 1015 are reserved, 1012-2999 unassigned here as in
+ * wslay's event API; 3000-4999 registered or private). */
+static int close_code_ok(unsigned c)
+{
+    return (c >= 1000 && c <= 1011 && c != 1004 && c != 1005 && c != 1006) ||
+           (c >= 3000 && c <= 4999);
+}
+
+/* A frame whose first chunk (or empty payload) wslay has just returned:
+ * the rules of RFC 6455 5.2-5.5 wslay_frame_recv leaves to its user.
+ * 1 to read it, 0 when it was refused. */
+static int frame_start(struct ws_conn *w, const struct wslay_frame_iocb *io)
+{
+    uint8_t op = io->opcode;
+    uint64_t n = io->payload_length;
+
+    if (!io->mask) {
+        refuse_frame(w, WS_CLOSE_PROTOCOL, "unmasked frame");
+        return 0;
+    }
+    if (io->rsv) { /* no extension is negotiated */
+        refuse_frame(w, WS_CLOSE_PROTOCOL, "reserved bits set");
+        return 0;
+    }
+    if ((op & 8) ? op > WSLAY_PONG : op > WSLAY_BINARY_FRAME) {
+        refuse_frame(w, WS_CLOSE_PROTOCOL, "unknown opcode");
+        return 0;
+    }
+    if (!(op & 8) && (op == WSLAY_CONTINUATION_FRAME) != (w->msg_op != 0)) {
+        refuse_frame(w, WS_CLOSE_PROTOCOL, op ? "data frame inside a fragmented message"
+                                              : "continuation without a message");
+        return 0;
+    }
+    /* the whole message against the limit (a control frame alone), before
+     * any of it is kept */
+    if (n > w->conf->max_message - ((op & 8) ? 0 : w->total)) {
+        refuse_frame(w, WS_CLOSE_TOO_BIG, "message too big");
+        return 0;
+    }
+    w->in_frame = 1;
+    w->f_op = op;
+    w->f_fin = io->fin;
+    w->f_len = n;
+    w->f_off = 0;
+    w->f_size = 2 + (n < 126 ? 0 : n < 65536 ? 2 : 8) + 4 + n;
+    if (!(op & 8)) {
+        if (op != WSLAY_CONTINUATION_FRAME) { /* a message starts */
+            w->msg_op = op;
+            w->utf8 = WS_UTF8_OK;
+            w->total = 0;
+            w->msg_len = 0;
         }
+        w->total += n;
+    }
+    return 1;
+}
+
+/* A close frame from the peer (its whole payload p, n bytes): answered
+ * with the same code and reason unless a close of ours went out, and the
+ * read side stops. */
+static void close_in(struct ws_conn *w, const uint8_t *p, size_t n)
+{
+    uint16_t code = n >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 0;
+    const char *reason = n > 2 ? (const char *)p + 2 : "";
+    size_t rl = n > 2 ? n - 2 : 0;
+
+    if (n == 1 || (n >= 2 && !close_code_ok(code))) {
+        refuse_frame(w, WS_CLOSE_PROTOCOL, "invalid close code");
+        return;
+    }
+    if (rl && ws_utf8(WS_UTF8_OK, reason, rl) != WS_UTF8_OK) {
+        refuse_frame(w, WS_CLOSE_BAD_DATA, "close reason is not UTF-8");
+        return;
+    }
+    w->read_off = 1;
+    if (!w->closing)
+        close_out(w, code, reason, rl);
+    if (!w->reported && w->cb->on_close) {
         w->reported = 1;
+        w->cb->on_close(w->ud, code ? code : WS_CLOSE_NO_STATUS, reason, rl);
+    }
+    w->reported = 1;
+}
+
+/* A whole control frame. */
+static void control_end(struct ws_conn *w, const uint8_t *p, size_t n)
+{
+    switch (w->f_op) {
+    case WSLAY_PING: /* no pong once a close is out */
+        if (!w->closing)
+            frame_out(w, WSLAY_PONG, p, n);
         break;
     case WSLAY_PONG:
         if (w->cb->on_pong)
             w->cb->on_pong(w->ud);
         break;
-    default: /* a ping: wslay has queued the pong */
+    default:
+        close_in(w, p, n);
         break;
     }
-    flush(w);
 }
 
-/* The size of the frame starting, header included: wslay has refused an
- * unmasked client frame before this is called, and refuses lengths not in
- * their shortest encoding (wslay_frame.c), so the header follows from the
- * payload's length.  A data frame (text, binary, continuation) without
- * fin leaves a fragmented message in progress. */
-static void on_frame_start(wslay_event_context_ptr ev,
-                           const struct wslay_event_on_frame_recv_start_arg *a,
-                           void *ud)
+/* The end of a data message: deliver a text message (from wslay's read
+ * buffer when zc, else from msg), refuse a binary one. */
+static void message_end(struct ws_conn *w, const uint8_t *zc, size_t zc_len)
 {
-    struct ws_conn *w = ud;
-    uint64_t n = a->payload_length;
+    uint8_t op = w->msg_op;
 
-    w->frame_size = 2 + 4 + (n < 126 ? 0 : n < 65536 ? 2 : 8) + n;
-    w->frame_data_fin = (a->opcode & 8) ? 0 : a->fin ? 1 : 2;
-    if (!w->frame_data_fin)
-        return;
-    if (a->opcode != WSLAY_CONTINUATION_FRAME)
-        w->msg_op = a->opcode;
-    w->frame_len = n;
-    /* without buffering wslay checks each frame against the limit, not
-     * the message: the rest of the check is here, with wslay's answer */
-    if (n > w->conf->max_message - w->total && !w->too_big) {
-        w->too_big = 1;
-        if (wslay_event_queue_close(ev, WS_CLOSE_TOO_BIG, NULL, 0) == WSLAY_ERR_NOMEM)
-            w->fatal = 1;
-        wslay_event_shutdown_read(ev);
+    w->msg_op = 0;
+    w->total = 0;
+    if (op == WSLAY_BINARY_FRAME) {
+        if (!w->closing) /* while closing what the peer sends is dropped */
+            refuse_frame(w, WS_CLOSE_UNSUPPORTED, "binary messages are not accepted");
         return;
     }
-    w->total += n;
+    if (w->utf8 != WS_UTF8_OK) { /* a character cut at the end */
+        refuse_frame(w, WS_CLOSE_BAD_DATA, "text is not UTF-8");
+        return;
+    }
+    if (!w->closing && w->cb->on_message)
+        w->cb->on_message(w->ud, zc ? (const char *)zc : w->msg ? w->msg : "",
+                          zc ? zc_len : w->msg_len);
+    w->msg_len = 0;
+    if (w->msg_cap > WS_OUT_KEEP) {
+        mem_free(w->msg);
+        w->msg = NULL;
+        w->msg_cap = 0;
+    }
 }
 
-/* A piece of a frame's payload, unmasked, its UTF-8 checked by wslay.
- * With no buffering (ev_new) wslay neither copies data frames into chunks
- * nor joins them into a message: a text message that comes whole in one
- * chunk is passed up from wslay's read buffer itself, others are joined
- * here. */
-static void on_chunk(wslay_event_context_ptr ev,
-                     const struct wslay_event_on_frame_recv_chunk_arg *a, void *ud)
+static int msg_append(struct ws_conn *w, const uint8_t *d, size_t n)
 {
-    struct ws_conn *w = ud;
-
-    if (!w->frame_data_fin || w->too_big || w->msg_op != WSLAY_TEXT_FRAME ||
-        a->data_length == 0)
-        return;
-    if (w->frame_data_fin == 1 && w->msg_len == 0 && w->total == w->frame_len &&
-        a->data_length == w->frame_len) {
-        w->zc = a->data;
-        w->zc_len = a->data_length;
-        return;
-    }
-    if (a->data_length > w->msg_cap - w->msg_len) {
+    if (n > w->msg_cap - w->msg_len) {
         size_t cap = w->msg_cap ? w->msg_cap : 256;
         char *b;
-        while (cap - w->msg_len < a->data_length)
+        while (cap - w->msg_len < n)
             cap *= 2;
-        if (!(b = mem_realloc(w->msg, cap))) {
-            w->fatal = 1;
-            wslay_event_shutdown_read(ev);
-            return;
-        }
+        if (!(b = mem_realloc(w->msg, cap)))
+            return w->fatal = 1, CHAT_ERR_NOMEM;
         w->msg = b;
         w->msg_cap = cap;
     }
-    memcpy(w->msg + w->msg_len, a->data, a->data_length);
-    w->msg_len += a->data_length;
-}
-
-static void on_frame_end(wslay_event_context_ptr ev, void *ud)
-{
-    struct ws_conn *w = ud;
-    (void)ev;
-    w->framed += w->frame_size;
-    if (w->frame_data_fin)
-        w->in_frag = w->frame_data_fin == 2;
-    if (w->frame_data_fin == 1)
-        w->total = 0; /* the message ends: on_msg comes next */
-}
-
-static const struct wslay_event_callbacks ev_callbacks = {
-    .recv_callback = recv_cb,
-    .send_callback = send_cb,
-    .on_frame_recv_start_callback = on_frame_start,
-    .on_frame_recv_chunk_callback = on_chunk,
-    .on_frame_recv_end_callback = on_frame_end,
-    .on_msg_recv_callback = on_msg,
-};
-
-/* A wslay context for the frames to come (see ws_idle). */
-static int ev_new(struct ws_conn *w)
-{
-    if (wslay_event_context_server_init(&w->ev, &ev_callbacks, w) != 0) {
-        w->ev = NULL;
-        w->fatal = 1;
-        return CHAT_ERR_NOMEM;
-    }
-    wslay_event_config_set_max_recv_msg_length(w->ev, w->conf->max_message);
-    wslay_event_config_set_no_buffering(w->ev, 1); /* see on_chunk */
-    w->fed = w->framed = w->total = 0;
-    w->in_frag = 0;
-    w->msg_len = 0;
+    memcpy(w->msg + w->msg_len, d, n);
+    w->msg_len += n;
     return 0;
 }
 
-/* Release wslay's contexts (about 8.5 KiB: its 4 KiB read buffer, its
- * 4 KiB fragmenting send buffer, message state) when they provably hold
- * nothing: every byte handed to wslay belonged to a whole frame it has
- * read, no fragmented message is open, nothing is queued to send, and no
- * close was sent, queued or received.  The next bytes from the peer make
- * a fresh one (ev_new); what wslay would carry over is all in its initial
- * state at such a boundary.  Like SSL_MODE_RELEASE_BUFFERS for OpenSSL:
- * an idle connection costs the struct ws_conn only. */
+/* One piece of a frame's payload from wslay_frame_recv, unmasked (the
+ * first piece of a frame, possibly empty, starts it). */
+static void on_chunk(struct ws_conn *w, const struct wslay_frame_iocb *io)
+{
+    const uint8_t *d = io->data;
+    size_t n = io->data_length;
+    int whole;
+
+    if (!w->in_frame && !frame_start(w, io))
+        return;
+    whole = w->f_off == 0 && n == w->f_len; /* the frame in one piece */
+    if (w->f_op & 8) {
+        if (!whole && n) { /* gather it: at most 125 bytes */
+            if (!w->ctl && !(w->ctl = mem_malloc(125))) {
+                w->fatal = 1;
+                return;
+            }
+            memcpy(w->ctl + w->f_off, d, n);
+        }
+    } else if (w->msg_op == WSLAY_TEXT_FRAME) {
+        if (n && (w->utf8 = ws_utf8(w->utf8, d, n)) == WS_UTF8_BAD) {
+            refuse_frame(w, WS_CLOSE_BAD_DATA, "text is not UTF-8");
+            return;
+        }
+        /* a message whole in this piece goes up from wslay's buffer */
+        if (!(whole && w->f_fin && w->msg_len == 0 && w->total == n) && n &&
+            !w->closing && msg_append(w, d, n))
+            return;
+    }
+    w->f_off += n;
+    if (w->f_off < w->f_len)
+        return;
+    w->in_frame = 0;
+    w->framed += w->f_size;
+    if (w->f_op & 8)
+        control_end(w, whole ? d : w->ctl, (size_t)w->f_len);
+    else if (w->f_fin)
+        message_end(w, whole && w->msg_len == 0 && w->total == n ? d : NULL, n);
+}
+
+/* A frame context for the frames to come (see ws_idle). */
+static int rd_new(struct ws_conn *w)
+{
+    if (wslay_frame_context_init(&w->fr, &fr_callbacks, w) != 0) {
+        w->fr = NULL;
+        w->fatal = 1;
+        return CHAT_ERR_NOMEM;
+    }
+    w->fed = w->framed = 0;
+    return 0;
+}
+
+/* Release wslay's frame context (about 4.2 KiB: its 4 KiB read buffer)
+ * when it provably holds nothing: every byte handed to it belonged to a
+ * whole frame it has returned, no fragmented message is open, and no
+ * close went out or came in.  The next bytes from the peer make a fresh
+ * one (rd_new); a frame context at such a boundary is in its initial
+ * state.  Like SSL_MODE_RELEASE_BUFFERS for OpenSSL: an idle connection
+ * costs the struct ws_conn only. */
 static void ws_idle(struct ws_conn *w)
 {
-    wslay_event_context_ptr ev = w->ev;
-    if (!ev || w->fatal || w->closing || w->fed != w->framed || w->in_frag ||
-        !wslay_event_get_read_enabled(ev) || !wslay_event_get_write_enabled(ev) ||
-        wslay_event_get_close_sent(ev) || wslay_event_get_close_received(ev) ||
-        wslay_event_get_queued_msg_count(ev) != 0)
+    if (!w->fr || w->fatal || w->closing || w->read_off || w->in_frame ||
+        w->msg_op || w->fed != w->framed)
         return;
-    wslay_event_context_free(ev);
-    w->ev = NULL;
+    wslay_frame_context_free(w->fr);
+    w->fr = NULL;
     mem_free(w->msg); /* no message is open */
     w->msg = NULL;
     w->msg_cap = w->msg_len = 0;
+    mem_free(w->ctl);
+    w->ctl = NULL;
     if (w->out.off == w->out.len) { /* else ws_conn_consume frees it */
         mem_free(w->out.buf);
         memset(&w->out, 0, sizeof w->out);
@@ -692,34 +855,29 @@ static void ws_idle(struct ws_conn *w)
 
 static int frames_feed(struct ws_conn *w, const char *in, size_t n)
 {
-    int r;
-    if (!w->ev && ev_new(w))
+    struct wslay_frame_iocb io;
+    ssize_t r;
+
+    if (!w->fr && rd_new(w))
         return CHAT_ERR_NOMEM;
     w->in = in;
     w->in_len = n;
-    r = wslay_event_recv(w->ev);
+    while (!w->read_off && !w->fatal) {
+        r = wslay_frame_recv(w->fr, &io);
+        if (r == WSLAY_ERR_WANT_READ) /* all of in is taken (see recv_cb) */
+            break;
+        if (r < 0) {
+            /* WSLAY_ERR_PROTO: a control frame over 125 bytes or
+             * fragmented, a length not in its shortest form or over 2^63 */
+            refuse_frame(w, WS_CLOSE_PROTOCOL, "protocol error");
+            break;
+        }
+        on_chunk(w, &io);
+    }
     w->in = NULL;
     w->in_len = 0;
-    if (r == WSLAY_ERR_NOMEM)
-        w->fatal = 1;
-    flush(w);
     if (w->fatal)
         return CHAT_ERR_NOMEM;
-    if (!wslay_event_get_read_enabled(w->ev) && !w->reported) {
-        /* wslay failed the connection and queued the close (now sent);
-         * a frame-level error (a control frame over 125 bytes, a bad
-         * length) gets a close without a code from wslay.  After a close
-         * of ours it could queue nothing: the code sent is ours, and the
-         * peer broke the protocol while closing. */
-        uint16_t code = w->closing ? WS_CLOSE_PROTOCOL
-                                   : wslay_event_get_status_code_sent(w->ev);
-        w->closing = 1;
-        if (code == WS_CLOSE_NO_STATUS || code == 1006 || code == 0)
-            code = WS_CLOSE_PROTOCOL;
-        fail(w, code, code == WS_CLOSE_TOO_BIG ? "message too big"
-                      : code == WS_CLOSE_BAD_DATA ? "text is not UTF-8"
-                                                  : "protocol error");
-    }
     ws_idle(w);
     return 0;
 }
@@ -732,7 +890,7 @@ static int open_ws(struct ws_conn *w)
 
     if (ws_accept_key(k->v, k->len, acc))
         return w->fatal = 1, CHAT_ERR_NOMEM;
-    /* no wslay context yet: the first frame bytes make it (ev_new) */
+    /* no frame context yet: the first frame bytes make it (rd_new) */
     n = snprintf(buf, sizeof buf,
                  "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", acc);
@@ -744,7 +902,6 @@ static int open_ws(struct ws_conn *w)
         w->cb->on_open(w->ud);
     return 0;
 }
-
 /* The request head, then (if accepted) the frames that came with it. */
 static int hs_feed(struct ws_conn *w, const char *in, size_t n)
 {
@@ -805,11 +962,12 @@ void ws_conn_free(struct ws_conn *w)
 {
     if (!w)
         return;
-    if (w->ev)
-        wslay_event_context_free(w->ev);
+    if (w->fr)
+        wslay_frame_context_free(w->fr);
     mem_free(w->hs);
     mem_free(w->out.buf);
     mem_free(w->msg);
+    mem_free(w->ctl);
     mem_free(w);
 }
 
@@ -819,18 +977,15 @@ enum ws_state ws_conn_state(const struct ws_conn *w)
         return WS_CLOSED;
     if (w->hs)
         return WS_HANDSHAKE;
-    if (!w->ev) /* released while idle: nothing was closing */
-        return w->closing ? WS_CLOSING : WS_OPEN;
-    if (wslay_event_get_close_sent(w->ev) &&
-        (wslay_event_get_close_received(w->ev) ||
-         !wslay_event_get_read_enabled(w->ev)))
+    if (w->closing && w->read_off) /* a close each way, or we failed it */
         return WS_CLOSED;
     return w->closing ? WS_CLOSING : WS_OPEN;
 }
 
 int ws_conn_idle(const struct ws_conn *w)
 {
-    return !w->hs && !w->closed && !w->ev && !w->out.buf && !w->msg;
+    return !w->hs && !w->closed && !w->closing && !w->fr && !w->out.buf && !w->msg &&
+           !w->ctl;
 }
 
 int ws_conn_feed(struct ws_conn *w, const char *in, size_t n)
@@ -843,43 +998,12 @@ int ws_conn_feed(struct ws_conn *w, const char *in, size_t n)
         return 0;
     if (w->hs)
         return hs_feed(w, in, n);
-    if (w->ev && !wslay_event_get_read_enabled(w->ev))
-        return 0; /* closing: what the peer sends now is dropped */
+    if (w->read_off)
+        return 0; /* not reached: read_off comes with a close sent */
     return frames_feed(w, in, n);
 }
 
-/* One unmasked server frame (fin set) straight into the output: writing
- * a frame is not parsing, and it spares wslay's two copies (its queue,
- * then the send callback) and its malloc per message.  Ordering with the
- * frames wslay writes itself (pongs, closes) holds because flush() sends
- * whatever wslay queued at once: its queue is empty here, and a close it
- * sent or queued sets closing or close_sent, after which nothing goes
- * out. */
-static int frame_out(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
-{
-    unsigned char h[10];
-    size_t hl = 2;
-
-    h[0] = (unsigned char)(0x80 | opcode);
-    if (n < 126) {
-        h[1] = (unsigned char)n;
-    } else if (n < 65536) {
-        h[1] = 126;
-        h[2] = (unsigned char)(n >> 8);
-        h[3] = (unsigned char)n;
-        hl = 4;
-    } else {
-        h[1] = 127;
-        for (int i = 0; i < 8; i++)
-            h[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
-        hl = 10;
-    }
-    if (out_append(&w->out, h, hl) || (n && out_append(&w->out, p, n)))
-        return w->fatal = 1, CHAT_ERR_NOMEM;
-    return 0;
-}
-
-/* Write one frame of a wslay opcode (text or ping). */
+/* Write one frame of ours (text or ping). */
 static int queue(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
 {
     if (w->fatal)
@@ -890,15 +1014,6 @@ static int queue(struct ws_conn *w, uint8_t opcode, const char *p, size_t n)
         return CHAT_ERR_STATE;
     if (w->closing)
         return CHAT_ERR_CLOSED;
-    if (w->ev) {
-        if (wslay_event_get_queued_msg_count(w->ev))
-            flush(w); /* what wslay holds goes first */
-        if (w->fatal)
-            return CHAT_ERR_NOMEM;
-        if (!wslay_event_get_write_enabled(w->ev) || wslay_event_get_close_sent(w->ev) ||
-            wslay_event_get_queued_msg_count(w->ev))
-            return CHAT_ERR_CLOSED;
-    }
     return frame_out(w, opcode, p, n);
 }
 
@@ -914,9 +1029,6 @@ int ws_conn_ping(struct ws_conn *w)
 
 int ws_conn_close(struct ws_conn *w, uint16_t code, const char *reason)
 {
-    size_t rl = reason ? strlen(reason) : 0;
-    int r;
-
     if (w->fatal)
         return CHAT_ERR_NOMEM;
     if (w->closed || w->closing)
@@ -927,16 +1039,6 @@ int ws_conn_close(struct ws_conn *w, uint16_t code, const char *reason)
         w->closed = 1;
         return 0;
     }
-    if (rl > 123)
-        rl = 123;
-    if (!w->ev && ev_new(w)) /* released while idle: wslay tracks the close */
-        return CHAT_ERR_NOMEM;
-    r = wslay_event_queue_close(w->ev, code, (const uint8_t *)reason, rl);
-    if (r == WSLAY_ERR_NO_MORE_MSG)
-        return CHAT_ERR_CLOSED;
-    if (r)
-        return r == WSLAY_ERR_NOMEM ? CHAT_ERR_NOMEM : CHAT_ERR_INVAL;
-    w->closing = 1;
-    flush(w);
+    close_out(w, code, reason, reason ? strlen(reason) : 0);
     return w->fatal ? CHAT_ERR_NOMEM : 0;
 }

@@ -123,10 +123,22 @@ void ws_conn_consume(struct ws_conn *w, size_t n);
 
 enum ws_state ws_conn_state(const struct ws_conn *w);
 
-/* 1 when an open connection holds no wslay context (released at a frame
- * boundary with nothing buffered, made again by the next bytes; see ws.c)
- * and no output buffer: it costs its struct ws_conn only.  For tests. */
+/* 1 when an open connection (no close sent) holds no wslay frame
+ * context (released at a frame boundary with nothing buffered, made again
+ * by the next bytes; see ws.c) and no output or message buffer: it costs
+ * its struct ws_conn only.  For tests. */
 int ws_conn_idle(const struct ws_conn *w);
+
+/* The engine's UTF-8 check (RFC 3629: no overlong form, no surrogate
+ * U+D800-DFFF, nothing over U+10FFFF), incremental: start from
+ * WS_UTF8_OK and pass each piece with the state the last one returned;
+ * a character may be split anywhere.  The result is WS_UTF8_OK when the
+ * bytes so far end between characters, WS_UTF8_BAD (for good) as soon as
+ * they cannot begin valid UTF-8, else another value (a character is
+ * incomplete).  ASCII is checked 8 and 16 bytes a step. */
+#define WS_UTF8_OK 0u
+#define WS_UTF8_BAD 1u
+uint32_t ws_utf8(uint32_t state, const void *p, size_t n);
 
 /* Sec-WebSocket-Accept for a key: base64(SHA-1(key GUID)), 28 characters
  * and a NUL into out[29].  0; CHAT_ERR_INVAL (a key over 256 bytes);

@@ -328,8 +328,8 @@ class TestWebSocket(NodeCase):
         self.assertTrue(r.eof())
 
     def test_idle_release(self):
-        """The engine frees wslay's contexts whenever a read ends on a frame
-        boundary with no message open (ws.c) and makes new ones when bytes
+        """The engine frees wslay's frame context whenever a read ends on a frame
+        boundary with no message open (ws.c) and makes a new one when bytes
         come: a frame split across that point, a fragmented message with
         pings between its frames, pings and the close handshake all work
         on a connection that was idle in between."""

@@ -3,9 +3,12 @@
  * request and its refusals (400, 403, 404, 405, 426, 431), the accept key
  * (RFC 6455's example), frames in and out, fragments, pings, the close
  * handshake both ways, the closes the engine sends (1002, 1003, 1007,
- * 1009), and the release of wslay's contexts at idle frame boundaries.
+ * 1009), the message rules and the UTF-8 check (ws_utf8, against a
+ * reference, at every split), and the release of wslay's frame context at
+ * idle frame boundaries.
  * The client's frames are built here; no socket is opened.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -327,17 +330,18 @@ static void test_unmasked(void)
     }
 }
 
-/* Frame-level errors wslay answers with a close without a code. */
+/* Frame-level errors: 1002, and text that is not UTF-8: 1007. */
 static void test_malformed(void)
 {
     struct ws_conn *w = opened();
     unsigned char buf[256];
     static const unsigned char zeros[126];
     memset(buf, 0, sizeof buf);
-    /* a ping of 126 bytes: control frames carry at most 125 */
+    /* a ping of 126 bytes: control frames carry at most 125 (wslay's
+     * frame reader refuses it; the close carries 1002) */
     CU_ASSERT_EQUAL(feed(w, buf, frame(buf, 1, 0x9, 1, zeros, sizeof zeros)), 0);
     CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_PROTOCOL);
-    expect_close(0);
+    expect_close(WS_CLOSE_PROTOCOL);
     CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
     ws_conn_free(w);
     /* a reserved opcode */
@@ -622,7 +626,7 @@ static void test_head_too_large(void)
     CU_ASSERT_EQUAL(refused("/chat", h, 0), 101);
 }
 
-/* wslay's contexts are released at every frame boundary with nothing
+/* wslay's frame context is released at every frame boundary with nothing
  * buffered, and made again by the next bytes: messages, fragments across
  * the idle point, a frame split anywhere, pings both ways and the close
  * handshake behave as on a connection that never released. */
@@ -728,6 +732,373 @@ static void test_idle_release(void)
     ws_conn_free(w);
 }
 
+/* ---- UTF-8 and the message rules (frames read with wslay's frame API) --- */
+
+/* A reference check, byte by byte and by code point: 0 valid and complete,
+ * 1 invalid, 2 a valid prefix (the last character incomplete). */
+static int ref_seq(const unsigned char *p, size_t n, size_t *used)
+{
+    unsigned c = p[0], need, cp, min;
+    if (c < 0x80)
+        return *used = 1, 0;
+    if (c >= 0xc0 && c < 0xe0)
+        need = 1, cp = c & 0x1f, min = 0x80;
+    else if (c >= 0xe0 && c < 0xf0)
+        need = 2, cp = c & 0x0f, min = 0x800;
+    else if (c >= 0xf0 && c < 0xf8)
+        need = 3, cp = c & 0x07, min = 0x10000;
+    else
+        return 1;
+    for (unsigned i = 1; i <= need; i++) {
+        if (i >= n)
+            return 3; /* truncated: decided by the caller */
+        if ((p[i] & 0xc0) != 0x80)
+            return 1;
+        cp = cp << 6 | (p[i] & 0x3f);
+    }
+    *used = need + 1;
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+        return 1;
+    return 0;
+}
+
+static int ref_utf8(const unsigned char *p, size_t n)
+{
+    size_t i = 0, used;
+    while (i < n) {
+        int r = ref_seq(p + i, n - i, &used);
+        if (r == 1)
+            return 1;
+        if (r == 3) { /* a valid prefix if some continuation completes it */
+            static const unsigned char conts[] = {0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf};
+            unsigned char t[4];
+            size_t k = n - i;
+            memcpy(t, p + i, k);
+            for (size_t a = 0; a < 6; a++)
+                for (size_t b = 0; b < 6; b++)
+                    for (size_t c = 0; c < 6; c++) {
+                        unsigned char x[3] = {conts[a], conts[b], conts[c]};
+                        for (size_t j = k; j < 4; j++)
+                            t[j] = x[j - k];
+                        if (ref_seq(t, 4, &used) == 0)
+                            return 2;
+                    }
+            return 1;
+        }
+        i += used;
+    }
+    return 0;
+}
+
+static int utf8_class_of(uint32_t st)
+{
+    return st == WS_UTF8_OK ? 0 : st == WS_UTF8_BAD ? 1 : 2;
+}
+
+/* ws_utf8 in pieces cut at a and b. */
+static uint32_t utf8_split(const unsigned char *p, size_t n, size_t a, size_t b)
+{
+    uint32_t st = ws_utf8(WS_UTF8_OK, p, a);
+    st = ws_utf8(st, p + a, b - a);
+    return ws_utf8(st, p + b, n - b);
+}
+
+static void test_utf8_check(void)
+{
+    static const char *const bad[] = {
+        "\xc0\xaf", "\xc1\xbf", "\xe0\x80\xaf", "\xe0\x9f\xbf", "\xf0\x80\x80\xaf",
+        "\xf0\x8f\xbf\xbf", "\xed\xa0\x80", "\xed\xbf\xbf", "\xed\xaf\xbf\xed\xb0\x80",
+        "\xf4\x90\x80\x80", "\xf5\x80\x80\x80", "\xf8\x88\x80\x80\x80", "\xff", "\xfe",
+        "\x80", "\xbf", "a\xc3 ", "\xc3\x28", "\xe2\x28\xa1", "\xf0\x28\x8c\xbc"};
+    static const char *const good[] = {
+        "", "plain ascii", "\xc2\x80", "\xdf\xbf", "\xe0\xa0\x80", "\xed\x9f\xbf",
+        "\xee\x80\x80", "\xef\xbf\xbf", "\xf0\x90\x80\x80", "\xf4\x8f\xbf\xbf",
+        "h\xc3\xa9llo \xe2\x82\xac \xf0\x9f\x98\x80 0123456789abcdef0123456789"};
+    static unsigned char buf[300];
+    unsigned seed = 12345;
+    size_t fails = 0;
+
+    /* every 1- and 2-byte input, every 3-byte one from a lead byte */
+    for (unsigned a = 0; a < 256; a++) {
+        buf[0] = (unsigned char)a;
+        if (utf8_class_of(ws_utf8(WS_UTF8_OK, buf, 1)) != ref_utf8(buf, 1))
+            fails++;
+        for (unsigned b = 0; b < 256; b++) {
+            buf[1] = (unsigned char)b;
+            if (utf8_class_of(ws_utf8(WS_UTF8_OK, buf, 2)) != ref_utf8(buf, 2))
+                fails++;
+            if (a < 0xc0)
+                continue;
+            for (unsigned c = 0; c < 256; c += (a >= 0xf0 ? 1 : 3)) {
+                buf[2] = (unsigned char)c;
+                buf[3] = 0x80;
+                if (utf8_class_of(ws_utf8(WS_UTF8_OK, buf, 3)) != ref_utf8(buf, 3) ||
+                    utf8_class_of(ws_utf8(WS_UTF8_OK, buf, 4)) != ref_utf8(buf, 4))
+                    fails++;
+            }
+        }
+    }
+    CU_ASSERT_EQUAL(fails, 0);
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        CU_ASSERT_EQUAL(ws_utf8(WS_UTF8_OK, bad[i], strlen(bad[i])), WS_UTF8_BAD);
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++)
+        CU_ASSERT_EQUAL(ws_utf8(WS_UTF8_OK, good[i], strlen(good[i])), WS_UTF8_OK);
+    CU_ASSERT_EQUAL(ws_utf8(WS_UTF8_BAD, "a", 1), WS_UTF8_BAD); /* for good */
+    CU_ASSERT_EQUAL(ws_utf8(WS_UTF8_OK, "\xe2\x82", 2) > WS_UTF8_BAD, 1);
+    /* random inputs, mostly ASCII runs with UTF-8 (good and broken) in
+     * them, against the reference, whole and cut at every point and at
+     * every pair of points */
+    fails = 0;
+    for (int iter = 0; iter < 3000; iter++) {
+        size_t n = 0, len;
+        seed = seed * 1103515245u + 12345u;
+        len = (seed >> 16) % sizeof buf;
+        while (n < len) {
+            unsigned r;
+            seed = seed * 1103515245u + 12345u;
+            r = seed >> 16;
+            if (r % 4 != 0) { /* an ASCII run */
+                for (unsigned k = r % 37; k && n < len; k--)
+                    buf[n++] = (unsigned char)(0x20 + (r + k) % 90);
+            } else if (r % 16 == 4 && iter % 2) { /* any byte */
+                buf[n++] = (unsigned char)(r >> 4);
+            } else { /* a good character, maybe cut or damaged */
+                static const char *const chars[] = {"\xc3\xa9", "\xe2\x82\xac",
+                    "\xf0\x9f\x98\x80", "\xed\x9f\xbf", "\xf4\x8f\xbf\xbf", "\xef\xbf\xbd"};
+                const char *c = chars[(r >> 4) % 6];
+                size_t cl = strlen(c);
+                for (size_t k = 0; k < cl && n < len; k++)
+                    buf[n++] = (unsigned char)c[k];
+                if (iter % 3 == 0 && (r >> 8) % 8 == 0 && n)
+                    buf[n - 1] ^= (unsigned char)(1 << ((r >> 12) % 8));
+            }
+        }
+        {
+            int want = ref_utf8(buf, n);
+            if (utf8_class_of(ws_utf8(WS_UTF8_OK, buf, n)) != want)
+                fails++;
+            for (size_t a = 0; a <= n; a++)
+                if (utf8_class_of(utf8_split(buf, n, a, a)) != want)
+                    fails++;
+            if (n <= 40)
+                for (size_t a = 0; a <= n; a++)
+                    for (size_t b = a; b <= n; b++)
+                        if (utf8_class_of(utf8_split(buf, n, a, b)) != want)
+                            fails++;
+        }
+    }
+    CU_ASSERT_EQUAL(fails, 0);
+}
+
+/* Feed frames after the handshake: whole (split 0), in two reads at
+ * split, or byte by byte (split (size_t)-1). */
+static struct ws_conn *feed_frames(const unsigned char *b, size_t n, size_t split)
+{
+    struct ws_conn *w = opened();
+    if (split == (size_t)-1) {
+        feed_bytes(w, (const char *)b, n);
+    } else if (split > 0 && split < n) {
+        feed(w, b, split);
+        if (ws_conn_state(w) != WS_CLOSED)
+            feed(w, b + split, n - split);
+    } else {
+        feed(w, b, n);
+    }
+    return w;
+}
+
+/* A text message in two fragments, cut at every byte of the text and fed
+ * in every way: valid UTF-8 is delivered, invalid is refused with 1007,
+ * whether the bad or split character is in one fragment or across two. */
+static void test_utf8_frames(void)
+{
+    static const char *const good[] = {
+        "h\xc3\xa9llo \xe2\x82\xac \xf0\x9f\x98\x80!", "\xf4\x8f\xbf\xbf\xed\x9f\xbf"};
+    static const char *const bad[] = {
+        "ab\xc0\xaf", "x\xe0\x80\xafy", "\xf0\x80\x80\xaf", "a\xed\xa0\x80z",
+        "\xed\xbf\xbf", "\xf4\x90\x80\x80", "\xf5\x80\x80\x80", "ok\xff", "ok\xe2\x82",
+        "\xf0\x9f\x98"};
+    unsigned char buf[256];
+
+    for (int g = 0; g < 2; g++) {
+        const char *const *set = g ? bad : good;
+        size_t count = g ? sizeof bad / sizeof *bad : sizeof good / sizeof *good;
+        for (size_t i = 0; i < count; i++) {
+            size_t len = strlen(set[i]);
+            for (size_t cut = 0; cut <= len; cut++) {
+                size_t n = frame(buf, 0, 0x1, 1, set[i], cut);
+                n += frame(buf + n, 1, 0x9, 1, "p", 1); /* a ping between */
+                n += frame(buf + n, 1, 0x0, 1, set[i] + cut, len - cut);
+                for (size_t split = 0; split <= n + 1; split++) {
+                    struct ws_conn *w = feed_frames(buf, n, split == n + 1 ? (size_t)-1 : split);
+                    if (!g) {
+                        CU_ASSERT_EQUAL(ev.errors, 0);
+                        CU_ASSERT(ev.nmsg == 1 && ev.msglen[0] == len &&
+                                  memcmp(ev.msg[0], set[i], len) == 0);
+                        CU_ASSERT_EQUAL(ws_conn_state(w), WS_OPEN);
+                        CU_ASSERT(ws_conn_idle(w));
+                    } else {
+                        CU_ASSERT_EQUAL(ev.nmsg, 0);
+                        CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_BAD_DATA);
+                        expect_close(WS_CLOSE_BAD_DATA);
+                        CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+                    }
+                    ws_conn_free(w);
+                }
+            }
+        }
+    }
+}
+
+/* The close frame's payload: a valid code (RFC 6455 7.4) is echoed, an
+ * invalid one or a lone byte is 1002, a reason not in UTF-8 is 1007, and
+ * none of it depends on how the frame was split between reads. */
+static void test_close_codes(void)
+{
+    static const unsigned ok[] = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                                  3000, 3999, 4000, 4999};
+    static const unsigned no[] = {0, 1, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015,
+                                  1016, 2000, 2999, 5000, 65535};
+    unsigned char buf[256], pl[130];
+    size_t n;
+
+    for (size_t i = 0; i < sizeof ok / sizeof *ok + sizeof no / sizeof *no; i++) {
+        int good = i < sizeof ok / sizeof *ok;
+        unsigned code = good ? ok[i] : no[i - sizeof ok / sizeof *ok];
+        pl[0] = (unsigned char)(code >> 8);
+        pl[1] = (unsigned char)code;
+        memcpy(pl + 2, "bye \xc3\xa9", 6);
+        n = frame(buf, 1, 0x8, 1, pl, 8);
+        for (size_t split = 0; split <= n + 1; split++) {
+            struct ws_conn *w = feed_frames(buf, n, split == n + 1 ? (size_t)-1 : split);
+            CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+            if (good) {
+                CU_ASSERT_EQUAL(ev.closes, 1);
+                CU_ASSERT_EQUAL(ev.close_code, code);
+                CU_ASSERT_STRING_EQUAL(ev.reason, "bye \xc3\xa9");
+                expect_close((uint16_t)code);
+                CU_ASSERT_EQUAL(ev.errors, 0);
+            } else {
+                CU_ASSERT_EQUAL(ev.closes, 0);
+                CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_PROTOCOL);
+                expect_close(WS_CLOSE_PROTOCOL);
+            }
+            ws_conn_free(w);
+        }
+    }
+    /* one byte of payload: not even a code */
+    n = frame(buf, 1, 0x8, 1, "\x03", 1);
+    for (size_t split = 0; split <= n + 1; split++) {
+        struct ws_conn *w = feed_frames(buf, n, split == n + 1 ? (size_t)-1 : split);
+        CU_ASSERT_EQUAL(ev.closes, 0);
+        CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_PROTOCOL);
+        expect_close(WS_CLOSE_PROTOCOL);
+        ws_conn_free(w);
+    }
+    /* reasons that are not UTF-8 (wslay's event API saw these or not
+     * depending on the reads): 1007 at every split */
+    {
+        static const char *const reasons[] = {"\xff", "ab\xc3", "\xed\xa0\x80", "x\xc0\xaf",
+                                              "\xf4\x90\x80\x80", "\xc3\xa9\x80"};
+        for (size_t i = 0; i < sizeof reasons / sizeof *reasons; i++) {
+            size_t rl = strlen(reasons[i]);
+            pl[0] = 0x03;
+            pl[1] = 0xe8;
+            memcpy(pl + 2, reasons[i], rl);
+            n = frame(buf, 1, 0x8, 1, pl, 2 + rl);
+            for (size_t split = 0; split <= n + 1; split++) {
+                struct ws_conn *w = feed_frames(buf, n, split == n + 1 ? (size_t)-1 : split);
+                CU_ASSERT_EQUAL(ev.closes, 0);
+                CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_BAD_DATA);
+                expect_close(WS_CLOSE_BAD_DATA);
+                CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+                ws_conn_free(w);
+            }
+        }
+    }
+    /* a close of 125 bytes split anywhere is echoed whole */
+    memset(pl, 'r', sizeof pl);
+    pl[0] = 0x0f;
+    pl[1] = 0xa0; /* 4000 */
+    n = frame(buf, 1, 0x8, 1, pl, 125);
+    for (size_t split = 0; split <= n + 1; split++) {
+        struct ws_conn *w = feed_frames(buf, n, split == n + 1 ? (size_t)-1 : split);
+        size_t off = frames_start(), pn;
+        const unsigned char *pp;
+        CU_ASSERT_EQUAL(ev.close_code, 4000);
+        CU_ASSERT_EQUAL(next_frame(&off, &pp, &pn), 0x8);
+        CU_ASSERT(pn == 125 && memcmp(pp, pl, 125) == 0);
+        ws_conn_free(w);
+    }
+}
+
+/* The frame rules wslay's event API enforced, now in ws.c (and those
+ * wslay_frame_recv keeps): all 1002, whatever the split. */
+static void test_frame_rules(void)
+{
+    unsigned char buf[300];
+    static const unsigned char big[300];
+    struct {
+        const char *what;
+        size_t n;
+    } cases[9];
+    unsigned char all[9][300];
+    size_t k = 0, n;
+
+    /* RSV1, RSV2, RSV3 */
+    for (int b = 0; b < 3; b++) {
+        n = frame(all[k], 1, 0x1, 1, "{}", 2);
+        all[k][0] |= (unsigned char)(0x10 << b);
+        cases[k].what = "rsv";
+        cases[k++].n = n;
+    }
+    /* a continuation without a message; a text frame inside a fragmented one */
+    cases[k].what = "cont";
+    cases[k].n = frame(all[k], 1, 0x0, 1, "{}", 2);
+    k++;
+    n = frame(all[k], 0, 0x1, 1, "{", 1);
+    n += frame(all[k] + n, 1, 0x1, 1, "}", 1);
+    cases[k].what = "text in text";
+    cases[k++].n = n;
+    /* a fragmented ping; a reserved control opcode */
+    cases[k].what = "ping no fin";
+    cases[k].n = frame(all[k], 0, 0x9, 1, "p", 1);
+    k++;
+    cases[k].what = "opcode 0xB";
+    cases[k].n = frame(all[k], 1, 0xB, 1, "p", 1);
+    k++;
+    /* lengths not in their shortest form: 16 bits for 5 bytes, 64 for 200 */
+    buf[0] = 0x81;
+    buf[1] = 0x80 | 126;
+    buf[2] = 0;
+    buf[3] = 5;
+    memset(buf + 4, 0, 4 + 5);
+    memcpy(all[k], buf, 13);
+    cases[k].what = "long 16";
+    cases[k++].n = 13;
+    n = frame(all[k], 1, 0x1, 1, big, 200); /* 16-bit length, rewritten as 64 */
+    memmove(all[k] + 10, all[k] + 4, n - 4);
+    all[k][1] = 0x80 | 127;
+    memset(all[k] + 2, 0, 8);
+    all[k][9] = 200;
+    cases[k].what = "long 64";
+    cases[k++].n = n + 6;
+    CU_ASSERT_EQUAL_FATAL(k, 9);
+    for (size_t i = 0; i < k; i++) {
+        for (size_t split = 0; split <= cases[i].n + 1; split++) {
+            struct ws_conn *w = feed_frames(all[i], cases[i].n,
+                                            split == cases[i].n + 1 ? (size_t)-1 : split);
+            CU_ASSERT_EQUAL(ev.nmsg, 0);
+            CU_ASSERT_EQUAL(ev.err_code, WS_CLOSE_PROTOCOL);
+            if (ev.err_code != WS_CLOSE_PROTOCOL)
+                fprintf(stderr, "case %s split %zu: %d\n", cases[i].what, split, ev.err_code);
+            expect_close(WS_CLOSE_PROTOCOL);
+            CU_ASSERT_EQUAL(ws_conn_state(w), WS_CLOSED);
+            ws_conn_free(w);
+        }
+    }
+}
+
 int main(void)
 {
     CU_pSuite s;
@@ -754,7 +1125,11 @@ int main(void)
     CU_add_test(s, "Sec-WebSocket-Version: 426", test_bad_version);
     CU_add_test(s, "path, method, version, not an upgrade", test_bad_request);
     CU_add_test(s, "request head too large: 431", test_head_too_large);
-    CU_add_test(s, "wslay's contexts released while idle", test_idle_release);
+    CU_add_test(s, "wslay's frame context released while idle", test_idle_release);
+    CU_add_test(s, "ws_utf8 against a reference, every split", test_utf8_check);
+    CU_add_test(s, "UTF-8 split across reads and fragments", test_utf8_frames);
+    CU_add_test(s, "close codes and reasons, every split", test_close_codes);
+    CU_add_test(s, "frame rules: RSV, opcodes, fragments, lengths", test_frame_rules);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     failed = CU_get_number_of_failures();
