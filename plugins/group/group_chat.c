@@ -54,7 +54,8 @@
  * live, else the offline store for legacy members; protocol-2 devices
  * fetch it by SYNC).  A retry with the same cid gets the original numbers
  * and "dup":true and is not fanned out again; without a cid a resend is
- * stored as a new message.
+ * stored as a new message (and without a cid, while no plugin answers
+ * SYNC, the message stays non-durable: ds_sync_served).
  */
 #include <string.h>
 
@@ -88,6 +89,7 @@ static struct chat_map *q_by_from; /* sender -> (uintptr_t) bytes waiting */
 static size_t q_total;             /* bytes waiting for loads */
 static struct ds_writer *writer;   /* durable messages */
 static struct ds_conf ds_cfg;
+static int no_sync_warned;         /* ds_sync_served() logged its warning */
 
 #define GMSG_COST(len) (sizeof(struct gmsg) + (len))
 
@@ -505,8 +507,9 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
 
 /* Whether the message is durable: 1 (stored first; *cid and *len set to
  * its "cid" when it has one, else NULL and 0), 0 (the non-durable path: a
- * legacy session, or durable = cid without a cid), -1 when answered with
- * an error.  (A group's conversation id holds no user id: any sender.) */
+ * legacy session, or without a cid: durable = cid, or no plugin answering
+ * SYNC), -1 when answered with an error.  (A group's conversation id holds
+ * no user id: any sender.) */
 static int durable_mode(struct chat_session *s, const struct chat_request *req,
                         int64_t uid, const char **cid, size_t *len)
 {
@@ -517,7 +520,7 @@ static int durable_mode(struct chat_session *s, const struct chat_request *req,
     if (grp.host->session_proto(s) != CHAT_PROTO_2)
         return 0;
     if (!grp.host->req_field_raw(req, "cid", &rl))
-        return grp.durable_all;
+        return grp.durable_all && ds_sync_served(grp.host, grp.self, &no_sync_warned);
     if (!(*cid = grp.host->req_field_str(req, "cid", len)) || *len == 0 ||
         *len > DS_CID_MAX) {
         grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD,

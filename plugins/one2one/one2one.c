@@ -54,7 +54,8 @@
  * new message.  113 when the database cannot store it (send again, same
  * cid).  A pair conversation's id holds both user ids, so they must be
  * below 2^31: with a cid that is 104, without one the message takes the
- * non-durable path (as it did before durability became the default).
+ * non-durable path (as it did before durability became the default); so
+ * does one without a cid while no plugin answers SYNC (ds_sync_served).
  */
 #include <stdint.h>
 #include <string.h>
@@ -78,6 +79,7 @@ static size_t lookup_sender_max = O2O_LOOKUP_SENDER_MAX_DEF;
 static struct ds_writer *writer; /* durable messages */
 static struct ds_conf ds_cfg;
 static int durable_all = 1;      /* durable = all: not only messages with a cid */
+static int no_sync_warned;       /* ds_sync_served() logged its warning */
 
 /* ------------------------------------------------------------------------ */
 /* Answers. */
@@ -426,8 +428,9 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
 
 /* Whether the message is durable: 1 (stored first; *cid and *len set to
  * its "cid" when it has one, else NULL and 0), 0 (the non-durable path: a
- * legacy session, durable = cid without a cid, or user ids past a pair
- * conversation's without a cid), -1 when answered with an error. */
+ * legacy session, or without a cid: durable = cid, user ids past a pair
+ * conversation's, or no plugin answering SYNC), -1 when answered with an
+ * error. */
 static int durable_mode(struct chat_session *s, const struct chat_request *req,
                         int64_t uid, int64_t toid, const char **cid, size_t *len)
 {
@@ -438,7 +441,8 @@ static int durable_mode(struct chat_session *s, const struct chat_request *req,
     if (host->session_proto(s) != CHAT_PROTO_2)
         return 0;
     if (!host->req_field_raw(req, "cid", &rl))
-        return durable_all && uid <= DS_UID_MAX && toid <= DS_UID_MAX;
+        return durable_all && uid <= DS_UID_MAX && toid <= DS_UID_MAX &&
+               ds_sync_served(host, self, &no_sync_warned);
     if (!(*cid = host->req_field_str(req, "cid", len)) || *len == 0 || *len > DS_CID_MAX) {
         answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "cid must be a string of 1 to 64 bytes");
         return -1;

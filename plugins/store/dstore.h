@@ -235,6 +235,27 @@ static inline int ds_conf_mode(const struct chat_host *h, struct chat_plugin *se
     return CHAT_OK;
 }
 
+/* durable = all also needs a way back for what an offline protocol-2 device
+ * missed: SYNC, the store plugin's (the offline store leaves durable
+ * messages out of a protocol-2 login ack).  1 when some plugin answers SYNC
+ * now (or the host cannot tell); else 0, logged once until it comes back:
+ * a message without cid then stays non-durable, as before durability
+ * became the default, rather than be stored where no device fetches it. */
+static inline int ds_sync_served(const struct chat_host *h, struct chat_plugin *self,
+                                 int *warned)
+{
+    if (!CHAT_HOST_HAS(h, msgid_handled) || h->msgid_handled(DS_MSG_SYNC)) {
+        *warned = 0;
+        return 1;
+    }
+    if (!*warned)
+        chat_log(h, self, CHAT_LOG_WARN, "durable = all, but no plugin answers SYNC "
+                 "(15: enable the store plugin): protocol-2 messages without cid "
+                 "stay non-durable");
+    *warned = 1;
+    return 0;
+}
+
 /* ---- the writer (writer.c) ---------------------------------------------- */
 struct ds_writer;
 

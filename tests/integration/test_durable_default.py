@@ -10,8 +10,9 @@ again (documented).  These tests check that, that `durable = cid` brings
 back the non-durable path for messages without cid, that a legacy sender's
 message is forwarded byte for byte and stored nowhere new, that user ids
 of 2^31 and above fall back to the non-durable path without a cid (and are
-refused with one, as before), and that the writer's dedup query keeps its
-plan with NULL cids in the table.
+refused with one, as before), that a node without the store plugin (no
+SYNC) keeps messages without cid non-durable, and that the writer's dedup
+query keeps its plan with NULL cids in the table.
 """
 
 import json
@@ -28,13 +29,14 @@ FAST = {"plugin.login": {"hash_cost": 1}}
 
 class Base(unittest.TestCase):
     CONF = {}
+    PLUGINS = PLUGINS
 
     @classmethod
     def setUpClass(cls):
         conf = dict(FAST)
         conf.update(cls.CONF)
         cls.stack = Stack()
-        cls.node = Node(cls.stack, plugins=PLUGINS, conf=conf)
+        cls.node = Node(cls.stack, plugins=cls.PLUGINS, conf=conf)
 
     @classmethod
     def tearDownClass(cls):
@@ -279,6 +281,41 @@ class CidOnly(Base):
             self.node.write_conf({"plugin.one2one": {"durable": "cid"}})
             self.node.sighup()
         for x in (ca, cb):
+            x.close()
+
+
+class NoStore(Base):
+    """durable = all on a node without the store plugin: nothing answers
+    SYNC, so an offline protocol-2 device could not fetch a durable
+    message; one without cid stays non-durable (offlinemsg), and the node
+    says why once."""
+
+    PLUGINS = ("login", "friend", "one2one", "group", "offline")
+
+    def test_without_cid_stays_non_durable(self):
+        a, b, c = self.user("a"), self.user("b"), self.user("c")
+        ca, cb = login2(self.node, a), login2(self.node, b)
+        g = self.group(ca, b)
+        mark = self.node.log_mark()
+        r = ca.request({"msgid": 6, "toid": b, "msg": "plain"})
+        self.assertEqual(r["errno"], 0)
+        self.assertNotIn("mid", r)
+        self.assertNotIn("mid", cb.recv_until(lambda m: m.get("msgid") == 6))
+        r = ca.request({"msgid": 10, "groupid": g, "msg": "gplain"})
+        self.assertEqual(r["errno"], 0)
+        self.assertNotIn("mid", r)
+        self.node.wait_log("durable = all, but no plugin answers SYNC", since=mark)
+        ca.request({"msgid": 6, "toid": c, "msg": "later"})
+        wait_for(lambda: self.count("SELECT COUNT(*) FROM offline_messages WHERE "
+                                    "user_id=%d" % c) == 1)
+        cc = client2(self.node)
+        ack = cc.login(c, "pw")
+        self.assertEqual([m["msg"] for m in ack["offlinemsg"]], ["later"])
+        self.assertEqual(self.count("SELECT COUNT(*) FROM messages"), 0)
+        # with a cid: durable as before (the client asked for it)
+        r = ca.request({"msgid": 6, "toid": b, "msg": "kept", "cid": "k"})
+        self.assertEqual((r["errno"], r["cseq"]), (0, 1))
+        for x in (ca, cb, cc):
             x.close()
 
 
