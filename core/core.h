@@ -777,6 +777,8 @@ size_t plug_active(void);            /* instances in the active set */
 void plug_stop(void);                /* retire everything (shutdown) */
 size_t plug_live(void);              /* instances not yet unloaded */
 const struct plug_handler *plug_handler(int msgid);
+/* host->msgid_handled (ABI 1.10): 1 when a live handler takes msgid. */
+int plug_msgid_handled(int msgid);
 /* Run h for one request (dispatch's run callback): h's instance stays
  * referenced for the call, which is counted and, one in 16, timed. */
 void plug_run_handler(const struct plug_handler *h, struct chat_session *s,

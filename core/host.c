@@ -264,4 +264,6 @@ const struct chat_host host_table = {
     /* ABI 1.9 (multi-device) */
     .session_next_device = sess_next_device,
     .deliver_devices = bus_deliver_devices,
+    /* ABI 1.10 */
+    .msgid_handled = plug_msgid_handled,
 };

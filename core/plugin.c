@@ -531,6 +531,8 @@ fail:
 
 const struct plug_handler *plug_handler(int msgid) { return map_get(&pl.registry, msgid); }
 
+int plug_msgid_handled(int msgid) { return plug_handler(msgid) != NULL; }
+
 /* Timing a handler takes two clock reads, which cost 65-120 ns each on
  * our VMs (kvm-clock): more than the rest of the metrics together.  So one
  * call in PLUG_TIME_EVERY is timed (chatd_handler_seconds is a sample) and

@@ -507,7 +507,11 @@ function fmtTime(ts) {
 // by cid for our own), in cseq order, and a cseq that skips asks SYNC.
 function onChat(m, offline, old) {
   if (m.conv) {
-    const c = convOfStoreName(m.conv, m.msgid === 6 && m.id !== state.me.id ? m.name : null);
+    const g = m.msgid === 10 ? state.groups.get(m.groupid) : null;
+    const c = convOfStoreName(m.conv, m.msgid === 6 && m.id !== state.me.id ? m.name
+      : g ? g.groupname : null);
+    // live from a group we did not know of (a member added us): its name
+    if (m.msgid === 10 && !g && !offline) refreshLists();
     if (c && !offline && m.id !== state.me.id) stopTyping(convKey(c.kind, c.id), m.id, true);
     if (c && addDurable(c, m, offline, old)) {
       if (!offline) {

@@ -41,6 +41,7 @@
  *        user on any nodes; session_next_device, deliver_devices (the echo
  *        of a user's own message to its other devices); chat_ev_session
  *        grows `devices`
+ *   1.10 msgid_handled: whether some plugin handles a msgid now
  *
  * Threads.  Every function in the table must be called on the loop thread,
  * except chat_host.malloc/free/realloc/strdup and log, which are thread-safe.
@@ -79,7 +80,7 @@ extern "C" {
 
 #define CHAT_PLUGIN_MAGIC 0x43484154u /* "CHAT" */
 #define CHAT_ABI_MAJOR 1
-#define CHAT_ABI_MINOR 9
+#define CHAT_ABI_MINOR 10
 
 #if defined(__GNUC__)
 #define CHAT_EXPORT __attribute__((visibility("default")))
@@ -720,6 +721,14 @@ struct chat_host {
     struct chat_session *(*session_next_device)(const struct chat_session *s);
     int (*deliver_devices)(int64_t user_id, const struct chat_session *except,
                            const char *json, size_t len);
+
+    /* ===== ABI 1.10 =====
+     * msgid_handled: 1 when some loaded plugin (this one included) handles
+     * requests of msgid now, else 0.  For a plugin whose feature needs
+     * another plugin's requests (a durable message is fetched again with
+     * SYNC, the store plugin's), checked when it matters, not cached: the
+     * other plugin may be enabled, disabled or reloaded at any time. */
+    int (*msgid_handled)(int msgid);
 };
 
 #define CHAT_HANDLER_RAW 0x1u

@@ -21,6 +21,7 @@
 #include <time.h>
 
 #include "group.h"
+#include "../store/dstore.h"
 
 struct grp_globals grp;
 
@@ -181,6 +182,20 @@ static int read_join(void)
     return CHAT_OK;
 }
 
+/* join and durable (all | cid); CHAT_OK, or CHAT_ERR_INVAL (logged)
+ * with neither applied. */
+static int read_modes(void)
+{
+    int all = grp.durable_all;
+    int rc;
+
+    if ((rc = ds_conf_mode(grp.host, grp.self, &all)) != CHAT_OK ||
+        (rc = read_join()) != CHAT_OK)
+        return rc;
+    grp.durable_all = all;
+    return CHAT_OK;
+}
+
 static void read_conf(void)
 {
     /* the columns are VARBINARY(255) and VARBINARY(1024) */
@@ -211,7 +226,7 @@ static int group_init(const struct chat_host *h, struct chat_plugin *p, void **s
     grp.self = p;
     *state = NULL;
     CHAT_HOST_REQUIRE(h, p, deliver_ex);
-    if ((rc = read_join()) != CHAT_OK)
+    if ((rc = read_modes()) != CHAT_OK)
         return rc;
     read_conf();
     if ((rc = h->register_handler(p, CHAT_MSG_CREATE_GROUP, grp_on_create, NULL)) ||
@@ -242,7 +257,7 @@ static int group_reconfigure(void *state)
     int rc;
 
     (void)state;
-    if ((rc = read_join()) != CHAT_OK)
+    if ((rc = read_modes()) != CHAT_OK)
         return rc; /* the previous settings stay */
     read_conf();
     grp_lcache_reconfigure();

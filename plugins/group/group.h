@@ -32,6 +32,7 @@ struct grp_globals {
     uint64_t list_ttl_ms;   /* list cache entries are trusted this long; 0: off */
     size_t list_max;        /* users whose lists the list cache holds */
     int join_invite;        /* join = invite: only a member adds a user */
+    int durable_all;        /* durable = all: protocol 2 stored, cid or not */
 };
 extern struct grp_globals grp;
 

@@ -44,15 +44,18 @@
  * id and name and every other member's raw text.  On a hot reload the fresh
  * entries are handed to the new instance (save/restore).
  *
- * Durable messages (issue 8).  A protocol-2 message with a client message
- * id "cid" is checked the same way (member cache, sender a member), then
+ * Durable messages (issue 8).  A protocol-2 message (durable = all, the
+ * default; durable = cid: only one with a client message id "cid") is
+ * checked the same way (member cache, sender a member), then
  * stored once in the group's conversation by the group-committed writer
  * (plugins/store/writer.c, linked in; conversation -groupid); the sender's
  * ACK with "mid", "conv", "cseq" comes after COMMIT, and only then is it
  * fanned out to the members the cache held when it was sent (deliver():
  * live, else the offline store for legacy members; protocol-2 devices
  * fetch it by SYNC).  A retry with the same cid gets the original numbers
- * and "dup":true and is not fanned out again.
+ * and "dup":true and is not fanned out again; without a cid a resend is
+ * stored as a new message (and without a cid, while no plugin answers
+ * SYNC, the message stays non-durable: ds_sync_served).
  */
 #include <string.h>
 
@@ -65,7 +68,8 @@ struct gmsg {
     int64_t from;       /* the sender's user id */
     struct chat_ack ack;
     size_t len;
-    size_t cid_len;     /* a durable message: its cid follows json */
+    size_t cid_len;     /* its cid (if any) follows json */
+    int durable;        /* stored first (durable_send) */
     char json[];
 };
 
@@ -85,6 +89,7 @@ static struct chat_map *q_by_from; /* sender -> (uintptr_t) bytes waiting */
 static size_t q_total;             /* bytes waiting for loads */
 static struct ds_writer *writer;   /* durable messages */
 static struct ds_conf ds_cfg;
+static int no_sync_warned;         /* ds_sync_served() logged its warning */
 
 #define GMSG_COST(len) (sizeof(struct gmsg) + (len))
 
@@ -197,6 +202,7 @@ struct gdur {
     uint64_t sid;
     int64_t from, gid;
     struct chat_ack ack;
+    int has_cid;
     size_t n;
     int64_t members[];
 };
@@ -209,7 +215,8 @@ static void durable_answer(struct chat_session *s, const struct gdur *d,
 
         grp_answer(s, &d->ack, d->from, err,
                    err == CHAT_E_INTERNAL ? "not stored"
-                                          : "busy: not stored, send again with the same cid",
+                   : d->has_cid           ? "busy: not stored, send again with the same cid"
+                                          : "busy: not stored, send again later",
                    NULL);
         return;
     }
@@ -254,6 +261,7 @@ static void durable_send(const struct gent *e, struct chat_session *s, uint64_t 
         d->from = from;
         d->gid = e->gid;
         d->ack = *ack;
+        d->has_cid = cid_len > 0;
         d->n = e->n;
         memcpy(d->members, e->members, e->n * sizeof(int64_t));
         m.conv = ds_conv_group(e->gid);
@@ -272,12 +280,12 @@ static void durable_send(const struct gent *e, struct chat_session *s, uint64_t 
 }
 
 /* Hand json to every member but the sender; the answer goes to the sender
- * now or once every copy has an outcome.  With a cid: stored first (see
+ * now or once every copy has an outcome.  durable: stored first (see
  * durable_send). */
 static void send_to_members(const struct gent *e, uint64_t sid,
                             const struct chat_ack *ack, int64_t from,
-                            const char *json, size_t len, const char *cid,
-                            size_t cid_len)
+                            const char *json, size_t len, int durable,
+                            const char *cid, size_t cid_len)
 {
     struct chat_session *s = grp.host->session_get(sid);
     struct gpend *p;
@@ -290,7 +298,7 @@ static void send_to_members(const struct gent *e, uint64_t sid,
                        NULL);
         return;
     }
-    if (cid_len) {
+    if (durable) {
         durable_send(e, s, sid, ack, from, json, len, cid, cid_len);
         return;
     }
@@ -355,7 +363,8 @@ static void flush_queue(struct gent *e, int err, const char *why)
         q_sub(m->from, GMSG_COST(m->len + m->cid_len));
         if (!err)
             send_to_members(e, m->sid, &m->ack, m->from, m->json, m->len,
-                            m->json + m->len, m->cid_len);
+                            m->durable, m->cid_len ? m->json + m->len : NULL,
+                            m->cid_len);
         else if (s)
             grp_answer(s, &m->ack, m->from, err, why, NULL);
         else
@@ -433,7 +442,7 @@ static void load_done(const struct chat_db_result *r, void *ud)
 /* Queue a copy of json behind the (started if needed) load of gid. */
 static int enqueue(struct chat_session *s, const struct chat_request *req,
                    int64_t from, int64_t gid, const char *json, size_t len,
-                   const char *cid, size_t cid_len, const char **why)
+                   int durable, const char *cid, size_t cid_len, const char **why)
 {
     struct gent *e = grp.host->map_get(cache, gid);
     struct gmsg *m;
@@ -473,6 +482,7 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
     m->ack = req->ack;
     m->len = len;
     m->cid_len = cid_len;
+    m->durable = durable;
     memcpy(m->json, json, len);
     if (cid_len)
         memcpy(m->json + len, cid, cid_len);
@@ -483,18 +493,22 @@ static int enqueue(struct chat_session *s, const struct chat_request *req,
 
 /* ------------------------------------------------------------------------ */
 
-/* A protocol-2 request's "cid": 1 and *cid set when present and valid, 0
- * when absent, -1 when answered with an error. */
-static int durable_cid(struct chat_session *s, const struct chat_request *req,
-                       int64_t uid, const char **cid, size_t *len)
+/* Whether the message is durable: 1 (stored first; *cid and *len set to
+ * its "cid" when it has one, else NULL and 0), 0 (the non-durable path: a
+ * legacy session, or without a cid: durable = cid, or no plugin answering
+ * SYNC), -1 when answered with an error.  (A group's conversation id holds
+ * no user id: any sender.) */
+static int durable_mode(struct chat_session *s, const struct chat_request *req,
+                        int64_t uid, const char **cid, size_t *len)
 {
     size_t rl;
 
     *cid = NULL;
     *len = 0;
-    if (grp.host->session_proto(s) != CHAT_PROTO_2 ||
-        !grp.host->req_field_raw(req, "cid", &rl))
+    if (grp.host->session_proto(s) != CHAT_PROTO_2)
         return 0;
+    if (!grp.host->req_field_raw(req, "cid", &rl))
+        return grp.durable_all && ds_sync_served(grp.host, grp.self, &no_sync_warned);
     if (!(*cid = grp.host->req_field_str(req, "cid", len)) || *len == 0 ||
         *len > DS_CID_MAX) {
         grp_answer(s, &req->ack, uid, CHAT_E_BAD_FIELD,
@@ -510,7 +524,7 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
     size_t len, rawlen, outlen, cid_len;
     int64_t uid, gid;
     struct gent *e;
-    int err;
+    int err, durable;
 
     (void)ud;
     if (!(uid = grp.host->req_auth(s, req)))
@@ -540,13 +554,14 @@ void grp_on_chat(struct chat_session *s, const struct chat_request *req, void *u
         grp_answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "message too large", NULL);
         return;
     }
-    if (durable_cid(s, req, uid, &cid, &cid_len) < 0)
+    if ((durable = durable_mode(s, req, uid, &cid, &cid_len)) < 0)
         return;
     e = grp.host->map_get(cache, gid);
     if (e && fresh(e)) {
-        send_to_members(e, grp.host->session_id(s), &req->ack, uid, out, outlen, cid,
-                        cid_len);
-    } else if ((err = enqueue(s, req, uid, gid, out, outlen, cid, cid_len, &why)) != 0) {
+        send_to_members(e, grp.host->session_id(s), &req->ack, uid, out, outlen, durable,
+                        cid, cid_len);
+    } else if ((err = enqueue(s, req, uid, gid, out, outlen, durable, cid, cid_len,
+                              &why)) != 0) {
         grp_answer(s, &req->ack, uid, err, why, NULL);
     } /* else answered when the load completes */
 }

@@ -40,8 +40,9 @@
  * forwarded frame may hold extra_max bytes (ids, name, "time" and any
  * other member the client adds, all forwarded as sent); 105 past it.
  *
- * Durable messages (issue 8).  A protocol-2 message that carries a client
- * message id "cid" is stored before it is acknowledged: after the same
+ * Durable messages (issue 8).  A protocol-2 message is stored before it
+ * is acknowledged (durable = all, the default; durable = cid: only one
+ * that carries a client message id "cid"): after the same
  * recipient check it goes to the group-committed writer
  * (plugins/store/writer.c, linked in), and only once its transaction has
  * committed does the sender get the ACK with "mid", "conv", "cseq" and the
@@ -49,7 +50,12 @@
  * on another node, else the offline store for a legacy recipient; a
  * protocol-2 device gets it by SYNC).  A retry with the same cid is
  * answered with the original numbers and "dup":true and is not delivered
- * again.  113 when the database cannot store it (send again, same cid).
+ * again; without a cid there is no such key, and a resend is stored as a
+ * new message.  113 when the database cannot store it (send again, same
+ * cid).  A pair conversation's id holds both user ids, so they must be
+ * below 2^31: with a cid that is 104, without one the message takes the
+ * non-durable path (as it did before durability became the default); so
+ * does one without a cid while no plugin answers SYNC (ds_sync_served).
  */
 #include <stdint.h>
 #include <string.h>
@@ -72,6 +78,8 @@ static size_t lookup_max = O2O_LOOKUP_MAX_DEF;
 static size_t lookup_sender_max = O2O_LOOKUP_SENDER_MAX_DEF;
 static struct ds_writer *writer; /* durable messages */
 static struct ds_conf ds_cfg;
+static int durable_all = 1;      /* durable = all: not only messages with a cid */
+static int no_sync_warned;       /* ds_sync_served() logged its warning */
 
 /* ------------------------------------------------------------------------ */
 /* Answers. */
@@ -179,7 +187,9 @@ struct o2o_dctx {
     uint64_t sid;
     int64_t from, toid;
     struct chat_ack ack;
+    int has_cid;
 };
+_Static_assert(sizeof(struct o2o_dctx) <= DS_CTX_MAX, "ds_submit copies at most DS_CTX_MAX");
 
 static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
                            const struct ds_result *r)
@@ -189,7 +199,8 @@ static void durable_answer(struct chat_session *s, const struct o2o_dctx *c,
 
         answer(s, &c->ack, c->from, err,
                err == CHAT_E_INTERNAL ? "not stored"
-                                      : "busy: not stored, send again with the same cid");
+               : c->has_cid           ? "busy: not stored, send again with the same cid"
+                                      : "busy: not stored, send again later");
         return;
     }
     ds_reply_ok(host, s, &c->ack, r->conv, r->mid, r->cseq, r->dup);
@@ -231,6 +242,7 @@ static void durable_send(struct chat_session *s, uint64_t sid, const struct chat
     c.from = from;
     c.toid = toid;
     c.ack = *ack;
+    c.has_cid = cid_len > 0;
     m.conv = ds_conv_pair(from, toid);
     m.sender = from;
     m.cid = cid;
@@ -258,7 +270,8 @@ struct pmsg {
     int64_t from;      /* the sender's user id */
     struct chat_ack ack;
     size_t len;
-    size_t cid_len;    /* a durable message: its cid follows json */
+    size_t cid_len;    /* its cid (if any) follows json */
+    int durable;       /* stored first (durable_send) */
     char json[];
 };
 
@@ -325,9 +338,9 @@ static void lookup_flush(struct lookup *lk, int exists)
 
         next = m->next;
         waiting_sub(m->from, PMSG_COST(m->len + m->cid_len));
-        if (exists && m->cid_len) /* when the database cannot tell, fail open */
+        if (exists && m->durable) /* when the database cannot tell, fail open */
             durable_send(s, m->sid, &m->ack, m->from, lk->uid, m->json, m->len,
-                         m->json + m->len, m->cid_len);
+                         m->cid_len ? m->json + m->len : NULL, m->cid_len);
         else if (exists)
             send_one(s, m->sid, &m->ack, m->from, lk->uid, m->json, m->len);
         else if (s)
@@ -360,7 +373,7 @@ static void lookup_done(const struct chat_db_result *r, void *ud)
  * Returns a protocol errno, 0 when queued. */
 static int lookup_queue(struct chat_session *s, const struct chat_request *req,
                         int64_t from, int64_t toid, const char *json, size_t len,
-                        const char *cid, size_t cid_len)
+                        int durable, const char *cid, size_t cid_len)
 {
     struct lookup *lk = host->map_get(lookups, toid);
     struct pmsg *m;
@@ -378,6 +391,7 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
     m->ack = req->ack;
     m->len = len;
     m->cid_len = cid_len;
+    m->durable = durable;
     memcpy(m->json, json, len);
     if (cid_len)
         memcpy(m->json + len, cid, cid_len);
@@ -412,17 +426,23 @@ static int lookup_queue(struct chat_session *s, const struct chat_request *req,
 
 /* ------------------------------------------------------------------------ */
 
-/* A protocol-2 request's "cid" (its decoded bytes): 1 and *cid set when
- * present and valid, 0 when absent, -1 when answered with an error. */
-static int durable_cid(struct chat_session *s, const struct chat_request *req,
-                       int64_t uid, int64_t toid, const char **cid, size_t *len)
+/* Whether the message is durable: 1 (stored first; *cid and *len set to
+ * its "cid" when it has one, else NULL and 0), 0 (the non-durable path: a
+ * legacy session, or without a cid: durable = cid, user ids past a pair
+ * conversation's, or no plugin answering SYNC), -1 when answered with an
+ * error. */
+static int durable_mode(struct chat_session *s, const struct chat_request *req,
+                        int64_t uid, int64_t toid, const char **cid, size_t *len)
 {
     size_t rl;
 
     *cid = NULL;
     *len = 0;
-    if (host->session_proto(s) != CHAT_PROTO_2 || !host->req_field_raw(req, "cid", &rl))
+    if (host->session_proto(s) != CHAT_PROTO_2)
         return 0;
+    if (!host->req_field_raw(req, "cid", &rl))
+        return durable_all && uid <= DS_UID_MAX && toid <= DS_UID_MAX &&
+               ds_sync_served(host, self, &no_sync_warned);
     if (!(*cid = host->req_field_str(req, "cid", len)) || *len == 0 || *len > DS_CID_MAX) {
         answer(s, &req->ack, uid, CHAT_E_BAD_FIELD, "cid must be a string of 1 to 64 bytes");
         return -1;
@@ -441,7 +461,7 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
     int64_t uid, toid;
     const char *raw, *out, *cid;
     size_t len, rawlen, outlen, cid_len;
-    int err;
+    int err, durable;
 
     (void)ud;
     if (!(uid = host->req_auth(s, req)))
@@ -470,16 +490,17 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
         answer(s, &req->ack, uid, CHAT_E_TOO_LONG, "message too large");
         return;
     }
-    if (durable_cid(s, req, uid, toid, &cid, &cid_len) < 0)
+    if ((durable = durable_mode(s, req, uid, toid, &cid, &cid_len)) < 0)
         return;
     /* While toid is unknown its messages queue behind one lookup, so none
      * overtakes another; once known, no lookup for it is in flight. */
-    if (host->map_get(known, toid) && cid)
+    if (host->map_get(known, toid) && durable)
         durable_send(s, host->session_id(s), &req->ack, uid, toid, out, outlen, cid,
                      cid_len);
     else if (host->map_get(known, toid))
         send_one(s, host->session_id(s), &req->ack, uid, toid, out, outlen);
-    else if ((err = lookup_queue(s, req, uid, toid, out, outlen, cid, cid_len)) != 0)
+    else if ((err = lookup_queue(s, req, uid, toid, out, outlen, durable, cid,
+                                 cid_len)) != 0)
         answer(s, &req->ack, uid, err,
                err == CHAT_E_UNAVAILABLE ? "busy: cannot check the recipient now"
                                          : "cannot check the recipient now");
@@ -487,8 +508,14 @@ static void on_one_chat(struct chat_session *s, const struct chat_request *req,
 
 /* ------------------------------------------------------------------------ */
 
-static void read_conf(void)
+/* CHAT_ERR_INVAL (logged) when durable is neither all nor cid: nothing
+ * is applied then (a reload keeps the previous settings). */
+static int read_conf(void)
 {
+    int rc;
+
+    if ((rc = ds_conf_mode(host, self, &durable_all)) != CHAT_OK)
+        return rc;
     msg_max = (size_t)chat_conf_range(host, self, "msg_max", O2O_MSG_MAX_DEF, 1,
                                       INT64_MAX);
     known_max = (size_t)chat_conf_range(host, self, "known_users_max",
@@ -503,6 +530,7 @@ static void read_conf(void)
     ds_conf_read(host, self, &ds_cfg);
     if (writer)
         ds_writer_reconf(writer, &ds_cfg);
+    return CHAT_OK;
 }
 
 static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **state)
@@ -513,7 +541,8 @@ static int o2o_init(const struct chat_host *h, struct chat_plugin *p, void **sta
     self = p;
     *state = NULL;
     CHAT_HOST_REQUIRE(h, p, deliver_ex);
-    read_conf();
+    if ((rc = read_conf()) != CHAT_OK)
+        return rc;
     /* the hot path: no cJSON tree, fields are read from the raw frame */
     if ((rc = h->register_handler_ex(p, CHAT_MSG_ONE_CHAT, on_one_chat, NULL,
                                      CHAT_HANDLER_RAW)) != CHAT_OK)
@@ -543,8 +572,7 @@ static void o2o_fini(void *state)
 static int o2o_reconfigure(void *state)
 {
     (void)state;
-    read_conf();
-    return CHAT_OK;
+    return read_conf();
 }
 
 /* Reload: hand the known ids to the next instance, so that it does not

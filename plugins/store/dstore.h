@@ -216,6 +216,46 @@ static inline int ds_reply_ok(const struct chat_host *h, struct chat_session *s,
     return h->send_raw(s, buf, n);
 }
 
+/* ---- which messages are durable ----------------------------------------- */
+/* The plugin's "durable" key: "all" (the default: every protocol-2 message
+ * 6/10 is stored first, with or without a cid) or "cid" (only those that
+ * carry a cid; the others take the non-durable path, as before durability
+ * became the default).  CHAT_OK and *all set, or CHAT_ERR_INVAL (logged,
+ * *all unchanged). */
+static inline int ds_conf_mode(const struct chat_host *h, struct chat_plugin *self,
+                               int *all)
+{
+    const char *v = h->conf_get(self, "durable", "all");
+
+    if (strcmp(v, "all") != 0 && strcmp(v, "cid") != 0) {
+        chat_log(h, self, CHAT_LOG_ERROR, "durable = %s: expected all or cid", v);
+        return CHAT_ERR_INVAL;
+    }
+    *all = strcmp(v, "all") == 0;
+    return CHAT_OK;
+}
+
+/* durable = all also needs a way back for what an offline protocol-2 device
+ * missed: SYNC, the store plugin's (the offline store leaves durable
+ * messages out of a protocol-2 login ack).  1 when some plugin answers SYNC
+ * now (or the host cannot tell); else 0, logged once until it comes back:
+ * a message without cid then stays non-durable, as before durability
+ * became the default, rather than be stored where no device fetches it. */
+static inline int ds_sync_served(const struct chat_host *h, struct chat_plugin *self,
+                                 int *warned)
+{
+    if (!CHAT_HOST_HAS(h, msgid_handled) || h->msgid_handled(DS_MSG_SYNC)) {
+        *warned = 0;
+        return 1;
+    }
+    if (!*warned)
+        chat_log(h, self, CHAT_LOG_WARN, "durable = all, but no plugin answers SYNC "
+                 "(15: enable the store plugin): protocol-2 messages without cid "
+                 "stay non-durable");
+    *warned = 1;
+    return 0;
+}
+
 /* ---- the writer (writer.c) ---------------------------------------------- */
 struct ds_writer;
 
@@ -231,14 +271,16 @@ struct ds_conf {
 struct ds_msg {
     int64_t conv;
     int64_t sender;
-    const char *cid;    /* 1..DS_CID_MAX bytes */
+    const char *cid;    /* 1..DS_CID_MAX bytes; NULL (cid_len 0): no cid, no
+                         * idempotency (stored as NULL, a resend is new) */
     size_t cid_len;
     const char *body;   /* the forwarded frame: a JSON object */
     size_t body_len;
 };
 
 /* The outcome.  status: CHAT_OK (stored: mid, cseq set; dup=1 when it had
- * been stored before under the same sender and cid, and nothing new was
+ * been stored before under the same sender and cid (never without a cid),
+ * and nothing new was
  * stored), CHAT_ERR_UNAVAILABLE (the database failed: not stored, or maybe
  * stored if it died in COMMIT - a retry with the same cid tells),
  * CHAT_ERR_BUSY (a bound), CHAT_ERR_CLOSED (stopping), CHAT_ERR_DB.

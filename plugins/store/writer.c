@@ -38,7 +38,10 @@
  * of the current one is used: unique across nodes, no round trip per
  * message.
  *
- * Idempotency.  (sender_id, cid) is a unique key.  A retry whose original
+ * Idempotency.  (sender_id, cid) is a unique key; a message without cid
+ * (cid NULL: a protocol-2 message under durable = all that named none) has
+ * no key, is never joined or deduplicated, and a resend of it is a new
+ * message (NULLs never collide in a MariaDB unique index).  A retry whose original
  * is still queued or in flight here joins it and gets the same outcome.  A
  * retry of a message already stored (here or on another node) makes the
  * INSERT fail with 1062 on uq_messages_cid: the writer then reads which of
@@ -538,7 +541,7 @@ static int batch_run(struct ds_lane *l)
             pr[np++] = CHAT_DB_P_INT(p->cseq);
             pr[np++] = CHAT_DB_P_INT(p->mid);
             pr[np++] = CHAT_DB_P_INT(p->sender);
-            pr[np++] = CHAT_DB_P_STR(p->data, p->cid_len);
+            pr[np++] = p->cid_len ? CHAT_DB_P_STR(p->data, p->cid_len) : CHAT_DB_P_NULL;
             pr[np++] = CHAT_DB_P_STR(p->data + p->cid_len, p->body_len);
         }
         left -= (size_t)1 << shift;
@@ -582,9 +585,11 @@ static void batch_stored(struct ds_lane *l)
     l->nbatch = 0;
 }
 
+/* p is the message (sender, cid); never true for a message without cid. */
 static int pend_is(const struct ds_pend *p, int64_t sender, const char *cid, size_t len)
 {
-    return p->sender == sender && p->cid_len == len && memcmp(p->data, cid, len) == 0;
+    return p->cid_len && cid && p->sender == sender && p->cid_len == len &&
+           memcmp(p->data, cid, len) == 0;
 }
 
 /* Which messages of the batch were stored before: answer those (dup) and
@@ -648,7 +653,7 @@ static void dedup_start(struct ds_lane *l)
             const struct ds_pend *q = p ? p : l->batch;
 
             pr[i] = CHAT_DB_P_INT(q->sender);
-            pr[nb + i] = CHAT_DB_P_STR(q->data, q->cid_len);
+            pr[nb + i] = q->cid_len ? CHAT_DB_P_STR(q->data, q->cid_len) : CHAT_DB_P_NULL;
             if (p)
                 p = p->next;
         }
@@ -811,8 +816,8 @@ int ds_submit(struct ds_writer *w, const struct ds_msg *m, ds_done_fn fn,
     struct ds_pend *p, *orig;
     struct ds_lane *l;
 
-    if (!fn || ctx_len > DS_CTX_MAX || !m->cid_len || m->cid_len > DS_CID_MAX ||
-        m->body_len < 2)
+    if (!fn || ctx_len > DS_CTX_MAX || m->cid_len > DS_CID_MAX ||
+        (m->cid_len && !m->cid) || m->body_len < 2)
         return CHAT_ERR_INVAL;
     if (w->queued >= w->conf.queue_max)
         return CHAT_ERR_BUSY;
@@ -826,17 +831,18 @@ int ds_submit(struct ds_writer *w, const struct ds_msg *m, ds_done_fn fn,
         memcpy(p->ctx.b, ctx, ctx_len);
     p->cid_len = m->cid_len;
     p->body_len = m->body_len;
-    memcpy(p->data, m->cid, m->cid_len);
+    if (m->cid_len)
+        memcpy(p->data, m->cid, m->cid_len);
     memcpy(p->data + m->cid_len, m->body, m->body_len);
-    p->key = key_of(m->sender, m->cid, m->cid_len);
-    orig = h->map_get(w->inflight, (int64_t)p->key);
+    p->key = m->cid_len ? key_of(m->sender, m->cid, m->cid_len) : 0;
+    orig = p->key ? h->map_get(w->inflight, (int64_t)p->key) : NULL;
     if (orig && pend_is(orig, m->sender, m->cid, m->cid_len)) {
         p->next = orig->joined; /* a retry of a message still on its way */
         orig->joined = p;
         w->queued++;
         return CHAT_OK;
     }
-    if (!orig && h->map_put(w->inflight, (int64_t)p->key, p) == CHAT_OK)
+    if (p->key && !orig && h->map_put(w->inflight, (int64_t)p->key, p) == CHAT_OK)
         p->in_map = 1;
     l = &w->lanes[(uint64_t)m->conv % w->conf.lanes];
     if (!l->busy && !l->head && !l->lingering &&

@@ -29,6 +29,11 @@ from harness import Client, Node, Stack, wait_for
 from test_offline import TableLock
 
 FAST = {"plugin.login": {"hash_cost": 1}}
+# 3a-3c test the non-durable path's promise (an ACK means delivered or in
+# the offline store) with protocol-2 senders, whose messages are durable by
+# default (stored first: test_durable covers that path's outage, restart
+# and kill): durable = cid keeps them on the offline store's path.
+NONDURABLE = {"plugin.one2one": {"durable": "cid"}, "plugin.group": {"durable": "cid"}}
 
 
 def merged(*confs):
@@ -117,11 +122,12 @@ class Case(unittest.TestCase):
 class TestFairQueue(Case):
     """3a: per-sender shares of the offline queue."""
 
-    CONF = {"plugin.offline": {"queue_max_bytes": 65536,
-                               "queue_sender_max_bytes": 8192,
-                               "queue_user_max_bytes": 65536,
-                               "flush_wait_ms": 20000},
-            "server": {"login_part_timeout_ms": 30000}}
+    CONF = merged(NONDURABLE,
+                  {"plugin.offline": {"queue_max_bytes": 65536,
+                                      "queue_sender_max_bytes": 8192,
+                                      "queue_user_max_bytes": 65536,
+                                      "flush_wait_ms": 20000},
+                   "server": {"login_part_timeout_ms": 30000}})
 
     def test_fan_out_cannot_starve_others(self):
         stack = Stack()
@@ -168,7 +174,7 @@ class TestFairQueue(Case):
 class TestDatabaseDown(Case):
     """3b: nothing acknowledged 0 is lost when MariaDB is down."""
 
-    CONF = {"plugin.offline": {"retry_min_ms": 50, "retry_max_ms": 200}}
+    CONF = merged(NONDURABLE, {"plugin.offline": {"retry_min_ms": 50, "retry_max_ms": 200}})
 
     def outage(self, how):
         stack = Stack.private(redis=True, mysql=True)
@@ -237,7 +243,7 @@ class TestSlowReader(Case):
 
     def test_cut_reader_loses_nothing(self):
         stack = Stack()
-        node = self.node(stack, {"server": {"max_output": 65536}})
+        node = self.node(stack, merged(NONDURABLE, {"server": {"max_output": 65536}}))
         a = self.sender(node)
         rid, _ = self.user(node)
         reader = self.client(node, proto=2, rcvbuf=4096)

@@ -1,8 +1,9 @@
 """Durable messages (issue 8) against a real chatd, MariaDB and Redis.
 
-A protocol-2 chat message with a client message id "cid" is stored before
-it is acknowledged: the ACK carries its id ("mid"), its conversation
-("conv") and its number there ("cseq"); the recipient gets it with the
+A protocol-2 chat message (with a client message id "cid" here; without
+one see test_durable_default.py) is stored before it is acknowledged: the
+ACK carries its id ("mid"), its conversation ("conv") and its number there
+("cseq"); the recipient gets it with the
 same three members.  These tests check: numbers in order and ids unique;
 an ACK only after COMMIT (MariaDB stopped: 113, and every message ever
 acknowledged is in the table); a retry with the same cid is answered with
@@ -129,11 +130,12 @@ class DurableCase(unittest.TestCase):
         self.assertEqual((r["conv"], r["cseq"]), (conv, 21))
         m = ca.recv()
         self.assertEqual((m["msg"], m["cseq"]), ("back", 21))
-        # no cid: today's path, nothing stored, no numbers
+        # no cid: durable too (durable = all, the default), numbered next
+        # (test_durable_default has the rest of it)
         r = ca.request({"msgid": 6, "toid": b, "msg": "plain"})
-        self.assertEqual(r["errno"], 0)
-        self.assertNotIn("mid", r)
-        self.assertNotIn("mid", cb.recv())
+        self.assertEqual((r["errno"], r["conv"], r["cseq"]), (0, conv, 22))
+        m = cb.recv()
+        self.assertEqual((m["msg"], m["mid"], m["cseq"]), ("plain", r["mid"], 22))
         # to oneself: conversation "pA:A", which SYNC names and takes back
         r = ca.request({"msgid": 6, "toid": a, "msg": "note", "cid": "self"})
         self.assertEqual((r["conv"], r["cseq"]), ("p%d:%d" % (a, a), 1))

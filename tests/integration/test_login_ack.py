@@ -33,7 +33,10 @@ MAX_OUTPUT = 65536
 ACK_MAX = 4096
 CONF = {"plugin.login": {"hash_cost": 1},
         "server": {"max_output": MAX_OUTPUT, "login_ack_max": ACK_MAX},
-        "plugin.one2one": {"msg_max": 16384},
+        # the backlog is the offline store's: protocol-2 senders' messages
+        # stay off the message store (durable by default, which a
+        # protocol-2 device would get by SYNC, not in this ack)
+        "plugin.one2one": {"msg_max": 16384, "durable": "cid"},
         "plugin.offline": {"max_per_login": 2000}}
 
 

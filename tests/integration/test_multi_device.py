@@ -19,7 +19,11 @@ import uuid
 from harness import Client, Node, Stack, wait_for
 
 PLUGINS = ("login", "friend", "one2one", "group", "offline", "store", "typing")
-CONF = {"plugin.login": {"hash_cost": 1, "multi_login": "multi", "devices_max": 3}}
+# "plain" below means non-durable: durable = cid keeps protocol-2 messages
+# without cid on that path (under the default, all, they are durable as
+# those with a cid; test_durable_default checks their copies to devices)
+CONF = {"plugin.login": {"hash_cost": 1, "multi_login": "multi", "devices_max": 3},
+        "plugin.one2one": {"durable": "cid"}, "plugin.group": {"durable": "cid"}}
 
 
 def client2(node):

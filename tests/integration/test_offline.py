@@ -26,7 +26,12 @@ import uuid
 
 from harness import Client, Node, Stack, PLUGIN_DIR, wait_for
 
-FAST = {"plugin.login": {"hash_cost": 1}}
+# The offline store is what is tested, with protocol-2 senders for their
+# ACKs: durable = cid keeps their messages (without cid) on its path, as
+# before protocol-2 chat became durable by default (test_durable_default
+# checks that durable messages reach an offline protocol-2 device by SYNC).
+FAST = {"plugin.login": {"hash_cost": 1},
+        "plugin.one2one": {"durable": "cid"}, "plugin.group": {"durable": "cid"}}
 PLUGINS = ("login", "friend", "one2one", "group", "offline")
 TEXTS = ['plain', 'quote " and \\ backslash', 'nul \u0000 inside', 'emoji \U0001F600',
          "sql '); DELETE FROM offline_messages; --", 'ctl \n\t\u0001', '']

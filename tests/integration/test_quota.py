@@ -8,7 +8,10 @@ through), so it is the quota that refused it:
   "group is full", groups_per_user_max -> 111 "too many groups";
 - undelivered messages stored per recipient and per sender -> recipient
   ([plugin.offline] stored_max -> 128, stored_per_sender_max -> 129;
-  OfflineQuotas below).  Those tests assert the refusal itself, so each
+  OfflineQuotas below, on the non-durable path: test_offline's FAST sets
+  durable = cid, as protocol-2 messages are otherwise stored in the message
+  store and their offline copies never refused).  Those tests assert the
+  refusal itself, so each
   fails with its key at 0 (quota off), e.g.:
     python3 -c 'import sys, unittest, test_quota as t;
       t.OfflineQuotas.STORED_MAX = 0;
