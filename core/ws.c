@@ -389,7 +389,8 @@ static int hs_check(struct ws_conn *w, const char **why)
         return *why = "not a WebSocket upgrade", 426;
     if (h->h[H_HOST].count != 1)
         return *why = "no Host", 400;
-    if (h->h[H_VERSION].count != 1 || strcmp(h->h[H_VERSION].v, "13") != 0)
+    if (h->h[H_VERSION].count != 1 || h->h[H_VERSION].over ||
+        strcmp(h->h[H_VERSION].v, "13") != 0)
         return *why = "Sec-WebSocket-Version is not 13", 426;
     if (!key_ok(&h->h[H_KEY]))
         return *why = "missing or invalid Sec-WebSocket-Key", 400;

@@ -558,7 +558,7 @@ static void test_bad_key(void)
 static void test_bad_version(void)
 {
     static const char *vers[] = {"8", "", "13, 8", "14"};
-    char h[512];
+    char h[1024];
     for (size_t i = 0; i < 4; i++) {
         snprintf(h, sizeof h, "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                  "Sec-WebSocket-Key: " RFC_KEY "\r\nSec-WebSocket-Version: %s\r\n", vers[i]);
@@ -567,6 +567,17 @@ static void test_bad_version(void)
     }
     CU_ASSERT_EQUAL(refused("/chat", "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                                      "Sec-WebSocket-Key: " RFC_KEY "\r\n", 0), 426);
+    /* "13" and a folded continuation too long to record: refused, not
+     * read as "13" (the outcome once depended on where a read ended) */
+    {
+        char fold[400];
+        memset(fold, 'a', sizeof fold - 1);
+        fold[sizeof fold - 1] = '\0';
+        snprintf(h, sizeof h, "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Key: " RFC_KEY "\r\nSec-WebSocket-Version: 13\r\n\t%s\r\n",
+                 fold);
+        CU_ASSERT_EQUAL(refused("/chat", h, 0), 426);
+    }
 }
 
 static void test_bad_request(void)
