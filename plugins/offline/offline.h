@@ -37,6 +37,8 @@ struct off_msg {
     int64_t uid;
     int64_t from;   /* the sender (0: unknown) */
     struct chat_delivery *ticket; /* a sender waits for the commit; or NULL */
+    int durable;    /* without a ticket: the copy of a durable message (the
+                     * message store has it), bounded by the quotas too */
     size_t len;
     char json[];    /* len bytes */
 };
@@ -44,6 +46,11 @@ struct off_msg {
 extern const struct chat_host *off_host;
 extern struct chat_plugin *off_self;
 extern struct off_conf off_cfg;
+
+/* ---- part.c ------------------------------------------------------------ */
+/* Whether json[0..len) is a durable message (issue 8: numbered, with
+ * "mid", "conv" and "cseq"), which the message store keeps. */
+int off_json_durable(const char *json, size_t len);
 
 /* ---- store.c ----------------------------------------------------------- */
 /* The per-sender and per-recipient accounting (in init). */
@@ -81,8 +88,9 @@ int off_quota_decide(const struct chat_db_result *r, const struct off_msg *m,
                      size_t n, int *status);
 /* Register the refusal metrics (in init). */
 void off_quota_start(void);
-/* Count (and log, at most once a second) a refusal with status. */
-void off_quota_refused(int64_t uid, int64_t from, int status);
+/* Count (and log, at most once a second) a refusal with status (durable:
+ * the offline copy of a durable message). */
+void off_quota_refused(int64_t uid, int64_t from, int status, int durable);
 
 /* ---- part.c ------------------------------------------------------------ */
 void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud);

@@ -122,6 +122,15 @@ static int is_durable(const cJSON *o)
            cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(o, "cseq"));
 }
 
+int off_json_durable(const char *json, size_t len)
+{
+    cJSON *o = cJSON_ParseWithLength(json, len);
+    int d = o && is_durable(o);
+
+    cJSON_Delete(o);
+    return d;
+}
+
 /* One stored message as an element: its text, checked to be a JSON object
  * (the host sends it as it is, or quotes it for a legacy ack).  NULL when
  * the row is unusable (logged), is a durable message and proto is 2 (SYNC

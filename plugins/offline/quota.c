@@ -36,7 +36,13 @@
  * sender, e.g. routed to a node that then found the user gone, or a closed
  * session's unsent output) are never refused: refusing them would lose a
  * message that was reported delivered.  They count towards the quotas of
- * later messages.
+ * later messages.  The exception is the copy of a durable message
+ * (issue 8: "mid", "conv", "cseq"; its sender had its ACK once the
+ * message store committed it): a protocol-2 device gets it by SYNC from
+ * the message store whatever happens here, so the copy, kept only for a
+ * legacy device of the recipient, is refused past a quota like any other
+ * (counted and logged; nobody is told).  Without that a protocol-2 sender
+ * could fill an offline user's mailbox without bound.
  */
 #include <inttypes.h>
 #include <stdint.h>
@@ -69,7 +75,7 @@ static int checks_from(const struct off_msg *m)
 
 int off_quota_applies(const struct off_msg *m)
 {
-    return m->ticket && (checks_user() || checks_from(m));
+    return (m->ticket || m->durable) && (checks_user() || checks_from(m));
 }
 
 static struct off_count *find(struct off_count *c, size_t n, int pair, int64_t uid,
@@ -183,8 +189,9 @@ static uint64_t log_quiet; /* refusals not logged since the last line */
 void off_quota_start(void)
 {
     static const char help[] =
-        "Offline messages refused to their sender by a stored-message quota: "
-        "recipient (stored_max, errno 128), sender (stored_per_sender_max, 129).";
+        "Offline messages refused by a stored-message quota: recipient "
+        "(stored_max, errno 128), sender (stored_per_sender_max, 129); the "
+        "offline copies of durable messages included (their senders had an ACK).";
     const char *lu[] = {"quota", "recipient", NULL};
     const char *ls[] = {"quota", "sender", NULL};
 
@@ -203,7 +210,7 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-void off_quota_refused(int64_t uid, int64_t from, int status)
+void off_quota_refused(int64_t uid, int64_t from, int status, int durable)
 {
     int by_sender = status == CHAT_ERR_QUOTA_SENDER;
     uint64_t now = now_ms();
@@ -216,8 +223,9 @@ void off_quota_refused(int64_t uid, int64_t from, int status)
     }
     log_next_ms = now + 1000;
     chat_log(off_host, off_self, CHAT_LOG_INFO,
-             "message from %" PRId64 " for user %" PRId64 " not stored: %s "
+             "%s from %" PRId64 " for user %" PRId64 " not stored: %s "
              "(%s=%" PRId64 "); %" PRIu64 " more refused since the last line",
+             durable ? "offline copy of a durable message (SYNC has it)" : "message",
              from, uid, by_sender ? "too many from this sender"
                                   : "the recipient's mailbox is full",
              by_sender ? "stored_per_sender_max" : "stored_max",

@@ -223,7 +223,7 @@ static void stored(size_t n)
     for (i = 0; i < n && head; i++) {
         st = b_status ? b_status[i] : CHAT_OK;
         if (st != CHAT_OK)
-            off_quota_refused(head->uid, head->from, st);
+            off_quota_refused(head->uid, head->from, st, head->durable);
         drop(head, NULL, st);
     }
     pop(0, CHAT_OK);
@@ -437,6 +437,7 @@ int off_store_add(int64_t uid, int64_t from, const char *json, size_t len,
     m->uid = uid;
     m->from = from;
     m->ticket = ticket;
+    m->durable = !ticket && off_json_durable(json, len);
     m->len = len;
     memcpy(m->json, json, len);
     if (tail)

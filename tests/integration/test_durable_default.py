@@ -319,6 +319,45 @@ class NoStore(Base):
             x.close()
 
 
+class Quota(Base):
+    """The offline quotas bound the copies of durable messages too.
+
+    A durable message's sender has its ACK once the message store has it,
+    so nobody is refused; but the copy kept in the offline store for a
+    legacy device is refused past stored_max / stored_per_sender_max, or a
+    protocol-2 sender could fill an offline user's mailbox without bound.
+    A protocol-2 device still gets every message by SYNC.  Fails with the
+    quota off (STORED_MAX = 0: every copy is stored)."""
+
+    STORED_MAX = 3
+    CONF = {"plugin.offline": {"stored_max": STORED_MAX}}
+
+    def test_copies_bounded_sync_whole(self):
+        a, b = self.user("a"), self.user("b")
+        ca = login2(self.node, a)
+        sent = [ca.request({"msgid": 6, "toid": b, "msg": "q%d" % i}) for i in range(6)]
+        for r in sent:
+            self.assertEqual(r["errno"], 0, r)  # stored: acknowledged
+            self.assertIn("mid", r)
+        stored = "SELECT COUNT(*) FROM offline_messages WHERE user_id=%d" % b
+        wait_for(lambda: self.count(stored) >= 3)
+        # the store writes in batches: wait for the last copy's outcome
+        ca.request({"msgid": 6, "toid": b, "msg": "last", "cid": uuid.uuid4().hex})
+        time.sleep(0.5)
+        self.assertEqual(self.count(stored), self.STORED_MAX)
+        lc = Client(self.node.port)  # a legacy device: the first three
+        ack = lc.login(b, "pw")
+        self.assertEqual([json.loads(m)["msg"] for m in ack["offlinemsg"]],
+                         ["q0", "q1", "q2"])
+        lc.close()
+        cb = client2(self.node)  # a protocol-2 device: all of them
+        self.assertEqual(cb.login(b, "pw")["errno"], 0)
+        msgs, _, _ = sync_all(cb)
+        self.assertEqual([m["msg"] for m in msgs], ["q%d" % i for i in range(6)] + ["last"])
+        for x in (ca, cb):
+            x.close()
+
+
 class LargeIds(Base):
     """User ids past 2^31: a pair conversation cannot hold them."""
 

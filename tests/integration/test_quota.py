@@ -10,7 +10,8 @@ through), so it is the quota that refused it:
   ([plugin.offline] stored_max -> 128, stored_per_sender_max -> 129;
   OfflineQuotas below, on the non-durable path: test_offline's FAST sets
   durable = cid, as protocol-2 messages are otherwise stored in the message
-  store and their offline copies never refused).  Those tests assert the
+  store, acknowledged, and only their offline copies refused, silently:
+  test_durable_default.Quota).  Those tests assert the
   refusal itself, so each
   fails with its key at 0 (quota off), e.g.:
     python3 -c 'import sys, unittest, test_quota as t;
