@@ -83,15 +83,11 @@ def per_conv(msgs):
     return out
 
 
-class DurableCase(unittest.TestCase):
+class OneNodeCase(unittest.TestCase):
+    """One node for the class (set up by the subclass): its stop, its log
+    tail on a failure, and users registered through it."""
     stack = None
     node = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.stack = Stack()
-        cls.node = Node(cls.stack, plugins=PLUGINS, conf=FAST)
-        cls.users = {}
 
     @classmethod
     def tearDownClass(cls):
@@ -109,6 +105,14 @@ class DurableCase(unittest.TestCase):
         uid = c.register("%s-%s" % (name, uuid.uuid4().hex[:8]), "pw")
         c.close()
         return uid
+
+
+class DurableCase(OneNodeCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = Stack()
+        cls.node = Node(cls.stack, plugins=PLUGINS, conf=FAST)
+        cls.users = {}
 
     def test_ids_and_cseq_in_order(self):
         a, b = self.user("a"), self.user("b")

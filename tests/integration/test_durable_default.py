@@ -21,13 +21,13 @@ import unittest
 import uuid
 
 from harness import Client, Node, Stack, wait_for
-from test_durable import client2, login2, sync_all
+from test_durable import OneNodeCase, client2, login2, sync_all
 
 PLUGINS = ("login", "friend", "one2one", "group", "offline", "store")
 FAST = {"plugin.login": {"hash_cost": 1}}
 
 
-class Base(unittest.TestCase):
+class Base(OneNodeCase):
     CONF = {}
     PLUGINS = PLUGINS
 
@@ -38,22 +38,16 @@ class Base(unittest.TestCase):
         cls.stack = Stack()
         cls.node = Node(cls.stack, plugins=cls.PLUGINS, conf=conf)
 
-    @classmethod
-    def tearDownClass(cls):
-        if cls.node:
-            assert cls.node.stop() == 0
-
-    def run(self, result=None):
-        res = super().run(result)
-        if result is not None and not result.wasSuccessful() and self.node:
-            print("---- chatd log tail ----\n" + self.node.log_tail(60))
-        return res
-
-    def user(self, name):
-        c = client2(self.node)
-        uid = c.register("%s-%s" % (name, uuid.uuid4().hex[:8]), "pw")
-        c.close()
-        return uid
+    def send_plain(self, ca, cb, b, g):
+        """A pair message to b (received by cb) and a group message to g,
+        both without cid: acknowledged and delivered without numbers."""
+        r = ca.request({"msgid": 6, "toid": b, "msg": "plain"})
+        self.assertEqual(r["errno"], 0)
+        self.assertNotIn("mid", r)
+        self.assertNotIn("mid", cb.recv_until(lambda m: m.get("msgid") == 6))
+        r = ca.request({"msgid": 10, "groupid": g, "msg": "gplain"})
+        self.assertEqual(r["errno"], 0)
+        self.assertNotIn("mid", r)
 
     def sql(self, q):
         return self.stack.sql(self.node.db, q)
@@ -237,13 +231,7 @@ class CidOnly(Base):
         a, b, c = self.user("a"), self.user("b"), self.user("c")
         ca, cb = login2(self.node, a), login2(self.node, b)
         g = self.group(ca, b)
-        r = ca.request({"msgid": 6, "toid": b, "msg": "plain"})
-        self.assertEqual(r["errno"], 0)
-        self.assertNotIn("mid", r)
-        self.assertNotIn("mid", cb.recv_until(lambda m: m.get("msgid") == 6))
-        r = ca.request({"msgid": 10, "groupid": g, "msg": "gplain"})
-        self.assertEqual(r["errno"], 0)
-        self.assertNotIn("mid", r)
+        self.send_plain(ca, cb, b, g)
         self.assertNotIn("mid", cb.recv_until(lambda m: m.get("msgid") == 10))
         self.assertEqual(self.count("SELECT COUNT(*) FROM messages WHERE sender_id=%d" % a), 0)
         # with a cid: durable
@@ -297,13 +285,7 @@ class NoStore(Base):
         ca, cb = login2(self.node, a), login2(self.node, b)
         g = self.group(ca, b)
         mark = self.node.log_mark()
-        r = ca.request({"msgid": 6, "toid": b, "msg": "plain"})
-        self.assertEqual(r["errno"], 0)
-        self.assertNotIn("mid", r)
-        self.assertNotIn("mid", cb.recv_until(lambda m: m.get("msgid") == 6))
-        r = ca.request({"msgid": 10, "groupid": g, "msg": "gplain"})
-        self.assertEqual(r["errno"], 0)
-        self.assertNotIn("mid", r)
+        self.send_plain(ca, cb, b, g)
         self.node.wait_log("durable = all, but no plugin answers SYNC", since=mark)
         ca.request({"msgid": 6, "toid": c, "msg": "later"})
         wait_for(lambda: self.count("SELECT COUNT(*) FROM offline_messages WHERE "
