@@ -44,7 +44,8 @@ from harness import CHAT_SRC, PLUGIN_DIR, Client, Node, NodeError, Stack, free_p
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import NoAlertPresentException, WebDriverException
+    from selenium.common.exceptions import (NoAlertPresentException, NoSuchElementException,
+                                            WebDriverException)
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -55,6 +56,10 @@ except ImportError:  # pragma: no cover - python3-selenium is in contrib/deps.sh
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 PASSWORD = "pw-web"
+# one attribute (a DOM property when the element has it) of every match, in document order
+ATTRS_JS = ("var a = arguments[1];"
+            "return Array.prototype.map.call(document.querySelectorAll(arguments[0]),"
+            " function (e) { return (a in e) ? e[a] : e.getAttribute(a); });")
 XSS = "<img src=x onerror=alert(1)>"
 OUT = os.environ.get("CHAT_TEST_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "out")
@@ -159,8 +164,19 @@ class BrowserCase(unittest.TestCase):
     def qs(self, css):
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
+    def attrs(self, css, attr="textContent"):
+        """One attribute of every element matching css, read in one script.
+
+        The page renders its lists anew on every change: element handles
+        from qs() can go stale between the query and the read, a read in
+        the page's own thread cannot."""
+        return self.driver.execute_script(ATTRS_JS, css, attr)
+
     def text(self, css):
-        return self.q(css).get_attribute("textContent")
+        v = self.attrs(css)
+        if not v:
+            raise NoSuchElementException(css)
+        return v[0]
 
     def visible(self, css):
         els = self.qs(css)
@@ -218,13 +234,8 @@ class BrowserCase(unittest.TestCase):
         return self.q('.conv-item[data-key="%s"]' % key)
 
     def unread(self, key):
-        for _ in range(20):  # the list may be rendered anew between two calls
-            try:
-                els = self.qs('.conv-item[data-key="%s"] .unread' % key)
-                return int(els[0].get_attribute("textContent")) if els else 0
-            except WebDriverException:
-                time.sleep(0.05)
-        return 0
+        v = self.attrs('.conv-item[data-key="%s"] .unread' % key)
+        return int(v[0]) if v else 0
 
     def open_conv(self, key):
         self.wait(lambda: self.qs('.conv-item[data-key="%s"]' % key), what="conversation " + key)
@@ -234,24 +245,18 @@ class BrowserCase(unittest.TestCase):
         self.wait(lambda: self.conv_item(key).send_keys(Keys.ENTER) or True,
                   what="Enter on " + key)
         self.wait(lambda: self.visible("#message-input") and
-                  self.q(".conv-item[aria-current=true]").get_attribute("data-key") == key,
+                  self.attrs(".conv-item[aria-current=true]", "data-key") == [key],
                   what="conversation %s open" % key)
 
     def say(self, text):
         box = self.q("#message-input")
         box.send_keys(text)
         box.send_keys(Keys.ENTER)
-        self.wait(lambda: any(m.get_attribute("textContent") == text
-                              for m in self.qs(".msg.mine:not(.pending) .msg-text")),
+        self.wait(lambda: text in self.attrs(".msg.mine:not(.pending) .msg-text"),
                   what="%r acknowledged" % text)
 
     def messages(self):
-        for _ in range(20):  # rendered anew on every change
-            try:
-                return [m.get_attribute("textContent") for m in self.qs("#messages .msg-text")]
-            except WebDriverException:
-                time.sleep(0.05)
-        return []
+        return self.attrs("#messages .msg-text")
 
     def tcp_user(self):
         c = Client(self.tcp_port, proto=2, term=b"\n")
@@ -432,13 +437,13 @@ class TestWebClient(BrowserCase):
         self.q("#create-group-form button").click()
         self.wait(lambda: self.visible("#members-toggle") and self.text("#conv-title") == gname,
                   what="the new group open")
-        gid = int(self.q(".conv-item[aria-current=true]").get_attribute("data-key")[2:])
+        gid = int(self.attrs(".conv-item[aria-current=true]", "data-key")[0][2:])
         self.q("#members-toggle").click()
         for uid in (bob, cid):
             self.fill("#member-id", str(uid))
             self.q("#add-member-form button").click()
-            self.wait(lambda: any(e.get_attribute("textContent").startswith(" #%d" % uid)
-                                  for e in self.qs("#member-list .me-id")),
+            self.wait(lambda: any(t.startswith(" #%d" % uid)
+                                  for t in self.attrs("#member-list .me-id")),
                       what="member %d listed" % uid)
         self.assertFalse(self.qs("#members img"))
         # the TCP member speaks: both browsers see it
@@ -456,7 +461,7 @@ class TestWebClient(BrowserCase):
         self.open_conv(key)
         self.wait(lambda: self.messages()[-2:] == ["meow from tcp", "hi all from the browser"],
                   what="bob sees the group")
-        froms = [e.get_attribute("textContent") for e in self.qs("#messages .msg-from")]
+        froms = self.attrs("#messages .msg-from")
         self.assertIn(cname, froms)
         self.assertIn(self.users["alice"][1], froms)
         self.say("bob here")
@@ -931,7 +936,7 @@ class TestWebClientStandIn(BrowserCase):
         self.users["me"] = web_standin.ME
 
     def ticks(self):
-        return [e.get_attribute("title") for e in self.qs("#messages .tick")]
+        return self.attrs("#messages .tick", "title")
 
     def test_1_presence(self):
         dot = '.conv-item[data-key="u:%d"] .dot.%s'
@@ -997,7 +1002,7 @@ class TestWebClientStandIn(BrowserCase):
         self.open_conv("g:%d" % web_standin.GROUP)
         self.say("ticks please")
         conv = "g%d" % web_standin.GROUP
-        cseq = int(self.qs("#messages .msg.mine")[-1].get_attribute("data-cseq"))
+        cseq = int(self.attrs("#messages .msg.mine", "data-cseq")[-1])
         self.assertEqual(self.ticks()[-1:], [])  # no group receipts seen yet: no tick
         self.fake.push({"msgid": 17, "id": web_standin.BOB, "conv": conv, "delivered": cseq})
         self.wait(lambda: self.ticks()[-1:] == ["sent"], what="one member of two: sent")
@@ -1017,8 +1022,7 @@ class TestWebClientStandIn(BrowserCase):
                   what="our message from another device")
         self.assertEqual(self.unread(key), 0)
         self.open_conv(key)
-        self.wait(lambda: [e.get_attribute("textContent")
-                           for e in self.qs("#messages .msg.mine .msg-text")][-1:] == ["from my phone"],
+        self.wait(lambda: self.attrs("#messages .msg.mine .msg-text")[-1:] == ["from my phone"],
                   what="shown as ours")
 
     def test_6_notices(self):
