@@ -6,7 +6,9 @@
  * a user (offline, its node gone, the bus down); this plugin queues the
  * message (store.c) and adds the "offlinemsg" part to the login ack
  * (part.c).  Stored messages are bounded per recipient and per sender ->
- * recipient (quota.c).  It owns the table offline_messages and no msgid.
+ * recipient (quota.c).  A row committed just after its user's login (on
+ * another node) is taken and sent live by the node holding the user
+ * (take.c).  It owns the table offline_messages and no msgid.
  */
 #include <inttypes.h>
 #include <stddef.h>
@@ -35,6 +37,15 @@ static void on_undeliverable(int event, const void *arg, void *ud)
     rc = off_store_add(ev->user_id, from, ev->json, ev->len, d);
     if (rc != CHAT_OK && d)
         off_host->delivery_done(d, rc);
+}
+
+static void on_broadcast(int event, const void *arg, void *ud)
+{
+    const struct chat_ev_broadcast *ev = arg;
+
+    (void)ud;
+    if (event == CHAT_EV_BROADCAST && ev->size >= sizeof(*ev))
+        off_take_note(ev->data, ev->len);
 }
 
 static int64_t conf_range(const char *key, int64_t def, int64_t lo, int64_t hi)
@@ -80,9 +91,12 @@ static int off_init(const struct chat_host *host, struct chat_plugin *self,
     CHAT_HOST_REQUIRE(host, self, register_login_messages); /* ABI 1.5 (login ack) */
     load_conf();
     off_quota_start();
+    off_take_start();
     if ((rc = off_store_start()) != CHAT_OK)
         return rc;
     rc = host->register_hook(self, CHAT_EV_UNDELIVERABLE, on_undeliverable, NULL);
+    if (rc == CHAT_OK)
+        rc = host->register_hook(self, CHAT_EV_BROADCAST, on_broadcast, NULL);
     if (rc == CHAT_OK)
         rc = host->register_login_messages(self, "offlinemsg", off_part_fn,
                                            off_written_fn, NULL);
@@ -93,6 +107,7 @@ static void off_fini(void *state)
 {
     (void)state;
     off_part_fini();
+    off_take_fini();
     off_store_fini();
 }
 

@@ -6,6 +6,7 @@
  *   part.c     the "offlinemsg" part of the login ack (a part of messages)
  *              and the deletion of what was delivered
  *   quota.c    the stored-message quotas: a batch's counts, refusals
+ *   take.c     rows committed after their user's login: taken and sent live
  */
 #ifndef OFFLINE_H
 #define OFFLINE_H
@@ -49,7 +50,8 @@ extern struct off_conf off_cfg;
 
 /* ---- part.c ------------------------------------------------------------ */
 /* Whether json[0..len) is a durable message (issue 8: numbered, with
- * "mid", "conv" and "cseq"), which the message store keeps. */
+ * "mid", "conv" and "cseq"), which the message store keeps: 1, else 0; -1
+ * when it is not a JSON object. */
 int off_json_durable(const char *json, size_t len);
 
 /* ---- store.c ----------------------------------------------------------- */
@@ -100,5 +102,24 @@ void off_written_fn(size_t n, int last, int64_t user_id, void *state, void *ud);
 void off_part_progress(void);
 /* Free what waits for timers that will never run (shutdown). */
 void off_part_fini(void);
+/* db_query sql with the parameters (uid, max_per_login): one page of rows. */
+int off_page_query(const char *sql, int64_t uid, chat_db_cb cb, void *ud);
+/* 1 while a login of uid waits for the queue or delivers stored rows here
+ * (a take waits for it). */
+int off_part_busy(int64_t uid);
+
+/* ---- take.c ------------------------------------------------------------ */
+/* The metric (in init). */
+void off_take_start(void);
+/* A batch for these recipients (n of them, reordered) is committed: those
+ * online now are told to every node, whose session holder takes the rows. */
+void off_take_check(int64_t *uids, size_t n);
+/* A CHAT_EV_BROADCAST notice of this plugin. */
+void off_take_note(const char *data, size_t len);
+/* 1 while a take of uid's rows is in flight here (a login waits for it). */
+int off_take_running(int64_t uid);
+/* uid's logins here are done: a take that waited for them runs. */
+void off_take_progress(int64_t uid);
+void off_take_fini(void);
 
 #endif /* OFFLINE_H */

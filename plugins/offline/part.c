@@ -29,6 +29,11 @@
  * leaves their rows out of the part (and deletes them with the others): the
  * device sees each once.  A legacy login gets them in offlinemsg as any
  * other message.
+ *
+ * A row another node commits after this login has read the table is taken
+ * by take.c; the two never run at once for a user on this node: a take
+ * waits while a login of the user waits or sweeps here (off_part_busy),
+ * and a login waits while a take runs.
  */
 #include <inttypes.h>
 #include <string.h>
@@ -73,6 +78,9 @@ static struct off_sent *deleting; /* waiting for a retry timer */
 /* user id -> how many of its states have deletions to come (as a pointer:
  * the map holds pointers, never NULL) */
 static struct chat_map *pending;
+/* user id -> logins of the user reading or delivering stored rows here, from
+ * the SELECT until every row they read is deleted (a pointer-sized count) */
+static struct chat_map *sweeps;
 
 #define DELETE_TRIES 6
 #define DELETE_HEAD "DELETE FROM offline_messages WHERE user_id = ? AND id IN (?"
@@ -106,6 +114,38 @@ static int deleting_for(int64_t uid)
     return pending && off_host->map_get(pending, uid) != NULL;
 }
 
+/* A login's sweep of uid's rows starts (1) or ends (0).  Out of memory it is
+ * not counted: a take could then overlap it (a duplicate at worst). */
+static void sweep_count(int64_t uid, int start)
+{
+    uintptr_t n;
+
+    if (!sweeps && !(sweeps = off_host->map_new()))
+        return;
+    n = (uintptr_t)off_host->map_get(sweeps, uid);
+    if (!start && n == 0)
+        return; /* not counted at its start */
+    n = start ? n + 1 : n - 1;
+    if (n == 0)
+        off_host->map_del(sweeps, uid);
+    else if (off_host->map_put(sweeps, uid, (void *)n) != CHAT_OK)
+        return;
+    if (n == 0)
+        off_take_progress(uid);
+}
+
+int off_part_busy(int64_t uid)
+{
+    struct off_wait *w;
+
+    if (sweeps && off_host->map_get(sweeps, uid))
+        return 1;
+    for (w = waiters; w; w = w->next)
+        if (w->uid == uid)
+            return 1;
+    return 0;
+}
+
 static void sent_free(struct off_sent *st)
 {
     if (st) {
@@ -125,7 +165,7 @@ static int is_durable(const cJSON *o)
 int off_json_durable(const char *json, size_t len)
 {
     cJSON *o = cJSON_ParseWithLength(json, len);
-    int d = o && is_durable(o);
+    int d = !cJSON_IsObject(o) ? -1 : is_durable(o);
 
     cJSON_Delete(o);
     return d;
@@ -220,24 +260,31 @@ nomem:
     sent_free(st);
 none:
     off_host->login_part_set(sel->l, NULL, NULL);
+    sweep_count(sel->uid, 0);
     off_host->free(sel);
+}
+
+int off_page_query(const char *sql, int64_t uid, chat_db_cb cb, void *ud)
+{
+    struct chat_db_param p[2];
+
+    p[0] = CHAT_DB_P_INT(uid);
+    p[1] = CHAT_DB_P_INT(off_cfg.max_per_login);
+    return off_host->db_query(off_self, sql, p, 2, cb, ud);
 }
 
 static void select_messages(struct chat_login *l, int64_t uid, int proto)
 {
     struct off_select *sel = off_host->malloc(sizeof(*sel));
-    struct chat_db_param p[2];
     int rc = CHAT_ERR_NOMEM;
 
+    sweep_count(uid, 1);
     if (sel) {
         sel->l = l;
         sel->uid = uid;
         sel->proto = proto;
-        p[0] = CHAT_DB_P_INT(uid);
-        p[1] = CHAT_DB_P_INT(off_cfg.max_per_login);
-        rc = off_host->db_query(off_self,
-            "SELECT id, message FROM offline_messages WHERE user_id = ?"
-            " ORDER BY id LIMIT ?", p, 2, selected, sel);
+        rc = off_page_query("SELECT id, message FROM offline_messages WHERE "
+                            "user_id = ? ORDER BY id LIMIT ?", uid, selected, sel);
     }
     if (rc != CHAT_OK) {
         chat_log(off_host, off_self, CHAT_LOG_ERROR,
@@ -245,6 +292,7 @@ static void select_messages(struct chat_login *l, int64_t uid, int proto)
                  uid, off_host->strerror(rc));
         off_host->free(sel);
         off_host->login_part_set(l, NULL, NULL);
+        sweep_count(uid, 0);
     }
 }
 
@@ -283,7 +331,8 @@ void off_part_progress(void)
     struct off_wait **pp = &waiters, *w;
 
     while ((w = *pp)) {
-        if ((w->seq && !off_store_done(w->seq)) || deleting_for(w->uid)) {
+        if ((w->seq && !off_store_done(w->seq)) || deleting_for(w->uid) ||
+            off_take_running(w->uid)) {
             pp = &w->next;
             continue;
         }
@@ -300,7 +349,7 @@ void off_part_fn(struct chat_login *l, int64_t user_id, int proto, void *ud)
     struct off_wait *w;
 
     (void)ud;
-    if (!seq && !deleting_for(user_id)) {
+    if (!seq && !deleting_for(user_id) && !off_take_running(user_id)) {
         select_messages(l, user_id, proto);
         return;
     }
@@ -338,8 +387,12 @@ static void delete_pump(struct off_sent *st)
         return;
     }
     pending_update(st);
-    if (!st->busy && st->last)
+    if (!st->busy && st->last) {
+        int64_t uid = st->uid;
+
         sent_free(st);
+        sweep_count(uid, 0);
+    }
 }
 
 static void delete_retry(struct chat_timer *t, void *ud)
@@ -457,4 +510,7 @@ void off_part_fini(void)
     if (pending)
         off_host->map_free(pending);
     pending = NULL;
+    if (sweeps)
+        off_host->map_free(sweeps);
+    sweeps = NULL;
 }

@@ -244,6 +244,23 @@ static void batch_failed(void)
     backoff();
 }
 
+/* The head batch (n rows) is committed: are the recipients of its rows
+ * online now?  (A login elsewhere may have read the table just before.) */
+static void check_online(size_t n)
+{
+    int64_t *uids = off_host->malloc(n * sizeof(*uids));
+    struct off_msg *m = head;
+    size_t i, k = 0;
+
+    if (!uids)
+        return; /* out of memory: the rows wait for the next login */
+    for (i = 0; i < n && m; i++, m = m->next)
+        if (!b_status || b_status[i] == CHAT_OK)
+            uids[k++] = m->uid;
+    off_take_check(uids, k);
+    off_host->free(uids);
+}
+
 static void inserted(const struct chat_db_result *r, void *ud)
 {
     size_t n = inflight;
@@ -251,6 +268,7 @@ static void inserted(const struct chat_db_result *r, void *ud)
 
     (void)ud;
     if (err == CHAT_OK) {
+        check_online(n);
         stored(n);
         single_left = single_left > n ? single_left - n : 0;
         retry_ms = 0;
@@ -437,7 +455,7 @@ int off_store_add(int64_t uid, int64_t from, const char *json, size_t len,
     m->uid = uid;
     m->from = from;
     m->ticket = ticket;
-    m->durable = !ticket && off_json_durable(json, len);
+    m->durable = !ticket && off_json_durable(json, len) == 1;
     m->len = len;
     memcpy(m->json, json, len);
     if (tail)

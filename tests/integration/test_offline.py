@@ -61,15 +61,16 @@ def merged(*confs):
 
 
 class TableLock:
-    """LOCK TABLES t WRITE held by a separate MariaDB session until release()."""
+    """LOCK TABLES t WRITE (or READ: others may read, not write) held by a
+    separate MariaDB session until release()."""
 
-    def __init__(self, stack, db, table="offline_messages"):
+    def __init__(self, stack, db, table="offline_messages", mode="WRITE"):
         stack.sql(db, "SELECT 1")  # settles which account the harness uses
         user, password = stack._sql_user
         self.proc = subprocess.Popen(
             stack._mysql_cmd(user, password, db) + ["--unbuffered"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.proc.stdin.write(b"LOCK TABLES %s WRITE; SELECT 'locked';\n" % table.encode())
+        self.proc.stdin.write(b"LOCK TABLES %s %s; SELECT 'locked';\n" % (table.encode(), mode.encode()))
         self.proc.stdin.flush()
         r, _, _ = select.select([self.proc.stdout], [], [], 30)
         line = self.proc.stdout.readline() if r else b""
@@ -304,6 +305,57 @@ class TestOffline(OfflineCase):
         c, ack = self.login_legacy(b, node=other)
         self.assertEqual(self.received_legacy(c, ack, 10), ["x%d" % i for i in range(10)])
         self.wait_rows(b, 0)
+
+
+class TestLateRows(OfflineCase):
+    """A row one node commits just after the user's login on another node
+    has read the table (docs/reliability.md): the node holding the user
+    takes it and sends it live, once.  A READ lock lets the login read the
+    table while it holds the sender's INSERT back."""
+
+    def setUp(self):
+        self.other = Node(self.stack, db=self.node.db, migrate=False, conf=FAST)
+        self.test_nodes.append(self.other)
+        self.addCleanup(self.other.stop)
+
+    def held_back(self, a, b, texts):
+        """Send texts from a to b while the table is READ-locked; the lock."""
+        lk = TableLock(self.stack, self.node.db, mode="READ")
+        self.addCleanup(lk.release)
+        mark = self.node.log_mark()
+        for i, t in enumerate(texts):
+            self.chat(a, b, t, wait=False, seq=i)
+        self.node.wait_log("queued a message for user %d (%d waiting)" % (b, len(texts)),
+                           since=mark)
+        return lk
+
+    def test_legacy_login_elsewhere(self):
+        a = self.sender()
+        b, _ = self.user()
+        texts = ["late0", "late1", "late2"]
+        lk = self.held_back(a, b, texts)
+        c, ack = self.login_legacy(b, node=self.other)  # reads the table: nothing yet
+        self.assertEqual(self.texts_legacy(ack), [])
+        c.expect_nothing(0.3)
+        lk.release()
+        self.assertEqual(self.replies(a, 3), {0: 0, 1: 0, 2: 0})
+        self.assertEqual([c.recv(timeout=10)["msg"] for _ in texts], texts)
+        self.wait_rows(b, 0)
+        c.expect_nothing(0.5)  # once: the next login has nothing either
+        self.other.wait_log("offline messages of user %d stored after its login" % b)
+
+    def test_protocol2_login_elsewhere(self):
+        a = self.sender()
+        b, _ = self.user()
+        lk = self.held_back(a, b, ["late"])
+        c = self.client(self.other, proto=2)
+        ack = c.login(b, "pw")
+        self.assertEqual((ack["errno"], ack.get("offlinemsg", [])), (0, []), ack)
+        lk.release()
+        m = c.recv_until(lambda m: m.get("msgid") == 6, timeout=10)
+        self.assertEqual((m["msg"], m["id"]), ("late", a.uid))
+        self.wait_rows(b, 0)
+        c.expect_nothing(0.5)
 
 
 class TestLimits(OfflineCase):
