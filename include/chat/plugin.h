@@ -805,6 +805,22 @@ static inline int chat_ids_has(const int64_t *ids, size_t n, int64_t id)
     return 0;
 }
 
+/* Free every value of *m with h->free, then the map, and set *m to NULL (a
+ * plugin's fini; *m may be NULL).  Header-only, like chat_conf_range. */
+static inline void chat_map_free_values(const struct chat_host *h, struct chat_map **m)
+{
+    size_t it = 0;
+    int64_t k;
+    void *v;
+
+    if (!*m)
+        return;
+    while (h->map_next(*m, &it, &k, &v))
+        h->free(v);
+    h->map_free(*m);
+    *m = NULL;
+}
+
 /* ------------------------------------------------------------------------ */
 /* The plugin descriptor. */
 struct chat_plugin_desc {

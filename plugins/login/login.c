@@ -367,16 +367,7 @@ static void dev_on_close(int event, const void *arg, void *ud)
 
 static void dev_tokens_fini(void)
 {
-    size_t it = 0;
-    int64_t k;
-    void *v;
-
-    if (!dev_tokens)
-        return;
-    while (login_host->map_next(dev_tokens, &it, &k, &v))
-        login_host->free(v);
-    login_host->map_free(dev_tokens);
-    dev_tokens = NULL;
+    chat_map_free_values(login_host, &dev_tokens);
 }
 
 /* ------------------------------------------------------------------------ */

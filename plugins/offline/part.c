@@ -89,20 +89,31 @@ static struct chat_map *sweeps;
 /* ------------------------------------------------------------------------ */
 /* Reading the stored messages */
 
+/* One more (up) or one less of uid in the counting map *m (made on first
+ * use; a count is stored as a pointer, absent when 0): the new count, or
+ * UINTPTR_MAX out of memory (not counted). */
+static uintptr_t count_step(struct chat_map **m, int64_t uid, int up)
+{
+    uintptr_t n;
+
+    if (!*m && !(*m = off_host->map_new()))
+        return UINTPTR_MAX;
+    n = (uintptr_t)off_host->map_get(*m, uid);
+    n = up ? n + 1 : n - 1;
+    if (n == 0)
+        off_host->map_del(*m, uid);
+    else if (off_host->map_put(*m, uid, (void *)n) != CHAT_OK)
+        return UINTPTR_MAX;
+    return n;
+}
+
 /* Count st in `pending` while it has rows to delete; when a user's last
  * deletion is done, logins waiting for it go on. */
 static void pending_update(struct off_sent *st)
 {
     int now = st->busy || st->done < st->covered;
-    uintptr_t n;
 
-    if (now == st->counted || (!pending && !(pending = off_host->map_new())))
-        return; /* out of memory: not counted, a login does not wait */
-    n = (uintptr_t)off_host->map_get(pending, st->uid);
-    n = now ? n + 1 : n - 1;
-    if (n == 0)
-        off_host->map_del(pending, st->uid);
-    else if (off_host->map_put(pending, st->uid, (void *)n) != CHAT_OK)
+    if (now == st->counted || count_step(&pending, st->uid, now) == UINTPTR_MAX)
         return; /* out of memory: not counted, a login does not wait */
     st->counted = now;
     if (!now)
@@ -118,19 +129,9 @@ static int deleting_for(int64_t uid)
  * not counted: a take could then overlap it (a duplicate at worst). */
 static void sweep_count(int64_t uid, int start)
 {
-    uintptr_t n;
-
-    if (!sweeps && !(sweeps = off_host->map_new()))
-        return;
-    n = (uintptr_t)off_host->map_get(sweeps, uid);
-    if (!start && n == 0)
+    if (!start && !(sweeps && off_host->map_get(sweeps, uid)))
         return; /* not counted at its start */
-    n = start ? n + 1 : n - 1;
-    if (n == 0)
-        off_host->map_del(sweeps, uid);
-    else if (off_host->map_put(sweeps, uid, (void *)n) != CHAT_OK)
-        return;
-    if (n == 0)
+    if (count_step(&sweeps, uid, start) == 0)
         off_take_progress(uid);
 }
 

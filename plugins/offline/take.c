@@ -286,15 +286,6 @@ void off_take_progress(int64_t uid)
 
 void off_take_fini(void)
 {
-    size_t it = 0;
-    int64_t uid;
-    void *v;
-
     /* After draining: no take is in flight; gap timers will never run. */
-    if (!takes)
-        return;
-    while (off_host->map_next(takes, &it, &uid, &v))
-        off_host->free(v);
-    off_host->map_free(takes);
-    takes = NULL;
+    chat_map_free_values(off_host, &takes);
 }

@@ -262,13 +262,6 @@ int gm_start(const struct chat_host *h, struct chat_plugin *p)
 
 void gm_fini(void)
 {
-    int64_t k;
-    void *v;
-
     /* drained: every window's timer has run, so nothing is left; be safe */
-    for (size_t it = 0; pending && host->map_next(pending, &it, &k, &v);)
-        host->free(v);
-    if (pending)
-        host->map_free(pending);
-    pending = NULL;
+    chat_map_free_values(host, &pending);
 }
